@@ -1,0 +1,33 @@
+# lmlab: `make demo` runs the default job, `make test` runs the test suite; both install what they need.
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+PIP := $(PY) -m pip
+# Without a GPU, install the CPU build of PyTorch (seconds, not GB). Where this machine keeps a local
+# CPU wheel (/opt/wheels) pip finds it; elsewhere the PyTorch CPU index is added.
+TORCH_CPU ?= torch==2.13.0
+TORCH_INDEX ?= $(if $(wildcard /opt/wheels/torch-*),,--extra-index-url https://download.pytorch.org/whl/cpu)
+
+.PHONY: install demo test bench lint clean
+
+$(VENV)/.installed: pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	@if $(PY) -c "import torch" 2>/dev/null; then echo "torch already installed"; \
+	elif command -v nvidia-smi >/dev/null 2>&1; then $(PIP) install "torch>=2.3,<3"; \
+	else $(PIP) install $(TORCH_CPU) $(TORCH_INDEX); fi
+	$(PIP) install -e ".[test]"
+	touch $@
+
+install: $(VENV)/.installed
+
+demo: install
+	$(VENV)/bin/lmlab train
+
+test: install
+	$(VENV)/bin/pytest
+
+lint: install
+	$(VENV)/bin/ruff check lmlab tests scripts
+
+clean:
+	rm -rf runs outputs multirun

@@ -1,0 +1,275 @@
+"""The ``lmlab`` command: ``train`` (one run or a ``-m`` sweep), ``eval`` (evaluations on a finished run).
+
+Before Hydra starts, every job of the command is composed once (``preflight``): an unknown option, an
+unknown key or a value of the wrong type stops the command with one sentence, before any job runs.
+Run directories are deterministic: ``<out_dir>/<name>/<the overrides>``, so rerunning a command skips
+finished jobs and resumes interrupted ones.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import re
+import sys
+import traceback
+from importlib import resources
+from pathlib import Path
+
+import hydra
+from hydra.core.hydra_config import HydraConfig
+from hydra.core.override_parser.overrides_parser import OverridesParser
+from hydra.errors import HydraException
+from hydra.types import RunMode
+from omegaconf import DictConfig, ListConfig, OmegaConf
+
+from lmlab.errors import UserError
+
+CONF = "lmlab.conf"
+SWEEP_ENV = "LMLAB_SWEEP_NAME"
+UNNAMED_KEYS = ("hydra.", "cache_dir=", "out_dir=")  # overrides that do not name a run
+log = logging.getLogger("lmlab")
+
+
+# ----- run names -----
+
+def run_name(overrides: list[str] | ListConfig) -> str:
+    """A readable, deterministic directory name for a list of overrides (order-independent)."""
+    items = sorted(str(o) for o in overrides if not str(o).startswith(UNNAMED_KEYS))
+    if not items:
+        return "default"
+    name = re.sub(r"[^A-Za-z0-9=.,_+\-]", "_", ",".join(items))
+    if len(name) > 96:
+        from lmlab.data.source import config_hash
+
+        name = f"{name[:72]}-{config_hash(items)}"
+    return name
+
+
+def _register_resolvers() -> None:
+    from lmlab.data.source import config_hash
+
+    OmegaConf.register_new_resolver("lmlab_run_name", run_name, replace=True)
+    OmegaConf.register_new_resolver("lmlab_hash", lambda s: config_hash(str(s), 16), replace=True)
+
+
+_register_resolvers()
+
+
+# ----- help -----
+
+def config_groups() -> dict[str, list[str]]:
+    """Every config group and its options, read from the packaged config tree."""
+    root = resources.files(CONF)
+    groups = {}
+    for group in sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith("_")):
+        options = sorted(f.name[:-5] for f in group.iterdir() if f.name.endswith(".yaml"))
+        nested = sorted(f"{d.name}/{f.name[:-5]}" for d in group.iterdir() if d.is_dir()
+                        for f in d.iterdir() if f.name.endswith(".yaml"))
+        groups[group.name] = options + nested
+    return groups
+
+
+def _groups_text() -> str:
+    lines = ["Config groups (choose with group=option):"]
+    for group, options in config_groups().items():
+        lines.append(f"  {group:<11} {', '.join(options) or '(none yet)'}")
+    return "\n".join(lines)
+
+
+MAIN_HELP = """usage: lmlab <command> [overrides...]
+
+Commands:
+  train      pretrain one recipe, then run its evaluations (add -m to sweep)
+  eval       run evaluations on a finished run: lmlab eval run=<run dir> eval=probe
+
+Examples:
+  lmlab train                                         # the default job, on the CPU
+  lmlab train model.d_model=128 objective=mlm data=hmm eval='[perplexity,probe]' optim=sgd
+  lmlab train -m objective=clm,mlm model.d_model=64,128
+  lmlab eval run=runs/default/objective=mlm eval=probe
+
+{groups}
+
+`lmlab train --help` for training options, `lmlab train --cfg job` prints the composed config.
+"""
+
+TRAIN_HELP = """usage: lmlab train [-m] [group=option ...] [key=value ...]
+
+Composes conf/train.yaml with your overrides, pretrains, runs the evaluations in `eval`, writes
+<out_dir>/<name>/<overrides>/results.json and DONE, and prints a results table.
+With -m, comma-separated values sweep: one job per combination, summary.csv/summary.md in the
+sweep directory. Rerunning a command skips finished jobs and resumes interrupted ones.
+
+{groups}
+
+Top-level keys: name, out_dir, cache_dir, seed, batch_size, max_steps, val_every, checkpoint_every,
+compile. Any key of the composed config can be set with dotted paths (model.d_model=128).
+Hydra flags pass through: --cfg job (print the config), --info.
+"""
+
+EVAL_HELP = """usage: lmlab eval run=<run dir> [eval=<evaluator> | eval='[a,b]']
+
+Runs evaluations on a finished run (it must hold model.pt), merges the metrics into its results.json.
+
+{groups}
+"""
+
+
+# ----- preflight: compose every job before anything runs -----
+
+def _raw_overrides(args: list[str]) -> list[str]:
+    return [a for a in args if not a.startswith("-")]
+
+
+def _group_of(key: str, groups: dict[str, list[str]]) -> str | None:
+    key = key.lstrip("+~")
+    return key if key in groups else None
+
+
+def _check_type(key: str, raw: str, new, old) -> None:
+    if old is None or isinstance(old, str) or new is None:
+        return
+    ok = {bool: lambda v: isinstance(v, bool),
+          int: lambda v: isinstance(v, int) and not isinstance(v, bool),
+          float: lambda v: isinstance(v, (int, float)) and not isinstance(v, bool)}
+    for typ, test in ok.items():
+        if type(old) is typ and not test(new):
+            word = {bool: "true or false", int: "a whole number", float: "a number"}[typ]
+            raise UserError(f"{key} expects {word}, got {raw!r}: pass e.g. {key}={str(old).lower() if typ is bool else old}.")
+    if isinstance(old, (list, ListConfig)) and not isinstance(new, list):
+        raise UserError(f"{key} expects a list, got {raw!r}: pass e.g. {key}='[a,b]'.")
+
+
+def preflight(config_name: str, overrides: list[str]) -> list[list[str]]:
+    """Compose every job of the command; raise UserError on the first bad override. Returns the jobs."""
+    from hydra import compose, initialize_config_module
+    from hydra._internal.core_plugins.basic_sweeper import BasicSweeper
+
+    groups = config_groups()
+    parser = OverridesParser.create()
+    try:
+        parsed = parser.parse_overrides([o for o in overrides if not o.startswith("hydra.")])
+    except HydraException as e:
+        raise UserError(f"cannot parse the overrides ({str(e).splitlines()[0]}): write them as key=value.") from None
+    jobs = [job for batch in BasicSweeper.split_arguments(parsed, None) for job in batch] or [[]]
+    with initialize_config_module(config_module=CONF, version_base="1.3"):
+        for job in jobs:
+            selections = []
+            for o in parser.parse_overrides(job):
+                group = _group_of(o.key_or_group, groups)
+                if group is None:
+                    continue
+                values = o.value() if isinstance(o.value(), list) else [o.value()]
+                for v in values:
+                    if v is not None and str(v) not in groups[group]:
+                        raise UserError(f"unknown {group} option {v!r}: choose one of {', '.join(groups[group])}.")
+                selections.append(o.input_line)
+            try:
+                base = compose(config_name=config_name, overrides=selections)
+            except HydraException as e:
+                raise UserError(f"{str(e).splitlines()[0].rstrip('.')}: check the override.") from None
+            for o in parser.parse_overrides(job):
+                key = o.key_or_group
+                if _group_of(key, groups) or key.startswith(("+", "~")):
+                    continue
+                try:
+                    old = OmegaConf.select(base, key, throw_on_missing=False)
+                    exists = old is not None or _has_key(base, key)
+                except Exception:  # an interpolation that needs a running job (hydra:...): skip
+                    continue
+                if not exists:
+                    raise UserError(f"{key} is not a setting of this command: check the spelling "
+                                    f"(`lmlab {config_name} --cfg job` lists every key), or add it with +{key}=...")
+                _check_type(key, o.input_line.split("=", 1)[1], o.value(), old)
+            try:
+                compose(config_name=config_name, overrides=job)
+            except HydraException as e:
+                raise UserError(f"{str(e).splitlines()[0].rstrip('.')}: check the override.") from None
+    return jobs
+
+
+def _has_key(cfg: DictConfig, key: str) -> bool:
+    parent, _, leaf = key.rpartition(".")
+    node = OmegaConf.select(cfg, parent) if parent else cfg
+    return isinstance(node, DictConfig) and leaf in node
+
+
+# ----- the Hydra tasks -----
+
+def _fail(message: str) -> None:
+    print(f"lmlab: error: {message}", file=sys.stderr)
+    sys.exit(2)
+
+
+@hydra.main(config_path="conf", config_name="train", version_base="1.3")
+def _train(cfg: DictConfig) -> None:
+    from rich.console import Console
+
+    from lmlab import pipeline
+    from lmlab.io import write_text
+    from lmlab.report.summary import metrics_table
+
+    hc = HydraConfig.get()
+    run_dir = Path(hc.runtime.output_dir)
+    multirun = hc.mode == RunMode.MULTIRUN
+    try:
+        results = pipeline.train(cfg, run_dir)
+    except Exception as e:
+        if not multirun:
+            if isinstance(e, UserError):
+                _fail(str(e))
+            raise
+        reason = str(e) if isinstance(e, UserError) else f"{type(e).__name__}: {e}"
+        reason = " ".join(reason.split())
+        log.error("job failed: %s\n%s", reason, traceback.format_exc())
+        write_text(run_dir / pipeline.FAILED, reason + "\n")
+        return
+    if results and not multirun:
+        Console().print(metrics_table(results["metrics"], title=f"results: {run_dir}"))
+
+
+@hydra.main(config_path="conf", config_name="eval", version_base="1.3")
+def _eval(cfg: DictConfig) -> None:
+    from rich.console import Console
+
+    from lmlab import pipeline
+    from lmlab.report.summary import metrics_table
+
+    try:
+        out = pipeline.evaluate(cfg)
+    except UserError as e:
+        _fail(str(e))
+    Console().print(metrics_table(out["metrics"], title=f"evaluations: {cfg.run}"))
+
+
+def main(argv: list[str] | None = None) -> None:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or argv[0] in ("-h", "--help", "help"):
+        print(MAIN_HELP.format(groups=_groups_text()))
+        return
+    command, args = argv[0], argv[1:]
+    apps = {"train": (_train, "train", TRAIN_HELP), "eval": (_eval, "eval", EVAL_HELP)}
+    if command not in apps:
+        _fail(f"unknown command {command!r}: use one of {', '.join(apps)} (lmlab --help).")
+    app, config_name, help_text = apps[command]
+    if "-h" in args or "--help" in args:
+        print(help_text.format(groups=_groups_text()))
+        return
+    passthrough = any(a in args for a in ("--cfg", "-c", "--info", "-p", "--package", "--hydra-help"))
+    if not passthrough and not os.environ.get("LOCAL_RANK"):  # DDP child ranks were checked by rank 0
+        try:
+            preflight(config_name, _raw_overrides(args))
+        except UserError as e:
+            _fail(str(e))
+    if "-m" in args or "--multirun" in args:
+        os.environ[SWEEP_ENV] = "sweep-" + run_name(_raw_overrides(args))
+    sys.argv = [sys.argv[0], *args]
+    app()
+    if command == "train" and ("-m" in args or "--multirun" in args):
+        from lmlab.report.summary import last_summary
+
+        failed = [r for r in last_summary if r["status"] != "done"]
+        if failed:
+            _fail(f"{len(failed)} of {len(last_summary)} jobs did not finish: see the summary above, "
+                  "fix the cause and rerun the same command to run only those.")

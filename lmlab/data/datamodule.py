@@ -1,0 +1,127 @@
+"""The LightningDataModule shared by every source: padding collation and a resumable batch order.
+
+The order of training batches is a pure function of (seed, global step): batch ``s`` takes rows
+``s*B .. (s+1)*B`` of an endless stream of per-epoch permutations. A run resumed from a checkpoint at
+step ``s`` therefore sees exactly the batches the uninterrupted run would have seen, and every batch
+carries a ``seed`` so that objectives make the same random choices (masks, split points) again.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import lightning as L
+import numpy as np
+import torch
+from datasets import Dataset, DatasetDict
+from torch.utils.data import DataLoader, Sampler
+
+from lmlab.data.source import PAD_ID, Source
+
+
+def collate(rows: list[dict], seed: int = 0) -> dict:
+    """Pad ``input_ids`` with PAD to the longest row; stack every integer label column."""
+    length = max(len(r["input_ids"]) for r in rows)
+    ids = torch.full((len(rows), length), PAD_ID, dtype=torch.long)
+    for i, r in enumerate(rows):
+        ids[i, : len(r["input_ids"])] = torch.as_tensor(r["input_ids"], dtype=torch.long)
+    batch = {"input_ids": ids, "seed": seed}
+    for key, value in rows[0].items():
+        if key != "input_ids" and isinstance(value, int):
+            batch[key] = torch.tensor([r[key] for r in rows], dtype=torch.long)
+    return batch
+
+
+class StepBatches(Sampler[list[int]]):
+    """Endless batches of row indices; global batch ``s`` depends only on (seed, s). Starts at ``start``.
+
+    With ``world`` processes (DDP), the global batch has ``world * batch_size`` rows and process ``rank``
+    takes its slice, so a DDP run sees the same data as one process with the same global batch.
+    """
+
+    def __init__(self, n_rows: int, batch_size: int, seed: int, start: int = 0, rank: int = 0,
+                 world: int = 1) -> None:
+        self.n, self.seed, self.start, self.rank, self.world = n_rows, seed, start, rank, world
+        self.b = max(1, min(batch_size, n_rows // world))
+
+    def batch(self, step: int) -> list[int]:
+        size = self.b * self.world
+        out: list[int] = []
+        pos = step * size
+        while len(out) < size:
+            epoch, offset = divmod(pos, self.n)
+            perm = np.random.default_rng([self.seed, epoch]).permutation(self.n)
+            take = perm[offset : offset + size - len(out)]
+            out.extend(int(i) for i in take)
+            pos += len(take)
+        return out[self.rank * self.b : (self.rank + 1) * self.b]
+
+    def __iter__(self) -> Iterator[list[int]]:
+        step = self.start
+        while True:
+            yield [step] + self.batch(step)  # the first entry is the step, used as the batch seed
+            step += 1
+
+    def __len__(self) -> int:  # Lightning wants a length; training is bounded by max_steps
+        return 1 << 62
+
+
+class DataModule(L.LightningDataModule):
+    """Holds the source and its (selected) splits; serves resumable training batches."""
+
+    def __init__(self, source: Source, splits: DatasetDict, batch_size: int, seed: int,
+                 num_workers: int = 0) -> None:
+        super().__init__()
+        self.source, self.splits = source, splits
+        self.batch_size, self.seed, self.num_workers = batch_size, seed, num_workers
+
+    @property
+    def train_rows(self) -> Dataset:
+        return self.splits["train"]
+
+    def train_dataloader(self) -> DataLoader:
+        trainer = self.trainer
+        start = trainer.global_step if trainer is not None else 0
+        rank, world = (trainer.global_rank, trainer.world_size) if trainer is not None else (0, 1)
+        data = self.train_rows.with_format(None)
+        seed = self.seed
+
+        def fetch(step_and_indices: list[int]) -> dict:
+            step, indices = step_and_indices[0], step_and_indices[1:]
+            rows = data[indices]
+            rows = [dict(zip(rows, values)) for values in zip(*rows.values())]
+            return collate(rows, seed=(seed * 1_000_003 + step) % (1 << 31))
+
+        return DataLoader(
+            _StepDataset(fetch),
+            batch_size=None,
+            sampler=StepBatches(len(data), self.batch_size, seed, start, rank, world),
+            num_workers=self.num_workers,
+            pin_memory=torch.cuda.is_available(),
+        )
+
+    def val_dataloader(self) -> DataLoader:
+        """The validation split in order, masks drawn from fixed seeds (the same every validation)."""
+        rows = self.splits["validation"].with_format(None).to_list()
+        b = self.batch_size
+        batches = [collate(rows[i : i + b], seed=i) for i in range(0, len(rows), b)]
+        return DataLoader(batches, batch_size=None)
+
+    def batches(self, rows: list[dict], batch_size: int | None = None) -> Iterator[dict]:
+        """Plain in-order batches of ``rows`` (for evaluation)."""
+        b = batch_size or self.batch_size
+        for i in range(0, len(rows), b):
+            yield collate(rows[i : i + b])
+
+
+class _StepDataset(torch.utils.data.Dataset):
+    """Maps a sampler item (step, indices...) to a collated batch."""
+
+    def __init__(self, fetch) -> None:
+        self.fetch = fetch
+
+    def __getitem__(self, item: list[int]) -> dict:
+        return self.fetch(item)
+
+    def __len__(self) -> int:
+        return 1 << 62

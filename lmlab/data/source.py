@@ -1,0 +1,101 @@
+"""The data-source contract, shared by every source (synthetic grammars, HMMs, local text).
+
+A source is cheap to construct (nothing is generated or read in ``__init__`` beyond what is needed to
+know ``vocab_size``); ``load(cache_dir)`` builds the splits once and caches them on disk under a key
+derived from the source's own config, so every job of a sweep reuses the same data.
+
+Token ids: 0 = PAD, 1 = BOS, 2 = EOS, 3 = MASK; a source's own tokens start at ``N_SPECIAL``.
+Rows of every split have ``input_ids`` (a list of ints, exactly what the model reads: synthetic sources
+write ``[BOS] w_1 .. w_n [EOS]``, text sources write fixed-length packed blocks) and, where the source
+knows downstream labels, one integer column per task (``-1`` where the task does not apply to that row).
+
+Splits: ``train`` (pre-training), ``validation`` (the fixed evaluation set for losses and exact optima),
+``test`` (downstream evaluation), ``downstream`` (labelled rows to train probes and fine-tuning heads on).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+from abc import ABC, abstractmethod
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from datasets import DatasetDict, load_from_disk
+
+PAD_ID, BOS_ID, EOS_ID, MASK_ID = 0, 1, 2, 3
+N_SPECIAL = 4
+SPLITS = ("train", "validation", "test", "downstream")
+
+
+def config_hash(obj: Any, length: int = 12) -> str:
+    """A short stable hash of a JSON-able object (used for cache keys and long run names)."""
+    blob = json.dumps(obj, sort_keys=True, default=str).encode()
+    return hashlib.sha256(blob).hexdigest()[:length]
+
+
+class Source(ABC):
+    """Base class of data sources. Subclasses implement ``build`` and, where they can, the exact optima.
+
+    ``tasks`` maps a label column to its number of classes (empty when the source has no labels).
+    """
+
+    tasks: dict[str, int] = {}
+
+    def __init__(self, **config: Any) -> None:
+        # Everything that determines the data goes into the cache key.
+        self.config = config
+
+    @property
+    @abstractmethod
+    def vocab_size(self) -> int:
+        """The number of token ids, special tokens included."""
+
+    @property
+    def name(self) -> str:
+        return type(self).__name__
+
+    def cache_key(self) -> str:
+        return f"{type(self).__module__}.{type(self).__name__}-{config_hash(self.config)}"
+
+    @abstractmethod
+    def build(self) -> DatasetDict:
+        """Generate or read the splits (see module docstring)."""
+
+    def load(self, cache_dir: str | os.PathLike) -> DatasetDict:
+        """The splits, built once and cached under ``cache_dir/<cache key>`` (written atomically)."""
+        path = Path(cache_dir) / self.cache_key()
+        if (path / "dataset_dict.json").exists():
+            return load_from_disk(str(path))
+        splits = self.build()
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=".tmp-", dir=path.parent))
+        try:
+            splits.save_to_disk(str(tmp))
+            try:
+                os.replace(tmp, path)
+            except OSError:  # another job of the sweep won the race: use its copy
+                pass
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+        return load_from_disk(str(path))
+
+    # ----- exact optima: ``None`` where the source does not know the true distribution -----
+
+    def sequence_nll(self, rows: list[list[int]]) -> np.ndarray | None:
+        """-log P(sentence) for each row (``[BOS] w.. [EOS]``, end of sentence included), in nats."""
+        return None
+
+    def single_mask_conditionals(self, rows: list[list[int]]) -> list[np.ndarray] | None:
+        """For each row, an array (n_words, vocab_size): row t is the true p(x_t = . | x_-t) for the
+        t-th word (BOS/EOS excluded), zero on special tokens."""
+        return None
+
+
+def word_ids(row: list[int]) -> list[int]:
+    """The row's own tokens, without special tokens."""
+    return [t for t in row if t >= N_SPECIAL]

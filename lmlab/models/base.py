@@ -1,0 +1,79 @@
+"""The backbone contract, and the attention description that objectives hand to models.
+
+A backbone maps token ids to hidden states (``forward(input_ids, attention) -> (B, T, d_model)``) and
+owns an LM head (``logits(hidden)``). It declares which attention patterns it can honour; asked for
+another at construction, it refuses with one sentence, before any data is generated.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from lmlab.errors import UserError
+
+CAUSAL, BIDIRECTIONAL, PREFIX = "causal", "bidirectional", "prefix"
+
+
+@dataclass
+class Attention:
+    """Which positions may attend to which, for one batch.
+
+    ``kind`` is causal, bidirectional or prefix. ``padding`` is a bool (B, T) tensor, True on real
+    tokens (``None``: no padding). ``prefix_len`` is a long (B,) tensor: with ``kind == "prefix"``,
+    positions < prefix_len attend bidirectionally within the prefix, the rest causally.
+    """
+
+    kind: str = CAUSAL
+    padding: torch.Tensor | None = None
+    prefix_len: torch.Tensor | None = None
+
+    def mask(self, seq_len: int, device: torch.device) -> torch.Tensor | None:
+        """A bool (B or 1, 1, T, T) mask, True where attention is allowed; ``None`` for plain causal
+        attention without padding (the fused causal path)."""
+        allowed = None
+        if self.kind == CAUSAL:
+            if self.padding is None:
+                return None
+            allowed = torch.ones(seq_len, seq_len, dtype=torch.bool, device=device).tril()[None, None]
+        elif self.kind == PREFIX:
+            i = torch.arange(seq_len, device=device)
+            causal = i[:, None] >= i[None, :]
+            in_prefix = i[None, None, :] < self.prefix_len.to(device)[:, None, None]  # key in prefix
+            q_in_prefix = i[None, :, None] < self.prefix_len.to(device)[:, None, None]
+            allowed = (causal[None] | (in_prefix & q_in_prefix))[:, None]
+        if self.padding is not None:
+            keys = self.padding[:, None, None, :].to(device)
+            allowed = keys if allowed is None else allowed & keys
+            # a padded query row would have no key at all: let it see itself (its output is ignored)
+            allowed = allowed | torch.eye(seq_len, dtype=torch.bool, device=device)[None, None]
+        return allowed
+
+
+class Backbone(nn.Module):
+    """Base class of every architecture. Subclasses set ``supported_attention`` and implement
+    ``forward``, ``logits`` and ``flops_per_token``; they call ``super().__init__(vocab_size, d_model,
+    attention)`` first."""
+
+    supported_attention: tuple[str, ...] = (CAUSAL,)
+
+    def __init__(self, vocab_size: int, d_model: int, attention: str = CAUSAL) -> None:
+        super().__init__()
+        if attention not in self.supported_attention:
+            raise UserError(
+                f"model {type(self).__name__} cannot attend {attention!r} (it supports "
+                f"{', '.join(self.supported_attention)}): choose another model or objective."
+            )
+        self.vocab_size = vocab_size
+        self.d_model = d_model
+        self.attention_kind = attention
+
+    def num_parameters(self, exclude_embeddings: bool = False) -> int:
+        params = {id(p): p for p in self.parameters()}
+        if exclude_embeddings:
+            for m in self.modules():
+                if isinstance(m, nn.Embedding):
+                    params.pop(id(m.weight), None)
+        return sum(p.numel() for p in params.values())

@@ -1,0 +1,158 @@
+"""The whole story of a run, top to bottom: data -> selection -> fit -> evaluations -> results.
+
+``train(cfg, run_dir)`` is one job of ``lmlab train``; ``evaluate(cfg)`` is ``lmlab eval``. The run
+directory is deterministic (see ``lmlab.cli``): a job that already holds ``DONE`` is skipped, a job that
+holds a checkpoint resumes from it.
+"""
+
+from __future__ import annotations
+
+import os
+import platform
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+import torch
+from hydra.utils import instantiate
+from lightning.pytorch.callbacks import ModelCheckpoint, RichProgressBar, TQDMProgressBar
+from omegaconf import DictConfig, OmegaConf
+
+import lmlab
+from lmlab.data.datamodule import DataModule
+from lmlab.errors import UserError
+from lmlab.io import torch_save, write_json, write_text
+from lmlab.training.module import AtomicCheckpointIO, LMModule
+
+DONE, FAILED, RESULTS, MODEL = "DONE", "FAILED", "results.json", "model.pt"
+
+
+def versions() -> dict[str, str]:
+    import datasets
+    import hydra
+
+    return {"lmlab": lmlab.__version__, "python": platform.python_version(), "torch": torch.__version__,
+            "lightning": L.__version__, "hydra": hydra.__version__, "datasets": datasets.__version__}
+
+
+def is_rank_zero() -> bool:
+    return int(os.environ.get("LOCAL_RANK", 0)) == 0 and int(os.environ.get("NODE_RANK", 0)) == 0
+
+
+def build(cfg: DictConfig):
+    """Instantiate the recipe: objective, source, model (refusing impossible pairs before any data is
+    generated), then the data, the selection and the DataModule."""
+    objective = instantiate(cfg.objective)
+    source = instantiate(cfg.data)
+    model = instantiate(cfg.model, vocab_size=source.vocab_size, attention=objective.attention)
+    splits = source.load(cfg.cache_dir)
+    if len(splits["train"]) == 0:
+        raise UserError(f"data {source.name} produced no training rows: add data or lower its filters.")
+    return objective, source, model, splits
+
+
+def train(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
+    """Pretrain the recipe in ``cfg``, run its evaluations, write ``results.json`` and ``DONE``."""
+    if (run_dir / DONE).exists():
+        print(f"[lmlab] {run_dir} already holds DONE: skipping (delete DONE to rerun).")
+        return _read_results(run_dir)
+    started = time.time()
+    rank0 = is_rank_zero()
+    if rank0:
+        (run_dir / FAILED).unlink(missing_ok=True)
+        write_text(run_dir / "config_resolved.yaml", OmegaConf.to_yaml(cfg, resolve=True))
+        write_text(run_dir / "command.txt", " ".join(["lmlab", *sys.argv[1:]]) + "\n")
+    L.seed_everything(cfg.seed, workers=True, verbose=False)
+
+    objective, source, model, splits = build(cfg)
+    selector = instantiate(cfg.selection)
+    pool = splits["train"]
+    splits["train"] = selector.run(pool, splits["validation"], cfg.cache_dir, source.cache_key())
+    dm = DataModule(source, splits, batch_size=cfg.batch_size, seed=cfg.seed)
+    module = LMModule(model, objective, instantiate(cfg.optim), instantiate(cfg.schedule),
+                      max_steps=cfg.max_steps, compile=cfg.compile)
+
+    ckpt_dir = run_dir / "checkpoints"
+    last = ckpt_dir / "last.ckpt"
+    resume = last if last.exists() else None
+    if resume and rank0:
+        print(f"[lmlab] resuming from {resume}")
+    logger = instantiate(cfg.logger, save_dir=str(run_dir)) if cfg.logger.get("_target_") else False
+    callbacks = [
+        ModelCheckpoint(dirpath=ckpt_dir, save_last=True, save_top_k=0,
+                        every_n_train_steps=cfg.checkpoint_every),
+        RichProgressBar() if sys.stdout.isatty() else TQDMProgressBar(refresh_rate=50),
+    ]
+    trainer = instantiate(cfg.trainer, logger=logger, callbacks=callbacks, plugins=[AtomicCheckpointIO()],
+                          default_root_dir=str(run_dir))
+    fit_started = time.time()
+    trainer.fit(module, datamodule=dm, ckpt_path=str(resume) if resume else None)
+    fit_seconds = time.time() - fit_started
+    if not trainer.is_global_zero:
+        return {}
+
+    model.eval()
+    torch_save(model.state_dict(), run_dir / MODEL)
+    metrics: dict[str, float] = {
+        "train/loss": float(trainer.callback_metrics.get("train/loss", float("nan"))),
+        "train/steps": trainer.global_step,
+        "train/rows": len(splits["train"]),
+        "model/params": model.num_parameters(),
+    }
+    if "val/loss" in trainer.callback_metrics:
+        metrics["val/loss"] = float(trainer.callback_metrics["val/loss"])
+    eval_started = time.time()
+    metrics.update(run_evaluations(cfg, module, dm, run_dir))
+    results = {
+        "status": "done",
+        "metrics": metrics,
+        "timings": {"fit_s": fit_seconds, "eval_s": time.time() - eval_started, "total_s": time.time() - started},
+        "run_dir": str(run_dir),
+        "command": " ".join(["lmlab", *sys.argv[1:]]),
+        "versions": versions(),
+        "config": OmegaConf.to_container(cfg, resolve=True),
+    }
+    write_json(run_dir / RESULTS, results)
+    write_text(run_dir / DONE, time.strftime("%Y-%m-%dT%H:%M:%S") + "\n")
+    return results
+
+
+def run_evaluations(cfg: DictConfig, module: LMModule, dm: DataModule, run_dir: Path) -> dict[str, float]:
+    """Each entry of ``cfg.eval``, in order, on the in-memory model."""
+    metrics: dict[str, float] = {}
+    module.model.eval()
+    for name, ecfg in (cfg.get("eval") or {}).items():
+        print(f"[lmlab] eval {name}")
+        out = instantiate(ecfg)(module, dm, run_dir)
+        metrics.update({k: float(v) for k, v in out.items()})
+    return metrics
+
+
+def evaluate(cfg: DictConfig) -> dict[str, Any]:
+    """``lmlab eval run=<dir> eval=...``: evaluations on a finished run, without retraining."""
+    run_dir = Path(cfg.run)
+    resolved, weights = run_dir / "config_resolved.yaml", run_dir / MODEL
+    if not resolved.exists() or not weights.exists():
+        raise UserError(f"{run_dir} is not a finished lmlab run (no config_resolved.yaml or {MODEL}): "
+                        "point run= at a run directory that holds DONE.")
+    run_cfg = OmegaConf.load(resolved)
+    run_cfg.eval = cfg.eval
+    objective, source, model, splits = build(run_cfg)
+    model.load_state_dict(torch.load(weights, map_location="cpu"))
+    dm = DataModule(source, splits, batch_size=run_cfg.batch_size, seed=run_cfg.seed)
+    module = LMModule(model, objective, instantiate(run_cfg.optim), instantiate(run_cfg.schedule),
+                      max_steps=run_cfg.max_steps)
+    metrics = run_evaluations(run_cfg, module, dm, run_dir)
+    results = _read_results(run_dir) if (run_dir / RESULTS).exists() else {"metrics": {}}
+    results["metrics"].update(metrics)
+    write_json(run_dir / RESULTS, results)
+    return {"metrics": metrics}
+
+
+def _read_results(run_dir: Path) -> dict[str, Any]:
+    import json
+
+    return json.loads((run_dir / RESULTS).read_text())
+

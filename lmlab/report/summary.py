@@ -1,0 +1,108 @@
+"""Tables of results: one run's metrics on the terminal, and a sweep's summary (summary.csv, summary.md
+and a rich table), gathered from each job's ``results.json`` / ``FAILED`` by a Hydra callback."""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+from pathlib import Path
+from typing import Any
+
+from hydra.experimental.callback import Callback
+from omegaconf import DictConfig, OmegaConf
+from rich.console import Console
+from rich.table import Table
+
+from lmlab.io import write_text
+
+FIXED = ["job", "overrides", "status", "reason"]
+last_summary: list[dict[str, Any]] = []  # the rows of the latest sweep, for the CLI's exit status
+
+
+def job_row(job_dir: Path) -> dict[str, Any]:
+    """One job's row: its overrides, its status (done, failed, incomplete) and its metrics."""
+    overrides_file = job_dir / ".hydra" / "overrides.yaml"
+    overrides = OmegaConf.to_container(OmegaConf.load(overrides_file)) if overrides_file.exists() else []
+    row: dict[str, Any] = {"job": job_dir.name, "overrides": " ".join(overrides), "status": "incomplete",
+                           "reason": ""}
+    if (job_dir / "DONE").exists() and (job_dir / "results.json").exists():
+        row["status"] = "done"
+        row.update(json.loads((job_dir / "results.json").read_text())["metrics"])
+    elif (job_dir / "FAILED").exists():
+        row["status"] = "failed"
+        row["reason"] = (job_dir / "FAILED").read_text().strip()
+    return row
+
+
+def gather(sweep_dir: Path) -> list[dict[str, Any]]:
+    jobs = sorted(p.parent.parent for p in Path(sweep_dir).glob("*/.hydra/overrides.yaml"))
+    return [job_row(j) for j in jobs]
+
+
+def _columns(rows: list[dict[str, Any]]) -> list[str]:
+    metrics = sorted({k for r in rows for k in r} - set(FIXED))
+    return FIXED + metrics
+
+
+def _fmt(value: Any) -> str:
+    if isinstance(value, float):
+        return f"{value:.4g}"
+    return "" if value is None else str(value)
+
+
+def to_csv(rows: list[dict[str, Any]]) -> str:
+    buf = io.StringIO()
+    writer = csv.DictWriter(buf, fieldnames=_columns(rows), extrasaction="ignore")
+    writer.writeheader()
+    writer.writerows(rows)
+    return buf.getvalue()
+
+
+def to_markdown(rows: list[dict[str, Any]]) -> str:
+    cols = _columns(rows)
+    lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
+    for r in rows:
+        lines.append("| " + " | ".join(_fmt(r.get(c)).replace("|", "\\|") for c in cols) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def rich_table(rows: list[dict[str, Any]], title: str, max_metrics: int = 8) -> Table:
+    """The terminal view: fixed columns plus the first ``max_metrics`` evaluation metrics."""
+    metrics = [c for c in _columns(rows)[len(FIXED):] if not c.startswith(("model/", "train/rows"))]
+    cols = ["overrides", "status"] + metrics[:max_metrics]
+    table = Table(title=title)
+    for c in cols:
+        table.add_column(c, overflow="fold")
+    for r in rows:
+        status = r.get("status", "")
+        shown = f"{status}: {r['reason']}" if status == "failed" else status
+        table.add_row(*[shown if c == "status" else _fmt(r.get(c)) for c in cols])
+    return table
+
+
+def metrics_table(metrics: dict[str, Any], title: str) -> Table:
+    table = Table(title=title)
+    table.add_column("metric")
+    table.add_column("value", justify="right")
+    for k, v in metrics.items():
+        table.add_row(k, _fmt(v))
+    return table
+
+
+def write_summary(sweep_dir: Path) -> list[dict[str, Any]]:
+    rows = gather(sweep_dir)
+    write_text(sweep_dir / "summary.csv", to_csv(rows))
+    write_text(sweep_dir / "summary.md", to_markdown(rows))
+    return rows
+
+
+class SweepSummary(Callback):
+    """At the end of ``lmlab train -m``: write the sweep's summary and print it."""
+
+    def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
+        sweep_dir = Path(config.hydra.sweep.dir)
+        rows = write_summary(sweep_dir)
+        last_summary[:] = rows
+        Console().print(rich_table(rows, title=f"sweep {sweep_dir}"))
+        print(f"[lmlab] summary: {sweep_dir / 'summary.csv'} and {sweep_dir / 'summary.md'}")

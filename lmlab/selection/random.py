@@ -1,0 +1,22 @@
+"""Random selection: keep a uniformly random fraction of the pool (the baseline every method must beat)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+from datasets import Dataset
+
+from lmlab.errors import UserError
+from lmlab.selection.base import Selector
+
+
+class RandomSelection(Selector):
+    def __init__(self, fraction: float = 0.5, seed: int = 0) -> None:
+        if not 0.0 < fraction <= 1.0:
+            raise UserError(f"selection.fraction must lie in (0, 1], got {fraction}: set e.g. selection.fraction=0.5.")
+        super().__init__(fraction=fraction, seed=seed)
+        self.fraction, self.seed = fraction, seed
+
+    def score(self, pool: Dataset, target: Dataset | None, workdir: Path) -> np.ndarray:
+        return np.random.default_rng(self.seed).random(len(pool))

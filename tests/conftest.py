@@ -1,0 +1,39 @@
+"""Shared fixtures: run the real CLI in-process, with runs and data caches in temporary folders."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+# Tiny data so that a smoke run of any recipe takes a few seconds.
+TINY = ["data.train_size=400", "data.validation_size=40", "data.test_size=80", "data.downstream_size=120"]
+FAST = ["max_steps=4", "val_every=2", "checkpoint_every=2", "batch_size=16", "model.d_model=16",
+        "model.n_layers=1", "model.n_heads=2", "logger=none"]
+
+
+@pytest.fixture(scope="session")
+def cache_dir(tmp_path_factory) -> Path:
+    path = tmp_path_factory.mktemp("cache")
+    os.environ["LMLAB_CACHE"] = str(path)
+    return path
+
+
+@pytest.fixture
+def lmlab(tmp_path, cache_dir, capsys):
+    """``lmlab(*args) -> (exit code, stdout+stderr)``, runs under ``tmp_path/runs``."""
+    from lmlab.cli import main
+
+    def run(*args: str) -> tuple[int, str]:
+        argv = [args[0], f"out_dir={tmp_path / 'runs'}", *args[1:]]
+        code = 0
+        try:
+            main(argv)
+        except SystemExit as e:
+            code = e.code if isinstance(e.code, int) else 1
+        out = capsys.readouterr()
+        return code, out.out + out.err
+
+    run.runs = tmp_path / "runs"
+    return run

@@ -1,0 +1,230 @@
+"""End-to-end tests of the real CLI: every config composes and runs, sweeps, skip/resume, bad input."""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from hydra import compose, initialize_config_module
+from omegaconf import OmegaConf
+
+from lmlab.cli import config_groups, run_name
+from tests.conftest import FAST, TINY
+
+ROOT = Path(__file__).resolve().parents[1]
+LMLAB = str(Path(sys.executable).parent / "lmlab")
+
+
+def _only_run(runs: Path) -> Path:
+    dirs = [p.parent for p in runs.rglob("config_resolved.yaml")]
+    assert len(dirs) == 1, dirs
+    return dirs[0]
+
+
+# ----- composition -----
+
+def all_options() -> list[tuple[str, str]]:
+    return [(g, o) for g, opts in config_groups().items() for o in opts]
+
+
+@pytest.mark.parametrize("group,option", all_options())
+def test_every_yaml_composes(group, option):
+    with initialize_config_module(config_module="lmlab.conf", version_base="1.3"):
+        cfg = compose(config_name="train", overrides=[f"{group}={option}"])
+        node = cfg.eval if group == "eval" else cfg[group]
+        resolved = OmegaConf.to_container(node, resolve=True)
+        assert resolved, f"{group}={option} composed to nothing"
+        if group != "eval":
+            assert "_target_" in resolved
+        ecfg = compose(config_name="eval", overrides=["run=x"])
+        assert list(ecfg.eval) == ["perplexity", "probe"]
+
+
+def test_help_lists_groups_and_options(lmlab):
+    code, out = lmlab("--help")
+    assert code == 0
+    for group, options in config_groups().items():
+        assert group in out and all(o in out for o in options)
+    code, out = lmlab("train", "--help")
+    assert code == 0 and "model" in out and "transformer" in out and "-m" in out
+
+
+def test_run_name_is_deterministic_and_order_independent():
+    assert run_name([]) == "default"
+    assert run_name(["b=2", "a=1"]) == run_name(["a=1", "b=2"]) == "a=1,b=2"
+    assert run_name(["hydra.verbose=true", "out_dir=/x"]) == "default"
+    long = run_name([f"model.key{i}=value{i}" for i in range(20)])
+    assert len(long) <= 96 and long == run_name([f"model.key{i}=value{i}" for i in reversed(range(20))])
+    assert "/" not in run_name(["data.grammar=/a/b.txt"])
+
+
+# ----- smoke: every option of every group runs a few steps through the CLI -----
+
+SMOKE_SKIP = {("trainer", "gpu"): "needs CUDA", ("trainer", "ddp"): "own test (spawns processes)"}
+
+
+@pytest.mark.parametrize("group,option", [go for go in all_options()])
+def test_every_option_runs(lmlab, group, option):
+    if (group, option) in SMOKE_SKIP and not ((group, option) == ("trainer", "gpu") and torch.cuda.is_available()):
+        pytest.skip(SMOKE_SKIP[(group, option)])
+    extra = [] if (group, option) == ("data", "text") else TINY
+    fast = [a for a in FAST if not (group == "logger" and a.startswith("logger="))]
+    code, out = lmlab("train", f"{group}={option}", *fast, *extra, "eval.probe.seeds=1")
+    assert code == 0, out
+    run = _only_run(lmlab.runs)
+    results = json.loads((run / "results.json").read_text())
+    assert (run / "DONE").exists()
+    assert results["metrics"]["train/steps"] == 4
+    if group == "logger" and option == "wandb":
+        assert list((run / "wandb").glob("offline-run-*/run-*.wandb")), "wandb wrote no offline run file"
+    if group == "logger" and option == "csv":
+        assert (run / "logs" / "metrics.csv").exists()
+
+
+# ----- the default job: run directory contents, skip when done, evaluate later -----
+
+def test_default_job_run_directory_and_rerun(lmlab):
+    code, out = lmlab("train", *TINY, "max_steps=6", "val_every=3", "checkpoint_every=3")
+    assert code == 0, out
+    run = _only_run(lmlab.runs)
+    for name in ("config_resolved.yaml", "command.txt", "results.json", "DONE", "model.pt",
+                 "checkpoints/last.ckpt", "logs/metrics.csv", ".hydra/overrides.yaml"):
+        assert (run / name).exists(), name
+    metrics = json.loads((run / "results.json").read_text())["metrics"]
+    for key in ("train/loss", "perplexity/loss", "perplexity/optimum", "perplexity/gap", "probe/acc",
+                "probe/acc_ci95"):
+        assert key in metrics, key
+    assert metrics["perplexity/gap"] == pytest.approx(metrics["perplexity/loss"] - metrics["perplexity/optimum"])
+    assert "perplexity/loss" in out  # the results table was printed
+    # the same command again skips the finished job
+    stamp = (run / "results.json").stat().st_mtime_ns
+    code, out = lmlab("train", *TINY, "max_steps=6", "val_every=3", "checkpoint_every=3")
+    assert code == 0 and "already holds DONE" in out
+    assert (run / "results.json").stat().st_mtime_ns == stamp
+    # evaluations on the finished run, without retraining
+    code, out = lmlab("eval", f"run={run}", "eval=finetune")
+    assert code == 0, out
+    metrics2 = json.loads((run / "results.json").read_text())["metrics"]
+    assert "finetune/acc" in metrics2 and metrics2["probe/acc"] == metrics["probe/acc"]
+
+
+# ----- sweeps -----
+
+def test_sweep_summary_with_a_failing_job(lmlab, tmp_path):
+    missing = tmp_path / "no_such_grammar.txt"
+    args = ("train", "-m", f"data.grammar=null,{missing}", "objective=clm,mlm", *FAST, *TINY,
+            "eval=[perplexity]")
+    code, out = lmlab(*args)
+    assert code != 0  # a failed job makes the sweep's exit status non-zero, after the others ran
+    sweep = next(lmlab.runs.glob("default/sweep-*"))
+    rows = list(csv.DictReader((sweep / "summary.csv").open()))
+    assert len(rows) == 4
+    status = {r["overrides"]: r for r in rows}
+    for objective in ("clm", "mlm"):
+        ok = status[f"data.grammar=null objective={objective}"]
+        assert ok["status"] == "done" and float(ok["perplexity/loss"]) > 0
+        bad = status[f"data.grammar={missing} objective={objective}"]
+        assert bad["status"] == "failed" and str(missing) in bad["reason"] and "\n" not in bad["reason"]
+    md = (sweep / "summary.md").read_text()
+    assert md.count("| failed |") == 2 and md.count("| done |") == 2
+    # rerunning the sweep skips the finished jobs and retries the failed ones
+    code, out = lmlab(*args)
+    assert out.count("already holds DONE") == 2
+
+
+def test_resume_after_kill_matches_uninterrupted(tmp_path, cache_dir):
+    """Kill a run hard after its first checkpoint, rerun the same command: it resumes from the
+    checkpoint and ends with the same metrics as a run that was never interrupted."""
+    common = [*TINY, "max_steps=60", "checkpoint_every=10", "val_every=30", "batch_size=16", "model.d_model=32",
+              "logger=none", "eval=[perplexity]", "objective=mlm"]
+    env = {**os.environ, "LMLAB_CACHE": str(cache_dir)}
+    straight = subprocess.run([LMLAB, "train", f"out_dir={tmp_path / 'a'}", *common], env=env,
+                              capture_output=True, text=True)
+    assert straight.returncode == 0, straight.stderr[-2000:]
+    proc = subprocess.Popen([LMLAB, "train", f"out_dir={tmp_path / 'b'}", *common], env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    deadline = time.time() + 120
+    while not list((tmp_path / "b").rglob("last.ckpt")) and time.time() < deadline and proc.poll() is None:
+        time.sleep(0.05)
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    run_b = _only_run(tmp_path / "b")
+    if (run_b / "DONE").exists():
+        pytest.skip("the run finished before it could be interrupted")
+    resumed = subprocess.run([LMLAB, "train", f"out_dir={tmp_path / 'b'}", *common], env=env,
+                             capture_output=True, text=True)
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    assert "resuming from" in resumed.stdout
+    a = json.loads((_only_run(tmp_path / "a") / "results.json").read_text())["metrics"]
+    b = json.loads((run_b / "results.json").read_text())["metrics"]
+    assert b["train/steps"] == a["train/steps"] == 60
+    assert b["perplexity/loss"] == pytest.approx(a["perplexity/loss"], abs=1e-4)
+    assert b["perplexity/gap"] == pytest.approx(a["perplexity/gap"], abs=1e-4)
+
+
+# ----- bad input: one sentence, non-zero exit, no traceback, no DONE -----
+
+@pytest.mark.parametrize("args,expect", [
+    (["model=nosuchmodel"], "unknown model option 'nosuchmodel'"),
+    (["max_steps=ten"], "max_steps expects a whole number"),
+    (["model.d_model=1.5"], "model.d_model expects a whole number"),
+    (["model.no_such_key=3"], "model.no_such_key is not a setting"),
+    (["eval=[perplexity,nosuch]"], "unknown eval option 'nosuch'"),
+    (["data.grammar=/no/such/file.txt"], "/no/such/file.txt"),
+])
+def test_bad_input_is_one_sentence(lmlab, args, expect):
+    code, out = lmlab("train", *FAST, *TINY, *args)
+    assert code != 0
+    assert expect in out
+    assert "Traceback" not in out
+    assert not list(lmlab.runs.rglob("DONE"))
+    error_lines = [line for line in out.splitlines() if line.startswith("lmlab: error:")]
+    assert len(error_lines) == 1 and error_lines[0].rstrip().endswith(".")
+
+
+def test_bad_grammar_line_names_file_and_line(lmlab, tmp_path):
+    grammar = tmp_path / "bad.txt"
+    grammar.write_text("S A 1.0\nA a 0.5\nA b oops\n")
+    code, out = lmlab("train", *FAST, *TINY, f"data.grammar={grammar}")
+    assert code != 0 and "bad.txt" in out and "3" in out and "Traceback" not in out
+
+
+# ----- installs as a package, runs from any directory -----
+
+def test_non_editable_install_ships_the_config_tree(tmp_path, cache_dir):
+    target = tmp_path / "site"
+    subprocess.run([sys.executable, "-m", "pip", "install", "--no-deps", "--no-build-isolation", "-q",
+                    "--target", str(target), str(ROOT)], check=True, capture_output=True)
+    assert (target / "lmlab" / "conf" / "train.yaml").exists()
+    workdir = tmp_path / "elsewhere"
+    workdir.mkdir()
+    env = {**os.environ, "PYTHONPATH": str(target), "LMLAB_CACHE": str(cache_dir)}
+    code = ("import lmlab, sys; assert lmlab.__file__.startswith(sys.argv[1]), lmlab.__file__; "
+            "from lmlab.cli import main; main(sys.argv[2:])")
+    proc = subprocess.run([sys.executable, "-c", code, str(target), "train", *FAST, *TINY, "eval=[perplexity]"],
+                          cwd=workdir, env=env, capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert list((workdir / "runs").rglob("DONE"))
+
+
+# ----- DDP on two CPU processes -----
+
+def test_ddp_two_cpu_processes(tmp_path, cache_dir):
+    env = {**os.environ, "LMLAB_CACHE": str(cache_dir)}
+    proc = subprocess.run([LMLAB, "train", f"out_dir={tmp_path}", "trainer=ddp", "trainer.accelerator=cpu",
+                           *FAST, *TINY, "eval=[perplexity]"], env=env, capture_output=True, text=True,
+                          timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    run = _only_run(tmp_path)
+    assert (run / "DONE").exists()
+    assert json.loads((run / "results.json").read_text())["metrics"]["train/steps"] == 4
+    shutil.rmtree(tmp_path)

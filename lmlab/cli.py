@@ -136,7 +136,8 @@ def _check_type(key: str, raw: str, new, old) -> None:
     for typ, test in ok.items():
         if type(old) is typ and not test(new):
             word = {bool: "true or false", int: "a whole number", float: "a number"}[typ]
-            raise UserError(f"{key} expects {word}, got {raw!r}: pass e.g. {key}={str(old).lower() if typ is bool else old}.")
+            example = str(old).lower() if typ is bool else old
+            raise UserError(f"{key} expects {word}, got {raw!r}: pass e.g. {key}={example}.")
     if isinstance(old, (list, ListConfig)) and not isinstance(new, list):
         raise UserError(f"{key} expects a list, got {raw!r}: pass e.g. {key}='[a,b]'.")
 
@@ -273,3 +274,7 @@ def main(argv: list[str] | None = None) -> None:
         if failed:
             _fail(f"{len(failed)} of {len(last_summary)} jobs did not finish: see the summary above, "
                   "fix the cause and rerun the same command to run only those.")
+
+
+if __name__ == "__main__":
+    main()

@@ -7,10 +7,12 @@ holds a checkpoint resumes from it.
 
 from __future__ import annotations
 
+import logging
 import os
 import platform
 import sys
 import time
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -41,6 +43,17 @@ def is_rank_zero() -> bool:
     return int(os.environ.get("LOCAL_RANK", 0)) == 0 and int(os.environ.get("NODE_RANK", 0)) == 0
 
 
+def quiet() -> None:
+    """Keep the terminal to lmlab's own lines, the progress bar and the results table."""
+    import datasets
+
+    datasets.disable_progress_bars()
+    logging.getLogger("lightning.pytorch").setLevel(logging.WARNING)
+    logging.getLogger("lightning.fabric").setLevel(logging.WARNING)
+    warnings.filterwarnings("ignore", message=".*LeafSpec.*")
+    warnings.filterwarnings("ignore", message=".*does not have many workers.*")
+
+
 def build(cfg: DictConfig):
     """Instantiate the recipe: objective, source, model (refusing impossible pairs before any data is
     generated), then the data, the selection and the DataModule."""
@@ -58,6 +71,7 @@ def train(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
     if (run_dir / DONE).exists():
         print(f"[lmlab] {run_dir} already holds DONE: skipping (delete DONE to rerun).")
         return _read_results(run_dir)
+    quiet()
     started = time.time()
     rank0 = is_rank_zero()
     if rank0:
@@ -132,6 +146,7 @@ def run_evaluations(cfg: DictConfig, module: LMModule, dm: DataModule, run_dir: 
 
 def evaluate(cfg: DictConfig) -> dict[str, Any]:
     """``lmlab eval run=<dir> eval=...``: evaluations on a finished run, without retraining."""
+    quiet()
     run_dir = Path(cfg.run)
     resolved, weights = run_dir / "config_resolved.yaml", run_dir / MODEL
     if not resolved.exists() or not weights.exists():

@@ -69,20 +69,28 @@ class Source(ABC):
     def load(self, cache_dir: str | os.PathLike) -> DatasetDict:
         """The splits, built once and cached under ``cache_dir/<cache key>`` (written atomically)."""
         path = Path(cache_dir) / self.cache_key()
-        if (path / "dataset_dict.json").exists():
-            return load_from_disk(str(path))
-        splits = self.build()
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(prefix=".tmp-", dir=path.parent))
-        try:
-            splits.save_to_disk(str(tmp))
+        if not (path / "dataset_dict.json").exists():
+            splits = self.build()
+            path.parent.mkdir(parents=True, exist_ok=True)
+            tmp = Path(tempfile.mkdtemp(prefix=".tmp-", dir=path.parent))
             try:
-                os.replace(tmp, path)
-            except OSError:  # another job of the sweep won the race: use its copy
-                pass
-        finally:
-            shutil.rmtree(tmp, ignore_errors=True)
+                # datasets cannot reload a split saved as zero shards: an empty split gets one
+                splits.save_to_disk(str(tmp), num_shards={k: 1 if len(v) == 0 else None for k, v in splits.items()})
+                self.save_state(tmp)
+                try:
+                    os.replace(tmp, path)
+                except OSError:  # another job of the sweep won the race: use its copy
+                    pass
+            finally:
+                shutil.rmtree(tmp, ignore_errors=True)
+        self.restore_state(path)
         return load_from_disk(str(path))
+
+    def save_state(self, directory: Path) -> None:
+        """Save what ``build`` learned besides the splits (a trained tokenizer, say) into the cache entry."""
+
+    def restore_state(self, directory: Path) -> None:
+        """Restore what ``save_state`` saved (called on every ``load``, after a build or from the cache)."""
 
     # ----- exact optima: ``None`` where the source does not know the true distribution -----
 

@@ -31,14 +31,14 @@ class Attention:
     prefix_len: torch.Tensor | None = None
 
     def mask(self, seq_len: int, device: torch.device) -> torch.Tensor | None:
-        """A bool (B or 1, 1, T, T) mask, True where attention is allowed; ``None`` for plain causal
-        attention without padding (the fused causal path)."""
-        allowed = None
+        """A bool (B or 1, 1, T, T) mask, True where attention is allowed; ``None`` for causal attention
+        (the fused causal path) and for bidirectional attention without padding."""
         if self.kind == CAUSAL:
-            if self.padding is None:
-                return None
-            allowed = torch.ones(seq_len, seq_len, dtype=torch.bool, device=device).tril()[None, None]
-        elif self.kind == PREFIX:
+            # Rows are right-padded (see ``collate``): under causal attention a real token never sees a
+            # pad, so padding needs no mask and the fused causal kernel applies.
+            return None
+        allowed = None
+        if self.kind == PREFIX:
             i = torch.arange(seq_len, device=device)
             causal = i[:, None] >= i[None, :]
             in_prefix = i[None, None, :] < self.prefix_len.to(device)[:, None, None]  # key in prefix

@@ -1,0 +1,359 @@
+"""Local text files as a pre-training source: read through ``datasets``, tokenized, packed into blocks.
+
+* ``paths``: a file, a directory (its .txt/.jsonl/.json/.parquet files), a glob, or a list of these;
+  ``null`` means the small sample corpus bundled with lmlab (``lmlab/data/sample/tiny_corpus.txt``).
+  The format follows the extension: ``.txt`` holds one document per line, ``.jsonl``/``.json`` and
+  ``.parquet`` hold one document per record in the column ``text_field``. Blank documents are dropped.
+* Documents (not blocks) are split into train/validation/test by a permutation drawn from ``seed``.
+* ``tokenizer="bpe"``: a byte-level BPE model (HF ``tokenizers``) trained on the training documents only,
+  with ``[PAD] [BOS] [EOS] [MASK]`` as ids 0..3; ``vocab_size`` is the configured size (a small corpus may
+  leave the top ids unused). Special-token strings inside the text are encoded as plain text.
+  ``tokenizer="byte"``: id = 4 + byte value of the UTF-8 text, vocabulary 260 (``vocab_size`` ignored).
+* Packing, per split: the stream ``d_1 [EOS] d_2 [EOS] ...`` is cut into pieces of ``block_size - 1`` tokens
+  and each block is ``[BOS] + piece`` (exactly ``block_size`` tokens); the remainder is dropped.
+* Labels: with ``labels_csv`` (a CSV with a header ``text,label``), each CSV line becomes a row
+  ``[BOS] text [EOS]`` cut to ``block_size`` tokens (the final EOS kept), with a ``label`` column holding the
+  labels mapped to 0..K-1 in sorted order (numeric order when every label is an integer). A seeded
+  ``labels_test_fraction`` of these rows is appended to ``test`` (the probes and fine-tuning heads are
+  scored there), the rest form ``downstream`` (they are trained there); packed blocks get ``label = -1``.
+  Without a CSV, ``downstream`` is empty and there are no tasks.
+
+The trained tokenizer is saved as ``tokenizer.json`` inside the cached dataset directory; the cache key
+covers the config and the size and modification time of every input file.
+"""
+
+from __future__ import annotations
+
+import csv
+import glob
+import itertools
+import os
+import tempfile
+from collections.abc import Sequence as SequenceABC
+from numbers import Integral, Real
+from pathlib import Path
+from typing import Any
+
+import datasets
+import numpy as np
+import pyarrow as pa
+from datasets import (
+    Dataset,
+    DatasetDict,
+    Features,
+    Sequence,
+    Value,
+    concatenate_datasets,
+    load_dataset,
+)
+
+from lmlab.data.source import BOS_ID, EOS_ID, N_SPECIAL, Source, config_hash
+from lmlab.errors import UserError
+
+SAMPLE_CORPUS = Path(__file__).resolve().parent / "sample" / "tiny_corpus.txt"
+SPECIAL_TOKENS = ["[PAD]", "[BOS]", "[EOS]", "[MASK]"]
+FORMATS = {".txt": "text", ".jsonl": "json", ".json": "json", ".parquet": "parquet"}
+BYTE_VOCAB = N_SPECIAL + 256
+TOKENIZER_FILE = "tokenizer.json"
+
+
+def _resolve(entries: list[str]) -> list[Path]:
+    """Files named by ``data.paths`` entries (files, directories, globs), in order, without repeats."""
+    files: list[Path] = []
+    for entry in entries:
+        expanded = os.path.expanduser(entry)
+        if glob.has_magic(expanded):
+            found = [Path(p) for p in sorted(glob.glob(expanded, recursive=True)) if os.path.isfile(p)]
+            if not found:
+                raise UserError(f"no files match {entry!r}: check data.paths.")
+        elif os.path.isdir(expanded):
+            found = [p for p in sorted(Path(expanded).iterdir()) if p.is_file() and p.suffix.lower() in FORMATS]
+            if not found:
+                raise UserError(f"the directory {entry!r} holds no .txt, .jsonl, .json or .parquet files: "
+                                "check data.paths.")
+        elif os.path.isfile(expanded):
+            found = [Path(expanded)]
+        else:
+            raise UserError(f"the data file {entry!r} does not exist: check data.paths.")
+        for path in found:
+            if path.suffix.lower() not in FORMATS:
+                raise UserError(f"cannot read {str(path)!r} (unknown extension {path.suffix!r}): give data.paths "
+                                ".txt, .jsonl, .json or .parquet files.")
+            if path.stat().st_size == 0:
+                raise UserError(f"the data file {str(path)!r} is empty: remove it from data.paths or add text.")
+        files.extend(p.resolve() for p in found)
+    return list(dict.fromkeys(files))
+
+
+def _fingerprint(path: Path) -> list:
+    stat = path.stat()
+    return [str(path), stat.st_size, stat.st_mtime_ns]
+
+
+class TextSource(Source):
+    """Local text files, tokenized (BPE or bytes) and packed into fixed-length blocks."""
+
+    def __init__(self, paths: str | list[str] | None = None, text_field: str = "text", tokenizer: str = "bpe",
+                 vocab_size: int = 1024, block_size: int = 64, validation_fraction: float = 0.05,
+                 test_fraction: float = 0.05, seed: int = 0, labels_csv: str | None = None,
+                 labels_test_fraction: float = 0.2) -> None:
+        if paths is None:
+            entries = None
+        elif isinstance(paths, (str, os.PathLike)):
+            entries = [os.fspath(paths)]
+        elif isinstance(paths, SequenceABC) or hasattr(paths, "__iter__"):
+            entries = [os.fspath(p) for p in paths]
+        else:
+            raise UserError(f"data.paths must be a path, a glob or a list of them, got {paths!r}: fix data.paths.")
+        if entries == []:
+            raise UserError("data.paths is an empty list: name at least one file, or null for the sample corpus.")
+        labels = None if labels_csv is None else os.fspath(labels_csv)
+        super().__init__(paths=entries, text_field=text_field, tokenizer=tokenizer, vocab_size=vocab_size,
+                         block_size=block_size, validation_fraction=validation_fraction,
+                         test_fraction=test_fraction, seed=seed, labels_csv=labels,
+                         labels_test_fraction=labels_test_fraction)
+
+        if tokenizer not in ("bpe", "byte"):
+            raise UserError(f"unknown data.tokenizer {tokenizer!r}: set data.tokenizer to bpe or byte.")
+        self.tokenizer_kind = tokenizer
+        if tokenizer == "bpe" and (isinstance(vocab_size, bool) or not isinstance(vocab_size, Integral)
+                                   or vocab_size < BYTE_VOCAB):
+            raise UserError(f"data.vocab_size={vocab_size!r} is too small for a byte-level BPE: set it to "
+                            f"{BYTE_VOCAB} or more.")
+        self._vocab_size = int(vocab_size) if tokenizer == "bpe" else BYTE_VOCAB
+        if isinstance(block_size, bool) or not isinstance(block_size, Integral) or block_size < 2:
+            raise UserError(f"data.block_size must be an integer of at least 2, got {block_size!r}: "
+                            "fix data.block_size.")
+        self.block_size = int(block_size)
+        for name, value in (("validation_fraction", validation_fraction), ("test_fraction", test_fraction),
+                            ("labels_test_fraction", labels_test_fraction)):
+            if isinstance(value, bool) or not isinstance(value, Real) or not 0 <= value < 1:
+                raise UserError(f"data.{name} must lie in [0, 1), got {value!r}: fix data.{name}.")
+        if validation_fraction + test_fraction >= 1:
+            raise UserError("data.validation_fraction + data.test_fraction leave no training documents: "
+                            "make their sum smaller than 1.")
+        self.fractions = {"validation": float(validation_fraction), "test": float(test_fraction)}
+        self.labels_test_fraction = float(labels_test_fraction)
+        if isinstance(seed, bool) or not isinstance(seed, Integral) or seed < 0:
+            raise UserError(f"data.seed must be a non-negative integer, got {seed!r}: fix data.seed.")
+        self.seed = int(seed)
+        if not isinstance(text_field, str) or not text_field:
+            raise UserError(f"data.text_field must be a column name, got {text_field!r}: fix data.text_field.")
+        self.text_field = text_field
+
+        self.files = _resolve([str(SAMPLE_CORPUS)] if entries is None else entries)
+        self.labels_csv = None
+        if labels is not None:
+            path = Path(os.path.expanduser(labels))
+            if not path.is_file():
+                raise UserError(f"the labels file {labels!r} does not exist: check data.labels_csv.")
+            self.labels_csv = path.resolve()
+        self.tasks: dict[str, int] = {}
+        self.label_names: list[str] = []  # label_names[i] is the CSV label mapped to class i
+        if self.labels_csv is not None:
+            labels = self._read_labels()[1]
+            try:
+                self.label_names = sorted(set(labels), key=int)
+            except ValueError:
+                self.label_names = sorted(set(labels))
+            self.tasks = {"label": len(self.label_names)}
+            self._n_labelled_test(len(labels))
+        self.tokenizer = None  # the trained tokenizers.Tokenizer (bpe), after build() or load()
+        self.doc_splits: dict[str, np.ndarray] = {}  # document indices of each split, after build()
+        self.label_splits: dict[str, np.ndarray] = {}  # CSV row indices of test and downstream, after build()
+
+    def _n_labelled_test(self, n: int) -> int:
+        """How many of the ``n`` labelled rows go to ``test`` (at least one when the fraction is positive)."""
+        n_test = max(1, round(self.labels_test_fraction * n)) if self.labels_test_fraction > 0 else 0
+        if n - n_test < 1:
+            raise UserError(f"the labels file holds {n} rows, too few for both downstream and test: add "
+                            "labelled rows or lower data.labels_test_fraction.")
+        return n_test
+
+    @property
+    def vocab_size(self) -> int:
+        return self._vocab_size
+
+    def cache_key(self) -> str:
+        files = [_fingerprint(p) for p in self.files]
+        labels = None if self.labels_csv is None else _fingerprint(self.labels_csv)
+        digest = config_hash({"config": self.config, "files": files, "labels": labels})
+        return f"{type(self).__module__}.{type(self).__name__}-{digest}"
+
+    # ----- reading -----
+
+    def read_documents(self) -> list[str]:
+        """Every non-blank document of ``self.files``, in file order."""
+        docs: list[str] = []
+        for fmt, group in itertools.groupby(self.files, key=lambda p: FORMATS[p.suffix.lower()]):
+            files = [str(p) for p in group]
+            quiet = datasets.are_progress_bars_disabled()
+            datasets.disable_progress_bars()
+            with tempfile.TemporaryDirectory(prefix="lmlab-text-") as scratch:
+                try:
+                    table = load_dataset(fmt, data_files=files, split="train", cache_dir=scratch)
+                except Exception as error:  # any parse failure is a problem with the file
+                    cause = error.__cause__ or error
+                    detail = str(cause).strip().splitlines()[0] if str(cause).strip() else type(cause).__name__
+                    raise UserError(f"cannot read {', '.join(files)} as {fmt} ({detail}): fix the file or "
+                                    "its extension.") from error
+                finally:
+                    if not quiet:
+                        datasets.enable_progress_bars()
+                field = "text" if fmt == "text" else self.text_field
+                if field not in table.column_names:
+                    raise UserError(f"{', '.join(files)} have no field {field!r} (fields: "
+                                    f"{', '.join(table.column_names)}): set data.text_field.")
+                if table.features[field] not in (Value("string"), Value("large_string")):
+                    raise UserError(f"the field {field!r} of {', '.join(files)} is not text: set "
+                                    "data.text_field to a text column.")
+                docs.extend(d for d in table[field] if d is not None and d.strip())
+        if not docs:
+            raise UserError("data.paths hold no text (only blank documents): point data.paths at some text.")
+        return docs
+
+    def split_documents(self, n_docs: int) -> dict[str, np.ndarray]:
+        """Document indices of train/validation/test (sorted within each split), by a seeded permutation."""
+        perm = np.random.default_rng(self.seed).permutation(n_docs)
+        counts = {s: (max(1, round(f * n_docs)) if f > 0 else 0) for s, f in self.fractions.items()}
+        n_train = n_docs - counts["validation"] - counts["test"]
+        if n_train < 1:
+            raise UserError(f"{n_docs} documents are too few for the validation and test splits: add documents "
+                            "or lower data.validation_fraction and data.test_fraction.")
+        cut = np.cumsum([n_train, counts["validation"]])
+        parts = np.split(perm, cut)
+        return {s: np.sort(p) for s, p in zip(("train", "validation", "test"), parts)}
+
+    # ----- tokenizing -----
+
+    def train_tokenizer(self, docs: list[str]) -> None:
+        """Train the BPE model on ``docs`` (no-op for bytes)."""
+        if self.tokenizer_kind != "bpe":
+            return
+        from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+        tok = Tokenizer(models.BPE())
+        tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+        tok.decoder = decoders.ByteLevel()
+        trainer = trainers.BpeTrainer(vocab_size=self._vocab_size, special_tokens=SPECIAL_TOKENS,
+                                      initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
+        tok.train_from_iterator(docs, trainer, length=len(docs))
+        tok.encode_special_tokens = True  # "[EOS]" written in a document is text, not the EOS id
+        assert [tok.token_to_id(t) for t in SPECIAL_TOKENS] == list(range(N_SPECIAL))
+        self.tokenizer = tok
+
+    def _encode_flat(self, texts: list[str]) -> tuple[np.ndarray, np.ndarray]:
+        """All texts tokenized at once: the concatenated ids (int32) and each text's length."""
+        if self.tokenizer_kind == "byte":
+            raw = [t.encode("utf-8") for t in texts]
+            lengths = np.fromiter(map(len, raw), dtype=np.int64, count=len(raw))
+            ids = np.frombuffer(b"".join(raw), dtype=np.uint8).astype(np.int32) + N_SPECIAL
+            return ids, lengths
+        if self.tokenizer is None:
+            raise RuntimeError("the BPE tokenizer is not trained yet: call load() or build() first")
+        encodings = self.tokenizer.encode_batch_fast(texts, add_special_tokens=False)
+        id_lists = [e.ids for e in encodings]
+        lengths = np.fromiter(map(len, id_lists), dtype=np.int64, count=len(id_lists))
+        ids = np.fromiter(itertools.chain.from_iterable(id_lists), dtype=np.int32, count=int(lengths.sum()))
+        return ids, lengths
+
+    def encode(self, texts: list[str]) -> list[list[int]]:
+        """Token ids of each text, without BOS/EOS."""
+        ids, lengths = self._encode_flat(list(texts))
+        return [a.tolist() for a in np.split(ids, np.cumsum(lengths)[:-1])] if len(texts) else []
+
+    def decode(self, ids: list[int]) -> str:
+        """The text of a list of token ids; special tokens are dropped."""
+        own = [int(i) for i in ids if i >= N_SPECIAL]
+        if self.tokenizer_kind == "byte":
+            return bytes(i - N_SPECIAL for i in own).decode("utf-8", errors="replace")
+        if self.tokenizer is None:
+            raise RuntimeError("the BPE tokenizer is not trained yet: call load() or build() first")
+        return self.tokenizer.decode(own, skip_special_tokens=True)
+
+    def pack(self, docs: list[str]) -> np.ndarray:
+        """(n_blocks, block_size) int32: ``[BOS]`` + the next block_size-1 tokens of ``d_1 EOS d_2 EOS ..``."""
+        ids, lengths = self._encode_flat(docs)
+        stream = np.insert(ids, np.cumsum(lengths), EOS_ID)  # one EOS after each document
+        piece = self.block_size - 1
+        n_blocks = len(stream) // piece
+        body = stream[: n_blocks * piece].reshape(n_blocks, piece)
+        return np.concatenate([np.full((n_blocks, 1), BOS_ID, dtype=np.int32), body], axis=1)
+
+    # ----- building -----
+
+    def _read_labels(self) -> tuple[list[str], list[str]]:
+        with open(self.labels_csv, newline="", encoding="utf-8") as f:
+            reader = csv.DictReader(f)
+            if reader.fieldnames is None or not {"text", "label"} <= set(reader.fieldnames):
+                raise UserError(f"the labels file {str(self.labels_csv)!r} needs a header row with the columns "
+                                "text,label: fix data.labels_csv.")
+            rows = [(r["text"] or "", r["label"]) for r in reader]
+        if not rows:
+            raise UserError(f"the labels file {str(self.labels_csv)!r} has no rows: add labelled texts to it.")
+        if any(label is None or label.strip() == "" for _, label in rows):
+            raise UserError(f"the labels file {str(self.labels_csv)!r} has rows without a label: fill in "
+                            "every label.")
+        return [t for t, _ in rows], [label.strip() for _, label in rows]
+
+    def _downstream(self) -> tuple[list[list[int]], list[int]]:
+        """Labelled rows ``[BOS] text [EOS]`` (cut to block_size, EOS kept) and their label ids."""
+        texts, labels = self._read_labels()
+        index = {c: i for i, c in enumerate(self.label_names)}
+        keep = self.block_size - 2
+        rows = [[BOS_ID, *ids[:keep], EOS_ID] for ids in self.encode(texts)]
+        return rows, [index[c] for c in labels]
+
+    def build(self) -> DatasetDict:
+        docs = self.read_documents()
+        self.doc_splits = self.split_documents(len(docs))
+        split_docs = {s: [docs[i] for i in idx] for s, idx in self.doc_splits.items()}
+        self.train_tokenizer(split_docs["train"])
+
+        labelled = self.labels_csv is not None
+        features = {"input_ids": Sequence(Value("int32"))}
+        if labelled:
+            features["label"] = Value("int64")
+        features = Features(features)
+        out: dict[str, Dataset] = {}
+        for split, texts in split_docs.items():
+            blocks = self.pack(texts) if texts else np.zeros((0, self.block_size), dtype=np.int32)
+            if len(blocks) == 0 and (split == "train" or self.fractions[split] > 0):
+                hint = ("lower data.block_size or add text" if split == "train" else
+                        f"raise data.{split}_fraction or lower data.block_size")
+                raise UserError(f"the {split} documents hold fewer tokens than one block of "
+                                f"data.block_size={self.block_size}: {hint}.")
+            offsets = np.arange(0, blocks.size + 1, self.block_size, dtype=np.int32)
+            columns: dict[str, Any] = {"input_ids": pa.ListArray.from_arrays(pa.array(offsets),
+                                                                              pa.array(blocks.ravel()))}
+            if labelled:
+                columns["label"] = np.full(len(blocks), -1, dtype=np.int64)
+            out[split] = Dataset.from_dict(columns, features=features)
+        if labelled:
+            rows, labels = self._downstream()
+            n = len(rows)
+            n_test = self._n_labelled_test(n)
+            perm = np.random.default_rng([self.seed, 1]).permutation(n)
+            parts = {"test": np.sort(perm[:n_test]), "downstream": np.sort(perm[n_test:])}
+            self.label_splits = parts
+            held = {k: Dataset.from_dict({"input_ids": [rows[i] for i in idx], "label": [labels[i] for i in idx]},
+                                         features=features) for k, idx in parts.items()}
+            out["test"] = concatenate_datasets([out["test"], held["test"]])
+            out["downstream"] = held["downstream"]
+        else:
+            out["downstream"] = Dataset.from_dict({"input_ids": []}, features=features)
+        return DatasetDict(out)
+
+    def save_state(self, directory: Path) -> None:
+        """The trained tokenizer, saved beside the splits (atomically, together)."""
+        if self.tokenizer is not None:
+            self.tokenizer.save(str(directory / TOKENIZER_FILE))
+        else:  # bytes: nothing to train, a marker that says so
+            (directory / TOKENIZER_FILE).write_text('{"lmlab_tokenizer": "byte"}\n')
+
+    def restore_state(self, path: Path) -> None:
+        if self.tokenizer_kind == "bpe":
+            from tokenizers import Tokenizer
+
+            self.tokenizer = Tokenizer.from_file(str(path / TOKENIZER_FILE))
+            self.tokenizer.encode_special_tokens = True

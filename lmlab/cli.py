@@ -29,6 +29,7 @@ CONF = "lmlab.conf"
 SWEEP_ENV = "LMLAB_SWEEP_NAME"
 UNNAMED_KEYS = ("hydra.", "cache_dir=", "out_dir=")  # overrides that do not name a run
 log = logging.getLogger("lmlab")
+_argv: list[str] = []  # the command line as typed (Lightning's DDP launcher re-runs it for each rank)
 
 
 # ----- run names -----
@@ -193,10 +194,17 @@ def preflight(config_name: str, overrides: list[str]) -> list[list[str]]:
 def _has_key(cfg: DictConfig, key: str) -> bool:
     parent, _, leaf = key.rpartition(".")
     node = OmegaConf.select(cfg, parent) if parent else cfg
-    return isinstance(node, DictConfig) and leaf in node
+    return isinstance(node, DictConfig) and leaf in list(node.keys())  # "in" is False for ??? values
 
 
 # ----- the Hydra tasks -----
+
+def _user_error(e: BaseException | None) -> UserError | None:
+    """The UserError behind ``e``, if any (Hydra's instantiate wraps what a constructor raises)."""
+    while e is not None and not isinstance(e, UserError):
+        e = e.__cause__ or e.__context__
+    return e
+
 
 def _fail(message: str) -> None:
     print(f"lmlab: error: {message}", file=sys.stderr)
@@ -211,17 +219,19 @@ def _train(cfg: DictConfig) -> None:
     from lmlab.io import write_text
     from lmlab.report.summary import metrics_table
 
+    sys.argv = list(_argv)  # Hydra has parsed its view of the arguments; restore the real command line
     hc = HydraConfig.get()
     run_dir = Path(hc.runtime.output_dir)
     multirun = hc.mode == RunMode.MULTIRUN
     try:
         results = pipeline.train(cfg, run_dir)
     except Exception as e:
+        user = _user_error(e)
         if not multirun:
-            if isinstance(e, UserError):
-                _fail(str(e))
+            if user is not None:
+                _fail(str(user))
             raise
-        reason = str(e) if isinstance(e, UserError) else f"{type(e).__name__}: {e}"
+        reason = str(user) if user is not None else f"{type(e).__name__}: {e}"
         reason = " ".join(reason.split())
         log.error("job failed: %s\n%s", reason, traceback.format_exc())
         write_text(run_dir / pipeline.FAILED, reason + "\n")
@@ -239,13 +249,16 @@ def _eval(cfg: DictConfig) -> None:
 
     try:
         out = pipeline.evaluate(cfg)
-    except UserError as e:
-        _fail(str(e))
+    except Exception as e:
+        if _user_error(e) is None:
+            raise
+        _fail(str(_user_error(e)))
     Console().print(metrics_table(out["metrics"], title=f"evaluations: {cfg.run}"))
 
 
 def main(argv: list[str] | None = None) -> None:
     argv = list(sys.argv[1:] if argv is None else argv)
+    _argv[:] = [sys.argv[0], *argv]
     if not argv or argv[0] in ("-h", "--help", "help"):
         print(MAIN_HELP.format(groups=_groups_text()))
         return
@@ -254,6 +267,9 @@ def main(argv: list[str] | None = None) -> None:
     if command not in apps:
         _fail(f"unknown command {command!r}: use one of {', '.join(apps)} (lmlab --help).")
     app, config_name, help_text = apps[command]
+    # run directory names hold '=' and ',': quote the path so that Hydra reads it as one string
+    args = [f"run='{a[4:]}'" if a.startswith("run=") and not a.startswith(("run='", 'run="')) else a
+            for a in args]
     if "-h" in args or "--help" in args:
         print(help_text.format(groups=_groups_text()))
         return
@@ -265,7 +281,9 @@ def main(argv: list[str] | None = None) -> None:
             _fail(str(e))
     if "-m" in args or "--multirun" in args:
         os.environ[SWEEP_ENV] = "sweep-" + run_name(_raw_overrides(args))
-    sys.argv = [sys.argv[0], *args]
+    # Hydra's parser wants flags before the overrides: accept `lmlab train a=1 -m b=2,3` too
+    flags = [a for a in args if a in ("-m", "--multirun")]
+    sys.argv = [sys.argv[0], *flags, *[a for a in args if a not in flags]]
     app()
     if command == "train" and ("-m" in args or "--multirun" in args):
         from lmlab.report.summary import last_summary

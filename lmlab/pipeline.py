@@ -56,14 +56,23 @@ def quiet() -> None:
 
 def build(cfg: DictConfig):
     """Instantiate the recipe: objective, source, model (refusing impossible pairs before any data is
-    generated), then the data, the selection and the DataModule."""
+    generated) and evaluators (checked against the data before any compute), then load the data."""
     objective = instantiate(cfg.objective)
     source = instantiate(cfg.data)
+    objective.bind(source)
     model = instantiate(cfg.model, vocab_size=source.vocab_size, attention=objective.attention)
+    evaluators = {}
+    for name, ecfg in (cfg.get("eval") or {}).items():
+        evaluator = instantiate(ecfg)
+        reason = evaluator.skip_reason(source)
+        if reason:
+            print(f"[lmlab] eval {name} skipped: {reason}")
+        else:
+            evaluators[name] = evaluator
     splits = source.load(cfg.cache_dir)
     if len(splits["train"]) == 0:
         raise UserError(f"data {source.name} produced no training rows: add data or lower its filters.")
-    return objective, source, model, splits
+    return objective, source, model, evaluators, splits
 
 
 def train(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
@@ -80,7 +89,7 @@ def train(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
         write_text(run_dir / "command.txt", " ".join(["lmlab", *sys.argv[1:]]) + "\n")
     L.seed_everything(cfg.seed, workers=True, verbose=False)
 
-    objective, source, model, splits = build(cfg)
+    objective, source, model, evaluators, splits = build(cfg)
     selector = instantiate(cfg.selection)
     pool = splits["train"]
     splits["train"] = selector.run(pool, splits["validation"], cfg.cache_dir, source.cache_key())
@@ -118,7 +127,7 @@ def train(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
     if "val/loss" in trainer.callback_metrics:
         metrics["val/loss"] = float(trainer.callback_metrics["val/loss"])
     eval_started = time.time()
-    metrics.update(run_evaluations(cfg, module, dm, run_dir))
+    metrics.update(run_evaluations(evaluators, module, dm, run_dir))
     results = {
         "status": "done",
         "metrics": metrics,
@@ -133,14 +142,13 @@ def train(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
     return results
 
 
-def run_evaluations(cfg: DictConfig, module: LMModule, dm: DataModule, run_dir: Path) -> dict[str, float]:
-    """Each entry of ``cfg.eval``, in order, on the in-memory model."""
+def run_evaluations(evaluators: dict, module: LMModule, dm: DataModule, run_dir: Path) -> dict[str, float]:
+    """Each evaluator, in the order of ``cfg.eval``, on the in-memory model."""
     metrics: dict[str, float] = {}
     module.model.eval()
-    for name, ecfg in (cfg.get("eval") or {}).items():
+    for name, evaluator in evaluators.items():
         print(f"[lmlab] eval {name}")
-        out = instantiate(ecfg)(module, dm, run_dir)
-        metrics.update({k: float(v) for k, v in out.items()})
+        metrics.update({k: float(v) for k, v in evaluator(module, dm, run_dir).items()})
     return metrics
 
 
@@ -154,12 +162,12 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
                         "point run= at a run directory that holds DONE.")
     run_cfg = OmegaConf.load(resolved)
     run_cfg.eval = cfg.eval
-    objective, source, model, splits = build(run_cfg)
+    objective, source, model, evaluators, splits = build(run_cfg)
     model.load_state_dict(torch.load(weights, map_location="cpu"))
     dm = DataModule(source, splits, batch_size=run_cfg.batch_size, seed=run_cfg.seed)
     module = LMModule(model, objective, instantiate(run_cfg.optim), instantiate(run_cfg.schedule),
                       max_steps=run_cfg.max_steps)
-    metrics = run_evaluations(run_cfg, module, dm, run_dir)
+    metrics = run_evaluations(evaluators, module, dm, run_dir)
     results = _read_results(run_dir) if (run_dir / RESULTS).exists() else {"metrics": {}}
     results["metrics"].update(metrics)
     write_json(run_dir / RESULTS, results)

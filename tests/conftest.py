@@ -26,7 +26,7 @@ def lmlab(tmp_path, cache_dir, capsys):
     from lmlab.cli import main
 
     def run(*args: str) -> tuple[int, str]:
-        argv = [args[0], f"out_dir={tmp_path / 'runs'}", *args[1:]]
+        argv = [args[0], f"out_dir={tmp_path / 'runs'}", *args[1:]] if args[0] == "train" else list(args)
         code = 0
         try:
             main(argv)

@@ -41,10 +41,13 @@ def test_every_yaml_composes(group, option):
     with initialize_config_module(config_module="lmlab.conf", version_base="1.3"):
         cfg = compose(config_name="train", overrides=[f"{group}={option}"])
         node = cfg.eval if group == "eval" else cfg[group]
-        resolved = OmegaConf.to_container(node, resolve=True)
-        assert resolved, f"{group}={option} composed to nothing"
+        raw = OmegaConf.to_container(node, resolve=False)
+        assert raw, f"{group}={option} composed to nothing"
         if group != "eval":
-            assert "_target_" in resolved
+            assert "_target_" in raw
+        for key, value in raw.items():  # every value resolves (those that need a running job aside)
+            if "${hydra:" not in str(value):
+                OmegaConf.select(node, key)
         ecfg = compose(config_name="eval", overrides=["run=x"])
         assert list(ecfg.eval) == ["perplexity", "probe"]
 
@@ -78,7 +81,8 @@ def test_every_option_runs(lmlab, group, option):
         pytest.skip(SMOKE_SKIP[(group, option)])
     extra = [] if (group, option) == ("data", "text") else TINY
     fast = [a for a in FAST if not (group == "logger" and a.startswith("logger="))]
-    code, out = lmlab("train", f"{group}={option}", *fast, *extra, "eval.probe.seeds=1")
+    probe = [] if group == "eval" else ["eval.probe.seeds=1"]
+    code, out = lmlab("train", f"{group}={option}", *fast, *extra, *probe)
     assert code == 0, out
     run = _only_run(lmlab.runs)
     results = json.loads((run / "results.json").read_text())
@@ -128,11 +132,12 @@ def test_sweep_summary_with_a_failing_job(lmlab, tmp_path):
     sweep = next(lmlab.runs.glob("default/sweep-*"))
     rows = list(csv.DictReader((sweep / "summary.csv").open()))
     assert len(rows) == 4
-    status = {r["overrides"]: r for r in rows}
+    assert set(rows[0]) >= {"job", "overrides", "status", "reason", "data.grammar", "objective", "perplexity/loss"}
+    status = {(r["data.grammar"], r["objective"]): r for r in rows}
     for objective in ("clm", "mlm"):
-        ok = status[f"data.grammar=null objective={objective}"]
+        ok = status["null", objective]
         assert ok["status"] == "done" and float(ok["perplexity/loss"]) > 0
-        bad = status[f"data.grammar={missing} objective={objective}"]
+        bad = status[str(missing), objective]
         assert bad["status"] == "failed" and str(missing) in bad["reason"] and "\n" not in bad["reason"]
     md = (sweep / "summary.md").read_text()
     assert md.count("| failed |") == 2 and md.count("| done |") == 2

@@ -29,6 +29,9 @@ class Prepared:
 class Objective(ABC):
     attention: str  # the attention pattern the model must honour: causal, bidirectional or prefix
 
+    def bind(self, source) -> None:
+        """Called once the data source is known, before any batch (e.g. to learn the vocabulary size)."""
+
     @abstractmethod
     def prepare(self, batch: dict) -> Prepared: ...
 

@@ -36,13 +36,22 @@ def job_row(job_dir: Path) -> dict[str, Any]:
 
 
 def gather(sweep_dir: Path) -> list[dict[str, Any]]:
+    """Every job of the sweep, with one column per override that varies between jobs (the sweep's axes)."""
     jobs = sorted(p.parent.parent for p in Path(sweep_dir).glob("*/.hydra/overrides.yaml"))
-    return [job_row(j) for j in jobs]
+    rows = [job_row(j) for j in jobs]
+    settings = [dict(o.split("=", 1) for o in r["overrides"].split() if "=" in o) for r in rows]
+    keys = sorted({k for s in settings for k in s})
+    axes = [k for k in keys if len({s.get(k) for s in settings}) > 1]
+    for row, setting in zip(rows, settings):
+        row["axes"] = axes
+        row.update({k: setting.get(k, "") for k in axes})
+    return rows
 
 
 def _columns(rows: list[dict[str, Any]]) -> list[str]:
-    metrics = sorted({k for r in rows for k in r} - set(FIXED))
-    return FIXED + metrics
+    axes = rows[0]["axes"] if rows else []
+    metrics = sorted({k for r in rows for k in r} - set(FIXED) - set(axes) - {"axes"})
+    return FIXED + axes + metrics
 
 
 def _fmt(value: Any) -> str:
@@ -68,9 +77,10 @@ def to_markdown(rows: list[dict[str, Any]]) -> str:
 
 
 def rich_table(rows: list[dict[str, Any]], title: str, max_metrics: int = 8) -> Table:
-    """The terminal view: fixed columns plus the first ``max_metrics`` evaluation metrics."""
-    metrics = [c for c in _columns(rows)[len(FIXED):] if not c.startswith(("model/", "train/rows"))]
-    cols = ["overrides", "status"] + metrics[:max_metrics]
+    """The terminal view: the sweep's axes, the status, and the first ``max_metrics`` metrics."""
+    axes = rows[0]["axes"] if rows else []
+    metrics = [c for c in _columns(rows)[len(FIXED) + len(axes):] if not c.startswith(("model/", "train/rows"))]
+    cols = [*axes, "status", *metrics[:max_metrics]]
     table = Table(title=title)
     for c in cols:
         table.add_column(c, overflow="fold")

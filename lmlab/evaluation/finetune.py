@@ -1,0 +1,92 @@
+"""``eval=finetune``: fine-tune a copy of the backbone with a linear head on the downstream rows and
+score it on the test rows (as BERT and GPT evaluate transfer: Devlin et al. 2019, arXiv 1810.04805;
+Radford et al. 2018).
+
+For each seed the backbone is deep-copied (the trained model is never modified, nor its mode), read
+with the objective's attention pattern and a padding mask, pooled like the probe (``mean`` over real
+tokens or ``concat`` of token states), and trained together with a fresh linear head with AdamW for
+``epochs`` epochs of shuffled minibatches. Rows whose label is -1 are dropped.
+
+Returns ``finetune/acc`` (mean over seeds), ``finetune/acc_std``, ``finetune/acc_ci95`` (95% t-interval
+half-width over seeds; 0 for one seed) and ``finetune/chance`` (majority-class rate on test).
+"""
+
+from __future__ import annotations
+
+import copy
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from lmlab.evaluation.common import (
+    DownstreamEvaluator,
+    check_nonempty,
+    feature_dim,
+    features,
+    labelled_rows,
+    model_device,
+    pad_rows,
+    resolve_task,
+    summarize,
+)
+
+
+class Finetune(DownstreamEvaluator):
+    name = "finetune"
+
+    def __init__(self, task: str | None = None, epochs: int = 3, lr: float = 1e-4, batch_size: int = 64,
+                 seeds: int = 1, pooling: str = "mean", max_train: int | None = None,
+                 max_test: int | None = None, weight_decay: float = 0.0) -> None:
+        self.task, self.epochs, self.lr, self.batch_size = task, epochs, lr, batch_size
+        self.seeds, self.pooling = seeds, pooling
+        self.max_train, self.max_test, self.weight_decay = max_train, max_test, weight_decay
+
+    def __call__(self, module, datamodule, run_dir=None) -> dict[str, float]:
+        original = getattr(module.model, "_orig_mod", module.model)  # unwrap torch.compile
+        kind = module.objective.attention
+        task, n_classes = resolve_task(datamodule.source, self.task, self.name)
+        train_rows, train_y = labelled_rows(datamodule.splits["downstream"], task, self.max_train)
+        test_rows, test_y = labelled_rows(datamodule.splits["test"], task, self.max_test)
+        check_nonempty(train_rows, "downstream", task, self.name)
+        check_nonempty(test_rows, "test", task, self.name)
+        n_classes = max(n_classes, int(train_y.max()) + 1, int(test_y.max()) + 1)
+        length = max(len(r) for r in train_rows + test_rows)
+        accs = [self._run(original, kind, train_rows, train_y, test_rows, test_y, n_classes, length, seed)
+                for seed in range(self.seeds)]
+        return summarize(self.name, accs, test_y)
+
+    def _run(self, original, kind, train_rows, train_y, test_rows, test_y, n_classes, length,
+             seed) -> float:
+        device = model_device(original)
+        devices = [device] if device.type == "cuda" else []
+        with torch.random.fork_rng(devices=devices):  # dropout/init noise without touching global RNG
+            torch.manual_seed(seed)
+            model = copy.deepcopy(original)
+            model.train()
+            head = nn.Linear(feature_dim(model.d_model, self.pooling, length), n_classes).to(device)
+            opt = torch.optim.AdamW(list(model.parameters()) + list(head.parameters()), lr=self.lr,
+                                    weight_decay=self.weight_decay)
+            g = torch.Generator().manual_seed(seed)
+            y_train = torch.as_tensor(train_y)
+            n = len(train_rows)
+            with torch.enable_grad():
+                for _ in range(self.epochs):
+                    perm = torch.randperm(n, generator=g).tolist()
+                    for i in range(0, n, self.batch_size):
+                        idx = perm[i : i + self.batch_size]
+                        ids = pad_rows([train_rows[j] for j in idx])
+                        logits = head(features(model, ids, kind, self.pooling, length))
+                        loss = F.cross_entropy(logits.float(), y_train[idx].to(device))
+                        opt.zero_grad(set_to_none=True)
+                        loss.backward()
+                        opt.step()
+            model.eval()
+            correct = 0
+            with torch.no_grad():
+                for i in range(0, len(test_rows), 256):
+                    ids = pad_rows(test_rows[i : i + 256])
+                    pred = head(features(model, ids, kind, self.pooling, length)).argmax(-1).cpu()
+                    correct += int((pred == torch.as_tensor(test_y[i : i + 256])).sum())
+            del model, head, opt
+        return correct / len(test_rows)

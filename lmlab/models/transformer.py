@@ -1,0 +1,170 @@
+"""A pre-LN decoder/encoder Transformer (Vaswani et al. 2017, arXiv 1706.03762; pre-LN as in GPT-2,
+Radford et al. 2019) that honours causal, bidirectional and prefix attention.
+
+One stack serves every objective: the attention pattern comes with each batch (``Attention``), so the
+same weights can run as a causal LM (GPT), a masked LM (BERT) or a prefix LM (T5/UniLM-style).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.checkpoint import checkpoint
+
+from lmlab.errors import UserError
+from lmlab.models.base import BIDIRECTIONAL, CAUSAL, PREFIX, Attention, Backbone
+from lmlab.models.layers import MLP, Rotary, make_norm
+
+POSITIONS = ("rotary", "learned")
+
+
+class SelfAttention(nn.Module):
+    """Multi-head self-attention through ``F.scaled_dot_product_attention``."""
+
+    def __init__(self, d_model: int, n_heads: int, dropout: float, rotary: Rotary | None) -> None:
+        super().__init__()
+        self.n_heads, self.head_dim = n_heads, d_model // n_heads
+        self.qkv = nn.Linear(d_model, 3 * d_model, bias=False)
+        self.out = nn.Linear(d_model, d_model, bias=False)
+        self.out.is_residual_proj = True
+        self.dropout = dropout
+        self.resid_dropout = nn.Dropout(dropout)
+        self.rotary = rotary
+
+    def forward(self, x: torch.Tensor, mask: torch.Tensor | None, is_causal: bool) -> torch.Tensor:
+        B, T, D = x.shape
+        q, k, v = self.qkv(x).view(B, T, 3, self.n_heads, self.head_dim).permute(2, 0, 3, 1, 4)
+        if self.rotary is not None:
+            q, k = self.rotary(q, k)
+        y = F.scaled_dot_product_attention(
+            q, k, v, attn_mask=mask, is_causal=is_causal,
+            dropout_p=self.dropout if self.training else 0.0,
+        )
+        return self.resid_dropout(self.out(y.transpose(1, 2).reshape(B, T, D)))
+
+
+class Block(nn.Module):
+    """``x + attn(norm(x))`` then ``x + mlp(norm(x))``."""
+
+    def __init__(self, d_model: int, n_heads: int, d_ff: int, norm: str, mlp: str, dropout: float,
+                 rotary: Rotary | None) -> None:
+        super().__init__()
+        self.norm1 = make_norm(norm, d_model)
+        self.attn = SelfAttention(d_model, n_heads, dropout, rotary)
+        self.norm2 = make_norm(norm, d_model)
+        self.mlp = MLP(d_model, d_ff, mlp, dropout)
+
+    def forward(self, x: torch.Tensor, mask: torch.Tensor | None, is_causal: bool) -> torch.Tensor:
+        x = x + self.attn(self.norm1(x), mask, is_causal)
+        return x + self.mlp(self.norm2(x))
+
+
+class Transformer(Backbone):
+    """Pre-LN Transformer backbone.
+
+    Args: ``vocab_size`` and ``attention`` (the objective's pattern) come from the pipeline;
+    ``d_model``, ``n_layers``, ``n_heads``, ``d_ff`` (default ``4 * d_model``), ``norm`` (rmsnorm or
+    layernorm), ``positions`` (rotary or learned; learned positions cover ``max_len`` tokens),
+    ``mlp`` (gelu or swiglu), ``dropout`` (attention, residual and embedding dropout),
+    ``tie_embeddings`` (the LM head reuses the token embedding), ``activation_checkpointing``
+    (recompute each block in the backward pass while training).
+
+    Initialisation (GPT-2): every weight N(0, 0.02), the residual output projections (attention out,
+    MLP down) N(0, 0.02 / sqrt(2 * n_layers)), norms at one.
+    """
+
+    supported_attention = (CAUSAL, BIDIRECTIONAL, PREFIX)
+
+    def __init__(self, vocab_size: int, attention: str = CAUSAL, d_model: int = 64, n_layers: int = 2,
+                 n_heads: int = 4, d_ff: int | None = None, norm: str = "rmsnorm",
+                 positions: str = "rotary", max_len: int = 512, dropout: float = 0.0,
+                 tie_embeddings: bool = True, activation_checkpointing: bool = False,
+                 mlp: str = "gelu") -> None:
+        super().__init__(vocab_size, d_model, attention)
+        if d_model % n_heads:
+            raise UserError(f"d_model={d_model} is not a multiple of n_heads={n_heads}: change one "
+                            "of them.")
+        if positions not in POSITIONS:
+            raise UserError(f"unknown positions {positions!r}: choose one of {', '.join(POSITIONS)}.")
+        self.n_layers, self.n_heads = n_layers, n_heads
+        self.d_ff = d_ff or 4 * d_model
+        self.positions, self.max_len = positions, max_len
+        self.tie_embeddings = tie_embeddings
+        self.activation_checkpointing = activation_checkpointing
+
+        self.embed = nn.Embedding(vocab_size, d_model)
+        self.pos_embed = nn.Embedding(max_len, d_model) if positions == "learned" else None
+        rotary = Rotary(d_model // n_heads, max_len) if positions == "rotary" else None
+        self.emb_dropout = nn.Dropout(dropout)
+        # one Rotary module shared by all blocks (its tables are non-persistent buffers)
+        self.blocks = nn.ModuleList(
+            Block(d_model, n_heads, self.d_ff, norm, mlp, dropout, rotary) for _ in range(n_layers)
+        )
+        self.norm = make_norm(norm, d_model)
+        self.head = nn.Linear(d_model, vocab_size, bias=False)
+        if tie_embeddings:
+            self.head.weight = self.embed.weight
+        self._init_weights()
+
+    def _init_weights(self) -> None:
+        resid_std = 0.02 / math.sqrt(2 * self.n_layers)
+        for m in self.modules():
+            if isinstance(m, (nn.Linear, nn.Embedding)):
+                std = resid_std if getattr(m, "is_residual_proj", False) else 0.02
+                nn.init.normal_(m.weight, mean=0.0, std=std)
+                if getattr(m, "bias", None) is not None:
+                    nn.init.zeros_(m.bias)
+
+    def forward(self, input_ids: torch.Tensor, attention: Attention) -> torch.Tensor:
+        """(B, T) token ids -> (B, T, d_model) hidden states after the final norm."""
+        if attention.kind not in self.supported_attention:
+            raise UserError(f"model Transformer cannot attend {attention.kind!r}: choose causal, "
+                            "bidirectional or prefix.")
+        T = input_ids.shape[1]
+        x = self.embed(input_ids)
+        if self.pos_embed is not None:
+            if T > self.max_len:
+                raise UserError(f"sequence of {T} tokens is longer than model.max_len={self.max_len}: "
+                                "raise model.max_len or use model.positions=rotary.")
+            x = x + self.pos_embed(torch.arange(T, device=input_ids.device))
+        x = self.emb_dropout(x)
+        mask = attention.mask(T, input_ids.device)
+        # ``mask() is None`` means "no restriction" for bidirectional and "plain causal" for causal
+        is_causal = mask is None and attention.kind == CAUSAL
+        for block in self.blocks:
+            if self.activation_checkpointing and self.training and torch.is_grad_enabled():
+                x = checkpoint(block, x, mask, is_causal, use_reentrant=False)
+            else:
+                x = block(x, mask, is_causal)
+        return self.norm(x)
+
+    def logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """(..., d_model) -> (..., vocab_size)."""
+        return self.head(hidden)
+
+    def non_embedding_parameters(self) -> int:
+        """Parameters outside the token/position embeddings and the LM head (blocks and final norm)."""
+        skip = {id(self.embed.weight), id(self.head.weight)}
+        if self.pos_embed is not None:
+            skip.add(id(self.pos_embed.weight))
+        return sum(p.numel() for p in {id(p): p for p in self.parameters()}.values()
+                   if id(p) not in skip)
+
+    def flops_per_token(self, seq_len: int) -> float:
+        """Training FLOPs per token (forward + backward = 3 x forward, 2 FLOPs per multiply-add):
+
+            6 * N + 6 * d_model * vocab_size + 12 * n_layers * d_model * seq_len
+
+        where N = ``non_embedding_parameters()`` (every weight matmul of the blocks, plus the norm
+        gains, which are negligible), ``d_model * vocab_size`` is the LM-head matmul (counted whether
+        or not it is tied to the embedding; the embedding lookup itself costs nothing), and the last
+        term is the attention scores and the weighted sum of values (``q.k`` and ``a.v``: 2 * 2 *
+        seq_len * d_model forward FLOPs per layer), counted over the full T x T score matrix even for
+        causal attention (as Kaplan et al. 2020, arXiv 2001.08361, without their causal halving).
+        Softmax, norms, rotary and activations are ignored.
+        """
+        return float(6 * self.non_embedding_parameters() + 6 * self.d_model * self.vocab_size
+                     + 12 * self.n_layers * self.d_model * seq_len)

@@ -1,0 +1,71 @@
+"""Causal language modelling: predict each token from the ones before it (GPT: Radford et al. 2018,
+"Improving Language Understanding by Generative Pre-Training"; Radford et al. 2019, GPT-2).
+
+The model reads ``input_ids[:, :-1]`` and predicts ``input_ids[:, 1:]``; every non-PAD target counts
+(EOS is predicted, BOS never is since it is never a target). The evaluation loss is the exact per-token
+negative log-likelihood, and where the source knows ``-log P(sentence)`` the optimum is its mean per
+target token, so ``gap = loss - optimum`` is an exact excess cross-entropy (a KL divergence per token)
+on the evaluated rows, up to the sampling of those rows.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from lmlab.data.datamodule import collate
+from lmlab.data.source import PAD_ID
+from lmlab.models.base import CAUSAL, Attention
+from lmlab.objectives.base import Objective, Prepared
+
+
+def model_device(model) -> torch.device:
+    try:
+        return next(model.parameters()).device
+    except (StopIteration, AttributeError):
+        return torch.device("cpu")
+
+
+def padding_of(ids: torch.Tensor) -> torch.Tensor | None:
+    """True on real tokens; ``None`` when the batch has no padding (lets models take fused paths)."""
+    padding = ids != PAD_ID
+    return None if bool(padding.all()) else padding
+
+
+class CLM(Objective):
+    """Next-token prediction with causal attention."""
+
+    attention = CAUSAL
+
+    def prepare(self, batch: dict) -> Prepared:
+        ids = batch["input_ids"]
+        inputs, targets = ids[:, :-1], ids[:, 1:]
+        return Prepared(inputs=inputs, targets=targets, loss_mask=targets != PAD_ID,
+                        attention=Attention(CAUSAL, padding=padding_of(inputs)))
+
+    @torch.no_grad()
+    def evaluate(self, model, rows: list[list[int]], source, batch_size: int = 64) -> dict[str, float]:
+        """``loss`` = sum of token NLL / number of target tokens (nats); ``optimum`` = the true
+        ``sum(-log P(row)) / number of target tokens`` and ``gap = loss - optimum`` where known."""
+        was_training = model.training
+        model.eval()
+        device = model_device(model)
+        total, count = 0.0, 0
+        try:
+            for i in range(0, len(rows), batch_size):
+                batch = collate([{"input_ids": r} for r in rows[i : i + batch_size]])
+                batch["input_ids"] = batch["input_ids"].to(device)
+                p = self.prepare(batch)
+                hidden = model(p.inputs, p.attention)
+                logits = model.logits(hidden[p.loss_mask]).double()
+                nll = F.cross_entropy(logits, p.targets[p.loss_mask], reduction="sum")
+                total += float(nll)
+                count += int(p.loss_mask.sum())
+        finally:
+            model.train(was_training)
+        out = {"loss": total / max(count, 1)}
+        seq_nll = source.sequence_nll(rows) if source is not None else None
+        if seq_nll is not None and count:
+            out["optimum"] = float(sum(float(x) for x in seq_nll)) / count
+            out["gap"] = out["loss"] - out["optimum"]
+        return out

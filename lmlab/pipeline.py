@@ -26,6 +26,7 @@ import lmlab
 from lmlab.data.datamodule import DataModule
 from lmlab.errors import UserError
 from lmlab.io import torch_save, write_json, write_text
+from lmlab.training.callbacks import EvaluateEvery
 from lmlab.training.module import AtomicCheckpointIO, LMModule
 
 DONE, FAILED, RESULTS, MODEL = "DONE", "FAILED", "results.json", "model.pt"
@@ -59,7 +60,6 @@ def build(cfg: DictConfig):
     generated) and evaluators (checked against the data before any compute), then load the data."""
     objective = instantiate(cfg.objective)
     source = instantiate(cfg.data)
-    objective.bind(source)
     model = instantiate(cfg.model, vocab_size=source.vocab_size, attention=objective.attention)
     evaluators = {}
     for name, ecfg in (cfg.get("eval") or {}).items():
@@ -72,6 +72,7 @@ def build(cfg: DictConfig):
     splits = source.load(cfg.cache_dir)
     if len(splits["train"]) == 0:
         raise UserError(f"data {source.name} produced no training rows: add data or lower its filters.")
+    objective.bind(source, splits)
     return objective, source, model, evaluators, splits
 
 
@@ -108,6 +109,9 @@ def train(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
                         every_n_train_steps=cfg.checkpoint_every),
         RichProgressBar() if sys.stdout.isatty() else TQDMProgressBar(refresh_rate=50),
     ]
+    along = EvaluateEvery(evaluators, dm, run_dir, cfg.eval_every) if cfg.get("eval_every") else None
+    if along is not None:
+        callbacks.append(along)
     trainer = instantiate(cfg.trainer, logger=logger, callbacks=callbacks, plugins=[AtomicCheckpointIO()],
                           default_root_dir=str(run_dir))
     fit_started = time.time()
@@ -128,9 +132,14 @@ def train(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
         metrics["val/loss"] = float(trainer.callback_metrics["val/loss"])
     eval_started = time.time()
     metrics.update(run_evaluations(evaluators, module, dm, run_dir))
+    history = along.history if along is not None else []
+    if along is not None:
+        history = [h for h in history if h["step"] != trainer.global_step]
+        history.append({"step": trainer.global_step, **{k: v for k, v in metrics.items() if "/" in k}})
     results = {
         "status": "done",
         "metrics": metrics,
+        "history": history,
         "timings": {"fit_s": fit_seconds, "eval_s": time.time() - eval_started, "total_s": time.time() - started},
         "run_dir": str(run_dir),
         "command": " ".join(["lmlab", *sys.argv[1:]]),
@@ -152,21 +161,31 @@ def run_evaluations(evaluators: dict, module: LMModule, dm: DataModule, run_dir:
     return metrics
 
 
+def load_run(run_dir: str | Path, eval_cfg: DictConfig | None = None):
+    """A finished run, rebuilt in memory from its directory: ``(cfg, module, datamodule, evaluators)``.
+    The data comes from the cache (rebuilt if it is gone); ``eval_cfg`` replaces the run's evaluations.
+    Objectives that need another run (a teacher, a reference model) load it with this."""
+    run_dir = Path(run_dir)
+    resolved, weights = run_dir / "config_resolved.yaml", run_dir / MODEL
+    if not resolved.exists() or not weights.exists():
+        raise UserError(f"{run_dir} is not a finished lmlab run (no config_resolved.yaml or {MODEL}): "
+                        "point at a run directory that holds DONE.")
+    cfg = OmegaConf.load(resolved)
+    if eval_cfg is not None:
+        cfg.eval = eval_cfg
+    objective, source, model, evaluators, splits = build(cfg)
+    model.load_state_dict(torch.load(weights, map_location="cpu"))
+    model.eval()
+    dm = DataModule(source, splits, batch_size=cfg.batch_size, seed=cfg.seed)
+    module = LMModule(model, objective, instantiate(cfg.optim), instantiate(cfg.schedule), max_steps=cfg.max_steps)
+    return cfg, module, dm, evaluators
+
+
 def evaluate(cfg: DictConfig) -> dict[str, Any]:
     """``lmlab eval run=<dir> eval=...``: evaluations on a finished run, without retraining."""
     quiet()
     run_dir = Path(cfg.run)
-    resolved, weights = run_dir / "config_resolved.yaml", run_dir / MODEL
-    if not resolved.exists() or not weights.exists():
-        raise UserError(f"{run_dir} is not a finished lmlab run (no config_resolved.yaml or {MODEL}): "
-                        "point run= at a run directory that holds DONE.")
-    run_cfg = OmegaConf.load(resolved)
-    run_cfg.eval = cfg.eval
-    objective, source, model, evaluators, splits = build(run_cfg)
-    model.load_state_dict(torch.load(weights, map_location="cpu"))
-    dm = DataModule(source, splits, batch_size=run_cfg.batch_size, seed=run_cfg.seed)
-    module = LMModule(model, objective, instantiate(run_cfg.optim), instantiate(run_cfg.schedule),
-                      max_steps=run_cfg.max_steps)
+    _, module, dm, evaluators = load_run(run_dir, cfg.eval)
     metrics = run_evaluations(evaluators, module, dm, run_dir)
     results = _read_results(run_dir) if (run_dir / RESULTS).exists() else {"metrics": {}}
     results["metrics"].update(metrics)

@@ -9,8 +9,7 @@ import pytest
 
 # Tiny data so that a smoke run of any recipe takes a few seconds.
 TINY = ["data.train_size=400", "data.validation_size=40", "data.test_size=80", "data.downstream_size=120"]
-FAST = ["max_steps=4", "val_every=2", "checkpoint_every=2", "batch_size=16", "model.d_model=16",
-        "model.n_layers=1", "model.n_heads=2", "logger=none"]
+FAST = ["max_steps=4", "val_every=2", "checkpoint_every=2", "batch_size=16", "logger=none"]
 
 
 @pytest.fixture(scope="session")

@@ -29,8 +29,9 @@ class Prepared:
 class Objective(ABC):
     attention: str  # the attention pattern the model must honour: causal, bidirectional or prefix
 
-    def bind(self, source) -> None:
-        """Called once the data source is known, before any batch (e.g. to learn the vocabulary size)."""
+    def bind(self, source, splits) -> None:
+        """Called once the data is loaded, before any batch: the source (vocabulary, exact
+        distributions) and its splits (``DatasetDict``), for objectives that need more than batches."""
 
     @abstractmethod
     def prepare(self, batch: dict) -> Prepared: ...

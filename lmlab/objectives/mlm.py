@@ -44,7 +44,7 @@ class MLM(Objective):
         self.random_token_frac = random_token_frac
         self.vocab_size = vocab_size
 
-    def bind(self, source) -> None:
+    def bind(self, source, splits) -> None:
         if self.vocab_size is None:
             self.vocab_size = source.vocab_size
 

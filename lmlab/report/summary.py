@@ -79,15 +79,15 @@ def to_markdown(rows: list[dict[str, Any]]) -> str:
 def rich_table(rows: list[dict[str, Any]], title: str, max_metrics: int = 8) -> Table:
     """The terminal view: the sweep's axes, the status, and the first ``max_metrics`` metrics."""
     axes = rows[0]["axes"] if rows else []
-    metrics = [c for c in _columns(rows)[len(FIXED) + len(axes):] if not c.startswith(("model/", "train/rows"))]
+    hidden = ("model/", "train/rows", "train/steps")
+    metrics = [c for c in _columns(rows)[len(FIXED) + len(axes):]
+               if not c.startswith(hidden) and not c.endswith(("_std", "/chance", "/ppl", "/optimum"))]
     cols = [*axes, "status", *metrics[:max_metrics]]
     table = Table(title=title)
     for c in cols:
         table.add_column(c, overflow="fold")
     for r in rows:
-        status = r.get("status", "")
-        shown = f"{status}: {r['reason']}" if status == "failed" else status
-        table.add_row(*[shown if c == "status" else _fmt(r.get(c)) for c in cols])
+        table.add_row(*[_fmt(r.get(c)) for c in cols])
     return table
 
 
@@ -114,5 +114,9 @@ class SweepSummary(Callback):
         sweep_dir = Path(config.hydra.sweep.dir)
         rows = write_summary(sweep_dir)
         last_summary[:] = rows
-        Console().print(rich_table(rows, title=f"sweep {sweep_dir}"))
+        console = Console()
+        console.print(rich_table(rows, title=f"sweep {sweep_dir}"))
+        for r in rows:
+            if r["status"] == "failed":
+                console.print(f"[red]failed[/red] {r['overrides']}: {r['reason']}", markup=True, highlight=False)
         print(f"[lmlab] summary: {sweep_dir / 'summary.csv'} and {sweep_dir / 'summary.md'}")

@@ -15,6 +15,9 @@ from lmlab.objectives.base import Objective
 
 
 class LMModule(L.LightningModule):
+    """``objective`` may be an ``nn.Module`` with parameters of its own: they are trained and checkpointed
+    with the model's."""
+
     def __init__(self, model: Backbone, objective: Objective, optimizer: Callable, schedule: Callable,
                  max_steps: int, compile: bool = False) -> None:
         super().__init__()
@@ -45,7 +48,8 @@ class LMModule(L.LightningModule):
 
     def configure_optimizers(self):
         decay, no_decay = [], []
-        for name, p in self.model.named_parameters():
+        # the model's parameters, and the objective's where it has its own (an extra head, say)
+        for name, p in self.named_parameters():
             if p.requires_grad:
                 (decay if p.ndim >= 2 and "embed" not in name else no_decay).append(p)
         groups = [{"params": decay}, {"params": no_decay, "weight_decay": 0.0}]

@@ -69,6 +69,9 @@ class Backbone(nn.Module):
         self.vocab_size = vocab_size
         self.d_model = d_model
         self.attention_kind = attention
+        # An extra loss of the model's own (e.g. MoE load balancing), already weighted, set by ``forward``;
+        # the training step adds it to the objective's loss.
+        self.aux_loss: torch.Tensor | None = None
 
     def num_parameters(self, exclude_embeddings: bool = False) -> int:
         params = {id(p): p for p in self.parameters()}

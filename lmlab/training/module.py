@@ -29,6 +29,9 @@ class LMModule(L.LightningModule):
     def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
         prepared = self.objective.prepare(batch)
         loss, metrics = self.objective.loss(self.forward_model, prepared)
+        if self.model.aux_loss is not None:
+            metrics = {**metrics, "aux_loss": self.model.aux_loss.detach()}
+            loss = loss + self.model.aux_loss
         self._tokens += int(prepared.attention.padding.sum()) if prepared.attention.padding is not None \
             else prepared.inputs.numel()
         if self._t0 is None:

@@ -8,7 +8,7 @@ PIP := $(PY) -m pip
 TORCH_CPU ?= torch==2.13.0
 TORCH_INDEX ?= $(if $(wildcard /opt/wheels/torch-*),,--extra-index-url https://download.pytorch.org/whl/cpu)
 
-.PHONY: install demo test bench lint clean
+.PHONY: install demo test bench lint clean reproduce-paper
 
 $(VENV)/.installed: pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -25,6 +25,10 @@ demo: install
 
 test: install
 	$(VENV)/bin/pytest
+
+bench: install
+	$(PY) scripts/bench_speed.py
+	$(PY) scripts/bench_models.py
 
 lint: install
 	$(VENV)/bin/ruff check lmlab tests scripts

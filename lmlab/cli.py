@@ -21,13 +21,13 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.core.override_parser.overrides_parser import OverridesParser
 from hydra.errors import HydraException
 from hydra.types import RunMode
-from omegaconf import DictConfig, ListConfig, OmegaConf
+from omegaconf import DictConfig, ListConfig, OmegaConf, open_dict, read_write
 
 from lmlab.errors import UserError
 
 CONF = "lmlab.conf"
 SWEEP_ENV = "LMLAB_SWEEP_NAME"
-UNNAMED_KEYS = ("hydra.", "cache_dir=", "out_dir=")  # overrides that do not name a run
+UNNAMED_KEYS = ("hydra.", "cache_dir=", "out_dir=", "launcher=")  # overrides that do not name a run
 log = logging.getLogger("lmlab")
 _argv: list[str] = []  # the command line as typed (Lightning's DDP launcher re-runs it for each rank)
 
@@ -83,6 +83,8 @@ MAIN_HELP = """usage: lmlab <command> [overrides...]
 Commands:
   train      pretrain one recipe, then run its evaluations (add -m to sweep)
   eval       run evaluations on a finished run: lmlab eval run=<run dir> eval=probe
+  select     run only the data-selection stage: lmlab select selection=color_filter data=planted
+  report     write report.md and plots of a same-loss rerun: lmlab report <sweep or experiment dir>
 
 Examples:
   lmlab train                                         # the default job, on the CPU
@@ -107,6 +109,16 @@ sweep directory. Rerunning a command skips finished jobs and resumes interrupted
 Top-level keys: name, out_dir, cache_dir, seed, batch_size, max_steps, val_every, checkpoint_every,
 compile. Any key of the composed config can be set with dotted paths (model.d_model=128).
 Hydra flags pass through: --cfg job (print the config), --info.
+"""
+
+SELECT_HELP = """usage: lmlab select selection=<method> [data=<source>] [key=value ...]
+
+Runs only the selection stage (cached, the same as inside `lmlab train`) on the data's train split (the pool),
+with its validation split as the target, and writes <out_dir>/select/<overrides>/: selected/ (the selected
+dataset, datasets.save_to_disk), scores.npy (one score per pool row), selection.json (sizes, precision on
+planted data, the method's report) and DONE.
+
+{groups}
 """
 
 EVAL_HELP = """usage: lmlab eval run=<run dir> [eval=<evaluator> | eval='[a,b]']
@@ -219,10 +231,17 @@ def _train(cfg: DictConfig) -> None:
     from lmlab.io import write_text
     from lmlab.report.summary import metrics_table
 
-    sys.argv = list(_argv)  # Hydra has parsed its view of the arguments; restore the real command line
+    if _argv:  # Hydra has parsed its view of the arguments; restore the real command line (not in a
+        sys.argv = list(_argv)  # submitit worker, which runs this function without main())
     hc = HydraConfig.get()
     run_dir = Path(hc.runtime.output_dir)
     multirun = hc.mode == RunMode.MULTIRUN
+    if multirun and _argv:
+        # Lightning's DDP launcher re-runs sys.argv for ranks > 0, adding hydra.run.dir=<hydra.run.dir>: make
+        # that this one job (not the whole sweep again), in this job's directory
+        sys.argv = [_argv[0], "train", *hc.overrides.task]
+        with open_dict(hc), read_write(hc):
+            hc.run.dir = str(run_dir)
     try:
         results = pipeline.train(cfg, run_dir)
     except Exception as e:
@@ -256,6 +275,41 @@ def _eval(cfg: DictConfig) -> None:
     Console().print(metrics_table(out["metrics"], title=f"evaluations: {cfg.run}"))
 
 
+@hydra.main(config_path="conf", config_name="select", version_base="1.3")
+def _select(cfg: DictConfig) -> None:
+    from rich.console import Console
+
+    from lmlab import pipeline
+    from lmlab.report.summary import metrics_table
+
+    sys.argv = list(_argv)
+    run_dir = Path(HydraConfig.get().runtime.output_dir)
+    try:
+        out = pipeline.select(cfg, run_dir)
+    except Exception as e:
+        if _user_error(e) is None:
+            raise
+        _fail(str(_user_error(e)))
+    Console().print(metrics_table(out["metrics"], title=f"selection: {run_dir}"))
+
+
+def _report(args: list[str]) -> None:
+    """``lmlab report <dir> [--tolerance NATS]``: the claim-by-claim report of a same-loss rerun."""
+    import argparse
+
+    parser = argparse.ArgumentParser(prog="lmlab report", description="Write report.md and PNG plots of the "
+                                     "same-loss experiments (conf/experiment/same_loss/) found under a directory.")
+    parser.add_argument("path", help="a sweep directory, an experiment directory or a folder above them")
+    parser.add_argument("--tolerance", type=float, default=None,
+                        help="largest gap to the optimum (nats) that counts as the same loss")
+    ns = parser.parse_args(args)
+    if not Path(ns.path).is_dir():
+        _fail(f"{ns.path} is not a directory: pass the sweep or experiment directory of the runs.")
+    from lmlab.report.paper import write_report
+
+    print(f"[lmlab] report: {write_report(ns.path, ns.tolerance)}")
+
+
 def main(argv: list[str] | None = None) -> None:
     argv = list(sys.argv[1:] if argv is None else argv)
     _argv[:] = [sys.argv[0], *argv]
@@ -263,9 +317,13 @@ def main(argv: list[str] | None = None) -> None:
         print(MAIN_HELP.format(groups=_groups_text()))
         return
     command, args = argv[0], argv[1:]
-    apps = {"train": (_train, "train", TRAIN_HELP), "eval": (_eval, "eval", EVAL_HELP)}
+    if command == "report":
+        _report(args)
+        return
+    apps = {"train": (_train, "train", TRAIN_HELP), "eval": (_eval, "eval", EVAL_HELP),
+            "select": (_select, "select", SELECT_HELP)}
     if command not in apps:
-        _fail(f"unknown command {command!r}: use one of {', '.join(apps)} (lmlab --help).")
+        _fail(f"unknown command {command!r}: use one of {', '.join([*apps, 'report'])} (lmlab --help).")
     app, config_name, help_text = apps[command]
     # run directory names hold '=' and ',': quote the path so that Hydra reads it as one string
     args = [f"run='{a[4:]}'" if a.startswith("run=") and not a.startswith(("run='", 'run="')) else a

@@ -41,7 +41,9 @@ def versions() -> dict[str, str]:
 
 
 def is_rank_zero() -> bool:
-    return int(os.environ.get("LOCAL_RANK", 0)) == 0 and int(os.environ.get("NODE_RANK", 0)) == 0
+    """Rank 0 of a distributed run: Lightning's child processes set LOCAL_RANK/NODE_RANK, torchrun sets RANK,
+    and SLURM's tasks (launcher=slurm with several tasks) carry SLURM_PROCID."""
+    return all(int(os.environ.get(key, 0)) == 0 for key in ("LOCAL_RANK", "NODE_RANK", "RANK", "SLURM_PROCID"))
 
 
 def quiet() -> None:
@@ -53,6 +55,8 @@ def quiet() -> None:
     logging.getLogger("lightning.fabric").setLevel(logging.WARNING)
     warnings.filterwarnings("ignore", message=".*LeafSpec.*")
     warnings.filterwarnings("ignore", message=".*does not have many workers.*")
+    # LMModule counts each batch's tokens on the host (on_before_batch_transfer): intended, not a conflict
+    warnings.filterwarnings("ignore", message=".*overridden `on_before_batch_transfer`.*")
 
 
 def build(cfg: DictConfig):
@@ -93,7 +97,7 @@ def train(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
     objective, source, model, evaluators, splits = build(cfg)
     selector = instantiate(cfg.selection)
     pool = splits["train"]
-    splits["train"] = selector.run(pool, splits["validation"], cfg.cache_dir, source.cache_key())
+    splits["train"] = selector.run(pool, splits["validation"], cfg.cache_dir, source.cache_key(), source=source)
     dm = DataModule(source, splits, batch_size=cfg.batch_size, seed=cfg.seed)
     module = LMModule(model, objective, instantiate(cfg.optim), instantiate(cfg.schedule),
                       max_steps=cfg.max_steps, compile=cfg.compile)
@@ -109,6 +113,7 @@ def train(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
                         every_n_train_steps=cfg.checkpoint_every),
         RichProgressBar() if sys.stdout.isatty() else TQDMProgressBar(refresh_rate=50),
     ]
+    callbacks += selector.training_callbacks(dm)  # a curriculum's stage release
     along = EvaluateEvery(evaluators, dm, run_dir, cfg.eval_every) if cfg.get("eval_every") else None
     if along is not None:
         callbacks.append(along)
@@ -127,6 +132,7 @@ def train(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
         "train/steps": trainer.global_step,
         "train/rows": len(splits["train"]),
         "model/params": model.num_parameters(),
+        **selection_metrics(selector),
     }
     if "val/loss" in trainer.callback_metrics:
         metrics["val/loss"] = float(trainer.callback_metrics["val/loss"])
@@ -147,6 +153,52 @@ def train(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
         "config": OmegaConf.to_container(cfg, resolve=True),
     }
     write_json(run_dir / RESULTS, results)
+    write_text(run_dir / DONE, time.strftime("%Y-%m-%dT%H:%M:%S") + "\n")
+    return results
+
+
+def selection_metrics(selector) -> dict[str, float]:
+    """``selection/*``: the selection stage's sizes and precision (``Selector.stats``) and the numbers of
+    its report."""
+    report = {k: v for k, v in (selector.report or {}).items() if isinstance(v, (int, float))}
+    return {f"selection/{k}": float(v) for k, v in {**report, **selector.stats}.items()}
+
+
+def select(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
+    """``lmlab select selection=<name> data=<...>``: the selection stage alone. Writes ``selected/`` (the
+    selected dataset, ``save_to_disk``), ``scores.npy`` (one score per pool row, where the method scores),
+    ``selection.json`` (sizes, precision, report) and ``DONE`` into the run directory, all at the end."""
+    import shutil
+    import tempfile
+
+    quiet()
+    if (run_dir / DONE).exists():
+        print(f"[lmlab] {run_dir} already holds DONE: skipping (delete DONE to rerun).")
+        return _read_results(run_dir)
+    source = instantiate(cfg.data)
+    selector = instantiate(cfg.selection)
+    splits = source.load(cfg.cache_dir)
+    if len(splits["train"]) == 0:
+        raise UserError(f"data {source.name} produced no training rows: add data or lower its filters.")
+    selected = selector.run(splits["train"], splits["validation"], cfg.cache_dir, source.cache_key(), source=source)
+    results = {"status": "done", "metrics": selection_metrics(selector), "report": selector.report,
+               "run_dir": str(run_dir), "command": " ".join(["lmlab", *sys.argv[1:]]),
+               "config": OmegaConf.to_container(cfg, resolve=True)}
+    run_dir.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=".tmp-", dir=run_dir))
+    try:
+        selected.save_to_disk(str(tmp / "selected"))
+        cached = selector.cache_path
+        if cached is not None and (cached / "scores.npy").exists():
+            shutil.copyfile(cached / "scores.npy", tmp / "scores.npy")
+        write_json(tmp / "selection.json", results)
+        write_text(tmp / "config_resolved.yaml", OmegaConf.to_yaml(cfg, resolve=True))
+        for item in tmp.iterdir():
+            if (run_dir / item.name).is_dir():
+                shutil.rmtree(run_dir / item.name)
+            os.replace(item, run_dir / item.name)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
     write_text(run_dir / DONE, time.strftime("%Y-%m-%dT%H:%M:%S") + "\n")
     return results
 

@@ -6,6 +6,12 @@ import os
 from pathlib import Path
 
 import pytest
+import torch
+
+# The test models are tiny: one thread each is as fast on a quiet machine and far faster on a busy one
+# (thread barriers under contention cost 10-50x). Subprocesses inherit it through the environment.
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+torch.set_num_threads(1)
 
 # Tiny data so that a smoke run of any recipe takes a few seconds.
 TINY = ["data.train_size=400", "data.validation_size=40", "data.test_size=80", "data.downstream_size=120"]

@@ -4,10 +4,17 @@ The order of training batches is a pure function of (seed, global step): batch `
 ``s*B .. (s+1)*B`` of an endless stream of per-epoch permutations. A run resumed from a checkpoint at
 step ``s`` therefore sees exactly the batches the uninterrupted run would have seen, and every batch
 carries a ``seed`` so that objectives make the same random choices (masks, split points) again.
+
+A curriculum (``lmlab.selection.curriculum``) releases the (difficulty-sorted) training rows in stages:
+``DataModule.use_stages`` installs a ``Stages`` record, and batch ``s`` then draws from the prefix of the
+stage in effect at step ``s``, with its own permutation stream starting at the stage's first step. The
+batch order stays a pure function of (seed, step, stage record); the record is saved in the checkpoint by
+the callback that grows it.
 """
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Iterator
 
 import lightning as L
@@ -21,15 +28,53 @@ from lmlab.data.source import PAD_ID, Source
 
 def collate(rows: list[dict], seed: int = 0) -> dict:
     """Pad ``input_ids`` with PAD to the longest row; stack every integer label column."""
-    length = max(len(r["input_ids"]) for r in rows)
-    ids = torch.full((len(rows), length), PAD_ID, dtype=torch.long)
-    for i, r in enumerate(rows):
-        ids[i, : len(r["input_ids"])] = torch.as_tensor(r["input_ids"], dtype=torch.long)
-    batch = {"input_ids": ids, "seed": seed}
+    # one flat array and one masked assignment (no tensor per row): about 5-10x faster than row by row
+    seqs = [r["input_ids"] for r in rows]
+    lengths = np.fromiter(map(len, seqs), dtype=np.int64, count=len(seqs))
+    length = int(lengths.max())
+    flat = np.fromiter(itertools.chain.from_iterable(seqs), dtype=np.int64, count=int(lengths.sum()))
+    ids = np.full((len(seqs), length), PAD_ID, dtype=np.int64)
+    ids[np.arange(length)[None, :] < lengths[:, None]] = flat
+    batch = {"input_ids": torch.from_numpy(ids), "seed": seed}
     for key, value in rows[0].items():
         if key != "input_ids" and isinstance(value, int):
             batch[key] = torch.tensor([r[key] for r in rows], dtype=torch.long)
     return batch
+
+
+class Stages:
+    """Which prefix of the training rows each step may draw from: ``history`` = [(first step, rows), ...],
+    ascending in both. ``release`` adds a stage that takes effect ``lag`` steps after the current global
+    step, so that batches already drawn ahead (the loop prefetches one, workers ``2 * num_workers`` more)
+    keep the stage they were drawn with; ``served`` is the last step drawn, to check exactly that."""
+
+    def __init__(self, first_rows: int, lag: int = 2) -> None:
+        self.history: list[tuple[int, int]] = [(0, int(first_rows))]
+        self.lag, self.served = lag, -1
+
+    def at(self, step: int) -> tuple[int, int, int]:
+        """(stage index, its first step, its rows) of the stage in effect at ``step``."""
+        k = max(i for i, (start, _) in enumerate(self.history) if start <= step)
+        return k, self.history[k][0], self.history[k][1]
+
+    @property
+    def rows(self) -> int:
+        return self.history[-1][1]
+
+    def release(self, global_step: int, rows: int) -> int:
+        """Grow to ``rows`` from step ``global_step + lag``; returns that step."""
+        start = max(global_step + self.lag, self.history[-1][0] + 1)
+        if start <= self.served:
+            raise RuntimeError(f"curriculum stage would start at step {start} but step {self.served} was "
+                               "already drawn: raise Stages.lag")
+        self.history.append((start, int(rows)))
+        return start
+
+    def state_dict(self) -> dict:
+        return {"history": [list(h) for h in self.history]}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.history[:] = [(int(a), int(b)) for a, b in state["history"]]
 
 
 class StepBatches(Sampler[list[int]]):
@@ -40,17 +85,22 @@ class StepBatches(Sampler[list[int]]):
     """
 
     def __init__(self, n_rows: int, batch_size: int, seed: int, start: int = 0, rank: int = 0,
-                 world: int = 1) -> None:
+                 world: int = 1, stages: Stages | None = None) -> None:
         self.n, self.seed, self.start, self.rank, self.world = n_rows, seed, start, rank, world
         self.b = max(1, min(batch_size, n_rows // world))
+        self.stages = stages
 
     def batch(self, step: int) -> list[int]:
         size = self.b * self.world
         out: list[int] = []
-        pos = step * size
+        pos, n, key = step * size, self.n, [self.seed]
+        if self.stages is not None:  # the stage's prefix, its own stream from its first step
+            k, first, n = self.stages.at(step)
+            n, pos, key = min(max(n, 1), self.n), (step - first) * size, [self.seed, 1 + k]
+            self.stages.served = max(self.stages.served, step)
         while len(out) < size:
-            epoch, offset = divmod(pos, self.n)
-            perm = np.random.default_rng([self.seed, epoch]).permutation(self.n)
+            epoch, offset = divmod(pos, n)
+            perm = np.random.default_rng([*key, epoch]).permutation(n)
             take = perm[offset : offset + size - len(out)]
             out.extend(int(i) for i in take)
             pos += len(take)
@@ -74,6 +124,12 @@ class DataModule(L.LightningDataModule):
         super().__init__()
         self.source, self.splits = source, splits
         self.batch_size, self.seed, self.num_workers = batch_size, seed, num_workers
+        self.stages: Stages | None = None
+
+    def use_stages(self, first_rows: int) -> Stages:
+        """Release the training rows in stages (a curriculum), starting with the first ``first_rows``."""
+        self.stages = Stages(first_rows, lag=2 + 2 * self.num_workers)
+        return self.stages
 
     @property
     def train_rows(self) -> Dataset:
@@ -95,7 +151,7 @@ class DataModule(L.LightningDataModule):
         return DataLoader(
             _StepDataset(fetch),
             batch_size=None,
-            sampler=StepBatches(len(data), self.batch_size, seed, start, rank, world),
+            sampler=StepBatches(len(data), self.batch_size, seed, start, rank, world, self.stages),
             num_workers=self.num_workers,
             pin_memory=torch.cuda.is_available(),
         )

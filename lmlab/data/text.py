@@ -9,6 +9,9 @@
   with ``[PAD] [BOS] [EOS] [MASK]`` as ids 0..3; ``vocab_size`` is the configured size (a small corpus may
   leave the top ids unused). Special-token strings inside the text are encoded as plain text.
   ``tokenizer="byte"``: id = 4 + byte value of the UTF-8 text, vocabulary 260 (``vocab_size`` ignored).
+  ``tokenizer="dna"`` / ``"protein"``: one id per nucleotide / amino acid (``lmlab/data/char.py``); their
+  default corpus (``paths: null``) is ``sample/dna.txt`` / ``sample/protein.txt``, and FASTA files
+  (.fasta/.fa/.faa/.fna) hold one document per ``>`` record.
 * Packing, per split: the stream ``d_1 [EOS] d_2 [EOS] ...`` is cut into pieces of ``block_size - 1`` tokens
   and each block is ``[BOS] + piece`` (exactly ``block_size`` tokens); the remainder is dropped.
 * Labels: with ``labels_csv`` (a CSV with a header ``text,label``), each CSV line becomes a row
@@ -17,6 +20,9 @@
   ``labels_test_fraction`` of these rows is appended to ``test`` (the probes and fine-tuning heads are
   scored there), the rest form ``downstream`` (they are trained there); packed blocks get ``label = -1``.
   Without a CSV, ``downstream`` is empty and there are no tasks.
+
+The pieces shared with other text sources (``data=hf``, the shard writer) are module functions:
+``train_bpe``, ``encode_flat``, ``decode_ids`` and ``pack_stream``.
 
 The trained tokenizer is saved as ``tokenizer.json`` inside the cached dataset directory; the cache key
 covers the config and the size and modification time of every input file.
@@ -47,12 +53,15 @@ from datasets import (
     load_dataset,
 )
 
+from lmlab.data import char
 from lmlab.data.source import BOS_ID, EOS_ID, N_SPECIAL, Source, config_hash
 from lmlab.errors import UserError
 
 SAMPLE_CORPUS = Path(__file__).resolve().parent / "sample" / "tiny_corpus.txt"
 SPECIAL_TOKENS = ["[PAD]", "[BOS]", "[EOS]", "[MASK]"]
-FORMATS = {".txt": "text", ".jsonl": "json", ".json": "json", ".parquet": "parquet"}
+FORMATS = {".txt": "text", ".jsonl": "json", ".json": "json", ".parquet": "parquet",
+           ".fasta": "fasta", ".fa": "fasta", ".faa": "fasta", ".fna": "fasta"}
+TOKENIZERS = ("bpe", "byte", "dna", "protein")
 BYTE_VOCAB = N_SPECIAL + 256
 TOKENIZER_FILE = "tokenizer.json"
 
@@ -85,6 +94,62 @@ def _resolve(entries: list[str]) -> list[Path]:
     return list(dict.fromkeys(files))
 
 
+def train_bpe(docs: list[str], vocab_size: int):
+    """A byte-level BPE ``tokenizers.Tokenizer`` trained on ``docs``, ``[PAD] [BOS] [EOS] [MASK]`` as ids 0..3."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=SPECIAL_TOKENS,
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
+    tok.train_from_iterator(docs, trainer, length=len(docs))
+    tok.encode_special_tokens = True  # "[EOS]" written in a document is text, not the EOS id
+    assert [tok.token_to_id(t) for t in SPECIAL_TOKENS] == list(range(N_SPECIAL))
+    return tok
+
+
+def encode_flat(kind: str, tokenizer, texts: list[str]) -> tuple[np.ndarray, np.ndarray]:
+    """All texts tokenized at once by tokenizer ``kind`` (``tokenizer``: the trained BPE model, for ``bpe``):
+    the concatenated ids (int32) and each text's length."""
+    if kind == "byte":
+        raw = [t.encode("utf-8") for t in texts]
+        lengths = np.fromiter(map(len, raw), dtype=np.int64, count=len(raw))
+        ids = np.frombuffer(b"".join(raw), dtype=np.uint8).astype(np.int32) + N_SPECIAL
+        return ids, lengths
+    if kind in char.ALPHABETS:
+        return char.encode_flat(kind, texts)
+    if tokenizer is None:
+        raise RuntimeError("the BPE tokenizer is not trained yet: call load() or build() first")
+    encodings = tokenizer.encode_batch_fast(texts, add_special_tokens=False)
+    id_lists = [e.ids for e in encodings]
+    lengths = np.fromiter(map(len, id_lists), dtype=np.int64, count=len(id_lists))
+    ids = np.fromiter(itertools.chain.from_iterable(id_lists), dtype=np.int32, count=int(lengths.sum()))
+    return ids, lengths
+
+
+def decode_ids(kind: str, tokenizer, ids) -> str:
+    """The text of a list of token ids; special tokens are dropped."""
+    own = [int(i) for i in ids if i >= N_SPECIAL]
+    if kind == "byte":
+        return bytes(i - N_SPECIAL for i in own).decode("utf-8", errors="replace")
+    if kind in char.ALPHABETS:
+        return char.decode(kind, own)
+    if tokenizer is None:
+        raise RuntimeError("the BPE tokenizer is not trained yet: call load() or build() first")
+    return tokenizer.decode(own, skip_special_tokens=True)
+
+
+def pack_stream(ids: np.ndarray, lengths: np.ndarray, block_size: int) -> np.ndarray:
+    """(n_blocks, block_size) int32: ``[BOS]`` + the next block_size-1 tokens of ``d_1 EOS d_2 EOS ..``,
+    the documents being the consecutive pieces of ``ids`` of the given ``lengths``; the remainder is dropped."""
+    stream = np.insert(np.asarray(ids, dtype=np.int32), np.cumsum(lengths), EOS_ID)  # one EOS after each document
+    piece = block_size - 1
+    n_blocks = len(stream) // piece
+    body = stream[: n_blocks * piece].reshape(n_blocks, piece)
+    return np.concatenate([np.full((n_blocks, 1), BOS_ID, dtype=np.int32), body], axis=1)
+
+
 def _fingerprint(path: Path) -> list:
     stat = path.stat()
     return [str(path), stat.st_size, stat.st_mtime_ns]
@@ -113,14 +178,15 @@ class TextSource(Source):
                          test_fraction=test_fraction, seed=seed, labels_csv=labels,
                          labels_test_fraction=labels_test_fraction)
 
-        if tokenizer not in ("bpe", "byte"):
-            raise UserError(f"unknown data.tokenizer {tokenizer!r}: set data.tokenizer to bpe or byte.")
+        if tokenizer not in TOKENIZERS:
+            raise UserError(f"unknown data.tokenizer {tokenizer!r}: set data.tokenizer to bpe, byte, dna or protein.")
         self.tokenizer_kind = tokenizer
         if tokenizer == "bpe" and (isinstance(vocab_size, bool) or not isinstance(vocab_size, Integral)
                                    or vocab_size < BYTE_VOCAB):
             raise UserError(f"data.vocab_size={vocab_size!r} is too small for a byte-level BPE: set it to "
                             f"{BYTE_VOCAB} or more.")
-        self._vocab_size = int(vocab_size) if tokenizer == "bpe" else BYTE_VOCAB
+        self._vocab_size = (int(vocab_size) if tokenizer == "bpe" else BYTE_VOCAB if tokenizer == "byte"
+                            else char.vocab_size(tokenizer))
         if isinstance(block_size, bool) or not isinstance(block_size, Integral) or block_size < 2:
             raise UserError(f"data.block_size must be an integer of at least 2, got {block_size!r}: "
                             "fix data.block_size.")
@@ -141,7 +207,8 @@ class TextSource(Source):
             raise UserError(f"data.text_field must be a column name, got {text_field!r}: fix data.text_field.")
         self.text_field = text_field
 
-        self.files = _resolve([str(SAMPLE_CORPUS)] if entries is None else entries)
+        default = char.SAMPLES.get(tokenizer, SAMPLE_CORPUS)
+        self.files = _resolve([str(default)] if entries is None else entries)
         self.labels_csv = None
         if labels is not None:
             path = Path(os.path.expanduser(labels))
@@ -187,6 +254,9 @@ class TextSource(Source):
         docs: list[str] = []
         for fmt, group in itertools.groupby(self.files, key=lambda p: FORMATS[p.suffix.lower()]):
             files = [str(p) for p in group]
+            if fmt == "fasta":
+                docs.extend(d for f in files for d in char.read_fasta(f))
+                continue
             quiet = datasets.are_progress_bars_disabled()
             datasets.disable_progress_bars()
             with tempfile.TemporaryDirectory(prefix="lmlab-text-") as scratch:
@@ -227,35 +297,13 @@ class TextSource(Source):
     # ----- tokenizing -----
 
     def train_tokenizer(self, docs: list[str]) -> None:
-        """Train the BPE model on ``docs`` (no-op for bytes)."""
-        if self.tokenizer_kind != "bpe":
-            return
-        from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-
-        tok = Tokenizer(models.BPE())
-        tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-        tok.decoder = decoders.ByteLevel()
-        trainer = trainers.BpeTrainer(vocab_size=self._vocab_size, special_tokens=SPECIAL_TOKENS,
-                                      initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
-        tok.train_from_iterator(docs, trainer, length=len(docs))
-        tok.encode_special_tokens = True  # "[EOS]" written in a document is text, not the EOS id
-        assert [tok.token_to_id(t) for t in SPECIAL_TOKENS] == list(range(N_SPECIAL))
-        self.tokenizer = tok
+        """Train the BPE model on ``docs`` (no-op for the other tokenizers)."""
+        if self.tokenizer_kind == "bpe":
+            self.tokenizer = train_bpe(docs, self._vocab_size)
 
     def _encode_flat(self, texts: list[str]) -> tuple[np.ndarray, np.ndarray]:
         """All texts tokenized at once: the concatenated ids (int32) and each text's length."""
-        if self.tokenizer_kind == "byte":
-            raw = [t.encode("utf-8") for t in texts]
-            lengths = np.fromiter(map(len, raw), dtype=np.int64, count=len(raw))
-            ids = np.frombuffer(b"".join(raw), dtype=np.uint8).astype(np.int32) + N_SPECIAL
-            return ids, lengths
-        if self.tokenizer is None:
-            raise RuntimeError("the BPE tokenizer is not trained yet: call load() or build() first")
-        encodings = self.tokenizer.encode_batch_fast(texts, add_special_tokens=False)
-        id_lists = [e.ids for e in encodings]
-        lengths = np.fromiter(map(len, id_lists), dtype=np.int64, count=len(id_lists))
-        ids = np.fromiter(itertools.chain.from_iterable(id_lists), dtype=np.int32, count=int(lengths.sum()))
-        return ids, lengths
+        return encode_flat(self.tokenizer_kind, self.tokenizer, texts)
 
     def encode(self, texts: list[str]) -> list[list[int]]:
         """Token ids of each text, without BOS/EOS."""
@@ -264,21 +312,12 @@ class TextSource(Source):
 
     def decode(self, ids: list[int]) -> str:
         """The text of a list of token ids; special tokens are dropped."""
-        own = [int(i) for i in ids if i >= N_SPECIAL]
-        if self.tokenizer_kind == "byte":
-            return bytes(i - N_SPECIAL for i in own).decode("utf-8", errors="replace")
-        if self.tokenizer is None:
-            raise RuntimeError("the BPE tokenizer is not trained yet: call load() or build() first")
-        return self.tokenizer.decode(own, skip_special_tokens=True)
+        return decode_ids(self.tokenizer_kind, self.tokenizer, ids)
 
     def pack(self, docs: list[str]) -> np.ndarray:
         """(n_blocks, block_size) int32: ``[BOS]`` + the next block_size-1 tokens of ``d_1 EOS d_2 EOS ..``."""
         ids, lengths = self._encode_flat(docs)
-        stream = np.insert(ids, np.cumsum(lengths), EOS_ID)  # one EOS after each document
-        piece = self.block_size - 1
-        n_blocks = len(stream) // piece
-        body = stream[: n_blocks * piece].reshape(n_blocks, piece)
-        return np.concatenate([np.full((n_blocks, 1), BOS_ID, dtype=np.int32), body], axis=1)
+        return pack_stream(ids, lengths, self.block_size)
 
     # ----- building -----
 
@@ -348,8 +387,8 @@ class TextSource(Source):
         """The trained tokenizer, saved beside the splits (atomically, together)."""
         if self.tokenizer is not None:
             self.tokenizer.save(str(directory / TOKENIZER_FILE))
-        else:  # bytes: nothing to train, a marker that says so
-            (directory / TOKENIZER_FILE).write_text('{"lmlab_tokenizer": "byte"}\n')
+        else:  # bytes or characters: nothing to train, a marker that says so
+            (directory / TOKENIZER_FILE).write_text(f'{{"lmlab_tokenizer": "{self.tokenizer_kind}"}}\n')
 
     def restore_state(self, path: Path) -> None:
         if self.tokenizer_kind == "bpe":

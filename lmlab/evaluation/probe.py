@@ -12,15 +12,29 @@ Returns ``probe/acc`` (mean test accuracy over seeds), ``probe/acc_std`` (sample
 ``probe/acc_ci95`` (half-width of the 95% t-interval over seeds; 0 for one seed) and ``probe/chance``
 (majority-class rate on test). The interval covers the head's optimisation noise only: the backbone
 and the data are fixed.
+
+Lookup-table baseline (``lookup=true``, the "optimal-loss model" of Liu, Xie, Li, Ma, "Same Pre-training
+Loss, Better Downstream", ICML 2023, arXiv 2210.14199): where the source knows the exact single-mask
+conditionals (``single_mask_conditionals``: PCFG by inside-outside, HMM by forward-backward), the same
+probe is also trained on *their* features instead of the backbone's: for every word position t of a
+row the vector p(. | x_-t) over the words (the special-token columns, always zero, are dropped).
+``pooling=mean``: the mean of these vectors over the row's word positions (BOS/EOS have none);
+``pooling=concat``: the vector of each row position t (zeros at BOS, EOS and padding), concatenated and
+zero-padded to the same ``length`` as the backbone's features. Same standardisation, head, seeds and
+epochs. Adds ``probe/lookup_acc``, ``probe/lookup_acc_std`` and ``probe/lookup_acc_ci95``. These do not
+depend on the model, so they are computed once per evaluator and reused (e.g. by ``eval_every``).
 """
 
 from __future__ import annotations
 
 import math
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
+from lmlab.data.source import N_SPECIAL
+from lmlab.errors import UserError
 from lmlab.evaluation.common import (
     DownstreamEvaluator,
     check_nonempty,
@@ -30,7 +44,34 @@ from lmlab.evaluation.common import (
     pad_rows,
     resolve_task,
     summarize,
+    t_interval,
 )
+
+
+def lookup_features(source, rows: list[list[int]], pooling: str, length: int) -> torch.Tensor | None:
+    """The lookup-table features of ``rows`` (see the module docstring): (n, V') for ``mean`` or
+    (n, length * V') for ``concat``, V' = vocab_size - N_SPECIAL; ``None`` when the source does not know
+    its exact conditionals."""
+    conds = source.single_mask_conditionals(rows)
+    if conds is None:
+        return None
+    width = source.vocab_size - N_SPECIAL
+    if pooling == "mean":
+        out = torch.zeros(len(rows), width, dtype=torch.float64)
+        for i, c in enumerate(conds):
+            c = np.asarray(c, dtype=np.float64)
+            if len(c):
+                out[i] = torch.from_numpy(c[:, N_SPECIAL:].mean(0))
+        return out.float()
+    if pooling == "concat":
+        out = torch.zeros(len(rows), length, width, dtype=torch.float64)
+        for i, (row, c) in enumerate(zip(rows, conds)):
+            c = np.asarray(c, dtype=np.float64)
+            word_pos = [t for t, tok in enumerate(row[:length]) if tok >= N_SPECIAL]
+            if word_pos:
+                out[i, word_pos] = torch.from_numpy(c[: len(word_pos), N_SPECIAL:])
+        return out.reshape(len(rows), length * width).float()
+    raise UserError(f"unknown pooling {pooling!r}: choose mean or concat.")
 
 
 class Probe(DownstreamEvaluator):
@@ -39,11 +80,13 @@ class Probe(DownstreamEvaluator):
     def __init__(self, task: str | None = None, pooling: str = "mean", seeds: int = 3,
                  epochs: int = 50, lr: float = 1e-2, weight_decay: float = 0.0, batch_size: int = 256,
                  max_train: int | None = None, max_test: int | None = None,
-                 encode_batch_size: int = 256) -> None:
+                 encode_batch_size: int = 256, lookup: bool = True) -> None:
         self.task, self.pooling, self.seeds, self.epochs = task, pooling, seeds, epochs
         self.lr, self.weight_decay, self.batch_size = lr, weight_decay, batch_size
         self.max_train, self.max_test = max_train, max_test
         self.encode_batch_size = encode_batch_size
+        self.lookup = lookup
+        self._lookup_cache: dict = {}
 
     @torch.no_grad()
     def _encode(self, model, kind: str, rows: list[list[int]], length: int) -> torch.Tensor:
@@ -69,10 +112,33 @@ class Probe(DownstreamEvaluator):
             x_test = self._encode(model, kind, test_rows, length)
         finally:
             model.train(was_training)
+        device = model_device(model)
+        accs = self._accuracies(x_train, train_y, x_test, test_y, n_classes, device)
+        out = summarize(self.name, accs, test_y)
+        if self.lookup:
+            key = (id(datamodule.source), task, len(train_rows), len(test_rows), length)
+            if key not in self._lookup_cache:
+                self._lookup_cache[key] = self._lookup(datamodule.source, train_rows, train_y, test_rows, test_y,
+                                                       n_classes, length, device)
+            out.update(self._lookup_cache[key])
+        return out
+
+    def _lookup(self, source, train_rows, train_y, test_rows, test_y, n_classes, length, device) -> dict[str, float]:
+        """The probe's accuracy on the lookup-table features; {} where the source has no exact conditionals."""
+        x_train = lookup_features(source, train_rows, self.pooling, length)
+        if x_train is None:
+            return {}
+        x_test = lookup_features(source, test_rows, self.pooling, length)
+        accs = np.asarray(self._accuracies(x_train, train_y, x_test, test_y, n_classes, device), dtype=np.float64)
+        return {f"{self.name}/lookup_acc": float(accs.mean()),
+                f"{self.name}/lookup_acc_std": float(accs.std(ddof=1)) if len(accs) > 1 else 0.0,
+                f"{self.name}/lookup_acc_ci95": t_interval(accs)}
+
+    def _accuracies(self, x_train, train_y, x_test, test_y, n_classes, device) -> list[float]:
+        """Standardise with the training rows' statistics, then one head per seed: test accuracies."""
         mean, std = x_train.mean(0), x_train.std(0, unbiased=False)
         std = torch.where(std > 1e-6, std, torch.ones_like(std))  # constant features (e.g. padding) stay
-        x_train, x_test = (x_train - mean) / std, (x_test - mean) / std
-        device = model_device(model)
+        x_train, x_test = ((x_train - mean) / std).to(device), ((x_test - mean) / std).to(device)
         y_train = torch.as_tensor(train_y, device=device)
         y_test = torch.as_tensor(test_y, device=device)
 
@@ -82,10 +148,9 @@ class Probe(DownstreamEvaluator):
         if device.type == "cpu":
             torch.set_num_threads(1)
         try:
-            accs = [self._fit(x_train, y_train, x_test, y_test, n_classes, seed) for seed in range(self.seeds)]
+            return [self._fit(x_train, y_train, x_test, y_test, n_classes, seed) for seed in range(self.seeds)]
         finally:
             torch.set_num_threads(threads)
-        return summarize(self.name, accs, test_y)
 
     def _fit(self, x_train, y_train, x_test, y_test, n_classes: int, seed: int) -> float:
         g = torch.Generator().manual_seed(seed)

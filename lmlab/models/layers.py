@@ -101,3 +101,84 @@ class Rotary(nn.Module):
         cos = self.cos[:seq_len].to(q.dtype)
         sin = self.sin[:seq_len].to(q.dtype)
         return q * cos + self._rotate_half(q) * sin, k * cos + self._rotate_half(k) * sin
+
+
+class CausalDepthwiseConv1d(nn.Module):
+    """Depthwise causal convolution over time for (B, T, C) inputs: ``y_t = sum_{s<k} w_s x_{t-s} + b``.
+
+    The input is left-padded with ``kernel - 1`` zeros, so ``y_t`` never sees ``x_{>t}``. ``step(x_t,
+    cache)`` is the same map one token at a time: ``cache`` holds the last ``kernel - 1`` inputs (B, C,
+    kernel - 1), zeros at the start (``init_cache``).
+    """
+
+    def __init__(self, channels: int, kernel: int, bias: bool = True) -> None:
+        super().__init__()
+        self.kernel = kernel
+        self.conv = nn.Conv1d(channels, channels, kernel, groups=channels, bias=bias, padding=0)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        u = F.pad(x.transpose(1, 2), (self.kernel - 1, 0))
+        return self.conv(u).transpose(1, 2)
+
+    def init_cache(self, batch_size: int, device=None, dtype=None) -> torch.Tensor:
+        return torch.zeros(batch_size, self.conv.in_channels, self.kernel - 1, device=device, dtype=dtype)
+
+    def step(self, x: torch.Tensor, cache: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(B, C) input at one position -> ((B, C) output, new cache)."""
+        window = torch.cat([cache, x[:, :, None]], dim=-1)  # (B, C, kernel), oldest first
+        y = (window * self.conv.weight[:, 0, :]).sum(-1)
+        if self.conv.bias is not None:
+            y = y + self.conv.bias
+        return y, window[:, :, 1:]
+
+
+class SimpleRMSNorm(nn.Module):
+    """RMS norm without a gain (SRMSNorm of TransNormerLLM, arXiv 2307.14995): ``x / rms(x)``."""
+
+    def __init__(self, dim: int | None = None, eps: float = 1e-6) -> None:
+        super().__init__()
+        self.eps = eps
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        xf = x.float()
+        return (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)).to(x.dtype)
+
+
+class GLU(nn.Module):
+    """A gated linear unit without activation (TransNormerLLM's channel mixer): ``down(l1(x) * l2(x))``.
+    ``down`` is the residual projection (``is_residual_proj = True``)."""
+
+    def __init__(self, d_model: int, d_ff: int, dropout: float = 0.0) -> None:
+        super().__init__()
+        self.l1 = nn.Linear(d_model, d_ff, bias=False)
+        self.l2 = nn.Linear(d_model, d_ff, bias=False)
+        self.down = nn.Linear(d_ff, d_model, bias=False)
+        self.down.is_residual_proj = True
+        self.dropout = nn.Dropout(dropout)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.dropout(self.down(self.l1(x) * self.l2(x)))
+
+
+class GatedRMSNorm(nn.Module):
+    """RMSNorm with a SiLU gate ``z`` (Mamba-2's ``RMSNormGated``, MoM's output norm), over groups of
+    ``group`` channels (per head; ``group=None``: all channels). ``norm_before_gate``: ``norm(x) * silu(z)``,
+    else ``norm(x * silu(z))``."""
+
+    def __init__(self, dim: int, group: int | None = None, norm_before_gate: bool = False,
+                 eps: float = 1e-6) -> None:
+        super().__init__()
+        self.group, self.norm_before_gate, self.eps = group or dim, norm_before_gate, eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
+        dtype = x.dtype
+        x, gate = x.float(), F.silu(z.float())
+        if not self.norm_before_gate:
+            x = x * gate
+        shape = x.shape
+        x = x.reshape(*shape[:-1], -1, self.group)
+        x = (x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps)).reshape(shape)
+        if self.norm_before_gate:
+            x = x * gate
+        return x.to(dtype) * self.weight

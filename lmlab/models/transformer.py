@@ -8,6 +8,7 @@ same weights can run as a causal LM (GPT), a masked LM (BERT) or a prefix LM (T5
 from __future__ import annotations
 
 import math
+from typing import Callable
 
 import torch
 import torch.nn.functional as F
@@ -50,12 +51,13 @@ class Block(nn.Module):
     """``x + attn(norm(x))`` then ``x + mlp(norm(x))``."""
 
     def __init__(self, d_model: int, n_heads: int, d_ff: int, norm: str, mlp: str, dropout: float,
-                 rotary: Rotary | None) -> None:
+                 rotary: Rotary | None, ffn: nn.Module | None = None) -> None:
         super().__init__()
         self.norm1 = make_norm(norm, d_model)
         self.attn = SelfAttention(d_model, n_heads, dropout, rotary)
         self.norm2 = make_norm(norm, d_model)
-        self.mlp = MLP(d_model, d_ff, mlp, dropout)
+        # ``ffn`` replaces the dense MLP (a mixture of experts, say); it maps (B, T, d) -> (B, T, d)
+        self.mlp = ffn if ffn is not None else MLP(d_model, d_ff, mlp, dropout)
 
     def forward(self, x: torch.Tensor, mask: torch.Tensor | None, is_causal: bool) -> torch.Tensor:
         x = x + self.attn(self.norm1(x), mask, is_causal)
@@ -70,7 +72,8 @@ class Transformer(Backbone):
     layernorm), ``positions`` (rotary or learned; learned positions cover ``max_len`` tokens),
     ``mlp`` (gelu or swiglu), ``dropout`` (attention, residual and embedding dropout),
     ``tie_embeddings`` (the LM head reuses the token embedding), ``activation_checkpointing``
-    (recompute each block in the backward pass while training).
+    (recompute each block in the backward pass while training). ``ffn_factory(layer_index)``, for
+    subclasses (not a config key), builds each block's feed-forward module in place of the dense MLP.
 
     Initialisation (GPT-2): every weight N(0, 0.02), the residual output projections (attention out,
     MLP down) N(0, 0.02 / sqrt(2 * n_layers)), norms at one.
@@ -82,7 +85,7 @@ class Transformer(Backbone):
                  n_heads: int = 4, d_ff: int | None = None, norm: str = "rmsnorm",
                  positions: str = "rotary", max_len: int = 512, dropout: float = 0.0,
                  tie_embeddings: bool = True, activation_checkpointing: bool = False,
-                 mlp: str = "gelu") -> None:
+                 mlp: str = "gelu", ffn_factory: Callable[[int], nn.Module] | None = None) -> None:
         super().__init__(vocab_size, d_model, attention)
         if d_model % n_heads:
             raise UserError(f"d_model={d_model} is not a multiple of n_heads={n_heads}: change one "
@@ -101,7 +104,9 @@ class Transformer(Backbone):
         self.emb_dropout = nn.Dropout(dropout)
         # one Rotary module shared by all blocks (its tables are non-persistent buffers)
         self.blocks = nn.ModuleList(
-            Block(d_model, n_heads, self.d_ff, norm, mlp, dropout, rotary) for _ in range(n_layers)
+            Block(d_model, n_heads, self.d_ff, norm, mlp, dropout, rotary,
+                  ffn=ffn_factory(i) if ffn_factory is not None else None)
+            for i in range(n_layers)
         )
         self.norm = make_norm(norm, d_model)
         self.head = nn.Linear(d_model, vocab_size, bias=False)

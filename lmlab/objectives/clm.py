@@ -43,6 +43,11 @@ class CLM(Objective):
         return Prepared(inputs=inputs, targets=targets, loss_mask=targets != PAD_ID,
                         attention=Attention(CAUSAL, padding=padding_of(inputs)))
 
+    def prepare_eval(self, batch: dict) -> Prepared:
+        """How ``evaluate`` reads a row: next-token prediction of every token (objectives that train on
+        part of the row, or with another attention, override this to score whole rows causally)."""
+        return CLM.prepare(self, batch)
+
     @torch.no_grad()
     def evaluate(self, model, rows: list[list[int]], source, batch_size: int = 64) -> dict[str, float]:
         """``loss`` = sum of token NLL / number of target tokens (nats); ``optimum`` = the true
@@ -55,7 +60,7 @@ class CLM(Objective):
             for i in range(0, len(rows), batch_size):
                 batch = collate([{"input_ids": r} for r in rows[i : i + batch_size]])
                 batch["input_ids"] = batch["input_ids"].to(device)
-                p = self.prepare(batch)
+                p = self.prepare_eval(batch)
                 hidden = model(p.inputs, p.attention)
                 logits = model.logits(hidden[p.loss_mask]).double()
                 nll = F.cross_entropy(logits, p.targets[p.loss_mask], reduction="sum")

@@ -7,6 +7,13 @@ kept otherwise (BERT's 80/10/10). The loss is the cross-entropy on the selected 
 choices come from ``torch.Generator().manual_seed(batch["seed"])``, so a batch is masked identically
 every time it is seen (e.g. after a resume).
 
+``strategy="suffix"`` (PepMLM: Chen et al. 2023, "PepMLM: Target Sequence-Conditioned Generation of
+Peptide Binders via Masked Language Modeling", arXiv 2310.03842) instead selects the last
+``max(1, round(mask_prob * n_words))`` words of each row (the span just before EOS, or the end of a packed
+block) and replaces every one of them by MASK (no 80/10/10: the model learns to generate the whole
+suffix conditioned on the rest, as PepMLM masks the whole binder). The random stream is drawn exactly as
+for ``strategy="random"``.
+
 Evaluation (single-mask): for every row and every word position t, the row is copied with exactly x_t
 replaced by MASK, and the model gives q(. | x_-t). ``loss`` is the mean over all (row, t) of
 ``-log q(x_t | x_-t)`` (a pseudo-log-likelihood per token, Salazar et al. 2020, arXiv 1910.14659).
@@ -23,6 +30,7 @@ import torch
 import torch.nn.functional as F
 
 from lmlab.data.source import MASK_ID, N_SPECIAL, PAD_ID
+from lmlab.errors import UserError
 from lmlab.models.base import BIDIRECTIONAL, Attention
 from lmlab.objectives.base import Objective, Prepared
 from lmlab.objectives.clm import model_device, padding_of
@@ -37,8 +45,13 @@ class MLM(Objective):
 
     attention = BIDIRECTIONAL
 
+    STRATEGIES = ("random", "suffix")
+
     def __init__(self, mask_prob: float = 0.15, mask_token_frac: float = 0.8,
-                 random_token_frac: float = 0.1, vocab_size: int | None = None) -> None:
+                 random_token_frac: float = 0.1, vocab_size: int | None = None, strategy: str = "random") -> None:
+        if strategy not in self.STRATEGIES:
+            raise UserError(f"unknown MLM strategy {strategy!r}: set objective.strategy to random or suffix.")
+        self.strategy = strategy
         self.mask_prob = mask_prob
         self.mask_token_frac = mask_token_frac
         self.random_token_frac = random_token_frac
@@ -64,6 +77,8 @@ class MLM(Objective):
             index = torch.randint(0, max(len(words), 1), cpu.shape, generator=g)
             random_words = words[index] if len(words) else torch.full_like(cpu, MASK_ID)
 
+        if self.strategy == "suffix":
+            return self._suffix(ids, cpu, maskable)
         selected = (select_u < self.mask_prob) & maskable
         need = maskable.any(1) & ~selected.any(1)
         if bool(need.any()):
@@ -79,6 +94,24 @@ class MLM(Objective):
         inputs[to_random] = random_words[to_random]
         return Prepared(inputs=inputs.to(ids.device), targets=ids, loss_mask=selected.to(ids.device),
                         attention=Attention(BIDIRECTIONAL, padding=padding_of(ids)))
+
+    def _suffix(self, ids: torch.Tensor, cpu: torch.Tensor, maskable: torch.Tensor) -> Prepared:
+        n_words = maskable.sum(1)
+        k = (n_words.double() * self.mask_prob).round().long().clamp_min(1).minimum(n_words)
+        # rank of each word counted from the end of the row: 0 for the last word
+        from_end = maskable.flip(1).long().cumsum(1).flip(1) - 1
+        selected = maskable & (from_end < k[:, None])
+        inputs = cpu.masked_fill(selected, MASK_ID)
+        return Prepared(inputs=inputs.to(ids.device), targets=ids, loss_mask=selected.to(ids.device),
+                        attention=Attention(BIDIRECTIONAL, padding=padding_of(ids)))
+
+    def masked_log_probs(self, model, ids: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
+        """``log q(. | x_-t)`` (n, V) in float64 on the CPU, for each row of ``ids`` (on the model's device)
+        whose position ``pos`` holds MASK: how ``evaluate`` asks the model for a single-mask conditional.
+        Objectives that pose the question another way (a sentinel span in a decoder) override this."""
+        hidden = model(ids, Attention(BIDIRECTIONAL, padding=padding_of(ids)))
+        hidden = hidden[torch.arange(len(ids), device=ids.device), pos.to(ids.device)]
+        return F.log_softmax(model.logits(hidden).double(), dim=-1).cpu()
 
     @torch.no_grad()
     def evaluate(self, model, rows: list[list[int]], source, batch_size: int = 64) -> dict[str, float]:
@@ -102,10 +135,7 @@ class MLM(Objective):
                 arange = torch.arange(len(chunk))
                 targets = ids[arange, pos].clone()
                 ids[arange, pos] = MASK_ID
-                ids = ids.to(device)
-                hidden = model(ids, Attention(BIDIRECTIONAL, padding=padding_of(ids)))
-                hidden = hidden[arange.to(device), pos.to(device)]
-                logq = F.log_softmax(model.logits(hidden).double(), dim=-1).cpu()
+                logq = self.masked_log_probs(model, ids.to(device), pos)
                 nll_sum += float(-logq[arange, targets].sum())
                 if conds is not None:
                     p = torch.from_numpy(np.stack([np.asarray(conds[r][k], dtype=np.float64)

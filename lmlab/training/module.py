@@ -2,16 +2,43 @@
 
 from __future__ import annotations
 
-import time
+import inspect
 from typing import Callable
 
 import lightning as L
 import torch
 from lightning.pytorch.plugins.io import TorchCheckpointIO
 
+from lmlab.data.source import PAD_ID
 from lmlab.io import torch_save
 from lmlab.models.base import Backbone
 from lmlab.objectives.base import Objective
+from lmlab.training.throughput import Throughput, matmul_precision, peak_flops
+
+
+def fast_optimizer_kwargs(factory: Callable, params: list[torch.Tensor], precision: str | None = None) -> dict:
+    """``fused=True`` where the optimiser takes ``fused`` (AdamW, Adam, SGD in PyTorch >= 2.4: on CUDA, and on
+    the CPU), unless the config sets it; nothing otherwise. fp16 mixed precision keeps the unfused kernel:
+    Lightning's gradient scaler cannot clip the gradients of an optimiser that unscales them itself."""
+    try:
+        accepts = "fused" in inspect.signature(factory).parameters
+    except (TypeError, ValueError):
+        return {}
+    preset = "fused" in (getattr(factory, "keywords", None) or {})
+    floating = bool(params) and all(p.is_floating_point() for p in params)
+    fp16 = str(precision or "").startswith("16")
+    return {"fused": True} if accepts and floating and not preset and not fp16 else {}
+
+
+def make_optimizer(factory: Callable, groups: list[dict], precision: str | None = None):
+    """``factory(groups)`` with the fast kernel where this PyTorch has one for these parameters' device."""
+    kwargs = fast_optimizer_kwargs(factory, [p for g in groups for p in g["params"]], precision)
+    if kwargs:
+        try:
+            return factory(groups, **kwargs)
+        except (RuntimeError, ValueError, TypeError):  # no fused kernel for this device or dtype
+            pass
+    return factory(groups)
 
 
 class LMModule(L.LightningModule):
@@ -24,7 +51,25 @@ class LMModule(L.LightningModule):
         self.model, self.objective = model, objective
         self.make_optimizer, self.schedule, self.max_steps = optimizer, schedule, max_steps
         self.forward_model = torch.compile(model) if compile else model
-        self._tokens, self._t0 = 0, None
+        self.throughput: Throughput | None = None
+        self._batch_tokens, self._seq_len = 0, 0
+
+    def on_fit_start(self) -> None:
+        precision = matmul_precision(getattr(self.trainer, "precision", None))
+        self.throughput = Throughput(self.model.flops_per_token, peak_flops(self.device, precision),
+                                     world=self.trainer.world_size)
+
+    def on_before_batch_transfer(self, batch, dataloader_idx: int):
+        # tokens counted on the host, before the batch moves to the device: no device sync per step
+        if self.trainer is not None and self.trainer.training and isinstance(batch, dict) and "input_ids" in batch:
+            self._batch_tokens = int((batch["input_ids"] != PAD_ID).sum())
+        return batch
+
+    def on_train_batch_end(self, outputs, batch, batch_idx: int) -> None:
+        if self.throughput is not None:
+            metrics = self.throughput.step(self._batch_tokens, self._seq_len)
+            if metrics:
+                self.log_dict(metrics, on_step=True, on_epoch=False, prog_bar=False)
 
     def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
         prepared = self.objective.prepare(batch)
@@ -32,14 +77,8 @@ class LMModule(L.LightningModule):
         if self.model.aux_loss is not None:
             metrics = {**metrics, "aux_loss": self.model.aux_loss.detach()}
             loss = loss + self.model.aux_loss
-        self._tokens += int(prepared.attention.padding.sum()) if prepared.attention.padding is not None \
-            else prepared.inputs.numel()
-        if self._t0 is None:
-            self._t0 = time.perf_counter()
-        elapsed = time.perf_counter() - self._t0
+        self._seq_len = prepared.inputs.shape[1]
         log = {"train/loss": loss.detach(), **{f"train/{k}": v for k, v in metrics.items()}}
-        if elapsed > 0:
-            log["train/tokens_per_s"] = self._tokens / elapsed
         self.log_dict(log, prog_bar=False, on_step=True, batch_size=prepared.inputs.shape[0])
         self.log("loss", loss.detach(), prog_bar=True, logger=False)
         return loss
@@ -56,7 +95,8 @@ class LMModule(L.LightningModule):
             if p.requires_grad:
                 (decay if p.ndim >= 2 and "embed" not in name else no_decay).append(p)
         groups = [{"params": decay}, {"params": no_decay, "weight_decay": 0.0}]
-        optimizer = self.make_optimizer(groups)
+        precision = getattr(self.trainer, "precision", None) if self._trainer is not None else None
+        optimizer = make_optimizer(self.make_optimizer, groups, precision)
         total = self.max_steps
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: self.schedule(step, total))
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}

@@ -1,0 +1,159 @@
+"""A candidate pool with planted structure, to validate data selection against a known answer.
+
+The validation set-up of the data-selection issue (CoLoR-Filter, Brandfonbrener et al. 2024, arXiv
+2406.10670; PreSelect, Shum et al. 2025, arXiv 2503.00808; MiniPLM, Gu et al. 2024, arXiv 2410.17215 all
+select a pool towards a target): the ``train`` split is a candidate pool that mixes
+
+* sentences of a TARGET grammar (``origin`` 0),
+* sentences of DISTRACTOR grammars: the same generator (``lmlab.data.pcfg``) with other grammar seeds and
+  the same number of words, so their token ids overlap the target's (``origin`` 1),
+* exact duplicates: a few rows of the pool repeated many times (``origin`` 2),
+* junk rows: uniformly random tokens, or one token / a two-token pattern repeated (``origin`` 3),
+
+shuffled together. ``validation``, ``test`` and ``downstream`` come from the target grammar only, so the
+selection's target set (the validation split) is target-only, ``eval=probe`` measures transfer to the
+target's tasks, and the exact optima (``sequence_nll``, ``single_mask_conditionals``) are the target's.
+The ``origin`` column on the pool lets the selection stage report its precision (share of origin 0).
+Pool rows carry the task columns with ``-1`` (no labels are computed for the pool).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+from datasets import Dataset, DatasetDict, Features, Sequence, Value
+
+from lmlab.data.pcfg import PCFGSource
+from lmlab.data.source import BOS_ID, EOS_ID, N_SPECIAL, SPLITS, Source
+from lmlab.errors import UserError
+
+TARGET, DISTRACTOR, DUPLICATE, JUNK = 0, 1, 2, 3
+ORIGINS = {TARGET: "target", DISTRACTOR: "distractor", DUPLICATE: "duplicate", JUNK: "junk"}
+
+
+class PlantedSource(Source):
+    """Target-grammar sentences planted in a pool of distractor-grammar sentences, duplicates and junk."""
+
+    def __init__(
+        self,
+        levels: int = 3,
+        nonterminals_per_level: int = 4,
+        vocab_size: int = 30,
+        rules_per_nonterminal: int = 3,
+        start_symbols: int = 3,
+        words_per_preterminal: int = 10,
+        alpha: float = 1.0,
+        grammar_seed: int = 0,
+        distractor_seeds: tuple[int, ...] | list[int] = (1, 2),
+        target_share: float = 0.25,
+        duplicate_share: float = 0.1,
+        junk_share: float = 0.15,
+        duplicate_sources: int = 20,
+        seed: int = 0,
+        train_size: int = 20000,
+        validation_size: int = 500,
+        test_size: int = 1000,
+        downstream_size: int = 2000,
+    ) -> None:
+        distractor_seeds = [int(s) for s in distractor_seeds]
+        super().__init__(
+            levels=levels, nonterminals_per_level=nonterminals_per_level, vocab_size=vocab_size,
+            rules_per_nonterminal=rules_per_nonterminal, start_symbols=start_symbols,
+            words_per_preterminal=words_per_preterminal, alpha=alpha, grammar_seed=grammar_seed,
+            distractor_seeds=distractor_seeds, target_share=target_share, duplicate_share=duplicate_share,
+            junk_share=junk_share, duplicate_sources=duplicate_sources, seed=seed, train_size=train_size,
+            validation_size=validation_size, test_size=test_size, downstream_size=downstream_size,
+        )
+        shares = {"target_share": target_share, "duplicate_share": duplicate_share, "junk_share": junk_share}
+        for key, value in shares.items():
+            if not isinstance(value, (int, float)) or not 0 <= value <= 1:
+                raise UserError(f"data.{key} is {value!r}; make it a number in [0, 1].")
+        if sum(shares.values()) > 1 + 1e-9:
+            raise UserError("data.target_share + duplicate_share + junk_share exceed 1; lower one of them.")
+        if grammar_seed in distractor_seeds:
+            raise UserError(f"data.distractor_seeds holds the target's grammar_seed {grammar_seed}; "
+                            "use other seeds for the distractors.")
+        if not distractor_seeds and sum(shares.values()) < 1 - 1e-9:
+            raise UserError("data.distractor_seeds is empty but the shares leave room for distractors; "
+                            "add a distractor seed or make the shares sum to 1.")
+        grammar = dict(levels=levels, nonterminals_per_level=nonterminals_per_level, vocab_size=vocab_size,
+                       rules_per_nonterminal=rules_per_nonterminal, start_symbols=start_symbols,
+                       words_per_preterminal=words_per_preterminal, alpha=alpha)
+        sizes = dict(train_size=0, validation_size=validation_size, test_size=test_size,
+                     downstream_size=downstream_size)
+        self.target = PCFGSource(**grammar, grammar_seed=grammar_seed, seed=seed, **sizes)
+        self.distractors = [PCFGSource(**grammar, grammar_seed=s, seed=seed, **sizes) for s in distractor_seeds]
+        self.tasks = dict(self.target.tasks)
+
+    @property
+    def vocab_size(self) -> int:
+        return self.target.vocab_size
+
+    # the target grammar's exact optima: every evaluation split is target-only
+    def sequence_nll(self, rows):
+        return self.target.sequence_nll(rows)
+
+    def single_mask_conditionals(self, rows):
+        return self.target.single_mask_conditionals(rows)
+
+    def pool_counts(self, n: int) -> dict[int, int]:
+        """How many pool rows of each origin a pool of ``n`` rows holds (distractors take the rest)."""
+        c = self.config
+        counts = {TARGET: int(round(c["target_share"] * n)), DUPLICATE: int(round(c["duplicate_share"] * n)),
+                  JUNK: int(round(c["junk_share"] * n))}
+        counts[DISTRACTOR] = n - sum(counts.values())
+        if counts[DISTRACTOR] < 0:  # rounding: take it from the junk
+            counts[JUNK] += counts[DISTRACTOR]
+            counts[DISTRACTOR] = 0
+        return counts
+
+    def pool(self, n: int, rng: np.random.Generator) -> tuple[list[list[int]], np.ndarray]:
+        """The candidate pool: rows ``[BOS] w.. [EOS]`` and their origins, shuffled."""
+        counts = self.pool_counts(n)
+        rows: list[list[int]] = []
+        origin: list[int] = []
+
+        def add(sentences, code):
+            rows.extend([BOS_ID, *(s + N_SPECIAL).tolist(), EOS_ID] for s in sentences)
+            origin.extend([code] * len(sentences))
+
+        add(self.target.sample(counts[TARGET], rng), TARGET)
+        if self.distractors:
+            per = np.bincount(rng.integers(len(self.distractors), size=counts[DISTRACTOR]),
+                              minlength=len(self.distractors))
+            for grammar, k in zip(self.distractors, per):
+                add(grammar.sample(int(k), rng), DISTRACTOR)
+        lengths = [len(r) - 2 for r in rows] or [8]
+        n_words = self.target.grammar.n_words
+        junk = []
+        for _ in range(counts[JUNK]):
+            length = int(max(2, rng.choice(lengths)))
+            kind = rng.integers(3)
+            if kind == 0:  # random tokens
+                words = rng.integers(n_words, size=length)
+            elif kind == 1:  # one token repeated
+                words = np.full(length, rng.integers(n_words))
+            else:  # a two-token pattern repeated
+                words = np.resize(rng.integers(n_words, size=2), length)
+            junk.append(words)
+        add(junk, JUNK)
+        if counts[DUPLICATE]:
+            if not rows:
+                raise UserError("data.duplicate_share needs other pool rows to copy: lower it.")
+            sources = rng.choice(len(rows), size=min(int(self.config["duplicate_sources"]), len(rows)),
+                                 replace=False)
+            picks = sources[rng.integers(len(sources), size=counts[DUPLICATE])]
+            rows.extend(list(rows[i]) for i in picks)
+            origin.extend([DUPLICATE] * len(picks))
+        order = rng.permutation(len(rows))
+        return [rows[i] for i in order], np.asarray(origin, dtype=np.int64)[order]
+
+    def build(self) -> DatasetDict:
+        splits = self.target.build()  # validation / test / downstream of the target (train is empty)
+        rng = np.random.default_rng([int(self.config["seed"]), len(SPLITS)])  # its own stream
+        rows, origin = self.pool(int(self.config["train_size"]), rng)
+        features = Features({"input_ids": Sequence(Value("int64")), **{t: Value("int64") for t in self.tasks},
+                             "origin": Value("int64")})
+        minus = [-1] * len(rows)
+        splits["train"] = Dataset.from_dict(
+            {"input_ids": rows, **{t: minus for t in self.tasks}, "origin": origin.tolist()}, features=features)
+        return DatasetDict({k: splits[k] for k in SPLITS})

@@ -1,0 +1,97 @@
+"""The LSTM baseline: a stacked LSTM language model, causal or bidirectional.
+
+Hochreiter & Schmidhuber, "Long Short-Term Memory" (Neural Computation 1997), in the stacked form of
+Zaremba, Sutskever & Vinyals, "Recurrent Neural Network Regularization" (arXiv 1409.2329): embedding ->
+dropout -> ``n_layers`` LSTM layers (dropout between them) -> dropout -> LM head. It is the recurrent
+baseline for the HMM setting (Liu et al., arXiv 2210.14199, whose HMM experiments compare architectures
+on the same data; their exact LSTM sizes are not taken from the paper [unverified]).
+
+* ``causal``: a one-directional LSTM of width ``d_model``; ``init_state``/``step`` decode token by token
+  and equal ``forward``.
+* ``bidirectional`` (for masked LM): an ELMo/BiLSTM stack (Peters et al. 2018, arXiv 1802.05365), each layer
+  reading the concatenated outputs of both directions of the layer below, each direction ``d_model / 2``
+  wide, so a position's hidden state sees the whole row. Right padding is honoured: the backward direction
+  starts at each row's last real token (packed sequences), so real tokens never see a pad.
+* ``prefix`` attention is not supported.
+
+It uses ``torch.nn.LSTM`` (cuDNN on CUDA, PyTorch's own kernel on the CPU).
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
+
+from lmlab.errors import UserError
+from lmlab.models.base import BIDIRECTIONAL, CAUSAL, Attention, Backbone
+
+
+class LSTM(Backbone):
+    """Args: ``d_model`` (hidden width; embeddings have it too), ``n_layers``, ``dropout`` (embedding,
+    between layers, output), ``tie_embeddings``. Weights: PyTorch's LSTM init (U(-1/sqrt(h), 1/sqrt(h)))
+    with the forget-gate bias at 1 (Jozefowicz et al. 2015); embeddings N(0, 0.02)."""
+
+    supported_attention = (CAUSAL, BIDIRECTIONAL)
+
+    def __init__(self, vocab_size: int, attention: str = CAUSAL, d_model: int = 64, n_layers: int = 2,
+                 dropout: float = 0.0, tie_embeddings: bool = True) -> None:
+        super().__init__(vocab_size, d_model, attention)
+        self.bidirectional = attention == BIDIRECTIONAL
+        if self.bidirectional and d_model % 2:
+            raise UserError(f"a bidirectional LSTM needs an even model.d_model, got {d_model}: change it.")
+        self.n_layers = n_layers
+        hidden = d_model // 2 if self.bidirectional else d_model
+        self.embed = nn.Embedding(vocab_size, d_model)
+        self.dropout = nn.Dropout(dropout)
+        self.rnn = nn.LSTM(d_model, hidden, n_layers, batch_first=True, dropout=dropout if n_layers > 1 else 0.0,
+                           bidirectional=self.bidirectional)
+        self.head = nn.Linear(d_model, vocab_size, bias=False)
+        nn.init.normal_(self.embed.weight, 0.0, 0.02)
+        if tie_embeddings:
+            self.head.weight = self.embed.weight
+        else:
+            nn.init.normal_(self.head.weight, 0.0, 0.02)
+        for name, p in self.rnn.named_parameters():
+            if name.startswith("bias_ih"):
+                with torch.no_grad():
+                    p[hidden : 2 * hidden].fill_(1.0)  # gate order i, f, g, o: forget gate at 1 (b_hh adds 0)
+            elif name.startswith("bias_hh"):
+                nn.init.zeros_(p)
+
+    def forward(self, input_ids: torch.Tensor, attention: Attention) -> torch.Tensor:
+        """(B, T) -> (B, T, d_model)."""
+        if attention.kind not in self.supported_attention or (attention.kind == BIDIRECTIONAL) != self.bidirectional:
+            raise UserError(f"this LSTM was built for {self.attention_kind!r} attention, not {attention.kind!r}: "
+                            "build it with the objective that runs it.")
+        x = self.dropout(self.embed(input_ids))
+        if self.bidirectional and attention.padding is not None:
+            lengths = attention.padding.sum(1).clamp(min=1).cpu()
+            packed = pack_padded_sequence(x, lengths, batch_first=True, enforce_sorted=False)
+            out, _ = self.rnn(packed)
+            out, _ = pad_packed_sequence(out, batch_first=True, total_length=x.shape[1])
+        else:  # causal: right padding is never seen by real tokens
+            out, _ = self.rnn(x)
+        return self.dropout(out)
+
+    def logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        return self.head(hidden)
+
+    def init_state(self, batch_size: int) -> tuple[torch.Tensor, torch.Tensor]:
+        if self.bidirectional:
+            raise UserError("a bidirectional LSTM cannot decode token by token: build it for causal attention.")
+        p = self.embed.weight
+        zeros = p.new_zeros(self.n_layers, batch_size, self.d_model)
+        return zeros, zeros.clone()
+
+    def step(self, input_ids: torch.Tensor, state):
+        """(B,) ids at the next position -> ((B, d_model) hidden, new (h, c))."""
+        out, state = self.rnn(self.dropout(self.embed(input_ids))[:, None], state)
+        return self.dropout(out[:, 0]), state
+
+    def flops_per_token(self, seq_len: int) -> float:
+        """Training FLOPs per token: ``6 * N + 6 * d_model * vocab_size``, with N the LSTM's parameters
+        (each weight is used once per token and direction: ``4 h (d_in + h) + 8 h`` per layer and
+        direction); the gate nonlinearities and the embedding lookup are ignored."""
+        n = sum(p.numel() for p in self.rnn.parameters())
+        return float(6 * n + 6 * self.d_model * self.vocab_size)

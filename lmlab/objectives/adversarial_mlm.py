@@ -1,0 +1,123 @@
+"""Adversarial MLM: masked language modelling that *hurts* a downstream task at (nearly) the same loss.
+
+Liu, Xie, Li, Ma, "Same Pre-training Loss, Better Downstream: Implicit Bias Matters for Language Models",
+ICML 2023, arXiv 2210.14199, Section 4.3 ("the adversarial algorithm"): minimise the MLM loss minus
+lambda times the loss of a downstream head fitted online on a labelled held-out split, so the encoder
+reaches the pre-training optimum while its features become worse for the task. The paper gives the
+objective; this is our variant of its implementation (its public code does not include it):
+
+* The head is a linear classifier on the pooled final hidden states (``pooling`` mean or concat, as in
+  ``eval=probe``; use the probe's pooling) of *unmasked* rows read with bidirectional attention. Its
+  parameters live in this objective (an ``nn.Module``), so the LightningModule trains them with the same
+  optimiser and checkpoints them with the model. The head is created in ``bind``, when the task's number
+  of classes (and, for concat, the longest row) is known.
+* Labelled rows come from the ``train`` split (``bind(source, splits)``: its rows carry the task labels
+  for PCFG and HMM), which is disjoint from the probe's ``downstream`` (fit) and ``test`` (score) rows.
+  Each step draws ``head_batch_size`` of them with ``numpy.random.default_rng([batch seed, 1])``, so a
+  resumed run draws the same rows again.
+* Two-player update from one backward pass, without a gradient-reversal layer: with features ``f`` and
+  head loss ``h(W, f) = CE(head_W(f), y)``,
+
+      total = MLM - lam * h(W.detach(), f)  +  (h(W, f.detach()) - h(W, f.detach()).detach())
+
+  so d total / d encoder = d MLM / d encoder - lam * d h / d encoder (the encoder *maximises* the head's
+  loss), and d total / d W = + d h / d W (the head minimises it); the value of ``total`` is exactly
+  ``MLM - lam * h``. ``lam`` scales only the encoder's adversarial term; the head learns at the optimiser's
+  rate.
+* ``evaluate`` is MLM's single-mask evaluation (inherited), so the gap to the optimum is measured on the
+  plain MLM loss. Logged metrics: ``mlm_loss``, ``head_loss``, ``head_acc`` (on the head batch).
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from lmlab.errors import UserError
+from lmlab.evaluation.common import features, labelled_rows, pad_rows, resolve_task
+from lmlab.models.base import BIDIRECTIONAL
+from lmlab.objectives.base import Objective, Prepared
+from lmlab.objectives.mlm import MLM
+
+
+class AdversarialMLM(MLM, nn.Module):
+    """MLM minus ``lam`` times the online downstream head's loss (see the module docstring).
+
+    Args: ``lam`` (the adversarial weight), ``task`` (label column; null = the source's first task),
+    ``head_batch_size`` (labelled rows per step), ``pooling`` (mean | concat), ``d_model`` (the
+    backbone's width: the YAML interpolates ``${model.d_model}``), and MLM's masking arguments.
+    """
+
+    def __init__(self, d_model: int, lam: float = 1.0, task: str | None = None, head_batch_size: int = 64,
+                 pooling: str = "mean", mask_prob: float = 0.15, mask_token_frac: float = 0.8,
+                 random_token_frac: float = 0.1, vocab_size: int | None = None) -> None:
+        nn.Module.__init__(self)
+        MLM.__init__(self, mask_prob=mask_prob, mask_token_frac=mask_token_frac,
+                     random_token_frac=random_token_frac, vocab_size=vocab_size)
+        if pooling not in ("mean", "concat"):
+            raise UserError(f"unknown objective.pooling {pooling!r}: choose mean or concat.")
+        if int(head_batch_size) < 1:
+            raise UserError(f"objective.head_batch_size must be at least 1, got {head_batch_size}: raise it.")
+        self.d_model, self.lam, self.task = int(d_model), float(lam), task
+        self.head_batch_size, self.pooling = int(head_batch_size), pooling
+        self.head: nn.Linear | None = None
+        self.length = 0
+        self._ids: torch.Tensor | None = None
+        self._labels: torch.Tensor | None = None
+        self._seed = 0  # the seed of the last prepared batch (``prepare`` then ``loss``, as the module calls them)
+
+    def bind(self, source, splits) -> None:
+        super().bind(source, splits)
+        task, n_classes = resolve_task(source, self.task, "objective adversarial_mlm")
+        rows, labels = labelled_rows(splits["train"], task)
+        if not rows:
+            raise UserError(f"the train split has no rows labelled for {task}: use data with labelled "
+                            "training rows for objective=adversarial_mlm.")
+        n_classes = max(n_classes, int(labels.max()) + 1)
+        self.task, self.length = task, max(len(r) for r in rows)
+        self._ids, self._labels = pad_rows(rows, self.length), torch.as_tensor(labels)
+        dim = self.d_model * (self.length if self.pooling == "concat" else 1)
+        if self.head is None or self.head.in_features != dim or self.head.out_features != n_classes:
+            g = torch.Generator().manual_seed(0)
+            self.head = nn.Linear(dim, n_classes)
+            with torch.no_grad():
+                self.head.weight.copy_(torch.randn(n_classes, dim, generator=g) / math.sqrt(dim))
+                self.head.bias.zero_()
+
+    def head_batch(self, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """The labelled rows (padded ids, labels) of the head for the batch with ``seed``."""
+        if self._ids is None:
+            raise RuntimeError("AdversarialMLM.bind(source, splits) must be called before training")
+        rng = np.random.default_rng([int(seed), 1])
+        n = len(self._ids)
+        idx = torch.as_tensor(rng.choice(n, size=min(self.head_batch_size, n), replace=False))
+        return self._ids[idx], self._labels[idx]
+
+    def head_losses(self, model, seed: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(encoder's term h(W.detach(), f), head's term h(W, f.detach()), accuracy) on the head batch."""
+        ids, y = self.head_batch(seed)
+        head = self.head
+        device = head.weight.device
+        f = features(model, ids.to(device), BIDIRECTIONAL, self.pooling, self.length).float()
+        y = y.to(device)
+        enc = F.cross_entropy(F.linear(f, head.weight.detach(), head.bias.detach()), y)
+        logits = head(f.detach())
+        own = F.cross_entropy(logits, y)
+        acc = (logits.argmax(-1) == y).float().mean()
+        return enc, own, acc
+
+    def loss(self, model, prepared: Prepared) -> tuple[torch.Tensor, dict[str, float]]:
+        mlm, _ = Objective.loss(self, model, prepared)
+        enc, own, acc = self.head_losses(model, self._seed)
+        total = mlm - self.lam * enc + (own - own.detach())
+        return total, {"mlm_loss": float(mlm.detach()), "head_loss": float(own.detach()),
+                       "head_acc": float(acc)}
+
+    def prepare(self, batch: dict) -> Prepared:
+        # the head's rows are drawn from the same batch seed as the masks (remembered for ``loss``)
+        self._seed = int(batch.get("seed", 0))
+        return super().prepare(batch)

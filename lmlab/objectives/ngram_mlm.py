@@ -1,0 +1,241 @@
+"""ERNIE-Gram: explicitly n-gram masked language modelling (Xiao et al., NAACL 2021, "ERNIE-Gram:
+Pre-Training with Explicitly N-Gram Masked Language Modeling for Natural Language Understanding",
+arXiv 2010.12148). The pre-training code is not public; this follows the paper's description, with the
+deviations listed below.
+
+Lexicon (``bind``, cached beside the data): every n-gram (2 <= n <= ``max_n``) of consecutive word tokens of
+the training split (never across a special token) is scored with the t-statistic against independence::
+
+    t(w) = (f(w) - mu) / sqrt(f(w) / N),   f(w) = count(w) / N,   mu = prod_i f(x_i)
+
+with N the number of n-gram positions of that length and f(x_i) the unigram frequencies. The lexicon V_N
+keeps, per length, the ``top_k`` n-grams with t > 0 seen at least ``min_count`` times. It is cached as JSON
+under ``cache_dir`` with a name derived from ``source.cache_key()`` and the lexicon's settings.
+
+Masking (``prepare``): each row's words are segmented by forward maximum matching against V_N (at each
+position the longest lexicon entry, else one word). Units are drawn in a random order (``batch["seed"]``)
+and masked while the masked words stay within ``max(1, round(mask_prob * n_words))`` (at least one unit).
+Each masked unit is replaced by a *single* MASK, so the row shortens by ``sum(n_i - 1)``; its coarse target
+is the word itself (n = 1) or ``vocab_size + index in V_N`` (n >= 2), predicted by one softmax over the
+union of the vocabulary (the model's own LM head) and V_N (this objective's ``ngram_head``, trained and
+checkpointed with the model).
+
+Comprehensive n-gram prediction, deviation: the paper predicts the fine-grained tokens x_1..x_n of a masked
+n-gram from extra [M] slots with their own positions and a two-stream attention mask. The ``Backbone``
+contract carries only causal/bidirectional/prefix attention, so here the i-th token of a masked n-gram is
+predicted from the coarse MASK's hidden state plus a learned offset embedding ``fine_offset[i]``, through
+the model's LM head. ``loss = CE_coarse + fine_weight * CE_fine`` (each a mean over its targets).
+The enhanced relation modelling (generator + replaced-token detection) is not implemented.
+
+Evaluation: ``MLM.evaluate`` (single-mask conditionals over the token vocabulary).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import tempfile
+from collections import Counter
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from lmlab.data.source import MASK_ID, N_SPECIAL, PAD_ID, config_hash
+from lmlab.errors import UserError
+from lmlab.models.base import BIDIRECTIONAL, Attention
+from lmlab.objectives.base import Prepared
+from lmlab.objectives.clm import padding_of
+from lmlab.objectives.mlm import MLM
+
+Ngram = tuple[int, ...]
+
+
+def word_runs(row) -> list[list[int]]:
+    """Maximal runs of consecutive word tokens (ids >= N_SPECIAL) of a row."""
+    runs, cur = [], []
+    for t in row:
+        if t >= N_SPECIAL:
+            cur.append(int(t))
+        elif cur:
+            runs.append(cur)
+            cur = []
+    if cur:
+        runs.append(cur)
+    return runs
+
+
+def ngram_tstats(rows, max_n: int) -> dict[int, dict[Ngram, tuple[float, int]]]:
+    """For each length 2..max_n, ``{ngram: (t-statistic, count)}`` over the rows."""
+    uni: Counter = Counter()
+    counts = {n: Counter() for n in range(2, max_n + 1)}
+    for row in rows:
+        for run in word_runs(row):
+            uni.update(run)
+            for n, cnt in counts.items():
+                cnt.update(zip(*(run[i:] for i in range(n))))
+    total = sum(uni.values())
+    f1 = {w: c / total for w, c in uni.items()}
+    out = {}
+    for n, cnt in counts.items():
+        N = sum(cnt.values())
+        out[n] = {g: ((c / N - math.prod(f1[x] for x in g)) / math.sqrt(c / N / N), c) for g, c in cnt.items()}
+    return out
+
+
+def build_lexicon(rows, max_n: int = 3, top_k: int = 100, min_count: int = 5) -> list[Ngram]:
+    """The n-gram lexicon: per length, the ``top_k`` n-grams of highest t (> 0, count >= min_count)."""
+    lexicon: list[Ngram] = []
+    for stats in ngram_tstats(rows, max_n).values():
+        good = [(t, g) for g, (t, c) in stats.items() if t > 0 and c >= min_count]
+        good.sort(key=lambda x: (-x[0], x[1]))
+        lexicon.extend(g for _, g in good[:top_k])
+    return lexicon
+
+
+def max_match(words: list[int], index: dict[Ngram, int], max_n: int) -> list[tuple[int, int]]:
+    """Forward maximum matching: ``[(start, length)]`` covering ``words``, longest lexicon entry first."""
+    out, i = [], 0
+    while i < len(words):
+        for n in range(min(max_n, len(words) - i), 1, -1):
+            if tuple(words[i : i + n]) in index:
+                break
+        else:
+            n = 1
+        out.append((i, n))
+        i += n
+    return out
+
+
+@dataclass
+class NgramPrepared(Prepared):
+    fine_targets: torch.Tensor  # (B, T, max_n) long: the tokens of the n-gram masked at (b, t); -1 elsewhere
+
+
+class NgramMLM(MLM, nn.Module):
+    """Explicit n-gram masked language modelling with comprehensive n-gram prediction."""
+
+    attention = BIDIRECTIONAL
+
+    def __init__(self, d_model: int | None = None, max_n: int = 3, top_k: int = 100, min_count: int = 5,
+                 mask_prob: float = 0.15, fine_weight: float = 1.0, cache_dir: str | None = None) -> None:
+        nn.Module.__init__(self)
+        MLM.__init__(self, mask_prob=mask_prob)
+        if d_model is None:
+            raise UserError("ngram_mlm needs the model's width: set objective.d_model to the model's d_model.")
+        if max_n < 2:
+            raise UserError(f"objective.max_n={max_n} leaves no n-grams: set it to 2 or more.")
+        self.d_model, self.max_n, self.top_k, self.min_count = d_model, max_n, top_k, min_count
+        self.fine_weight, self.cache_dir = fine_weight, cache_dir
+        self.lexicon: list[Ngram] = []
+        self.index: dict[Ngram, int] = {}
+        self.fine_offset = nn.Embedding(max_n, d_model)
+        nn.init.normal_(self.fine_offset.weight, std=0.02)
+        self.ngram_head: nn.Linear | None = None
+
+    # ----- the lexicon -----
+
+    def bind(self, source, splits) -> None:
+        MLM.bind(self, source, splits)
+        settings = {"max_n": self.max_n, "top_k": self.top_k, "min_count": self.min_count}
+        root = self.cache_dir or os.environ.get("LMLAB_CACHE")
+        path = Path(root) / f"{source.cache_key()}-ernie-gram-{config_hash(settings)}.json" if root else None
+        if path is not None and path.exists():
+            lexicon = [tuple(g) for g in json.loads(path.read_text())["lexicon"]]
+        else:
+            lexicon = build_lexicon(splits["train"].with_format(None)["input_ids"], self.max_n, self.top_k,
+                                    self.min_count)
+            if path is not None:
+                path.parent.mkdir(parents=True, exist_ok=True)
+                fd, tmp = tempfile.mkstemp(prefix=".tmp-", dir=path.parent)
+                with os.fdopen(fd, "w") as f:
+                    json.dump({"settings": settings, "lexicon": lexicon}, f)
+                os.replace(tmp, path)
+        self.set_lexicon(lexicon)
+
+    def set_lexicon(self, lexicon: list[Ngram]) -> None:
+        if not lexicon:
+            raise UserError("the ERNIE-Gram lexicon is empty: lower objective.min_count or use more training data.")
+        self.lexicon = [tuple(g) for g in lexicon]
+        self.index = {g: i for i, g in enumerate(self.lexicon)}
+        self.ngram_head = nn.Linear(self.d_model, len(self.lexicon), bias=False)
+        nn.init.normal_(self.ngram_head.weight, std=0.02)
+
+    # ----- masking -----
+
+    def mask_row(self, row: list[int], rng: np.random.Generator) -> tuple[list[int], list[int], list[list[int]]]:
+        """``(shortened row, coarse targets, fine targets)``: coarse is -1 on unmasked positions, fine holds
+        the masked n-gram's tokens (empty on unmasked positions and on masked single words)."""
+        units = []  # (start in row, length, maskable)
+        i = 0
+        while i < len(row):
+            if row[i] < N_SPECIAL:
+                units.append((i, 1, False))
+                i += 1
+                continue
+            j = i
+            while j < len(row) and row[j] >= N_SPECIAL:
+                j += 1
+            units.extend((i + s, n, True) for s, n in max_match(row[i:j], self.index, self.max_n))
+            i = j
+        n_words = sum(1 for t in row if t >= N_SPECIAL)
+        budget = max(1, round(self.mask_prob * n_words))
+        chosen, used = set(), 0
+        for u in rng.permutation(len(units)):
+            _, n, ok = units[u]
+            if ok and (used + n <= budget or not chosen):
+                chosen.add(int(u))
+                used += n
+            if used >= budget:
+                break
+        short, coarse, fine = [], [], []
+        for u, (s, n, _) in enumerate(units):
+            if u in chosen:
+                short.append(MASK_ID)
+                gram = tuple(row[s : s + n])
+                coarse.append(gram[0] if n == 1 else self.vocab_size + self.index[gram])
+                fine.append(list(gram) if n > 1 else [])
+            else:
+                short.extend(row[s : s + n])
+                coarse.extend([-1] * n)
+                fine.extend([[]] * n)
+        return short, coarse, fine
+
+    def prepare(self, batch: dict) -> NgramPrepared:
+        ids = batch["input_ids"]
+        rng = np.random.default_rng([int(batch.get("seed", 0)), 104729])
+        out = [self.mask_row([t for t in r if t != PAD_ID], rng) for r in ids.cpu().tolist()]
+        T = max(len(s) for s, _, _ in out)
+        inputs = torch.full((len(out), T), PAD_ID, dtype=torch.long)
+        coarse = torch.full((len(out), T), -1, dtype=torch.long)
+        fine = torch.full((len(out), T, self.max_n), -1, dtype=torch.long)
+        for b, (s, c, f) in enumerate(out):
+            inputs[b, : len(s)] = torch.as_tensor(s)
+            coarse[b, : len(c)] = torch.as_tensor(c)
+            for t, gram in enumerate(f):
+                fine[b, t, : len(gram)] = torch.as_tensor(gram, dtype=torch.long)
+        dev = ids.device
+        inputs, coarse, fine = inputs.to(dev), coarse.to(dev), fine.to(dev)
+        return NgramPrepared(inputs=inputs, targets=coarse.clamp_min(0), loss_mask=coarse >= 0,
+                             attention=Attention(BIDIRECTIONAL, padding=padding_of(inputs)), fine_targets=fine)
+
+    # ----- the loss -----
+
+    def loss(self, model, prepared: NgramPrepared) -> tuple[torch.Tensor, dict[str, float]]:
+        hidden = model(prepared.inputs, prepared.attention)[prepared.loss_mask]
+        logits = torch.cat([model.logits(hidden), self.ngram_head(hidden)], dim=-1).float()
+        coarse = F.cross_entropy(logits, prepared.targets[prepared.loss_mask])
+        fine_t = prepared.fine_targets[prepared.loss_mask]  # (M, max_n)
+        valid = fine_t >= 0
+        metrics = {"coarse": float(coarse.detach())}
+        loss = coarse
+        if bool(valid.any()):
+            h = hidden[:, None, :] + self.fine_offset.weight[None]  # (M, max_n, d)
+            fine = F.cross_entropy(model.logits(h[valid]).float(), fine_t[valid])
+            loss = loss + self.fine_weight * fine
+            metrics["fine"] = float(fine.detach())
+        return loss, metrics

@@ -1,0 +1,64 @@
+"""CoLoR-Filter: conditional loss reduction filtering.
+
+Brandfonbrener, Zhang, Kirsch, Schwarz, Kakade, "CoLoR-Filter: Conditional Loss Reduction Filtering for
+Targeted Language Model Pre-training", 2024, arXiv 2406.10670. Variant: the released code
+(``color-filter-olmo``: ``scripts/select_index_np.py``, ``olmo/score.py``), scaled down:
+
+* the PRIOR model is a small lmlab transformer (``lmlab.selection.reference.AuxLM``) trained by lmlab on a
+  random sample of the candidate pool (``prior_rows``; the paper trains it on a generic corpus such as C4);
+* the CONDITIONAL model is the prior fine-tuned on the target set (``finetune_steps``; the paper fine-tunes
+  for one epoch on downstream train splits); the target here is the target split the pipeline passes
+  (the validation split of the data);
+* score(x) = L_prior(x) - L_cond(x), with L the per-row mean token NLL (the code's ``loss.mean(-1)``);
+* keep the top n = N / tau of the N-row pool, taken at once (the code's ``argsort(scores)[-k:]``), kept rows
+  in corpus order.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+from datasets import Dataset
+
+from lmlab.errors import UserError
+from lmlab.selection.base import Selector
+from lmlab.selection.reference import AuxLM, need_target, row_nll, rows_of, sample_rows, top_fraction, vocab_of
+
+
+def color_scores(prior_nll: np.ndarray, cond_nll: np.ndarray) -> np.ndarray:
+    """The conditional loss reduction: prior loss minus conditional loss (higher = more target-like)."""
+    return np.asarray(prior_nll, dtype=np.float64) - np.asarray(cond_nll, dtype=np.float64)
+
+
+class ColorFilter(Selector):
+    def __init__(self, tau: float = 4.0, prior_rows: int | None = 4000, prior_steps: int = 300,
+                 finetune_steps: int = 150, finetune_lr: float = 1e-3, d_model: int = 64, n_layers: int = 2,
+                 n_heads: int = 4, batch_size: int = 64, lr: float = 3e-3, seed: int = 0) -> None:
+        if not isinstance(tau, (int, float)) or tau < 1:
+            raise UserError(f"selection.tau is {tau!r}; make it a number >= 1 (keep 1/tau of the pool).")
+        super().__init__(tau=tau, prior_rows=prior_rows, prior_steps=prior_steps, finetune_steps=finetune_steps,
+                         finetune_lr=finetune_lr, d_model=d_model, n_layers=n_layers, n_heads=n_heads,
+                         batch_size=batch_size, lr=lr, seed=seed)
+        self.fraction = 1.0 / tau
+        self.prior = AuxLM(d_model=d_model, n_layers=n_layers, n_heads=n_heads, steps=prior_steps,
+                           batch_size=batch_size, lr=lr)
+        self.finetune = AuxLM(d_model=d_model, n_layers=n_layers, n_heads=n_heads, steps=finetune_steps,
+                              batch_size=batch_size, lr=finetune_lr, warmup=0.1)
+
+    def score(self, pool: Dataset, target: Dataset | None, workdir: Path) -> np.ndarray:
+        target_rows = need_target(target, "color_filter")
+        rows = rows_of(pool)
+        vocab = vocab_of(self.source, rows, target_rows)
+        seed = int(self.config["seed"])
+        prior = self.prior.train(sample_rows(rows, self.config["prior_rows"], seed), vocab, seed)
+        cond = self.finetune.train(target_rows, vocab, seed + 1, init=prior)
+        return color_scores(row_nll(prior, rows), row_nll(cond, rows))
+
+    def select(self, pool: Dataset, target: Dataset | None, workdir: Path):
+        scores = self.score(pool, target, workdir)
+        keep = top_fraction(scores, self.fraction)
+        if len(keep) == 0:
+            raise UserError(f"selection color_filter keeps no rows of the {len(pool)}-row pool: lower "
+                            "selection.tau.")
+        return pool.select(keep), scores

@@ -1,0 +1,185 @@
+"""Auxiliary language models for model-based selection (CoLoR-Filter, MiniPLM, PreSelect, curriculum).
+
+One place for what those methods share:
+
+* ``AuxLM``: the size and training settings of a small causal LM that a selector trains itself. It is
+  lmlab's own ``Transformer`` backbone trained with lmlab's ``CLM`` objective (``prepare`` / ``loss``) by a
+  plain AdamW loop (cosine schedule of ``lmlab.training.schedule``); batches come from
+  ``lmlab.data.datamodule.StepBatches`` and ``collate``, so a model is a pure function of (rows, settings, seed).
+  ``AuxLM.train(rows, init=model)`` continues from a copy of ``model`` (a fine-tune).
+* ``row_nll``: per-row negative log-likelihood (mean per target token, or the total), in nats.
+* ``load_reference``: a finished lmlab run directory as a scoring model (``lmlab.pipeline.load_run``).
+* ``sample_rows`` / ``rows_of``: plain row lists from a ``Dataset``.
+"""
+
+from __future__ import annotations
+
+import copy
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from datasets import Dataset
+
+from lmlab.data.datamodule import StepBatches, collate
+from lmlab.errors import UserError
+from lmlab.models.base import CAUSAL
+from lmlab.models.transformer import Transformer
+from lmlab.objectives.clm import CLM, model_device
+from lmlab.training.schedule import cosine
+
+
+@contextmanager
+def one_thread():
+    """Small models on one intra-op thread: on a busy machine multi-threaded small ops wait on each other
+    (measured on 2 loaded cores: 150 steps took 210 s with the default threads, ~8 s with one)."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(previous)
+
+
+def rows_of(split: Dataset) -> list[list[int]]:
+    return [list(r) for r in split.with_format(None)["input_ids"]]
+
+
+def sample_rows(rows: list[list[int]], n: int | None, seed: int) -> list[list[int]]:
+    """``n`` rows drawn without replacement (all of them when ``n`` is None or not smaller)."""
+    if n is None or n >= len(rows):
+        return rows
+    idx = np.sort(np.random.default_rng(seed).choice(len(rows), size=n, replace=False))
+    return [rows[i] for i in idx]
+
+
+@dataclass
+class AuxLM:
+    """A small causal transformer trained by a selector (see module docstring)."""
+
+    d_model: int = 64
+    n_layers: int = 2
+    n_heads: int = 4
+    steps: int = 300
+    batch_size: int = 64
+    lr: float = 3e-3
+    weight_decay: float = 0.0
+    warmup: float = 0.05
+
+    def build(self, vocab_size: int, seed: int) -> Transformer:
+        torch.manual_seed(seed)
+        return Transformer(vocab_size, attention=CAUSAL, d_model=self.d_model, n_layers=self.n_layers,
+                           n_heads=self.n_heads)
+
+    def train(self, rows: list[list[int]], vocab_size: int, seed: int, init: torch.nn.Module | None = None,
+              steps: int | None = None, checkpoints: tuple[int, ...] = ()) -> torch.nn.Module | list:
+        """Train on ``rows`` (from ``init`` copied, else from scratch). With ``checkpoints``, returns copies
+        of the model after each of those step counts (0 = before training) instead of the final model."""
+        if not rows:
+            raise UserError("a selection reference model has no rows to train on: give the selection a "
+                            "non-empty pool and target.")
+        steps = self.steps if steps is None else steps
+        model = copy.deepcopy(init) if init is not None else self.build(vocab_size, seed)
+        model.train()
+        objective = CLM()
+        decay = [p for n, p in model.named_parameters() if p.ndim >= 2 and "embed" not in n]
+        rest = [p for n, p in model.named_parameters() if not (p.ndim >= 2 and "embed" not in n)]
+        opt = torch.optim.AdamW([{"params": decay}, {"params": rest, "weight_decay": 0.0}], lr=self.lr,
+                                betas=(0.9, 0.95), weight_decay=self.weight_decay)
+        sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: cosine(s, max(steps, 1), warmup=self.warmup))
+        order = StepBatches(len(rows), self.batch_size, seed)
+        saved = []
+        with one_thread():
+            self._loop(model, objective, rows, order, opt, sched, steps, checkpoints, saved)
+        model.eval()
+        return saved if checkpoints else model
+
+    def _loop(self, model, objective, rows, order, opt, sched, steps, checkpoints, saved) -> None:
+        for step in range(steps + 1):
+            if step in checkpoints:
+                saved.append(copy.deepcopy(model).eval())
+            if step == steps:
+                break
+            batch = collate([{"input_ids": rows[i]} for i in order.batch(step)], seed=step)
+            loss, _ = objective.loss(model, objective.prepare(batch))
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+            opt.step()
+            sched.step()
+
+
+@torch.no_grad()
+def row_nll(model: torch.nn.Module, rows: list[list[int]], batch_size: int = 512, reduce: str = "mean") -> np.ndarray:
+    """Per-row causal NLL in nats: ``mean`` over the row's target tokens (every token after the first),
+    or the ``sum``. Rows are batched by length so that padding costs nothing."""
+    if reduce not in ("mean", "sum"):
+        raise ValueError(reduce)
+    was_training = model.training
+    model.eval()
+    device = model_device(model)
+    objective = CLM()
+    out = np.zeros(len(rows))
+    order = np.argsort([len(r) for r in rows], kind="stable")
+    with one_thread():
+        _score(model, objective, rows, order, out, batch_size, reduce, device)
+    model.train(was_training)
+    return out
+
+
+def _score(model, objective, rows, order, out, batch_size, reduce, device) -> None:
+    for s in range(0, len(rows), batch_size):
+        idx = order[s : s + batch_size]
+        batch = collate([{"input_ids": rows[i]} for i in idx])
+        batch["input_ids"] = batch["input_ids"].to(device)
+        p = objective.prepare(batch)
+        logits = model.logits(model(p.inputs, p.attention)).float()
+        nll = F.cross_entropy(logits.transpose(1, 2), p.targets, reduction="none") * p.loss_mask
+        total = nll.sum(1).double()
+        if reduce == "mean":
+            total = total / p.loss_mask.sum(1).clamp_min(1)
+        out[idx] = total.cpu().numpy()
+
+
+def load_reference(run_dir: str | Path, vocab_size: int, what: str) -> torch.nn.Module:
+    """The backbone of the finished lmlab run ``run_dir``, checked to be a causal LM over ``vocab_size`` ids."""
+    from lmlab.pipeline import load_run
+
+    path = Path(str(run_dir)).expanduser()
+    if not (path / "config_resolved.yaml").exists() or not (path / "model.pt").exists():
+        raise UserError(f"the {what} run {path} does not exist or is not finished (no model.pt): "
+                        "point it at a run directory that holds DONE.")
+    cfg, module, _, _ = load_run(path, eval_cfg={})
+    model = module.model
+    if getattr(model, "vocab_size", vocab_size) != vocab_size:
+        raise UserError(f"the {what} run {path} has a vocabulary of {model.vocab_size} ids but the data has "
+                        f"{vocab_size}: train the {what} on the same data.")
+    if getattr(module.objective, "attention", CAUSAL) != CAUSAL:
+        raise UserError(f"the {what} run {path} was not trained with a causal objective: train it with "
+                        "objective=clm.")
+    model.eval()
+    return model
+
+
+def need_target(target: Dataset | None, method: str) -> list[list[int]]:
+    """The target rows, or one sentence saying the method needs them."""
+    if target is None or len(target) == 0:
+        raise UserError(f"selection {method} needs a target set and got none: use data with a non-empty "
+                        "validation split (the target), or a selection that needs no target.")
+    return rows_of(target)
+
+
+def vocab_of(source, *row_lists: list[list[int]]) -> int:
+    """The source's vocabulary size, else one more than the largest id in the rows."""
+    if source is not None and hasattr(source, "vocab_size"):
+        return int(source.vocab_size)
+    return 1 + max((max(r) for rows in row_lists for r in rows if r), default=3)
+
+
+def top_fraction(scores: np.ndarray, fraction: float) -> np.ndarray:
+    """Indices of the ``round(fraction * n)`` highest scores (ties: earlier rows first), in corpus order."""
+    keep = int(round(fraction * len(scores)))
+    return np.sort(np.argsort(-np.asarray(scores), kind="stable")[:keep])

@@ -1,0 +1,130 @@
+"""CPU training speed: lmlab's default transformer against Hugging Face ``GPT2LMHeadModel`` of the same shape.
+
+Both models get the same d_model, layers, heads, vocabulary and sequence length, a GELU MLP of 4 x d_model,
+learned positions, LayerNorm, tied embeddings and no dropout (lmlab's transformer is built with
+``positions=learned norm=layernorm mlp=gelu`` for parity; GPT-2 also carries biases, lmlab does not). One
+training step is forward, cross-entropy, backward, gradient clipping and an AdamW step (fused where
+PyTorch has it, for both), on random token ids without padding.
+The two are timed in alternating rounds in one process, so that a busy machine slows both alike, and the
+median of the per-round ratios is printed.
+
+    python scripts/bench_speed.py                # the default shape (d_model 64, 2 layers, 4 heads)
+    python scripts/bench_speed.py --seq-len 512 --d-model 256 --layers 4 --heads 8
+"""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import statistics
+import time
+
+import torch
+
+
+def make_lmlab(args):
+    from lmlab.models.base import CAUSAL
+    from lmlab.models.transformer import Transformer
+    from lmlab.objectives.clm import CLM
+
+    model = Transformer(args.vocab, CAUSAL, d_model=args.d_model, n_layers=args.layers, n_heads=args.heads,
+                        norm="layernorm", positions="learned", mlp="gelu", max_len=args.seq_len, dropout=0.0)
+    objective = CLM()
+    # lmlab reads (B, T+1) rows: inputs are the first T tokens, targets the last T
+    ids = torch.randint(4, args.vocab, (args.batch, args.seq_len + 1), generator=torch.Generator().manual_seed(0))
+
+    def loss_fn():
+        loss, _ = objective.loss(model, objective.prepare({"input_ids": ids, "seed": 0}))
+        return loss
+
+    return model, loss_fn
+
+
+def make_hf(args):
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    config = GPT2Config(vocab_size=args.vocab, n_positions=args.seq_len, n_embd=args.d_model, n_layer=args.layers,
+                        n_head=args.heads, n_inner=4 * args.d_model, activation_function="gelu", resid_pdrop=0.0,
+                        embd_pdrop=0.0, attn_pdrop=0.0, tie_word_embeddings=True)
+    model = GPT2LMHeadModel(config)
+    try:
+        model.set_attn_implementation("sdpa")
+    except Exception:  # older transformers: sdpa is the default where available
+        pass
+    ids = torch.randint(4, args.vocab, (args.batch, args.seq_len), generator=torch.Generator().manual_seed(0))
+
+    def loss_fn():
+        return model(input_ids=ids, labels=ids).loss
+
+    return model, loss_fn
+
+
+def trainer_step(model, loss_fn):
+    from lmlab.training.module import make_optimizer
+
+    # the optimiser lmlab trains with (fused AdamW where this PyTorch has it), for both models alike
+    factory = functools.partial(torch.optim.AdamW, lr=1e-3, betas=(0.9, 0.95), weight_decay=0.01)
+    optimizer = make_optimizer(factory, [{"params": list(model.parameters())}])
+    model.train()
+
+    def step():
+        loss = loss_fn()
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+
+    return step
+
+
+def timed(step, n: int) -> tuple[float, float]:
+    """(wall seconds, CPU seconds of this process) for ``n`` steps."""
+    t, c = time.perf_counter(), time.process_time()
+    for _ in range(n):
+        step()
+    return time.perf_counter() - t, time.process_time() - c
+
+
+def main(argv: list[str] | None = None) -> dict:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--d-model", type=int, default=64)
+    parser.add_argument("--layers", type=int, default=2)
+    parser.add_argument("--heads", type=int, default=4)
+    parser.add_argument("--vocab", type=int, default=34, help="34: the default PCFG (30 words + 4 specials)")
+    parser.add_argument("--seq-len", type=int, default=128)
+    parser.add_argument("--batch", type=int, default=64)
+    parser.add_argument("--steps", type=int, default=10, help="steps per round and model")
+    parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--threads", type=int, default=2)
+    args = parser.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    torch.manual_seed(0)
+    steps = {"lmlab": trainer_step(*make_lmlab(args)), "hf": trainer_step(*make_hf(args))}
+    for step in steps.values():  # warm-up (allocator, first-call overheads)
+        timed(step, 2)
+    tokens = args.batch * args.seq_len * args.steps
+    wall: dict[str, list[float]] = {k: [] for k in steps}
+    cpu: dict[str, list[float]] = {k: [] for k in steps}
+    for _ in range(args.rounds):
+        for name, step in steps.items():
+            w, c = timed(step, args.steps)
+            wall[name].append(tokens / w)
+            cpu[name].append(tokens / c)
+    ratios = [a / b for a, b in zip(wall["lmlab"], wall["hf"])]
+    cpu_ratios = [a / b for a, b in zip(cpu["lmlab"], cpu["hf"])]
+    out = {name: statistics.median(r) for name, r in wall.items()}
+    out["ratio"], out["cpu_ratio"] = statistics.median(ratios), statistics.median(cpu_ratios)
+    print(f"shape: d_model={args.d_model} layers={args.layers} heads={args.heads} vocab={args.vocab} "
+          f"seq_len={args.seq_len} batch={args.batch}, {args.threads} threads, torch {torch.__version__}")
+    print(f"lmlab Transformer      {out['lmlab']:12,.0f} tokens/s "
+          f"(median of {args.rounds} rounds of {args.steps} steps)")
+    print(f"HF GPT2LMHeadModel     {out['hf']:12,.0f} tokens/s")
+    print(f"ratio lmlab / HF       {out['ratio']:12.2f}x  wall clock "
+          f"(per round: {', '.join(f'{r:.2f}' for r in ratios)})")
+    print(f"                       {out['cpu_ratio']:12.2f}x  per CPU second of this process (less sensitive "
+          "to a busy machine)")
+    return out
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,126 @@
+"""The paper's algorithm baselines: objective=adversarial_mlm (gradients of the two-player loss) and the
+lookup-table features of eval=probe (equal to the source's exact conditionals)."""
+
+from __future__ import annotations
+
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+from lmlab.data.datamodule import DataModule
+from lmlab.data.hmm import HMMSource
+from lmlab.data.pcfg import PCFGSource
+from lmlab.data.source import N_SPECIAL
+from lmlab.evaluation.common import features, labelled_rows
+from lmlab.evaluation.probe import Probe, lookup_features
+from lmlab.models.base import BIDIRECTIONAL
+from lmlab.models.transformer import Transformer
+from lmlab.objectives.adversarial_mlm import AdversarialMLM
+from lmlab.objectives.mlm import MLM
+from tests.conftest import FAST, TINY
+
+
+def _hmm(**kw):
+    source = HMMSource(hidden_states=4, vocab_size=8, length=6, train_size=60, validation_size=10,
+                       test_size=40, downstream_size=60, **kw)
+    return source, source.build()
+
+
+@pytest.mark.parametrize("pooling", ["mean", "concat"])
+def test_adversarial_gradients(pooling):
+    """d/d encoder = grad(MLM) - lam grad(head loss); d/d head = + grad(head loss); value = MLM - lam h."""
+    source, splits = _hmm()
+    lam = 0.7
+    objective = AdversarialMLM(d_model=8, lam=lam, head_batch_size=16, pooling=pooling)
+    objective.bind(source, splits)
+    torch.manual_seed(0)
+    model = Transformer(source.vocab_size, BIDIRECTIONAL, d_model=8, n_layers=1, n_heads=2)
+    ids = torch.as_tensor(splits["train"][:12]["input_ids"])
+    prepared = objective.prepare({"input_ids": ids, "seed": 5})
+    total, metrics = objective.loss(model, prepared)
+    enc_params, head_params = list(model.parameters()), list(objective.head.parameters())
+    g_total = torch.autograd.grad(total, enc_params + head_params)
+
+    # references, computed separately: plain MLM, and the head's loss on the same labelled rows
+    mlm, _ = MLM.loss(MLM(vocab_size=source.vocab_size), model, MLM(vocab_size=source.vocab_size).prepare(
+        {"input_ids": ids, "seed": 5}))
+    head_ids, y = objective.head_batch(5)
+    length = max(len(r) for r in labelled_rows(splits["train"], "task_z")[0])
+    h = F.cross_entropy(objective.head(features(model, head_ids, BIDIRECTIONAL, pooling, length)), y)
+    g_mlm = torch.autograd.grad(mlm, enc_params, allow_unused=True)
+    g_h = torch.autograd.grad(h, enc_params + head_params)
+
+    for gt, gm, gh in zip(g_total[: len(enc_params)], g_mlm, g_h[: len(enc_params)]):
+        gm = torch.zeros_like(gt) if gm is None else gm
+        torch.testing.assert_close(gt, gm - lam * gh, atol=1e-6, rtol=1e-5)
+    for gt, gh in zip(g_total[len(enc_params):], g_h[len(enc_params):]):
+        torch.testing.assert_close(gt, gh, atol=1e-7, rtol=1e-6)
+    assert float(total) == pytest.approx(float(mlm) - lam * float(h), rel=1e-5)
+    assert metrics["head_loss"] == pytest.approx(float(h), rel=1e-5)
+    assert metrics["mlm_loss"] == pytest.approx(float(mlm), rel=1e-5)
+    # the head rows are a deterministic function of the batch seed, taken from the train split
+    torch.testing.assert_close(objective.head_batch(5)[0], head_ids)
+    assert not torch.equal(objective.head_batch(6)[0], head_ids)
+
+
+def test_adversarial_objective_is_a_module_with_the_head():
+    source, splits = _hmm()
+    objective = AdversarialMLM(d_model=8)
+    objective.bind(source, splits)
+    names = [n for n, _ in objective.named_parameters()]
+    assert names == ["head.weight", "head.bias"]
+    assert objective.head.out_features == 4 and objective.attention == BIDIRECTIONAL
+
+
+def test_adversarial_mlm_trains_through_the_cli(lmlab):
+    code, out = lmlab("train", "objective=adversarial_mlm", "objective.lam=0.5", *FAST, *TINY,
+                      "eval=[perplexity]")
+    assert code == 0, out
+    import json
+
+    results = json.loads(next(lmlab.runs.rglob("results.json")).read_text())
+    assert "perplexity/gap" in results["metrics"]
+
+
+# ----- the lookup table -----
+
+@pytest.mark.parametrize("make", ["hmm", "pcfg"])
+def test_lookup_features_are_the_exact_conditionals(make):
+    if make == "hmm":
+        source, splits = _hmm()
+    else:
+        source = PCFGSource(levels=2, nonterminals_per_level=3, vocab_size=12, words_per_preterminal=4,
+                            start_symbols=2, train_size=10, validation_size=10, test_size=30, downstream_size=30)
+        splits = source.build()
+    rows = [list(r) for r in splits["test"][:20]["input_ids"]]
+    conds = source.single_mask_conditionals(rows)
+    length = max(len(r) for r in rows)
+    mean = lookup_features(source, rows, "mean", length).double()
+    concat = lookup_features(source, rows, "concat", length).double().reshape(len(rows), length, -1)
+    for i, (row, c) in enumerate(zip(rows, conds)):
+        c = torch.as_tensor(np.asarray(c)[:, N_SPECIAL:])
+        assert c.shape[0] == len(row) - 2
+        torch.testing.assert_close(mean[i], c.mean(0), atol=1e-6, rtol=1e-6)
+        torch.testing.assert_close(concat[i, 1 : len(row) - 1], c, atol=1e-6, rtol=1e-6)  # word t at row position t
+        assert float(concat[i, 0].abs().sum()) == 0 and float(concat[i, len(row) - 1 :].abs().sum()) == 0
+        torch.testing.assert_close(concat[i, 1 : len(row) - 1].sum(-1), torch.ones(len(row) - 2, dtype=torch.float64))
+
+
+def test_probe_reports_the_lookup_baseline():
+    source, splits = _hmm()
+    dm = DataModule(source, splits, batch_size=16, seed=0)
+    torch.manual_seed(0)
+    module = SimpleNamespace(model=Transformer(source.vocab_size, BIDIRECTIONAL, d_model=8, n_layers=1, n_heads=2),
+                             objective=MLM())
+    probe = Probe(seeds=2, epochs=5, pooling="concat")
+    out = probe(module, dm, None)
+    assert {"probe/lookup_acc", "probe/lookup_acc_std", "probe/lookup_acc_ci95"} <= set(out)
+    assert 0.0 <= out["probe/lookup_acc"] <= 1.0
+    # the same heads on the same features: reproducible, and cached (independent of the model)
+    again = Probe(seeds=2, epochs=5, pooling="concat")(module, dm, None)
+    assert again["probe/lookup_acc"] == out["probe/lookup_acc"]
+    assert probe._lookup_cache
+    assert "probe/lookup_acc" not in Probe(seeds=1, epochs=1, lookup=False)(module, dm, None)

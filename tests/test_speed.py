@@ -1,0 +1,165 @@
+"""Speed: the device peak table, tokens/s and MFU, the fused optimiser, torch.compile, and the benchmarks."""
+
+from __future__ import annotations
+
+import functools
+import subprocess
+import sys
+import warnings
+from pathlib import Path
+
+import pytest
+import torch
+
+from lmlab.models.base import Attention
+from lmlab.models.transformer import Transformer
+from lmlab.objectives.clm import CLM
+from lmlab.training import throughput
+from lmlab.training.module import fast_optimizer_kwargs, make_optimizer
+from lmlab.training.throughput import Throughput, matmul_precision, peak_flops
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+# ----- the peak table -----
+
+@pytest.mark.parametrize("name,precision,tflops", [
+    ("NVIDIA H100 80GB HBM3", "bf16", 989.4),
+    ("NVIDIA H100 PCIe", "bf16", 756.5),
+    ("NVIDIA H200", "bf16", 989.4),
+    ("NVIDIA GH200 480GB", "bf16", 989.4),
+    ("NVIDIA A100-SXM4-80GB", "bf16", 312.0),
+    ("NVIDIA A100-SXM4-80GB", "tf32", 156.0),
+    ("NVIDIA A100-PCIE-40GB", "fp32", 19.5),
+    ("NVIDIA L4", "bf16", 121.0),
+    ("NVIDIA L40S", "bf16", 362.1),
+    ("NVIDIA A10", "bf16", 125.0),
+])
+def test_peak_table(name, precision, tflops):
+    assert peak_flops("cuda", precision, name=name) == pytest.approx(tflops * 1e12)
+
+
+def test_unknown_device_warns_once_and_gives_no_peak():
+    throughput._warned.clear()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        assert peak_flops("cpu", "fp32") is None
+        assert peak_flops("cpu", "fp32") is None
+        assert peak_flops("cuda", "bf16", name="Imaginary GPU 9000") is None
+        assert peak_flops("cuda", "bf16", name="NVIDIA V100") is None  # V100 has no bf16 peak
+    messages = [str(w.message) for w in caught]
+    assert len(messages) == 3 and sum("'cpu'" in m for m in messages) == 1
+
+
+def test_matmul_precision_of_lightning_settings():
+    assert matmul_precision("bf16-mixed") == "bf16"
+    assert matmul_precision("bf16-true") == "bf16"
+    assert matmul_precision("16-mixed") == "fp16"
+    assert matmul_precision("32-true") in ("fp32", "tf32")
+
+
+# ----- tokens/s and MFU -----
+
+def test_throughput_known_answer():
+    """A fake clock: steps of 100 tokens at t = 0, 1, 3, 4 s; the window of the last 2 steps covers 3 s
+    (t = 1 .. 4) and 200 tokens; with 2 processes the global rate doubles; MFU = flops/s / peak."""
+    times = iter([0.0, 1.0, 3.0, 4.0])
+    fpt = {10: 6.0}
+    meter = Throughput(lambda t: fpt[t], peak=1000.0, world=2, window=2, clock=lambda: next(times))
+    assert meter.step(100, 10) == {}
+    assert meter.step(100, 10) == {"train/tokens_per_s": 200.0, "train/mfu": pytest.approx(0.6)}
+    meter.step(100, 10)
+    out = meter.step(100, 10)  # window: steps at t=3 and t=4 after the start mark t=1
+    assert out["train/tokens_per_s"] == pytest.approx(200 / 3 * 2)
+    assert out["train/mfu"] == pytest.approx(200 * 6.0 / 3 / 1000.0)
+    no_peak = Throughput(lambda t: 1.0, peak=None, clock=iter([0.0, 2.0]).__next__)
+    no_peak.step(10, 4)
+    assert no_peak.step(10, 4) == {"train/tokens_per_s": 5.0}
+
+
+def test_transformer_flops_per_token_counts_the_matmuls():
+    """6 x (weights touched per token) + attention scores: checked against a count of the layers."""
+    d, layers, vocab, T = 32, 3, 50, 16
+    model = Transformer(vocab, d_model=d, n_layers=layers, n_heads=4)
+    matmul_weights = layers * (4 * d * d + 2 * d * 4 * d) + d * vocab  # qkv+out, up+down, head
+    norms = (2 * layers + 1) * d
+    assert model.flops_per_token(T) == 6 * (matmul_weights + norms) + 12 * layers * d * T
+
+
+# ----- the fused optimiser -----
+
+def test_fused_adamw_where_available():
+    factory = functools.partial(torch.optim.AdamW, lr=1e-3)
+    params = [torch.nn.Parameter(torch.randn(4, 4))]
+    assert fast_optimizer_kwargs(factory, params) == {"fused": True}
+    assert fast_optimizer_kwargs(factory, params, "16-mixed") == {}  # the fp16 scaler clips unfused grads
+    assert fast_optimizer_kwargs(functools.partial(factory, fused=False), params) == {}  # the config decides
+    assert fast_optimizer_kwargs(lambda groups: None, params) == {}  # no ``fused`` argument
+    optimizer = make_optimizer(factory, [{"params": params}])
+    assert optimizer.defaults["fused"] is (torch.__version__ >= "2.4")
+    # fused and unfused take the same step
+    ref = [torch.nn.Parameter(params[0].detach().clone())]
+    plain = torch.optim.AdamW(ref, lr=1e-3)
+    for p in (params[0], ref[0]):
+        p.grad = torch.ones_like(p)
+    optimizer.step()
+    plain.step()
+    assert torch.allclose(params[0], ref[0], atol=1e-6)
+
+
+# ----- torch.compile on the CPU -----
+
+def test_compiled_transformer_matches_eager():
+    """``compile=true`` wraps the backbone in torch.compile: three training steps give the eager losses."""
+    torch.manual_seed(0)
+    eager = Transformer(40, d_model=32, n_layers=1, n_heads=2)
+    compiled_model = Transformer(40, d_model=32, n_layers=1, n_heads=2)
+    compiled_model.load_state_dict(eager.state_dict())
+    compiled = torch.compile(compiled_model)
+    objective = CLM()
+    ids = torch.randint(4, 40, (4, 13), generator=torch.Generator().manual_seed(1))
+    losses = {}
+    for name, model, forward in [("eager", eager, eager), ("compiled", compiled_model, compiled)]:
+        opt = torch.optim.SGD(model.parameters(), lr=0.1)
+        losses[name] = []
+        for _ in range(3):
+            loss, _ = objective.loss(forward, objective.prepare({"input_ids": ids, "seed": 0}))
+            loss.backward()
+            opt.step()
+            opt.zero_grad()
+            losses[name].append(float(loss))
+    assert losses["compiled"] == pytest.approx(losses["eager"], abs=1e-4)
+    assert compiled(ids, Attention("causal")).shape == (4, 13, 32)
+
+
+# ----- the benchmarks run -----
+
+def test_bench_gpu_smoke():
+    proc = subprocess.run([sys.executable, str(ROOT / "scripts" / "bench_gpu.py"), "--smoke"], capture_output=True,
+                          text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "lmlab " in proc.stdout and "hf " in proc.stdout and "ratio lmlab / hf" in proc.stdout
+
+
+def test_bench_speed_runs():
+    sys.path.insert(0, str(ROOT / "scripts"))
+    try:
+        import bench_speed
+    finally:
+        sys.path.pop(0)
+    out = bench_speed.main(["--seq-len", "16", "--batch", "4", "--steps", "1", "--rounds", "1", "--threads", "1"])
+    assert out["lmlab"] > 0 and out["hf"] > 0 and out["ratio"] > 0
+
+
+def test_vectorised_collate_matches_row_by_row_padding():
+    import random
+
+    from lmlab.data.datamodule import collate
+
+    rng = random.Random(0)
+    rows = [{"input_ids": [rng.randint(4, 30) for _ in range(rng.randint(1, 9))], "label": i} for i in range(7)]
+    batch = collate(rows, seed=5)
+    width = max(len(r["input_ids"]) for r in rows)
+    expected = [r["input_ids"] + [0] * (width - len(r["input_ids"])) for r in rows]
+    assert batch["input_ids"].tolist() == expected and batch["input_ids"].dtype == torch.long
+    assert batch["label"].tolist() == list(range(7)) and batch["seed"] == 5

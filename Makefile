@@ -30,6 +30,11 @@ bench: install
 	$(PY) scripts/bench_speed.py
 	$(PY) scripts/bench_models.py
 
+# Rerun "Same Pre-training Loss, Better Downstream" (Liu et al., ICML 2023) and write a claim-by-claim report.
+# PROFILE=cpu (default: small HMM and PCFG, 3 seeds) or PROFILE=gpu GRAMMAR=<the paper's rule file>.
+reproduce-paper: install
+	$(PY) scripts/reproduce_paper.py --profile $(or $(PROFILE),cpu) $(if $(GRAMMAR),--grammar $(GRAMMAR))
+
 lint: install
 	$(VENV)/bin/ruff check lmlab tests scripts
 

@@ -37,7 +37,6 @@ from __future__ import annotations
 
 import hashlib
 import math
-from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -47,25 +46,13 @@ from datasets import Dataset, DatasetDict, Features, Sequence, Value
 
 from lmlab.data.source import BOS_ID, EOS_ID, N_SPECIAL, SPLITS, Source, word_ids
 from lmlab.errors import UserError
+from lmlab.threads import one_thread
 
 SUM_TOLERANCE = 1e-3  # a nonterminal's rule probabilities must sum to 1 within this
 _RENORM_NOTICE_EPS = 1e-6  # sums off by more than float noise but within tolerance are reported
 _MAX_EXPANSION_STEPS = 10_000
 _MAX_FRONTIER = 50_000_000
 _CHUNK_ELEMENTS = 1e7  # rough budget of chart elements per inside batch
-
-
-@contextmanager
-def _one_thread():
-    """Run torch ops on one intra-op thread. The chart work is many small memory-bound ops; with several
-    threads each op ends in a barrier, which on a busy machine (other jobs, data-loader workers) costs a
-    scheduler time slice per op (measured: 20x slower on 2 loaded cores)."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(previous)
 
 
 @dataclass
@@ -515,7 +502,7 @@ class PCFGSource(Source):
         g = self.grammar
         out = {t: np.full(len(sentences), -1, dtype=np.int64) for t in ("task_a", "task_b", "task_c")}
         children = torch.tensor(g.start_children, dtype=torch.long)
-        with torch.no_grad(), _one_thread():
+        with torch.no_grad(), one_thread():
             for idx, words in self._chunks(sentences):
                 n = words.shape[1]
                 if n == 0:
@@ -543,7 +530,7 @@ class PCFGSource(Source):
     def sequence_nll(self, rows: list[list[int]]) -> np.ndarray:
         sentences = self._rows_to_words(rows)
         nll = np.full(len(sentences), np.inf)
-        with torch.no_grad(), _one_thread():
+        with torch.no_grad(), one_thread():
             for idx, words in self._chunks(sentences):
                 n = words.shape[1]
                 if n == 0:
@@ -558,7 +545,7 @@ class PCFGSource(Source):
         sentences = self._rows_to_words(rows)
         out: list[np.ndarray] = [np.zeros((len(s), self.vocab_size)) for s in sentences]
         E = torch.tensor(self._E)
-        with torch.no_grad(), _one_thread():
+        with torch.no_grad(), one_thread():
             for idx, words in self._chunks(sentences):
                 n = words.shape[1]
                 if n == 0:

@@ -61,6 +61,7 @@ from lmlab.evaluation.base import Evaluator
 from lmlab.evaluation.common import pad_rows
 from lmlab.models.base import Attention
 from lmlab.objectives.clm import model_device
+from lmlab.threads import one_thread
 
 ESTIMATORS = ("hutchinson", "fisher")
 DISTRIBUTIONS = ("rademacher", "gaussian")
@@ -214,21 +215,16 @@ class Flatness(Evaluator):
             model = widen(model, int(self.embed_width))
         device = model_device(model)
         model.eval()
-        # the matmuls of small models are tiny: on a CPU shared with other jobs, intra-op threads thrash
-        # (measured: 40 HVPs of the default model 178 s with 2 threads vs 5 s with 1 on a loaded 2-core box)
-        threads = torch.get_num_threads()
-        if device.type == "cpu":
-            torch.set_num_threads(1)
         try:
-            prepared = [_to(p, device) for p in self._prepared_batches(objective, datamodule.splits[self.split])]
-            params = select_parameters(model, self.params)
-            with torch.enable_grad(), sdpa_kernel(SDPBackend.MATH):
-                if self.estimator == "hutchinson":
-                    trace, se, n = self._hutchinson(model, prepared, list(params.values()))
-                else:
-                    trace, se, n = self._fisher(model, objective.attention, prepared, params)
+            with one_thread(device.type == "cpu"):
+                prepared = [_to(p, device) for p in self._prepared_batches(objective, datamodule.splits[self.split])]
+                params = select_parameters(model, self.params)
+                with torch.enable_grad(), sdpa_kernel(SDPBackend.MATH):
+                    if self.estimator == "hutchinson":
+                        trace, se, n = self._hutchinson(model, prepared, list(params.values()))
+                    else:
+                        trace, se, n = self._fisher(model, objective.attention, prepared, params)
         finally:
-            torch.set_num_threads(threads)
             module.model.train(was_training)
         return {f"{self.name}/trace": trace, f"{self.name}/trace_se": se, f"{self.name}/samples": float(n),
                 f"{self.name}/params": float(sum(p.numel() for p in params.values()))}

@@ -46,6 +46,7 @@ from lmlab.evaluation.common import (
     summarize,
     t_interval,
 )
+from lmlab.threads import one_thread
 
 
 def lookup_features(source, rows: list[list[int]], pooling: str, length: int) -> torch.Tensor | None:
@@ -142,15 +143,8 @@ class Probe(DownstreamEvaluator):
         y_train = torch.as_tensor(train_y, device=device)
         y_test = torch.as_tensor(test_y, device=device)
 
-        # the head's matmuls are tiny: on CPU, intra-op threads only add overhead (and thrash when the
-        # cores are shared with other jobs of a sweep)
-        threads = torch.get_num_threads()
-        if device.type == "cpu":
-            torch.set_num_threads(1)
-        try:
+        with one_thread(device.type == "cpu"):  # the head's matmuls are tiny
             return [self._fit(x_train, y_train, x_test, y_test, n_classes, seed) for seed in range(self.seeds)]
-        finally:
-            torch.set_num_threads(threads)
 
     def _fit(self, x_train, y_train, x_test, y_test, n_classes: int, seed: int) -> float:
         g = torch.Generator().manual_seed(seed)

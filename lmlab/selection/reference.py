@@ -15,7 +15,6 @@ One place for what those methods share:
 from __future__ import annotations
 
 import copy
-from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -29,19 +28,8 @@ from lmlab.errors import UserError
 from lmlab.models.base import CAUSAL
 from lmlab.models.transformer import Transformer
 from lmlab.objectives.clm import CLM, model_device
+from lmlab.threads import one_thread
 from lmlab.training.schedule import cosine
-
-
-@contextmanager
-def one_thread():
-    """Small models on one intra-op thread: on a busy machine multi-threaded small ops wait on each other
-    (measured on 2 loaded cores: 150 steps took 210 s with the default threads, ~8 s with one)."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(previous)
 
 
 def rows_of(split: Dataset) -> list[list[int]]:

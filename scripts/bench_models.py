@@ -30,7 +30,7 @@ sys.path.insert(0, str(ROOT))
 from lmlab.models.base import Attention  # noqa: E402
 
 CONF = ROOT / "lmlab" / "conf" / "model"
-VOCAB = 64
+VOCAB = 260  # the byte vocabulary, so that the byte-level model (hat) builds too
 
 
 def build(name: str, d_model: int, **overrides):

@@ -26,6 +26,19 @@ class DownstreamEvaluator(Evaluator):
         resolve_task(source, self.task, self.name)  # raises on a task the data lacks
         return None
 
+    def labelled_splits(self, datamodule):
+        """``(task, train_rows, train_y, test_rows, test_y, n_classes, length)``: the labelled rows of the
+        ``downstream`` split (to train on) and of the ``test`` split (to score), the number of classes and
+        the longest row."""
+        task, n_classes = resolve_task(datamodule.source, self.task, self.name)
+        train_rows, train_y = labelled_rows(datamodule.splits["downstream"], task, self.max_train)
+        test_rows, test_y = labelled_rows(datamodule.splits["test"], task, self.max_test)
+        check_nonempty(train_rows, "downstream", task, self.name)
+        check_nonempty(test_rows, "test", task, self.name)
+        n_classes = max(n_classes, int(train_y.max()) + 1, int(test_y.max()) + 1)
+        length = max(len(r) for r in train_rows + test_rows)
+        return task, train_rows, train_y, test_rows, test_y, n_classes, length
+
 
 def resolve_task(source, task: str | None, evaluator: str) -> tuple[str, int]:
     """The label column to evaluate (default: the source's first task) and its number of classes."""

@@ -21,13 +21,10 @@ from torch import nn
 
 from lmlab.evaluation.common import (
     DownstreamEvaluator,
-    check_nonempty,
     feature_dim,
     features,
-    labelled_rows,
     model_device,
     pad_rows,
-    resolve_task,
     summarize,
 )
 
@@ -45,13 +42,7 @@ class Finetune(DownstreamEvaluator):
     def __call__(self, module, datamodule, run_dir=None) -> dict[str, float]:
         original = getattr(module.model, "_orig_mod", module.model)  # unwrap torch.compile
         kind = module.objective.attention
-        task, n_classes = resolve_task(datamodule.source, self.task, self.name)
-        train_rows, train_y = labelled_rows(datamodule.splits["downstream"], task, self.max_train)
-        test_rows, test_y = labelled_rows(datamodule.splits["test"], task, self.max_test)
-        check_nonempty(train_rows, "downstream", task, self.name)
-        check_nonempty(test_rows, "test", task, self.name)
-        n_classes = max(n_classes, int(train_y.max()) + 1, int(test_y.max()) + 1)
-        length = max(len(r) for r in train_rows + test_rows)
+        task, train_rows, train_y, test_rows, test_y, n_classes, length = self.labelled_splits(datamodule)
         accs = [self._run(original, kind, train_rows, train_y, test_rows, test_y, n_classes, length, seed)
                 for seed in range(self.seeds)]
         return summarize(self.name, accs, test_y)

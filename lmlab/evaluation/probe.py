@@ -37,12 +37,9 @@ from lmlab.data.source import N_SPECIAL
 from lmlab.errors import UserError
 from lmlab.evaluation.common import (
     DownstreamEvaluator,
-    check_nonempty,
     features,
-    labelled_rows,
     model_device,
     pad_rows,
-    resolve_task,
     summarize,
     t_interval,
 )
@@ -98,13 +95,7 @@ class Probe(DownstreamEvaluator):
 
     def __call__(self, module, datamodule, run_dir=None) -> dict[str, float]:
         model, kind = module.model, module.objective.attention
-        task, n_classes = resolve_task(datamodule.source, self.task, self.name)
-        train_rows, train_y = labelled_rows(datamodule.splits["downstream"], task, self.max_train)
-        test_rows, test_y = labelled_rows(datamodule.splits["test"], task, self.max_test)
-        check_nonempty(train_rows, "downstream", task, self.name)
-        check_nonempty(test_rows, "test", task, self.name)
-        n_classes = max(n_classes, int(train_y.max()) + 1, int(test_y.max()) + 1)
-        length = max(len(r) for r in train_rows + test_rows)
+        task, train_rows, train_y, test_rows, test_y, n_classes, length = self.labelled_splits(datamodule)
 
         was_training = model.training
         model.eval()

@@ -25,7 +25,28 @@ n-gram from extra [M] slots with their own positions and a two-stream attention 
 contract carries only causal/bidirectional/prefix attention, so here the i-th token of a masked n-gram is
 predicted from the coarse MASK's hidden state plus a learned offset embedding ``fine_offset[i]``, through
 the model's LM head. ``loss = CE_coarse + fine_weight * CE_fine`` (each a mean over its targets).
-The enhanced relation modelling (generator + replaced-token detection) is not implemented.
+
+Enhanced n-gram relation modelling (``relation=true``; off by default). A small generator, lmlab's
+``Transformer`` with bidirectional attention, ``generator_layers`` deep and about ``generator_width_factor``
+times the model's width (the paper: one third of the hidden size; it does not give the depth, so the default
+is the model's ``n_layers``, as in ELECTRA), is trained with the explicit n-gram MLM above (coarse only,
+its own softmax over vocabulary + V_N) on the same masked row. For every masked slot an identity
+y' ~ p_G(y | masked row) is sampled (special tokens excluded; inverse-CDF sampling with uniforms from
+``batch["seed"]``; no gradient through the sample) and put in the slot: a word as itself, an n-gram as its
+row of the n-gram input embedding. The paper extends the embedding table to vocabulary + V_N; here the n-gram
+rows are ``ngram_head``'s weights (tied, as the model's token embedding is tied to its LM head by default),
+injected by a forward hook on the model's ``embed``. A sampled n-gram fills one slot, so the corrupted row has
+the collator's shortened length. The model reads the corrupted row once and (a) predicts the original
+identities (coarse + fine, as above) at the masked slots, and (b) a replaced-token-detection head
+(``rtd_head``, a Linear on its hidden states) tells at every real position whether the identity there
+differs from the original (only masked slots whose sample differs from the original count as replaced)::
+
+    loss = CE_gen + CE_coarse + fine_weight * CE_fine + rtd_weight * BCE_rtd
+
+(the paper sums the terms unweighted: ``rtd_weight=1``). Both the corrupted-input MLM and RTD read the same
+forward pass (the paper writes them as two terms over the same replaced row). The generator and the heads
+are the objective's parameters, trained and checkpointed with the model; its compute is not counted in the
+model's ``flops_per_token``.
 
 Evaluation: ``MLM.evaluate`` (single-mask conditionals over the token vocabulary).
 """
@@ -48,6 +69,7 @@ from torch import nn
 from lmlab.data.source import MASK_ID, N_SPECIAL, PAD_ID, config_hash
 from lmlab.errors import UserError
 from lmlab.models.base import BIDIRECTIONAL, Attention
+from lmlab.models.transformer import Transformer
 from lmlab.objectives.base import Prepared
 from lmlab.objectives.clm import padding_of
 from lmlab.objectives.mlm import MLM
@@ -114,6 +136,15 @@ def max_match(words: list[int], index: dict[Ngram, int], max_n: int) -> list[tup
 @dataclass
 class NgramPrepared(Prepared):
     fine_targets: torch.Tensor  # (B, T, max_n) long: the tokens of the n-gram masked at (b, t); -1 elsewhere
+    seed: int = 0  # the batch's seed: the generator's samples are drawn from it
+
+
+def sample_identities(logits: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
+    """One class per row of ``logits`` (M, K), sampled from its softmax by inverse CDF with the uniforms
+    ``u`` (M,) in [0, 1): the first class whose cumulative probability exceeds ``u``."""
+    cdf = logits.detach().double().softmax(-1).cumsum(-1)
+    pick = torch.searchsorted(cdf, (u.to(cdf) * cdf[:, -1])[:, None], right=True).squeeze(1)
+    return pick.clamp_max(logits.shape[-1] - 1)
 
 
 class NgramMLM(MLM, nn.Module):
@@ -122,7 +153,9 @@ class NgramMLM(MLM, nn.Module):
     attention = BIDIRECTIONAL
 
     def __init__(self, d_model: int | None = None, max_n: int = 3, top_k: int = 100, min_count: int = 5,
-                 mask_prob: float = 0.15, fine_weight: float = 1.0, cache_dir: str | None = None) -> None:
+                 mask_prob: float = 0.15, fine_weight: float = 1.0, cache_dir: str | None = None,
+                 relation: bool = False, generator_layers: int = 2, generator_width_factor: float = 1 / 3,
+                 generator_head_dim: int = 16, rtd_weight: float = 1.0) -> None:
         nn.Module.__init__(self)
         MLM.__init__(self, mask_prob=mask_prob)
         if d_model is None:
@@ -136,6 +169,13 @@ class NgramMLM(MLM, nn.Module):
         self.fine_offset = nn.Embedding(max_n, d_model)
         nn.init.normal_(self.fine_offset.weight, std=0.02)
         self.ngram_head: nn.Linear | None = None
+        self.relation, self.rtd_weight = relation, rtd_weight
+        self.generator_layers, self.generator_head_dim = generator_layers, generator_head_dim
+        self.generator_width = generator_head_dim * max(1, round(d_model * generator_width_factor / generator_head_dim))
+        # built with the lexicon, after the model (so the model's initialisation does not depend on relation)
+        self.generator: Transformer | None = None
+        self.generator_ngram_head: nn.Linear | None = None
+        self.rtd_head: nn.Linear | None = None
 
     # ----- the lexicon -----
 
@@ -164,6 +204,13 @@ class NgramMLM(MLM, nn.Module):
         self.index = {g: i for i, g in enumerate(self.lexicon)}
         self.ngram_head = nn.Linear(self.d_model, len(self.lexicon), bias=False)
         nn.init.normal_(self.ngram_head.weight, std=0.02)
+        if self.relation:
+            width = self.generator_width
+            self.generator = Transformer(self.vocab_size, BIDIRECTIONAL, d_model=width,
+                                         n_layers=self.generator_layers, n_heads=width // self.generator_head_dim)
+            self.generator_ngram_head = nn.Linear(width, len(self.lexicon), bias=False)
+            nn.init.normal_(self.generator_ngram_head.weight, std=0.02)
+            self.rtd_head = nn.Linear(self.d_model, 1)
 
     # ----- masking -----
 
@@ -221,12 +268,31 @@ class NgramMLM(MLM, nn.Module):
         dev = ids.device
         inputs, coarse, fine = inputs.to(dev), coarse.to(dev), fine.to(dev)
         return NgramPrepared(inputs=inputs, targets=coarse.clamp_min(0), loss_mask=coarse >= 0,
-                             attention=Attention(BIDIRECTIONAL, padding=padding_of(inputs)), fine_targets=fine)
+                             attention=Attention(BIDIRECTIONAL, padding=padding_of(inputs)), fine_targets=fine,
+                             seed=int(batch.get("seed", 0)))
 
     # ----- the loss -----
 
     def loss(self, model, prepared: NgramPrepared) -> tuple[torch.Tensor, dict[str, float]]:
-        hidden = model(prepared.inputs, prepared.attention)[prepared.loss_mask]
+        if not self.relation:
+            return self.ngram_loss(model, model(prepared.inputs, prepared.attention), prepared)
+        mask = prepared.loss_mask
+        gen_logits = self.generator_logits(prepared)
+        gen = F.cross_entropy(gen_logits, prepared.targets[mask])
+        u = torch.rand(len(gen_logits), generator=torch.Generator().manual_seed(prepared.seed))
+        corrupted, replaced = self.corrupt(prepared, sample_identities(gen_logits, u.to(gen_logits.device)))
+        hidden = self.hidden_of_identities(model, corrupted, prepared.attention)
+        loss, metrics = self.ngram_loss(model, hidden, prepared)
+        real = prepared.inputs != PAD_ID
+        rtd = F.binary_cross_entropy_with_logits(self.rtd_head(hidden[real]).squeeze(-1).float(),
+                                                 replaced[real].float())
+        metrics.update(gen=float(gen.detach()), rtd=float(rtd.detach()),
+                       replaced=float(replaced.sum() / mask.sum()))
+        return gen + loss + self.rtd_weight * rtd, metrics
+
+    def ngram_loss(self, model, hidden: torch.Tensor, prepared: NgramPrepared) -> tuple[torch.Tensor, dict]:
+        """Coarse + fine n-gram prediction at the masked slots, from the model's hidden states (B, T, d)."""
+        hidden = hidden[prepared.loss_mask]
         logits = torch.cat([model.logits(hidden), self.ngram_head(hidden)], dim=-1).float()
         coarse = F.cross_entropy(logits, prepared.targets[prepared.loss_mask])
         fine_t = prepared.fine_targets[prepared.loss_mask]  # (M, max_n)
@@ -239,3 +305,35 @@ class NgramMLM(MLM, nn.Module):
             loss = loss + self.fine_weight * fine
             metrics["fine"] = float(fine.detach())
         return loss, metrics
+
+    # ----- enhanced n-gram relation modelling -----
+
+    def generator_logits(self, prepared: NgramPrepared) -> torch.Tensor:
+        """The generator's logits (M, vocab + lexicon) at the masked slots; special tokens are never proposed."""
+        h = self.generator(prepared.inputs, prepared.attention)[prepared.loss_mask]
+        logits = torch.cat([self.generator.logits(h), self.generator_ngram_head(h)], dim=-1).float()
+        return logits.index_fill(1, torch.arange(N_SPECIAL, device=logits.device), float("-inf"))
+
+    @staticmethod
+    def corrupt(prepared: NgramPrepared, sampled: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(ids, replaced)``: the shortened row with each masked slot holding its sampled identity (a word,
+        or vocab_size + lexicon index), and the positions whose identity differs from the original."""
+        ids = prepared.inputs.clone()
+        ids[prepared.loss_mask] = sampled
+        return ids, prepared.loss_mask & (ids != prepared.targets)
+
+    def hidden_of_identities(self, model, ids: torch.Tensor, attention: Attention) -> torch.Tensor:
+        """The model's hidden states for ids over vocabulary + lexicon: an n-gram id enters as its row of
+        ``ngram_head``'s weights, written over the model's token embedding by a forward hook on ``embed``."""
+        embed = getattr(model, "embed", None)
+        if not isinstance(embed, nn.Embedding):
+            raise UserError(f"objective.relation=true needs a model with a token embedding `embed`, which "
+                            f"{type(model).__name__} lacks: use model=transformer or objective.relation=false.")
+        gram = ids >= self.vocab_size
+        vectors = self.ngram_head.weight[(ids - self.vocab_size).clamp_min(0)]
+        handle = embed.register_forward_hook(
+            lambda module, args, out: torch.where(gram[..., None], vectors.to(out.dtype), out))
+        try:
+            return model(ids.masked_fill(gram, MASK_ID), attention)
+        finally:
+            handle.remove()

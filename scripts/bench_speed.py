@@ -10,6 +10,7 @@ median of the per-round ratios is printed.
 
     python scripts/bench_speed.py                # the default shape (d_model 64, 2 layers, 4 heads)
     python scripts/bench_speed.py --seq-len 512 --d-model 256 --layers 4 --heads 8
+    python scripts/bench_speed.py --compile      # also both models under torch.compile (inductor, C++ on CPU)
 """
 
 from __future__ import annotations
@@ -96,12 +97,20 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--steps", type=int, default=10, help="steps per round and model")
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--compile", action="store_true", help="also time both models under torch.compile")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
     steps = {"lmlab": trainer_step(*make_lmlab(args)), "hf": trainer_step(*make_hf(args))}
-    for step in steps.values():  # warm-up (allocator, first-call overheads)
-        timed(step, 2)
+    if args.compile:  # what lmlab's compile=true does: the module compiled, the loss and optimiser eager
+        for name, make in (("lmlab compiled", make_lmlab), ("hf compiled", make_hf)):
+            model, loss_fn = make(args)
+            model.compile()
+            steps[name] = trainer_step(model, loss_fn)
+    for name, step in steps.items():  # warm-up (allocator, first-call overheads, compilation)
+        w, _ = timed(step, 2)
+        if "compiled" in name:
+            print(f"{name}: warm-up (compilation) {w:.1f} s")
     tokens = args.batch * args.seq_len * args.steps
     wall: dict[str, list[float]] = {k: [] for k in steps}
     cpu: dict[str, list[float]] = {k: [] for k in steps}
@@ -110,19 +119,20 @@ def main(argv: list[str] | None = None) -> dict:
             w, c = timed(step, args.steps)
             wall[name].append(tokens / w)
             cpu[name].append(tokens / c)
-    ratios = [a / b for a, b in zip(wall["lmlab"], wall["hf"])]
-    cpu_ratios = [a / b for a, b in zip(cpu["lmlab"], cpu["hf"])]
     out = {name: statistics.median(r) for name, r in wall.items()}
-    out["ratio"], out["cpu_ratio"] = statistics.median(ratios), statistics.median(cpu_ratios)
     print(f"shape: d_model={args.d_model} layers={args.layers} heads={args.heads} vocab={args.vocab} "
           f"seq_len={args.seq_len} batch={args.batch}, {args.threads} threads, torch {torch.__version__}")
-    print(f"lmlab Transformer      {out['lmlab']:12,.0f} tokens/s "
-          f"(median of {args.rounds} rounds of {args.steps} steps)")
-    print(f"HF GPT2LMHeadModel     {out['hf']:12,.0f} tokens/s")
-    print(f"ratio lmlab / HF       {out['ratio']:12.2f}x  wall clock "
-          f"(per round: {', '.join(f'{r:.2f}' for r in ratios)})")
-    print(f"                       {out['cpu_ratio']:12.2f}x  per CPU second of this process (less sensitive "
-          "to a busy machine)")
+    for name in steps:
+        label = name.replace("hf", "HF GPT2LMHeadModel").replace("lmlab", "lmlab Transformer")
+        print(f"{label:30s} {out[name]:12,.0f} tokens/s (median of {args.rounds} rounds of {args.steps} steps)")
+    pairs = [("lmlab", "hf"), ("lmlab compiled", "hf"), ("lmlab compiled", "hf compiled")]
+    for a, b in [(a, b) for a, b in pairs if a in steps and b in steps]:
+        ratios = [x / y for x, y in zip(wall[a], wall[b])]
+        cpu_ratio = statistics.median(x / y for x, y in zip(cpu[a], cpu[b]))
+        key = "ratio" if (a, b) == ("lmlab", "hf") else f"ratio {a} / {b}"
+        out[key] = statistics.median(ratios)
+        print(f"ratio {a} / {b}".ljust(30) + f" {out[key]:12.2f}x wall clock (per round: "
+              f"{', '.join(f'{r:.2f}' for r in ratios)}); {cpu_ratio:.2f}x per CPU second of this process")
     return out
 
 

@@ -163,3 +163,38 @@ def test_vectorised_collate_matches_row_by_row_padding():
     expected = [r["input_ids"] + [0] * (width - len(r["input_ids"])) for r in rows]
     assert batch["input_ids"].tolist() == expected and batch["input_ids"].dtype == torch.long
     assert batch["label"].tolist() == list(range(7)) and batch["seed"] == 5
+
+
+# ----- no host syncs in the CLM step -----
+
+def test_dense_clm_loss_equals_the_masked_mean():
+    """CLM's dense path (logits everywhere, ignore_index) gives the gathered-positions loss and gradients."""
+    torch.manual_seed(0)
+    model = Transformer(12, d_model=16, n_layers=1, n_heads=2)
+    ids = torch.tensor([[1, 5, 6, 7, 2], [1, 8, 2, 0, 0], [1, 9, 9, 2, 0]])
+    from lmlab.data.datamodule import collate
+    batch = collate([{"input_ids": [t for t in r if t]} for r in ids.tolist()])
+    assert batch["padded"] is True and torch.equal(batch["input_ids"], ids)
+    objective = CLM()
+    assert objective.dense_loss
+    prepared = objective.prepare(batch)
+    loss, _ = objective.loss(model, prepared)
+    grad = torch.autograd.grad(loss, model.embed.weight)[0]
+    hidden = model(prepared.inputs, prepared.attention)
+    ref = torch.nn.functional.cross_entropy(model.logits(hidden[prepared.loss_mask]),
+                                            prepared.targets[prepared.loss_mask])
+    ref_grad = torch.autograd.grad(ref, model.embed.weight)[0]
+    assert float(loss) == pytest.approx(float(ref), abs=1e-6)
+    assert torch.allclose(grad, ref_grad, atol=1e-6)
+
+
+def test_padding_flag_from_collate_skips_the_device_check():
+    from lmlab.data.datamodule import collate
+    from lmlab.objectives.clm import padding_of
+    full = collate([{"input_ids": [1, 4, 2]}, {"input_ids": [1, 5, 2]}])
+    assert full["padded"] is False and padding_of(full["input_ids"], full["padded"]) is None
+    ragged = collate([{"input_ids": [1, 4, 2]}, {"input_ids": [1, 2]}])
+    mask = padding_of(ragged["input_ids"], ragged["padded"])
+    assert mask.tolist() == [[True, True, True], [True, True, False]]
+    # without the flag the ids are checked (the old behaviour)
+    assert padding_of(full["input_ids"]) is None and padding_of(ragged["input_ids"]).equal(mask)

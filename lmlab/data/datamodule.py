@@ -27,7 +27,9 @@ from lmlab.data.source import PAD_ID, Source
 
 
 def collate(rows: list[dict], seed: int = 0) -> dict:
-    """Pad ``input_ids`` with PAD to the longest row; stack every integer label column."""
+    """Pad ``input_ids`` with PAD to the longest row; stack every integer label column. ``padded`` (a Python
+    bool: some row is shorter than the longest) lets objectives skip the padding mask without reading the
+    ids back from the device (``lmlab.objectives.clm.padding_of``)."""
     # one flat array and one masked assignment (no tensor per row): about 5-10x faster than row by row
     seqs = [r["input_ids"] for r in rows]
     lengths = np.fromiter(map(len, seqs), dtype=np.int64, count=len(seqs))
@@ -35,7 +37,7 @@ def collate(rows: list[dict], seed: int = 0) -> dict:
     flat = np.fromiter(itertools.chain.from_iterable(seqs), dtype=np.int64, count=int(lengths.sum()))
     ids = np.full((len(seqs), length), PAD_ID, dtype=np.int64)
     ids[np.arange(length)[None, :] < lengths[:, None]] = flat
-    batch = {"input_ids": torch.from_numpy(ids), "seed": seed}
+    batch = {"input_ids": torch.from_numpy(ids), "seed": seed, "padded": bool(lengths.min() < length)}
     for key, value in rows[0].items():
         if key != "input_ids" and isinstance(value, int):
             batch[key] = torch.tensor([r[key] for r in rows], dtype=torch.long)

@@ -17,6 +17,8 @@ import torch.nn.functional as F
 
 from lmlab.models.base import Attention
 
+IGNORE = -100  # cross-entropy's ignore_index for positions outside the loss mask
+
 
 @dataclass
 class Prepared:
@@ -28,6 +30,11 @@ class Prepared:
 
 class Objective(ABC):
     attention: str  # the attention pattern the model must honour: causal, bidirectional or prefix
+    # True where ``loss_mask`` covers nearly every position (next-token prediction): ``loss`` computes the
+    # logits everywhere and drops the rest by ``ignore_index``, with no boolean indexing (which reads the
+    # mask back to the host, a sync per step on an accelerator). False (sparse masks, e.g. MLM's 15%):
+    # logits only at the masked positions, which saves most of the LM head's work.
+    dense_loss: bool = False
 
     def bind(self, source, splits) -> None:
         """Called once the data is loaded, before any batch: the source (vocabulary, exact
@@ -37,11 +44,14 @@ class Objective(ABC):
     def prepare(self, batch: dict) -> Prepared: ...
 
     def loss(self, model, prepared: Prepared) -> tuple[torch.Tensor, dict[str, float]]:
-        """Mean cross-entropy over the positions of ``loss_mask`` (logits computed only there)."""
+        """Mean cross-entropy over the positions of ``loss_mask`` (see ``dense_loss``)."""
         hidden = model(prepared.inputs, prepared.attention)
+        if self.dense_loss:
+            targets = prepared.targets.masked_fill(~prepared.loss_mask, IGNORE)
+            return F.cross_entropy(model.logits(hidden).flatten(0, 1).float(), targets.flatten(),
+                                   ignore_index=IGNORE), {}
         logits = model.logits(hidden[prepared.loss_mask])
-        loss = F.cross_entropy(logits.float(), prepared.targets[prepared.loss_mask])
-        return loss, {}
+        return F.cross_entropy(logits.float(), prepared.targets[prepared.loss_mask]), {}
 
     @abstractmethod
     def evaluate(self, model, rows: list[list[int]], source, batch_size: int) -> dict[str, float]:

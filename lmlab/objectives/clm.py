@@ -26,22 +26,30 @@ def model_device(model) -> torch.device:
         return torch.device("cpu")
 
 
-def padding_of(ids: torch.Tensor) -> torch.Tensor | None:
-    """True on real tokens; ``None`` when the batch has no padding (lets models take fused paths)."""
+def padding_of(ids: torch.Tensor, padded: bool | None = None) -> torch.Tensor | None:
+    """True on real tokens; ``None`` when the batch has no padding (lets models take fused paths).
+
+    ``padded`` is the collated batch's flag (``batch["padded"]``, known on the host): with it no value is
+    read back from the device; without it (``None``) the ids are checked, a host sync on an accelerator."""
+    if padded is False:
+        return None
     padding = ids != PAD_ID
-    return None if bool(padding.all()) else padding
+    if padded is None and bool(padding.all()):
+        return None
+    return padding
 
 
 class CLM(Objective):
     """Next-token prediction with causal attention."""
 
     attention = CAUSAL
+    dense_loss = True
 
     def prepare(self, batch: dict) -> Prepared:
         ids = batch["input_ids"]
         inputs, targets = ids[:, :-1], ids[:, 1:]
         return Prepared(inputs=inputs, targets=targets, loss_mask=targets != PAD_ID,
-                        attention=Attention(CAUSAL, padding=padding_of(inputs)))
+                        attention=Attention(CAUSAL, padding=padding_of(inputs, batch.get("padded"))))
 
     def prepare_eval(self, batch: dict) -> Prepared:
         """How ``evaluate`` reads a row: next-token prediction of every token (objectives that train on

@@ -48,7 +48,7 @@ class PrefixLM(CLM):
         t = torch.arange(targets.shape[1], device=ids.device)
         loss_mask = (targets != PAD_ID) & (t[None, :] + 1 >= s[:, None])
         return Prepared(inputs=inputs, targets=targets, loss_mask=loss_mask,
-                        attention=Attention(PREFIX, padding=padding_of(inputs), prefix_len=s))
+                        attention=Attention(PREFIX, padding=padding_of(inputs, batch.get("padded")), prefix_len=s))
 
     def prepare_eval(self, batch: dict) -> Prepared:
         p = CLM.prepare(self, batch)

@@ -97,7 +97,8 @@ def train(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
     objective, source, model, evaluators, splits = build(cfg)
     selector = instantiate(cfg.selection)
     pool = splits["train"]
-    splits["train"] = selector.run(pool, splits["validation"], cfg.cache_dir, source.cache_key(), source=source)
+    splits["train"] = selector.run(pool, selection_target(splits, selector), cfg.cache_dir, source.cache_key(),
+                                   source=source)
     dm = DataModule(source, splits, batch_size=cfg.batch_size, seed=cfg.seed)
     module = LMModule(model, objective, instantiate(cfg.optim), instantiate(cfg.schedule),
                       max_steps=cfg.max_steps, compile=cfg.compile)
@@ -157,6 +158,19 @@ def train(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
     return results
 
 
+def selection_target(splits, selector):
+    """The selection stage's target set: the data's own ``target`` split where the source has one (drawn apart
+    from the evaluation splits, see ``lmlab.data.source``), else the validation split, with a notice when the
+    selector uses the data at all (the validation split is also what ``eval=perplexity`` scores)."""
+    from lmlab.data.source import TARGET_SPLIT
+
+    if TARGET_SPLIT in splits:
+        return splits[TARGET_SPLIT]
+    if not selector.passes_through and is_rank_zero():
+        print("[lmlab] the data has no target split: selectors that need a target set use the validation split.")
+    return splits["validation"]
+
+
 def selection_metrics(selector) -> dict[str, float]:
     """``selection/*``: the selection stage's sizes and precision (``Selector.stats``) and the numbers of
     its report."""
@@ -180,7 +194,8 @@ def select(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
     splits = source.load(cfg.cache_dir)
     if len(splits["train"]) == 0:
         raise UserError(f"data {source.name} produced no training rows: add data or lower its filters.")
-    selected = selector.run(splits["train"], splits["validation"], cfg.cache_dir, source.cache_key(), source=source)
+    selected = selector.run(splits["train"], selection_target(splits, selector), cfg.cache_dir, source.cache_key(),
+                            source=source)
     results = {"status": "done", "metrics": selection_metrics(selector), "report": selector.report,
                "run_dir": str(run_dir), "command": " ".join(["lmlab", *sys.argv[1:]]),
                "config": OmegaConf.to_container(cfg, resolve=True)}

@@ -8,7 +8,7 @@ import pytest
 from lmlab.data.planted import DISTRACTOR, DUPLICATE, JUNK, TARGET, PlantedSource
 from lmlab.errors import UserError
 
-SMALL = dict(train_size=1000, validation_size=50, test_size=40, downstream_size=60)
+SMALL = dict(train_size=1000, validation_size=50, test_size=40, downstream_size=60, target_size=70)
 
 
 @pytest.fixture(scope="module")
@@ -41,7 +41,7 @@ def test_pool_composition_and_origins(planted):
 
 def test_evaluation_splits_are_target_only_and_deterministic(planted):
     source, splits = planted
-    for split in ("validation", "test", "downstream"):
+    for split in ("validation", "test", "downstream", "target"):
         assert "origin" not in splits[split].column_names
         nll = source.sequence_nll([list(r) for r in splits[split]["input_ids"]])
         assert np.isfinite(nll).all()
@@ -57,11 +57,29 @@ def test_evaluation_splits_are_target_only_and_deterministic(planted):
     assert plain["test"]["input_ids"] == splits["test"]["input_ids"]
 
 
+def test_target_split_is_an_independent_target_sample(planted):
+    """The selection's target set: ``target_size`` labelled target-grammar rows from their own random stream
+    (not the validation rows), and resizing it leaves the other splits alone."""
+    source, splits = planted
+    target = [tuple(r) for r in splits["target"]["input_ids"]]
+    assert len(target) == 70 and splits["target"].column_names == splits["validation"].column_names
+    assert (np.asarray(splits["target"]["task_a"]) >= 0).any()
+    validation = [tuple(r) for r in splits["validation"]["input_ids"]]
+    assert target[: len(validation)] != validation
+    assert len(set(target) - set(validation)) > 35  # an independent sample: short sentences may recur
+    resized = PlantedSource(**{**SMALL, "target_size": 30}).build()
+    assert len(resized["target"]) == 30
+    for split in ("train", "validation", "test", "downstream"):
+        assert resized[split]["input_ids"] == splits[split]["input_ids"]
+    assert len(PlantedSource(**{**SMALL, "target_size": 0}).build()["target"]) == 0
+
+
 @pytest.mark.parametrize("kwargs,expect", [
     (dict(target_share=0.8, junk_share=0.5), "exceed 1"),
     (dict(distractor_seeds=[0]), "grammar_seed"),
     (dict(target_share=1.5), "target_share"),
+    (dict(target_size=-1), "target_size"),
 ])
 def test_bad_input(kwargs, expect):
     with pytest.raises(UserError, match=expect):
-        PlantedSource(**SMALL, **kwargs)
+        PlantedSource(**{**SMALL, **kwargs})

@@ -14,9 +14,10 @@ from lmlab.data.planted import PlantedSource
 from lmlab.errors import UserError
 from lmlab.selection.base import selection_stats
 from lmlab.selection.color_filter import ColorFilter, color_scores
-from lmlab.selection.curriculum import Curriculum, Plateau, stage_rows
+from lmlab.selection.curriculum import Curriculum, Plateau, served_precision, stage_rows
 from lmlab.selection.miniplm import MiniPLM, difference_scores
 from lmlab.selection.preselect import PreSelect, predictive_strength, token_budget_keep
+from lmlab.selection.random import RandomSelection
 from lmlab.selection.reference import AuxLM, row_nll, top_fraction
 
 # ----- known answers -----
@@ -57,6 +58,14 @@ def test_curriculum_plateau_trace():
         shares.append(round(share, 2))
     assert shares == [0.05, 0.05, 0.1, 0.1, 0.15]
     assert stage_rows(1000, 0.05) == 50 and stage_rows(10, 0.05) == 1
+
+
+def test_served_precision_known_answer():
+    """Steps 0-3 draw from the first 2 rows (1 target of 2), steps 4-9 from the first 4 (3 of 4)."""
+    is_target = np.array([1, 0, 1, 1, 0, 0], dtype=bool)
+    assert served_precision([(0, 2), (4, 4)], is_target, 10) == pytest.approx((4 * 0.5 + 6 * 0.75) / 10)
+    assert served_precision([(0, 2), (4, 4), (12, 6)], is_target, 10) == pytest.approx(0.65)  # not reached
+    assert served_precision([(0, 6)], is_target, 5) == pytest.approx(0.5)
 
 
 def test_row_nll_matches_the_objective_loss():
@@ -104,34 +113,64 @@ FAST = {
 
 @pytest.fixture(scope="module")
 def planted():
-    source = PlantedSource(train_size=2000, validation_size=200, test_size=10, downstream_size=10)
+    source = PlantedSource(train_size=2000, validation_size=10, test_size=10, downstream_size=10, target_size=200)
     return source, source.build()
 
 
 @pytest.mark.parametrize("method", list(FAST))
 def test_method_raises_target_precision(planted, method, tmp_path):
+    """Every filtering method keeps about a quarter of the pool, of which well over half is target grammar
+    (the pool holds 25%; random selection keeps that share); the target set is the data's ``target`` split."""
     source, splits = planted
     selector = FAST[method]()
     selector.source = source
-    selected, scores = selector.select(splits["train"], splits["validation"], tmp_path)
+    selected, scores = selector.select(splits["train"], splits["target"], tmp_path)
     stats = selection_stats(splits["train"], selected)
     assert len(scores) == len(splits["train"])
     assert stats["pool_precision"] == pytest.approx(0.25)
     assert 0.2 < stats["rows"] / stats["pool_rows"] < 0.3
     assert stats["precision"] > 0.6, stats  # random selection: 0.25
+    if method == "preselect":  # the family is cut at its best held-out member (early stopping)
+        assert selector.report["family_members"] >= 2
+        assert len(selector.report["family_scores"]) == selector.report["family_members"]
+        assert np.argmax(selector.report["family_scores"]) == selector.report["family_members"] - 1
+
+
+def test_random_selection_keeps_the_pool_share(planted):
+    source, splits = planted
+    selected, _ = RandomSelection(fraction=0.25, seed=0).select(splits["train"], splits["target"], None)
+    assert abs(selection_stats(splits["train"], selected)["precision"] - 0.25) < 0.06
+
+
+def test_selection_target_is_the_target_split_else_validation(planted, capsys):
+    from lmlab.pipeline import selection_target
+    from lmlab.selection.none import NoSelection
+
+    _, splits = planted
+    assert selection_target(splits, RandomSelection()) is splits["target"]
+    assert "no target split" not in capsys.readouterr().out
+    plain = {k: v for k, v in splits.items() if k != "target"}  # data=pcfg, text, ...: no target split
+    assert selection_target(plain, RandomSelection()) is plain["validation"]
+    assert "no target split" in capsys.readouterr().out
+    selection_target(plain, NoSelection())  # a selection that keeps the pool needs no notice
+    assert "no target split" not in capsys.readouterr().out
 
 
 def test_curriculum_orders_target_first(planted, tmp_path):
     source, splits = planted
     selector = Curriculum(key="reference_loss", reference_steps=60, d_model=32)
     selector.source = source
-    selected, _ = selector.select(splits["train"], splits["validation"], tmp_path)
+    selected, _ = selector.select(splits["train"], splits["target"], tmp_path)
     assert len(selected) == len(splits["train"])
     assert selector.report["first_stage_precision"] > 0.6
     length = Curriculum(key="length")
     ordered, _ = length.select(splits["train"], None, tmp_path)
     lengths = [len(r) for r in ordered["input_ids"]]
     assert lengths == sorted(lengths)
+    # with fraction < 1 it is also a filter: the easiest quarter is mostly target grammar
+    kept, _ = Curriculum(key="reference_loss", reference_steps=60, d_model=32, fraction=0.25).select(
+        splits["train"], splits["target"], tmp_path)
+    assert len(kept) == 500 and selection_stats(splits["train"], kept)["precision"] > 0.6
 
 
 def test_methods_that_need_a_target_say_so(planted, tmp_path):
@@ -143,7 +182,8 @@ def test_methods_that_need_a_target_say_so(planted, tmp_path):
 
 # ----- through the CLI -----
 
-SELECT_FAST = ["data.train_size=600", "data.validation_size=60", "data.test_size=10", "data.downstream_size=10"]
+SELECT_FAST = ["data.train_size=600", "data.validation_size=60", "data.test_size=10", "data.downstream_size=10",
+               "data.target_size=60"]
 
 
 def test_select_command_writes_selection_and_is_cached(lmlab, tmp_path):
@@ -166,7 +206,7 @@ def test_select_command_writes_selection_and_is_cached(lmlab, tmp_path):
 @pytest.mark.parametrize("args,expect", [
     (["selection=miniplm", "selection.teacher=/no/such/run"], "teacher run /no/such/run does not exist"),
     (["selection=preselect", "selection.runs=[/no/such/run]"], "/no/such/run does not exist"),
-    (["selection=color_filter", "data.validation_size=0"], "needs a target set"),
+    (["selection=color_filter", "data.target_size=0"], "needs a target set"),
     (["selection=random", "selection.fraction=0.0001"], "keeps no rows"),
 ])
 def test_select_bad_input_is_one_sentence(lmlab, tmp_path, args, expect):
@@ -190,12 +230,13 @@ def test_miniplm_with_a_teacher_run(lmlab, tmp_path):
 
 def test_curriculum_in_train_saves_its_stages(lmlab):
     code, out = lmlab("train", "data=planted", "selection=curriculum", "selection.key=length", *SELECT_FAST,
-                      "max_steps=40", "val_every=4", "checkpoint_every=20", "batch_size=16", "logger=none",
-                      "eval=[perplexity]", "model.d_model=32")
+                      "max_steps=40", "val_every=4", "selection.every=4", "checkpoint_every=20", "batch_size=16",
+                      "logger=none", "eval=[perplexity]", "model.d_model=32")
     assert code == 0, out
     run = next(p.parent for p in lmlab.runs.rglob("DONE"))
     metrics = json.loads((run / "results.json").read_text())["metrics"]
     assert metrics["selection/rows"] == 600 and "selection/first_stage_precision" in metrics
+    assert 0 <= metrics["selection/served_precision"] <= 1
     ckpt = torch.load(run / "checkpoints" / "last.ckpt", weights_only=False)
     state = next(v for k, v in ckpt["callbacks"].items() if k.startswith("CurriculumCallback"))
     history = state["stages"]["history"]

@@ -10,9 +10,13 @@ select a pool towards a target): the ``train`` split is a candidate pool that mi
 * exact duplicates: a few rows of the pool repeated many times (``origin`` 2),
 * junk rows: uniformly random tokens, or one token / a two-token pattern repeated (``origin`` 3),
 
-shuffled together. ``validation``, ``test`` and ``downstream`` come from the target grammar only, so the
-selection's target set (the validation split) is target-only, ``eval=probe`` measures transfer to the
-target's tasks, and the exact optima (``sequence_nll``, ``single_mask_conditionals``) are the target's.
+shuffled together. ``validation``, ``test`` and ``downstream`` come from the target grammar only, so
+``eval=probe`` measures transfer to the target's tasks and the exact optima (``sequence_nll``,
+``single_mask_conditionals``) are the target's. The selection's target set is a fifth split, ``target``
+(``target_size`` more target-grammar sentences, labelled like the evaluation splits), drawn from its own
+random stream (``lmlab.data.source.TARGET_STREAM``): an independent sample, so selectors are not fitted to
+the rows that ``eval=perplexity`` scores (it is not de-duplicated against them: short sentences recur in
+any sample of the grammar, pool rows included).
 The ``origin`` column on the pool lets the selection stage report its precision (share of origin 0).
 Pool rows carry the task columns with ``-1`` (no labels are computed for the pool).
 """
@@ -23,7 +27,7 @@ import numpy as np
 from datasets import Dataset, DatasetDict, Features, Sequence, Value
 
 from lmlab.data.pcfg import PCFGSource
-from lmlab.data.source import BOS_ID, EOS_ID, N_SPECIAL, SPLITS, Source
+from lmlab.data.source import BOS_ID, EOS_ID, N_SPECIAL, SPLITS, TARGET_SPLIT, TARGET_STREAM, Source
 from lmlab.errors import UserError
 
 TARGET, DISTRACTOR, DUPLICATE, JUNK = 0, 1, 2, 3
@@ -53,6 +57,7 @@ class PlantedSource(Source):
         validation_size: int = 500,
         test_size: int = 1000,
         downstream_size: int = 2000,
+        target_size: int = 500,
     ) -> None:
         distractor_seeds = [int(s) for s in distractor_seeds]
         super().__init__(
@@ -62,11 +67,14 @@ class PlantedSource(Source):
             distractor_seeds=distractor_seeds, target_share=target_share, duplicate_share=duplicate_share,
             junk_share=junk_share, duplicate_sources=duplicate_sources, seed=seed, train_size=train_size,
             validation_size=validation_size, test_size=test_size, downstream_size=downstream_size,
+            target_size=target_size,
         )
         shares = {"target_share": target_share, "duplicate_share": duplicate_share, "junk_share": junk_share}
         for key, value in shares.items():
             if not isinstance(value, (int, float)) or not 0 <= value <= 1:
                 raise UserError(f"data.{key} is {value!r}; make it a number in [0, 1].")
+        if isinstance(target_size, bool) or not isinstance(target_size, int) or target_size < 0:
+            raise UserError(f"data.target_size is {target_size!r}; make it a whole number >= 0.")
         if sum(shares.values()) > 1 + 1e-9:
             raise UserError("data.target_share + duplicate_share + junk_share exceed 1; lower one of them.")
         if grammar_seed in distractor_seeds:
@@ -156,4 +164,14 @@ class PlantedSource(Source):
         minus = [-1] * len(rows)
         splits["train"] = Dataset.from_dict(
             {"input_ids": rows, **{t: minus for t in self.tasks}, "origin": origin.tolist()}, features=features)
-        return DatasetDict({k: splits[k] for k in SPLITS})
+        splits[TARGET_SPLIT] = self.target_split(splits["validation"].features)
+        return DatasetDict({k: splits[k] for k in (*SPLITS, TARGET_SPLIT)})
+
+    def target_split(self, features: Features) -> Dataset:
+        """``target_size`` target-grammar sentences from their own stream, labelled (see module docstring)."""
+        rng = np.random.default_rng([int(self.config["seed"]), TARGET_STREAM])
+        sentences = self.target.sample(int(self.config["target_size"]), rng)
+        labels = self.target.labels(sentences)
+        rows = [[BOS_ID, *(s + N_SPECIAL).tolist(), EOS_ID] for s in sentences]
+        return Dataset.from_dict({"input_ids": rows, **{t: v.tolist() for t, v in labels.items()}},
+                                 features=features)

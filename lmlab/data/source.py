@@ -11,6 +11,10 @@ knows downstream labels, one integer column per task (``-1`` where the task does
 
 Splits: ``train`` (pre-training), ``validation`` (the fixed evaluation set for losses and exact optima),
 ``test`` (downstream evaluation), ``downstream`` (labelled rows to train probes and fine-tuning heads on).
+A source may add a ``target`` split (``TARGET_SPLIT``): the target set of the data-selection stage, drawn
+apart from the four above (its own random stream, ``TARGET_STREAM``), so that selecting towards it does not
+tune the training data to the rows the evaluations score (``data=planted`` has one; without it the
+selection stage falls back to ``validation``, see ``lmlab.pipeline.selection_target``).
 """
 
 from __future__ import annotations
@@ -30,6 +34,8 @@ from datasets import DatasetDict, load_from_disk
 PAD_ID, BOS_ID, EOS_ID, MASK_ID = 0, 1, 2, 3
 N_SPECIAL = 4
 SPLITS = ("train", "validation", "test", "downstream")
+TARGET_SPLIT = "target"  # optional: the selection stage's target set (see module docstring)
+TARGET_STREAM = len(SPLITS) + 1  # random stream index of a generated target split
 
 
 def config_hash(obj: Any, length: int = 12) -> str:

@@ -3,7 +3,8 @@
 A selector scores the pool (``score``) and keeps rows by their scores. ``run`` caches the selected
 dataset and the per-row scores on disk under a key derived from the data and the selector's config,
 so every job of a sweep selects once. Methods that need a target set or reference models (CoLoR-Filter,
-PreSelect, ...) receive the target split and a work directory.
+PreSelect, ...) receive the target set (``lmlab.pipeline.selection_target``: the data's ``target`` split,
+else its validation split) and a work directory.
 
 ``select`` may return any dataset with the pool's columns, not only a subset of the pool (augmentation
 such as ``rephrase`` adds new rows). A selector may set ``self.report`` (a JSON-able dict of counts, e.g.
@@ -50,6 +51,11 @@ class Selector:
     def __init__(self, **config: Any) -> None:
         self.config = config
 
+    @property
+    def passes_through(self) -> bool:
+        """True when the selector keeps the pool as it is (it overrides neither ``score`` nor ``select``)."""
+        return type(self).score is Selector.score and type(self).select is Selector.select
+
     def training_callbacks(self, datamodule) -> list:
         """Lightning callbacks that the selection needs during training (none by default)."""
         return []
@@ -76,7 +82,7 @@ class Selector:
         (``scores.npy``) and report (``selection_report.json``)."""
         if source is not None:
             self.source = source
-        if type(self).score is Selector.score and type(self).select is Selector.select:
+        if self.passes_through:
             self.stats = selection_stats(pool, pool)
             return pool
         if not isinstance(pool, Dataset):

@@ -7,8 +7,8 @@ Targeted Language Model Pre-training", 2024, arXiv 2406.10670. Variant: the rele
 * the PRIOR model is a small lmlab transformer (``lmlab.selection.reference.AuxLM``) trained by lmlab on a
   random sample of the candidate pool (``prior_rows``; the paper trains it on a generic corpus such as C4);
 * the CONDITIONAL model is the prior fine-tuned on the target set (``finetune_steps``; the paper fine-tunes
-  for one epoch on downstream train splits); the target here is the target split the pipeline passes
-  (the validation split of the data);
+  for one epoch on downstream train splits); the target here is the target set the pipeline passes
+  (``lmlab.pipeline.selection_target``: the data's ``target`` split, else its validation split);
 * score(x) = L_prior(x) - L_cond(x), with L the per-row mean token NLL (the code's ``loss.mean(-1)``);
 * keep the top n = N / tau of the N-row pool, taken at once (the code's ``argsort(scores)[-k:]``), kept rows
   in corpus order.

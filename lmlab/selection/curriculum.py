@@ -11,10 +11,16 @@ Language Environment", 2025, arXiv 2501.00522. Variant: the released trainer's i
   for a model of the pool itself as in TinyHelen's precomputed ``lm_loss``), or ``random``; the code's
   self-loss key (re-sorted at every update by the current model) is not implemented;
 * training starts on the easiest ``start`` share (5%); every time the validation loss (the objective's loss
-  on the validation split, as in ``val/loss``, computed by the callback every ``every`` steps, by default
-  the run's ``val_every``) fails to improve on the best so far by more than ``threshold`` for ``patience``
-  validations, the next ``step`` share (5%) is released (a cumulative prefix); the best loss is not reset
-  after a growth; growth stops at 100%.
+  on the validation split, as in ``val/loss``, computed by the callback every ``every`` steps: 20 in
+  conf/selection/curriculum.yaml, TinyHelen's evaluation interval; ``null`` = the run's ``val_every``)
+  fails to improve on the best so far by more than ``threshold`` for ``patience`` validations, the next
+  ``step`` share (5%) is released (a cumulative prefix); the best loss is not reset after a growth; growth
+  stops at 100%.
+
+Where the pool has an ``origin`` column (``data=planted``), the selection's ``precision`` is that of all kept
+rows, which says little about a curriculum that never releases most of them; the callback therefore also
+reports ``served_precision`` (in ``selection/*``): the target share of the rows the training batches drew
+from, averaged over steps (each step weighs the target share of the prefix released at that step).
 
 ``select`` returns the kept rows (the easiest ``fraction``; all by default) in difficulty order; the stage
 release is a Lightning callback (``CurriculumCallback``) over ``DataModule.use_stages`` (see
@@ -63,6 +69,17 @@ class Plateau:
         return False
 
 
+def served_precision(history: list[tuple[int, int]], is_target: np.ndarray, steps: int) -> float:
+    """Mean over steps ``0 .. steps-1`` of the target share of the prefix in effect at each step (stage
+    ``history`` = [(first step, rows), ...]); the rows are in release order."""
+    share = np.cumsum(is_target) / np.arange(1, len(is_target) + 1)
+    total = 0.0
+    for k, (start, rows) in enumerate(history):
+        end = min(history[k + 1][0], steps) if k + 1 < len(history) else steps
+        total += max(end - start, 0) * share[rows - 1]
+    return float(total / max(steps, 1))
+
+
 def stage_rows(n_rows: int, share: float) -> int:
     return max(1, min(n_rows, int(math.ceil(share * n_rows - 1e-9))))
 
@@ -71,9 +88,10 @@ class CurriculumCallback(L.Callback):
     """Grows the released prefix on validation plateaus (see module docstring); checkpointed."""
 
     def __init__(self, stages, datamodule, n_rows: int, step: float, patience: int, threshold: float,
-                 every: int | None) -> None:
+                 every: int | None, report: dict | None = None) -> None:
         self.stages, self.dm, self.n_rows, self.step, self.every = stages, datamodule, n_rows, step, every
         self.plateau = Plateau(patience, threshold)
+        self.report = report  # where ``served_precision`` goes at the end of training (planted data)
 
     def share(self) -> float:
         return self.stages.rows / self.n_rows
@@ -104,6 +122,13 @@ class CurriculumCallback(L.Callback):
             self.stages.release(trainer.global_step, min(self.n_rows, grown))
         if trainer.logger:
             trainer.logger.log_metrics({"curriculum/released": self.share()}, step=trainer.global_step)
+
+    def on_train_end(self, trainer, pl_module) -> None:
+        train = self.dm.splits["train"]
+        if self.report is not None and "origin" in train.column_names:
+            target = np.asarray(train.with_format(None)["origin"]) == 0
+            self.report["served_precision"] = served_precision(self.stages.history, target, trainer.global_step)
+            self.report["served_rows"] = float(self.stages.rows)
 
     def state_dict(self) -> dict[str, Any]:
         return {"stages": self.stages.state_dict(), "best": self.plateau.best, "bad": self.plateau.bad}
@@ -176,4 +201,6 @@ class Curriculum(Selector):
         n = len(datamodule.splits["train"])
         c = self.config
         stages = datamodule.use_stages(stage_rows(n, c["start"]))
-        return [CurriculumCallback(stages, datamodule, n, c["step"], c["patience"], c["threshold"], c["every"])]
+        self.report = self.report if self.report is not None else {}
+        return [CurriculumCallback(stages, datamodule, n, c["step"], c["patience"], c["threshold"], c["every"],
+                                   report=self.report)]

@@ -9,7 +9,10 @@ Shum, Huang, Zeng, Liu, He, "Predictive Data Selection: The Data That Predicts I
   ``probe/acc``); or ``runs=null``: lmlab trains its own family, a small LM trained on a pool sample
   (``prior_steps``) and then fine-tuned on half of the target set, taken at the steps in ``family_steps``
   (N members of increasing target skill), each scored by its negative mean token NLL on the other half of
-  the target set. (The paper's family is six public LLMs scored on benchmarks.)
+  the target set, and cut after the member with the best such score (early stopping: later checkpoints
+  overfit the tuning half, and their order by held-out score then reflects memorisation rather than
+  target skill; at least two members are kept). (The paper's family is six public LLMs scored on
+  benchmarks, of increasing size and training, none of them overfit.)
 * Each member's loss on ``score_rows`` pool rows: the total NLL of the row (the paper's ``total_loss``;
   within one row every model sees the same characters, so ranks by total NLL equal ranks by BPC).
 * Predictive strength S(d) = (1/Z) sum_{i<j} 1[(s_i > s_j and l_i(d) < l_j(d)) or (s_i < s_j and
@@ -17,7 +20,8 @@ Shum, Huang, Zeng, Liu, He, "Predictive Data Selection: The Data That Predicts I
 * fastText (``fasttext-numpy2``) trained on positives = rows with S = 1 (or, where fewer than
   ``min_positives`` rows reach 1, the ``min_positives`` highest) and as many lowest-S rows as negatives;
   text = the row's token ids as words (``t5 t17 ...``), labels ``__label__1`` / ``__label__0``,
-  ``epoch``, ``lr``, ``wordNgrams`` as in the paper (3, 0.1, 2) by default.
+  ``lr`` and ``wordNgrams`` as in the paper (0.1, 2), ``epoch`` 10 (the paper's 3 underfits a training set
+  of a few hundred short rows; see conf/selection/preselect.yaml).
 * The pool is scored with P(``__label__1``) and the top rows are kept until their tokens reach ``fraction``
   of the pool's tokens (the code's ``find_threshold``: the threshold is the score of the row at which the
   cumulative length first reaches the target, inclusive).
@@ -87,10 +91,10 @@ def positive_probability(model, texts: list[str]) -> np.ndarray:
 
 class PreSelect(Selector):
     def __init__(self, fraction: float = 0.25, runs: list[str] | None = None, metric: str = "probe/acc",
-                 score_rows: int = 3000, min_positives: int = 200, prior_rows: int | None = 4000,
-                 prior_steps: int = 200, family_steps: list[int] = (0, 10, 20, 40, 80, 160),
+                 score_rows: int = 6000, min_positives: int = 200, prior_rows: int | None = 4000,
+                 prior_steps: int = 200, family_steps: list[int] = (0, 5, 10, 20, 40, 80, 160),
                  finetune_lr: float = 1e-3, d_model: int = 64, n_layers: int = 2, batch_size: int = 64,
-                 lr: float = 3e-3, epoch: int = 3, classifier_lr: float = 0.1, word_ngrams: int = 2,
+                 lr: float = 3e-3, epoch: int = 10, classifier_lr: float = 0.1, word_ngrams: int = 2,
                  seed: int = 0) -> None:
         if not isinstance(fraction, (int, float)) or not 0 < fraction <= 1:
             raise UserError(f"selection.fraction is {fraction!r}; make it a number in (0, 1].")
@@ -125,7 +129,7 @@ class PreSelect(Selector):
             return models, np.asarray(bench)
         target_rows = need_target(target, "preselect with runs=null")
         if len(target_rows) < 2:
-            raise UserError("selection preselect needs at least two target rows: enlarge the validation split.")
+            raise UserError("selection preselect needs at least two target rows: enlarge the target split.")
         perm = np.random.default_rng(c["seed"]).permutation(len(target_rows))
         half = len(perm) // 2
         tune_rows = [target_rows[i] for i in perm[:half]]
@@ -136,7 +140,9 @@ class PreSelect(Selector):
         models = self.tune.train(tune_rows, vocab, seed + 1, init=prior, steps=max(steps),
                                  checkpoints=tuple(steps)) if max(steps) > 0 else [prior]
         bench = np.asarray([-row_nll(m, held).mean() for m in models])
-        return models, bench
+        keep = max(int(np.argmax(bench)), 1) + 1  # early stopping: members up to the best held-out score
+        self.report = {**(self.report or {}), "family_members": keep, "family_best_step": steps[keep - 1]}
+        return models[:keep], bench[:keep]
 
     def score(self, pool: Dataset, target: Dataset | None, workdir: Path) -> np.ndarray:
         c = self.config

@@ -156,7 +156,7 @@ def need_target(target: Dataset | None, method: str) -> list[list[int]]:
     """The target rows, or one sentence saying the method needs them."""
     if target is None or len(target) == 0:
         raise UserError(f"selection {method} needs a target set and got none: use data with a non-empty "
-                        "validation split (the target), or a selection that needs no target.")
+                        "target split (or, without one, validation split), or a selection that needs no target.")
     return rows_of(target)
 
 

@@ -99,6 +99,12 @@ def ssd_chunked(x, dt, A, B, C, D, chunk: int = 64):
     return y + D[:, None] * x[:, :T]
 
 
+# Under ``torch.compile`` (``compile=true``) the chunked SSD runs eager and the rest of the mixer compiled:
+# inductor (torch 2.13) fails on this mixer once the sequence length turns dynamic ("cannot determine truth
+# value of Relational" in its stride ordering), although ``ssd_chunked`` alone compiles.
+_ssd_outside_graph = torch.compiler.disable(ssd_chunked)
+
+
 class Mamba2Mixer(nn.Module):
     """The Mamba-2 mixer (D -> D). ``forward(x)`` on (B, T, D); ``step(x_t, state)`` on (B, D) with state
     ``(conv inputs (B, ED + 2GN, d_conv - 1), h (B, H, P, N))``."""
@@ -150,7 +156,7 @@ class Mamba2Mixer(nn.Module):
             y = _cuda_ssd(x, dt, A, B, C, self.chunk_size, D=self.D)
         else:
             dtype = x.dtype
-            y = ssd_chunked(x.float(), dt.float(), A, B.float(), C.float(), self.D.float(), self.chunk_size)
+            y = _ssd_outside_graph(x.float(), dt.float(), A, B.float(), C.float(), self.D.float(), self.chunk_size)
             y = y.to(dtype)
         return self.out_proj(self.norm(y.reshape(b, T, self.d_inner), z))
 

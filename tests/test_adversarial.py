@@ -124,3 +124,47 @@ def test_probe_reports_the_lookup_baseline():
     assert again["probe/lookup_acc"] == out["probe/lookup_acc"]
     assert probe._lookup_cache
     assert "probe/lookup_acc" not in Probe(seeds=1, epochs=1, lookup=False)(module, dm, None)
+
+
+def test_bounded_adversary_stops_at_chance():
+    """bound=true: the encoder's term is min(h, log C): above chance it gives the encoder no gradient (only
+    the MLM's), below chance the same gradient as the unbounded objective."""
+    source, splits = _hmm()
+    ids = torch.as_tensor(splits["train"][:12]["input_ids"])
+    torch.manual_seed(0)
+    model = Transformer(source.vocab_size, BIDIRECTIONAL, d_model=8, n_layers=1, n_heads=2)
+    params = list(model.parameters())
+
+    def encoder_grads(objective):
+        objective.bind(source, splits)
+        total, metrics = objective.loss(model, objective.prepare({"input_ids": ids, "seed": 5}))
+        grads = torch.autograd.grad(total, params, allow_unused=True)
+        return [torch.zeros_like(p) if g is None else g for p, g in zip(params, grads)], metrics
+
+    plain = MLM(vocab_size=source.vocab_size)
+    mlm, _ = MLM.loss(plain, model, plain.prepare({"input_ids": ids, "seed": 5}))
+    g_mlm = [torch.zeros_like(p) if g is None else g
+             for p, g in zip(params, torch.autograd.grad(mlm, params, allow_unused=True))]
+    chance = float(np.log(4))
+    for above in (True, False):
+        bounded, unbounded = AdversarialMLM(d_model=8, lam=0.7, bound=True), AdversarialMLM(d_model=8, lam=0.7)
+        for objective in (bounded, unbounded):
+            objective.bind(source, splits)
+            if above:  # a confident random head: far worse than chance
+                with torch.no_grad():
+                    objective.head.weight.mul_(30.0)
+            else:  # a head fitted to the (fixed) features of its rows: better than chance
+                opt = torch.optim.Adam(objective.head.parameters(), lr=0.1)
+                for _ in range(100):
+                    _, own, _ = objective.head_losses(model, 5)
+                    opt.zero_grad()
+                    own.backward()
+                    opt.step()
+                model.zero_grad(set_to_none=True)
+        g_bounded, metrics = encoder_grads(bounded)
+        g_unbounded, _ = encoder_grads(unbounded)
+        assert (metrics["head_loss"] > chance) == above, metrics
+        for gb, gu, gm in zip(g_bounded, g_unbounded, g_mlm):
+            torch.testing.assert_close(gb, gm if above else gu, atol=1e-6, rtol=1e-5)
+        if not above:  # and the adversarial term really acts below chance
+            assert any(not torch.allclose(gu, gm, atol=1e-6) for gu, gm in zip(g_unbounded, g_mlm))

@@ -24,6 +24,10 @@ objective; this is our variant of its implementation (its public code does not i
   loss), and d total / d W = + d h / d W (the head minimises it); the value of ``total`` is exactly
   ``MLM - lam * h``. ``lam`` scales only the encoder's adversarial term; the head learns at the optimiser's
   rate.
+* ``bound`` (our addition, off by default): the encoder's term becomes ``min(h, log C)`` (C classes), so
+  the encoder stops pushing once the head is no better than chance (``log C`` is the loss of a uniform
+  prediction); unbounded, ``-lam * h`` has no floor and a large ``lam`` drives the MLM loss away from
+  the matched level. The head's own update is unchanged.
 * ``evaluate`` is MLM's single-mask evaluation (inherited), so the gap to the optimum is measured on the
   plain MLM loss. Logged metrics: ``mlm_loss``, ``head_loss``, ``head_acc`` (on the head batch).
 """
@@ -47,14 +51,15 @@ from lmlab.objectives.mlm import MLM
 class AdversarialMLM(MLM, nn.Module):
     """MLM minus ``lam`` times the online downstream head's loss (see the module docstring).
 
-    Args: ``lam`` (the adversarial weight), ``task`` (label column; null = the source's first task),
+    Args: ``lam`` (the adversarial weight), ``bound`` (cap the encoder's term at chance, ``log C``),
+    ``task`` (label column; null = the source's first task),
     ``head_batch_size`` (labelled rows per step), ``pooling`` (mean | concat), ``d_model`` (the
     backbone's width: the YAML interpolates ``${model.d_model}``), and MLM's masking arguments.
     """
 
     def __init__(self, d_model: int, lam: float = 1.0, task: str | None = None, head_batch_size: int = 64,
                  pooling: str = "mean", mask_prob: float = 0.15, mask_token_frac: float = 0.8,
-                 random_token_frac: float = 0.1, vocab_size: int | None = None) -> None:
+                 random_token_frac: float = 0.1, vocab_size: int | None = None, bound: bool = False) -> None:
         nn.Module.__init__(self)
         MLM.__init__(self, mask_prob=mask_prob, mask_token_frac=mask_token_frac,
                      random_token_frac=random_token_frac, vocab_size=vocab_size)
@@ -62,7 +67,7 @@ class AdversarialMLM(MLM, nn.Module):
             raise UserError(f"unknown objective.pooling {pooling!r}: choose mean or concat.")
         if int(head_batch_size) < 1:
             raise UserError(f"objective.head_batch_size must be at least 1, got {head_batch_size}: raise it.")
-        self.d_model, self.lam, self.task = int(d_model), float(lam), task
+        self.d_model, self.lam, self.task, self.bound = int(d_model), float(lam), task, bool(bound)
         self.head_batch_size, self.pooling = int(head_batch_size), pooling
         self.head: nn.Linear | None = None
         self.length = 0
@@ -113,6 +118,8 @@ class AdversarialMLM(MLM, nn.Module):
     def loss(self, model, prepared: Prepared) -> tuple[torch.Tensor, dict[str, float]]:
         mlm, _ = Objective.loss(self, model, prepared)
         enc, own, acc = self.head_losses(model, self._seed)
+        if self.bound:  # no gradient to the encoder once the head is at chance or worse
+            enc = enc.clamp(max=math.log(self.head.out_features))
         total = mlm - self.lam * enc + (own - own.detach())
         return total, {"mlm_loss": float(mlm.detach()), "head_loss": float(own.detach()),
                        "head_acc": float(acc)}

@@ -11,6 +11,7 @@ from dataclasses import dataclass
 
 import torch
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
 from lmlab.errors import UserError
 
@@ -55,9 +56,11 @@ class Attention:
 class Backbone(nn.Module):
     """Base class of every architecture. Subclasses set ``supported_attention`` and implement
     ``forward``, ``logits`` and ``flops_per_token``; they call ``super().__init__(vocab_size, d_model,
-    attention)`` first."""
+    attention)`` first, and run their stack of blocks through ``run_blocks`` (which honours
+    ``activation_checkpointing``, a constructor argument of every model)."""
 
     supported_attention: tuple[str, ...] = (CAUSAL,)
+    activation_checkpointing: bool = False
 
     def __init__(self, vocab_size: int, d_model: int, attention: str = CAUSAL) -> None:
         super().__init__()
@@ -80,3 +83,18 @@ class Backbone(nn.Module):
                 if isinstance(m, nn.Embedding):
                     params.pop(id(m.weight), None)
         return sum(p.numel() for p in params.values())
+
+    def run_blocks(self, blocks, x: torch.Tensor, *args) -> torch.Tensor:
+        """``x = block(x, *args)`` for each of ``blocks`` in turn (modules or any callables).
+
+        With ``activation_checkpointing`` on, while training with grad enabled, each block keeps only its
+        inputs for the backward pass and runs its forward again there (non-reentrant
+        ``torch.utils.checkpoint``, RNG state restored so dropout repeats): activation memory of one block
+        instead of all, for about one more forward pass of compute. Other tensors a block computes (an
+        auxiliary loss it stores on itself) still get their gradients. The recomputation may set such an
+        attribute again, to an equal value, after ``forward`` has formed ``aux_loss`` from the first one:
+        nothing is counted twice."""
+        recompute = self.activation_checkpointing and self.training and torch.is_grad_enabled()
+        for block in blocks:
+            x = checkpoint(block, x, *args, use_reentrant=False) if recompute else block(x, *args)
+        return x

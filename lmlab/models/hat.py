@@ -151,7 +151,9 @@ class HAT(Backbone):
     (backbone), ``encoder_layers``, ``decoder_layers``, ``byte_heads``, ``byte_d_ff`` (byte blocks; default
     4 * d_model), ``byte_window`` (sliding window of the byte blocks, ``null`` = full causal),
     ``max_word_size``, ``bytes_per_word`` (the FLOP formula's assumption), ``norm``, ``mlp``, ``dropout``,
-    ``tie_embeddings``. Init as the Transformer (N(0, 0.02), residual projections scaled down)."""
+    ``tie_embeddings``, ``activation_checkpointing`` (recompute each encoder, backbone and decoder block in
+    the backward pass while training; the pooling and cross maps are cheap and kept). Init as the Transformer
+    (N(0, 0.02), residual projections scaled down)."""
 
     supported_attention = (CAUSAL,)
 
@@ -160,7 +162,7 @@ class HAT(Backbone):
                  decoder_layers: int = 1, byte_heads: int = 2, byte_d_ff: int | None = None,
                  byte_window: int | None = None, max_word_size: int = 16, bytes_per_word: float = 5.0,
                  norm: str = "rmsnorm", mlp: str = "gelu", dropout: float = 0.0, max_len: int = 512,
-                 tie_embeddings: bool = True) -> None:
+                 tie_embeddings: bool = True, activation_checkpointing: bool = False) -> None:
         if vocab_size != BYTE_VOCAB:
             raise UserError(f"model hat reads bytes (vocabulary {BYTE_VOCAB}) but the data has vocabulary "
                             f"{vocab_size}: use data=text data.tokenizer=byte.")
@@ -171,6 +173,7 @@ class HAT(Backbone):
         self.d_word, self.n_layers, self.n_heads = d_word, n_layers, n_heads
         self.encoder_layers, self.decoder_layers = encoder_layers, decoder_layers
         self.byte_window, self.max_word_size, self.bytes_per_word = byte_window, max_word_size, bytes_per_word
+        self.activation_checkpointing = activation_checkpointing
         d_ff, byte_d_ff = d_ff or 4 * d_word, byte_d_ff or 4 * d_model
         self.embed = nn.Embedding(vocab_size, d_model)
         byte_rotary = Rotary(d_model // byte_heads, max_len)
@@ -218,18 +221,13 @@ class HAT(Backbone):
         word_id = starts.long().cumsum(1) - 1  # (B, T)
         n_words = int(word_id.max()) + 1
         mask, is_causal = self._byte_mask(T, input_ids.device)
-        x = self.embed(input_ids)
-        for block in self.encoder:
-            x = block(x, mask, is_causal)
+        x = self.run_blocks(self.encoder, self.embed(input_ids), mask, is_causal)
         words = self.pool(x, word_id, real, n_words)  # (B, W, d_word)
-        for block in self.backbone:
-            words = block(words, None, True)
-        words = self.backbone_norm(words)
+        words = self.backbone_norm(self.run_blocks(self.backbone, words, None, True))
         predictive = torch.cat([self.first_word.expand(B, 1, -1).to(words.dtype), words[:, :-1]], dim=1)
         per_byte = predictive.gather(1, word_id[:, :, None].expand(-1, -1, self.d_word))  # (B, T, d_word)
         for norm, cross, block in zip(self.cross_norm, self.cross, self.decoder):
-            x = x + cross(norm(per_byte))
-            x = block(x, mask, is_causal)
+            x = self.run_blocks((block,), x + cross(norm(per_byte)), mask, is_causal)
         return self.norm(x)
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:

@@ -144,7 +144,8 @@ class Hyena(Backbone):
     """Hyena backbone. Args: ``d_model``, ``n_layers``, ``d_ff`` (default ``4 * d_model``), ``order``,
     ``l_max`` (longest sequence), ``filter_order`` (width of the filter FFN), ``filter_emb_dim`` (positional
     features, odd), ``num_inner_mlps``, ``filter_w`` (Sin frequency init), ``short_filter`` (short conv
-    kernel), ``norm``, ``mlp``, ``dropout``, ``tie_embeddings``. Linear and embedding weights N(0, 0.02),
+    kernel), ``norm``, ``mlp``, ``dropout``, ``tie_embeddings``, ``activation_checkpointing`` (recompute each
+    block in the backward pass while training). Linear and embedding weights N(0, 0.02),
     residual projections scaled by ``1/sqrt(2 n_layers)``; the filter FFN keeps PyTorch's default init."""
 
     supported_attention = (CAUSAL,)
@@ -153,9 +154,10 @@ class Hyena(Backbone):
                  d_ff: int | None = None, order: int = 2, l_max: int = 1024, filter_order: int = 64,
                  filter_emb_dim: int = 3, num_inner_mlps: int = 2, filter_w: float = 1.0, short_filter: int = 3,
                  norm: str = "rmsnorm", mlp: str = "gelu", dropout: float = 0.0,
-                 tie_embeddings: bool = True) -> None:
+                 tie_embeddings: bool = True, activation_checkpointing: bool = False) -> None:
         super().__init__(vocab_size, d_model, attention)
         self.n_layers, self.order, self.l_max, self.d_ff = n_layers, order, l_max, d_ff or 4 * d_model
+        self.activation_checkpointing = activation_checkpointing
         self.embed = nn.Embedding(vocab_size, d_model)
         self.emb_dropout = nn.Dropout(dropout)
         self.blocks = nn.ModuleList(
@@ -182,9 +184,7 @@ class Hyena(Backbone):
         T = input_ids.shape[1]
         if T > self.l_max:
             raise UserError(f"sequence of {T} tokens is longer than model.l_max={self.l_max}: raise model.l_max.")
-        x = self.emb_dropout(self.embed(input_ids))
-        for block in self.blocks:
-            x = block(x)
+        x = self.run_blocks(self.blocks, self.emb_dropout(self.embed(input_ids)))
         return self.norm(x)
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:

@@ -14,13 +14,19 @@ on the same data; their exact LSTM sizes are not taken from the paper [unverifie
   starts at each row's last real token (packed sequences), so real tokens never see a pad.
 * ``prefix`` attention is not supported.
 
-It uses ``torch.nn.LSTM`` (cuDNN on CUDA, PyTorch's own kernel on the CPU).
+It uses ``torch.nn.LSTM`` (cuDNN on CUDA, PyTorch's own kernel on the CPU). With activation checkpointing the
+stack runs one layer at a time (the same weights and kernel, one layer per call) so that each layer is recomputed
+on its own: recomputing the whole fused stack as one block would rebuild all its activations at once in the
+backward pass and save no peak memory.
 """
 
 from __future__ import annotations
 
+from functools import partial
+
 import torch
-from torch import nn
+import torch.nn.functional as F
+from torch import _VF, nn
 from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
 
 from lmlab.errors import UserError
@@ -29,14 +35,16 @@ from lmlab.models.base import BIDIRECTIONAL, CAUSAL, Attention, Backbone
 
 class LSTM(Backbone):
     """Args: ``d_model`` (hidden width; embeddings have it too), ``n_layers``, ``dropout`` (embedding,
-    between layers, output), ``tie_embeddings``. Weights: PyTorch's LSTM init (U(-1/sqrt(h), 1/sqrt(h)))
-    with the forget-gate bias at 1 (Jozefowicz et al. 2015); embeddings N(0, 0.02)."""
+    between layers, output), ``tie_embeddings``, ``activation_checkpointing`` (recompute each layer in the
+    backward pass while training; the stack then runs layer by layer). Weights: PyTorch's LSTM init
+    (U(-1/sqrt(h), 1/sqrt(h))) with the forget-gate bias at 1 (Jozefowicz et al. 2015); embeddings N(0, 0.02)."""
 
     supported_attention = (CAUSAL, BIDIRECTIONAL)
 
     def __init__(self, vocab_size: int, attention: str = CAUSAL, d_model: int = 64, n_layers: int = 2,
-                 dropout: float = 0.0, tie_embeddings: bool = True) -> None:
+                 dropout: float = 0.0, tie_embeddings: bool = True, activation_checkpointing: bool = False) -> None:
         super().__init__(vocab_size, d_model, attention)
+        self.activation_checkpointing = activation_checkpointing
         self.bidirectional = attention == BIDIRECTIONAL
         if self.bidirectional and d_model % 2:
             raise UserError(f"a bidirectional LSTM needs an even model.d_model, got {d_model}: change it.")
@@ -65,14 +73,35 @@ class LSTM(Backbone):
             raise UserError(f"this LSTM was built for {self.attention_kind!r} attention, not {attention.kind!r}: "
                             "build it with the objective that runs it.")
         x = self.dropout(self.embed(input_ids))
+        packed = None  # causal: right padding is never seen by real tokens
         if self.bidirectional and attention.padding is not None:
             lengths = attention.padding.sum(1).clamp(min=1).cpu()
             packed = pack_padded_sequence(x, lengths, batch_first=True, enforce_sorted=False)
-            out, _ = self.rnn(packed)
+        if self.activation_checkpointing:
+            layers = [partial(self._layer, i) for i in range(self.n_layers)]
+            if packed is None:
+                out = self.run_blocks(layers, x, None)
+            else:
+                out = packed._replace(data=self.run_blocks(layers, packed.data, packed.batch_sizes))
+        else:
+            out, _ = self.rnn(x if packed is None else packed)
+        if packed is not None:
             out, _ = pad_packed_sequence(out, batch_first=True, total_length=x.shape[1])
-        else:  # causal: right padding is never seen by real tokens
-            out, _ = self.rnn(x)
         return self.dropout(out)
+
+    def _layer(self, index: int, x: torch.Tensor, batch_sizes: torch.Tensor | None) -> torch.Tensor:
+        """Layer ``index`` of ``self.rnn`` alone, from a zero state, then the dropout between layers (none
+        after the last): the fused stack's computation, one layer per call. ``x``: (B, T, d_model), or a
+        packed sequence's data with its ``batch_sizes``."""
+        dirs = 2 if self.bidirectional else 1
+        weights = [getattr(self.rnn, f"{w}_l{index}{s}") for s in ("", "_reverse")[:dirs]
+                   for w in ("weight_ih", "weight_hh", "bias_ih", "bias_hh")]
+        h0 = x.new_zeros(dirs, x.shape[0] if batch_sizes is None else int(batch_sizes[0]), self.rnn.hidden_size)
+        if batch_sizes is None:
+            out = _VF.lstm(x, (h0, h0), weights, True, 1, 0.0, self.training, self.bidirectional, True)[0]
+        else:
+            out = _VF.lstm(x, batch_sizes, (h0, h0), weights, True, 1, 0.0, self.training, self.bidirectional)[0]
+        return out if index == self.n_layers - 1 else F.dropout(out, self.rnn.dropout, self.training)
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
         return self.head(hidden)

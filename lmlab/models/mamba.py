@@ -257,6 +257,7 @@ class MixerBlock(nn.Module):
 class MixerBackbone(Backbone):
     """Embedding, ``n_layers`` ``MixerBlock``s built by ``make_mixer()``, final norm, LM head (tied by
     default). Causal only. Subclasses build their mixers and may add to ``aux_loss`` in ``forward``.
+    ``activation_checkpointing``: recompute each block in the backward pass while training.
 
     Initialisation (as Mamba's released code): embedding N(0, 0.02), linear biases zero (except those
     marked ``keep_init``), residual output projections divided by sqrt(n_layers) after PyTorch's default.
@@ -265,9 +266,11 @@ class MixerBackbone(Backbone):
     supported_attention = (CAUSAL,)
 
     def __init__(self, vocab_size: int, attention: str, d_model: int, n_layers: int, make_mixer,
-                 norm: str = "rmsnorm", d_ff: int = 0, mlp: str = "swiglu", tie_embeddings: bool = True) -> None:
+                 norm: str = "rmsnorm", d_ff: int = 0, mlp: str = "swiglu", tie_embeddings: bool = True,
+                 activation_checkpointing: bool = False) -> None:
         super().__init__(vocab_size, d_model, attention)
         self.n_layers, self.tie_embeddings = n_layers, tie_embeddings
+        self.activation_checkpointing = activation_checkpointing
         self.embed = nn.Embedding(vocab_size, d_model)
         self.blocks = nn.ModuleList(MixerBlock(make_mixer(), d_model, norm, d_ff, mlp) for _ in range(n_layers))
         self.norm = make_norm(norm, d_model)
@@ -289,9 +292,7 @@ class MixerBackbone(Backbone):
             raise UserError(f"model {type(self).__name__} cannot attend {attention.kind!r}: it is causal "
                             "only; use objective=clm.")
         padding = attention.padding if attention is not None else None
-        x = self.embed(input_ids)
-        for block in self.blocks:
-            x = block(x, padding)
+        x = self.run_blocks(self.blocks, self.embed(input_ids), padding)
         return self.norm(x)
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
@@ -335,16 +336,16 @@ class Mamba(MixerBackbone):
     Args: ``d_model``, ``n_layers``, ``d_state`` (N), ``expand`` (E), ``d_conv``, ``dt_rank`` (null:
     ceil(d_model / 16)), ``dt_min``/``dt_max`` (Δ initialisation range), ``impl`` (auto, chunked or
     sequential), ``chunk_size`` (time steps per block of the chunked scan; null: automatic), ``norm``,
-    ``tie_embeddings``.
+    ``tie_embeddings``, ``activation_checkpointing`` (recompute each block in the backward pass while training).
     """
 
     def __init__(self, vocab_size: int, attention: str = CAUSAL, d_model: int = 64, n_layers: int = 2,
                  d_state: int = 16, expand: int = 2, d_conv: int = 4, dt_rank: int | None = None,
                  dt_min: float = 1e-3, dt_max: float = 1e-1, impl: str = "auto", chunk_size: int | None = None,
-                 norm: str = "rmsnorm", tie_embeddings: bool = True) -> None:
+                 norm: str = "rmsnorm", tie_embeddings: bool = True, activation_checkpointing: bool = False) -> None:
         def make_mixer():
             return MambaMixer(d_model, d_state, expand, d_conv, dt_rank, dt_min, dt_max, impl=impl,
                               chunk_size=chunk_size)
 
         super().__init__(vocab_size, attention, d_model, n_layers, make_mixer, norm=norm,
-                         tie_embeddings=tie_embeddings)
+                         tie_embeddings=tie_embeddings, activation_checkpointing=activation_checkpointing)

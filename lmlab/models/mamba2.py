@@ -187,16 +187,17 @@ class Mamba2(MixerBackbone):
     """Mamba-2 language model: ``n_layers`` residual Mamba-2 blocks (no MLP), RMSNorm, tied head.
 
     Args: ``d_model``, ``n_layers``, ``d_state`` (N), ``headdim`` (P), ``expand``, ``ngroups``, ``d_conv``,
-    ``chunk_size`` (SSD chunk), ``impl`` (auto, chunked or sequential), ``norm``, ``tie_embeddings``.
+    ``chunk_size`` (SSD chunk), ``impl`` (auto, chunked or sequential), ``norm``, ``tie_embeddings``,
+    ``activation_checkpointing`` (recompute each block in the backward pass while training).
     The released defaults are d_state 128, headdim 64; lmlab's YAML shrinks them for small models.
     """
 
     def __init__(self, vocab_size: int, attention: str = CAUSAL, d_model: int = 64, n_layers: int = 2,
                  d_state: int = 16, headdim: int = 16, expand: int = 2, ngroups: int = 1, d_conv: int = 4,
                  chunk_size: int = 64, impl: str = "auto", norm: str = "rmsnorm",
-                 tie_embeddings: bool = True) -> None:
+                 tie_embeddings: bool = True, activation_checkpointing: bool = False) -> None:
         def make_mixer():
             return Mamba2Mixer(d_model, d_state, headdim, expand, ngroups, d_conv, chunk_size, impl=impl)
 
         super().__init__(vocab_size, attention, d_model, n_layers, make_mixer, norm=norm,
-                         tie_embeddings=tie_embeddings)
+                         tie_embeddings=tie_embeddings, activation_checkpointing=activation_checkpointing)

@@ -96,7 +96,8 @@ class MoEMLP(nn.Module):
 class MoETransformer(Transformer):
     """``Transformer`` whose blocks use ``MoEMLP``. Extra args: ``n_experts``, ``top_k``,
     ``capacity_factor`` (``null`` = no token is dropped), ``aux_loss_coef`` (Switch's alpha, 0.01);
-    ``d_ff`` is each expert's hidden size. Every other argument is the Transformer's."""
+    ``d_ff`` is each expert's hidden size. Every other argument is the Transformer's (with
+    ``activation_checkpointing`` the balancing loss keeps its value and gradient: see ``Backbone.run_blocks``)."""
 
     supported_attention = (CAUSAL, BIDIRECTIONAL, PREFIX)
 

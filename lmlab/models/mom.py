@@ -222,18 +222,21 @@ class MoM(MixerBackbone):
     Args: ``d_model``, ``n_layers``, ``n_heads``, ``head_dim`` (d_k), ``expand_v`` (d_v / d_k),
     ``num_memories`` (M), ``top_k``, ``shared_memory``, ``d_conv``, ``d_ff`` (null: 2 d_model, the released
     hidden_ratio 3 times SwiGLU's 2/3), ``aux_loss_scale`` (weight of the balancing loss), ``impl`` (auto or
-    recurrent), ``norm``, ``tie_embeddings``.
+    recurrent), ``norm``, ``tie_embeddings``, ``activation_checkpointing`` (recompute each block in the backward
+    pass while training; the balancing loss keeps its value and gradient, see ``Backbone.run_blocks``).
     """
 
     def __init__(self, vocab_size: int, attention: str = CAUSAL, d_model: int = 64, n_layers: int = 2,
                  n_heads: int = 2, head_dim: int = 32, expand_v: float = 1.0, num_memories: int = 4, top_k: int = 2,
                  shared_memory: bool = True, d_conv: int = 4, d_ff: int | None = None, aux_loss_scale: float = 0.01,
-                 impl: str = "auto", norm: str = "rmsnorm", tie_embeddings: bool = True) -> None:
+                 impl: str = "auto", norm: str = "rmsnorm", tie_embeddings: bool = True,
+                 activation_checkpointing: bool = False) -> None:
         def make_mixer():
             return MoMMixer(d_model, n_heads, head_dim, expand_v, num_memories, top_k, shared_memory, d_conv, impl)
 
         super().__init__(vocab_size, attention, d_model, n_layers, make_mixer, norm=norm,
-                         d_ff=d_ff or 2 * d_model, mlp="swiglu", tie_embeddings=tie_embeddings)
+                         d_ff=d_ff or 2 * d_model, mlp="swiglu", tie_embeddings=tie_embeddings,
+                         activation_checkpointing=activation_checkpointing)
         self.aux_loss_scale = aux_loss_scale
 
     def forward(self, input_ids: torch.Tensor, attention: Attention | None = None) -> torch.Tensor:

@@ -13,7 +13,6 @@ from typing import Callable
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.utils.checkpoint import checkpoint
 
 from lmlab.errors import UserError
 from lmlab.models.base import BIDIRECTIONAL, CAUSAL, PREFIX, Attention, Backbone
@@ -139,11 +138,7 @@ class Transformer(Backbone):
         mask = attention.mask(T, input_ids.device)
         # ``mask() is None`` means "no restriction" for bidirectional and "plain causal" for causal
         is_causal = mask is None and attention.kind == CAUSAL
-        for block in self.blocks:
-            if self.activation_checkpointing and self.training and torch.is_grad_enabled():
-                x = checkpoint(block, x, mask, is_causal, use_reentrant=False)
-            else:
-                x = block(x, mask, is_causal)
+        x = self.run_blocks(self.blocks, x, mask, is_causal)
         return self.norm(x)
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:

@@ -175,7 +175,8 @@ class TNLBlock(nn.Module):
 class TransNormer(Backbone):
     """TransNormerLLM backbone. Args: ``d_model``, ``n_layers``, ``n_heads``, ``d_ff`` (GLU hidden size,
     default ``4 * d_model``), ``decay`` (alibi_layerwise or paper), ``lrpe``, ``block_size`` (Lightning
-    Attention block), ``dropout``, ``tie_embeddings``. Init: N(0, 0.02), residual projections scaled by
+    Attention block), ``dropout``, ``tie_embeddings``, ``activation_checkpointing`` (recompute each block in the
+    backward pass while training). Init: N(0, 0.02), residual projections scaled by
     ``1/sqrt(2 n_layers)`` (as the Transformer). ``init_state(batch)`` / ``step(ids, state)`` decode one
     token at a time with the recurrent state and equal ``forward``."""
 
@@ -183,7 +184,8 @@ class TransNormer(Backbone):
 
     def __init__(self, vocab_size: int, attention: str = CAUSAL, d_model: int = 64, n_layers: int = 2,
                  n_heads: int = 4, d_ff: int | None = None, decay: str = "alibi_layerwise", lrpe: bool = False,
-                 block_size: int = 64, dropout: float = 0.0, tie_embeddings: bool = True) -> None:
+                 block_size: int = 64, dropout: float = 0.0, tie_embeddings: bool = True,
+                 activation_checkpointing: bool = False) -> None:
         super().__init__(vocab_size, d_model, attention)
         if d_model % n_heads:
             raise UserError(f"d_model={d_model} is not a multiple of n_heads={n_heads}: change one of them.")
@@ -191,6 +193,7 @@ class TransNormer(Backbone):
             raise UserError(f"model.block_size={block_size} must be at least 1: raise it.")
         self.n_layers, self.n_heads, self.d_ff = n_layers, n_heads, d_ff or 4 * d_model
         self.lrpe, self.block_size = lrpe, block_size
+        self.activation_checkpointing = activation_checkpointing
         self.embed = nn.Embedding(vocab_size, d_model)
         self.emb_dropout = nn.Dropout(dropout)
         self.blocks = nn.ModuleList(
@@ -209,9 +212,7 @@ class TransNormer(Backbone):
         """(B, T) -> (B, T, d_model). Rows are right-padded, so causal outputs never see a pad."""
         if attention.kind != CAUSAL:
             raise UserError(f"model TransNormer cannot attend {attention.kind!r}: use a causal objective.")
-        x = self.emb_dropout(self.embed(input_ids))
-        for block in self.blocks:
-            x = block(x)
+        x = self.run_blocks(self.blocks, self.emb_dropout(self.embed(input_ids)))
         return self.norm(x)
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:

@@ -68,8 +68,18 @@ class LMModule(L.LightningModule):
     def on_train_batch_end(self, outputs, batch, batch_idx: int) -> None:
         if self.throughput is not None:
             metrics = self.throughput.step(self._batch_tokens, self._seq_len)
-            if metrics:
+            if metrics and self._logs_this_step():
                 self.log_dict(metrics, on_step=True, on_epoch=False, prog_bar=False)
+
+    def _logs_this_step(self) -> bool:
+        """Whether Lightning writes this training step's metrics (every ``log_every_n_steps``, and the last
+        step, so that the final values reach the results). ``self.log`` costs 1-2 ms per key on the CPU
+        (Lightning moves its result store at every call), several times a small model's step, so the
+        training step logs only on the steps that are written."""
+        connector = getattr(self.trainer, "_logger_connector", None)
+        if connector is None:  # not under a Trainer (or a Lightning without it): log every step
+            return True
+        return bool(connector.should_update_logs) or self.global_step + 1 >= self.trainer.max_steps
 
     def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
         prepared = self.objective.prepare(batch)
@@ -78,9 +88,10 @@ class LMModule(L.LightningModule):
             metrics = {**metrics, "aux_loss": self.model.aux_loss.detach()}
             loss = loss + self.model.aux_loss
         self._seq_len = prepared.inputs.shape[1]
-        log = {"train/loss": loss.detach(), **{f"train/{k}": v for k, v in metrics.items()}}
-        self.log_dict(log, prog_bar=False, on_step=True, batch_size=prepared.inputs.shape[0])
-        self.log("loss", loss.detach(), prog_bar=True, logger=False)
+        if self._logs_this_step():
+            log = {"train/loss": loss.detach(), **{f"train/{k}": v for k, v in metrics.items()}}
+            self.log_dict(log, prog_bar=False, on_step=True, batch_size=prepared.inputs.shape[0])
+            self.log("loss", loss.detach(), prog_bar=True, logger=False)
         return loss
 
     def validation_step(self, batch: dict, batch_idx: int) -> None:

@@ -62,11 +62,17 @@ def test_minhash_estimates_jaccard():
 
 
 def test_lsh_params_favour_recall():
+    def p_candidate(s, b, r):  # the LSH S-curve: P(a pair of Jaccard s shares a band)
+        return 1 - (1 - s**r) ** b
+
+    # known answer at the shipped default (recall_weight 0.99, as in dedup.py's docstring)
+    assert lsh_params(0.8, 128, recall_weight=0.99) == (18, 7)
+    assert p_candidate(0.8, 18, 7) == pytest.approx(0.986, abs=1e-3)
     b, r = lsh_params(0.8, 128, recall_weight=0.95)
     assert b * r <= 128
-    assert 1 - (1 - 0.8**r) ** b > 0.9 and 1 - (1 - 0.5**r) ** b < 0.5
+    assert p_candidate(0.8, b, r) > 0.9 and p_candidate(0.5, b, r) < 0.5
     b2, r2 = lsh_params(0.8, 128, recall_weight=0.5)  # the symmetric rule is stricter
-    assert 1 - (1 - 0.8**r2) ** b2 < 1 - (1 - 0.8**r) ** b
+    assert p_candidate(0.8, b2, r2) < p_candidate(0.8, b, r)
 
 
 def test_exact_duplicates_keep_first():

@@ -12,13 +12,13 @@ import torch
 from lmlab.data.datamodule import Stages, StepBatches
 from lmlab.data.planted import PlantedSource
 from lmlab.errors import UserError
-from lmlab.selection.base import selection_stats
+from lmlab.selection.base import selection_stats, top_fraction
 from lmlab.selection.color_filter import ColorFilter, color_scores
 from lmlab.selection.curriculum import Curriculum, Plateau, served_precision, stage_rows
 from lmlab.selection.miniplm import MiniPLM, difference_scores
 from lmlab.selection.preselect import PreSelect, predictive_strength, token_budget_keep
 from lmlab.selection.random import RandomSelection
-from lmlab.selection.reference import AuxLM, row_nll, top_fraction
+from lmlab.selection.reference import AuxLM, row_nll
 
 # ----- known answers -----
 

@@ -334,6 +334,15 @@ def _plt():
     return plt
 
 
+def _save(fig, title: str, path: Path) -> Path:
+    """Title, lay out, write and close a figure; returns ``path``."""
+    fig.suptitle(title, fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    _plt().close(fig)
+    return path
+
+
 def _empty(ax, text: str) -> None:
     ax.text(0.5, 0.5, text, ha="center", va="center", transform=ax.transAxes, fontsize=9)
     ax.set_xticks([])
@@ -365,12 +374,8 @@ def plot_flatness_vs_accuracy(runs: list[Run], tolerance: float, out: Path) -> P
         ax.set_ylabel("probe accuracy (%)")
         if pts:
             ax.legend(fontsize=7)
-    fig.suptitle(f"flatness vs probe accuracy (hollow: gap > {tolerance:g} nats)", fontsize=10)
-    fig.tight_layout()
-    path = out / "flatness_vs_accuracy.png"
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return _save(fig, f"flatness vs probe accuracy (hollow: gap > {tolerance:g} nats)",
+                 out / "flatness_vs_accuracy.png")
 
 
 def plot_training(runs: list[Run], tolerance: float, out: Path) -> Path:
@@ -402,12 +407,7 @@ def plot_training(runs: list[Run], tolerance: float, out: Path) -> Path:
                 ax.legend(fontsize=7)
             if i == len(keys) - 1:
                 ax.set_xlabel("step")
-    fig.suptitle("claim (a): continued pre-training", fontsize=10)
-    fig.tight_layout()
-    path = out / "training_curves.png"
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return _save(fig, "claim (a): continued pre-training", out / "training_curves.png")
 
 
 def plot_size(runs: list[Run], tolerance: float, out: Path) -> Path:
@@ -438,12 +438,7 @@ def plot_size(runs: list[Run], tolerance: float, out: Path) -> Path:
         ax.set_title(data)
         ax.set_xlabel("d_model")
         ax.set_ylabel("probe accuracy (%)")
-    fig.suptitle(f"claim (b): accuracy vs size (hollow: gap > {tolerance:g} nats)", fontsize=10)
-    fig.tight_layout()
-    path = out / "accuracy_vs_size.png"
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return _save(fig, f"claim (b): accuracy vs size (hollow: gap > {tolerance:g} nats)", out / "accuracy_vs_size.png")
 
 
 # ----- the report -----

@@ -43,6 +43,7 @@ class Selector:
     """Keeps every row. Subclasses override ``score`` (higher is better) and set ``fraction``."""
 
     fraction: float = 1.0
+    fraction_fix: str = "raise selection.fraction"  # the fix named when ``select`` would keep no rows
     report: dict[str, Any] | None = None  # set by ``select`` (or restored by ``run``): what it removed/added
     source: Any = None  # the data source, set by ``run`` when the caller passes it
     stats: dict[str, float] = {}  # set by ``run``: sizes and, on planted data, precision (``STATS``)
@@ -68,13 +69,11 @@ class Selector:
         scores = self.score(pool, target, workdir)
         if scores is None:
             return pool, None
-        keep = int(round(self.fraction * len(pool)))
-        if keep < 1:
-            raise UserError(
-                f"selection keeps no rows of the {len(pool)}-row pool: raise selection.fraction."
-            )
-        order = np.argsort(-scores, kind="stable")[:keep]
-        return pool.select(np.sort(order)), scores
+        keep = top_fraction(scores, self.fraction)
+        if len(keep) == 0:
+            raise UserError(f"selection {type(self).__name__} keeps no rows of the {len(pool)}-row pool: "
+                            f"{self.fraction_fix}.")
+        return pool.select(keep), scores
 
     def run(self, pool: Dataset, target: Dataset | None, cache_dir: str | os.PathLike, data_key: str,
             source: Any = None) -> Dataset:
@@ -118,6 +117,12 @@ class Selector:
         finally:
             shutil.rmtree(tmp, ignore_errors=True)
         return load_from_disk(str(path / "selected"))
+
+
+def top_fraction(scores: np.ndarray, fraction: float) -> np.ndarray:
+    """Indices of the ``round(fraction * n)`` highest scores (ties: earlier rows first), in corpus order."""
+    keep = int(round(fraction * len(scores)))
+    return np.sort(np.argsort(-np.asarray(scores), kind="stable")[:keep])
 
 
 def selection_stats(pool: Dataset, selected: Dataset) -> dict[str, float]:

@@ -23,7 +23,7 @@ from datasets import Dataset
 
 from lmlab.errors import UserError
 from lmlab.selection.base import Selector
-from lmlab.selection.reference import AuxLM, need_target, row_nll, rows_of, sample_rows, top_fraction, vocab_of
+from lmlab.selection.reference import AuxLM, need_target, row_nll, rows_of, sample_rows, vocab_of
 
 
 def color_scores(prior_nll: np.ndarray, cond_nll: np.ndarray) -> np.ndarray:
@@ -32,6 +32,8 @@ def color_scores(prior_nll: np.ndarray, cond_nll: np.ndarray) -> np.ndarray:
 
 
 class ColorFilter(Selector):
+    fraction_fix = "lower selection.tau"  # it keeps 1 / tau of the pool
+
     def __init__(self, tau: float = 4.0, prior_rows: int | None = 4000, prior_steps: int = 300,
                  finetune_steps: int = 150, finetune_lr: float = 1e-3, d_model: int = 64, n_layers: int = 2,
                  n_heads: int = 4, batch_size: int = 64, lr: float = 3e-3, seed: int = 0) -> None:
@@ -54,11 +56,3 @@ class ColorFilter(Selector):
         prior = self.prior.train(sample_rows(rows, self.config["prior_rows"], seed), vocab, seed)
         cond = self.finetune.train(target_rows, vocab, seed + 1, init=prior)
         return color_scores(row_nll(prior, rows), row_nll(cond, rows))
-
-    def select(self, pool: Dataset, target: Dataset | None, workdir: Path):
-        scores = self.score(pool, target, workdir)
-        keep = top_fraction(scores, self.fraction)
-        if len(keep) == 0:
-            raise UserError(f"selection color_filter keeps no rows of the {len(pool)}-row pool: lower "
-                            "selection.tau.")
-        return pool.select(keep), scores

@@ -35,7 +35,6 @@ from lmlab.selection.reference import (
     row_nll,
     rows_of,
     sample_rows,
-    top_fraction,
     vocab_of,
 )
 
@@ -78,11 +77,3 @@ class MiniPLM(Selector):
             teacher = load_reference(c["teacher"], vocab, "teacher")
         ref = self.ref_lm.train(sample_rows(rows, c["ref_rows"], seed), vocab, seed)
         return difference_scores(row_nll(teacher, rows), row_nll(ref, rows))
-
-    def select(self, pool: Dataset, target: Dataset | None, workdir: Path):
-        scores = self.score(pool, target, workdir)
-        keep = top_fraction(scores, self.fraction)
-        if len(keep) == 0:
-            raise UserError(f"selection miniplm keeps no rows of the {len(pool)}-row pool: raise "
-                            "selection.fraction.")
-        return pool.select(keep), scores

@@ -165,9 +165,3 @@ def vocab_of(source, *row_lists: list[list[int]]) -> int:
     if source is not None and hasattr(source, "vocab_size"):
         return int(source.vocab_size)
     return 1 + max((max(r) for rows in row_lists for r in rows if r), default=3)
-
-
-def top_fraction(scores: np.ndarray, fraction: float) -> np.ndarray:
-    """Indices of the ``round(fraction * n)`` highest scores (ties: earlier rows first), in corpus order."""
-    keep = int(round(fraction * len(scores)))
-    return np.sort(np.argsort(-np.asarray(scores), kind="stable")[:keep])

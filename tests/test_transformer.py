@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 
 from lmlab.errors import UserError
 from lmlab.models.base import Attention
+from lmlab.models.layers import Rotary
 from lmlab.models.transformer import Transformer
 
 V = 20
@@ -152,3 +155,32 @@ def test_bad_config_is_a_user_error():
         Transformer(V, "causal", d_model=10, n_heads=4)
     with pytest.raises(UserError):
         Transformer(V, "causal", norm="batchnorm")
+
+
+def _rotation(t: int, head_dim: int) -> torch.Tensor:
+    """R_t: pair (i, i + head_dim/2) turned by the angle t * 10000^(-2i/head_dim) (RoFormer, rotate-half)."""
+    R = torch.zeros(head_dim, head_dim, dtype=torch.float64)
+    half = head_dim // 2
+    for i in range(half):
+        angle = t * 10000.0 ** (-2 * i / head_dim)
+        c, s = math.cos(angle), math.sin(angle)
+        R[i, i], R[i, i + half], R[i + half, i], R[i + half, i + half] = c, -s, s, c
+    return R
+
+
+def test_rotary_known_answer_forward_backward_and_relative_scores():
+    head_dim, T = 8, 6
+    rotary = Rotary(head_dim, max_len=4)  # its tables grow on demand to T
+    R = torch.stack([_rotation(t, head_dim) for t in range(T)])  # (T, h, h)
+    # queries and keys at once, as the attention passes them: (B, T, 2, H, head_dim)
+    x = torch.randn(3, T, 2, 5, head_dim, requires_grad=True)
+    g = torch.randn(3, T, 2, 5, head_dim)
+    out = rotary(x)
+    torch.testing.assert_close(out.double(), torch.einsum("tij,btnhj->btnhi", R, x.double()), atol=1e-5, rtol=0)
+    (out * g).sum().backward()  # d/dx <R x, g> = R^T g
+    torch.testing.assert_close(x.grad.double(), torch.einsum("tji,btnhj->btnhi", R, g.double()), atol=1e-5, rtol=0)
+    # attention scores then depend on the offset only: q_t . k_s == q_{t+1} . k_{s+1} for fixed q, k
+    qk = torch.randn(2, head_dim).expand(1, T, 2, head_dim)
+    rows = rotary(qk)[0]
+    scores = rows[:, 0] @ rows[:, 1].T
+    torch.testing.assert_close(scores[1:, 1:], scores[:-1, :-1], atol=1e-5, rtol=0)

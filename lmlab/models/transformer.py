@@ -36,9 +36,13 @@ class SelfAttention(nn.Module):
 
     def forward(self, x: torch.Tensor, mask: torch.Tensor | None, is_causal: bool) -> torch.Tensor:
         B, T, D = x.shape
-        q, k, v = self.qkv(x).view(B, T, 3, self.n_heads, self.head_dim).permute(2, 0, 3, 1, 4)
-        if self.rotary is not None:
-            q, k = self.rotary(q, k)
+        qkv = self.qkv(x).view(B, T, 3, self.n_heads, self.head_dim)
+        if self.rotary is not None:  # queries and keys rotated together, in one set of kernels
+            qk, v = qkv.split([2, 1], dim=2)  # split's backward is one cat (slicing's: zeros + copies)
+            q, k = self.rotary(qk).permute(2, 0, 3, 1, 4)
+            v = v.squeeze(2).transpose(1, 2)
+        else:
+            q, k, v = qkv.permute(2, 0, 3, 1, 4)
         y = F.scaled_dot_product_attention(
             q, k, v, attn_mask=mask, is_causal=is_causal,
             dropout_p=self.dropout if self.training else 0.0,

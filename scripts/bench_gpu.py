@@ -1,10 +1,11 @@
 """GPU training speed at GPT-2-small shape: lmlab against Hugging Face ``GPT2LMHeadModel``, eager and compiled.
 
 One process, one shape (124M parameters: d_model 768, 12 layers, 12 heads, vocabulary 50257, sequence 1024),
-bf16 autocast, fused AdamW, gradient clipping, no dropout. Four rows: lmlab eager, lmlab with
+bf16 autocast, fused AdamW, gradient clipping, no dropout. Six rows: lmlab eager, lmlab with
 ``torch.compile`` (what ``compile=true`` does: the backbone compiled, the objective's loss eager), HF eager and
-HF compiled. Each prints training tokens/s, MFU (from lmlab's ``flops_per_token`` for this shape and the peak
-in ``lmlab/training/throughput.py``; HF's biases add < 0.1%) and peak GPU memory.
+HF compiled, and the bare GPT-2 of ``scripts/lean_gpt.py`` (the issue's "lean" yardstick: lmlab's arithmetic
+and nothing else) eager and compiled. Each prints training tokens/s, MFU (from lmlab's ``flops_per_token``
+for this shape and the peak in ``lmlab/training/throughput.py``; HF's biases add < 0.1%) and peak GPU memory.
 
     python scripts/bench_gpu.py                          # on a GPU
     python scripts/bench_gpu.py --batch 32 --activation-checkpointing
@@ -57,6 +58,14 @@ def build_hf(args, device):
         return forward(input_ids=ids, labels=ids).loss
 
     return model, loss_fn, None
+
+
+def build_lean(args, device):
+    from lean_gpt import LeanGPT
+
+    model = LeanGPT(args.vocab, args.d_model, args.layers, args.heads, args.seq_len).to(device)
+    forward = torch.compile(model) if args.compiled else model
+    return model, forward, None
 
 
 def measure(name: str, builder, args, device, flops_per_token: float | None, peak: float | None) -> dict:
@@ -115,7 +124,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
     parser.add_argument("--steps", type=int, default=20)
     parser.add_argument("--warmup", type=int, default=5, help="untimed steps first (compilation happens here)")
     parser.add_argument("--activation-checkpointing", action="store_true")
-    parser.add_argument("--only", default="lmlab,lmlab-compiled,hf,hf-compiled",
+    parser.add_argument("--only", default="lmlab,lmlab-compiled,hf,hf-compiled,lean,lean-compiled",
                         help="comma-separated rows to run")
     parser.add_argument("--smoke", action="store_true",
                         help="a tiny shape, 2 steps, fp32, no compilation: checks that the script runs")
@@ -146,7 +155,8 @@ def main(argv: list[str] | None = None) -> list[dict]:
     fpt = reference.flops_per_token(args.seq_len)
     rows = []
     builders = {"lmlab": (build_lmlab, False), "lmlab-compiled": (build_lmlab, True),
-                "hf": (build_hf, False), "hf-compiled": (build_hf, True)}
+                "hf": (build_hf, False), "hf-compiled": (build_hf, True),
+                "lean": (build_lean, False), "lean-compiled": (build_lean, True)}
     for row_name in args.only.split(","):
         builder, compiled = builders[row_name]
         args.compiled = compiled
@@ -161,7 +171,8 @@ def main(argv: list[str] | None = None) -> list[dict]:
               f"params {r['params'] / 1e6:.1f}M   loss {r['loss']:.3f}", flush=True)
     by = {r["name"]: r["tokens_per_s"] for r in rows}
     for a, b in [("lmlab", "hf"), ("lmlab-compiled", "hf-compiled"), ("lmlab-compiled", "hf"),
-                 ("lmlab", "hf-compiled")]:
+                 ("lmlab", "hf-compiled"), ("lean-compiled", "hf-compiled"), ("lmlab", "lean"),
+                 ("lmlab-compiled", "lean-compiled")]:
         if a in by and b in by:
             print(f"ratio {a} / {b}: {by[a] / by[b]:.2f}x")
     return rows

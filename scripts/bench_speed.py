@@ -1,16 +1,21 @@
-"""CPU training speed: lmlab's default transformer against Hugging Face ``GPT2LMHeadModel`` of the same shape.
+"""CPU training speed: lmlab's transformer against Hugging Face ``GPT2LMHeadModel`` of the same shape.
 
 Both models get the same d_model, layers, heads, vocabulary and sequence length, a GELU MLP of 4 x d_model,
 learned positions, LayerNorm, tied embeddings and no dropout (lmlab's transformer is built with
 ``positions=learned norm=layernorm mlp=gelu`` for parity; GPT-2 also carries biases, lmlab does not). One
 training step is forward, cross-entropy, backward, gradient clipping and an AdamW step (fused where
-PyTorch has it, for both), on random token ids without padding.
-The two are timed in alternating rounds in one process, so that a busy machine slows both alike, and the
+PyTorch has it, for all rows), on random token ids without padding.
+
+Two more rows put the ratio in context. ``lean`` is a bare GPT-2 (``scripts/lean_gpt.py``: the same arithmetic
+as lmlab's parity model, tested, and nothing else), so ``lean / HF`` is the most any implementation of these
+kernels gains over Hugging Face and ``lmlab / lean`` is lmlab's own overhead. ``lmlab default`` is lmlab's
+default configuration (RMSNorm, rotary positions): not the same arithmetic, shown for what users run.
+All rows are timed in alternating rounds in one process, so that a busy machine slows them alike, and the
 median of the per-round ratios is printed.
 
     python scripts/bench_speed.py                # the default shape (d_model 64, 2 layers, 4 heads)
     python scripts/bench_speed.py --seq-len 512 --d-model 256 --layers 4 --heads 8
-    python scripts/bench_speed.py --compile      # also both models under torch.compile (inductor, C++ on CPU)
+    python scripts/bench_speed.py --compile      # also lmlab, lean and HF under torch.compile (inductor)
 """
 
 from __future__ import annotations
@@ -21,24 +26,36 @@ import statistics
 import time
 
 import torch
+from lean_gpt import LeanGPT  # scripts/, next to this file
 
 
-def make_lmlab(args):
+def make_lmlab(args, parity: bool = True):
     from lmlab.models.base import CAUSAL
     from lmlab.models.transformer import Transformer
     from lmlab.objectives.clm import CLM
 
+    layout = dict(norm="layernorm", positions="learned", mlp="gelu") if parity else {}
     model = Transformer(args.vocab, CAUSAL, d_model=args.d_model, n_layers=args.layers, n_heads=args.heads,
-                        norm="layernorm", positions="learned", mlp="gelu", max_len=args.seq_len, dropout=0.0)
+                        max_len=args.seq_len, dropout=0.0, **layout)
     objective = CLM()
-    # lmlab reads (B, T+1) rows: inputs are the first T tokens, targets the last T
-    ids = torch.randint(4, args.vocab, (args.batch, args.seq_len + 1), generator=torch.Generator().manual_seed(0))
+    ids = token_rows(args)
 
     def loss_fn():
-        loss, _ = objective.loss(model, objective.prepare({"input_ids": ids, "seed": 0}))
+        loss, _ = objective.loss(model, objective.prepare({"input_ids": ids, "seed": 0, "padded": False}))
         return loss
 
     return model, loss_fn
+
+
+def make_lean(args):
+    model = LeanGPT(args.vocab, args.d_model, args.layers, args.heads, args.seq_len)
+    ids = token_rows(args)
+    return model, lambda: model(ids)
+
+
+def token_rows(args) -> torch.Tensor:
+    """(B, T+1) rows: inputs are the first T tokens, targets the last T (HF shifts inside, so it reads T)."""
+    return torch.randint(4, args.vocab, (args.batch, args.seq_len + 1), generator=torch.Generator().manual_seed(0))
 
 
 def make_hf(args):
@@ -52,7 +69,7 @@ def make_hf(args):
         model.set_attn_implementation("sdpa")
     except Exception:  # older transformers: sdpa is the default where available
         pass
-    ids = torch.randint(4, args.vocab, (args.batch, args.seq_len), generator=torch.Generator().manual_seed(0))
+    ids = token_rows(args)[:, :-1]
 
     def loss_fn():
         return model(input_ids=ids, labels=ids).loss
@@ -101,12 +118,14 @@ def main(argv: list[str] | None = None) -> dict:
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
-    steps = {"lmlab": trainer_step(*make_lmlab(args)), "hf": trainer_step(*make_hf(args))}
+    makers = {"lmlab": make_lmlab, "lmlab default": functools.partial(make_lmlab, parity=False),
+              "lean": make_lean, "hf": make_hf}
+    steps = {name: trainer_step(*make(args)) for name, make in makers.items()}
     if args.compile:  # what lmlab's compile=true does: the module compiled, the loss and optimiser eager
-        for name, make in (("lmlab compiled", make_lmlab), ("hf compiled", make_hf)):
-            model, loss_fn = make(args)
+        for name in ("lmlab", "lean", "hf"):
+            model, loss_fn = makers[name](args)
             model.compile()
-            steps[name] = trainer_step(model, loss_fn)
+            steps[f"{name} compiled"] = trainer_step(model, loss_fn)
     for name, step in steps.items():  # warm-up (allocator, first-call overheads, compilation)
         w, _ = timed(step, 2)
         if "compiled" in name:
@@ -124,14 +143,16 @@ def main(argv: list[str] | None = None) -> dict:
           f"seq_len={args.seq_len} batch={args.batch}, {args.threads} threads, torch {torch.__version__}")
     for name in steps:
         label = name.replace("hf", "HF GPT2LMHeadModel").replace("lmlab", "lmlab Transformer")
-        print(f"{label:30s} {out[name]:12,.0f} tokens/s (median of {args.rounds} rounds of {args.steps} steps)")
-    pairs = [("lmlab", "hf"), ("lmlab compiled", "hf"), ("lmlab compiled", "hf compiled")]
+        print(f"{label:32s} {out[name]:12,.0f} tokens/s (median of {args.rounds} rounds of {args.steps} steps)")
+    pairs = [("lmlab", "hf"), ("lean", "hf"), ("lmlab", "lean"), ("lmlab default", "hf"),
+             ("lmlab compiled", "hf"), ("lmlab compiled", "hf compiled"), ("lean compiled", "hf compiled"),
+             ("lmlab compiled", "lean compiled")]
     for a, b in [(a, b) for a, b in pairs if a in steps and b in steps]:
         ratios = [x / y for x, y in zip(wall[a], wall[b])]
         cpu_ratio = statistics.median(x / y for x, y in zip(cpu[a], cpu[b]))
         key = "ratio" if (a, b) == ("lmlab", "hf") else f"ratio {a} / {b}"
         out[key] = statistics.median(ratios)
-        print(f"ratio {a} / {b}".ljust(30) + f" {out[key]:12.2f}x wall clock (per round: "
+        print(f"ratio {a} / {b}".ljust(32) + f" {out[key]:6.2f}x wall clock (per round: "
               f"{', '.join(f'{r:.2f}' for r in ratios)}); {cpu_ratio:.2f}x per CPU second of this process")
     return out
 

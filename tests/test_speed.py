@@ -138,7 +138,8 @@ def test_bench_gpu_smoke():
     proc = subprocess.run([sys.executable, str(ROOT / "scripts" / "bench_gpu.py"), "--smoke"], capture_output=True,
                           text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    assert "lmlab " in proc.stdout and "hf " in proc.stdout and "ratio lmlab / hf" in proc.stdout
+    for text in ("lmlab ", "hf ", "lean ", "ratio lmlab / hf", "ratio lmlab / lean"):
+        assert text in proc.stdout
 
 
 def test_bench_speed_runs():
@@ -148,7 +149,9 @@ def test_bench_speed_runs():
     finally:
         sys.path.pop(0)
     out = bench_speed.main(["--seq-len", "16", "--batch", "4", "--steps", "1", "--rounds", "1", "--threads", "1"])
-    assert out["lmlab"] > 0 and out["hf"] > 0 and out["ratio"] > 0
+    assert out["lmlab"] > 0 and out["hf"] > 0 and out["lean"] > 0 and out["lmlab default"] > 0
+    assert out["ratio"] == pytest.approx(out["lmlab"] / out["hf"])  # one round: the median is that round
+    assert out["ratio lean / hf"] > 0 and out["ratio lmlab / lean"] > 0
 
 
 def test_vectorised_collate_matches_row_by_row_padding():
@@ -231,3 +234,35 @@ def test_every_model_compiles_and_matches_eager(name):
             losses.append(float(loss))
         assert losses[1] == pytest.approx(losses[0], abs=1e-4), (name, length)
         assert torch.allclose(grads[1], grads[0], atol=1e-4), (name, length)
+
+
+def test_lean_baseline_computes_what_lmlab_computes():
+    """The benchmarks' lean GPT-2 and lmlab's parity transformer + CLM: same loss and gradients, same weights."""
+    from lmlab.models.base import CAUSAL
+    from lmlab.models.transformer import Transformer
+    from lmlab.objectives.clm import CLM
+
+    sys.path.insert(0, str(ROOT / "scripts"))
+    try:
+        from lean_gpt import LeanGPT, copy_from_lmlab, lean_name
+    finally:
+        sys.path.pop(0)
+    torch.manual_seed(0)
+    model = Transformer(30, CAUSAL, d_model=32, n_layers=2, n_heads=4, norm="layernorm", positions="learned",
+                        mlp="gelu", max_len=16)
+    for p in model.parameters():  # away from the init's ones and zeros, so every weight matters
+        p.data.add_(0.1 * torch.randn_like(p))
+    lean = LeanGPT(30, 32, 2, 4, 16)
+    copy_from_lmlab(lean, model)
+    ids = torch.randint(4, 30, (3, 13), generator=torch.Generator().manual_seed(1))
+    objective = CLM()
+    loss, _ = objective.loss(model, objective.prepare({"input_ids": ids, "seed": 0}))
+    lean_loss = lean(ids)
+    torch.testing.assert_close(lean_loss, loss)
+    loss.backward()
+    lean_loss.backward()
+    theirs = dict(lean.named_parameters())
+    for name, p in model.named_parameters():  # the tied head is the embedding, listed once
+        torch.testing.assert_close(theirs[lean_name(name)].grad, p.grad)
+    # embeddings, 2 blocks of (2 norms x 2 + 4 matrices), final norm
+    assert len(theirs) == len(dict(model.named_parameters())) == 2 + 2 * 8 + 2

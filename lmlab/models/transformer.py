@@ -137,7 +137,7 @@ class Transformer(Backbone):
             if T > self.max_len:
                 raise UserError(f"sequence of {T} tokens is longer than model.max_len={self.max_len}: "
                                 "raise model.max_len or use model.positions=rotary.")
-            x = x + self.pos_embed(torch.arange(T, device=input_ids.device))
+            x = x + self.pos_embed.weight[:T]  # positions 0..T-1: a slice, not a lookup (cheaper backward)
         x = self.emb_dropout(x)
         mask = attention.mask(T, input_ids.device)
         # ``mask() is None`` means "no restriction" for bidirectional and "plain causal" for causal

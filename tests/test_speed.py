@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import functools
+import json
+import math
 import subprocess
 import sys
 import warnings
@@ -201,6 +203,61 @@ def test_padding_flag_from_collate_skips_the_device_check():
     assert mask.tolist() == [[True, True, True], [True, True, False]]
     # without the flag the ids are checked (the old behaviour)
     assert padding_of(full["input_ids"]) is None and padding_of(ragged["input_ids"]).equal(mask)
+
+
+def _module_with_grads(scaler, root=None):
+    """An LMModule whose parameters carry gradients of norm 10 each, under a stand-in trainer."""
+    from types import SimpleNamespace
+
+    from lmlab.training.module import LMModule
+
+    model = Transformer(20, "causal", d_model=8, n_layers=1, n_heads=2)
+    module = LMModule(model, CLM(), functools.partial(torch.optim.AdamW, lr=1e-3), lambda step, total: 1.0, 10)
+    for p in module.parameters():
+        p.grad = torch.full_like(p, 10.0 / p.numel() ** 0.5)
+    module._trainer = SimpleNamespace(strategy=SimpleNamespace(model=root or module),
+                                      precision_plugin=SimpleNamespace(scaler=scaler))
+    optimizer = make_optimizer(functools.partial(torch.optim.AdamW, lr=1e-3),
+                               [{"params": list(module.parameters())}])
+    return module, optimizer
+
+
+def test_gradient_clipping_where_lightning_refuses_it():
+    """bf16 (no scaler) with the fused optimiser: clipped by the global norm; FSDP: by the root's own
+    ``clip_grad_norm_``. Lightning's plugins raise in both cases (trainer=gpu and trainer=fsdp)."""
+    module, optimizer = _module_with_grads(scaler=None)
+    assert optimizer.defaults.get("fused") is (torch.__version__ >= "2.4")
+    n = len(list(module.parameters()))
+    before = torch.stack([p.grad.norm() for p in module.parameters()]).norm()
+    assert float(before) == pytest.approx(10 * n ** 0.5, rel=1e-5)
+    module.configure_gradient_clipping(optimizer, 1.0, "norm")
+    after = torch.stack([p.grad.norm() for p in module.parameters()]).norm()
+    assert float(after) == pytest.approx(1.0, rel=1e-4)
+    module.configure_gradient_clipping(optimizer, 0.5, "value")
+    assert max(float(p.grad.abs().max()) for p in module.parameters()) <= 0.5
+    module.configure_gradient_clipping(optimizer, None, None)  # no clipping configured: nothing happens
+
+    calls = []
+
+    class Root:  # what FSDP's wrapped root offers
+        def clip_grad_norm_(self, max_norm):
+            calls.append(max_norm)
+
+    module, optimizer = _module_with_grads(scaler=None, root=Root())
+    module.configure_gradient_clipping(optimizer, 1.0, "norm")
+    assert calls == [1.0]
+    assert all(float(p.grad.norm()) == pytest.approx(10.0, rel=1e-5) for p in module.parameters())
+
+
+def test_bf16_mixed_training_runs_through_the_cli(lmlab):
+    """trainer=gpu's precision (bf16-mixed) with its gradient clipping, on the CPU: Lightning's plugin is the
+    same one, and it used to refuse to clip for the fused AdamW at the first step."""
+    from tests.conftest import FAST, TINY
+
+    code, out = lmlab("train", *TINY, *FAST, "trainer.precision=bf16-mixed", "eval=[perplexity]")
+    assert code == 0, out[-3000:]
+    results = json.loads(next(lmlab.runs.rglob("results.json")).read_text())
+    assert math.isfinite(results["metrics"]["perplexity/loss"])
 
 
 # ----- compile=true works for every model -----

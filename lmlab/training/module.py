@@ -113,6 +113,31 @@ class LMModule(L.LightningModule):
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
 
 
+    def configure_gradient_clipping(self, optimizer, gradient_clip_val=None, gradient_clip_algorithm=None) -> None:
+        """``trainer.gradient_clip_val``, applied where Lightning's precision plugins would refuse it:
+
+        - FSDP: the norm over every shard, by the wrapped root's ``clip_grad_norm_`` (Lightning's FSDP plugin
+          refuses norm clipping, since ``torch.nn.utils.clip_grad_norm_`` would see one rank's shard only);
+        - bf16 autocast with a fused optimiser: Lightning's mixed-precision plugin refuses to clip for any
+          optimiser that could unscale gradients itself, but bf16 has no gradient scaler, so clipping before
+          the step is exact (``trainer=gpu`` would otherwise stop at its first step).
+        fp16, which has a scaler, keeps Lightning's own path (and the unfused optimiser, ``make_optimizer``)."""
+        if not gradient_clip_val:
+            return
+        by_value = gradient_clip_algorithm == "value"
+        root = self.trainer.strategy.model
+        if not by_value and hasattr(root, "clip_grad_norm_"):
+            root.clip_grad_norm_(gradient_clip_val)
+        elif getattr(self.trainer.precision_plugin, "scaler", None) is None:
+            params = [p for group in optimizer.param_groups for p in group["params"]]
+            if by_value:
+                torch.nn.utils.clip_grad_value_(params, gradient_clip_val)
+            else:
+                torch.nn.utils.clip_grad_norm_(params, gradient_clip_val)
+        else:
+            self.clip_gradients(optimizer, gradient_clip_val, gradient_clip_algorithm)
+
+
 class AtomicCheckpointIO(TorchCheckpointIO):
     """Writes each checkpoint to a temporary file and renames it into place: a crash mid-write leaves
     the previous checkpoint intact."""

@@ -210,6 +210,19 @@ def test_relation_off_leaves_the_objective_unchanged():
     assert set(metrics) == {"coarse", "fine"}
 
 
+def test_mfu_counts_the_generator():
+    """The training step's FLOPs per token: the model's plus the generator's (both forward + backward)."""
+    from lmlab.objectives.clm import CLM
+    from lmlab.training.module import LMModule
+
+    on, model = make()
+    off, _ = make(relation=False)
+    assert off.extra_flops_per_token(12) == 0.0 == CLM().extra_flops_per_token(12)
+    assert on.extra_flops_per_token(12) == on.generator.flops_per_token(12) > 0
+    module = LMModule(model, on, torch.optim.AdamW, lambda step, total: 1.0, 10)
+    assert module.flops_per_token(12) == model.flops_per_token(12) + on.generator.flops_per_token(12)
+
+
 def test_relation_trains_through_the_cli(lmlab):
     args = ["max_steps=30", "val_every=15", "checkpoint_every=15", "batch_size=16", "logger=csv",
             "optim.lr=3e-3", "model.d_model=32", "model.n_heads=2", "eval=[perplexity]"]

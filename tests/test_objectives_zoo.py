@@ -332,6 +332,15 @@ def test_distillation_is_zero_when_student_equals_teacher():
     assert torch.allclose(kd, kl, atol=1e-6) and torch.allclose(loss, 0.5 * 4 * kl + 0.5 * ce, atol=1e-6)
 
 
+def test_distillation_counts_the_teachers_forward_in_mfu():
+    from lmlab.objectives.distill import Distill
+
+    teacher = tiny_model()
+    objective = Distill()
+    objective._teacher = [teacher]  # what bind() loads from the teacher run
+    assert objective.extra_flops_per_token(9) == pytest.approx(teacher.flops_per_token(9) / 3)
+
+
 # ----- MLM suffix -----
 
 def test_mlm_suffix_masks_the_end_of_each_row():

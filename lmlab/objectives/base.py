@@ -43,6 +43,11 @@ class Objective(ABC):
     @abstractmethod
     def prepare(self, batch: dict) -> Prepared: ...
 
+    def extra_flops_per_token(self, seq_len: int) -> float:
+        """FLOPs per token the training step spends outside the model (a teacher's forward, a generator's
+        forward and backward), in the convention of ``Backbone.flops_per_token``; MFU counts them too."""
+        return 0.0
+
     def loss(self, model, prepared: Prepared) -> tuple[torch.Tensor, dict[str, float]]:
         """Mean cross-entropy over the positions of ``loss_mask`` (see ``dense_loss``)."""
         hidden = model(prepared.inputs, prepared.attention)

@@ -85,6 +85,10 @@ class Distill(Objective):
     def prepare(self, batch: dict) -> Prepared:
         return self.base.prepare(batch)
 
+    def extra_flops_per_token(self, seq_len: int) -> float:
+        """The teacher's forward pass: a third of its forward + backward count (2N of 6N)."""
+        return self.teacher.flops_per_token(seq_len) / 3
+
     def loss(self, model, prepared: Prepared) -> tuple[torch.Tensor, dict[str, float]]:
         hidden = model(prepared.inputs, prepared.attention)
         student = model.logits(hidden[prepared.loss_mask])

@@ -45,8 +45,8 @@ differs from the original (only masked slots whose sample differs from the origi
 
 (the paper sums the terms unweighted: ``rtd_weight=1``). Both the corrupted-input MLM and RTD read the same
 forward pass (the paper writes them as two terms over the same replaced row). The generator and the heads
-are the objective's parameters, trained and checkpointed with the model; its compute is not counted in the
-model's ``flops_per_token``.
+are the objective's parameters, trained and checkpointed with the model; MFU counts the generator's
+``flops_per_token`` on top of the model's (``extra_flops_per_token``; the small heads are left out).
 
 Evaluation: ``MLM.evaluate`` (single-mask conditionals over the token vocabulary).
 """
@@ -307,6 +307,10 @@ class NgramMLM(MLM, nn.Module):
         return loss, metrics
 
     # ----- enhanced n-gram relation modelling -----
+
+    def extra_flops_per_token(self, seq_len: int) -> float:
+        """With ``relation=true``, the generator's forward and backward (it is trained with the model)."""
+        return self.generator.flops_per_token(seq_len) if self.generator is not None else 0.0
 
     def generator_logits(self, prepared: NgramPrepared) -> torch.Tensor:
         """The generator's logits (M, vocab + lexicon) at the masked slots; special tokens are never proposed."""

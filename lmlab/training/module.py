@@ -56,8 +56,12 @@ class LMModule(L.LightningModule):
 
     def on_fit_start(self) -> None:
         precision = matmul_precision(getattr(self.trainer, "precision", None))
-        self.throughput = Throughput(self.model.flops_per_token, peak_flops(self.device, precision),
+        self.throughput = Throughput(self.flops_per_token, peak_flops(self.device, precision),
                                      world=self.trainer.world_size)
+
+    def flops_per_token(self, seq_len: int) -> float:
+        """The model's training FLOPs per token plus the objective's own (a teacher, a generator)."""
+        return self.model.flops_per_token(seq_len) + self.objective.extra_flops_per_token(seq_len)
 
     def on_before_batch_transfer(self, batch, dataloader_idx: int):
         # tokens counted on the host, before the batch moves to the device: no device sync per step

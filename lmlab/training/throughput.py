@@ -1,7 +1,8 @@
 """Training throughput: tokens per second and model FLOPs utilisation (MFU), and the one table of device peaks.
 
 MFU follows Chowdhery et al. 2022 (PaLM, arXiv 2204.02311, appendix B): the model's own training FLOPs per
-token (``Backbone.flops_per_token(seq_len)``, forward + backward) times the tokens processed per second,
+token (``Backbone.flops_per_token(seq_len)``, forward + backward; plus what the objective runs beside the
+model, a teacher's forward or a generator: ``LMModule.flops_per_token``) times the tokens processed per second,
 divided by the device's dense peak for the precision the matmuls run in. Peaks are vendor datasheet
 figures for dense (not 2:4-sparse) tensor-core math, in FLOP/s. A device that is not in ``PEAKS`` (every
 CPU included) gets one warning and no MFU: never a made-up peak.
@@ -72,7 +73,7 @@ class Throughput:
     Call ``step(tokens, seq_len)`` once per optimisation step (after it, so the wall-clock gap between calls
     is the step time); it returns the metrics to log (nothing until two steps have been seen). ``tokens``
     are this process's tokens; with ``world`` processes the logged tokens/s is the global rate (this
-    process's rate times ``world``), MFU is per device. ``flops_per_token(seq_len)`` is the model's.
+    process's rate times ``world``), MFU is per device. ``flops_per_token(seq_len)``: the training step's.
     """
 
     def __init__(self, flops_per_token: Callable[[int], float], peak: float | None, world: int = 1,

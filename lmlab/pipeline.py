@@ -86,6 +86,9 @@ def train(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
         print(f"[lmlab] {run_dir} already holds DONE: skipping (delete DONE to rerun).")
         return _read_results(run_dir)
     quiet()
+    if str(cfg.trainer.get("accelerator", "")) in ("gpu", "cuda") and not torch.cuda.is_available():
+        raise UserError("this trainer runs on a CUDA GPU and PyTorch sees none here (torch.cuda.is_available() "
+                        "is False): use trainer=cpu, or run where a GPU and a CUDA build of PyTorch are.")
     started = time.time()
     rank0 = is_rank_zero()
     if rank0:

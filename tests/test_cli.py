@@ -214,6 +214,8 @@ def test_resume_after_kill_matches_uninterrupted(tmp_path, cache_dir):
     (["model.no_such_key=3"], "model.no_such_key is not a setting"),
     (["eval=[perplexity,nosuch]"], "unknown eval option 'nosuch'"),
     (["data.grammar=/no/such/file.txt"], "/no/such/file.txt"),
+    pytest.param(["trainer=gpu"], "use trainer=cpu", marks=pytest.mark.skipif(
+        torch.cuda.is_available(), reason="this machine has a GPU")),
 ])
 def test_bad_input_is_one_sentence(lmlab, args, expect):
     code, out = lmlab("train", *FAST, *TINY, *args)

@@ -31,6 +31,17 @@ def test_step_batches_cover_each_epoch_and_resume_exactly():
     assert StepBatches(10, 4, seed=4).batch(0) != s.batch(0)
 
 
+def test_step_batches_are_the_epoch_permutations_read_in_order_whatever_the_access_order():
+    """Known answer: batch s holds rows s*B .. s*B+B-1 of perm(seed, 0) ++ perm(seed, 1) ++ ... (the cached
+    permutations change nothing, also when steps are asked out of order or a batch spans two epochs)."""
+    import numpy as np
+
+    stream = np.concatenate([np.random.default_rng([3, e]).permutation(10) for e in range(12)])
+    s = StepBatches(n_rows=10, batch_size=4, seed=3)
+    for step in [0, 1, 2, 29, 3, 7, 2, 28, 0]:
+        assert s.batch(step) == stream[4 * step : 4 * step + 4].tolist()
+
+
 def test_step_batches_ranks_split_the_global_batch():
     single = StepBatches(n_rows=50, batch_size=8, seed=0)
     ranks = [StepBatches(n_rows=50, batch_size=4, seed=0, rank=r, world=2) for r in range(2)]

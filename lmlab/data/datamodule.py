@@ -91,6 +91,16 @@ class StepBatches(Sampler[list[int]]):
         self.n, self.seed, self.start, self.rank, self.world = n_rows, seed, start, rank, world
         self.b = max(1, min(batch_size, n_rows // world))
         self.stages = stages
+        self._perms: dict[tuple, np.ndarray] = {}  # the current epochs' permutations (a batch may span two)
+
+    def _permutation(self, key: list[int], epoch: int, n: int) -> np.ndarray:
+        """The permutation of ``n`` rows for (key, epoch): drawn once per epoch, not once per batch."""
+        k = (*key, epoch, n)
+        if k not in self._perms:
+            if len(self._perms) >= 2:
+                self._perms.pop(next(iter(self._perms)))
+            self._perms[k] = np.random.default_rng([*key, epoch]).permutation(n)
+        return self._perms[k]
 
     def batch(self, step: int) -> list[int]:
         size = self.b * self.world
@@ -102,7 +112,7 @@ class StepBatches(Sampler[list[int]]):
             self.stages.served = max(self.stages.served, step)
         while len(out) < size:
             epoch, offset = divmod(pos, n)
-            perm = np.random.default_rng([*key, epoch]).permutation(n)
+            perm = self._permutation(key, epoch, n)
             take = perm[offset : offset + size - len(out)]
             out.extend(int(i) for i in take)
             pos += len(take)

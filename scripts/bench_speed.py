@@ -145,7 +145,8 @@ def main(argv: list[str] | None = None) -> dict:
         label = name.replace("hf", "HF GPT2LMHeadModel").replace("lmlab", "lmlab Transformer")
         print(f"{label:32s} {out[name]:12,.0f} tokens/s (median of {args.rounds} rounds of {args.steps} steps)")
     pairs = [("lmlab", "hf"), ("lean", "hf"), ("lmlab", "lean"), ("lmlab default", "hf"),
-             ("lmlab compiled", "hf"), ("lmlab compiled", "hf compiled"), ("lean compiled", "hf compiled"),
+             ("lmlab compiled", "hf"), ("lean compiled", "hf"), ("lmlab compiled", "hf compiled"),
+             ("lean compiled", "hf compiled"),
              ("lmlab compiled", "lean compiled")]
     for a, b in [(a, b) for a, b in pairs if a in steps and b in steps]:
         ratios = [x / y for x, y in zip(wall[a], wall[b])]

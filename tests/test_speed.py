@@ -265,32 +265,57 @@ def test_bf16_mixed_training_runs_through_the_cli(lmlab):
 MODELS = sorted(p.stem for p in (ROOT / "lmlab" / "conf" / "model").glob("*.yaml"))
 
 
-@pytest.mark.parametrize("name", MODELS)
-def test_every_model_compiles_and_matches_eager(name):
-    """``torch.compile`` of each model (what ``compile=true`` does) gives the eager loss and gradients, at
-    two sequence lengths, with a dynamic length (as variable-length batches end up).
-    One layer each, to keep compilation short on a CPU (the layers are alike)."""
+def _compiled_and_eager(name: str, objective):
+    """(eager LMModule, compile=true LMModule) of model ``name`` (one layer) and ``objective``, same weights."""
     from hydra import compose, initialize_config_module
     from hydra.utils import instantiate
+
+    from lmlab.training.module import LMModule
 
     with initialize_config_module(config_module="lmlab.conf", version_base="1.3"):
         cfg = compose(config_name="train", overrides=[f"model={name}", "model.n_layers=1"])
     torch.manual_seed(0)
-    model = instantiate(cfg.model, vocab_size=260, attention="causal")  # 260: hat reads bytes
-    # dynamic=True: the graph that compile=true settles on once batch lengths vary (its first, static graph
-    # is the easier case), here from the first call
-    compiled = torch.compile(model, dynamic=True)
-    objective = CLM()
-    for length in (9, 12):
-        batch = {"input_ids": torch.randint(4, 260, (2, length), generator=torch.Generator().manual_seed(length))}
+    model = instantiate(cfg.model, vocab_size=260, attention=objective.attention)  # 260: hat reads bytes
+    modules = [LMModule(model, objective, torch.optim.AdamW, lambda step, total: 1.0, 10, compile=c)
+               for c in (False, True)]
+    return modules
+
+
+def _assert_compiled_matches_eager(name, objective, lengths=(9, 12)):
+    eager, compiled = _compiled_and_eager(name, objective)
+    model = eager.model
+    weight = model.embed.weight if hasattr(model, "embed") else next(model.parameters())
+    for length in lengths:
+        batch = {"input_ids": torch.randint(4, 260, (2, length), generator=torch.Generator().manual_seed(length)),
+                 "seed": 0}
         losses, grads = [], []
-        for forward in (model, compiled):
-            loss, _ = objective.loss(forward, objective.prepare(batch))
-            grads.append(torch.autograd.grad(loss, model.embed.weight if hasattr(model, "embed") else
-                                             next(model.parameters()))[0])
+        for module in (eager, compiled):
+            loss, _ = module.loss(objective.prepare(batch))
+            if model.aux_loss is not None:
+                loss = loss + model.aux_loss
+            grads.append(torch.autograd.grad(loss, weight)[0])
             losses.append(float(loss))
         assert losses[1] == pytest.approx(losses[0], abs=1e-4), (name, length)
         assert torch.allclose(grads[1], grads[0], atol=1e-4), (name, length)
+
+
+@pytest.mark.parametrize("name", MODELS)
+def test_every_model_compiles_and_matches_eager(name):
+    """``compile=true`` with next-token prediction compiles the whole loss (model, LM head, cross-entropy)
+    of each model: the same loss and gradients as eager at two sequence lengths (the second call makes the
+    length dynamic, as variable-length batches do). One layer each, to keep compilation short on a CPU."""
+    compiled = _compiled_and_eager(name, CLM())[1]
+    assert compiled.compiled_loss is not None
+    _assert_compiled_matches_eager(name, CLM())
+
+
+def test_sparse_objectives_compile_the_model_alone():
+    """MLM's loss gathers a varying number of masked positions: ``compile=true`` compiles the model only."""
+    from lmlab.objectives.mlm import MLM
+
+    compiled = _compiled_and_eager("transformer", MLM())[1]
+    assert compiled.compiled_loss is None and compiled.forward_model is not compiled.model
+    _assert_compiled_matches_eager("transformer", MLM())
 
 
 def test_lean_baseline_computes_what_lmlab_computes():

@@ -51,6 +51,10 @@ class LMModule(L.LightningModule):
         self.model, self.objective = model, objective
         self.make_optimizer, self.schedule, self.max_steps = optimizer, schedule, max_steps
         self.forward_model = torch.compile(model) if compile else model
+        # objectives with a dense loss (next-token prediction) are pure tensor code from the batch to the loss:
+        # the whole of it is compiled, so the LM head and the cross-entropy fuse too; others (masks that
+        # change the shapes, sampling) compile the model alone
+        self.compiled_loss = torch.compile(objective.loss) if compile and objective.dense_loss else None
         self.throughput: Throughput | None = None
         self._batch_tokens, self._seq_len = 0, 0
 
@@ -85,9 +89,15 @@ class LMModule(L.LightningModule):
             return True
         return bool(connector.should_update_logs) or self.global_step + 1 >= self.trainer.max_steps
 
+    def loss(self, prepared) -> tuple[torch.Tensor, dict]:
+        """The objective's loss on a prepared batch, through what ``compile=true`` compiled."""
+        if self.compiled_loss is not None:
+            return self.compiled_loss(self.model, prepared)
+        return self.objective.loss(self.forward_model, prepared)
+
     def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
         prepared = self.objective.prepare(batch)
-        loss, metrics = self.objective.loss(self.forward_model, prepared)
+        loss, metrics = self.loss(prepared)
         if self.model.aux_loss is not None:
             metrics = {**metrics, "aux_loss": self.model.aux_loss.detach()}
             loss = loss + self.model.aux_loss
@@ -100,7 +110,7 @@ class LMModule(L.LightningModule):
 
     def validation_step(self, batch: dict, batch_idx: int) -> None:
         prepared = self.objective.prepare(batch)
-        loss, _ = self.objective.loss(self.forward_model, prepared)
+        loss, _ = self.loss(prepared)
         self.log("val/loss", loss, prog_bar=True, batch_size=prepared.inputs.shape[0])
 
     def configure_optimizers(self):

@@ -1,10 +1,11 @@
 """Training throughput of every model of lmlab/conf/model/ on the CPU, at a matched parameter count.
 
-For each model YAML: build it with d_model chosen so that its parameter count is closest to ``--params``,
-time training steps (forward, backward, AdamW step) on random token ids, print tokens/s and the ratio to
-the transformer measured in the same process. For Mamba also, at the same shape in the same run: lmlab's
-chunked scan, its sequential reference, and Hugging Face transformers' ``MambaForCausalLM`` (randomly
-initialised, its pure-PyTorch path), as whole training steps and as the scan alone.
+For each model YAML: build it with d_model chosen so that its parameter count is closest to ``--params``, time
+training steps (forward, backward, AdamW step) on random token ids in alternating rounds, print tokens/s and
+the median per-round ratio to the transformer measured in the same process. For Mamba also, at the same shape
+in the same run: lmlab's chunked scan, its sequential reference, and Hugging Face transformers'
+``MambaForCausalLM`` (randomly initialised, its pure-PyTorch path), as whole training steps and as the scan
+alone.
 
     python scripts/bench_models.py            # batch 4, length 512 (HF's Mamba step alone takes over a minute)
     python scripts/bench_models.py --quick    # a few seconds: tiny shapes, for the test suite
@@ -15,6 +16,7 @@ Timings on a shared machine are noisy; ratios are measured in one process to be 
 from __future__ import annotations
 
 import argparse
+import statistics
 import sys
 import time
 from pathlib import Path
@@ -71,20 +73,31 @@ def hf_loss(model, ids):
     return model(input_ids=ids, labels=ids).loss
 
 
-def train_tps(model, loss_fn, batch: int, seq_len: int, steps: int, warmup: bool = True) -> float:
-    """Tokens per second of full training steps (after one warm-up step unless ``warmup`` is off)."""
+def make_step(model, loss_fn, batch: int, seq_len: int):
+    """One full training step (forward, backward, AdamW) of ``model`` on fixed random ids."""
     torch.manual_seed(0)
     ids = torch.randint(4, VOCAB, (batch, seq_len))
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
     model.train()
-    elapsed = []
-    for i in range(int(warmup), steps + 1):
-        t0 = time.perf_counter()
+
+    def step():
         loss_fn(model, ids).backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
-        if i or not warmup:
-            elapsed.append(time.perf_counter() - t0)
+
+    return step
+
+
+def train_tps(model, loss_fn, batch: int, seq_len: int, steps: int, warmup: bool = True) -> float:
+    """Tokens per second of the best of ``steps`` training steps (after one warm-up step unless ``warmup`` is off)."""
+    step = make_step(model, loss_fn, batch, seq_len)
+    if warmup:
+        step()
+    elapsed = []
+    for _ in range(steps):
+        t0 = time.perf_counter()
+        step()
+        elapsed.append(time.perf_counter() - t0)
     return batch * seq_len / min(elapsed)
 
 
@@ -120,33 +133,46 @@ def main(argv=None) -> None:
     p.add_argument("--batch", type=int, default=4)
     p.add_argument("--seq-len", type=int, default=512)
     p.add_argument("--params", type=int, default=750_000, help="target parameter count of every model")
-    p.add_argument("--steps", type=int, default=2, help="timed training steps per model (best is kept)")
+    p.add_argument("--steps", type=int, default=2, help="timed training steps per model and round")
+    p.add_argument("--rounds", type=int, default=5, help="rounds (the median per-round ratio is printed)")
     p.add_argument("--models", default="", help="comma-separated YAML names (default: all)")
     p.add_argument("--threads", type=int, default=0, help="torch threads (default: torch's choice)")
     args = p.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
     if args.quick:
-        args.batch, args.seq_len, args.params, args.steps = 2, 32, 30_000, 1
+        args.batch, args.seq_len, args.params, args.steps, args.rounds = 2, 32, 30_000, 1, 1
     names = [n for n in (args.models.split(",") if args.models else sorted(f.stem for f in CONF.glob("*.yaml")))]
     names = ["transformer"] + [n for n in names if n != "transformer"]
     print(f"training throughput on CPU ({torch.get_num_threads()} threads): batch {args.batch}, length "
-          f"{args.seq_len}, vocab {VOCAB}, about {args.params:,} parameters per model, fwd+bwd+AdamW, "
-          f"best of {args.steps} steps")
-    print(f"{'model':<14}{'d_model':>8}{'params':>10}{'tokens/s':>12}{'vs transformer':>16}")
-    base = None
-    mamba_shape = None
+          f"{args.seq_len}, vocab {VOCAB}, about {args.params:,} parameters per model, fwd+bwd+AdamW; "
+          f"{args.rounds} rounds of {args.steps} steps per model, models alternating within each round")
+    built, steps = {}, {}
     for name in names:
         try:
-            model, n, d = matched(name, args.params)
-            tps = train_tps(model, lm_loss, args.batch, args.seq_len, args.steps)
+            built[name] = matched(name, args.params)
+            steps[name] = make_step(built[name][0], lm_loss, args.batch, args.seq_len)
+            steps[name]()  # warm-up
         except Exception as e:  # noqa: BLE001 - report and go on with the other models
             print(f"{name:<14} skipped: {type(e).__name__}: {str(e).splitlines()[0][:90]}")
-            continue
-        base = base or tps
-        print(f"{name:<14}{d:>8}{n:>10,}{tps:>12,.0f}{tps / base:>15.2f}x", flush=True)
-        if name == "mamba":
-            mamba_shape = (d, model)
+            built.pop(name, None)
+            steps.pop(name, None)
+    # alternating rounds: a machine that slows down mid-run slows every model of that round alike
+    tps: dict[str, list[float]] = {name: [] for name in steps}
+    for _ in range(args.rounds):
+        for name, step in steps.items():
+            t0 = time.perf_counter()
+            for _ in range(args.steps):
+                step()
+            tps[name].append(args.batch * args.seq_len * args.steps / (time.perf_counter() - t0))
+    print(f"{'model':<14}{'d_model':>8}{'params':>10}{'tokens/s':>12}{'vs transformer':>16}  (per round)")
+    base = tps.get("transformer")
+    for name, rates in tps.items():
+        model, n, d = built[name]
+        ratios = [r / b for r, b in zip(rates, base)] if base else []
+        ratio = f"{statistics.median(ratios):>15.2f}x  ({', '.join(f'{r:.2f}' for r in ratios)})" if base else ""
+        print(f"{name:<14}{d:>8}{n:>10,}{statistics.median(rates):>12,.0f}{ratio}", flush=True)
+    mamba_shape = (built["mamba"][2], built["mamba"][0]) if "mamba" in built else None
 
     if mamba_shape is None:
         return

@@ -310,11 +310,14 @@ def test_every_model_compiles_and_matches_eager(name):
 
 
 def test_sparse_objectives_compile_the_model_alone():
-    """MLM's loss gathers a varying number of masked positions: ``compile=true`` compiles the model only."""
+    """MLM's loss gathers a varying number of masked positions (EMO's too, though it is next-token prediction):
+    ``compile=true`` compiles the model only."""
+    from lmlab.objectives.emo import EMO
     from lmlab.objectives.mlm import MLM
 
-    compiled = _compiled_and_eager("transformer", MLM())[1]
-    assert compiled.compiled_loss is None and compiled.forward_model is not compiled.model
+    for objective in (MLM(), EMO()):
+        compiled = _compiled_and_eager("transformer", objective)[1]
+        assert compiled.compiled_loss is None and compiled.forward_model is not compiled.model
     _assert_compiled_matches_eager("transformer", MLM())
 
 

@@ -80,6 +80,8 @@ def combine(mle: torch.Tensor, emo: torch.Tensor, mode: str, ratio_clamp: float 
 class EMO(CLM, nn.Module):
     """Next-token prediction trained with the EMO loss (see the module docstring)."""
 
+    dense_loss = False  # its loss gathers the masked positions (and reads metrics back): not CLM's dense form
+
     def __init__(self, mode: str | int = 1, cost_embedding: str = "frozen_init_copy",
                  cost_checkpoint: str | None = None, ratio_clamp: float | None = None) -> None:
         nn.Module.__init__(self)

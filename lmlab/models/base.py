@@ -56,14 +56,15 @@ class Attention:
 class Backbone(nn.Module):
     """Base class of every architecture. Subclasses set ``supported_attention`` and implement
     ``forward``, ``logits`` and ``flops_per_token``; they call ``super().__init__(vocab_size, d_model,
-    attention)`` first, and run their stack of blocks through ``run_blocks`` (which honours
-    ``activation_checkpointing``, a constructor argument of every model)."""
+    attention, activation_checkpointing)`` first (the last a constructor argument of every model), and run
+    their stack of blocks through ``run_blocks``, which honours it."""
 
     supported_attention: tuple[str, ...] = (CAUSAL,)
-    activation_checkpointing: bool = False
 
-    def __init__(self, vocab_size: int, d_model: int, attention: str = CAUSAL) -> None:
+    def __init__(self, vocab_size: int, d_model: int, attention: str = CAUSAL,
+                 activation_checkpointing: bool = False) -> None:
         super().__init__()
+        self.activation_checkpointing = activation_checkpointing
         if attention not in self.supported_attention:
             raise UserError(
                 f"model {type(self).__name__} cannot attend {attention!r} (it supports "

@@ -166,14 +166,13 @@ class HAT(Backbone):
         if vocab_size != BYTE_VOCAB:
             raise UserError(f"model hat reads bytes (vocabulary {BYTE_VOCAB}) but the data has vocabulary "
                             f"{vocab_size}: use data=text data.tokenizer=byte.")
-        super().__init__(vocab_size, d_model, attention)
+        super().__init__(vocab_size, d_model, attention, activation_checkpointing)
         for name, width, heads in (("d_model", d_model, byte_heads), ("d_word", d_word, n_heads)):
             if width % heads:
                 raise UserError(f"model.{name}={width} is not a multiple of its heads ({heads}): change one.")
         self.d_word, self.n_layers, self.n_heads = d_word, n_layers, n_heads
         self.encoder_layers, self.decoder_layers = encoder_layers, decoder_layers
         self.byte_window, self.max_word_size, self.bytes_per_word = byte_window, max_word_size, bytes_per_word
-        self.activation_checkpointing = activation_checkpointing
         d_ff, byte_d_ff = d_ff or 4 * d_word, byte_d_ff or 4 * d_model
         self.embed = nn.Embedding(vocab_size, d_model)
         byte_rotary = Rotary(d_model // byte_heads, max_len)

@@ -155,9 +155,8 @@ class Hyena(Backbone):
                  filter_emb_dim: int = 3, num_inner_mlps: int = 2, filter_w: float = 1.0, short_filter: int = 3,
                  norm: str = "rmsnorm", mlp: str = "gelu", dropout: float = 0.0,
                  tie_embeddings: bool = True, activation_checkpointing: bool = False) -> None:
-        super().__init__(vocab_size, d_model, attention)
+        super().__init__(vocab_size, d_model, attention, activation_checkpointing)
         self.n_layers, self.order, self.l_max, self.d_ff = n_layers, order, l_max, d_ff or 4 * d_model
-        self.activation_checkpointing = activation_checkpointing
         self.embed = nn.Embedding(vocab_size, d_model)
         self.emb_dropout = nn.Dropout(dropout)
         self.blocks = nn.ModuleList(

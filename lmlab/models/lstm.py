@@ -43,8 +43,7 @@ class LSTM(Backbone):
 
     def __init__(self, vocab_size: int, attention: str = CAUSAL, d_model: int = 64, n_layers: int = 2,
                  dropout: float = 0.0, tie_embeddings: bool = True, activation_checkpointing: bool = False) -> None:
-        super().__init__(vocab_size, d_model, attention)
-        self.activation_checkpointing = activation_checkpointing
+        super().__init__(vocab_size, d_model, attention, activation_checkpointing)
         self.bidirectional = attention == BIDIRECTIONAL
         if self.bidirectional and d_model % 2:
             raise UserError(f"a bidirectional LSTM needs an even model.d_model, got {d_model}: change it.")

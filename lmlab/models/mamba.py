@@ -268,9 +268,8 @@ class MixerBackbone(Backbone):
     def __init__(self, vocab_size: int, attention: str, d_model: int, n_layers: int, make_mixer,
                  norm: str = "rmsnorm", d_ff: int = 0, mlp: str = "swiglu", tie_embeddings: bool = True,
                  activation_checkpointing: bool = False) -> None:
-        super().__init__(vocab_size, d_model, attention)
+        super().__init__(vocab_size, d_model, attention, activation_checkpointing)
         self.n_layers, self.tie_embeddings = n_layers, tie_embeddings
-        self.activation_checkpointing = activation_checkpointing
         self.embed = nn.Embedding(vocab_size, d_model)
         self.blocks = nn.ModuleList(MixerBlock(make_mixer(), d_model, norm, d_ff, mlp) for _ in range(n_layers))
         self.norm = make_norm(norm, d_model)

@@ -89,7 +89,7 @@ class Transformer(Backbone):
                  positions: str = "rotary", max_len: int = 512, dropout: float = 0.0,
                  tie_embeddings: bool = True, activation_checkpointing: bool = False,
                  mlp: str = "gelu", ffn_factory: Callable[[int], nn.Module] | None = None) -> None:
-        super().__init__(vocab_size, d_model, attention)
+        super().__init__(vocab_size, d_model, attention, activation_checkpointing)
         if d_model % n_heads:
             raise UserError(f"d_model={d_model} is not a multiple of n_heads={n_heads}: change one "
                             "of them.")
@@ -99,7 +99,6 @@ class Transformer(Backbone):
         self.d_ff = d_ff or 4 * d_model
         self.positions, self.max_len = positions, max_len
         self.tie_embeddings = tie_embeddings
-        self.activation_checkpointing = activation_checkpointing
 
         self.embed = nn.Embedding(vocab_size, d_model)
         self.pos_embed = nn.Embedding(max_len, d_model) if positions == "learned" else None

@@ -186,14 +186,13 @@ class TransNormer(Backbone):
                  n_heads: int = 4, d_ff: int | None = None, decay: str = "alibi_layerwise", lrpe: bool = False,
                  block_size: int = 64, dropout: float = 0.0, tie_embeddings: bool = True,
                  activation_checkpointing: bool = False) -> None:
-        super().__init__(vocab_size, d_model, attention)
+        super().__init__(vocab_size, d_model, attention, activation_checkpointing)
         if d_model % n_heads:
             raise UserError(f"d_model={d_model} is not a multiple of n_heads={n_heads}: change one of them.")
         if block_size < 1:
             raise UserError(f"model.block_size={block_size} must be at least 1: raise it.")
         self.n_layers, self.n_heads, self.d_ff = n_layers, n_heads, d_ff or 4 * d_model
         self.lrpe, self.block_size = lrpe, block_size
-        self.activation_checkpointing = activation_checkpointing
         self.embed = nn.Embedding(vocab_size, d_model)
         self.emb_dropout = nn.Dropout(dropout)
         self.blocks = nn.ModuleList(

@@ -41,14 +41,14 @@ def run_name(overrides: list[str] | ListConfig) -> str:
         return "default"
     name = re.sub(r"[^A-Za-z0-9=.,_+\-]", "_", ",".join(items))
     if len(name) > 96:
-        from lmlab.data.source import config_hash
+        from lmlab.io import config_hash
 
         name = f"{name[:72]}-{config_hash(items)}"
     return name
 
 
 def _register_resolvers() -> None:
-    from lmlab.data.source import config_hash
+    from lmlab.io import config_hash
 
     OmegaConf.register_new_resolver("lmlab_run_name", run_name, replace=True)
     OmegaConf.register_new_resolver("lmlab_hash", lambda s: config_hash(str(s), 16), replace=True)

@@ -1,10 +1,15 @@
-"""Atomic file writes: a reader (or a crash) never sees a half-written result or checkpoint."""
+"""Atomic file writes (a reader, or a crash, never sees a half-written result or checkpoint) and the stable
+hash of a config that names cache entries and long run names."""
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
+import shutil
 import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Callable
 
@@ -34,3 +39,29 @@ def write_json(path: str | os.PathLike, obj: Any) -> None:
 
 def torch_save(obj: Any, path: str | os.PathLike) -> None:
     _atomic(path, lambda tmp: torch.save(obj, tmp))
+
+
+@contextmanager
+def atomic_dir(path: str | os.PathLike) -> Iterator[Path]:
+    """Build a directory under a temporary name beside ``path``; on success rename it to ``path`` in one step.
+
+    The caller writes into the yielded folder. If ``path`` already exists when the block ends (another job of
+    a sweep built the same entry first), the new copy is discarded and the existing one kept. On an error
+    nothing is left behind."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".tmp-{path.name}-", dir=path.parent))
+    try:
+        yield tmp
+        try:
+            os.replace(tmp, path)
+        except OSError:  # ``path`` exists and is not empty: another process won the race
+            pass
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def config_hash(obj: Any, length: int = 12) -> str:
+    """A short stable hash of a JSON-able object (used for cache keys and long run names)."""
+    blob = json.dumps(obj, sort_keys=True, default=str).encode()
+    return hashlib.sha256(blob).hexdigest()[:length]

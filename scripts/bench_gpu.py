@@ -25,7 +25,7 @@ import torch
 
 
 def build_lmlab(args, device):
-    from lmlab.models.base import CAUSAL
+    from lmlab.attention import CAUSAL
     from lmlab.models.transformer import Transformer
     from lmlab.objectives.clm import CLM
 
@@ -146,7 +146,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
           f"vocab={args.vocab} seq_len={args.seq_len} batch={args.batch}; "
           f"{'bf16 autocast' if args.bf16 else 'fp32'}; activation checkpointing "
           f"{'on' if args.activation_checkpointing else 'off'}; torch {torch.__version__}")
-    from lmlab.models.base import CAUSAL
+    from lmlab.attention import CAUSAL
     from lmlab.models.transformer import Transformer
 
     with torch.device("meta"):

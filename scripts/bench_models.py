@@ -29,7 +29,7 @@ from omegaconf import OmegaConf
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from lmlab.models.base import Attention  # noqa: E402
+from lmlab.attention import Attention  # noqa: E402
 
 CONF = ROOT / "lmlab" / "conf" / "model"
 VOCAB = 260  # the byte vocabulary, so that the byte-level model (hat) builds too

@@ -31,7 +31,7 @@ from lean_gpt import LeanGPT  # scripts/, next to this file
 
 def make_lmlab(args, parity: bool = True, compiled: bool = False):
     """lmlab's transformer and CLM loss; ``compiled``: what ``compile=true`` does for CLM (the whole loss)."""
-    from lmlab.models.base import CAUSAL
+    from lmlab.attention import CAUSAL
     from lmlab.models.transformer import Transformer
     from lmlab.objectives.clm import CLM
 

@@ -9,8 +9,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from lmlab.data.source import PAD_ID
 from lmlab.objectives.clm import CLM
+from lmlab.vocab import PAD_ID
 from tests.conftest import FAST, TINY
 
 MODELS = sorted(p.stem for p in (Path(__file__).parents[1] / "lmlab" / "conf" / "model").glob("*.yaml"))
@@ -143,7 +143,7 @@ def test_checkpointing_repeats_dropout():
 def test_bidirectional_lstm_checkpointing_packs_and_drops_out_as_the_fused_stack(runs):
     """The layer-by-layer path of the LSTM (packed rows of a padded bidirectional batch, dropout between
     layers) gives the fused nn.LSTM's outputs and gradients."""
-    from lmlab.models.base import BIDIRECTIONAL, Attention
+    from lmlab.attention import BIDIRECTIONAL, Attention
     from lmlab.models.lstm import LSTM
 
     torch.manual_seed(0)

@@ -15,9 +15,9 @@ from lmlab.data.datamodule import DataModule
 from lmlab.data.hf import HFSource
 from lmlab.data.pcfg import PCFGSource
 from lmlab.data.shards import INDEX, ShardRows, ShardSource, write_shards
-from lmlab.data.source import BOS_ID, EOS_ID, N_SPECIAL
 from lmlab.data.text import TextSource, pack_stream
 from lmlab.errors import UserError
+from lmlab.vocab import BOS_ID, EOS_ID, N_SPECIAL
 from tests.conftest import FAST
 
 TEXTS = [f"document {i} says the cat sat on the mat with {'a hat' if i % 2 else 'the dog'}" for i in range(120)]

@@ -12,15 +12,16 @@ from datasets import Dataset, DatasetDict
 from scipy import stats
 
 from lmlab.data.datamodule import DataModule
-from lmlab.data.source import BOS_ID, EOS_ID, N_SPECIAL, Source
+from lmlab.data.source import Source
 from lmlab.errors import UserError
-from lmlab.evaluation.common import t_interval, t_quantile
 from lmlab.evaluation.finetune import Finetune
 from lmlab.evaluation.perplexity import Perplexity
 from lmlab.evaluation.probe import Probe
 from lmlab.models.transformer import Transformer
 from lmlab.objectives.clm import CLM
 from lmlab.objectives.mlm import MLM
+from lmlab.stats import t_interval, t_quantile
+from lmlab.vocab import BOS_ID, EOS_ID, N_SPECIAL
 
 N_WORDS = 30
 

@@ -9,6 +9,7 @@ import torch
 from torch.func import functional_call
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
+from lmlab.attention import Attention
 from lmlab.data.datamodule import DataModule
 from lmlab.data.hmm import HMMSource
 from lmlab.errors import UserError
@@ -19,7 +20,6 @@ from lmlab.evaluation.flatness import (
     per_example_sq_grad_norms,
     select_parameters,
 )
-from lmlab.models.base import Attention
 from lmlab.models.transformer import Transformer
 from lmlab.objectives.clm import CLM
 from lmlab.objectives.mlm import MLM

@@ -12,8 +12,8 @@ from omegaconf import OmegaConf
 from scipy.stats import chisquare
 
 from lmlab.data.hmm import HMMSource
-from lmlab.data.source import BOS_ID, EOS_ID, N_SPECIAL
 from lmlab.errors import UserError
+from lmlab.vocab import BOS_ID, EOS_ID, N_SPECIAL
 
 CONF = Path(__file__).resolve().parents[1] / "lmlab" / "conf" / "data" / "hmm.yaml"
 H, V, L = 3, 3, 4

@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 
 import lmlab.models.mom as mom
-from lmlab.models.base import Attention
+from lmlab.attention import Attention
 from lmlab.models.mom import MoM, chunk_gated_delta_rule, gated_delta_rule, mom_mix_gathered, mom_mix_masked
 
 

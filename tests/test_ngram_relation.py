@@ -12,11 +12,11 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from lmlab.data.source import BOS_ID, EOS_ID, N_SPECIAL, PAD_ID
+from lmlab.attention import BIDIRECTIONAL
 from lmlab.errors import UserError
-from lmlab.models.base import BIDIRECTIONAL
 from lmlab.models.transformer import Transformer
 from lmlab.objectives.ngram_mlm import NgramMLM, sample_identities
+from lmlab.vocab import BOS_ID, EOS_ID, N_SPECIAL, PAD_ID
 from tests.conftest import TINY
 
 V = 20

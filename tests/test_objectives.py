@@ -8,9 +8,9 @@ import numpy as np
 import torch
 from torch import nn
 
-from lmlab.data.source import BOS_ID, EOS_ID, MASK_ID, N_SPECIAL, PAD_ID
 from lmlab.objectives.clm import CLM
 from lmlab.objectives.mlm import MLM
+from lmlab.vocab import BOS_ID, EOS_ID, MASK_ID, N_SPECIAL, PAD_ID
 
 
 class UnigramSource:

@@ -12,9 +12,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from lmlab.data.source import BOS_ID, EOS_ID, MASK_ID, N_SPECIAL, PAD_ID
+from lmlab.attention import CAUSAL, PREFIX, Attention
 from lmlab.errors import UserError
-from lmlab.models.base import CAUSAL, PREFIX, Attention, Backbone
+from lmlab.models.base import Backbone
 from lmlab.models.transformer import Transformer
 from lmlab.objectives.clm import CLM
 from lmlab.objectives.distill import distill_loss
@@ -24,6 +24,7 @@ from lmlab.objectives.ngram_mlm import NgramMLM, build_lexicon, max_match, ngram
 from lmlab.objectives.prefix_lm import PrefixLM, split_points
 from lmlab.objectives.self_evolution import informative_positions, smoothed_ce, token_nll
 from lmlab.objectives.span import SpanCorruption, corrupt, random_spans_noise_mask, reconstruct
+from lmlab.vocab import BOS_ID, EOS_ID, MASK_ID, N_SPECIAL, PAD_ID
 from tests.conftest import FAST, TINY
 
 torch.set_default_dtype(torch.float32)

@@ -13,8 +13,9 @@ import pytest
 from scipy.stats import chisquare
 
 from lmlab.data.pcfg import PCFGSource
-from lmlab.data.source import BOS_ID, EOS_ID, N_SPECIAL, SPLITS
+from lmlab.data.source import SPLITS
 from lmlab.errors import UserError
+from lmlab.vocab import BOS_ID, EOS_ID, N_SPECIAL
 
 PAPER_GRAMMAR = Path(__file__).resolve().parents[1] / ".." / "shared" / "data" / "paper_pcfg" / "rule_deep_mlm.txt"
 TINY = dict(train_size=30, validation_size=10, test_size=10, downstream_size=10)

@@ -10,10 +10,11 @@ import numpy as np
 import pytest
 from datasets import Dataset
 
+from lmlab.attention import CAUSAL
 from lmlab.data.datamodule import StepBatches, collate
 from lmlab.errors import UserError
 from lmlab.io import _atomic, write_json
-from lmlab.models.base import CAUSAL, Backbone
+from lmlab.models.base import Backbone
 from lmlab.selection.none import NoSelection
 from lmlab.selection.random import RandomSelection
 from lmlab.training import schedule

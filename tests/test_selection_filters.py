@@ -13,7 +13,6 @@ from datasets import Dataset, Features, Sequence, Value
 from hydra.utils import instantiate
 from omegaconf import OmegaConf
 
-from lmlab.data.source import BOS_ID, EOS_ID, N_SPECIAL
 from lmlab.errors import UserError
 from lmlab.selection.base import REPORT
 from lmlab.selection.dedup import (
@@ -27,6 +26,7 @@ from lmlab.selection.dedup import (
 )
 from lmlab.selection.quality import Quality, dup_ngram_fraction, text_stats, top_ngram_fraction
 from lmlab.selection.rephrase import STYLES, HFGenerator, Rephrase, RunGenerator
+from lmlab.vocab import BOS_ID, EOS_ID, N_SPECIAL
 from tests.conftest import FAST, TINY
 
 CONF = Path(__file__).resolve().parents[1] / "lmlab" / "conf" / "selection"

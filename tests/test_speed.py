@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from lmlab.models.base import Attention
+from lmlab.attention import Attention
 from lmlab.models.transformer import Transformer
 from lmlab.objectives.clm import CLM
 from lmlab.training import throughput
@@ -194,8 +194,8 @@ def test_dense_clm_loss_equals_the_masked_mean():
 
 
 def test_padding_flag_from_collate_skips_the_device_check():
+    from lmlab.attention import padding_of
     from lmlab.data.datamodule import collate
-    from lmlab.objectives.clm import padding_of
     full = collate([{"input_ids": [1, 4, 2]}, {"input_ids": [1, 5, 2]}])
     assert full["padded"] is False and padding_of(full["input_ids"], full["padded"]) is None
     ragged = collate([{"input_ids": [1, 4, 2]}, {"input_ids": [1, 2]}])
@@ -323,7 +323,7 @@ def test_sparse_objectives_compile_the_model_alone():
 
 def test_lean_baseline_computes_what_lmlab_computes():
     """The benchmarks' lean GPT-2 and lmlab's parity transformer + CLM: same loss and gradients, same weights."""
-    from lmlab.models.base import CAUSAL
+    from lmlab.attention import CAUSAL
     from lmlab.models.transformer import Transformer
     from lmlab.objectives.clm import CLM
 

@@ -11,7 +11,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from lmlab.models.base import Attention
+from lmlab.attention import Attention
 from lmlab.models.mamba import Mamba, selective_scan, selective_scan_sequential
 from lmlab.models.mamba2 import Mamba2, ssd_chunked, ssd_sequential
 from lmlab.models.mom import MoM, gated_delta_rule, load_balancing_loss, mom_mix_gathered, mom_mix_masked

@@ -14,9 +14,9 @@ import pytest
 from hydra.utils import instantiate
 from omegaconf import OmegaConf
 
-from lmlab.data.source import BOS_ID, EOS_ID, N_SPECIAL
 from lmlab.data.text import SAMPLE_CORPUS, TextSource
 from lmlab.errors import UserError
+from lmlab.vocab import BOS_ID, EOS_ID, N_SPECIAL
 
 CONF = Path(__file__).resolve().parents[1] / "lmlab" / "conf" / "data" / "text.yaml"
 WORDS = "the a cat dog sat ran on under mat tree big small red quiet café naïve".split()

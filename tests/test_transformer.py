@@ -7,8 +7,8 @@ import math
 import pytest
 import torch
 
+from lmlab.attention import Attention
 from lmlab.errors import UserError
-from lmlab.models.base import Attention
 from lmlab.models.layers import Rotary
 from lmlab.models.transformer import Transformer
 

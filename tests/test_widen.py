@@ -6,8 +6,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from lmlab.attention import BIDIRECTIONAL, CAUSAL, PREFIX, Attention
 from lmlab.errors import UserError
-from lmlab.models.base import BIDIRECTIONAL, CAUSAL, PREFIX, Attention
 from lmlab.models.transformer import Transformer
 from lmlab.models.widen import widen
 

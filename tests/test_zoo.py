@@ -9,8 +9,8 @@ import math
 import pytest
 import torch
 
+from lmlab.attention import Attention
 from lmlab.errors import UserError
-from lmlab.models.base import Attention
 from lmlab.models.hat import HAT, bytes_to_ids, ids_to_bytes, split_words, word_starts
 from lmlab.models.hyena import Hyena, HyenaOperator, direct_causal_conv, fft_causal_conv
 from lmlab.models.layers import MLP, CausalDepthwiseConv1d

@@ -25,7 +25,7 @@ from pathlib import Path
 
 import numpy as np
 
-from lmlab.data.source import N_SPECIAL
+from lmlab.vocab import N_SPECIAL
 
 ALPHABETS = {"dna": "ACGTN", "protein": "ACDEFGHIKLMNPQRSTVWYX"}
 UNKNOWN = {"dna": "N", "protein": "X"}

@@ -23,7 +23,8 @@ import torch
 from datasets import Dataset, DatasetDict
 from torch.utils.data import DataLoader, Sampler
 
-from lmlab.data.source import PAD_ID, Source
+from lmlab.data.source import Source
+from lmlab.vocab import PAD_ID
 
 
 def collate(rows: list[dict], seed: int = 0) -> dict:

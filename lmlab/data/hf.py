@@ -32,9 +32,9 @@ import datasets
 from datasets import DatasetDict, Value, load_dataset, load_from_disk
 from omegaconf import DictConfig, ListConfig, OmegaConf
 
-from lmlab.data.source import config_hash
 from lmlab.data.text import TextSource, _fingerprint
 from lmlab.errors import UserError
+from lmlab.io import config_hash
 
 PACKAGED = {"json", "csv", "text", "parquet", "arrow", "webdataset", "imagefolder", "audiofolder"}
 

@@ -32,8 +32,9 @@ from numbers import Integral, Real
 import numpy as np
 from datasets import Dataset, DatasetDict, Features, Sequence, Value
 
-from lmlab.data.source import BOS_ID, EOS_ID, N_SPECIAL, SPLITS, Source, word_ids
+from lmlab.data.source import SPLITS, Source
 from lmlab.errors import UserError
+from lmlab.vocab import BOS_ID, EOS_ID, N_SPECIAL, word_ids
 
 
 def _positive_int(name: str, value: object) -> int:

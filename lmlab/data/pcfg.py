@@ -44,9 +44,10 @@ import numpy as np
 import torch
 from datasets import Dataset, DatasetDict, Features, Sequence, Value
 
-from lmlab.data.source import BOS_ID, EOS_ID, N_SPECIAL, SPLITS, Source, word_ids
+from lmlab.data.source import SPLITS, Source
 from lmlab.errors import UserError
 from lmlab.threads import one_thread
+from lmlab.vocab import BOS_ID, EOS_ID, N_SPECIAL, word_ids
 
 SUM_TOLERANCE = 1e-3  # a nonterminal's rule probabilities must sum to 1 within this
 _RENORM_NOTICE_EPS = 1e-6  # sums off by more than float noise but within tolerance are reported

@@ -27,8 +27,9 @@ import numpy as np
 from datasets import Dataset, DatasetDict, Features, Sequence, Value
 
 from lmlab.data.pcfg import PCFGSource
-from lmlab.data.source import BOS_ID, EOS_ID, N_SPECIAL, SPLITS, TARGET_SPLIT, TARGET_STREAM, Source
+from lmlab.data.source import SPLITS, TARGET_SPLIT, TARGET_STREAM, Source
 from lmlab.errors import UserError
+from lmlab.vocab import BOS_ID, EOS_ID, N_SPECIAL
 
 TARGET, DISTRACTOR, DUPLICATE, JUNK = 0, 1, 2, 3
 ORIGINS = {TARGET: "target", DISTRACTOR: "distractor", DUPLICATE: "duplicate", JUNK: "junk"}

@@ -38,9 +38,10 @@ import numpy as np
 import pyarrow.compute as pc
 from datasets import Dataset, DatasetDict, Features, Sequence, Value
 
-from lmlab.data.source import PAD_ID, SPLITS, Source, config_hash
+from lmlab.data.source import SPLITS, Source
 from lmlab.errors import UserError
-from lmlab.io import write_json
+from lmlab.io import config_hash, write_json
+from lmlab.vocab import PAD_ID
 
 FORMAT = "lmlab-shards/1"
 INDEX = "index.json"

@@ -19,8 +19,6 @@ selection stage falls back to ``validation``, see ``lmlab.pipeline.selection_tar
 
 from __future__ import annotations
 
-import hashlib
-import json
 import os
 import shutil
 import tempfile
@@ -31,17 +29,11 @@ from typing import Any
 import numpy as np
 from datasets import DatasetDict, load_from_disk
 
-PAD_ID, BOS_ID, EOS_ID, MASK_ID = 0, 1, 2, 3
-N_SPECIAL = 4
+from lmlab.io import config_hash
+
 SPLITS = ("train", "validation", "test", "downstream")
 TARGET_SPLIT = "target"  # optional: the selection stage's target set (see module docstring)
 TARGET_STREAM = len(SPLITS) + 1  # random stream index of a generated target split
-
-
-def config_hash(obj: Any, length: int = 12) -> str:
-    """A short stable hash of a JSON-able object (used for cache keys and long run names)."""
-    blob = json.dumps(obj, sort_keys=True, default=str).encode()
-    return hashlib.sha256(blob).hexdigest()[:length]
 
 
 class Source(ABC):
@@ -108,8 +100,3 @@ class Source(ABC):
         """For each row, an array (n_words, vocab_size): row t is the true p(x_t = . | x_-t) for the
         t-th word (BOS/EOS excluded), zero on special tokens."""
         return None
-
-
-def word_ids(row: list[int]) -> list[int]:
-    """The row's own tokens, without special tokens."""
-    return [t for t in row if t >= N_SPECIAL]

@@ -54,8 +54,10 @@ from datasets import (
 )
 
 from lmlab.data import char
-from lmlab.data.source import BOS_ID, EOS_ID, N_SPECIAL, Source, config_hash
+from lmlab.data.source import Source
 from lmlab.errors import UserError
+from lmlab.io import config_hash
+from lmlab.vocab import BOS_ID, EOS_ID, N_SPECIAL
 
 SAMPLE_CORPUS = Path(__file__).resolve().parent / "sample" / "tiny_corpus.txt"
 SPECIAL_TOKENS = ["[PAD]", "[BOS]", "[EOS]", "[MASK]"]

@@ -19,14 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from lmlab.evaluation.common import (
-    DownstreamEvaluator,
-    feature_dim,
-    features,
-    model_device,
-    pad_rows,
-    summarize,
-)
+from lmlab.evaluation.common import DownstreamEvaluator, feature_dim, features, model_device, pad_rows, summarize
 
 
 class Finetune(DownstreamEvaluator):

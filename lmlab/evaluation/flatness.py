@@ -56,10 +56,10 @@ from torch import nn
 from torch.func import functional_call, grad, vmap
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
+from lmlab.attention import Attention
 from lmlab.errors import UserError
 from lmlab.evaluation.base import Evaluator
 from lmlab.evaluation.common import pad_rows
-from lmlab.models.base import Attention
 from lmlab.objectives.clm import model_device
 from lmlab.threads import one_thread
 

@@ -33,17 +33,11 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from lmlab.data.source import N_SPECIAL
 from lmlab.errors import UserError
-from lmlab.evaluation.common import (
-    DownstreamEvaluator,
-    features,
-    model_device,
-    pad_rows,
-    summarize,
-    t_interval,
-)
+from lmlab.evaluation.common import DownstreamEvaluator, features, model_device, pad_rows, summarize
+from lmlab.stats import t_interval
 from lmlab.threads import one_thread
+from lmlab.vocab import N_SPECIAL
 
 
 def lookup_features(source, rows: list[list[int]], pooling: str, length: int) -> torch.Tensor | None:

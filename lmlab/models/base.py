@@ -7,50 +7,12 @@ another at construction, it refuses with one sentence, before any data is genera
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import torch
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
+from lmlab.attention import CAUSAL
 from lmlab.errors import UserError
-
-CAUSAL, BIDIRECTIONAL, PREFIX = "causal", "bidirectional", "prefix"
-
-
-@dataclass
-class Attention:
-    """Which positions may attend to which, for one batch.
-
-    ``kind`` is causal, bidirectional or prefix. ``padding`` is a bool (B, T) tensor, True on real
-    tokens (``None``: no padding). ``prefix_len`` is a long (B,) tensor: with ``kind == "prefix"``,
-    positions < prefix_len attend bidirectionally within the prefix, the rest causally.
-    """
-
-    kind: str = CAUSAL
-    padding: torch.Tensor | None = None
-    prefix_len: torch.Tensor | None = None
-
-    def mask(self, seq_len: int, device: torch.device) -> torch.Tensor | None:
-        """A bool (B or 1, 1, T, T) mask, True where attention is allowed; ``None`` for causal attention
-        (the fused causal path) and for bidirectional attention without padding."""
-        if self.kind == CAUSAL:
-            # Rows are right-padded (see ``collate``): under causal attention a real token never sees a
-            # pad, so padding needs no mask and the fused causal kernel applies.
-            return None
-        allowed = None
-        if self.kind == PREFIX:
-            i = torch.arange(seq_len, device=device)
-            causal = i[:, None] >= i[None, :]
-            in_prefix = i[None, None, :] < self.prefix_len.to(device)[:, None, None]  # key in prefix
-            q_in_prefix = i[None, :, None] < self.prefix_len.to(device)[:, None, None]
-            allowed = (causal[None] | (in_prefix & q_in_prefix))[:, None]
-        if self.padding is not None:
-            keys = self.padding[:, None, None, :].to(device)
-            allowed = keys if allowed is None else allowed & keys
-            # a padded query row would have no key at all: let it see itself (its output is ignored)
-            allowed = allowed | torch.eye(seq_len, dtype=torch.bool, device=device)[None, None]
-        return allowed
 
 
 class Backbone(nn.Module):

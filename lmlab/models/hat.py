@@ -45,11 +45,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from lmlab.data.source import N_SPECIAL, PAD_ID
+from lmlab.attention import CAUSAL, Attention
 from lmlab.errors import UserError
-from lmlab.models.base import CAUSAL, Attention, Backbone
+from lmlab.models.base import Backbone
 from lmlab.models.layers import Rotary, make_norm
 from lmlab.models.transformer import Block
+from lmlab.vocab import N_SPECIAL, PAD_ID
 
 BYTE_VOCAB = N_SPECIAL + 256
 

@@ -29,8 +29,9 @@ import torch.nn.functional as F
 from torch import _VF, nn
 from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
 
+from lmlab.attention import BIDIRECTIONAL, CAUSAL, Attention
 from lmlab.errors import UserError
-from lmlab.models.base import BIDIRECTIONAL, CAUSAL, Attention, Backbone
+from lmlab.models.base import Backbone
 
 
 class LSTM(Backbone):

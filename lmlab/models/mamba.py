@@ -27,8 +27,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from lmlab.attention import CAUSAL, Attention
 from lmlab.errors import UserError
-from lmlab.models.base import CAUSAL, Attention, Backbone
+from lmlab.models.base import Backbone
 from lmlab.models.layers import MLP, CausalDepthwiseConv1d, make_norm
 
 try:  # optional fused kernels (CUDA only); never required

@@ -23,8 +23,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from lmlab.attention import CAUSAL
 from lmlab.errors import UserError
-from lmlab.models.base import CAUSAL
 from lmlab.models.layers import CausalDepthwiseConv1d, GatedRMSNorm
 from lmlab.models.mamba import IMPLS, MixerBackbone, short_conv
 

@@ -34,8 +34,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from lmlab.attention import BIDIRECTIONAL, CAUSAL, PREFIX, Attention
 from lmlab.errors import UserError
-from lmlab.models.base import BIDIRECTIONAL, CAUSAL, PREFIX, Attention
 from lmlab.models.layers import MLP
 from lmlab.models.transformer import Transformer
 

@@ -42,8 +42,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from lmlab.attention import CAUSAL, Attention
 from lmlab.errors import UserError
-from lmlab.models.base import CAUSAL, Attention
 from lmlab.models.layers import CausalDepthwiseConv1d, GatedRMSNorm
 from lmlab.models.mamba import MixerBackbone, short_conv
 

@@ -14,8 +14,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from lmlab.attention import BIDIRECTIONAL, CAUSAL, PREFIX, Attention
 from lmlab.errors import UserError
-from lmlab.models.base import BIDIRECTIONAL, CAUSAL, PREFIX, Attention, Backbone
+from lmlab.models.base import Backbone
 from lmlab.models.layers import MLP, Rotary, make_norm
 
 POSITIONS = ("rotary", "learned")

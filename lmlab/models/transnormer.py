@@ -36,8 +36,9 @@ import math
 import torch
 from torch import nn
 
+from lmlab.attention import CAUSAL, Attention
 from lmlab.errors import UserError
-from lmlab.models.base import CAUSAL, Attention, Backbone
+from lmlab.models.base import Backbone
 from lmlab.models.layers import GLU, SimpleRMSNorm
 
 DECAYS = ("alibi_layerwise", "paper")

@@ -41,9 +41,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from lmlab.attention import BIDIRECTIONAL
 from lmlab.errors import UserError
 from lmlab.evaluation.common import features, labelled_rows, pad_rows, resolve_task
-from lmlab.models.base import BIDIRECTIONAL
 from lmlab.objectives.base import Objective, Prepared
 from lmlab.objectives.mlm import MLM
 

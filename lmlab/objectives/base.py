@@ -15,7 +15,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from lmlab.models.base import Attention
+from lmlab.attention import Attention
 
 IGNORE = -100  # cross-entropy's ignore_index for positions outside the loss mask
 

@@ -13,10 +13,10 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from lmlab.attention import CAUSAL, Attention, padding_of
 from lmlab.data.datamodule import collate
-from lmlab.data.source import PAD_ID
-from lmlab.models.base import CAUSAL, Attention
 from lmlab.objectives.base import Objective, Prepared
+from lmlab.vocab import PAD_ID
 
 
 def model_device(model) -> torch.device:
@@ -24,19 +24,6 @@ def model_device(model) -> torch.device:
         return next(model.parameters()).device
     except (StopIteration, AttributeError):
         return torch.device("cpu")
-
-
-def padding_of(ids: torch.Tensor, padded: bool | None = None) -> torch.Tensor | None:
-    """True on real tokens; ``None`` when the batch has no padding (lets models take fused paths).
-
-    ``padded`` is the collated batch's flag (``batch["padded"]``, known on the host): with it no value is
-    read back from the device; without it (``None``) the ids are checked, a host sync on an accelerator."""
-    if padded is False:
-        return None
-    padding = ids != PAD_ID
-    if padded is None and bool(padding.all()):
-        return None
-    return padding
 
 
 class CLM(Objective):

@@ -29,11 +29,11 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from lmlab.data.source import MASK_ID, N_SPECIAL, PAD_ID
+from lmlab.attention import BIDIRECTIONAL, Attention, padding_of
 from lmlab.errors import UserError
-from lmlab.models.base import BIDIRECTIONAL, Attention
 from lmlab.objectives.base import Objective, Prepared
-from lmlab.objectives.clm import model_device, padding_of
+from lmlab.objectives.clm import model_device
+from lmlab.vocab import MASK_ID, N_SPECIAL, PAD_ID
 
 
 class MLM(Objective):

@@ -66,13 +66,13 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from lmlab.data.source import MASK_ID, N_SPECIAL, PAD_ID, config_hash
+from lmlab.attention import BIDIRECTIONAL, Attention, padding_of
 from lmlab.errors import UserError
-from lmlab.models.base import BIDIRECTIONAL, Attention
+from lmlab.io import config_hash
 from lmlab.models.transformer import Transformer
 from lmlab.objectives.base import Prepared
-from lmlab.objectives.clm import padding_of
 from lmlab.objectives.mlm import MLM
+from lmlab.vocab import MASK_ID, N_SPECIAL, PAD_ID
 
 Ngram = tuple[int, ...]
 

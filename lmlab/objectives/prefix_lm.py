@@ -21,10 +21,10 @@ from __future__ import annotations
 
 import torch
 
-from lmlab.data.source import PAD_ID
-from lmlab.models.base import PREFIX, Attention
+from lmlab.attention import PREFIX, Attention, padding_of
 from lmlab.objectives.base import Prepared
-from lmlab.objectives.clm import CLM, padding_of
+from lmlab.objectives.clm import CLM
+from lmlab.vocab import PAD_ID
 
 
 def split_points(lengths: torch.Tensor, seed: int) -> torch.Tensor:

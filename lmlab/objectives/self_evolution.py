@@ -32,13 +32,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from lmlab.data.source import MASK_ID, N_SPECIAL, PAD_ID
+from lmlab.attention import BIDIRECTIONAL, PREFIX, Attention, padding_of
 from lmlab.errors import UserError
-from lmlab.models.base import BIDIRECTIONAL, PREFIX, Attention
 from lmlab.objectives.base import Prepared
-from lmlab.objectives.clm import padding_of
 from lmlab.objectives.distill import load_backbone
 from lmlab.objectives.mlm import MLM
+from lmlab.vocab import MASK_ID, N_SPECIAL, PAD_ID
 
 
 @torch.no_grad()

@@ -35,12 +35,11 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from lmlab.data.source import EOS_ID, MASK_ID, N_SPECIAL, PAD_ID
+from lmlab.attention import BIDIRECTIONAL, CAUSAL, PREFIX, Attention, padding_of
 from lmlab.errors import UserError
-from lmlab.models.base import BIDIRECTIONAL, CAUSAL, PREFIX, Attention
 from lmlab.objectives.base import Prepared
-from lmlab.objectives.clm import padding_of
 from lmlab.objectives.mlm import MLM
+from lmlab.vocab import EOS_ID, MASK_ID, N_SPECIAL, PAD_ID
 
 
 def random_spans_noise_mask(length: int, density: float, mean_span: float, rng: np.random.Generator) -> np.ndarray:

@@ -31,9 +31,9 @@ from typing import Any
 
 import numpy as np
 
-from lmlab.evaluation.common import t_interval
 from lmlab.io import write_text
 from lmlab.report.summary import gather
+from lmlab.stats import t_interval
 
 DEFAULT_TOLERANCE = 0.05  # nats: the largest gap to the optimum that counts as "the same, minimal loss"
 SETTINGS_FILE = "reproduce.json"  # written by scripts/reproduce_paper.py: profile, tolerance, timings

@@ -31,9 +31,8 @@ from typing import Any
 import numpy as np
 from datasets import Dataset, load_from_disk
 
-from lmlab.data.source import config_hash
 from lmlab.errors import UserError
-from lmlab.io import write_json
+from lmlab.io import config_hash, write_json
 
 REPORT = "selection_report.json"
 STATS = "selection.json"

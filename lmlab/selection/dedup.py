@@ -36,9 +36,9 @@ from pathlib import Path
 import numpy as np
 from datasets import Dataset
 
-from lmlab.data.source import N_SPECIAL
 from lmlab.errors import UserError
 from lmlab.selection.base import Selector
+from lmlab.vocab import N_SPECIAL
 
 MERSENNE = np.uint64((1 << 61) - 1)
 MAX_HASH = np.uint64((1 << 32) - 1)

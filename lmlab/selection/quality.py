@@ -47,9 +47,9 @@ from typing import Any
 import numpy as np
 from datasets import Dataset
 
-from lmlab.data.source import N_SPECIAL
 from lmlab.errors import UserError
 from lmlab.selection.base import Selector
+from lmlab.vocab import N_SPECIAL
 
 STOP_WORDS = frozenset({"the", "be", "to", "of", "and", "that", "have", "with"})
 BULLETS = ("•", "●", "○", "■", "□", "▪", "▫", "*", "-", "–", "‣", "⁃")

@@ -23,9 +23,9 @@ import torch
 import torch.nn.functional as F
 from datasets import Dataset
 
+from lmlab.attention import CAUSAL
 from lmlab.data.datamodule import StepBatches, collate
 from lmlab.errors import UserError
-from lmlab.models.base import CAUSAL
 from lmlab.models.transformer import Transformer
 from lmlab.objectives.clm import CLM, model_device
 from lmlab.threads import one_thread

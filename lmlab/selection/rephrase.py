@@ -38,9 +38,9 @@ import numpy as np
 import torch
 from datasets import Dataset, concatenate_datasets
 
-from lmlab.data.source import BOS_ID, EOS_ID, MASK_ID, N_SPECIAL, PAD_ID
 from lmlab.errors import UserError
 from lmlab.selection.base import Selector
+from lmlab.vocab import BOS_ID, EOS_ID, MASK_ID, N_SPECIAL, PAD_ID
 
 SYSTEM = ("A chat between a curious user and an artificial intelligence assistant. The assistant gives helpful, "
           "detailed, and polite answers to the questions.")
@@ -85,7 +85,7 @@ class RunGenerator:
 
     @classmethod
     def from_run(cls, run_dir: str, **kwargs: Any) -> RunGenerator:
-        from lmlab.models.base import CAUSAL
+        from lmlab.attention import CAUSAL
         from lmlab.pipeline import load_run
 
         _, module, _, _ = load_run(Path(os.path.expanduser(run_dir)), eval_cfg={})
@@ -96,7 +96,7 @@ class RunGenerator:
 
     @torch.no_grad()
     def generate(self, rows: list[list[int]], seed: int) -> list[list[int]]:
-        from lmlab.models.base import CAUSAL, Attention
+        from lmlab.attention import CAUSAL, Attention
 
         model = self.model.eval()
         vocab = model.vocab_size

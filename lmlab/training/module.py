@@ -9,11 +9,11 @@ import lightning as L
 import torch
 from lightning.pytorch.plugins.io import TorchCheckpointIO
 
-from lmlab.data.source import PAD_ID
 from lmlab.io import torch_save
 from lmlab.models.base import Backbone
 from lmlab.objectives.base import Objective
 from lmlab.training.throughput import Throughput, matmul_precision, peak_flops
+from lmlab.vocab import PAD_ID
 
 
 def fast_optimizer_kwargs(factory: Callable, params: list[torch.Tensor], precision: str | None = None) -> dict:

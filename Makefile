@@ -24,6 +24,7 @@ demo: install
 	$(VENV)/bin/lmlab train
 
 test: install
+	$(VENV)/bin/lint-imports
 	$(VENV)/bin/pytest
 
 bench: install
@@ -35,8 +36,10 @@ bench: install
 reproduce-paper: install
 	$(PY) scripts/reproduce_paper.py --profile $(or $(PROFILE),cpu) $(if $(GRAMMAR),--grammar $(GRAMMAR))
 
+# ruff, and the floors of docs/architecture.md (import-linter's contracts in pyproject.toml): an import only goes down
 lint: install
-	$(VENV)/bin/ruff check lmlab tests scripts
+	$(VENV)/bin/ruff check lmlab tests scripts hydra_plugins
+	$(VENV)/bin/lint-imports
 
 clean:
 	rm -rf runs outputs multirun

@@ -10,42 +10,26 @@ from __future__ import annotations
 
 import logging
 import os
-import re
+import shlex
 import sys
 import traceback
 from importlib import resources
 from pathlib import Path
 
-import hydra
 from hydra.core.hydra_config import HydraConfig
 from hydra.core.override_parser.overrides_parser import OverridesParser
 from hydra.errors import HydraException
 from hydra.types import RunMode
 from omegaconf import DictConfig, ListConfig, OmegaConf, open_dict, read_write
 
-from lmlab.errors import UserError
+from lmlab.errors import UserError, user_error
+from lmlab.run_dir import run_name
 
 CONF = "lmlab.conf"
-SWEEP_ENV = "LMLAB_SWEEP_NAME"
-UNNAMED_KEYS = ("hydra.", "cache_dir=", "out_dir=", "launcher=")  # overrides that do not name a run
 log = logging.getLogger("lmlab")
-_argv: list[str] = []  # the command line as typed (Lightning's DDP launcher re-runs it for each rank)
 
 
 # ----- run names -----
-
-def run_name(overrides: list[str] | ListConfig) -> str:
-    """A readable, deterministic directory name for a list of overrides (order-independent)."""
-    items = sorted(str(o) for o in overrides if not str(o).startswith(UNNAMED_KEYS))
-    if not items:
-        return "default"
-    name = re.sub(r"[^A-Za-z0-9=.,_+\-]", "_", ",".join(items))
-    if len(name) > 96:
-        from lmlab.io import config_hash
-
-        name = f"{name[:72]}-{config_hash(items)}"
-    return name
-
 
 def _register_resolvers() -> None:
     from lmlab.io import config_hash
@@ -59,16 +43,37 @@ _register_resolvers()
 
 # ----- help -----
 
+def _yaml_options(folder) -> list[str]:
+    return sorted(f.name[:-5] for f in folder.iterdir() if f.name.endswith(".yaml"))
+
+
+def _chosen_groups(folder) -> set[str]:
+    """The nested groups that the YAMLs of a group folder choose from in their defaults lists."""
+    chosen = set()
+    for f in folder.iterdir():
+        if f.name.endswith(".yaml"):
+            for entry in OmegaConf.create(f.read_text()).get("defaults") or []:
+                if isinstance(entry, (dict, DictConfig)):
+                    chosen.update(str(k).split("@")[0] for k in entry)
+    return chosen
+
+
 def config_groups() -> dict[str, list[str]]:
-    """Every config group and its options, read from the packaged config tree."""
+    """Every config group and its options, read from the packaged config tree. A folder inside a group that
+    the group's YAMLs choose from (``data/tokenizer``) is a group of its own; other folders hold options
+    (``experiment=same_loss/size``)."""
     root = resources.files(CONF)
     groups = {}
     for group in sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith("_")):
-        options = sorted(f.name[:-5] for f in group.iterdir() if f.name.endswith(".yaml"))
-        nested = sorted(f"{d.name}/{f.name[:-5]}" for d in group.iterdir() if d.is_dir()
-                        for f in d.iterdir() if f.name.endswith(".yaml"))
-        groups[group.name] = options + nested
-    return groups
+        chosen = _chosen_groups(group)
+        options = _yaml_options(group)
+        for sub in sorted(d for d in group.iterdir() if d.is_dir() and not d.name.startswith("_")):
+            if sub.name in chosen:
+                groups[f"{group.name}/{sub.name}"] = _yaml_options(sub)
+            else:
+                options += [f"{sub.name}/{name}" for name in _yaml_options(sub)]
+        groups[group.name] = options
+    return dict(sorted(groups.items()))
 
 
 def _groups_text() -> str:
@@ -211,41 +216,42 @@ def _has_key(cfg: DictConfig, key: str) -> bool:
 
 # ----- the Hydra tasks -----
 
-def _user_error(e: BaseException | None) -> UserError | None:
-    """The UserError behind ``e``, if any (Hydra's instantiate wraps what a constructor raises)."""
-    while e is not None and not isinstance(e, UserError):
-        e = e.__cause__ or e.__context__
-    return e
-
 
 def _fail(message: str) -> None:
     print(f"lmlab: error: {message}", file=sys.stderr)
     sys.exit(2)
 
 
-@hydra.main(config_path="conf", config_name="train", version_base="1.3")
+def _command(name: str, overrides) -> str:
+    """The command line that reruns this one job (recorded in its run directory)."""
+    return " ".join(["lmlab", name, *(shlex.quote(str(o)) for o in overrides)])
+
+
+def _relaunch_as_this_job(hc, run_dir: Path) -> None:
+    """Lightning starts the ranks > 0 of a multi-device run by re-running ``sys.argv`` with
+    ``hydra.run.dir=<hydra.run.dir>`` added. Inside a sweep that would be the whole sweep again: make it this one
+    job, in this job's directory. (Lightning reads nothing else, so this is the one place lmlab sets sys.argv.)"""
+    sys.argv = [sys.argv[0], "train", *hc.overrides.task]
+    with open_dict(hc), read_write(hc):
+        hc.run.dir = str(run_dir)
+
+
 def _train(cfg: DictConfig) -> None:
     from rich.console import Console
 
     from lmlab import pipeline
-    from lmlab.io import write_text
     from lmlab.report.summary import metrics_table
+    from lmlab.run_dir import mark_failed
 
-    if _argv:  # Hydra has parsed its view of the arguments; restore the real command line (not in a
-        sys.argv = list(_argv)  # submitit worker, which runs this function without main())
     hc = HydraConfig.get()
     run_dir = Path(hc.runtime.output_dir)
     multirun = hc.mode == RunMode.MULTIRUN
-    if multirun and _argv:
-        # Lightning's DDP launcher re-runs sys.argv for ranks > 0, adding hydra.run.dir=<hydra.run.dir>: make
-        # that this one job (not the whole sweep again), in this job's directory
-        sys.argv = [_argv[0], "train", *hc.overrides.task]
-        with open_dict(hc), read_write(hc):
-            hc.run.dir = str(run_dir)
+    if multirun and cfg.trainer.get("devices", 1) != 1 and "train" in sys.argv[1:2]:
+        _relaunch_as_this_job(hc, run_dir)
     try:
-        results = pipeline.train(cfg, run_dir)
+        results = pipeline.train(cfg, run_dir, command=_command("train", hc.overrides.task))
     except Exception as e:
-        user = _user_error(e)
+        user = user_error(e)
         if not multirun:
             if user is not None:
                 _fail(str(user))
@@ -253,13 +259,12 @@ def _train(cfg: DictConfig) -> None:
         reason = str(user) if user is not None else f"{type(e).__name__}: {e}"
         reason = " ".join(reason.split())
         log.error("job failed: %s\n%s", reason, traceback.format_exc())
-        write_text(run_dir / pipeline.FAILED, reason + "\n")
+        mark_failed(run_dir, reason)
         return
     if results and not multirun:
         Console().print(metrics_table(results["metrics"], title=f"results: {run_dir}"))
 
 
-@hydra.main(config_path="conf", config_name="eval", version_base="1.3")
 def _eval(cfg: DictConfig) -> None:
     from rich.console import Console
 
@@ -269,28 +274,47 @@ def _eval(cfg: DictConfig) -> None:
     try:
         out = pipeline.evaluate(cfg)
     except Exception as e:
-        if _user_error(e) is None:
+        if user_error(e) is None:
             raise
-        _fail(str(_user_error(e)))
+        _fail(str(user_error(e)))
     Console().print(metrics_table(out["metrics"], title=f"evaluations: {cfg.run}"))
 
 
-@hydra.main(config_path="conf", config_name="select", version_base="1.3")
 def _select(cfg: DictConfig) -> None:
     from rich.console import Console
 
     from lmlab import pipeline
     from lmlab.report.summary import metrics_table
 
-    sys.argv = list(_argv)
-    run_dir = Path(HydraConfig.get().runtime.output_dir)
+    hc = HydraConfig.get()
+    run_dir = Path(hc.runtime.output_dir)
     try:
-        out = pipeline.select(cfg, run_dir)
+        out = pipeline.select(cfg, run_dir, command=_command("select", hc.overrides.task))
     except Exception as e:
-        if _user_error(e) is None:
+        if user_error(e) is None:
             raise
-        _fail(str(_user_error(e)))
+        _fail(str(user_error(e)))
     Console().print(metrics_table(out["metrics"], title=f"selection: {run_dir}"))
+
+
+def _run_hydra(task, config_name: str, args: list[str]) -> None:
+    """Run ``task`` under Hydra with ``args`` (flags and overrides), as ``@hydra.main`` would with sys.argv."""
+    from hydra._internal.utils import _run_hydra as run_hydra
+    from hydra._internal.utils import get_args_parser
+
+    parser = get_args_parser()
+    run_hydra(args=parser.parse_args(args), args_parser=parser, task_function=task, config_path="conf",
+              config_name=config_name)
+
+
+def _sweep_dir(config_name: str, job: list[str], overrides: list[str]) -> Path:
+    """``<out_dir>/<name>/sweep-<the command's overrides>``: one sweep directory per command (``out_dir`` and
+    ``name`` as the sweep's first job composes them)."""
+    from hydra import compose, initialize_config_module
+
+    with initialize_config_module(config_module=CONF, version_base="1.3"):
+        cfg = compose(config_name=config_name, overrides=job)
+    return Path(str(cfg.out_dir)) / str(cfg.name) / ("sweep-" + run_name(overrides))
 
 
 def _report(args: list[str]) -> None:
@@ -312,7 +336,6 @@ def _report(args: list[str]) -> None:
 
 def main(argv: list[str] | None = None) -> None:
     argv = list(sys.argv[1:] if argv is None else argv)
-    _argv[:] = [sys.argv[0], *argv]
     if not argv or argv[0] in ("-h", "--help", "help"):
         print(MAIN_HELP.format(groups=_groups_text()))
         return
@@ -324,31 +347,34 @@ def main(argv: list[str] | None = None) -> None:
             "select": (_select, "select", SELECT_HELP)}
     if command not in apps:
         _fail(f"unknown command {command!r}: use one of {', '.join([*apps, 'report'])} (lmlab --help).")
-    app, config_name, help_text = apps[command]
+    task, config_name, help_text = apps[command]
     # run directory names hold '=' and ',': quote the path so that Hydra reads it as one string
     args = [f"run='{a[4:]}'" if a.startswith("run=") and not a.startswith(("run='", 'run="')) else a
             for a in args]
     if "-h" in args or "--help" in args:
         print(help_text.format(groups=_groups_text()))
         return
+    overrides = _raw_overrides(args)
     passthrough = any(a in args for a in ("--cfg", "-c", "--info", "-p", "--package", "--hydra-help"))
+    jobs = [overrides]
     if not passthrough and not os.environ.get("LOCAL_RANK"):  # DDP child ranks were checked by rank 0
         try:
-            preflight(config_name, _raw_overrides(args))
+            jobs = preflight(config_name, overrides)
         except UserError as e:
             _fail(str(e))
-    if "-m" in args or "--multirun" in args:
-        os.environ[SWEEP_ENV] = "sweep-" + run_name(_raw_overrides(args))
-    # Hydra's parser wants flags before the overrides: accept `lmlab train a=1 -m b=2,3` too
+    sweep = command == "train" and ("-m" in args or "--multirun" in args)
+    # Hydra's parser wants -m before the overrides: accept `lmlab train a=1 -m b=2,3` too
     flags = [a for a in args if a in ("-m", "--multirun")]
-    sys.argv = [sys.argv[0], *flags, *[a for a in args if a not in flags]]
-    app()
-    if command == "train" and ("-m" in args or "--multirun" in args):
-        from lmlab.report.summary import last_summary
+    sweep_dir = _sweep_dir(config_name, jobs[0], overrides) if sweep else None
+    extra = [f"hydra.sweep.dir='{sweep_dir}'"] if sweep_dir else []
+    _run_hydra(task, config_name, [*flags, *[a for a in args if a not in flags], *extra])
+    if sweep_dir is not None and not passthrough:
+        from lmlab.report.summary import gather
 
-        failed = [r for r in last_summary if r["status"] != "done"]
+        rows = gather(sweep_dir)
+        failed = [r for r in rows if r["status"] != "done"]
         if failed:
-            _fail(f"{len(failed)} of {len(last_summary)} jobs did not finish: see the summary above, "
+            _fail(f"{len(failed)} of {len(rows)} jobs did not finish: see the summary above, "
                   "fix the cause and rerun the same command to run only those.")
 
 

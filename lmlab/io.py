@@ -42,21 +42,32 @@ def torch_save(obj: Any, path: str | os.PathLike) -> None:
 
 
 @contextmanager
-def atomic_dir(path: str | os.PathLike) -> Iterator[Path]:
+def atomic_dir(path: str | os.PathLike, merge: bool = False) -> Iterator[Path]:
     """Build a directory under a temporary name beside ``path``; on success rename it to ``path`` in one step.
 
     The caller writes into the yielded folder. If ``path`` already exists when the block ends (another job of
     a sweep built the same entry first), the new copy is discarded and the existing one kept. On an error
-    nothing is left behind."""
+    nothing is left behind.
+
+    With ``merge``, ``path`` is a directory that keeps its other entries (a run directory): the folder is built
+    inside it under a hidden temporary name, and on success each of its entries replaces the entry of the same
+    name in ``path`` (one rename each; a directory is replaced whole)."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".tmp-{path.name}-", dir=path.parent))
+    home = path if merge else path.parent
+    home.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".tmp-{path.name}-", dir=home))
     try:
         yield tmp
-        try:
-            os.replace(tmp, path)
-        except OSError:  # ``path`` exists and is not empty: another process won the race
-            pass
+        if merge:
+            for item in sorted(tmp.iterdir()):
+                if (path / item.name).is_dir() and not (path / item.name).is_symlink():
+                    shutil.rmtree(path / item.name)
+                os.replace(item, path / item.name)
+        else:
+            try:
+                os.replace(tmp, path)
+            except OSError:  # ``path`` exists and is not empty: another process won the race
+                pass
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
 

@@ -1,16 +1,16 @@
 """The whole story of a run, top to bottom: data -> selection -> fit -> evaluations -> results.
 
 ``train(cfg, run_dir)`` is one job of ``lmlab train``; ``evaluate(cfg)`` is ``lmlab eval``. The run
-directory is deterministic (see ``lmlab.cli``): a job that already holds ``DONE`` is skipped, a job that
+directory is deterministic (``lmlab.run_dir``): a job that already holds ``DONE`` is skipped, a job that
 holds a checkpoint resumes from it.
 """
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
 import platform
-import sys
 import time
 import warnings
 from pathlib import Path
@@ -19,17 +19,32 @@ from typing import Any
 import lightning as L
 import torch
 from hydra.utils import instantiate
-from lightning.pytorch.callbacks import ModelCheckpoint, RichProgressBar, TQDMProgressBar
+from lightning.pytorch.callbacks import ModelCheckpoint
 from omegaconf import DictConfig, OmegaConf
 
 import lmlab
 from lmlab.data.datamodule import DataModule
 from lmlab.errors import UserError
-from lmlab.io import torch_save, write_json, write_text
+from lmlab.io import atomic_dir, write_json
+from lmlab.run_dir import (
+    CHECKPOINTS,
+    DONE,
+    LAST_CHECKPOINT,
+    RESULTS,
+    clear_failed,
+    is_done,
+    load_weights,
+    mark_done,
+    read_config,
+    read_results,
+    save_model,
+    write_command,
+    write_config,
+    write_results,
+)
+from lmlab.selection.base import Selection
 from lmlab.training.callbacks import EvaluateEvery
 from lmlab.training.module import AtomicCheckpointIO, LMModule
-
-DONE, FAILED, RESULTS, MODEL = "DONE", "FAILED", "results.json", "model.pt"
 
 
 def versions() -> dict[str, str]:
@@ -62,7 +77,10 @@ def quiet() -> None:
 def build(cfg: DictConfig):
     """Instantiate the recipe: objective, source, model (refusing impossible pairs before any data is
     generated) and evaluators (checked against the data before any compute), then load the data."""
-    objective = instantiate(cfg.objective)
+    # an objective with a head of its own (``d_model: null`` in its YAML) gets the model's width, the way the
+    # model gets the data's vocabulary size
+    width = {"d_model": cfg.model.d_model} if "d_model" in cfg.objective and cfg.objective.d_model is None else {}
+    objective = instantiate(cfg.objective, **width)
     source = instantiate(cfg.data)
     model = instantiate(cfg.model, vocab_size=source.vocab_size, attention=objective.attention)
     evaluators = {}
@@ -80,11 +98,12 @@ def build(cfg: DictConfig):
     return objective, source, model, evaluators, splits
 
 
-def train(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
-    """Pretrain the recipe in ``cfg``, run its evaluations, write ``results.json`` and ``DONE``."""
-    if (run_dir / DONE).exists():
-        print(f"[lmlab] {run_dir} already holds DONE: skipping (delete DONE to rerun).")
-        return _read_results(run_dir)
+def train(cfg: DictConfig, run_dir: Path, command: str = "lmlab train") -> dict[str, Any]:
+    """Pretrain the recipe in ``cfg``, run its evaluations, write ``results.json`` and ``DONE`` (the run
+    directory's layout: ``lmlab.run_dir``)."""
+    if is_done(run_dir):
+        print(f"[lmlab] {run_dir} already holds {DONE}: skipping (delete {DONE} to rerun).")
+        return read_results(run_dir)
     quiet()
     if str(cfg.trainer.get("accelerator", "")) in ("gpu", "cuda") and not torch.cuda.is_available():
         raise UserError("this trainer runs on a CUDA GPU and PyTorch sees none here (torch.cuda.is_available() "
@@ -92,34 +111,34 @@ def train(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
     started = time.time()
     rank0 = is_rank_zero()
     if rank0:
-        (run_dir / FAILED).unlink(missing_ok=True)
-        write_text(run_dir / "config_resolved.yaml", OmegaConf.to_yaml(cfg, resolve=True))
-        write_text(run_dir / "command.txt", " ".join(["lmlab", *sys.argv[1:]]) + "\n")
+        clear_failed(run_dir)
+        write_config(run_dir, cfg)
+        write_command(run_dir, command)
     L.seed_everything(cfg.seed, workers=True, verbose=False)
 
     objective, source, model, evaluators, splits = build(cfg)
     selector = instantiate(cfg.selection)
     pool = splits["train"]
-    splits["train"] = selector.run(pool, selection_target(splits, selector), cfg.cache_dir, source.cache_key(),
-                                   source=source)
+    selection = selector.run(pool, selection_target(splits, selector), cfg.cache_dir, source.cache_key(),
+                             source=source)
+    splits["train"] = selection.dataset
     dm = DataModule(source, splits, batch_size=cfg.batch_size, seed=cfg.seed)
-    module = LMModule(model, objective, instantiate(cfg.optim), instantiate(cfg.schedule),
-                      max_steps=cfg.max_steps, compile=cfg.compile)
+    module = LMModule(model, objective, instantiate(cfg.optim), instantiate(cfg.schedule), compile=cfg.compile)
 
-    ckpt_dir = run_dir / "checkpoints"
-    last = ckpt_dir / "last.ckpt"
+    ckpt_dir = run_dir / CHECKPOINTS
+    last = ckpt_dir / LAST_CHECKPOINT
     resume = last if last.exists() else None
     if resume and rank0:
         print(f"[lmlab] resuming from {resume}")
     logger = instantiate(cfg.logger, save_dir=str(run_dir)) if cfg.logger.get("_target_") else False
-    callbacks = [
-        ModelCheckpoint(dirpath=ckpt_dir, save_last=True, save_top_k=0,
-                        every_n_train_steps=cfg.checkpoint_every),
-        RichProgressBar() if sys.stdout.isatty() else TQDMProgressBar(refresh_rate=50),
-    ]
-    callbacks += selector.training_callbacks(dm)  # a curriculum's stage release
-    along = EvaluateEvery(evaluators, dm, run_dir, cfg.eval_every) if cfg.get("eval_every") else None
-    if along is not None:
+    # the resumable checkpoint belongs to the run directory; the other callbacks are the `callbacks` group's
+    callbacks = [ModelCheckpoint(dirpath=ckpt_dir, save_last=True, save_top_k=0,
+                                 every_n_train_steps=cfg.checkpoint_every)]
+    callbacks += [instantiate(c) for c in (cfg.get("callbacks") or {}).values() if c is not None]
+    callbacks += selector.training_callbacks(dm, selection)  # a curriculum's stage release
+    along = None
+    if cfg.get("eval_every"):  # evaluations along the way, kept in results.json's history
+        along = EvaluateEvery(functools.partial(run_evaluations, evaluators, dm=dm, run_dir=run_dir), cfg.eval_every)
         callbacks.append(along)
     trainer = instantiate(cfg.trainer, logger=logger, callbacks=callbacks, plugins=[AtomicCheckpointIO()],
                           default_root_dir=str(run_dir))
@@ -130,13 +149,13 @@ def train(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
         return {}
 
     model.eval()
-    torch_save(model.state_dict(), run_dir / MODEL)
+    save_model(run_dir, model, vocab_size=source.vocab_size, attention=objective.attention)
     metrics: dict[str, float] = {
         "train/loss": float(trainer.callback_metrics.get("train/loss", float("nan"))),
         "train/steps": trainer.global_step,
         "train/rows": len(splits["train"]),
         "model/params": model.num_parameters(),
-        **selection_metrics(selector),
+        **selection_metrics(selection),
     }
     if "val/loss" in trainer.callback_metrics:
         metrics["val/loss"] = float(trainer.callback_metrics["val/loss"])
@@ -152,12 +171,12 @@ def train(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
         "history": history,
         "timings": {"fit_s": fit_seconds, "eval_s": time.time() - eval_started, "total_s": time.time() - started},
         "run_dir": str(run_dir),
-        "command": " ".join(["lmlab", *sys.argv[1:]]),
+        "command": command,
         "versions": versions(),
         "config": OmegaConf.to_container(cfg, resolve=True),
     }
-    write_json(run_dir / RESULTS, results)
-    write_text(run_dir / DONE, time.strftime("%Y-%m-%dT%H:%M:%S") + "\n")
+    write_results(run_dir, results)
+    mark_done(run_dir)
     return results
 
 
@@ -174,50 +193,42 @@ def selection_target(splits, selector):
     return splits["validation"]
 
 
-def selection_metrics(selector) -> dict[str, float]:
-    """``selection/*``: the selection stage's sizes and precision (``Selector.stats``) and the numbers of
+def selection_metrics(selection: Selection) -> dict[str, float]:
+    """``selection/*``: the selection stage's sizes and precision (``Selection.stats``) and the numbers of
     its report."""
-    report = {k: v for k, v in (selector.report or {}).items() if isinstance(v, (int, float))}
-    return {f"selection/{k}": float(v) for k, v in {**report, **selector.stats}.items()}
+    report = {k: v for k, v in (selection.report or {}).items() if isinstance(v, (int, float))}
+    return {f"selection/{k}": float(v) for k, v in {**report, **selection.stats}.items()}
 
 
-def select(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
+def select(cfg: DictConfig, run_dir: Path, command: str = "lmlab select") -> dict[str, Any]:
     """``lmlab select selection=<name> data=<...>``: the selection stage alone. Writes ``selected/`` (the
     selected dataset, ``save_to_disk``), ``scores.npy`` (one score per pool row, where the method scores),
     ``selection.json`` (sizes, precision, report) and ``DONE`` into the run directory, all at the end."""
-    import shutil
-    import tempfile
+    import numpy as np
+
+    from lmlab.selection.base import SCORES, SELECTED, STATS
 
     quiet()
-    if (run_dir / DONE).exists():
-        print(f"[lmlab] {run_dir} already holds DONE: skipping (delete DONE to rerun).")
-        return _read_results(run_dir)
+    if is_done(run_dir):
+        print(f"[lmlab] {run_dir} already holds {DONE}: skipping (delete {DONE} to rerun).")
+        return read_results(run_dir)
     source = instantiate(cfg.data)
     selector = instantiate(cfg.selection)
     splits = source.load(cfg.cache_dir)
     if len(splits["train"]) == 0:
         raise UserError(f"data {source.name} produced no training rows: add data or lower its filters.")
-    selected = selector.run(splits["train"], selection_target(splits, selector), cfg.cache_dir, source.cache_key(),
-                            source=source)
-    results = {"status": "done", "metrics": selection_metrics(selector), "report": selector.report,
-               "run_dir": str(run_dir), "command": " ".join(["lmlab", *sys.argv[1:]]),
+    selection = selector.run(splits["train"], selection_target(splits, selector), cfg.cache_dir, source.cache_key(),
+                             source=source)
+    results = {"status": "done", "metrics": selection_metrics(selection), "report": selection.report,
+               "run_dir": str(run_dir), "command": command,
                "config": OmegaConf.to_container(cfg, resolve=True)}
-    run_dir.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=".tmp-", dir=run_dir))
-    try:
-        selected.save_to_disk(str(tmp / "selected"))
-        cached = selector.cache_path
-        if cached is not None and (cached / "scores.npy").exists():
-            shutil.copyfile(cached / "scores.npy", tmp / "scores.npy")
-        write_json(tmp / "selection.json", results)
-        write_text(tmp / "config_resolved.yaml", OmegaConf.to_yaml(cfg, resolve=True))
-        for item in tmp.iterdir():
-            if (run_dir / item.name).is_dir():
-                shutil.rmtree(run_dir / item.name)
-            os.replace(item, run_dir / item.name)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-    write_text(run_dir / DONE, time.strftime("%Y-%m-%dT%H:%M:%S") + "\n")
+    with atomic_dir(run_dir, merge=True) as tmp:
+        selection.dataset.save_to_disk(str(tmp / SELECTED))
+        if selection.scores is not None:
+            np.save(tmp / SCORES, selection.scores)
+        write_json(tmp / STATS, results)
+        write_config(tmp, cfg)
+    mark_done(run_dir)
     return results
 
 
@@ -231,23 +242,19 @@ def run_evaluations(evaluators: dict, module: LMModule, dm: DataModule, run_dir:
     return metrics
 
 
-def load_run(run_dir: str | Path, eval_cfg: DictConfig | None = None):
-    """A finished run, rebuilt in memory from its directory: ``(cfg, module, datamodule, evaluators)``.
-    The data comes from the cache (rebuilt if it is gone); ``eval_cfg`` replaces the run's evaluations.
-    Objectives that need another run (a teacher, a reference model) load it with this."""
-    run_dir = Path(run_dir)
-    resolved, weights = run_dir / "config_resolved.yaml", run_dir / MODEL
-    if not resolved.exists() or not weights.exists():
-        raise UserError(f"{run_dir} is not a finished lmlab run (no config_resolved.yaml or {MODEL}): "
-                        "point at a run directory that holds DONE.")
-    cfg = OmegaConf.load(resolved)
+def rebuild(run_dir: Path, eval_cfg: DictConfig | None = None):
+    """A finished run, rebuilt whole from its directory for ``lmlab eval``: ``(cfg, module, datamodule,
+    evaluators)``. The data comes from the cache (rebuilt if it is gone); ``eval_cfg`` replaces the run's
+    evaluations. (Another run's model alone, as a teacher or a reference, is ``lmlab.run_dir.load_backbone``.)"""
+    weights = load_weights(run_dir)  # a UserError where the run is not finished
+    cfg = read_config(run_dir)
     if eval_cfg is not None:
         cfg.eval = eval_cfg
     objective, source, model, evaluators, splits = build(cfg)
-    model.load_state_dict(torch.load(weights, map_location="cpu"))
+    model.load_state_dict(weights)
     model.eval()
     dm = DataModule(source, splits, batch_size=cfg.batch_size, seed=cfg.seed)
-    module = LMModule(model, objective, instantiate(cfg.optim), instantiate(cfg.schedule), max_steps=cfg.max_steps)
+    module = LMModule(model, objective, instantiate(cfg.optim), instantiate(cfg.schedule))
     return cfg, module, dm, evaluators
 
 
@@ -255,16 +262,10 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
     """``lmlab eval run=<dir> eval=...``: evaluations on a finished run, without retraining."""
     quiet()
     run_dir = Path(cfg.run)
-    _, module, dm, evaluators = load_run(run_dir, cfg.eval)
+    _, module, dm, evaluators = rebuild(run_dir, cfg.eval)
     metrics = run_evaluations(evaluators, module, dm, run_dir)
-    results = _read_results(run_dir) if (run_dir / RESULTS).exists() else {"metrics": {}}
+    results = read_results(run_dir) if (run_dir / RESULTS).exists() else {"metrics": {}}
     results["metrics"].update(metrics)
-    write_json(run_dir / RESULTS, results)
+    write_results(run_dir, results)
     return {"metrics": metrics}
-
-
-def _read_results(run_dir: Path) -> dict[str, Any]:
-    import json
-
-    return json.loads((run_dir / RESULTS).read_text())
 

@@ -103,7 +103,7 @@ def train_tps(model, loss_fn, batch: int, seq_len: int, steps: int, warmup: bool
 
 def scan_seconds(impl: str, batch: int, seq_len: int, E: int, N: int, reps: int) -> float:
     """Best time of one forward + backward of the selective scan alone."""
-    from lmlab.models.mamba import selective_scan
+    from lmlab.models.scan import selective_scan
 
     torch.manual_seed(0)
     x, delta = torch.randn(batch, seq_len, E), F.softplus(torch.randn(batch, seq_len, E) - 2)

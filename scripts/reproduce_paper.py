@@ -9,13 +9,14 @@ Rerunning the same command skips finished jobs and resumes interrupted ones.
 Profiles:
   cpu    (default) a small HMM and a small PCFG (generated), 3 seeds; the experiment configs as written.
          Two sweeps at a time, one thread each: at most 30 minutes on a quiet 2-core machine.
-  gpu    the paper's PCFG (``--grammar``, its rule file ``rule_deep_mlm.txt``) on one GPU, wider and
-         deeper models, 3 seeds; about 10 minutes on one GPU.
+  gpu    the paper's PCFG (``--grammar``, its rule file ``rule_deep_mlm.txt``: ``pcfg/rule_deep_mlm.txt`` in
+         the code released with the paper, GitHub Liuhong99/implicitbiasmlmcode) on one GPU, wider and
+         deeper models, 3 seeds; not yet run on a GPU (estimated at about 10 minutes).
   micro  tiny data, a few steps, 2 seeds, 2 sizes: the whole pipeline in a minute or two (the test
          suite runs it); its verdicts mean nothing.
 
   python scripts/reproduce_paper.py                       # cpu
-  python scripts/reproduce_paper.py --profile gpu --grammar ../shared/data/paper_pcfg/rule_deep_mlm.txt
+  python scripts/reproduce_paper.py --profile gpu --grammar path/to/rule_deep_mlm.txt
   python scripts/reproduce_paper.py --micro --out /tmp/micro
   python scripts/reproduce_paper.py --profile gpu --grammar G --dry-run   # compose every job, run nothing
 """
@@ -227,7 +228,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--profile", choices=sorted(PROFILES), default=os.environ.get("PROFILE") or "cpu")
     parser.add_argument("--micro", action="store_true", help="the micro profile (same as --profile micro)")
     parser.add_argument("--grammar", default=os.environ.get("GRAMMAR") or None,
-                        help="the paper's PCFG rule file (gpu profile)")
+                        help="the paper's PCFG rule file, rule_deep_mlm.txt (gpu profile): pcfg/rule_deep_mlm.txt "
+                             "of github.com/Liuhong99/implicitbiasmlmcode")
     parser.add_argument("--out", type=Path, default=None,
                         help="output directory (default runs/reproduce-paper-<profile>)")
     parser.add_argument("--workers", type=int, default=None, help="sweeps run at the same time")

@@ -14,11 +14,12 @@ from lmlab.attention import BIDIRECTIONAL
 from lmlab.data.datamodule import DataModule
 from lmlab.data.hmm import HMMSource
 from lmlab.data.pcfg import PCFGSource
-from lmlab.evaluation.common import features, labelled_rows
+from lmlab.data.tasks import labelled_rows
 from lmlab.evaluation.probe import Probe, lookup_features
 from lmlab.models.transformer import Transformer
 from lmlab.objectives.adversarial_mlm import AdversarialMLM
 from lmlab.objectives.mlm import MLM
+from lmlab.readout import features
 from lmlab.vocab import N_SPECIAL
 from tests.conftest import FAST, TINY
 

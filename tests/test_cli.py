@@ -31,6 +31,9 @@ def _only_run(runs: Path) -> Path:
 
 # ----- composition -----
 
+# a nested group is chosen inside an option of its parent group: compose it inside one that has it
+NESTED_IN = {"data/tokenizer": ["data=text"]}
+
 def all_options() -> list[tuple[str, str]]:
     return [(g, o) for g, opts in config_groups().items() for o in opts]
 
@@ -38,16 +41,18 @@ def all_options() -> list[tuple[str, str]]:
 @pytest.mark.parametrize("group,option", all_options())
 def test_every_yaml_composes(group, option):
     with initialize_config_module(config_module="lmlab.conf", version_base="1.3"):
-        cfg = compose(config_name="train", overrides=[f"{group}={option}"])
+        cfg = compose(config_name="train", overrides=[*NESTED_IN.get(group, []), f"{group}={option}"])
         if group == "experiment":  # a frozen recipe: it composes the whole config (its `name` set)
             assert cfg.name != "default", f"experiment {option} should set name"
             return
         if group == "launcher":  # it sets hydra.launcher only: tests/test_distributed.py::test_launchers_compose
             return
-        node = cfg.eval if group == "eval" else cfg[group]
+        node = cfg.eval if group == "eval" else OmegaConf.select(cfg, group.replace("/", "."))
         raw = OmegaConf.to_container(node, resolve=False)
         assert raw, f"{group}={option} composed to nothing"
-        if group != "eval":
+        if group == "callbacks":  # named callbacks, each its own _target_
+            assert all("_target_" in c for c in raw.values())
+        elif group != "eval":
             assert "_target_" in raw
         for key, value in raw.items():  # every value resolves (those that need a running job aside)
             if "${hydra:" not in str(value):
@@ -80,7 +85,7 @@ def test_run_name_is_deterministic_and_order_independent():
 # model, say); options that cannot run from a bare config get a skip reason naming the test that runs
 # them through the CLI instead.
 SMOKE_ARGS: dict[tuple[str, str], list[str]] = {("data", "text"): []}
-SMOKE_ARGS[("model", "hat")] = ["data=text", "data.tokenizer=byte"]  # a byte-level model needs byte data
+SMOKE_ARGS[("model", "hat")] = ["data=text", "data/tokenizer=byte"]  # a byte-level model needs byte data
 SMOKE_SKIP = {("trainer", "gpu"): "needs CUDA",
               ("trainer", "ddp"): "tests/test_distributed.py runs DDP on 2 CPU processes",
               ("trainer", "fsdp"): "Lightning runs FSDP on GPUs only: tests/test_distributed.py composes it",
@@ -108,7 +113,7 @@ SMOKE_SKIP.update({("data", "shards"): "tests/test_data_sources.py::test_shards_
 def test_every_option_runs(lmlab, group, option):
     if (group, option) in SMOKE_SKIP and not ((group, option) == ("trainer", "gpu") and torch.cuda.is_available()):
         pytest.skip(SMOKE_SKIP[(group, option)])
-    extra = SMOKE_ARGS.get((group, option), TINY)
+    extra = [*NESTED_IN.get(group, []), *SMOKE_ARGS.get((group, option), [] if group in NESTED_IN else TINY)]
     fast = [a for a in FAST if not (group == "logger" and a.startswith("logger="))]
     probe = [] if group == "eval" else ["eval.probe.seeds=1"]
     code, out = lmlab("train", f"{group}={option}", *fast, *extra, *probe)

@@ -10,12 +10,12 @@ import numpy as np
 import pytest
 from datasets import Dataset, DatasetDict
 
-from lmlab.data import char
 from lmlab.data.datamodule import DataModule
 from lmlab.data.hf import HFSource
 from lmlab.data.pcfg import PCFGSource
 from lmlab.data.shards import INDEX, ShardRows, ShardSource, write_shards
-from lmlab.data.text import TextSource, pack_stream
+from lmlab.data.text import TextSource, pack_stream, read_fasta
+from lmlab.data.tokenizers import BPE, DNA, Byte, Protein
 from lmlab.errors import UserError
 from lmlab.vocab import BOS_ID, EOS_ID, N_SPECIAL
 from tests.conftest import FAST
@@ -33,8 +33,8 @@ def local_jsonl(tmp_path: Path) -> Path:
 
 def test_hf_source_matches_text_source_on_the_same_documents(tmp_path):
     jsonl = local_jsonl(tmp_path)
-    hf = HFSource(name="json", data_files=str(jsonl), tokenizer="byte", block_size=32)
-    text = TextSource(paths=str(jsonl), tokenizer="byte", block_size=32)
+    hf = HFSource(name="json", data_files=str(jsonl), tokenizer=Byte(), block_size=32)
+    text = TextSource(paths=str(jsonl), tokenizer=Byte(), block_size=32)
     assert hf.read_documents() == text.read_documents() == TEXTS
     a, b = hf.load(tmp_path / "cache"), text.load(tmp_path / "cache")
     assert a["train"]["input_ids"] == b["train"]["input_ids"]  # the same splitting, tokenizing and packing
@@ -44,7 +44,7 @@ def test_hf_source_matches_text_source_on_the_same_documents(tmp_path):
 def test_hf_source_saved_dataset_streaming_and_first_n(tmp_path):
     DatasetDict({"train": Dataset.from_dict({"body": TEXTS}),
                  "other": Dataset.from_dict({"body": ["x"]})}).save_to_disk(str(tmp_path / "saved"))
-    full = HFSource(name=str(tmp_path / "saved"), text_field="body", tokenizer="bpe", vocab_size=300)
+    full = HFSource(name=str(tmp_path / "saved"), text_field="body", tokenizer=BPE(vocab_size=300))
     assert full.read_documents() == TEXTS
     first = HFSource(name=str(tmp_path / "saved"), text_field="body", streaming=True, max_documents=7)
     assert first.read_documents() == TEXTS[:7]
@@ -68,14 +68,14 @@ def test_hf_source_errors_are_one_sentence(tmp_path, monkeypatch):
     ]
     for kwargs, message in cases:
         with pytest.raises(UserError, match=message) as info:
-            HFSource(tokenizer="byte", **kwargs).read_documents()
+            HFSource(tokenizer=Byte(), **kwargs).read_documents()
         assert "\n" not in str(info.value)
     with pytest.raises(UserError, match="needs data.name"):
         HFSource()
     monkeypatch.setattr(datasets.config, "HF_HUB_OFFLINE", True)  # no network here: fail fast, not after retries
     monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
     with pytest.raises(UserError, match="cannot load the Hugging Face dataset 'nobody/no-such-dataset'"):
-        HFSource(name="nobody/no-such-dataset", tokenizer="byte").read_documents()
+        HFSource(name="nobody/no-such-dataset", tokenizer=Byte()).read_documents()
 
 
 # ----- shards -----
@@ -105,9 +105,9 @@ def test_shards_round_trip_pcfg_with_labels(tmp_path):
 
 
 def test_shards_from_texts_and_errors(tmp_path):
-    out = write_shards(["ACGT" * 10, "GGCC" * 5], tmp_path / "dna", tokenizer="dna", block_size=9)
+    out = write_shards(["ACGT" * 10, "GGCC" * 5], tmp_path / "dna", tokenizer=DNA(), block_size=9)
     rows = ShardSource(str(out)).load(None)["train"]
-    ids, lengths = char.encode_flat("dna", ["ACGT" * 10, "GGCC" * 5])
+    ids, lengths = DNA().encode_flat(["ACGT" * 10, "GGCC" * 5])
     assert rows[:]["input_ids"] == pack_stream(ids, lengths, 9).tolist()
     assert json.loads((out / INDEX).read_text())["splits"]["train"]["lengths"] is None  # fixed-size blocks
     big = write_shards({"train": [[1, 70000, 2]]}, tmp_path / "big")
@@ -136,27 +136,28 @@ def test_shards_train_through_the_cli(lmlab, tmp_path):
 
 # ----- character tokenizers -----
 
-@pytest.mark.parametrize("kind,text", [("dna", "ACGTNACGT"), ("protein", "MKTAYIAKQRQISFVKSHFSRQX")])
+@pytest.mark.parametrize("kind,text", [(DNA, "ACGTNACGT"), (Protein, "MKTAYIAKQRQISFVKSHFSRQX")])
 def test_char_tokenizers_round_trip(kind, text):
-    ids, lengths = char.encode_flat(kind, [text, text.lower()])
-    assert lengths.tolist() == [len(text)] * 2 and ids.min() >= N_SPECIAL and ids.max() < char.vocab_size(kind)
-    assert char.decode(kind, ids[: len(text)]) == text and char.decode(kind, ids[len(text):]) == text
-    assert ids[0] == N_SPECIAL + char.ALPHABETS[kind].index(text[0])
+    tok = kind()
+    ids, lengths = tok.encode_flat([text, text.lower()])
+    assert lengths.tolist() == [len(text)] * 2 and ids.min() >= N_SPECIAL and ids.max() < tok.vocab_size
+    assert tok.decode(ids[: len(text)]) == text and tok.decode(ids[len(text):]) == text
+    assert ids[0] == N_SPECIAL + tok.alphabet.index(text[0])
 
 
 def test_char_tokenizer_unknowns_and_fasta(tmp_path):
-    ids, _ = char.encode_flat("dna", ["AC GT\nRY-*12"])
-    assert char.decode("dna", ids) == "ACGTNN"  # whitespace, gaps, stops, digits dropped; IUPAC -> N
-    ids, _ = char.encode_flat("protein", ["MBZUO"])
-    assert char.decode("protein", ids) == "MXXXX"
-    assert char.vocab_size("dna") == 9 and char.vocab_size("protein") == 25
+    ids, _ = DNA().encode_flat(["AC GT\nRY-*12"])
+    assert DNA().decode(ids) == "ACGTNN"  # whitespace, gaps, stops, digits dropped; IUPAC -> N
+    ids, _ = Protein().encode_flat(["MBZUO"])
+    assert Protein().decode(ids) == "MXXXX"
+    assert DNA().vocab_size == 9 and Protein().vocab_size == 25
     fasta = tmp_path / "seqs.fasta"
     fasta.write_text(">one\nACGT\nAC\n>two desc\nGGG\n>empty\n")
-    assert char.read_fasta(fasta) == ["ACGTAC", "GGG"]
+    assert read_fasta(fasta) == ["ACGTAC", "GGG"]
     fasta.write_text("\n".join(["ACGT" * 20, "GGCA" * 20, "TTAC" * 20, "CAGT" * 20]) + "\n")
     lines = tmp_path / "seqs.fa"
     lines.write_text(">a\n" + "ACGT" * 20 + "\n>b\n" + "GGCA" * 20 + "\n>c\n" + "TTAC" * 20 + "\n")
-    src = TextSource(paths=str(lines), tokenizer="dna", block_size=16, validation_fraction=0.3, test_fraction=0.3)
+    src = TextSource(paths=str(lines), tokenizer=DNA(), block_size=16, validation_fraction=0.3, test_fraction=0.3)
     splits = src.load(tmp_path / "cache")
     assert src.vocab_size == 9 and src.read_documents() == ["ACGT" * 20, "GGCA" * 20, "TTAC" * 20]
     row = splits["train"][0]["input_ids"]
@@ -164,9 +165,9 @@ def test_char_tokenizer_unknowns_and_fasta(tmp_path):
 
 
 def test_char_sources_use_their_sample_corpus(tmp_path):
-    for kind in ("dna", "protein"):
-        src = TextSource(tokenizer=kind, block_size=32)
-        assert src.files == [char.SAMPLES[kind]]
+    for kind, tok in (("dna", DNA()), ("protein", Protein())):
+        src = TextSource(tokenizer=tok, block_size=32)
+        assert src.files == [Path(__file__).resolve().parents[1] / "lmlab" / "data" / "sample" / f"{kind}.txt"]
         splits = src.load(tmp_path / "cache")
         assert len(splits["train"]) > 10
-        assert set(src.decode(splits["train"][0]["input_ids"])) <= set(char.ALPHABETS[kind])
+        assert set(src.decode(splits["train"][0]["input_ids"])) <= set(tok.alphabet)

@@ -47,7 +47,7 @@ def test_ddp_two_processes_match_one_process_with_the_same_global_batch(tmp_path
     of different lengths (the PCFG) it is not: each process's tokens weigh by 1 / its own token count, so
     the two runs differ slightly (DDP averages per-process means)."""
     fast = [a for a in FAST if not a.startswith("batch_size=")]
-    common = [*fast, "max_steps=6", "data=text", "data.tokenizer=byte", "data.block_size=32",
+    common = [*fast, "max_steps=6", "data=text", "data/tokenizer=byte", "data.block_size=32",
               "eval=[perplexity]", "model.d_model=32"]
     _run(["train", f"out_dir={tmp_path / 'one'}", "batch_size=16", *common], cache_dir)
     ddp = _run(["train", f"out_dir={tmp_path / 'ddp'}", "trainer=ddp", "trainer.accelerator=cpu",

@@ -11,7 +11,8 @@ import torch.nn.functional as F
 
 import lmlab.models.mom as mom
 from lmlab.attention import Attention
-from lmlab.models.mom import MoM, chunk_gated_delta_rule, gated_delta_rule, mom_mix_gathered, mom_mix_masked
+from lmlab.models.mom import MoM, mom_mix_gathered, mom_mix_masked
+from lmlab.models.scan import chunk_gated_delta_rule, gated_delta_rule
 
 
 def _inputs(n=3, T=21, dk=5, dv=4, dtype=torch.float64, mask=True, strong=False, seed=0):

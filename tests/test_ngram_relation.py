@@ -7,6 +7,7 @@ from __future__ import annotations
 import csv
 import json
 import math
+from functools import partial
 
 import pytest
 import torch
@@ -26,7 +27,7 @@ LEXICON = [(4, 5), (4, 5, 6), (8, 9)]
 def make(fine_weight=1.0, rtd_weight=1.0, relation=True):
     torch.manual_seed(0)
     obj = NgramMLM(d_model=16, max_n=3, mask_prob=0.5, fine_weight=fine_weight, relation=relation,
-                   generator_layers=1, rtd_weight=rtd_weight)
+                   generator=partial(Transformer, n_layers=1), rtd_weight=rtd_weight)
     obj.vocab_size = V
     obj.set_lexicon(LEXICON)
     model = Transformer(vocab_size=V, attention=BIDIRECTIONAL, d_model=16, n_layers=1, n_heads=2)
@@ -219,7 +220,7 @@ def test_mfu_counts_the_generator():
     off, _ = make(relation=False)
     assert off.extra_flops_per_token(12) == 0.0 == CLM().extra_flops_per_token(12)
     assert on.extra_flops_per_token(12) == on.generator.flops_per_token(12) > 0
-    module = LMModule(model, on, torch.optim.AdamW, lambda step, total: 1.0, 10)
+    module = LMModule(model, on, torch.optim.AdamW, lambda step, total: 1.0)
     assert module.flops_per_token(12) == model.flops_per_token(12) + on.generator.flops_per_token(12)
 
 

@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 from datasets import Dataset
 
+from lmlab import schedule
 from lmlab.attention import CAUSAL
 from lmlab.data.datamodule import StepBatches, collate
 from lmlab.errors import UserError
@@ -17,7 +18,6 @@ from lmlab.io import _atomic, write_json
 from lmlab.models.base import Backbone
 from lmlab.selection.none import NoSelection
 from lmlab.selection.random import RandomSelection
-from lmlab.training import schedule
 
 
 def test_step_batches_cover_each_epoch_and_resume_exactly():
@@ -76,16 +76,16 @@ def test_schedule_known_values():
 def test_random_selection_keeps_a_fraction_cached_with_scores(tmp_path):
     pool = Dataset.from_dict({"input_ids": [[1, i + 4, 2] for i in range(100)]})
     sel = RandomSelection(fraction=0.3, seed=1)
-    out = sel.run(pool, None, tmp_path, "data-key")
+    out = sel.run(pool, None, tmp_path, "data-key").dataset
     assert len(out) == 30
     assert len({tuple(r) for r in out["input_ids"]}) == 30
     (cached,) = list((tmp_path / "selection").iterdir())
     scores = np.load(cached / "scores.npy")
     kept = sorted(np.argsort(-scores)[:30])
     assert out["input_ids"] == [pool[int(i)]["input_ids"] for i in kept]
-    again = RandomSelection(fraction=0.3, seed=1).run(pool, None, tmp_path, "data-key")
+    again = RandomSelection(fraction=0.3, seed=1).run(pool, None, tmp_path, "data-key").dataset
     assert again["input_ids"] == out["input_ids"]
-    assert NoSelection().run(pool, None, tmp_path, "data-key") is pool
+    assert NoSelection().run(pool, None, tmp_path, "data-key").dataset is pool
     with pytest.raises(UserError, match="fraction"):
         RandomSelection(fraction=0.0)
 

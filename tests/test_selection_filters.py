@@ -112,15 +112,16 @@ def test_dedup_selector_reports_and_caches(tmp_path):
     near[30] = 2500
     rows += [list(rows[4]), list(rows[4]), near]
     selector = instantiate(OmegaConf.load(CONF / "dedup.yaml"))
-    kept = selector.run(pool_of(rows), None, tmp_path, "data-key")
+    selection = selector.run(pool_of(rows), None, tmp_path, "data-key")
+    kept = selection.dataset
     assert kept["label"] == list(range(50))
-    assert selector.report == {"pool_rows": 53, "kept_rows": 50, "removed_exact": 2, "removed_near": 1}
+    assert selection.report == {"pool_rows": 53, "kept_rows": 50, "removed_exact": 2, "removed_near": 1}
     entry = next((tmp_path / "selection").iterdir())
-    assert json.loads((entry / REPORT).read_text()) == selector.report
+    assert json.loads((entry / REPORT).read_text()) == selection.report
     assert np.load(entry / "scores.npy").tolist() == [1.0] * 50 + [0.0] * 3
-    again = Dedup()
-    assert again.run(pool_of(rows), None, tmp_path, "data-key")["label"] == kept["label"]  # from the cache
-    assert again.report == selector.report
+    again = Dedup().run(pool_of(rows), None, tmp_path, "data-key")
+    assert again.dataset["label"] == kept["label"]  # from the cache
+    assert again.report == selection.report
     with pytest.raises(UserError, match="threshold"):
         Dedup(threshold=1.5)
 
@@ -194,13 +195,14 @@ def test_quality_selector_reports_by_rule(tmp_path):
     q = Quality(max_top_ngram_fraction=None, max_dup_ngram_fraction=None, max_top_token_fraction=None,
                 min_unique_token_ratio=None)
     kept = q.run(pool_of(rows), None, tmp_path, "key", source=src)
-    assert kept["label"] == [0, 3]
-    assert q.report["removed"] == 2 and q.report["text_rules"] is True
-    assert q.report["failed_max_symbol_word_ratio"] == 1 and q.report["failed_min_alpha_word_fraction"] == 2
+    assert kept.dataset["label"] == [0, 3]
+    assert kept.report["removed"] == 2 and kept.report["text_rules"] is True
+    assert kept.report["failed_max_symbol_word_ratio"] == 1 and kept.report["failed_min_alpha_word_fraction"] == 2
     # without a source (token sources) the text rules are skipped
     q2 = Quality(max_top_ngram_fraction=None, max_dup_ngram_fraction=None, max_top_token_fraction=None,
                  min_unique_token_ratio=None)
-    assert len(q2.run(pool_of(rows), None, tmp_path / "b", "key")) == 4 and q2.report["text_rules"] is False
+    kept2 = q2.run(pool_of(rows), None, tmp_path / "b", "key")
+    assert len(kept2.dataset) == 4 and kept2.report["text_rules"] is False
     with pytest.raises(UserError, match="removed all"):
         Quality(min_tokens=1000).run(pool_of(rows), None, tmp_path / "c", "key")
 
@@ -237,14 +239,15 @@ class StubGenerator:
 def test_rephrase_mixes_the_configured_ratio(tmp_path, ratio, expected):
     model = tiny_hf_model(tmp_path / "hf") if not (tmp_path / "hf").exists() else tmp_path / "hf"
     selector = Rephrase(generator=str(model), ratio=ratio)
-    mixed, scores = selector.select(pool_of(random_rows(40, length=6)), None, tmp_path, generator=StubGenerator())
+    selection = selector.select(pool_of(random_rows(40, length=6)), None, tmp_path, generator=StubGenerator())
+    mixed, scores = selection.dataset, selection.scores
     assert scores is None and len(mixed) == 40 + expected
     synthetic = mixed.select(range(40, len(mixed))) if expected else mixed.select([])
     assert all(r[1] == 999 for r in synthetic["input_ids"]) and set(synthetic["label"]) <= {-1}
     assert mixed["label"][:40] == list(range(40))
-    assert selector.report["synthetic_rows"] == expected
+    assert selection.report["synthetic_rows"] == expected
     if ratio == 0.5:
-        assert selector.report["synthetic_fraction"] == 0.5  # 1 : 1 gives exactly half
+        assert selection.report["synthetic_fraction"] == 0.5  # 1 : 1 gives exactly half
 
 
 def test_rephrase_caches(tmp_path, monkeypatch):
@@ -252,11 +255,11 @@ def test_rephrase_caches(tmp_path, monkeypatch):
     pool = pool_of(random_rows(30, length=6))
     StubGenerator.calls = 0
     monkeypatch.setattr(Rephrase, "make_generator", lambda self: StubGenerator())
-    first = Rephrase(generator=str(model)).run(pool, None, tmp_path / "cache", "key")
-    selector = Rephrase(generator=str(model))
-    second = selector.run(pool, None, tmp_path / "cache", "key")
+    first = Rephrase(generator=str(model)).run(pool, None, tmp_path / "cache", "key").dataset
+    selection = Rephrase(generator=str(model)).run(pool, None, tmp_path / "cache", "key")
+    second = selection.dataset
     assert StubGenerator.calls == 1 and first["input_ids"] == second["input_ids"] and len(second) == 60
-    assert selector.report["synthetic_rows"] == 30
+    assert selection.report["synthetic_rows"] == 30
 
 
 def test_hf_generator_rephrases_text_locally(tmp_path):

@@ -124,21 +124,23 @@ def test_method_raises_target_precision(planted, method, tmp_path):
     source, splits = planted
     selector = FAST[method]()
     selector.source = source
-    selected, scores = selector.select(splits["train"], splits["target"], tmp_path)
+    selection = selector.select(splits["train"], splits["target"], tmp_path)
+    selected, scores = selection.dataset, selection.scores
     stats = selection_stats(splits["train"], selected)
     assert len(scores) == len(splits["train"])
     assert stats["pool_precision"] == pytest.approx(0.25)
     assert 0.2 < stats["rows"] / stats["pool_rows"] < 0.3
     assert stats["precision"] > 0.6, stats  # random selection: 0.25
     if method == "preselect":  # the family is cut at its best held-out member (early stopping)
-        assert selector.report["family_members"] >= 2
-        assert len(selector.report["family_scores"]) == selector.report["family_members"]
-        assert np.argmax(selector.report["family_scores"]) == selector.report["family_members"] - 1
+        report = selection.report
+        assert report["family_members"] >= 2
+        assert len(report["family_scores"]) == report["family_members"]
+        assert np.argmax(report["family_scores"]) == report["family_members"] - 1
 
 
 def test_random_selection_keeps_the_pool_share(planted):
     source, splits = planted
-    selected, _ = RandomSelection(fraction=0.25, seed=0).select(splits["train"], splits["target"], None)
+    selected = RandomSelection(fraction=0.25, seed=0).select(splits["train"], splits["target"], None).dataset
     assert abs(selection_stats(splits["train"], selected)["precision"] - 0.25) < 0.06
 
 
@@ -160,16 +162,16 @@ def test_curriculum_orders_target_first(planted, tmp_path):
     source, splits = planted
     selector = Curriculum(key="reference_loss", reference_steps=60, d_model=32)
     selector.source = source
-    selected, _ = selector.select(splits["train"], splits["target"], tmp_path)
-    assert len(selected) == len(splits["train"])
-    assert selector.report["first_stage_precision"] > 0.6
+    selection = selector.select(splits["train"], splits["target"], tmp_path)
+    assert len(selection.dataset) == len(splits["train"])
+    assert selection.report["first_stage_precision"] > 0.6
     length = Curriculum(key="length")
-    ordered, _ = length.select(splits["train"], None, tmp_path)
+    ordered = length.select(splits["train"], None, tmp_path).dataset
     lengths = [len(r) for r in ordered["input_ids"]]
     assert lengths == sorted(lengths)
     # with fraction < 1 it is also a filter: the easiest quarter is mostly target grammar
-    kept, _ = Curriculum(key="reference_loss", reference_steps=60, d_model=32, fraction=0.25).select(
-        splits["train"], splits["target"], tmp_path)
+    kept = Curriculum(key="reference_loss", reference_steps=60, d_model=32, fraction=0.25).select(
+        splits["train"], splits["target"], tmp_path).dataset
     assert len(kept) == 500 and selection_stats(splits["train"], kept)["precision"] > 0.6
 
 

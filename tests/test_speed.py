@@ -212,7 +212,7 @@ def _module_with_grads(scaler, root=None):
     from lmlab.training.module import LMModule
 
     model = Transformer(20, "causal", d_model=8, n_layers=1, n_heads=2)
-    module = LMModule(model, CLM(), functools.partial(torch.optim.AdamW, lr=1e-3), lambda step, total: 1.0, 10)
+    module = LMModule(model, CLM(), functools.partial(torch.optim.AdamW, lr=1e-3), lambda step, total: 1.0)
     for p in module.parameters():
         p.grad = torch.full_like(p, 10.0 / p.numel() ** 0.5)
     module._trainer = SimpleNamespace(strategy=SimpleNamespace(model=root or module),
@@ -276,7 +276,7 @@ def _compiled_and_eager(name: str, objective):
         cfg = compose(config_name="train", overrides=[f"model={name}", "model.n_layers=1"])
     torch.manual_seed(0)
     model = instantiate(cfg.model, vocab_size=260, attention=objective.attention)  # 260: hat reads bytes
-    modules = [LMModule(model, objective, torch.optim.AdamW, lambda step, total: 1.0, 10, compile=c)
+    modules = [LMModule(model, objective, torch.optim.AdamW, lambda step, total: 1.0, compile=c)
                for c in (False, True)]
     return modules
 

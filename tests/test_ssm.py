@@ -12,9 +12,10 @@ import torch
 import torch.nn.functional as F
 
 from lmlab.attention import Attention
-from lmlab.models.mamba import Mamba, selective_scan, selective_scan_sequential
-from lmlab.models.mamba2 import Mamba2, ssd_chunked, ssd_sequential
-from lmlab.models.mom import MoM, gated_delta_rule, load_balancing_loss, mom_mix_gathered, mom_mix_masked
+from lmlab.models.mamba import Mamba
+from lmlab.models.mamba2 import Mamba2
+from lmlab.models.mom import MoM, load_balancing_loss, mom_mix_gathered, mom_mix_masked
+from lmlab.models.scan import gated_delta_rule, selective_scan, selective_scan_sequential, ssd_chunked, ssd_sequential
 from tests.conftest import TINY
 
 

@@ -11,14 +11,14 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
+from hydra import compose, initialize_config_module
 from hydra.utils import instantiate
-from omegaconf import OmegaConf
 
 from lmlab.data.text import SAMPLE_CORPUS, TextSource
+from lmlab.data.tokenizers import BPE, Byte
 from lmlab.errors import UserError
 from lmlab.vocab import BOS_ID, EOS_ID, N_SPECIAL
 
-CONF = Path(__file__).resolve().parents[1] / "lmlab" / "conf" / "data" / "text.yaml"
 WORDS = "the a cat dog sat ran on under mat tree big small red quiet café naïve".split()
 
 
@@ -54,10 +54,17 @@ def stream_docs(source: TextSource, blocks: np.ndarray) -> list[str]:
     return [source.decode(part.tolist()) for part in np.split(stream, cuts + 1)[:-1]]
 
 
+def data_config(*overrides: str):
+    """The composed ``data`` config of ``lmlab train data=text <overrides>``."""
+    with initialize_config_module(config_module="lmlab.conf", version_base="1.3"):
+        return compose(config_name="train", overrides=["data=text", *overrides]).data
+
+
 @pytest.mark.parametrize("tokenizer", ["byte", "bpe"])
 def test_blocks_are_exact_and_in_vocabulary(tmp_path, tokenizer):
     docs = documents(200)
-    source = TextSource(paths=str(write_txt(tmp_path / "c.txt", docs)), tokenizer=tokenizer, vocab_size=300,
+    source = TextSource(paths=str(write_txt(tmp_path / "c.txt", docs)),
+                        tokenizer=Byte() if tokenizer == "byte" else BPE(vocab_size=300),
                         block_size=16, validation_fraction=0.1, test_fraction=0.1)
     splits = source.build()
     assert source.vocab_size == (260 if tokenizer == "byte" else 300)
@@ -72,7 +79,7 @@ def test_blocks_are_exact_and_in_vocabulary(tmp_path, tokenizer):
 
 def test_byte_packing_round_trips_the_documents(tmp_path):
     docs = documents(120)
-    source = TextSource(paths=str(write_txt(tmp_path / "c.txt", docs)), tokenizer="byte", block_size=32,
+    source = TextSource(paths=str(write_txt(tmp_path / "c.txt", docs)), tokenizer=Byte(), block_size=32,
                         validation_fraction=0.2, test_fraction=0.2, seed=3)
     splits = source.build()
     for name in ("train", "validation", "test"):
@@ -85,9 +92,9 @@ def test_byte_packing_round_trips_the_documents(tmp_path):
 
 def test_bpe_tokenizer(tmp_path):
     docs = documents(300)
-    source = TextSource(paths=str(write_txt(tmp_path / "c.txt", docs)), vocab_size=400, block_size=16)
+    source = TextSource(paths=str(write_txt(tmp_path / "c.txt", docs)), tokenizer=BPE(vocab_size=400), block_size=16)
     source.build()
-    tok = source.tokenizer
+    tok = source.tokenizer.model
     assert [tok.token_to_id(t) for t in ("[PAD]", "[BOS]", "[EOS]", "[MASK]")] == [0, 1, 2, 3]
     assert tok.get_vocab_size() <= 400
     text = "D0007 the naïve cat sat on a [EOS] mat."
@@ -100,7 +107,7 @@ def test_bpe_tokenizer(tmp_path):
 def test_splits_are_disjoint_by_document_and_deterministic(tmp_path):
     docs = documents(300)
     path = str(write_txt(tmp_path / "c.txt", docs))
-    source = TextSource(paths=path, tokenizer="byte", block_size=24, validation_fraction=0.1, test_fraction=0.1)
+    source = TextSource(paths=path, tokenizer=Byte(), block_size=24, validation_fraction=0.1, test_fraction=0.1)
     splits = source.build()
     parts = source.doc_splits
     assert sorted(np.concatenate(list(parts.values())).tolist()) == list(range(300))
@@ -111,9 +118,9 @@ def test_splits_are_disjoint_by_document_and_deterministic(tmp_path):
         seen[name] = set(re.findall(r"D\d{4}(?!\d)", text))
     assert not seen["train"] & seen["validation"] and not seen["train"] & seen["test"]
     assert not seen["validation"] & seen["test"]
-    again = TextSource(paths=path, tokenizer="byte", block_size=24, validation_fraction=0.1, test_fraction=0.1)
+    again = TextSource(paths=path, tokenizer=Byte(), block_size=24, validation_fraction=0.1, test_fraction=0.1)
     assert again.build()["validation"]["input_ids"] == splits["validation"]["input_ids"]
-    other = TextSource(paths=path, tokenizer="byte", block_size=24, validation_fraction=0.1, test_fraction=0.1,
+    other = TextSource(paths=path, tokenizer=Byte(), block_size=24, validation_fraction=0.1, test_fraction=0.1,
                        seed=1)
     other.build()
     assert other.doc_splits["validation"].tolist() != parts["validation"].tolist()
@@ -125,7 +132,7 @@ def test_formats_lists_globs_and_directories(tmp_path):
     write_jsonl(tmp_path / "b.jsonl", docs[30:60], field="body")
     write_parquet(tmp_path / "c.parquet", docs[60:], field="body")
     (tmp_path / "d.json").write_text(json.dumps([{"body": "D9999 a last doc."}]), encoding="utf-8")
-    kw = {"tokenizer": "byte", "block_size": 8, "text_field": "body"}
+    kw = {"tokenizer": Byte(), "block_size": 8, "text_field": "body"}
     full = TextSource(paths=[str(tmp_path / "a.txt"), str(tmp_path / "b.jsonl"), str(tmp_path / "c.parquet"),
                              str(tmp_path / "d.json")], **kw)
     assert full.read_documents() == [*docs, "D9999 a last doc."]
@@ -133,7 +140,7 @@ def test_formats_lists_globs_and_directories(tmp_path):
     assert TextSource(paths=str(tmp_path), **kw).read_documents() == full.read_documents()
     assert TextSource(paths=str(tmp_path / "c.parquet"), **kw).read_documents() == docs[60:]
     blank = write_txt(tmp_path / "blank.txt", ["x y", "", "   ", "z"])
-    assert TextSource(paths=str(blank), tokenizer="byte").read_documents() == ["x y", "z"]
+    assert TextSource(paths=str(blank), tokenizer=Byte()).read_documents() == ["x y", "z"]
 
 
 def test_labels_csv(tmp_path):
@@ -141,7 +148,7 @@ def test_labels_csv(tmp_path):
     labels = tmp_path / "labels.csv"
     long_text = "word " * 50
     labels.write_text(f'text,label\n"hello, world",10\nbye,2\n{long_text},1\nagain,2\n', encoding="utf-8")
-    source = TextSource(paths=str(corpus), tokenizer="byte", block_size=16, labels_csv=str(labels),
+    source = TextSource(paths=str(corpus), tokenizer=Byte(), block_size=16, labels_csv=str(labels),
                         labels_test_fraction=0)
     assert source.tasks == {"label": 3} and source.label_names == ["1", "2", "10"]  # numeric order
     splits = source.build()
@@ -153,7 +160,7 @@ def test_labels_csv(tmp_path):
     assert set(splits["train"]["label"]) == {-1} and set(splits["test"]["label"]) == {-1}
     words = tmp_path / "words.csv"
     words.write_text("label,text\nneg,bad\npos,good\nneg,awful\n", encoding="utf-8")
-    source = TextSource(paths=str(corpus), tokenizer="byte", block_size=16, labels_csv=str(words),
+    source = TextSource(paths=str(corpus), tokenizer=Byte(), block_size=16, labels_csv=str(words),
                         labels_test_fraction=0)
     assert source.label_names == ["neg", "pos"] and source.build()["downstream"]["label"] == [0, 1, 0]
 
@@ -163,7 +170,7 @@ def test_labelled_rows_are_split_between_downstream_and_test(tmp_path):
     labels = tmp_path / "labels.csv"
     texts = [f"T{i:03d} {'good' if i % 3 else 'bad'}" for i in range(50)]
     labels.write_text("text,label\n" + "".join(f"{t},{t.split()[1]}\n" for t in texts), encoding="utf-8")
-    source = TextSource(paths=str(corpus), tokenizer="byte", block_size=16, labels_csv=str(labels),
+    source = TextSource(paths=str(corpus), tokenizer=Byte(), block_size=16, labels_csv=str(labels),
                         labels_test_fraction=0.2)
     splits = source.build()
     n_blocks = len(splits["test"]) - 10
@@ -173,27 +180,27 @@ def test_labelled_rows_are_split_between_downstream_and_test(tmp_path):
     down = [source.decode(r) for r in splits["downstream"]["input_ids"]]
     assert len(held) == 10 and len(down) == 40 and sorted(held + down) == texts
     assert test["label"] == [source.label_names.index(t.split()[1]) for t in held]
-    again = TextSource(paths=str(corpus), tokenizer="byte", block_size=16, labels_csv=str(labels))
+    again = TextSource(paths=str(corpus), tokenizer=Byte(), block_size=16, labels_csv=str(labels))
     assert again.build()["downstream"]["input_ids"] == splits["downstream"]["input_ids"]
 
 
 def test_bundled_sample_corpus_and_yaml(tmp_path):
     assert SAMPLE_CORPUS.is_file() and SAMPLE_CORPUS.stat().st_size < 60_000
-    cfg = OmegaConf.load(CONF)
+    cfg = data_config()
     assert cfg._target_ == "lmlab.data.text.TextSource" and cfg.paths is None
     source = instantiate(cfg)
     splits = source.load(tmp_path)
-    assert source.vocab_size == cfg.vocab_size
+    assert source.vocab_size == cfg.tokenizer.vocab_size
     assert len(splits["train"]) > 0 and len(splits["validation"]) > 0 and len(splits["test"]) > 0
     assert ids(splits["train"]).shape[1] == cfg.block_size
-    byte = instantiate(cfg, tokenizer="byte", paths=[str(SAMPLE_CORPUS)])
+    byte = instantiate(data_config("data/tokenizer=byte"), paths=[str(SAMPLE_CORPUS)])
     assert byte.vocab_size == 260 and len(byte.load(tmp_path)["train"]) > 0
 
 
 def test_cache_is_reused_and_keyed_on_the_files(tmp_path, monkeypatch):
     corpus = write_txt(tmp_path / "c.txt", documents(200))
     cache = tmp_path / "cache"
-    first = TextSource(paths=str(corpus), vocab_size=300, block_size=16)
+    first = TextSource(paths=str(corpus), tokenizer=BPE(vocab_size=300), block_size=16)
     splits = first.load(cache)
     assert (cache / first.cache_key() / "tokenizer.json").is_file()
 
@@ -202,7 +209,7 @@ def test_cache_is_reused_and_keyed_on_the_files(tmp_path, monkeypatch):
 
     with monkeypatch.context() as m:
         m.setattr(TextSource, "build", no_build)
-        second = TextSource(paths=str(corpus), vocab_size=300, block_size=16)
+        second = TextSource(paths=str(corpus), tokenizer=BPE(vocab_size=300), block_size=16)
         again = second.load(cache)
         assert again["train"]["input_ids"] == splits["train"]["input_ids"]
         assert second.encode(["the cat sat"]) == first.encode(["the cat sat"])
@@ -211,14 +218,19 @@ def test_cache_is_reused_and_keyed_on_the_files(tmp_path, monkeypatch):
     key = first.cache_key()
     write_txt(corpus, documents(201))  # new content, size and mtime
     os.utime(corpus, ns=(1, 1))
-    assert TextSource(paths=str(corpus), vocab_size=300, block_size=16).cache_key() != key
-    assert TextSource(paths=str(corpus), vocab_size=300, block_size=32).cache_key() != \
-        TextSource(paths=str(corpus), vocab_size=300, block_size=16).cache_key()
+    assert TextSource(paths=str(corpus), tokenizer=BPE(vocab_size=300), block_size=16).cache_key() != key
+    assert TextSource(paths=str(corpus), tokenizer=BPE(vocab_size=300), block_size=32).cache_key() != \
+        TextSource(paths=str(corpus), tokenizer=BPE(vocab_size=300), block_size=16).cache_key()
 
 
 def error(**kwargs) -> str:
+    return sentence(lambda: TextSource(**kwargs).build())
+
+
+def sentence(call) -> str:
+    """The message of the UserError ``call()`` raises, checked to be one sentence."""
     with pytest.raises(UserError) as info:
-        TextSource(**kwargs).build()
+        call()
     message = str(info.value)
     assert "\n" not in message and message.endswith(".")
     return message
@@ -243,13 +255,13 @@ def test_bad_inputs(tmp_path):
     (tmp_path / "broken.jsonl").write_text('{"text": "a"\n')
     assert "cannot read" in error(paths=str(tmp_path / "broken.jsonl"))
     tiny = str(write_txt(tmp_path / "tiny.txt", ["one short line"]))
-    assert "data.block_size" in error(paths=tiny, tokenizer="byte", block_size=64, validation_fraction=0,
+    assert "data.block_size" in error(paths=tiny, tokenizer=Byte(), block_size=64, validation_fraction=0,
                                       test_fraction=0)
-    assert "data.validation_fraction" in error(paths=good, tokenizer="byte", block_size=200,
+    assert "data.validation_fraction" in error(paths=good, tokenizer=Byte(), block_size=200,
                                                validation_fraction=0.02, test_fraction=0)
     assert "too few" in error(paths=tiny, validation_fraction=0.1, test_fraction=0.1)
     assert "data.tokenizer" in error(paths=good, tokenizer="wordpiece")
-    assert "data.vocab_size" in error(paths=good, vocab_size=100)
+    assert "data.tokenizer.vocab_size" in sentence(lambda: BPE(vocab_size=100))
     assert "data.block_size" in error(paths=good, block_size=1)
     assert "data.test_fraction" in error(paths=good, test_fraction=1.5)
     assert "smaller than 1" in error(paths=good, validation_fraction=0.5, test_fraction=0.5)

@@ -10,14 +10,16 @@ import pytest
 import torch
 
 from lmlab.attention import Attention
+from lmlab.data.tokenizers import Byte
 from lmlab.errors import UserError
-from lmlab.models.hat import HAT, bytes_to_ids, ids_to_bytes, split_words, word_starts
-from lmlab.models.hyena import Hyena, HyenaOperator, direct_causal_conv, fft_causal_conv
+from lmlab.models.hat import HAT, split_words, word_starts
+from lmlab.models.hyena import Hyena, HyenaOperator
 from lmlab.models.layers import MLP, CausalDepthwiseConv1d
 from lmlab.models.lstm import LSTM
 from lmlab.models.moe import MoEMLP, MoETransformer, balance_loss, route
+from lmlab.models.scan import direct_causal_conv, fft_causal_conv, lightning_attention, masked_linear_attention
 from lmlab.models.transformer import Transformer
-from lmlab.models.transnormer import TransNormer, decay_rates, lightning_attention, masked_linear_attention
+from lmlab.models.transnormer import TransNormer, decay_rates
 from tests.conftest import TINY
 
 CAUSAL = Attention("causal")
@@ -273,7 +275,7 @@ def test_hat_word_splitting():
     words = split_words(text)
     assert words == ["Größe,".encode(), " naïve".encode(), " café!".encode(), b"\t", b"done"]
     # special tokens are words of their own; PAD never starts one
-    ids = torch.tensor([[1, *bytes_to_ids(b"ab cd"), 2, 0, 0]])
+    ids = torch.tensor([[1, *Byte().encode(["ab cd"])[0], 2, 0, 0]])
     assert word_starts(ids)[0].tolist() == [True, True, False, True, False, False, True, False, False]
     # splitting is prefix-stable (causal): the split of a prefix is a prefix of the split
     for n in range(1, len(text) + 1):
@@ -284,14 +286,14 @@ def test_hat_word_splitting():
 def test_hat_byte_round_trip():
     text = "Hello, wörld! 你好\n"
     data = text.encode()
-    ids = bytes_to_ids(data)
+    ids = Byte().encode([text])[0]
     assert min(ids) >= 4 and max(ids) < 260
-    assert ids_to_bytes(ids).decode() == text
+    assert Byte().decode(ids) == text
     assert b"".join(split_words(data)) == data
-    assert ids_to_bytes([1, *ids, 2, 0]) == data  # specials dropped
+    assert Byte().decode([1, *ids, 2, 0]).encode() == data  # specials dropped
     from lmlab.data.text import TextSource  # the byte tokenizer of the data source agrees
 
-    source = TextSource(tokenizer="byte")
+    source = TextSource(tokenizer=Byte())
     assert source.encode([text]) == [ids]
     assert source.decode(ids) == text
 
@@ -299,7 +301,7 @@ def test_hat_byte_round_trip():
 def test_hat_is_causal_and_refuses_non_byte_vocabularies():
     torch.manual_seed(0)
     model = HAT(260, "causal", d_model=16, d_word=32, n_heads=2, byte_heads=2, byte_window=6).eval()
-    ids = torch.tensor([[1, *bytes_to_ids(b"Hello, world! The HAT reads bytes.")]])
+    ids = torch.tensor([[1, *Byte().encode(["Hello, world! The HAT reads bytes."])[0]]])
     base = model(ids, CAUSAL)
     for t in range(0, ids.shape[1] - 1, 3):
         other = ids.clone()
@@ -325,7 +327,7 @@ def _train_losses(run_dir) -> list[float]:
     ("hyena", [*TINY]),
     ("transnormer", [*TINY]),
     ("moe", [*TINY]),
-    ("hat", ["data=text", "data.tokenizer=byte", "model.d_word=64"]),
+    ("hat", ["data=text", "data/tokenizer=byte", "model.d_word=64"]),
 ])
 def test_every_model_trains_and_its_loss_goes_down(lmlab, model, extra):
     code, out = lmlab("train", f"model={model}", "model.d_model=32", *extra, "max_steps=100", "batch_size=16",
@@ -342,7 +344,7 @@ def test_every_model_trains_and_its_loss_goes_down(lmlab, model, extra):
 @pytest.mark.parametrize("args,expect", [
     (["model=hyena", "objective=mlm"], "cannot attend 'bidirectional'"),
     (["model=transnormer", "objective=mlm"], "cannot attend 'bidirectional'"),
-    (["model=hat"], "data.tokenizer=byte"),
+    (["model=hat"], "data/tokenizer=byte"),
 ])
 def test_impossible_pairs_stop_before_data_is_generated(lmlab, tmp_path, monkeypatch, args, expect):
     cache = tmp_path / "fresh_cache"

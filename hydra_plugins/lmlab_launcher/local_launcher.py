@@ -25,6 +25,8 @@ from hydra.plugins.launcher import Launcher
 from hydra.types import HydraContext, TaskFunction
 from omegaconf import DictConfig, open_dict
 
+from lmlab.run_dir import failure, is_done, mark_failed
+
 log = logging.getLogger(__name__)
 
 
@@ -117,7 +119,6 @@ class LocalLauncher(Launcher):
     def _start(self, overrides: list[str], job_dir: Path, slot: list[str], threads: int) -> subprocess.Popen:
         job_dir.mkdir(parents=True, exist_ok=True)
         env = dict(os.environ)
-        env.pop("LMLAB_SWEEP_NAME", None)  # each child is one plain run, in the directory given here
         if slot:
             env["CUDA_VISIBLE_DEVICES"] = ",".join(slot)
         else:
@@ -130,14 +131,14 @@ class LocalLauncher(Launcher):
         return subprocess.Popen(command, stdout=log_file, stderr=subprocess.STDOUT, env=env)
 
     def _finish(self, idx: int, proc: subprocess.Popen, overrides: list[str], job_dir: Path) -> JobReturn:
-        status = "done" if (job_dir / "DONE").exists() else "failed"
-        if proc.returncode != 0 and not (job_dir / "FAILED").exists():
+        status = "done" if is_done(job_dir) else "failed"
+        if proc.returncode != 0 and failure(job_dir) is None:
             boilerplate = ("Set the environment variable HYDRA_FULL_ERROR", "See https://hydra.cc")
             lines = [ln for ln in (job_dir / "launcher.log").read_text(errors="replace").splitlines()
                      if ln.strip() and not ln.startswith(boilerplate)]
             errors = [ln for ln in lines if ln.startswith("lmlab: error:")] or lines[-1:] or ["no output"]
             reason = errors[-1].removeprefix("lmlab: error:").strip()
-            (job_dir / "FAILED").write_text(f"exit code {proc.returncode}: {reason}\n")
+            mark_failed(job_dir, f"exit code {proc.returncode}: {reason}")
         print(f"[lmlab] job {idx} ({' '.join(filter_overrides(overrides))}): {status}", flush=True)
         # failures are reported through FAILED and the summary, as with the other launchers, not raised
         return JobReturn(overrides=overrides, working_dir=str(job_dir), task_name="train",

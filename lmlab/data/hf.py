@@ -2,8 +2,8 @@
 
 ``HFSource`` is ``TextSource`` (``lmlab/data/text.py``) with another reader: the documents come from
 ``load_dataset(name, config, split=split, data_files=..., revision=..., streaming=...)`` instead of local
-files; splitting into train/validation/test, the tokenizers (bpe, byte, dna, protein), packing into
-blocks, the labels CSV and the cache are the text source's own code.
+files; splitting into train/validation/test, the tokenizers (``data/tokenizer``: bpe, byte, dna, protein),
+packing into blocks, the labels CSV and the cache are the text source's own code.
 
 * ``name``: a Hub dataset (``roneneldan/TinyStories``), a packaged loader with ``data_files`` (``json``,
   ``csv``, ``text``, ``parquet``), a local directory of data files, or a directory written by
@@ -33,6 +33,7 @@ from datasets import DatasetDict, Value, load_dataset, load_from_disk
 from omegaconf import DictConfig, ListConfig, OmegaConf
 
 from lmlab.data.text import TextSource, _fingerprint
+from lmlab.data.tokenizers import Tokenizer
 from lmlab.errors import UserError
 from lmlab.io import config_hash
 
@@ -62,8 +63,8 @@ class HFSource(TextSource):
 
     def __init__(self, name: str | None = None, config: str | None = None, split: str = "train",
                  data_files: Any = None, revision: str | None = None, text_field: str = "text",
-                 streaming: bool = False, max_documents: int | None = None, tokenizer: str = "bpe",
-                 vocab_size: int = 1024, block_size: int = 64, validation_fraction: float = 0.05,
+                 streaming: bool = False, max_documents: int | None = None, tokenizer: Tokenizer | None = None,
+                 block_size: int = 64, validation_fraction: float = 0.05,
                  test_fraction: float = 0.05, seed: int = 0, labels_csv: str | None = None,
                  labels_test_fraction: float = 0.2) -> None:
         if not isinstance(name, str) or not name:
@@ -73,10 +74,9 @@ class HFSource(TextSource):
                                           or max_documents < 1):
             raise UserError(f"data.max_documents must be a positive integer or null, got {max_documents!r}: "
                             "fix data.max_documents.")
-        super().__init__(paths=None, text_field=text_field, tokenizer=tokenizer, vocab_size=vocab_size,
-                         block_size=block_size, validation_fraction=validation_fraction,
-                         test_fraction=test_fraction, seed=seed, labels_csv=labels_csv,
-                         labels_test_fraction=labels_test_fraction)
+        super().__init__(paths=None, text_field=text_field, tokenizer=tokenizer, block_size=block_size,
+                         validation_fraction=validation_fraction, test_fraction=test_fraction, seed=seed,
+                         labels_csv=labels_csv, labels_test_fraction=labels_test_fraction)
         if isinstance(data_files, (DictConfig, ListConfig)):
             data_files = OmegaConf.to_container(data_files, resolve=True)
         if data_files is not None and not isinstance(data_files, (str, list, dict)):

@@ -5,7 +5,7 @@ The validation set-up of the data-selection issue (CoLoR-Filter, Brandfonbrener 
 select a pool towards a target): the ``train`` split is a candidate pool that mixes
 
 * sentences of a TARGET grammar (``origin`` 0),
-* sentences of DISTRACTOR grammars: the same generator (``lmlab.data.pcfg``) with other grammar seeds and
+* sentences of DISTRACTOR grammars: the same generator (``lmlab.data.grammar``) with other grammar seeds and
   the same number of words, so their token ids overlap the target's (``origin`` 1),
 * exact duplicates: a few rows of the pool repeated many times (``origin`` 2),
 * junk rows: uniformly random tokens, or one token / a two-token pattern repeated (``origin`` 3),
@@ -23,13 +23,16 @@ Pool rows carry the task columns with ``-1`` (no labels are computed for the poo
 
 from __future__ import annotations
 
+from dataclasses import asdict
+from typing import Any
+
 import numpy as np
 from datasets import Dataset, DatasetDict, Features, Sequence, Value
 
-from lmlab.data.pcfg import PCFGSource
+from lmlab.data.grammar import GrammarShape
+from lmlab.data.pcfg import PCFGSource, to_rows
 from lmlab.data.source import SPLITS, TARGET_SPLIT, TARGET_STREAM, Source
 from lmlab.errors import UserError
-from lmlab.vocab import BOS_ID, EOS_ID, N_SPECIAL
 
 TARGET, DISTRACTOR, DUPLICATE, JUNK = 0, 1, 2, 3
 ORIGINS = {TARGET: "target", DISTRACTOR: "distractor", DUPLICATE: "duplicate", JUNK: "junk"}
@@ -38,37 +41,20 @@ ORIGINS = {TARGET: "target", DISTRACTOR: "distractor", DUPLICATE: "duplicate", J
 class PlantedSource(Source):
     """Target-grammar sentences planted in a pool of distractor-grammar sentences, duplicates and junk."""
 
-    def __init__(
-        self,
-        levels: int = 3,
-        nonterminals_per_level: int = 4,
-        vocab_size: int = 30,
-        rules_per_nonterminal: int = 3,
-        start_symbols: int = 3,
-        words_per_preterminal: int = 10,
-        alpha: float = 1.0,
-        grammar_seed: int = 0,
-        distractor_seeds: tuple[int, ...] | list[int] = (1, 2),
-        target_share: float = 0.25,
-        duplicate_share: float = 0.1,
-        junk_share: float = 0.15,
-        duplicate_sources: int = 20,
-        seed: int = 0,
-        train_size: int = 20000,
-        validation_size: int = 500,
-        test_size: int = 1000,
-        downstream_size: int = 2000,
-        target_size: int = 500,
-    ) -> None:
+    def __init__(self, grammar_seed: int = 0, distractor_seeds: tuple[int, ...] | list[int] = (1, 2),
+                 target_share: float = 0.25, duplicate_share: float = 0.1, junk_share: float = 0.15,
+                 duplicate_sources: int = 20, seed: int = 0, train_size: int = 20000, validation_size: int = 500,
+                 test_size: int = 1000, downstream_size: int = 2000, target_size: int = 500, **shape: Any) -> None:
+        """``shape``: the grammar shape of target and distractors (the fields of
+        ``lmlab.data.grammar.GrammarShape``); ``grammar_seed`` draws the target grammar, each of
+        ``distractor_seeds`` one distractor grammar; the shares and sizes: see the module docstring."""
         distractor_seeds = [int(s) for s in distractor_seeds]
+        shape = asdict(GrammarShape(**shape))
         super().__init__(
-            levels=levels, nonterminals_per_level=nonterminals_per_level, vocab_size=vocab_size,
-            rules_per_nonterminal=rules_per_nonterminal, start_symbols=start_symbols,
-            words_per_preterminal=words_per_preterminal, alpha=alpha, grammar_seed=grammar_seed,
-            distractor_seeds=distractor_seeds, target_share=target_share, duplicate_share=duplicate_share,
-            junk_share=junk_share, duplicate_sources=duplicate_sources, seed=seed, train_size=train_size,
-            validation_size=validation_size, test_size=test_size, downstream_size=downstream_size,
-            target_size=target_size,
+            **shape, grammar_seed=grammar_seed, distractor_seeds=distractor_seeds, target_share=target_share,
+            duplicate_share=duplicate_share, junk_share=junk_share, duplicate_sources=duplicate_sources, seed=seed,
+            train_size=train_size, validation_size=validation_size, test_size=test_size,
+            downstream_size=downstream_size, target_size=target_size,
         )
         shares = {"target_share": target_share, "duplicate_share": duplicate_share, "junk_share": junk_share}
         for key, value in shares.items():
@@ -84,13 +70,9 @@ class PlantedSource(Source):
         if not distractor_seeds and sum(shares.values()) < 1 - 1e-9:
             raise UserError("data.distractor_seeds is empty but the shares leave room for distractors; "
                             "add a distractor seed or make the shares sum to 1.")
-        grammar = dict(levels=levels, nonterminals_per_level=nonterminals_per_level, vocab_size=vocab_size,
-                       rules_per_nonterminal=rules_per_nonterminal, start_symbols=start_symbols,
-                       words_per_preterminal=words_per_preterminal, alpha=alpha)
-        sizes = dict(train_size=0, validation_size=validation_size, test_size=test_size,
-                     downstream_size=downstream_size)
-        self.target = PCFGSource(**grammar, grammar_seed=grammar_seed, seed=seed, **sizes)
-        self.distractors = [PCFGSource(**grammar, grammar_seed=s, seed=seed, **sizes) for s in distractor_seeds]
+        self.target = PCFGSource(**shape, grammar_seed=grammar_seed, seed=seed, train_size=0,
+                                 validation_size=validation_size, test_size=test_size, downstream_size=downstream_size)
+        self.distractors = [self.target.shape.generate(s) for s in distractor_seeds]  # grammars
         self.tasks = dict(self.target.tasks)
 
     @property
@@ -122,7 +104,7 @@ class PlantedSource(Source):
         origin: list[int] = []
 
         def add(sentences, code):
-            rows.extend([BOS_ID, *(s + N_SPECIAL).tolist(), EOS_ID] for s in sentences)
+            rows.extend(to_rows(sentences))
             origin.extend([code] * len(sentences))
 
         add(self.target.sample(counts[TARGET], rng), TARGET)
@@ -165,14 +147,10 @@ class PlantedSource(Source):
         minus = [-1] * len(rows)
         splits["train"] = Dataset.from_dict(
             {"input_ids": rows, **{t: minus for t in self.tasks}, "origin": origin.tolist()}, features=features)
-        splits[TARGET_SPLIT] = self.target_split(splits["validation"].features)
+        splits[TARGET_SPLIT] = self.target_split()
         return DatasetDict({k: splits[k] for k in (*SPLITS, TARGET_SPLIT)})
 
-    def target_split(self, features: Features) -> Dataset:
+    def target_split(self) -> Dataset:
         """``target_size`` target-grammar sentences from their own stream, labelled (see module docstring)."""
         rng = np.random.default_rng([int(self.config["seed"]), TARGET_STREAM])
-        sentences = self.target.sample(int(self.config["target_size"]), rng)
-        labels = self.target.labels(sentences)
-        rows = [[BOS_ID, *(s + N_SPECIAL).tolist(), EOS_ID] for s in sentences]
-        return Dataset.from_dict({"input_ids": rows, **{t: v.tolist() for t, v in labels.items()}},
-                                 features=features)
+        return self.target.labelled_split(int(self.config["target_size"]), rng)

@@ -21,7 +21,8 @@ Selection methods other than ``none`` need a dataset pool and refuse shards with
 
 Writing: ``write_shards(data, out_dir)`` where ``data`` is a ``Source`` (its cached splits), a mapping
 ``split -> rows`` (a ``Dataset``, a list of token lists, or a 2-D array), or a list of texts (packed into
-``block_size`` blocks with the ``byte``, ``dna`` or ``protein`` tokenizer into ``train``). From the shell:
+``block_size`` blocks into ``train`` with a tokenizer of ``lmlab.data.tokenizers``: ``Byte()``, ``DNA()``,
+``Protein()`` or a trained ``BPE``). From the shell:
 ``python -m lmlab.data.shards OUT_DIR data=text data.paths=...`` (any ``lmlab train`` data overrides).
 """
 
@@ -39,6 +40,7 @@ import pyarrow.compute as pc
 from datasets import Dataset, DatasetDict, Features, Sequence, Value
 
 from lmlab.data.source import SPLITS, Source
+from lmlab.data.tokenizers import Byte, Tokenizer
 from lmlab.errors import UserError
 from lmlab.io import config_hash, write_json
 from lmlab.vocab import PAD_ID
@@ -116,10 +118,11 @@ def write_split(rows: Any, out_dir: Path, split: str, dtype: np.dtype, rows_per_
 
 def write_shards(data: Any, out_dir: str | os.PathLike, *, cache_dir: str | os.PathLike | None = None,
                  rows_per_shard: int = 1 << 20, vocab_size: int | None = None, tasks: dict | None = None,
-                 tokenizer: str = "byte", block_size: int = 64) -> Path:
+                 tokenizer: Tokenizer | None = None, block_size: int = 64) -> Path:
     """Write ``data`` (a Source, a mapping split -> rows, or a list of texts) as memory-mapped shards into
-    ``out_dir`` (created; must be empty or absent). Returns ``out_dir``."""
-    from lmlab.data.text import BYTE_VOCAB, encode_flat, pack_stream
+    ``out_dir`` (created; must be empty or absent). Texts are packed with ``tokenizer`` (``Byte()`` when
+    ``None``; a BPE model must be trained). Returns ``out_dir``."""
+    from lmlab.data.text import pack_stream
 
     out = Path(out_dir)
     if out.exists() and any(out.iterdir()):
@@ -133,14 +136,13 @@ def write_shards(data: Any, out_dir: str | os.PathLike, *, cache_dir: str | os.P
     elif isinstance(data, Mapping):
         splits = data
     elif isinstance(data, (list, tuple)) and all(isinstance(t, str) for t in data):
-        from lmlab.data import char
-
-        if tokenizer not in ("byte", *char.ALPHABETS):
-            raise UserError(f"write_shards packs raw texts with the byte, dna or protein tokenizer, not "
-                            f"{tokenizer!r}: pass a Source (data=text or data=hf) for BPE.")
-        ids, lengths = encode_flat(tokenizer, None, list(data))
+        tokenizer = Byte() if tokenizer is None else tokenizer
+        if not isinstance(tokenizer, Tokenizer) or not tokenizer.trained:
+            raise UserError(f"write_shards packs raw texts with a ready tokenizer (Byte(), DNA(), Protein() or a "
+                            f"trained BPE), not {tokenizer!r}: pass one, or a Source (data=text or data=hf).")
+        ids, lengths = tokenizer.encode_flat(list(data))
         splits = {"train": pack_stream(ids, lengths, block_size)}
-        vocab_size = BYTE_VOCAB if tokenizer == "byte" else char.vocab_size(tokenizer)
+        vocab_size = tokenizer.vocab_size
     else:
         raise UserError("write_shards needs a Source, a mapping split -> rows, or a list of texts.")
     if vocab_size is None:  # rows without a source: the largest id + 1

@@ -20,8 +20,6 @@ selection stage falls back to ``validation``, see ``lmlab.pipeline.selection_tar
 from __future__ import annotations
 
 import os
-import shutil
-import tempfile
 from abc import ABC, abstractmethod
 from pathlib import Path
 from typing import Any
@@ -29,7 +27,7 @@ from typing import Any
 import numpy as np
 from datasets import DatasetDict, load_from_disk
 
-from lmlab.io import config_hash
+from lmlab.io import atomic_dir, config_hash
 
 SPLITS = ("train", "validation", "test", "downstream")
 TARGET_SPLIT = "target"  # optional: the selection stage's target set (see module docstring)
@@ -69,18 +67,10 @@ class Source(ABC):
         path = Path(cache_dir) / self.cache_key()
         if not (path / "dataset_dict.json").exists():
             splits = self.build()
-            path.parent.mkdir(parents=True, exist_ok=True)
-            tmp = Path(tempfile.mkdtemp(prefix=".tmp-", dir=path.parent))
-            try:
+            with atomic_dir(path) as tmp:  # another job of the sweep may win the race: then its copy is used
                 # datasets cannot reload a split saved as zero shards: an empty split gets one
                 splits.save_to_disk(str(tmp), num_shards={k: 1 if len(v) == 0 else None for k, v in splits.items()})
                 self.save_state(tmp)
-                try:
-                    os.replace(tmp, path)
-                except OSError:  # another job of the sweep won the race: use its copy
-                    pass
-            finally:
-                shutil.rmtree(tmp, ignore_errors=True)
         self.restore_state(path)
         return load_from_disk(str(path))
 

@@ -5,13 +5,10 @@
   The format follows the extension: ``.txt`` holds one document per line, ``.jsonl``/``.json`` and
   ``.parquet`` hold one document per record in the column ``text_field``. Blank documents are dropped.
 * Documents (not blocks) are split into train/validation/test by a permutation drawn from ``seed``.
-* ``tokenizer="bpe"``: a byte-level BPE model (HF ``tokenizers``) trained on the training documents only,
-  with ``[PAD] [BOS] [EOS] [MASK]`` as ids 0..3; ``vocab_size`` is the configured size (a small corpus may
-  leave the top ids unused). Special-token strings inside the text are encoded as plain text.
-  ``tokenizer="byte"``: id = 4 + byte value of the UTF-8 text, vocabulary 260 (``vocab_size`` ignored).
-  ``tokenizer="dna"`` / ``"protein"``: one id per nucleotide / amino acid (``lmlab/data/char.py``); their
-  default corpus (``paths: null``) is ``sample/dna.txt`` / ``sample/protein.txt``, and FASTA files
-  (.fasta/.fa/.faa/.fna) hold one document per ``>`` record.
+* ``tokenizer``: a tokenizer object of ``lmlab/data/tokenizers.py`` (the config group ``data/tokenizer``:
+  ``bpe``, trained on the training documents only; ``byte``; ``dna``; ``protein``). A character tokenizer's
+  default corpus (``paths: null``) is its own sample (``sample/dna.txt`` / ``sample/protein.txt``), and FASTA
+  files (.fasta/.fa/.faa/.fna) hold one document per ``>`` record.
 * Packing, per split: the stream ``d_1 [EOS] d_2 [EOS] ...`` is cut into pieces of ``block_size - 1`` tokens
   and each block is ``[BOS] + piece`` (exactly ``block_size`` tokens); the remainder is dropped.
 * Labels: with ``labels_csv`` (a CSV with a header ``text,label``), each CSV line becomes a row
@@ -21,11 +18,10 @@
   scored there), the rest form ``downstream`` (they are trained there); packed blocks get ``label = -1``.
   Without a CSV, ``downstream`` is empty and there are no tasks.
 
-The pieces shared with other text sources (``data=hf``, the shard writer) are module functions:
-``train_bpe``, ``encode_flat``, ``decode_ids`` and ``pack_stream``.
+The packing is shared with the shard writer: ``pack_stream``.
 
 The trained tokenizer is saved as ``tokenizer.json`` inside the cached dataset directory; the cache key
-covers the config and the size and modification time of every input file.
+covers the config (the tokenizer's settings included) and the size and modification time of every input file.
 """
 
 from __future__ import annotations
@@ -53,19 +49,25 @@ from datasets import (
     load_dataset,
 )
 
-from lmlab.data import char
 from lmlab.data.source import Source
+from lmlab.data.tokenizers import BPE, Tokenizer
 from lmlab.errors import UserError
 from lmlab.io import config_hash
-from lmlab.vocab import BOS_ID, EOS_ID, N_SPECIAL
+from lmlab.vocab import BOS_ID, EOS_ID
 
-SAMPLE_CORPUS = Path(__file__).resolve().parent / "sample" / "tiny_corpus.txt"
-SPECIAL_TOKENS = ["[PAD]", "[BOS]", "[EOS]", "[MASK]"]
+SAMPLE_CORPUS = Tokenizer.sample  # lmlab/data/sample/tiny_corpus.txt
 FORMATS = {".txt": "text", ".jsonl": "json", ".json": "json", ".parquet": "parquet",
            ".fasta": "fasta", ".fa": "fasta", ".faa": "fasta", ".fna": "fasta"}
-TOKENIZERS = ("bpe", "byte", "dna", "protein")
-BYTE_VOCAB = N_SPECIAL + 256
-TOKENIZER_FILE = "tokenizer.json"
+
+
+def as_tokenizer(tokenizer: Any) -> Tokenizer:
+    """``tokenizer`` itself, a new ``BPE()`` for ``None``; anything else is a UserError naming the fix."""
+    if tokenizer is None:
+        return BPE()
+    if not isinstance(tokenizer, Tokenizer):
+        raise UserError(f"data.tokenizer is {tokenizer!r}, not a tokenizer: choose one with data/tokenizer=<name>, "
+                        "e.g. data/tokenizer=byte (lmlab --help lists them).")
+    return tokenizer
 
 
 def _resolve(entries: list[str]) -> list[Path]:
@@ -96,52 +98,6 @@ def _resolve(entries: list[str]) -> list[Path]:
     return list(dict.fromkeys(files))
 
 
-def train_bpe(docs: list[str], vocab_size: int):
-    """A byte-level BPE ``tokenizers.Tokenizer`` trained on ``docs``, ``[PAD] [BOS] [EOS] [MASK]`` as ids 0..3."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-
-    tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=SPECIAL_TOKENS,
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
-    tok.train_from_iterator(docs, trainer, length=len(docs))
-    tok.encode_special_tokens = True  # "[EOS]" written in a document is text, not the EOS id
-    assert [tok.token_to_id(t) for t in SPECIAL_TOKENS] == list(range(N_SPECIAL))
-    return tok
-
-
-def encode_flat(kind: str, tokenizer, texts: list[str]) -> tuple[np.ndarray, np.ndarray]:
-    """All texts tokenized at once by tokenizer ``kind`` (``tokenizer``: the trained BPE model, for ``bpe``):
-    the concatenated ids (int32) and each text's length."""
-    if kind == "byte":
-        raw = [t.encode("utf-8") for t in texts]
-        lengths = np.fromiter(map(len, raw), dtype=np.int64, count=len(raw))
-        ids = np.frombuffer(b"".join(raw), dtype=np.uint8).astype(np.int32) + N_SPECIAL
-        return ids, lengths
-    if kind in char.ALPHABETS:
-        return char.encode_flat(kind, texts)
-    if tokenizer is None:
-        raise RuntimeError("the BPE tokenizer is not trained yet: call load() or build() first")
-    encodings = tokenizer.encode_batch_fast(texts, add_special_tokens=False)
-    id_lists = [e.ids for e in encodings]
-    lengths = np.fromiter(map(len, id_lists), dtype=np.int64, count=len(id_lists))
-    ids = np.fromiter(itertools.chain.from_iterable(id_lists), dtype=np.int32, count=int(lengths.sum()))
-    return ids, lengths
-
-
-def decode_ids(kind: str, tokenizer, ids) -> str:
-    """The text of a list of token ids; special tokens are dropped."""
-    own = [int(i) for i in ids if i >= N_SPECIAL]
-    if kind == "byte":
-        return bytes(i - N_SPECIAL for i in own).decode("utf-8", errors="replace")
-    if kind in char.ALPHABETS:
-        return char.decode(kind, own)
-    if tokenizer is None:
-        raise RuntimeError("the BPE tokenizer is not trained yet: call load() or build() first")
-    return tokenizer.decode(own, skip_special_tokens=True)
-
-
 def pack_stream(ids: np.ndarray, lengths: np.ndarray, block_size: int) -> np.ndarray:
     """(n_blocks, block_size) int32: ``[BOS]`` + the next block_size-1 tokens of ``d_1 EOS d_2 EOS ..``,
     the documents being the consecutive pieces of ``ids`` of the given ``lengths``; the remainder is dropped."""
@@ -152,16 +108,37 @@ def pack_stream(ids: np.ndarray, lengths: np.ndarray, block_size: int) -> np.nda
     return np.concatenate([np.full((n_blocks, 1), BOS_ID, dtype=np.int32), body], axis=1)
 
 
+def read_fasta(path: str | os.PathLike) -> list[str]:
+    """The sequences of a FASTA file, one per ``>`` record (lines joined); a file without headers is read as
+    one sequence per line."""
+    records: list[list[str]] = []
+    headers = False
+    with open(path, encoding="utf-8", errors="replace") as f:
+        for line in f:
+            line = line.strip()
+            if line.startswith(">"):
+                headers = True
+                records.append([])
+            elif line and not line.startswith(";"):
+                if headers:
+                    if not records:
+                        records.append([])
+                    records[-1].append(line)
+                else:
+                    records.append([line])
+    return [s for s in ("".join(r) for r in records) if s]
+
+
 def _fingerprint(path: Path) -> list:
     stat = path.stat()
     return [str(path), stat.st_size, stat.st_mtime_ns]
 
 
 class TextSource(Source):
-    """Local text files, tokenized (BPE or bytes) and packed into fixed-length blocks."""
+    """Local text files, tokenized (``lmlab.data.tokenizers``) and packed into fixed-length blocks."""
 
-    def __init__(self, paths: str | list[str] | None = None, text_field: str = "text", tokenizer: str = "bpe",
-                 vocab_size: int = 1024, block_size: int = 64, validation_fraction: float = 0.05,
+    def __init__(self, paths: str | list[str] | None = None, text_field: str = "text",
+                 tokenizer: Tokenizer | None = None, block_size: int = 64, validation_fraction: float = 0.05,
                  test_fraction: float = 0.05, seed: int = 0, labels_csv: str | None = None,
                  labels_test_fraction: float = 0.2) -> None:
         if paths is None:
@@ -175,20 +152,11 @@ class TextSource(Source):
         if entries == []:
             raise UserError("data.paths is an empty list: name at least one file, or null for the sample corpus.")
         labels = None if labels_csv is None else os.fspath(labels_csv)
-        super().__init__(paths=entries, text_field=text_field, tokenizer=tokenizer, vocab_size=vocab_size,
+        self.tokenizer = as_tokenizer(tokenizer)  # trained (bpe) by build() or load()
+        super().__init__(paths=entries, text_field=text_field, tokenizer=self.tokenizer.config,
                          block_size=block_size, validation_fraction=validation_fraction,
                          test_fraction=test_fraction, seed=seed, labels_csv=labels,
                          labels_test_fraction=labels_test_fraction)
-
-        if tokenizer not in TOKENIZERS:
-            raise UserError(f"unknown data.tokenizer {tokenizer!r}: set data.tokenizer to bpe, byte, dna or protein.")
-        self.tokenizer_kind = tokenizer
-        if tokenizer == "bpe" and (isinstance(vocab_size, bool) or not isinstance(vocab_size, Integral)
-                                   or vocab_size < BYTE_VOCAB):
-            raise UserError(f"data.vocab_size={vocab_size!r} is too small for a byte-level BPE: set it to "
-                            f"{BYTE_VOCAB} or more.")
-        self._vocab_size = (int(vocab_size) if tokenizer == "bpe" else BYTE_VOCAB if tokenizer == "byte"
-                            else char.vocab_size(tokenizer))
         if isinstance(block_size, bool) or not isinstance(block_size, Integral) or block_size < 2:
             raise UserError(f"data.block_size must be an integer of at least 2, got {block_size!r}: "
                             "fix data.block_size.")
@@ -209,8 +177,7 @@ class TextSource(Source):
             raise UserError(f"data.text_field must be a column name, got {text_field!r}: fix data.text_field.")
         self.text_field = text_field
 
-        default = char.SAMPLES.get(tokenizer, SAMPLE_CORPUS)
-        self.files = _resolve([str(default)] if entries is None else entries)
+        self.files = _resolve([str(self.tokenizer.sample)] if entries is None else entries)
         self.labels_csv = None
         if labels is not None:
             path = Path(os.path.expanduser(labels))
@@ -227,7 +194,6 @@ class TextSource(Source):
                 self.label_names = sorted(set(labels))
             self.tasks = {"label": len(self.label_names)}
             self._n_labelled_test(len(labels))
-        self.tokenizer = None  # the trained tokenizers.Tokenizer (bpe), after build() or load()
         self.doc_splits: dict[str, np.ndarray] = {}  # document indices of each split, after build()
         self.label_splits: dict[str, np.ndarray] = {}  # CSV row indices of test and downstream, after build()
 
@@ -241,7 +207,12 @@ class TextSource(Source):
 
     @property
     def vocab_size(self) -> int:
-        return self._vocab_size
+        return self.tokenizer.vocab_size
+
+    @property
+    def tokenizer_kind(self) -> str:
+        """The tokenizer's short name (bpe, byte, dna, protein)."""
+        return self.tokenizer.name
 
     def cache_key(self) -> str:
         files = [_fingerprint(p) for p in self.files]
@@ -257,7 +228,7 @@ class TextSource(Source):
         for fmt, group in itertools.groupby(self.files, key=lambda p: FORMATS[p.suffix.lower()]):
             files = [str(p) for p in group]
             if fmt == "fasta":
-                docs.extend(d for f in files for d in char.read_fasta(f))
+                docs.extend(d for f in files for d in read_fasta(f))
                 continue
             quiet = datasets.are_progress_bars_disabled()
             datasets.disable_progress_bars()
@@ -298,27 +269,17 @@ class TextSource(Source):
 
     # ----- tokenizing -----
 
-    def train_tokenizer(self, docs: list[str]) -> None:
-        """Train the BPE model on ``docs`` (no-op for the other tokenizers)."""
-        if self.tokenizer_kind == "bpe":
-            self.tokenizer = train_bpe(docs, self._vocab_size)
-
-    def _encode_flat(self, texts: list[str]) -> tuple[np.ndarray, np.ndarray]:
-        """All texts tokenized at once: the concatenated ids (int32) and each text's length."""
-        return encode_flat(self.tokenizer_kind, self.tokenizer, texts)
-
     def encode(self, texts: list[str]) -> list[list[int]]:
         """Token ids of each text, without BOS/EOS."""
-        ids, lengths = self._encode_flat(list(texts))
-        return [a.tolist() for a in np.split(ids, np.cumsum(lengths)[:-1])] if len(texts) else []
+        return self.tokenizer.encode(texts)
 
     def decode(self, ids: list[int]) -> str:
         """The text of a list of token ids; special tokens are dropped."""
-        return decode_ids(self.tokenizer_kind, self.tokenizer, ids)
+        return self.tokenizer.decode(ids)
 
     def pack(self, docs: list[str]) -> np.ndarray:
         """(n_blocks, block_size) int32: ``[BOS]`` + the next block_size-1 tokens of ``d_1 EOS d_2 EOS ..``."""
-        ids, lengths = self._encode_flat(docs)
+        ids, lengths = self.tokenizer.encode_flat(docs)
         return pack_stream(ids, lengths, self.block_size)
 
     # ----- building -----
@@ -349,7 +310,7 @@ class TextSource(Source):
         docs = self.read_documents()
         self.doc_splits = self.split_documents(len(docs))
         split_docs = {s: [docs[i] for i in idx] for s, idx in self.doc_splits.items()}
-        self.train_tokenizer(split_docs["train"])
+        self.tokenizer.train(split_docs["train"])
 
         labelled = self.labels_csv is not None
         features = {"input_ids": Sequence(Value("int32"))}
@@ -387,14 +348,7 @@ class TextSource(Source):
 
     def save_state(self, directory: Path) -> None:
         """The trained tokenizer, saved beside the splits (atomically, together)."""
-        if self.tokenizer is not None:
-            self.tokenizer.save(str(directory / TOKENIZER_FILE))
-        else:  # bytes or characters: nothing to train, a marker that says so
-            (directory / TOKENIZER_FILE).write_text(f'{{"lmlab_tokenizer": "{self.tokenizer_kind}"}}\n')
+        self.tokenizer.save(directory)
 
     def restore_state(self, path: Path) -> None:
-        if self.tokenizer_kind == "bpe":
-            from tokenizers import Tokenizer
-
-            self.tokenizer = Tokenizer.from_file(str(path / TOKENIZER_FILE))
-            self.tokenizer.encode_special_tokens = True
+        self.tokenizer.load(path)

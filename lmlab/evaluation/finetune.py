@@ -19,7 +19,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from lmlab.evaluation.common import DownstreamEvaluator, feature_dim, features, model_device, pad_rows, summarize
+from lmlab.evaluation.common import DownstreamEvaluator, summarize
+from lmlab.readout import feature_dim, features, model_device, pad_rows
 
 
 class Finetune(DownstreamEvaluator):

@@ -59,8 +59,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 from lmlab.attention import Attention
 from lmlab.errors import UserError
 from lmlab.evaluation.base import Evaluator
-from lmlab.evaluation.common import pad_rows
-from lmlab.objectives.clm import model_device
+from lmlab.readout import model_device, pad_rows
 from lmlab.threads import one_thread
 
 ESTIMATORS = ("hutchinson", "fisher")

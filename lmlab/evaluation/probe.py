@@ -34,7 +34,8 @@ import torch
 import torch.nn.functional as F
 
 from lmlab.errors import UserError
-from lmlab.evaluation.common import DownstreamEvaluator, features, model_device, pad_rows, summarize
+from lmlab.evaluation.common import DownstreamEvaluator, summarize
+from lmlab.readout import features, model_device, pad_rows
 from lmlab.stats import t_interval
 from lmlab.threads import one_thread
 from lmlab.vocab import N_SPECIAL

@@ -1,8 +1,14 @@
-"""The backbone contract, and the attention description that objectives hand to models.
+"""The backbone contract: the skeleton every architecture shares.
 
 A backbone maps token ids to hidden states (``forward(input_ids, attention) -> (B, T, d_model)``) and
 owns an LM head (``logits(hidden)``). It declares which attention patterns it can honour; asked for
 another at construction, it refuses with one sentence, before any data is generated.
+
+``Backbone`` holds what every model writes the same way: the token embedding ``embed`` (created by
+``__init__``), the final norm ``norm`` and the LM head ``head`` (created by ``add_head``, once the blocks
+exist, tied to the embedding or not), ``logits``, parameter counts, ``device``, ``run_blocks`` (activation
+checkpointing) and, for models whose blocks decode one token at a time, ``init_state``/``step``. A model
+file holds its blocks, its initialisation, its ``forward`` and ``flops_per_token``.
 """
 
 from __future__ import annotations
@@ -16,10 +22,25 @@ from lmlab.errors import UserError
 
 
 class Backbone(nn.Module):
-    """Base class of every architecture. Subclasses set ``supported_attention`` and implement
-    ``forward``, ``logits`` and ``flops_per_token``; they call ``super().__init__(vocab_size, d_model,
-    attention, activation_checkpointing)`` first (the last a constructor argument of every model), and run
-    their stack of blocks through ``run_blocks``, which honours it."""
+    """Base class of every architecture.
+
+    A subclass sets ``supported_attention`` and, in its constructor:
+
+    1. calls ``super().__init__(vocab_size, d_model, attention, activation_checkpointing)`` first (the last a
+       constructor argument of every model): it checks the attention pattern and creates the token embedding
+       ``self.embed`` (``nn.Embedding(vocab_size, d_model)``, PyTorch's default initialisation);
+    2. builds its blocks (typically ``self.blocks``, run through ``run_blocks``, which honours activation
+       checkpointing);
+    3. calls ``self.add_head(norm, tie_embeddings)``, which sets the final norm ``self.norm`` (``None`` for
+       none) and creates the LM head ``self.head`` (``nn.Linear(d_model, vocab_size, bias=False)``), tied to
+       the embedding when asked;
+    4. initialises its weights as its paper does.
+
+    It implements ``forward(input_ids, attention)`` and ``flops_per_token(seq_len)``. A recurrent model whose
+    blocks have ``init_state(batch_size, device, dtype)`` and ``step(x, state)`` gets token-by-token decoding
+    (``init_state``, ``step``) from this class. The order of these steps is the order in which parameters are
+    created and random numbers drawn: it fixes every model's initialisation for a given seed.
+    """
 
     supported_attention: tuple[str, ...] = (CAUSAL,)
 
@@ -38,6 +59,24 @@ class Backbone(nn.Module):
         # An extra loss of the model's own (e.g. MoE load balancing), already weighted, set by ``forward``;
         # the training step adds it to the objective's loss.
         self.aux_loss: torch.Tensor | None = None
+        self.embed = nn.Embedding(vocab_size, d_model)
+
+    def add_head(self, norm: nn.Module | None, tie_embeddings: bool = True) -> None:
+        """The final norm (``None``: no norm) and the LM head, tied to the token embedding with
+        ``tie_embeddings`` (then one matrix serves both). Called once the blocks are built."""
+        self.norm = norm
+        self.head = nn.Linear(self.d_model, self.vocab_size, bias=False)
+        self.tie_embeddings = tie_embeddings
+        if tie_embeddings:
+            self.head.weight = self.embed.weight
+
+    def logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """(..., d_model) hidden states -> (..., vocab_size)."""
+        return self.head(hidden)
+
+    @property
+    def device(self) -> torch.device:
+        return self.embed.weight.device
 
     def num_parameters(self, exclude_embeddings: bool = False) -> int:
         params = {id(p): p for p in self.parameters()}
@@ -46,6 +85,12 @@ class Backbone(nn.Module):
                 if isinstance(m, nn.Embedding):
                     params.pop(id(m.weight), None)
         return sum(p.numel() for p in params.values())
+
+    def non_embedding_parameters(self) -> int:
+        """Parameters outside the embeddings (token, and learned positions where a model has them) and the
+        LM head: the weights a token's forward pass multiplies once each, for the FLOP counts."""
+        skip = {id(m.weight) for m in self.modules() if isinstance(m, nn.Embedding)} | {id(self.head.weight)}
+        return sum(p.numel() for p in {id(p): p for p in self.parameters()}.values() if id(p) not in skip)
 
     def run_blocks(self, blocks, x: torch.Tensor, *args) -> torch.Tensor:
         """``x = block(x, *args)`` for each of ``blocks`` in turn (modules or any callables).
@@ -61,3 +106,25 @@ class Backbone(nn.Module):
         for block in blocks:
             x = checkpoint(block, x, *args, use_reentrant=False) if recompute else block(x, *args)
         return x
+
+    # ----- token-by-token decoding, for models whose blocks carry a recurrent state -----
+
+    def init_state(self, batch_size: int, device=None, dtype=None) -> list:
+        """The recurrent state before the first token, one entry per block (each block's ``init_state``);
+        on the model's device and in its embedding's dtype unless given."""
+        blocks = getattr(self, "blocks", None)
+        if blocks is None or not all(hasattr(block, "step") for block in blocks):
+            raise NotImplementedError(f"model {type(self).__name__} does not decode token by token")
+        device = device or self.device
+        dtype = dtype or self.embed.weight.dtype
+        return [block.init_state(batch_size, device, dtype) for block in self.blocks]
+
+    def step(self, token_ids: torch.Tensor, state: list) -> tuple[torch.Tensor, list]:
+        """One token per row: (B,) ids and the state -> (B, d_model) hidden (as ``forward`` at that
+        position) and the next state: the embedding, each block's ``step``, the final norm."""
+        x = self.embed(token_ids)
+        new_state = []
+        for block, s in zip(self.blocks, state):
+            x, s = block.step(x, s)
+            new_state.append(s)
+        return self.norm(x), new_state

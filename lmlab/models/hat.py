@@ -5,8 +5,8 @@ for Robust, Adaptable Language Models" (ICLR 2025, arXiv 2501.10322). Causal onl
 released modelling code where it and the paper's Fig. 1 differ (word pooling by a learned latent query
 that cross-attends to the word's bytes, not a prepended [W] byte), simplified for a CPU bench:
 
-* Bytes: the ids of ``data=text data.tokenizer=byte`` (``N_SPECIAL + byte``; vocabulary 260, which the
-  model requires). ``bytes_to_ids`` / ``ids_to_bytes`` are that tokenizer.
+* Bytes: the ids of ``data=text data/tokenizer=byte`` (``N_SPECIAL + byte``; vocabulary 260, which the
+  model requires), the tokenizer ``lmlab.data.tokenizers.Byte``.
 * Word splitting (``word_starts``; ``split_words`` on a byte string), a byte-level approximation of the
   hat-splitter rules (which use Unicode word breaks): a word starts at the first token; at every special
   token (BOS/EOS/MASK) and right after one; at a newline/tab/CR and right after one (those stay words of
@@ -85,16 +85,6 @@ def _class_table() -> torch.Tensor:
 CLASSES = _class_table()
 
 
-def bytes_to_ids(data: bytes) -> list[int]:
-    """The byte tokenizer of ``lmlab.data.text`` (``tokenizer=byte``): id = N_SPECIAL + byte."""
-    return [N_SPECIAL + b for b in data]
-
-
-def ids_to_bytes(ids) -> bytes:
-    """The inverse of ``bytes_to_ids``; special ids are dropped."""
-    return bytes(int(i) - N_SPECIAL for i in ids if int(i) >= N_SPECIAL)
-
-
 def word_starts(ids: torch.Tensor, max_word_size: int | None = None) -> torch.Tensor:
     """(B, T) byte ids -> (B, T) bool, True where a word starts (rules in the module docstring)."""
     cls = CLASSES.to(ids.device)[ids.clamp(0, BYTE_VOCAB - 1)]
@@ -119,7 +109,7 @@ def split_words(data: bytes, max_word_size: int | None = None) -> list[bytes]:
     """A byte string cut into words with ``word_starts``; ``b"".join(split_words(x)) == x``."""
     if not data:
         return []
-    ids = torch.tensor([bytes_to_ids(data)])
+    ids = torch.tensor([list(data)]) + N_SPECIAL  # the byte ids: N_SPECIAL + byte
     starts = word_starts(ids, max_word_size)[0].nonzero().flatten().tolist() + [len(data)]
     return [data[a:b] for a, b in zip(starts[:-1], starts[1:])]
 
@@ -166,7 +156,7 @@ class HAT(Backbone):
                  tie_embeddings: bool = True, activation_checkpointing: bool = False) -> None:
         if vocab_size != BYTE_VOCAB:
             raise UserError(f"model hat reads bytes (vocabulary {BYTE_VOCAB}) but the data has vocabulary "
-                            f"{vocab_size}: use data=text data.tokenizer=byte.")
+                            f"{vocab_size}: use data=text data/tokenizer=byte.")
         super().__init__(vocab_size, d_model, attention, activation_checkpointing)
         for name, width, heads in (("d_model", d_model, byte_heads), ("d_word", d_word, n_heads)):
             if width % heads:
@@ -175,7 +165,6 @@ class HAT(Backbone):
         self.encoder_layers, self.decoder_layers = encoder_layers, decoder_layers
         self.byte_window, self.max_word_size, self.bytes_per_word = byte_window, max_word_size, bytes_per_word
         d_ff, byte_d_ff = d_ff or 4 * d_word, byte_d_ff or 4 * d_model
-        self.embed = nn.Embedding(vocab_size, d_model)
         byte_rotary = Rotary(d_model // byte_heads, max_len)
         word_rotary = Rotary(d_word // n_heads, max_len)
         self.encoder = nn.ModuleList(Block(d_model, byte_heads, byte_d_ff, norm, mlp, dropout, byte_rotary)
@@ -189,10 +178,7 @@ class HAT(Backbone):
         self.cross = nn.ModuleList(nn.Linear(d_word, d_model, bias=False) for _ in range(decoder_layers))
         self.decoder = nn.ModuleList(Block(d_model, byte_heads, byte_d_ff, norm, mlp, dropout, byte_rotary)
                                      for _ in range(decoder_layers))
-        self.norm = make_norm(norm, d_model)
-        self.head = nn.Linear(d_model, vocab_size, bias=False)
-        if tie_embeddings:
-            self.head.weight = self.embed.weight
+        self.add_head(make_norm(norm, d_model), tie_embeddings)
         for c in self.cross:
             c.is_residual_proj = True
         resid_std = 0.02 / math.sqrt(2 * (n_layers + encoder_layers + decoder_layers))
@@ -229,9 +215,6 @@ class HAT(Backbone):
         for norm, cross, block in zip(self.cross_norm, self.cross, self.decoder):
             x = self.run_blocks((block,), x + cross(norm(per_byte)), mask, is_causal)
         return self.norm(x)
-
-    def logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        return self.head(hidden)
 
     def flops_per_token(self, seq_len: int) -> float:
         """Training FLOPs per byte (3 x forward, 2 per multiply-add), with w = 1 / bytes_per_word words

@@ -21,8 +21,8 @@ Hyena operator of order N (default 2):
   with ``delta = linspace(ln(1e-2)/0.3, ln(1e-2)/1.5, D)`` (fast to slow decay over the channels).
   The features depend on ``t`` and ``l_max`` only, so a token's output never depends on the sequence's
   length; sequences longer than ``l_max`` are refused.
-* ``fft_causal_conv``: ``y = irfft(rfft(u, 2T) rfft(h, 2T))[:T]`` (zero padding to 2T makes the circular
-  convolution linear, hence causal), O(T log T), computed in fp32.
+* ``fft_causal_conv`` (in ``lmlab.models.scan``): ``y = irfft(rfft(u, 2T) rfft(h, 2T))[:T]`` (zero padding
+  to 2T makes the circular convolution linear, hence causal), O(T log T), computed in fp32.
 
 Not done: the FlashFFTConv kernel (HazyResearch/flash-fft-conv); ``torch.fft`` runs on every device. The
 paper's separate learning rates for the filter network (1e-3, no weight decay) are not applied: the
@@ -40,27 +40,7 @@ from lmlab.attention import CAUSAL, Attention
 from lmlab.errors import UserError
 from lmlab.models.base import Backbone
 from lmlab.models.layers import MLP, CausalDepthwiseConv1d, make_norm
-
-
-def fft_causal_conv(u: torch.Tensor, h: torch.Tensor) -> torch.Tensor:
-    """Causal convolution along the last axis, ``y_t = sum_{s <= t} h_s u_{t-s}``, through the FFT.
-    ``u``: (..., C, T); ``h``: (C, T) (broadcast over the leading axes). Computed in fp32 at least."""
-    T = u.shape[-1]
-    n = 2 * T
-    dtype = torch.promote_types(u.dtype, torch.float32)
-    uf = torch.fft.rfft(u.to(dtype), n=n)
-    hf = torch.fft.rfft(h.to(dtype), n=n)
-    return torch.fft.irfft(uf * hf, n=n)[..., :T].to(u.dtype)
-
-
-def direct_causal_conv(u: torch.Tensor, h: torch.Tensor) -> torch.Tensor:
-    """The O(T^2) reference of ``fft_causal_conv``."""
-    T = u.shape[-1]
-    y = torch.zeros_like(u)
-    for t in range(T):
-        for s in range(t + 1):
-            y[..., t] += h[..., s] * u[..., t - s]
-    return y
+from lmlab.models.scan import fft_causal_conv
 
 
 class Sin(nn.Module):
@@ -158,17 +138,13 @@ class Hyena(Backbone):
                  tie_embeddings: bool = True, activation_checkpointing: bool = False) -> None:
         super().__init__(vocab_size, d_model, attention, activation_checkpointing)
         self.n_layers, self.order, self.l_max, self.d_ff = n_layers, order, l_max, d_ff or 4 * d_model
-        self.embed = nn.Embedding(vocab_size, d_model)
         self.emb_dropout = nn.Dropout(dropout)
         self.blocks = nn.ModuleList(
             HyenaBlock(d_model, self.d_ff, norm, mlp, dropout, l_max=l_max, order=order, short_filter=short_filter,
                        emb_dim=filter_emb_dim, filter_order=filter_order, num_inner_mlps=num_inner_mlps,
                        w=filter_w)
             for _ in range(n_layers))
-        self.norm = make_norm(norm, d_model)
-        self.head = nn.Linear(d_model, vocab_size, bias=False)
-        if tie_embeddings:
-            self.head.weight = self.embed.weight
+        self.add_head(make_norm(norm, d_model), tie_embeddings)
         resid_std = 0.02 / math.sqrt(2 * n_layers)
         filters = {id(m) for b in self.blocks for m in b.mixer.filter.modules()}
         for m in self.modules():
@@ -187,9 +163,6 @@ class Hyena(Backbone):
         x = self.run_blocks(self.blocks, self.emb_dropout(self.embed(input_ids)))
         return self.norm(x)
 
-    def logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        return self.head(hidden)
-
     def filter_parameters(self) -> int:
         return sum(p.numel() for b in self.blocks for p in b.mixer.filter.parameters())
 
@@ -204,9 +177,7 @@ class Hyena(Backbone):
         T = seq_len: three real FFTs of size n = 2T at 2.5 n log2 n each (the filter's transform counted
         as if per sequence) plus the complex product (6 per frequency), divided by T:
         ``F(T) = (7.5 n log2 n + 6 (T + 1)) / T``. Gates, norms and activations are ignored."""
-        skip = {id(self.embed.weight), id(self.head.weight)}
-        n = sum(p.numel() for p in {id(p): p for p in self.parameters()}.values() if id(p) not in skip)
-        n -= self.filter_parameters()
+        n = self.non_embedding_parameters() - self.filter_parameters()
         T = max(seq_len, 1)
         fft = (7.5 * 2 * T * math.log2(2 * T) + 6 * (T + 1)) / T
         return float(6 * n + 6 * self.d_model * self.vocab_size

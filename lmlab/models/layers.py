@@ -1,4 +1,5 @@
-"""Building blocks shared by every architecture: norms, the feed-forward block, rotary positions.
+"""Building blocks shared by every architecture: norms, the feed-forward block, rotary positions, the
+causal depthwise short convolution.
 
 Norms are chosen by name through ``NORMS`` (``make_norm``); the feed-forward block is a plain GELU MLP
 or a gated one (SwiGLU, Shazeer 2020, arXiv 2002.05202); rotary position embeddings follow Su et al.
@@ -12,6 +13,11 @@ import torch.nn.functional as F
 from torch import nn
 
 from lmlab.errors import UserError
+
+try:  # optional fused kernel (CUDA only); never required
+    from causal_conv1d import causal_conv1d_fn as _cuda_causal_conv1d
+except Exception:  # noqa: BLE001 - any import failure means "not available"
+    _cuda_causal_conv1d = None
 
 
 class RMSNorm(nn.Module):
@@ -134,6 +140,15 @@ class CausalDepthwiseConv1d(nn.Module):
         if self.conv.bias is not None:
             y = y + self.conv.bias
         return y, window[:, :, 1:]
+
+
+def short_conv(conv: CausalDepthwiseConv1d, x: torch.Tensor) -> torch.Tensor:
+    """``SiLU(conv(x))`` for (B, T, C) inputs; the fused ``causal_conv1d`` kernel on CUDA when installed."""
+    if x.is_cuda and _cuda_causal_conv1d is not None:
+        out = _cuda_causal_conv1d(x.transpose(1, 2).contiguous(), conv.conv.weight[:, 0, :], conv.conv.bias,
+                                  activation="silu")
+        return out.transpose(1, 2)
+    return F.silu(conv(x))
 
 
 class SimpleRMSNorm(nn.Module):

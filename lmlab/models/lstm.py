@@ -50,15 +50,12 @@ class LSTM(Backbone):
             raise UserError(f"a bidirectional LSTM needs an even model.d_model, got {d_model}: change it.")
         self.n_layers = n_layers
         hidden = d_model // 2 if self.bidirectional else d_model
-        self.embed = nn.Embedding(vocab_size, d_model)
         self.dropout = nn.Dropout(dropout)
         self.rnn = nn.LSTM(d_model, hidden, n_layers, batch_first=True, dropout=dropout if n_layers > 1 else 0.0,
                            bidirectional=self.bidirectional)
-        self.head = nn.Linear(d_model, vocab_size, bias=False)
+        self.add_head(None, tie_embeddings)  # no final norm
         nn.init.normal_(self.embed.weight, 0.0, 0.02)
-        if tie_embeddings:
-            self.head.weight = self.embed.weight
-        else:
+        if not tie_embeddings:
             nn.init.normal_(self.head.weight, 0.0, 0.02)
         for name, p in self.rnn.named_parameters():
             if name.startswith("bias_ih"):
@@ -103,14 +100,12 @@ class LSTM(Backbone):
             out = _VF.lstm(x, batch_sizes, (h0, h0), weights, True, 1, 0.0, self.training, self.bidirectional)[0]
         return out if index == self.n_layers - 1 else F.dropout(out, self.rnn.dropout, self.training)
 
-    def logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        return self.head(hidden)
-
-    def init_state(self, batch_size: int) -> tuple[torch.Tensor, torch.Tensor]:
+    def init_state(self, batch_size: int, device=None, dtype=None) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(h, c)`` of ``torch.nn.LSTM``, zeros (n_layers, B, d_model)."""
         if self.bidirectional:
             raise UserError("a bidirectional LSTM cannot decode token by token: build it for causal attention.")
-        p = self.embed.weight
-        zeros = p.new_zeros(self.n_layers, batch_size, self.d_model)
+        zeros = torch.zeros(self.n_layers, batch_size, self.d_model, device=device or self.device,
+                            dtype=dtype or self.embed.weight.dtype)
         return zeros, zeros.clone()
 
     def step(self, input_ids: torch.Tensor, state):
@@ -122,5 +117,5 @@ class LSTM(Backbone):
         """Training FLOPs per token: ``6 * N + 6 * d_model * vocab_size``, with N the LSTM's parameters
         (each weight is used once per token and direction: ``4 h (d_in + h) + 8 h`` per layer and
         direction); the gate nonlinearities and the embedding lookup are ignored."""
-        n = sum(p.numel() for p in self.rnn.parameters())
+        n = self.non_embedding_parameters()
         return float(6 * n + 6 * self.d_model * self.vocab_size)

@@ -7,16 +7,18 @@ scan ``h_t = exp(Δ_t ⊗ A) ⊙ h_{t-1} + (Δ_t ⊙ x_t) ⊗ B_t``, ``y_t = h_t
 as the paper's code), ``y ⊙ SiLU(z)``, ``out_proj`` (ED -> D). Initialisation as the released code: S4D-real
 ``A = -(1..N)``, ``Δ ~ logU[1e-3, 1e-1]`` through an inverse-softplus bias, ``D = 1``.
 
-Scans (``impl``): ``sequential`` is the naive per-step recurrence under autograd (the test oracle and the
-benchmark's baseline); ``chunked`` (the CPU default) is a custom autograd function that walks time in blocks
-of ``chunk_size`` steps, materialises the (block, B, ED, N) decays and inputs only one block at a time (so
-they stay in cache), keeps only the block-boundary states, and hand-writes the backward as the reverse scan
-``G_t = C_t dy_t + Ā_{t+1} G_{t+1}`` (recomputing each block's states from its boundary state); ``auto``
-is ``chunked``, or the fused ``mamba_ssm`` CUDA kernel on a CUDA device when that package is installed.
+Scans (``impl``; the kernels are in ``lmlab.models.scan``): ``sequential`` is the naive per-step recurrence
+under autograd (the test oracle and the benchmark's baseline); ``chunked`` (the CPU default) is a custom
+autograd function that walks time in blocks of ``chunk_size`` steps, materialises the (block, B, ED, N) decays
+and inputs only one block at a time (so they stay in cache), keeps only the block-boundary states, and
+hand-writes the backward as the reverse scan ``G_t = C_t dy_t + Ā_{t+1} G_{t+1}`` (recomputing each block's
+states from its boundary state); ``auto`` is ``chunked``, or the fused ``mamba_ssm`` CUDA kernel on a CUDA
+device when that package is installed.
 
 Also here: ``MixerBackbone``, the stack shared by the recurrent models of lmlab (Mamba, Mamba-2, MoM):
-embedding, ``n_layers`` residual pre-norm mixer blocks (optionally each followed by a residual MLP),
-final norm, tied LM head, and step-by-step decoding through each mixer's recurrent state.
+``n_layers`` residual pre-norm mixer blocks (optionally each followed by a residual MLP) on the ``Backbone``
+skeleton (embedding, final norm, tied LM head, step-by-step decoding through each mixer's recurrent state),
+with Mamba's initialisation.
 """
 
 from __future__ import annotations
@@ -30,144 +32,8 @@ from torch import nn
 from lmlab.attention import CAUSAL, Attention
 from lmlab.errors import UserError
 from lmlab.models.base import Backbone
-from lmlab.models.layers import MLP, CausalDepthwiseConv1d, make_norm
-
-try:  # optional fused kernels (CUDA only); never required
-    from mamba_ssm.ops.selective_scan_interface import selective_scan_fn as _cuda_selective_scan
-except Exception:  # noqa: BLE001 - any import failure means "not available"
-    _cuda_selective_scan = None
-try:
-    from causal_conv1d import causal_conv1d_fn as _cuda_causal_conv1d
-except Exception:  # noqa: BLE001
-    _cuda_causal_conv1d = None
-
-IMPLS = ("auto", "chunked", "sequential")
-
-
-def short_conv(conv: CausalDepthwiseConv1d, x: torch.Tensor) -> torch.Tensor:
-    """``SiLU(conv(x))`` for (B, T, C) inputs; the fused ``causal_conv1d`` kernel on CUDA when installed."""
-    if x.is_cuda and _cuda_causal_conv1d is not None:
-        out = _cuda_causal_conv1d(x.transpose(1, 2).contiguous(), conv.conv.weight[:, 0, :], conv.conv.bias,
-                                  activation="silu")
-        return out.transpose(1, 2)
-    return F.silu(conv(x))
-
-
-# ----- the selective scan -----
-
-def selective_scan_sequential(x, delta, A, B, C, D, h0=None, return_state=False):
-    """The reference recurrence, one step at a time under autograd.
-
-    ``x, delta``: (batch, T, E); ``A``: (E, N); ``B, C``: (batch, T, N); ``D``: (E,). Returns ``y``
-    (batch, T, E) and, with ``return_state``, the last state (batch, E, N).
-    """
-    dA = torch.exp(delta[..., None] * A)                       # (b, T, E, N)
-    dBx = (delta * x)[..., None] * B[:, :, None, :]            # (b, T, E, N)
-    h = torch.zeros_like(dA[:, 0]) if h0 is None else h0
-    ys = []
-    # unbind, not dA[:, t]: the backward of T slicings would write T full-size zero gradients
-    for dA_t, dBx_t, C_t in zip(dA.unbind(1), dBx.unbind(1), C.unbind(1)):
-        h = dA_t * h + dBx_t
-        ys.append((h * C_t[:, None, :]).sum(-1))
-    y = torch.stack(ys, dim=1) + D * x
-    return (y, h) if return_state else y
-
-
-def _auto_chunk(batch: int, E: int, N: int) -> int:
-    """Time steps per block so that one (block, batch, E, N) fp32 tensor is about 1 MiB (8 to 64 steps)."""
-    return max(8, min(64, (1 << 18) // max(1, batch * E * N)))
-
-
-class _ChunkedSelectiveScan(torch.autograd.Function):
-    """The selective scan walked in time blocks, with a hand-written reverse-scan backward.
-
-    Tensors are time-major inside (each step's state is one contiguous (batch, E, N) slab). A block's decays
-    Ā and states h are built just before its steps run and dropped after, so they stay in cache and memory
-    holds only the states at block boundaries (far less than sequential autograd keeps). Backward recomputes
-    a block's Ā and h from its boundary state, runs the adjoint recurrence ``G_t = C_t dy_t + Ā_{t+1}
-    G_{t+1}`` backwards (one fused multiply-add per step) and reads every other gradient off G with batched
-    matmuls: ``dΔx = G·B``, ``dB = Σ_e G Δx``, ``dC = Σ_e dy h`` and, through ``log Ā = Δ A``,
-    ``dΔ += Σ_n (G ⊙ Ā ⊙ h_{t-1}) A``, ``dA = Σ_{t,b} (G ⊙ Ā ⊙ h_{t-1}) Δ``.
-    """
-
-    @staticmethod
-    def _block(dt, du, A, Bt, h, s, e):
-        """Decays and states of steps s..e-1 from the state h before step s."""
-        dA = torch.exp(dt[s:e, :, :, None] * A)                                       # (l, b, E, N)
-        hs = du[s:e, :, :, None] * Bt[s:e, :, None, :]                                # becomes the states
-        for a_t, h_t in zip(dA.unbind(0), hs.unbind(0)):
-            torch.addcmul(h_t, a_t, h, out=h_t)
-            h = h_t
-        return dA, hs
-
-    @staticmethod
-    def forward(ctx, x, delta, A, B, C, D, chunk):
-        xt, dt = x.transpose(0, 1).contiguous(), delta.transpose(0, 1).contiguous()   # (T, b, E)
-        Bt, Ct = B.transpose(0, 1).contiguous(), C.transpose(0, 1).contiguous()       # (T, b, N)
-        T, b, E = xt.shape
-        chunk = chunk or _auto_chunk(b, E, A.shape[1])
-        du = dt * xt
-        y = torch.empty_like(xt)
-        h = xt.new_zeros(b, E, A.shape[1])
-        starts = []
-        for s in range(0, T, chunk):
-            e = min(s + chunk, T)
-            starts.append(h)
-            _, hs = _ChunkedSelectiveScan._block(dt, du, A, Bt, h, s, e)
-            torch.matmul(hs, Ct[s:e, :, :, None], out=y[s:e, :, :, None])
-            h = hs[-1].clone()
-        ctx.save_for_backward(xt, dt, A, Bt, Ct, D, torch.stack(starts))
-        ctx.chunk = chunk
-        return (y + D * xt).transpose(0, 1)
-
-    @staticmethod
-    def backward(ctx, gy):
-        xt, dt, A, Bt, Ct, D, starts = ctx.saved_tensors
-        chunk = ctx.chunk
-        gyt = gy.transpose(0, 1).contiguous()                                         # (T, b, E)
-        T, b, E = xt.shape
-        du = dt * xt
-        g_du, g_dt = torch.empty_like(xt), torch.empty_like(xt)
-        gB, gC = torch.empty_like(Bt), torch.empty_like(Ct)
-        gA = torch.zeros_like(A)
-        nxt = None                                                                    # (Ā_{t+1}, G_{t+1})
-        for k in reversed(range(len(starts))):
-            s, e = k * chunk, min((k + 1) * chunk, T)
-            dA, hs = _ChunkedSelectiveScan._block(dt, du, A, Bt, starts[k], s, e)
-            torch.matmul(gyt[s:e, :, None, :], hs, out=gC[s:e, :, None, :])           # dC = Σ_e dy h
-            G = gyt[s:e, :, :, None] * Ct[s:e, :, None, :]                            # dy C, becomes G
-            for a_t, g_t in zip(reversed(dA.unbind(0)), reversed(G.unbind(0))):
-                if nxt is not None:
-                    torch.addcmul(g_t, *nxt, out=g_t)
-                nxt = (a_t, g_t)
-            torch.matmul(G, Bt[s:e, :, :, None], out=g_du[s:e, :, :, None])          # d(Δx) = G·B
-            torch.matmul(du[s:e, :, None, :], G, out=gB[s:e, :, None, :])             # dB = Σ_e G Δx
-            nxt = (dA[0], G[0].clone())
-            glog = G.mul_(dA)                                                         # d log Ā = G Ā h_{t-1}
-            glog[0].mul_(starts[k])
-            glog[1:].mul_(hs[:-1])
-            torch.matmul(glog[..., None, :], A[:, :, None], out=g_dt[s:e, :, :, None, None])
-            gA += glog.mul_(dt[s:e, :, :, None]).sum((0, 1))
-        gx = g_du * dt + gyt * D
-        gdelta = g_dt + g_du * xt
-        gD = (gyt * xt).sum((0, 1))
-        return (gx.transpose(0, 1), gdelta.transpose(0, 1), gA, gB.transpose(0, 1), gC.transpose(0, 1), gD,
-                None)
-
-
-def selective_scan(x, delta, A, B, C, D, impl: str = "auto", chunk: int | None = None):
-    """``y`` (batch, T, E) of the selective scan (shapes as ``selective_scan_sequential``), zero initial
-    state, by ``impl`` (auto, chunked or sequential)."""
-    if impl == "sequential":
-        return selective_scan_sequential(x, delta, A, B, C, D)
-    if impl == "auto" and x.is_cuda and _cuda_selective_scan is not None:
-        return _cuda_selective_scan(x.transpose(1, 2).contiguous(), delta.transpose(1, 2).contiguous(), A,
-                                    B.transpose(1, 2).contiguous(), C.transpose(1, 2).contiguous(),
-                                    D.float()).transpose(1, 2)
-    dtype = x.dtype
-    y = _ChunkedSelectiveScan.apply(x.float(), delta.float(), A.float(), B.float(), C.float(), D.float(), chunk)
-    return y.to(dtype)
-
+from lmlab.models.layers import MLP, CausalDepthwiseConv1d, make_norm, short_conv
+from lmlab.models.scan import IMPLS, selective_scan
 
 # ----- the Mamba-1 mixer -----
 
@@ -249,6 +115,9 @@ class MixerBlock(nn.Module):
         x = x + self.mixer(self.norm(x), padding)
         return x if self.mlp is None else x + self.mlp(self.norm2(x))
 
+    def init_state(self, batch_size: int, device=None, dtype=None):
+        return self.mixer.init_state(batch_size, device, dtype)
+
     def step(self, x: torch.Tensor, state):
         y, state = self.mixer.step(self.norm(x), state)
         x = x + y
@@ -270,14 +139,10 @@ class MixerBackbone(Backbone):
                  norm: str = "rmsnorm", d_ff: int = 0, mlp: str = "swiglu", tie_embeddings: bool = True,
                  activation_checkpointing: bool = False) -> None:
         super().__init__(vocab_size, d_model, attention, activation_checkpointing)
-        self.n_layers, self.tie_embeddings = n_layers, tie_embeddings
-        self.embed = nn.Embedding(vocab_size, d_model)
+        self.n_layers = n_layers
         self.blocks = nn.ModuleList(MixerBlock(make_mixer(), d_model, norm, d_ff, mlp) for _ in range(n_layers))
-        self.norm = make_norm(norm, d_model)
-        self.head = nn.Linear(d_model, vocab_size, bias=False)
+        self.add_head(make_norm(norm, d_model), tie_embeddings)
         nn.init.normal_(self.embed.weight, std=0.02)
-        if tie_embeddings:
-            self.head.weight = self.embed.weight
         for m in self.modules():
             if isinstance(m, nn.Linear):
                 if m.bias is not None and not getattr(m.bias, "keep_init", False):
@@ -294,29 +159,6 @@ class MixerBackbone(Backbone):
         padding = attention.padding if attention is not None else None
         x = self.run_blocks(self.blocks, self.embed(input_ids), padding)
         return self.norm(x)
-
-    def logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        return self.head(hidden)
-
-    def init_state(self, batch_size: int, device=None, dtype=None) -> list:
-        """The recurrent state before the first token, one entry per layer."""
-        device = device or self.embed.weight.device
-        dtype = dtype or self.embed.weight.dtype
-        return [block.mixer.init_state(batch_size, device, dtype) for block in self.blocks]
-
-    def step(self, token_ids: torch.Tensor, state: list) -> tuple[torch.Tensor, list]:
-        """One token per row: (B,) ids and the state -> (B, d_model) hidden (as ``forward`` at that
-        position) and the next state."""
-        x = self.embed(token_ids)
-        new_state = []
-        for block, s in zip(self.blocks, state):
-            x, s = block.step(x, s)
-            new_state.append(s)
-        return self.norm(x), new_state
-
-    def non_embedding_parameters(self) -> int:
-        skip = {id(self.embed.weight), id(self.head.weight)}
-        return sum(p.numel() for p in {id(p): p for p in self.parameters()}.values() if id(p) not in skip)
 
     def flops_per_token(self, seq_len: int) -> float:
         """Training FLOPs per token (forward + backward = 3 x forward, 2 FLOPs per multiply-add):

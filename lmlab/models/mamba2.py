@@ -8,10 +8,11 @@ head ``h_t = exp(Δ_t A) h_{t-1} + Δ_t x_t B_tᵀ`` (per head a P x N state), `
 Initialisation as the released code: ``A = -U[1, 16]`` per head, ``Δ ~ logU[1e-3, 1e-1]`` through an
 inverse-softplus bias, ``D = 1``.
 
-Scans (``impl``): ``sequential`` runs the per-step recurrence (the test oracle); ``chunked`` (the CPU
-default) is SSD: inside chunks of ``chunk_size`` steps the output is the masked quadratic form
-``(C Bᵀ ∘ L) (Δ x)`` with ``L = exp(segsum(Δ A))``, chunk states are carried across chunks by their own
-(short) scan, and the carried state is read out with the in-chunk decays; autograd differentiates it.
+Scans (``impl``; the kernels are in ``lmlab.models.scan``): ``sequential`` runs the per-step recurrence (the
+test oracle); ``chunked`` (the CPU default) is SSD: inside chunks of ``chunk_size`` steps the output is the
+masked quadratic form ``(C Bᵀ ∘ L) (Δ x)`` with ``L = exp(segsum(Δ A))``, chunk states are carried across
+chunks by their own (short) scan, and the carried state is read out with the in-chunk decays; autograd
+differentiates it.
 ``auto`` uses the Triton kernel ``mamba_chunk_scan_combined`` of ``mamba_ssm`` on CUDA when installed.
 """
 
@@ -25,84 +26,9 @@ from torch import nn
 
 from lmlab.attention import CAUSAL
 from lmlab.errors import UserError
-from lmlab.models.layers import CausalDepthwiseConv1d, GatedRMSNorm
-from lmlab.models.mamba import IMPLS, MixerBackbone, short_conv
-
-try:  # optional fused kernel (CUDA + Triton); never required
-    from mamba_ssm.ops.triton.ssd_combined import mamba_chunk_scan_combined as _cuda_ssd
-except Exception:  # noqa: BLE001 - any import failure means "not available"
-    _cuda_ssd = None
-
-
-def ssd_sequential(x, dt, A, B, C, D, h0=None, return_state=False):
-    """The per-step recurrence. ``x``: (b, T, H, P); ``dt``: (b, T, H) (after softplus); ``A``: (H,);
-    ``B, C``: (b, T, G, N) with H a multiple of G; ``D``: (H,). Returns y (b, T, H, P) [and the last state
-    (b, H, P, N)]."""
-    b, T, H, P = x.shape
-    rep = H // B.shape[2]
-    B, C = B.repeat_interleave(rep, dim=2), C.repeat_interleave(rep, dim=2)      # (b, T, H, N)
-    h = x.new_zeros(b, H, P, B.shape[-1]) if h0 is None else h0
-    ys = []
-    for t in range(T):
-        decay = torch.exp(dt[:, t] * A)[:, :, None, None]
-        h = decay * h + (dt[:, t, :, None] * x[:, t])[..., None] * B[:, t, :, None, :]
-        ys.append((h * C[:, t, :, None, :]).sum(-1))
-    y = torch.stack(ys, dim=1) + D[:, None] * x
-    return (y, h) if return_state else y
-
-
-def segsum(a: torch.Tensor) -> torch.Tensor:
-    """(..., L) -> (..., L, L): ``out[i, j] = a[j+1] + ... + a[i]`` for i >= j, -inf above the diagonal
-    (summed from masked copies, not as a difference of cumulative sums, for precision)."""
-    L = a.shape[-1]
-    a = a[..., None].expand(*a.shape, L)                                          # a[..., i, j] = a_i
-    strict = torch.tril(torch.ones(L, L, dtype=torch.bool, device=a.device), diagonal=-1)
-    s = torch.cumsum(a.masked_fill(~strict, 0.0), dim=-2)
-    return s.masked_fill(~torch.tril(torch.ones(L, L, dtype=torch.bool, device=a.device)), -math.inf)
-
-
-def ssd_chunked(x, dt, A, B, C, D, chunk: int = 64):
-    """The chunked SSD form of ``ssd_sequential`` (same arguments, zero initial state); T need not be a
-    multiple of ``chunk`` (the tail is padded with Δ = 0, which neither decays nor writes the state)."""
-    b, T, H, P = x.shape
-    G, N = B.shape[2], B.shape[3]
-    rep = H // G
-    chunk = min(chunk, T)
-    pad = (-T) % chunk
-    if pad:
-        x, dt = F.pad(x, (0, 0, 0, 0, 0, pad)), F.pad(dt, (0, 0, 0, pad))
-        B, C = F.pad(B, (0, 0, 0, 0, 0, pad)), F.pad(C, (0, 0, 0, 0, 0, pad))
-    c = x.shape[1] // chunk
-    xdt = (x * dt[..., None]).reshape(b, c, chunk, H, P)
-    a = (dt * A).reshape(b, c, chunk, H).permute(0, 3, 1, 2)                      # (b, H, c, l)
-    B = B.reshape(b, c, chunk, G, N).repeat_interleave(rep, dim=3)                # (b, c, l, H, N)
-    C = C.reshape(b, c, chunk, G, N).repeat_interleave(rep, dim=3)
-    a_cs = torch.cumsum(a, dim=-1)
-    # 1. inside each chunk: the masked quadratic (attention-like) form
-    L = torch.exp(segsum(a))                                                      # (b, H, c, l, l)
-    scores = torch.einsum("bclhn,bcshn->bhcls", C, B) * L
-    y = torch.einsum("bhcls,bcshp->bclhp", scores, xdt)
-    # 2. each chunk's state from its own inputs
-    decay_states = torch.exp(a_cs[..., -1:] - a_cs)                               # (b, H, c, l)
-    states = torch.einsum("bclhn,bhcl,bclhp->bchpn", B, decay_states, xdt)
-    # 3. carry the states across chunks: state entering chunk k
-    chunk_decay = torch.exp(a_cs[..., -1])                                        # (b, H, c)
-    h = x.new_zeros(b, H, P, N)
-    entering = []
-    for k in range(c):
-        entering.append(h)
-        h = chunk_decay[:, :, k, None, None] * h + states[:, k]
-    entering = torch.stack(entering, dim=1)                                       # (b, c, H, P, N)
-    # 4. read the entering state out with the in-chunk decay
-    y = y + torch.einsum("bclhn,bchpn,bhcl->bclhp", C, entering, torch.exp(a_cs))
-    y = y.reshape(b, c * chunk, H, P)[:, :T]
-    return y + D[:, None] * x[:, :T]
-
-
-# Under ``torch.compile`` (``compile=true``) the chunked SSD runs eager and the rest of the mixer compiled:
-# inductor (torch 2.13) fails on this mixer once the sequence length turns dynamic ("cannot determine truth
-# value of Relational" in its stride ordering), although ``ssd_chunked`` alone compiles.
-_ssd_outside_graph = torch.compiler.disable(ssd_chunked)
+from lmlab.models.layers import CausalDepthwiseConv1d, GatedRMSNorm, short_conv
+from lmlab.models.mamba import MixerBackbone
+from lmlab.models.scan import IMPLS, ssd, ssd_sequential
 
 
 class Mamba2Mixer(nn.Module):
@@ -149,15 +75,7 @@ class Mamba2Mixer(nn.Module):
         b, T, _ = u.shape
         z, xbc, dt = self._split(self.in_proj(u))
         x, dt, B, C = self._heads(short_conv(self.conv, xbc), dt)
-        A = -torch.exp(self.A_log.float())
-        if self.impl == "sequential":
-            y = ssd_sequential(x, dt, A, B, C, self.D)
-        elif self.impl == "auto" and u.is_cuda and _cuda_ssd is not None:
-            y = _cuda_ssd(x, dt, A, B, C, self.chunk_size, D=self.D)
-        else:
-            dtype = x.dtype
-            y = _ssd_outside_graph(x.float(), dt.float(), A, B.float(), C.float(), self.D.float(), self.chunk_size)
-            y = y.to(dtype)
+        y = ssd(x, dt, -torch.exp(self.A_log.float()), B, C, self.D, self.impl, self.chunk_size)
         return self.out_proj(self.norm(y.reshape(b, T, self.d_inner), z))
 
     def init_state(self, batch_size: int, device=None, dtype=None):

@@ -20,17 +20,17 @@ Load balancing (Switch-style, per layer): ``aux = M Σ_e f_e P_e`` with f_e the 
 pairs sent to memory e (summed over the k choices) and P_e the mean router probability, over real
 (non-pad) tokens. ``forward`` sets ``model.aux_loss = aux_loss_scale · Σ_layers aux``.
 
-The recurrence (``impl``): ``chunked``, what ``impl: auto`` (the default) runs everywhere but on CUDA
-with ``flash-linear-attention``, is the chunkwise-parallel form of the gated delta rule in plain PyTorch
-(``chunk_gated_delta_rule``, chunks of ``CHUNK`` = 32 steps): the WY/UT-transform algorithm of Yang,
-Kautz, Hatamizadeh 2024, "Gated Delta Networks: Improving Mamba2 with Delta Rule" (arXiv 2412.06464),
-which adds the decay to Yang et al. 2024, "Parallelizing Linear Transformers with the Delta Rule over
-Sequence Length" (arXiv 2406.06484); derived in its docstring, written here from the recurrence. Inside a
-chunk everything is matrix products and one unit-triangular solve; only the state crosses chunks, in a
-loop of T/C small products. In-chunk decays are sums of log-decays over segments (never differences of
-large cumulative sums), masked before ``exp``, so very negative g neither overflows nor loses precision.
-``recurrent`` is the per-step rule (``gated_delta_rule``), the test oracle (same results, about 5x slower
-on a CPU). On CUDA with ``flash-linear-attention`` installed, ``impl: auto`` uses its
+The recurrence (``impl``; the kernels are in ``lmlab.models.scan``): ``chunked``, what ``impl: auto`` (the
+default) runs everywhere but on CUDA with ``flash-linear-attention``, is the chunkwise-parallel form of the
+gated delta rule in plain PyTorch (``chunk_gated_delta_rule``, chunks of ``CHUNK`` = 32 steps): the
+WY/UT-transform algorithm of Yang, Kautz, Hatamizadeh 2024, "Gated Delta Networks: Improving Mamba2 with
+Delta Rule" (arXiv 2412.06464), which adds the decay to Yang et al. 2024, "Parallelizing Linear Transformers
+with the Delta Rule over Sequence Length" (arXiv 2406.06484); derived in its docstring, written from the
+recurrence. Inside a chunk everything is matrix products and one unit-triangular solve; only the state crosses
+chunks, in a loop of T/C small products. In-chunk decays are sums of log-decays over segments (never
+differences of large cumulative sums), masked before ``exp``, so very negative g neither overflows nor loses
+precision. ``recurrent`` is the per-step rule (``gated_delta_rule``), the test oracle (same results, about 5x
+slower on a CPU). On CUDA with ``flash-linear-attention`` installed, ``impl: auto`` uses its
 ``chunk_gated_delta_rule`` Triton kernel.
 """
 
@@ -44,87 +44,11 @@ from torch import nn
 
 from lmlab.attention import CAUSAL, Attention
 from lmlab.errors import UserError
-from lmlab.models.layers import CausalDepthwiseConv1d, GatedRMSNorm
-from lmlab.models.mamba import MixerBackbone, short_conv
-
-try:  # optional fused kernel (CUDA + Triton); never required
-    from fla.ops.gated_delta_rule import chunk_gated_delta_rule as _cuda_gdr
-except Exception:  # noqa: BLE001 - any import failure means "not available"
-    _cuda_gdr = None
+from lmlab.models.layers import CausalDepthwiseConv1d, GatedRMSNorm, short_conv
+from lmlab.models.mamba import MixerBackbone
+from lmlab.models.scan import chunk_gated_delta_rule, fla_chunk_gated_delta_rule, gated_delta_rule
 
 IMPLS = ("auto", "chunked", "recurrent")
-CHUNK = 32  # steps per chunk of the chunked rule (faster than 16 or 64 at head_dim 32 on a CPU)
-
-
-def gated_delta_rule(q, k, v, beta, g, S0=None, return_state=False):
-    """The gated delta rule, one step at a time. ``q, k``: (n, T, d_k) (q already scaled), ``v``:
-    (n, T, d_v), ``beta``: (n, T), ``g`` = log α: (n, T). Returns o (n, T, d_v) [and S (n, d_k, d_v)]."""
-    n, T, dk = k.shape
-    S = q.new_zeros(n, dk, v.shape[-1]) if S0 is None else S0
-    alpha = torch.exp(g)
-    out = []
-    for t in range(T):
-        S = S * alpha[:, t, None, None]
-        kt = k[:, t]
-        # products by broadcasting: a batched matmul of many 1 x d_k rows is far slower on CPU
-        u = beta[:, t, None] * (v[:, t] - (kt[:, :, None] * S).sum(1))
-        S = S + kt[:, :, None] * u[:, None, :]
-        out.append((q[:, t, :, None] * S).sum(1))
-    o = torch.stack(out, dim=1)
-    return (o, S) if return_state else o
-
-
-def chunk_gated_delta_rule(q, k, v, beta, g, chunk=CHUNK, S0=None, return_state=False):
-    """The gated delta rule in chunkwise-parallel (WY / UT-transform) form: same arguments and results as
-    ``gated_delta_rule``, any T (the tail is padded with β = 0, g = 0, which leave the state unchanged).
-
-    Derivation. Write the step as ``S_t = α_t S_{t-1} + k_t u_tᵀ`` with ``u_t = β_t (v_t - α_t S_{t-1}ᵀ k_t)``.
-    In a chunk starting from state S (steps i = 1..C), let ``γ_i = α_1···α_i`` and ``D_ij = γ_i / γ_j =
-    exp(g_{j+1} + ... + g_i)`` for j ≤ i (0 above the diagonal). Unrolling,
-    ``α_i S_{i-1} = γ_i S + Σ_{j<i} D_ij k_j u_jᵀ``, so
-    ``u_i + β_i Σ_{j<i} D_ij (k_i·k_j) u_j = β_i v_i - β_i γ_i Sᵀ k_i``, i.e. ``(I + A) U = diag(β) V -
-    diag(βγ) K S`` with A strictly lower, ``A_ij = β_i D_ij k_i·k_j``. With ``W = (I + A)^{-1} diag(βγ) K`` and
-    ``U' = (I + A)^{-1} diag(β) V`` (one unit-triangular solve), ``U = U' - W S``. Then
-    ``o_i = S_iᵀ q_i = γ_i Sᵀ q_i + Σ_{j≤i} D_ij (q_i·k_j) u_j``: with ``P = (Q Kᵀ) ⊙ D`` (causal),
-    ``O = P U' + (diag(γ) Q - P W) S``, and the state after the chunk is
-    ``S' = γ_C S + K̃ᵀ U = (γ_C I - K̃ᵀ W) S + K̃ᵀ U'`` with ``K̃_j = D_Cj k_j``. Everything but the
-    map ``S -> S'`` is computed for all chunks at once; the loop over chunks is one d_k x d_k by d_k x d_v
-    product each. ``log D_ij`` is summed over the segment (a cumulative sum of the masked matrix
-    ``g_s·1[j < s ≤ i]``), not taken as a difference of cumulative sums, and set to -inf above the diagonal
-    before ``exp``: all decays are in [0, 1], nothing overflows, and no precision is lost to cancellation
-    when g is very negative."""
-    n, T, dk = k.shape
-    dv = v.shape[-1]
-    C = chunk
-    pad = (-T) % C
-    if pad:
-        q, k, v = (F.pad(x, (0, 0, 0, pad)) for x in (q, k, v))
-        beta, g = F.pad(beta, (0, pad)), F.pad(g, (0, pad))
-    N = (T + pad) // C
-    q, k, v = q.reshape(n, N, C, dk), k.reshape(n, N, C, dk), v.reshape(n, N, C, dv)
-    beta, g = beta.reshape(n, N, C), g.reshape(n, N, C)
-    i = torch.arange(C, device=g.device)
-    causal, strict = i[:, None] >= i[None, :], i[:, None] > i[None, :]
-    seg = torch.where(strict, g[..., :, None], 0.0).cumsum(-2)                # Σ_{j<s≤i} g_s at [i, j]
-    D = torch.where(causal, seg, float("-inf")).exp()                         # (n, N, C, C)
-    gamma = g.cumsum(-1).exp()                                                # γ_i, from the chunk's start
-    # A's diagonal and upper part are never read: the solver takes I + (the strictly lower part of) A
-    A = beta[..., :, None] * (k @ k.transpose(-1, -2)) * D
-    rhs = torch.cat([(beta * gamma)[..., None] * k, beta[..., None] * v], dim=-1)
-    X = torch.linalg.solve_triangular(A, rhs, upper=False, unitriangular=True)   # [W | U']
-    P = (q @ k.transpose(-1, -2)) * D
-    PW, out = (P @ X).split([dk, dv], dim=-1)                                 # the in-chunk part
-    Qs = gamma[..., None] * q - PW                                            # reads the chunk's initial state
-    KW, Bc = ((k * D[..., -1, :, None]).transpose(-1, -2) @ X).split([dk, dv], dim=-1)   # K̃ᵀ [W | U']
-    Mc = gamma[..., -1, None, None] * torch.eye(dk, device=k.device, dtype=k.dtype) - KW
-    S = q.new_zeros(n, dk, dv) if S0 is None else S0
-    starts = []
-    for M_c, B_c in zip(Mc.unbind(1), Bc.unbind(1)):
-        starts.append(S)
-        S = M_c @ S + B_c
-    out = out + Qs @ torch.stack(starts, dim=1)
-    o = out.reshape(n, N * C, dv)[:, :T]
-    return (o, S) if return_state else o
 
 
 def _run_memories(q, k, v, beta, g, impl="recurrent"):
@@ -133,11 +57,11 @@ def _run_memories(q, k, v, beta, g, impl="recurrent"):
     else chunked), chunked or recurrent."""
     b, T, Mt, H, dk = k.shape
     dv = v.shape[-1]
-    if impl == "auto" and q.is_cuda and _cuda_gdr is not None:
+    if impl == "auto" and q.is_cuda and fla_chunk_gated_delta_rule is not None:
         fold = lambda t: t.permute(0, 2, 1, 3, 4).reshape(b * Mt, T, H, -1)  # noqa: E731
         qq = q[:, :, None].expand(b, T, Mt, H, dk)
-        o, _ = _cuda_gdr(fold(qq), fold(k), fold(v), fold(g[..., None])[..., 0], fold(beta[..., None])[..., 0],
-                         scale=1.0)
+        o, _ = fla_chunk_gated_delta_rule(fold(qq), fold(k), fold(v), fold(g[..., None])[..., 0],
+                                          fold(beta[..., None])[..., 0], scale=1.0)
         return o.reshape(b, Mt, T, H, dv).permute(0, 2, 1, 3, 4)
     fold = lambda t: t.permute(0, 2, 3, 1, 4).reshape(b * Mt * H, T, -1)  # noqa: E731
     qq = q[:, :, None].expand(b, T, Mt, H, dk)

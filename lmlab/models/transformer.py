@@ -99,9 +99,7 @@ class Transformer(Backbone):
         self.n_layers, self.n_heads = n_layers, n_heads
         self.d_ff = d_ff or 4 * d_model
         self.positions, self.max_len = positions, max_len
-        self.tie_embeddings = tie_embeddings
 
-        self.embed = nn.Embedding(vocab_size, d_model)
         self.pos_embed = nn.Embedding(max_len, d_model) if positions == "learned" else None
         rotary = Rotary(d_model // n_heads, max_len) if positions == "rotary" else None
         self.emb_dropout = nn.Dropout(dropout)
@@ -111,10 +109,7 @@ class Transformer(Backbone):
                   ffn=ffn_factory(i) if ffn_factory is not None else None)
             for i in range(n_layers)
         )
-        self.norm = make_norm(norm, d_model)
-        self.head = nn.Linear(d_model, vocab_size, bias=False)
-        if tie_embeddings:
-            self.head.weight = self.embed.weight
+        self.add_head(make_norm(norm, d_model), tie_embeddings)
         self._init_weights()
 
     def _init_weights(self) -> None:
@@ -144,18 +139,6 @@ class Transformer(Backbone):
         is_causal = mask is None and attention.kind == CAUSAL
         x = self.run_blocks(self.blocks, x, mask, is_causal)
         return self.norm(x)
-
-    def logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        """(..., d_model) -> (..., vocab_size)."""
-        return self.head(hidden)
-
-    def non_embedding_parameters(self) -> int:
-        """Parameters outside the token/position embeddings and the LM head (blocks and final norm)."""
-        skip = {id(self.embed.weight), id(self.head.weight)}
-        if self.pos_embed is not None:
-            skip.add(id(self.pos_embed.weight))
-        return sum(p.numel() for p in {id(p): p for p in self.parameters()}.values()
-                   if id(p) not in skip)
 
     def flops_per_token(self, seq_len: int) -> float:
         """Training FLOPs per token (forward + backward = 3 x forward, 2 FLOPs per multiply-add):

@@ -21,9 +21,9 @@ LRPE (``lrpe: true``, every layer; the release enables it per layer): ``x_n -> [
 x_n sin(theta n)]`` with learnable ``theta_i`` initialised at ``10000^(-2i/d)``, so ``q_n . k_m`` depends on
 ``n - m`` only; it doubles the q/k head size.
 
-Lightning Attention-2 (``lightning_attention``): the sequence is cut into blocks of ``block_size``; inside a
-block the masked quadratic form ``[(Q_b K_b^T) * D] V_b`` with ``D_ij = lambda^(i-j) [i >= j]``; across
-blocks a (d_k x d_v) state ``KV = sum_{j < start} lambda^(start-1-j) k_j v_j^T`` read as
+Lightning Attention-2 (``lightning_attention``, in ``lmlab.models.scan``): the sequence is cut into blocks of
+``block_size``; inside a block the masked quadratic form ``[(Q_b K_b^T) * D] V_b`` with ``D_ij = lambda^(i-j)
+[i >= j]``; across blocks a (d_k x d_v) state ``KV = sum_{j < start} lambda^(start-1-j) k_j v_j^T`` read as
 ``(Q_b * lambda^(1..B)) KV`` and updated ``KV <- lambda^B KV + (K_b * lambda^(B-1..0))^T V_b``. A partial last
 block is zero-padded (zero keys add nothing). ``step`` is the recurrence ``S = lambda S + k v^T; o = q S``.
 The Triton kernels (``lightning-attn``, FLA) are not wired in: this is the pure-PyTorch path on every device.
@@ -40,6 +40,7 @@ from lmlab.attention import CAUSAL, Attention
 from lmlab.errors import UserError
 from lmlab.models.base import Backbone
 from lmlab.models.layers import GLU, SimpleRMSNorm
+from lmlab.models.scan import lightning_attention
 
 DECAYS = ("alibi_layerwise", "paper")
 
@@ -53,54 +54,6 @@ def decay_rates(kind: str, n_heads: int, layer: int, n_layers: int) -> torch.Ten
     if kind == "paper":
         return (8.0 * h / n_heads * (1.0 - layer / n_layers)).float()
     raise UserError(f"unknown model.decay {kind!r}: choose one of {', '.join(DECAYS)}.")
-
-
-def masked_linear_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
-    """The O(T^2) reference: (B, H, T, d) q, k, v and (H,) decay exponents -> ``[(Q K^T) * M] V``."""
-    T = q.shape[-2]
-    i = torch.arange(T, device=q.device, dtype=torch.float64 if q.dtype == torch.float64 else torch.float32)
-    diff = i[:, None] - i[None, :]
-    M = torch.exp(-s.to(q.device, i.dtype)[:, None, None] * diff.clamp(min=0)) * (diff >= 0)
-    return ((q @ k.transpose(-1, -2)) * M.to(q.dtype)) @ v
-
-
-def lightning_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, s: torch.Tensor,
-                        block_size: int = 64) -> torch.Tensor:
-    """Block-wise causal linear attention with decay (Lightning Attention-2), equal to
-    ``masked_linear_attention``: (B, H, T, d_k), (B, H, T, d_k), (B, H, T, d_v), (H,) -> (B, H, T, d_v)."""
-    B, H, T, dk = q.shape
-    dv = v.shape[-1]
-    n = -(-T // block_size)
-    pad = n * block_size - T
-    if pad:
-        q, k, v = (torch.nn.functional.pad(t, (0, 0, 0, pad)) for t in (q, k, v))
-    blk = block_size
-    qb = q.view(B, H, n, blk, dk)
-    kb = k.view(B, H, n, blk, dk)
-    vb = v.view(B, H, n, blk, dv)
-    ct = torch.float64 if q.dtype == torch.float64 else torch.float32  # decays in fp32 at least
-    s = s.to(q.device, ct)
-    r = torch.arange(blk, device=q.device, dtype=ct)
-    diff = r[:, None] - r[None, :]
-    D = (torch.exp(-s[:, None, None] * diff.clamp(min=0)) * (diff >= 0)).to(q.dtype)  # (H, blk, blk)
-    intra = ((qb @ kb.transpose(-1, -2)) * D[None, :, None]) @ vb  # (B, H, n, blk, dv)
-    if n == 1:
-        out = intra
-    else:
-        q_decay = torch.exp(-s[:, None] * (r + 1)[None]).to(q.dtype)  # lambda^(i+1), (H, blk)
-        k_decay = torch.exp(-s[:, None] * (blk - 1 - r)[None]).to(q.dtype)  # lambda^(blk-1-r)
-        block_decay = torch.exp(-s * blk).to(q.dtype)[None, :, None, None]  # lambda^blk
-        # each block's contribution to the state, then the recurrence over blocks (a short loop)
-        contrib = (kb * k_decay[None, :, None, :, None]).transpose(-1, -2) @ vb  # (B, H, n, dk, dv)
-        states = []
-        kv = q.new_zeros(B, H, dk, dv)
-        for b in range(n):
-            states.append(kv)
-            kv = block_decay * kv + contrib[:, :, b]
-        states = torch.stack(states, dim=2)  # state before each block
-        inter = (qb * q_decay[None, :, None, :, None]) @ states
-        out = intra + inter
-    return out.reshape(B, H, n * blk, dv)[:, :, :T]
 
 
 class LRPE(nn.Module):
@@ -167,6 +120,12 @@ class TNLBlock(nn.Module):
         x = x + self.dropout(self.attn(self.norm1(x)))
         return x + self.mlp(self.norm2(x))
 
+    def init_state(self, batch_size: int, device=None, dtype=None) -> tuple[torch.Tensor, int]:
+        """The attention state ``(S, position)``: S (B, H, d_qk, d_v) zeros at position 0."""
+        attn = self.attn
+        d_qk = attn.head_dim * (2 if attn.lrpe is not None else 1)
+        return torch.zeros(batch_size, attn.n_heads, d_qk, attn.head_dim, device=device, dtype=dtype), 0
+
     def step(self, x: torch.Tensor, state):
         a, state = self.attn.step(self.norm1(x), state)
         x = x + a
@@ -194,15 +153,11 @@ class TransNormer(Backbone):
             raise UserError(f"model.block_size={block_size} must be at least 1: raise it.")
         self.n_layers, self.n_heads, self.d_ff = n_layers, n_heads, d_ff or 4 * d_model
         self.lrpe, self.block_size = lrpe, block_size
-        self.embed = nn.Embedding(vocab_size, d_model)
         self.emb_dropout = nn.Dropout(dropout)
         self.blocks = nn.ModuleList(
             TNLBlock(d_model, n_heads, self.d_ff, decay_rates(decay, n_heads, i, n_layers), lrpe, block_size, dropout)
             for i in range(n_layers))
-        self.norm = SimpleRMSNorm(d_model)
-        self.head = nn.Linear(d_model, vocab_size, bias=False)
-        if tie_embeddings:
-            self.head.weight = self.embed.weight
+        self.add_head(SimpleRMSNorm(d_model), tie_embeddings)
         resid_std = 0.02 / math.sqrt(2 * n_layers)
         for m in self.modules():
             if isinstance(m, (nn.Linear, nn.Embedding)):
@@ -215,24 +170,6 @@ class TransNormer(Backbone):
         x = self.run_blocks(self.blocks, self.emb_dropout(self.embed(input_ids)))
         return self.norm(x)
 
-    def logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        return self.head(hidden)
-
-    def init_state(self, batch_size: int) -> list:
-        p = self.embed.weight
-        dk = self.d_model // self.n_heads * (2 if self.lrpe else 1)
-        dv = self.d_model // self.n_heads
-        return [(p.new_zeros(batch_size, self.n_heads, dk, dv), 0) for _ in self.blocks]
-
-    def step(self, input_ids: torch.Tensor, state: list) -> tuple[torch.Tensor, list]:
-        """(B,) token ids at the next position -> ((B, d_model) hidden, new state)."""
-        x = self.embed(input_ids)
-        new = []
-        for block, st in zip(self.blocks, state):
-            x, st = block.step(x, st)
-            new.append(st)
-        return self.norm(x), new
-
     def flops_per_token(self, seq_len: int) -> float:
         """Training FLOPs per token (3 x forward, 2 per multiply-add):
 
@@ -243,8 +180,7 @@ class TransNormer(Backbone):
         full b = min(block_size, seq_len) block, masked half included) and the inter-block part
         4 * d_qk * d_v (reading and updating the state), with d_qk = 2 d_v under LRPE. Norms, gates,
         decays are ignored."""
-        skip = {id(self.embed.weight), id(self.head.weight)}
-        n = sum(p.numel() for p in {id(p): p for p in self.parameters()}.values() if id(p) not in skip)
+        n = self.non_embedding_parameters()
         dv = self.d_model // self.n_heads
         dk = dv * (2 if self.lrpe else 1)
         b = min(self.block_size, seq_len)

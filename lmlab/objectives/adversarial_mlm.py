@@ -42,10 +42,11 @@ import torch.nn.functional as F
 from torch import nn
 
 from lmlab.attention import BIDIRECTIONAL
+from lmlab.data.tasks import labelled_rows, resolve_task
 from lmlab.errors import UserError
-from lmlab.evaluation.common import features, labelled_rows, pad_rows, resolve_task
 from lmlab.objectives.base import Objective, Prepared
 from lmlab.objectives.mlm import MLM
+from lmlab.readout import features, pad_rows
 
 
 class AdversarialMLM(MLM, nn.Module):
@@ -54,15 +55,18 @@ class AdversarialMLM(MLM, nn.Module):
     Args: ``lam`` (the adversarial weight), ``bound`` (cap the encoder's term at chance, ``log C``),
     ``task`` (label column; null = the source's first task),
     ``head_batch_size`` (labelled rows per step), ``pooling`` (mean | concat), ``d_model`` (the
-    backbone's width: the YAML interpolates ``${model.d_model}``), and MLM's masking arguments.
+    backbone's width, passed by the pipeline as models receive ``vocab_size``), and MLM's masking arguments.
     """
 
-    def __init__(self, d_model: int, lam: float = 1.0, task: str | None = None, head_batch_size: int = 64,
+    def __init__(self, d_model: int | None = None, lam: float = 1.0, task: str | None = None, head_batch_size: int = 64,
                  pooling: str = "mean", mask_prob: float = 0.15, mask_token_frac: float = 0.8,
                  random_token_frac: float = 0.1, vocab_size: int | None = None, bound: bool = False) -> None:
         nn.Module.__init__(self)
         MLM.__init__(self, mask_prob=mask_prob, mask_token_frac=mask_token_frac,
                      random_token_frac=random_token_frac, vocab_size=vocab_size)
+        if d_model is None:
+            raise UserError("adversarial_mlm needs the model's width: the pipeline passes it as objective.d_model; "
+                            "set it when building the objective by hand.")
         if pooling not in ("mean", "concat"):
             raise UserError(f"unknown objective.pooling {pooling!r}: choose mean or concat.")
         if int(head_batch_size) < 1:

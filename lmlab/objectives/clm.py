@@ -16,14 +16,8 @@ import torch.nn.functional as F
 from lmlab.attention import CAUSAL, Attention, padding_of
 from lmlab.data.datamodule import collate
 from lmlab.objectives.base import Objective, Prepared
+from lmlab.readout import model_device
 from lmlab.vocab import PAD_ID
-
-
-def model_device(model) -> torch.device:
-    try:
-        return next(model.parameters()).device
-    except (StopIteration, AttributeError):
-        return torch.device("cpu")
 
 
 class CLM(Objective):

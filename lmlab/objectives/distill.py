@@ -1,12 +1,12 @@
 """Knowledge distillation from a teacher run (Hinton, Vinyals & Dean 2015, "Distilling the Knowledge in a
 Neural Network", arXiv 1503.02531), the soft-target loss mixed with the hard-label loss.
 
-The teacher is a finished lmlab run directory (``teacher``), rebuilt with ``lmlab.pipeline.load_run``; it
-may be another architecture as long as it has the same tokenizer (same vocabulary size, else a
-``UserError``) and honours the student's attention pattern. It is frozen (eval mode, no gradients) and is
-not part of the student's parameters or checkpoint. The student's task is ``base`` (an objective config,
-default next-token ``CLM``): its ``prepare`` gives inputs, targets and the positions that count, and the
-teacher reads the same inputs. At those positions, with temperature ``tau``::
+The teacher is a finished lmlab run directory (``teacher``) whose model alone is built for the student's
+attention pattern (``lmlab.run_dir.load_backbone``); it may be another architecture as long as it has the
+same tokenizer (same vocabulary size, else a ``UserError``) and can honour that pattern. It is frozen (eval
+mode, no gradients) and is not part of the student's parameters or checkpoint. The student's task is
+``base`` (an objective config, default next-token ``CLM``): its ``prepare`` gives inputs, targets and the
+positions that count, and the teacher reads the same inputs. At those positions, with temperature ``tau``::
 
     loss = alpha * tau^2 * KL(softmax(t / tau) || softmax(s / tau)) + (1 - alpha) * CE(s, targets)
 
@@ -25,23 +25,25 @@ import torch.nn.functional as F
 
 from lmlab.errors import UserError
 from lmlab.objectives.base import Objective, Prepared
-from lmlab.objectives.clm import CLM, model_device
+from lmlab.objectives.clm import CLM
+from lmlab.readout import model_device
+from lmlab.run_dir import load_backbone, model_args
 
 
-def load_backbone(run_dir: str | Path | None, vocab_size: int, role: str, key: str):
-    """The trained backbone of a finished lmlab run (frozen, eval mode, on the CPU) and the attention kind
-    its objective trained with; refuses a run with another vocabulary."""
+def frozen_backbone(run_dir: str | Path | None, vocab_size: int, role: str, key: str,
+                    attention: str | None = None):
+    """The trained backbone of a finished lmlab run (frozen, eval mode, on the CPU; built for ``attention``,
+    default the pattern it was trained with) and the attention kind its objective trained with; refuses a run
+    with another vocabulary."""
     if not run_dir:
         raise UserError(f"the {role} run is not set: set objective.{key} to a finished lmlab run directory.")
-    from lmlab.pipeline import load_run
-
-    _, module, _, _ = load_run(Path(run_dir), eval_cfg={})
-    model = module.model
-    if model.vocab_size != vocab_size:
-        raise UserError(f"the {role} run {run_dir} has a vocabulary of {model.vocab_size} tokens but the data has "
-                        f"{vocab_size}: use a {role} trained with the same tokenizer.")
+    args = model_args(run_dir)
+    if args["vocab_size"] != vocab_size:
+        raise UserError(f"the {role} run {run_dir} has a vocabulary of {args['vocab_size']} tokens but the data "
+                        f"has {vocab_size}: use a {role} trained with the same tokenizer.")
+    model = load_backbone(run_dir, attention)
     model.eval().requires_grad_(False)
-    return model, module.objective.attention
+    return model, args["attention"]
 
 
 def distill_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, targets: torch.Tensor,
@@ -70,10 +72,7 @@ class Distill(Objective):
 
     def bind(self, source, splits) -> None:
         self.base.bind(source, splits)
-        model, _ = load_backbone(self.teacher_dir, source.vocab_size, "teacher", "teacher")
-        if self.attention not in getattr(model, "supported_attention", (self.attention,)):
-            raise UserError(f"the teacher {type(model).__name__} cannot attend {self.attention!r} as the student's "
-                            "task needs: choose a teacher that can, or another objective.base.")
+        model, _ = frozen_backbone(self.teacher_dir, source.vocab_size, "teacher", "teacher", self.attention)
         self._teacher = [model]
 
     @property

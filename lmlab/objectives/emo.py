@@ -41,6 +41,7 @@ from torch import nn
 from lmlab.errors import UserError
 from lmlab.objectives.base import Prepared
 from lmlab.objectives.clm import CLM
+from lmlab.run_dir import load_backbone
 
 MODES = ("1", "2", "pure")
 COSTS = ("frozen_init_copy", "tied_detached", "checkpoint")
@@ -105,10 +106,7 @@ class EMO(CLM, nn.Module):
 
     def _load_checkpoint(self, path: Path) -> torch.Tensor:
         if path.is_dir():
-            from lmlab.pipeline import load_run
-
-            _, module, _, _ = load_run(path, eval_cfg={})
-            matrix = head_matrix(module.model).cpu()
+            matrix = head_matrix(load_backbone(path)).cpu()
         elif path.is_file():
             matrix = torch.load(path, map_location="cpu")
             if not isinstance(matrix, torch.Tensor) or matrix.ndim != 2:

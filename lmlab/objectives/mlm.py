@@ -32,7 +32,7 @@ import torch.nn.functional as F
 from lmlab.attention import BIDIRECTIONAL, Attention, padding_of
 from lmlab.errors import UserError
 from lmlab.objectives.base import Objective, Prepared
-from lmlab.objectives.clm import model_device
+from lmlab.readout import model_device
 from lmlab.vocab import MASK_ID, N_SPECIAL, PAD_ID
 
 

@@ -26,20 +26,21 @@ contract carries only causal/bidirectional/prefix attention, so here the i-th to
 predicted from the coarse MASK's hidden state plus a learned offset embedding ``fine_offset[i]``, through
 the model's LM head. ``loss = CE_coarse + fine_weight * CE_fine`` (each a mean over its targets).
 
-Enhanced n-gram relation modelling (``relation=true``; off by default). A small generator, lmlab's
-``Transformer`` with bidirectional attention, ``generator_layers`` deep and about ``generator_width_factor``
-times the model's width (the paper: one third of the hidden size; it does not give the depth, so the default
-is the model's ``n_layers``, as in ELECTRA), is trained with the explicit n-gram MLM above (coarse only,
-its own softmax over vocabulary + V_N) on the same masked row. For every masked slot an identity
-y' ~ p_G(y | masked row) is sampled (special tokens excluded; inverse-CDF sampling with uniforms from
-``batch["seed"]``; no gradient through the sample) and put in the slot: a word as itself, an n-gram as its
-row of the n-gram input embedding. The paper extends the embedding table to vocabulary + V_N; here the n-gram
-rows are ``ngram_head``'s weights (tied, as the model's token embedding is tied to its LM head by default),
-injected by a forward hook on the model's ``embed``. A sampled n-gram fills one slot, so the corrupted row has
-the collator's shortened length. The model reads the corrupted row once and (a) predicts the original
-identities (coarse + fine, as above) at the masked slots, and (b) a replaced-token-detection head
-(``rtd_head``, a Linear on its hidden states) tells at every real position whether the identity there
-differs from the original (only masked slots whose sample differs from the original count as replaced)::
+Enhanced n-gram relation modelling (``relation=true``; off by default). A small generator, the model config
+``generator`` (a backbone factory, Hydra ``_partial_``: lmlab's ``Transformer``, 2 layers deep by default; the
+paper does not give the depth) built with bidirectional attention at about ``generator_width_factor`` times
+the model's width (the paper: one third of the hidden size) in heads of ``generator_head_dim``, is trained
+with the explicit n-gram MLM above (coarse only, its own softmax over vocabulary + V_N) on the same masked
+row. For every masked slot an identity y' ~ p_G(y | masked row) is sampled (special tokens excluded;
+inverse-CDF sampling with uniforms from ``batch["seed"]``; no gradient through the sample) and put in the
+slot: a word as itself, an n-gram as its row of the n-gram input embedding. The paper extends the embedding
+table to vocabulary + V_N; here the n-gram rows are ``ngram_head``'s weights (tied, as the model's token
+embedding is tied to its LM head by default), injected by a forward hook on the model's ``embed``. A sampled
+n-gram fills one slot, so the corrupted row has the collator's shortened length. The model reads the corrupted
+row once and (a) predicts the original identities (coarse + fine, as above) at the masked slots, and (b) a
+replaced-token-detection head (``rtd_head``, a Linear on its hidden states) tells at every real position
+whether the identity there differs from the original (only masked slots whose sample differs from the original
+count as replaced)::
 
     loss = CE_gen + CE_coarse + fine_weight * CE_fine + rtd_weight * BCE_rtd
 
@@ -56,8 +57,8 @@ from __future__ import annotations
 import json
 import math
 import os
-import tempfile
 from collections import Counter
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -68,8 +69,7 @@ from torch import nn
 
 from lmlab.attention import BIDIRECTIONAL, Attention, padding_of
 from lmlab.errors import UserError
-from lmlab.io import config_hash
-from lmlab.models.transformer import Transformer
+from lmlab.io import config_hash, write_json
 from lmlab.objectives.base import Prepared
 from lmlab.objectives.mlm import MLM
 from lmlab.vocab import MASK_ID, N_SPECIAL, PAD_ID
@@ -148,18 +148,29 @@ def sample_identities(logits: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
 
 
 class NgramMLM(MLM, nn.Module):
-    """Explicit n-gram masked language modelling with comprehensive n-gram prediction."""
+    """Explicit n-gram masked language modelling with comprehensive n-gram prediction.
+
+    Args: ``d_model`` (the model's width, passed by the pipeline), ``max_n``, ``top_k``, ``min_count`` (the
+    lexicon), ``mask_prob``, ``fine_weight``, ``cache_dir``; for ``relation=true``: ``generator`` (a callable
+    ``generator(vocab_size=, attention=, d_model=, n_heads=) -> backbone``, the YAML's partial model config),
+    ``generator_width_factor``, ``generator_head_dim``, ``rtd_weight``.
+    """
 
     attention = BIDIRECTIONAL
 
     def __init__(self, d_model: int | None = None, max_n: int = 3, top_k: int = 100, min_count: int = 5,
                  mask_prob: float = 0.15, fine_weight: float = 1.0, cache_dir: str | None = None,
-                 relation: bool = False, generator_layers: int = 2, generator_width_factor: float = 1 / 3,
-                 generator_head_dim: int = 16, rtd_weight: float = 1.0) -> None:
+                 relation: bool = False, generator: Callable[..., nn.Module] | None = None,
+                 generator_width_factor: float = 1 / 3, generator_head_dim: int = 16,
+                 rtd_weight: float = 1.0) -> None:
         nn.Module.__init__(self)
         MLM.__init__(self, mask_prob=mask_prob)
         if d_model is None:
-            raise UserError("ngram_mlm needs the model's width: set objective.d_model to the model's d_model.")
+            raise UserError("ngram_mlm needs the model's width: the pipeline passes it as objective.d_model; "
+                            "set it when building the objective by hand.")
+        if relation and generator is None:
+            raise UserError("objective.relation=true needs objective.generator, a model config with _target_ "
+                            "and _partial_: true: see conf/objective/ngram_mlm.yaml.")
         if max_n < 2:
             raise UserError(f"objective.max_n={max_n} leaves no n-grams: set it to 2 or more.")
         self.d_model, self.max_n, self.top_k, self.min_count = d_model, max_n, top_k, min_count
@@ -170,10 +181,10 @@ class NgramMLM(MLM, nn.Module):
         nn.init.normal_(self.fine_offset.weight, std=0.02)
         self.ngram_head: nn.Linear | None = None
         self.relation, self.rtd_weight = relation, rtd_weight
-        self.generator_layers, self.generator_head_dim = generator_layers, generator_head_dim
+        self.make_generator, self.generator_head_dim = generator, generator_head_dim
         self.generator_width = generator_head_dim * max(1, round(d_model * generator_width_factor / generator_head_dim))
         # built with the lexicon, after the model (so the model's initialisation does not depend on relation)
-        self.generator: Transformer | None = None
+        self.generator: nn.Module | None = None
         self.generator_ngram_head: nn.Linear | None = None
         self.rtd_head: nn.Linear | None = None
 
@@ -190,11 +201,7 @@ class NgramMLM(MLM, nn.Module):
             lexicon = build_lexicon(splits["train"].with_format(None)["input_ids"], self.max_n, self.top_k,
                                     self.min_count)
             if path is not None:
-                path.parent.mkdir(parents=True, exist_ok=True)
-                fd, tmp = tempfile.mkstemp(prefix=".tmp-", dir=path.parent)
-                with os.fdopen(fd, "w") as f:
-                    json.dump({"settings": settings, "lexicon": lexicon}, f)
-                os.replace(tmp, path)
+                write_json(path, {"settings": settings, "lexicon": lexicon})
         self.set_lexicon(lexicon)
 
     def set_lexicon(self, lexicon: list[Ngram]) -> None:
@@ -206,8 +213,8 @@ class NgramMLM(MLM, nn.Module):
         nn.init.normal_(self.ngram_head.weight, std=0.02)
         if self.relation:
             width = self.generator_width
-            self.generator = Transformer(self.vocab_size, BIDIRECTIONAL, d_model=width,
-                                         n_layers=self.generator_layers, n_heads=width // self.generator_head_dim)
+            self.generator = self.make_generator(vocab_size=self.vocab_size, attention=BIDIRECTIONAL, d_model=width,
+                                                 n_heads=width // self.generator_head_dim)
             self.generator_ngram_head = nn.Linear(width, len(self.lexicon), bias=False)
             nn.init.normal_(self.generator_ngram_head.weight, std=0.02)
             self.rtd_head = nn.Linear(self.d_model, 1)

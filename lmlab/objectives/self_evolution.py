@@ -35,7 +35,7 @@ from torch import nn
 from lmlab.attention import BIDIRECTIONAL, PREFIX, Attention, padding_of
 from lmlab.errors import UserError
 from lmlab.objectives.base import Prepared
-from lmlab.objectives.distill import load_backbone
+from lmlab.objectives.distill import frozen_backbone
 from lmlab.objectives.mlm import MLM
 from lmlab.vocab import MASK_ID, N_SPECIAL, PAD_ID
 
@@ -90,7 +90,7 @@ class SelfEvolution(MLM, nn.Module):
 
     def bind(self, source, splits) -> None:
         MLM.bind(self, source, splits)
-        scorer, kind = load_backbone(self.scorer_dir, source.vocab_size, "scorer", "scorer")
+        scorer, kind = frozen_backbone(self.scorer_dir, source.vocab_size, "scorer", "scorer")
         if self.init_from_scorer:
             self._scorer_state = {k: v.clone() for k, v in scorer.state_dict().items()}
         rows = {tuple(r) for name in ("train", "validation") if name in splits

@@ -33,6 +33,7 @@ import numpy as np
 
 from lmlab.io import write_text
 from lmlab.report.summary import gather
+from lmlab.run_dir import CONFIG, RESULTS, read_config, read_results
 from lmlab.stats import t_interval
 
 DEFAULT_TOLERANCE = 0.05  # nats: the largest gap to the optimum that counts as "the same, minimal loss"
@@ -54,7 +55,8 @@ RULE = (
     "seeds t(0.975, 2) = 4.30, so only effects several times the seed-to-seed spread are decided."
 )
 
-# The paper's numbers (PAPER_SAME_LOSS.md, "[paper]": read from the text, not checked line by line).
+# The paper's numbers (Liu, Xie, Li & Ma, ICML 2023, arXiv 2210.14199; "[paper]": read from its text, not
+# checked line by line).
 PAPER = {
     ("continue", "acc"): {"pcfg": "+1.6 pts (task C, SGD constant lr)", "hmm": "+4.0 pts (task z_10)"},
     ("continue", "trace"): {"pcfg": "falls (no number)", "hmm": "falls (no number)"},
@@ -146,16 +148,14 @@ def load_runs(path: str | Path) -> list[Run]:
     for sweep in job_dirs(Path(path)):
         for row in gather(sweep):
             run_dir = sweep / row["job"]
-            results_file = run_dir / "results.json"
-            config_file = run_dir / "config_resolved.yaml"
-            if results_file.exists() and row["status"] == "done":
-                results = json.loads(results_file.read_text())
+            if (run_dir / RESULTS).exists() and row["status"] == "done":
+                results = read_results(run_dir)
                 cfg = results.get("config", {})
                 history = results.get("history", [])
-            elif config_file.exists():
+            elif (run_dir / CONFIG).exists():
                 from omegaconf import OmegaConf
 
-                cfg = OmegaConf.to_container(OmegaConf.load(config_file))
+                cfg = OmegaConf.to_container(read_config(run_dir))
                 history = []
             else:
                 continue
@@ -484,9 +484,9 @@ def write_report(path: str | Path, tolerance: float | None = None) -> Path:
         counts[r.status] += 1
     md = ["# Same pre-training loss, better downstream: the rerun, claim by claim", "",
           "Liu, Xie, Li & Ma, *Same Pre-training Loss, Better Downstream: Implicit Bias Matters for Language "
-          "Models*, ICML 2023, arXiv 2210.14199. The paper's numbers below are read from its text "
-          "(../shared/reference/PAPER_SAME_LOSS.md), at 235M parameters on its own PCFG; ours come from much "
-          "smaller models and data, so compare directions and confidence, not magnitudes.", ""]
+          "Models*, ICML 2023, arXiv 2210.14199 (https://arxiv.org/abs/2210.14199). The paper's numbers below "
+          "are read from its text, at 235M parameters on its own PCFG; ours come from much smaller models and "
+          "data, so compare directions and confidence, not magnitudes.", ""]
     if settings:
         note = f", {settings['note']}" if settings.get("note") else ""
         md += [f"Profile: **{settings.get('profile', '?')}**" + note

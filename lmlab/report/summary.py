@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import csv
 import io
-import json
 from pathlib import Path
 from typing import Any
 
@@ -15,9 +14,9 @@ from rich.console import Console
 from rich.table import Table
 
 from lmlab.io import write_text
+from lmlab.run_dir import RESULTS, failure, is_done, read_results
 
 FIXED = ["job", "overrides", "status", "reason"]
-last_summary: list[dict[str, Any]] = []  # the rows of the latest sweep, for the CLI's exit status
 
 
 def job_row(job_dir: Path) -> dict[str, Any]:
@@ -26,12 +25,13 @@ def job_row(job_dir: Path) -> dict[str, Any]:
     overrides = OmegaConf.to_container(OmegaConf.load(overrides_file)) if overrides_file.exists() else []
     row: dict[str, Any] = {"job": job_dir.name, "overrides": " ".join(overrides), "status": "incomplete",
                            "reason": ""}
-    if (job_dir / "DONE").exists() and (job_dir / "results.json").exists():
+    reason = failure(job_dir)
+    if is_done(job_dir) and (job_dir / RESULTS).exists():
         row["status"] = "done"
-        row.update(json.loads((job_dir / "results.json").read_text())["metrics"])
-    elif (job_dir / "FAILED").exists():
+        row.update(read_results(job_dir)["metrics"])
+    elif reason is not None:
         row["status"] = "failed"
-        row["reason"] = (job_dir / "FAILED").read_text().strip()
+        row["reason"] = reason
     return row
 
 
@@ -113,7 +113,6 @@ class SweepSummary(Callback):
     def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
         sweep_dir = Path(config.hydra.sweep.dir)
         rows = write_summary(sweep_dir)
-        last_summary[:] = rows
         console = Console()
         console.print(rich_table(rows, title=f"sweep {sweep_dir}"))
         for r in rows:

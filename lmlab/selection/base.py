@@ -6,25 +6,26 @@ so every job of a sweep selects once. Methods that need a target set or referenc
 PreSelect, ...) receive the target set (``lmlab.pipeline.selection_target``: the data's ``target`` split,
 else its validation split) and a work directory.
 
-``select`` may return any dataset with the pool's columns, not only a subset of the pool (augmentation
-such as ``rephrase`` adds new rows). A selector may set ``self.report`` (a JSON-able dict of counts, e.g.
-rows removed by each rule) in ``select``: ``run`` saves it as ``selection_report.json`` in the cache entry
-and restores it on a cache hit, so ``selector.report`` is set after every ``run``. ``run`` also receives the
-data source (``self.source``; ``None`` when the caller does not pass it) for selectors that decode tokens.
+``select`` returns a ``Selection``: the selected dataset (any dataset with the pool's columns, not only a
+subset of the pool: augmentation such as ``rephrase`` adds new rows), its per-row scores where the method
+scores, and its ``report`` (a JSON-able dict of counts, e.g. rows removed by each rule, or ``None``). ``run``
+saves the report as ``selection_report.json`` in the cache entry and reads it back on a cache hit. ``run``
+also receives the data source (``self.source``; ``None`` when the caller does not pass it) for selectors that
+decode tokens.
 
 ``run`` also writes ``selection.json`` (``STATS``) in the cache entry: pool and selection sizes and, where
 the pool has an ``origin`` column (planted-structure data, ``lmlab.data.planted``: 0 = target), the
-selection's ``precision`` (share of origin 0) against the pool's; ``self.stats`` holds the same after every
-``run`` (the pipeline adds it to the results as ``selection/*``). A selector that acts during training (a
-curriculum) returns its Lightning callbacks from ``training_callbacks(datamodule)``.
+selection's ``precision`` (share of origin 0) against the pool's. The ``Selection`` that ``run`` returns
+holds the same (``stats``; the pipeline adds it to the results as ``selection/*``) and its cache entry
+(``cache_path``). A selector that acts during training (a curriculum) returns its Lightning callbacks from
+``training_callbacks(datamodule, selection)``; they may add what they measure to ``selection.report``.
 """
 
 from __future__ import annotations
 
 import json
 import os
-import shutil
-import tempfile
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -32,10 +33,26 @@ import numpy as np
 from datasets import Dataset, load_from_disk
 
 from lmlab.errors import UserError
-from lmlab.io import config_hash, write_json
+from lmlab.io import atomic_dir, config_hash, write_json
 
 REPORT = "selection_report.json"
 STATS = "selection.json"
+SCORES = "scores.npy"
+SELECTED = "selected"
+
+
+@dataclass
+class Selection:
+    """What a selection produced: the ``dataset`` training uses, one score per pool row (``scores``, or
+    ``None`` where the method does not score), the method's ``report`` (JSON-able, or ``None``), and, from
+    ``Selector.run``, the sizes and precision (``stats``, see ``selection_stats``) and the cache entry that
+    holds them (``cache_path``; ``None`` when the pool passed through)."""
+
+    dataset: Dataset
+    scores: np.ndarray | None = None
+    report: dict[str, Any] | None = None
+    stats: dict[str, float] = field(default_factory=dict)
+    cache_path: Path | None = None
 
 
 class Selector:
@@ -43,10 +60,7 @@ class Selector:
 
     fraction: float = 1.0
     fraction_fix: str = "raise selection.fraction"  # the fix named when ``select`` would keep no rows
-    report: dict[str, Any] | None = None  # set by ``select`` (or restored by ``run``): what it removed/added
     source: Any = None  # the data source, set by ``run`` when the caller passes it
-    stats: dict[str, float] = {}  # set by ``run``: sizes and, on planted data, precision (``STATS``)
-    cache_path: Path | None = None  # set by ``run``: the cache entry (selected/, scores.npy, STATS)
 
     def __init__(self, **config: Any) -> None:
         self.config = config
@@ -56,66 +70,62 @@ class Selector:
         """True when the selector keeps the pool as it is (it overrides neither ``score`` nor ``select``)."""
         return type(self).score is Selector.score and type(self).select is Selector.select
 
-    def training_callbacks(self, datamodule) -> list:
-        """Lightning callbacks that the selection needs during training (none by default)."""
+    def training_callbacks(self, datamodule, selection: Selection | None = None) -> list:
+        """Lightning callbacks that the selection needs during training (none by default). They may add what
+        they measure to ``selection.report`` by the end of training."""
         return []
 
     def score(self, pool: Dataset, target: Dataset | None, workdir: Path) -> np.ndarray | None:
         """One score per pool row (higher = keep first), or ``None`` to keep the pool as it is."""
         return None
 
-    def select(self, pool: Dataset, target: Dataset | None, workdir: Path) -> tuple[Dataset, np.ndarray | None]:
+    def select(self, pool: Dataset, target: Dataset | None, workdir: Path) -> Selection:
         scores = self.score(pool, target, workdir)
         if scores is None:
-            return pool, None
+            return Selection(pool)
         keep = top_fraction(scores, self.fraction)
         if len(keep) == 0:
             raise UserError(f"selection {type(self).__name__} keeps no rows of the {len(pool)}-row pool: "
                             f"{self.fraction_fix}.")
-        return pool.select(keep), scores
+        return Selection(pool.select(keep), scores)
 
     def run(self, pool: Dataset, target: Dataset | None, cache_dir: str | os.PathLike, data_key: str,
-            source: Any = None) -> Dataset:
-        """``select``, cached under ``cache_dir/selection/<data key>-<selector key>`` with its scores
-        (``scores.npy``) and report (``selection_report.json``)."""
+            source: Any = None) -> Selection:
+        """``select``, cached under ``cache_dir/selection/<data key>-<selector key>`` (``selected/``, its
+        ``scores.npy``, its stats ``selection.json`` and its report ``selection_report.json``), the entry built
+        in a temporary folder and renamed (``lmlab.io.atomic_dir``: a concurrent job's entry wins). The
+        returned ``Selection`` is read from the entry, whether this call built it or found it."""
         if source is not None:
             self.source = source
         if self.passes_through:
-            self.stats = selection_stats(pool, pool)
-            return pool
+            return Selection(pool, stats=selection_stats(pool, pool))
         if not isinstance(pool, Dataset):
             raise UserError(f"selection {type(self).__name__} needs the pool as a dataset, not memory-mapped "
                             "shards: use selection=none with data=shards, or write the selected data to shards.")
         key = f"{data_key}-{type(self).__name__}-{config_hash(self.config)}"
         path = Path(cache_dir) / "selection" / key
-        self.cache_path = path
-        if (path / "selected" / "dataset_info.json").exists():
-            if (path / STATS).exists():
-                self.stats = json.loads((path / STATS).read_text())
-            if (path / REPORT).exists():
-                self.report = json.loads((path / REPORT).read_text())
-            return load_from_disk(str(path / "selected"))
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(prefix=".tmp-", dir=path.parent))
-        try:
-            selected, scores = self.select(pool, target, tmp)
-            if len(selected) == 0:
-                raise UserError(f"selection {type(self).__name__} kept no rows of the {len(pool)}-row pool: "
-                                "raise its fraction or check its target.")
-            selected.save_to_disk(str(tmp / "selected"))
-            self.stats = selection_stats(pool, selected)
-            write_json(tmp / STATS, self.stats)
-            if scores is not None:
-                np.save(tmp / "scores.npy", scores)
-            if self.report is not None:
-                write_json(tmp / REPORT, self.report)
-            try:
-                os.replace(tmp, path)
-            except OSError:  # a concurrent job selected first
-                pass
-        finally:
-            shutil.rmtree(tmp, ignore_errors=True)
-        return load_from_disk(str(path / "selected"))
+        if not (path / SELECTED / "dataset_info.json").exists():
+            with atomic_dir(path) as tmp:
+                out = self.select(pool, target, tmp)
+                if len(out.dataset) == 0:
+                    raise UserError(f"selection {type(self).__name__} kept no rows of the {len(pool)}-row pool: "
+                                    "raise its fraction or check its target.")
+                out.dataset.save_to_disk(str(tmp / SELECTED))
+                write_json(tmp / STATS, selection_stats(pool, out.dataset))
+                if out.scores is not None:
+                    np.save(tmp / SCORES, out.scores)
+                if out.report is not None:
+                    write_json(tmp / REPORT, out.report)
+        return read_selection(path)
+
+
+def read_selection(path: Path) -> Selection:
+    """The ``Selection`` held by the cache entry ``path`` (see ``Selector.run``)."""
+    def read(name: str):
+        return json.loads((path / name).read_text()) if (path / name).exists() else None
+
+    scores = np.load(path / SCORES) if (path / SCORES).exists() else None
+    return Selection(load_from_disk(str(path / SELECTED)), scores, read(REPORT), read(STATS) or {}, path)
 
 
 def top_fraction(scores: np.ndarray, fraction: float) -> np.ndarray:

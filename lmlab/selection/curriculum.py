@@ -44,7 +44,7 @@ import torch
 from datasets import Dataset
 
 from lmlab.errors import UserError
-from lmlab.selection.base import Selector
+from lmlab.selection.base import Selection, Selector
 from lmlab.selection.reference import AuxLM, need_target, row_nll, rows_of, sample_rows, vocab_of
 
 KEYS = ("length", "reference_loss", "random")
@@ -184,7 +184,7 @@ class Curriculum(Selector):
         d = self.difficulty(pool, target)
         return d if self.config["reverse"] else -d
 
-    def select(self, pool: Dataset, target: Dataset | None, workdir: Path):
+    def select(self, pool: Dataset, target: Dataset | None, workdir: Path) -> Selection:
         scores = self.score(pool, target, workdir)
         keep = int(round(self.fraction * len(pool)))
         if keep < 1:
@@ -192,15 +192,21 @@ class Curriculum(Selector):
                             "selection.fraction.")
         order = np.argsort(-scores, kind="stable")[:keep]  # easiest first
         first = order[: stage_rows(keep, self.config["start"])]
+        report = None
         if "origin" in pool.column_names:
             origin = np.asarray(pool.with_format(None)["origin"])
-            self.report = {**(self.report or {}), "first_stage_precision": float(np.mean(origin[first] == 0))}
-        return pool.select(order), scores
+            report = {"first_stage_precision": float(np.mean(origin[first] == 0))}
+        return Selection(pool.select(order), scores, report)
 
-    def training_callbacks(self, datamodule) -> list:
+    def training_callbacks(self, datamodule, selection: Selection | None = None) -> list:
+        """The stage release; it adds ``served_precision`` and ``served_rows`` to ``selection.report``."""
         n = len(datamodule.splits["train"])
         c = self.config
         stages = datamodule.use_stages(stage_rows(n, c["start"]))
-        self.report = self.report if self.report is not None else {}
+        report: dict = {}
+        if selection is not None:
+            if selection.report is None:
+                selection.report = report
+            report = selection.report
         return [CurriculumCallback(stages, datamodule, n, c["step"], c["patience"], c["threshold"], c["every"],
-                                   report=self.report)]
+                                   report=report)]

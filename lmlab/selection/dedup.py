@@ -37,7 +37,7 @@ import numpy as np
 from datasets import Dataset
 
 from lmlab.errors import UserError
-from lmlab.selection.base import Selector
+from lmlab.selection.base import Selection, Selector
 from lmlab.vocab import N_SPECIAL
 
 MERSENNE = np.uint64((1 << 61) - 1)
@@ -209,7 +209,7 @@ class Dedup(Selector):
         self.exact, self.near, self.seed = bool(exact), bool(near), int(seed)
         self.recall_weight = float(recall_weight)
 
-    def select(self, pool: Dataset, target: Dataset | None, workdir: Path) -> tuple[Dataset, np.ndarray]:
+    def select(self, pool: Dataset, target: Dataset | None, workdir: Path) -> Selection:
         rows = pool.with_format(None)["input_ids"]
         exact = exact_duplicates(rows) if self.exact else np.zeros(len(rows), dtype=bool)
         near = np.zeros(len(rows), dtype=bool)
@@ -218,6 +218,6 @@ class Dedup(Selector):
             near[rest] = near_duplicates([rows[i] for i in rest], self.threshold, self.num_perm, self.ngram,
                                          self.seed, self.recall_weight)
         keep = ~(exact | near)
-        self.report = {"pool_rows": len(rows), "kept_rows": int(keep.sum()), "removed_exact": int(exact.sum()),
-                       "removed_near": int(near.sum())}
-        return pool.select(np.flatnonzero(keep)), keep.astype(np.float64)
+        report = {"pool_rows": len(rows), "kept_rows": int(keep.sum()), "removed_exact": int(exact.sum()),
+                  "removed_near": int(near.sum())}
+        return Selection(pool.select(np.flatnonzero(keep)), keep.astype(np.float64), report)

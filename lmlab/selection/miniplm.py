@@ -12,7 +12,7 @@ corpus order. The paper's README writes log p(x) / log p_ref(x); we follow the c
 Models, scaled down for lmlab:
 
 * TEACHER: ``teacher=<run dir>``, a finished lmlab run trained with ``objective=clm`` on the same
-  vocabulary (loaded with ``lmlab.pipeline.load_run``), or ``teacher=null``: lmlab trains a larger
+  vocabulary (its model loaded with ``lmlab.run_dir.load_backbone``), or ``teacher=null``: lmlab trains a larger
   transformer (``teacher_d_model``, ``teacher_layers``) on the target set. The paper's teacher is a large
   LM trained on the general corpus; a target-trained teacher makes r point at the target distribution.
 * REFERENCE: a small transformer that lmlab trains on a random sample of the pool (``ref_rows``); the paper

@@ -29,14 +29,14 @@ Shum, Huang, Zeng, Liu, He, "Predictive Data Selection: The Data That Predicts I
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import numpy as np
 from datasets import Dataset
 
 from lmlab.errors import UserError
-from lmlab.selection.base import Selector
+from lmlab.run_dir import RESULTS, read_results
+from lmlab.selection.base import Selection, Selector
 from lmlab.selection.reference import AuxLM, load_reference, need_target, row_nll, rows_of, sample_rows, vocab_of
 
 
@@ -107,26 +107,26 @@ class PreSelect(Selector):
                          word_ngrams=word_ngrams, seed=seed)
         if runs is not None:
             for run in runs:
-                if not (Path(run).expanduser() / "results.json").exists():
+                if not (Path(run).expanduser() / RESULTS).exists():
                     raise UserError(f"the PreSelect family run {run} does not exist or is not finished (no "
-                                    "results.json): list finished lmlab run directories in selection.runs.")
+                                    f"{RESULTS}): list finished lmlab run directories in selection.runs.")
         self.fraction = fraction
         self.prior = AuxLM(d_model=d_model, n_layers=n_layers, steps=prior_steps, batch_size=batch_size, lr=lr)
         self.tune = AuxLM(d_model=d_model, n_layers=n_layers, batch_size=batch_size, lr=finetune_lr, warmup=0.0)
 
-    def family(self, rows, target: Dataset | None, vocab: int) -> tuple[list, np.ndarray]:
-        """The models and their downstream scores (see module docstring)."""
+    def family(self, rows, target: Dataset | None, vocab: int) -> tuple[list, np.ndarray, dict]:
+        """The models, their downstream scores (see module docstring) and what to report about them."""
         c = self.config
         if c["runs"] is not None:
             models, bench = [], []
             for run in c["runs"]:
-                metrics = json.loads((Path(run).expanduser() / "results.json").read_text()).get("metrics", {})
+                metrics = read_results(Path(run).expanduser()).get("metrics", {})
                 if c["metric"] not in metrics:
                     raise UserError(f"the PreSelect family run {run} has no metric {c['metric']!r}: set "
                                     "selection.metric to a metric all runs report.")
                 models.append(load_reference(run, vocab, "PreSelect family"))
                 bench.append(float(metrics[c["metric"]]))
-            return models, np.asarray(bench)
+            return models, np.asarray(bench), {}
         target_rows = need_target(target, "preselect with runs=null")
         if len(target_rows) < 2:
             raise UserError("selection preselect needs at least two target rows: enlarge the target split.")
@@ -141,14 +141,17 @@ class PreSelect(Selector):
                                  checkpoints=tuple(steps)) if max(steps) > 0 else [prior]
         bench = np.asarray([-row_nll(m, held).mean() for m in models])
         keep = max(int(np.argmax(bench)), 1) + 1  # early stopping: members up to the best held-out score
-        self.report = {**(self.report or {}), "family_members": keep, "family_best_step": steps[keep - 1]}
-        return models[:keep], bench[:keep]
+        return models[:keep], bench[:keep], {"family_members": keep, "family_best_step": steps[keep - 1]}
 
     def score(self, pool: Dataset, target: Dataset | None, workdir: Path) -> np.ndarray:
+        return self.scored(pool, target, workdir)[0]
+
+    def scored(self, pool: Dataset, target: Dataset | None, workdir: Path) -> tuple[np.ndarray, dict]:
+        """The classifier's score of every pool row, and the report (family, positives, mean strength)."""
         c = self.config
         rows = rows_of(pool)
         vocab = vocab_of(self.source, rows, rows_of(target) if target is not None else [])
-        models, bench = self.family(rows, target, vocab)
+        models, bench, report = self.family(rows, target, vocab)
         sample = np.sort(np.random.default_rng([c["seed"], 1]).permutation(len(rows))[: c["score_rows"]])
         docs = [rows[i] for i in sample]
         losses = np.stack([row_nll(m, docs, reduce="sum") for m in models])
@@ -163,15 +166,15 @@ class PreSelect(Selector):
         labels = [1] * len(pos) + [0] * len(neg)
         classifier = train_classifier(texts, labels, workdir, int(c["epoch"]), float(c["classifier_lr"]),
                                       int(c["word_ngrams"]), int(c["seed"]))
-        self.report = {**(self.report or {}), "family_scores": bench.tolist(), "positives": int(len(pos)),
-                       "strength_mean": float(strength.mean())}
-        return positive_probability(classifier, [as_words(r) for r in rows])
+        report = {**report, "family_scores": bench.tolist(), "positives": int(len(pos)),
+                  "strength_mean": float(strength.mean())}
+        return positive_probability(classifier, [as_words(r) for r in rows]), report
 
-    def select(self, pool: Dataset, target: Dataset | None, workdir: Path):
-        scores = self.score(pool, target, workdir)
+    def select(self, pool: Dataset, target: Dataset | None, workdir: Path) -> Selection:
+        scores, report = self.scored(pool, target, workdir)
         lengths = np.array([len(r) for r in pool.with_format(None)["input_ids"]])
         keep = token_budget_keep(scores, lengths, self.fraction)
         if len(keep) == 0:
             raise UserError(f"selection preselect keeps no rows of the {len(pool)}-row pool: raise "
                             "selection.fraction.")
-        return pool.select(keep), scores
+        return Selection(pool.select(keep), scores, report)

@@ -48,7 +48,7 @@ import numpy as np
 from datasets import Dataset
 
 from lmlab.errors import UserError
-from lmlab.selection.base import Selector
+from lmlab.selection.base import Selection, Selector
 from lmlab.vocab import N_SPECIAL
 
 STOP_WORDS = frozenset({"the", "be", "to", "of", "and", "that", "have", "with"})
@@ -177,7 +177,7 @@ class Quality(Selector):
         return [name for name, value, sign in checks
                 if r[name] is not None and (value > r[name] if sign > 0 else value < r[name])]
 
-    def select(self, pool: Dataset, target: Dataset | None, workdir: Path) -> tuple[Dataset, np.ndarray]:
+    def select(self, pool: Dataset, target: Dataset | None, workdir: Path) -> Selection:
         rows = pool.with_format(None)["input_ids"]
         decode = getattr(self.source, "decode", None) if self.text_rules else None
         if getattr(self.source, "tokenizer_kind", None) in ("dna", "protein"):
@@ -190,10 +190,10 @@ class Quality(Selector):
                 fails += self.text_failures(decode(row))
             failed.update(fails)
             keep[i] = not fails
-        self.report = {"pool_rows": len(rows), "kept_rows": int(keep.sum()), "removed": int((~keep).sum()),
-                       "text_rules": bool(callable(decode)), **{f"failed_{k}": v for k, v in sorted(failed.items())}}
+        report = {"pool_rows": len(rows), "kept_rows": int(keep.sum()), "removed": int((~keep).sum()),
+                  "text_rules": bool(callable(decode)), **{f"failed_{k}": v for k, v in sorted(failed.items())}}
         if not keep.any():
             worst = ", ".join(f"{k} ({v})" for k, v in failed.most_common(3))
             raise UserError(f"selection=quality removed all {len(rows)} rows (most failed: {worst}): loosen or "
                             "disable those rules (set them to null).")
-        return pool.select(np.flatnonzero(keep)), keep.astype(np.float64)
+        return Selection(pool.select(np.flatnonzero(keep)), keep.astype(np.float64), report)

@@ -4,11 +4,11 @@ One place for what those methods share:
 
 * ``AuxLM``: the size and training settings of a small causal LM that a selector trains itself. It is
   lmlab's own ``Transformer`` backbone trained with lmlab's ``CLM`` objective (``prepare`` / ``loss``) by a
-  plain AdamW loop (cosine schedule of ``lmlab.training.schedule``); batches come from
+  plain AdamW loop (cosine schedule of ``lmlab.schedule``); batches come from
   ``lmlab.data.datamodule.StepBatches`` and ``collate``, so a model is a pure function of (rows, settings, seed).
   ``AuxLM.train(rows, init=model)`` continues from a copy of ``model`` (a fine-tune).
 * ``row_nll``: per-row negative log-likelihood (mean per target token, or the total), in nats.
-* ``load_reference``: a finished lmlab run directory as a scoring model (``lmlab.pipeline.load_run``).
+* ``load_reference``: a finished lmlab run directory as a scoring model (``lmlab.run_dir.load_backbone``).
 * ``sample_rows`` / ``rows_of``: plain row lists from a ``Dataset``.
 """
 
@@ -27,9 +27,12 @@ from lmlab.attention import CAUSAL
 from lmlab.data.datamodule import StepBatches, collate
 from lmlab.errors import UserError
 from lmlab.models.transformer import Transformer
-from lmlab.objectives.clm import CLM, model_device
+from lmlab.objectives.clm import CLM
+from lmlab.optim import decay_groups
+from lmlab.readout import model_device
+from lmlab.run_dir import DONE, MODEL, holds_model, load_backbone, model_args
+from lmlab.schedule import cosine
 from lmlab.threads import one_thread
-from lmlab.training.schedule import cosine
 
 
 def rows_of(split: Dataset) -> list[list[int]]:
@@ -73,10 +76,7 @@ class AuxLM:
         model = copy.deepcopy(init) if init is not None else self.build(vocab_size, seed)
         model.train()
         objective = CLM()
-        decay = [p for n, p in model.named_parameters() if p.ndim >= 2 and "embed" not in n]
-        rest = [p for n, p in model.named_parameters() if not (p.ndim >= 2 and "embed" not in n)]
-        opt = torch.optim.AdamW([{"params": decay}, {"params": rest, "weight_decay": 0.0}], lr=self.lr,
-                                betas=(0.9, 0.95), weight_decay=self.weight_decay)
+        opt = torch.optim.AdamW(decay_groups(model), lr=self.lr, betas=(0.9, 0.95), weight_decay=self.weight_decay)
         sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: cosine(s, max(steps, 1), warmup=self.warmup))
         order = StepBatches(len(rows), self.batch_size, seed)
         saved = []
@@ -133,23 +133,20 @@ def _score(model, objective, rows, order, out, batch_size, reduce, device) -> No
 
 
 def load_reference(run_dir: str | Path, vocab_size: int, what: str) -> torch.nn.Module:
-    """The backbone of the finished lmlab run ``run_dir``, checked to be a causal LM over ``vocab_size`` ids."""
-    from lmlab.pipeline import load_run
-
+    """The backbone of the finished lmlab run ``run_dir`` (``lmlab.run_dir.load_backbone``: the model alone),
+    checked to be a causal LM over ``vocab_size`` ids."""
     path = Path(str(run_dir)).expanduser()
-    if not (path / "config_resolved.yaml").exists() or not (path / "model.pt").exists():
-        raise UserError(f"the {what} run {path} does not exist or is not finished (no model.pt): "
-                        "point it at a run directory that holds DONE.")
-    cfg, module, _, _ = load_run(path, eval_cfg={})
-    model = module.model
-    if getattr(model, "vocab_size", vocab_size) != vocab_size:
-        raise UserError(f"the {what} run {path} has a vocabulary of {model.vocab_size} ids but the data has "
+    if not holds_model(path):
+        raise UserError(f"the {what} run {path} does not exist or is not finished (no {MODEL}): "
+                        f"point it at a run directory that holds {DONE}.")
+    args = model_args(path)
+    if args["vocab_size"] != vocab_size:
+        raise UserError(f"the {what} run {path} has a vocabulary of {args['vocab_size']} ids but the data has "
                         f"{vocab_size}: train the {what} on the same data.")
-    if getattr(module.objective, "attention", CAUSAL) != CAUSAL:
+    if args["attention"] != CAUSAL:
         raise UserError(f"the {what} run {path} was not trained with a causal objective: train it with "
                         "objective=clm.")
-    model.eval()
-    return model
+    return load_backbone(path)
 
 
 def need_target(target: Dataset | None, method: str) -> list[list[int]]:

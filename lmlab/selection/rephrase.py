@@ -6,7 +6,7 @@ most 300 tokens) in four styles and trains on real : synthetic = 1 : 1. Offline 
 (no official code exists; see ALGORITHMS.md section 8):
 
 * ``generator``: a local path, never a hub name (nothing downloads).
-  - an **lmlab run directory** (its causal model, rebuilt with ``pipeline.load_run``): the model speaks the
+  - an **lmlab run directory** (its causal model, built with ``lmlab.run_dir.load_backbone``): the model speaks the
     pool's own token ids, so "rephrasing" is *regenerating the row conditioned on its prefix*: keep ``[BOS]``
     and the first ``prefix`` share of the row's words, then sample the rest from the model (``temperature``).
     A row that ends in ``[EOS]`` (a sentence of a synthetic grammar) is continued until the model writes
@@ -38,8 +38,10 @@ import numpy as np
 import torch
 from datasets import Dataset, concatenate_datasets
 
+from lmlab.attention import CAUSAL, Attention
 from lmlab.errors import UserError
-from lmlab.selection.base import Selector
+from lmlab.run_dir import MODEL, holds_model, load_backbone, model_args
+from lmlab.selection.base import Selection, Selector
 from lmlab.vocab import BOS_ID, EOS_ID, MASK_ID, N_SPECIAL, PAD_ID
 
 SYSTEM = ("A chat between a curious user and an artificial intelligence assistant. The assistant gives helpful, "
@@ -66,12 +68,12 @@ def _fingerprint(path: Path) -> list:
 def generator_kind(path: str) -> str:
     """``run`` for an lmlab run directory, ``hf`` for a Hugging Face model directory."""
     p = Path(os.path.expanduser(path))
-    if (p / "config_resolved.yaml").is_file() and (p / "model.pt").is_file():
+    if holds_model(p):
         return "run"
     if (p / "config.json").is_file():
         return "hf"
-    raise UserError(f"selection.generator={path!r} is neither a finished lmlab run (config_resolved.yaml and "
-                    "model.pt) nor a local Hugging Face model directory (config.json): point it at one.")
+    raise UserError(f"selection.generator={path!r} is neither a finished lmlab run (with a trained {MODEL}) nor a "
+                    "local Hugging Face model directory (config.json): point it at one.")
 
 
 # ----- generators -----
@@ -85,19 +87,15 @@ class RunGenerator:
 
     @classmethod
     def from_run(cls, run_dir: str, **kwargs: Any) -> RunGenerator:
-        from lmlab.attention import CAUSAL
-        from lmlab.pipeline import load_run
-
-        _, module, _, _ = load_run(Path(os.path.expanduser(run_dir)), eval_cfg={})
-        if module.objective.attention != CAUSAL:
-            raise UserError(f"the generator run {run_dir!r} was trained with {module.objective.attention} "
-                            "attention: rephrasing samples left to right, give a run trained with objective=clm.")
-        return cls(module.model, **kwargs)
+        path = Path(os.path.expanduser(run_dir))
+        trained = model_args(path)["attention"]
+        if trained != CAUSAL:
+            raise UserError(f"the generator run {run_dir!r} was trained with {trained} attention: rephrasing "
+                            "samples left to right, give a run trained with objective=clm.")
+        return cls(load_backbone(path), **kwargs)
 
     @torch.no_grad()
     def generate(self, rows: list[list[int]], seed: int) -> list[list[int]]:
-        from lmlab.attention import CAUSAL, Attention
-
         model = self.model.eval()
         vocab = model.vocab_size
         if any(t >= vocab for r in rows for t in r):
@@ -215,7 +213,7 @@ class Rephrase(Selector):
             if isinstance(value, bool) or not isinstance(value, Integral) or value < 1:
                 raise UserError(f"selection.{name} must be a positive integer, got {value!r}.")
         root = Path(os.path.expanduser(generator)).resolve()
-        weights = [root / "model.pt"] if kind == "run" else [root / f for f in HF_WEIGHTS if (root / f).exists()]
+        weights = [root / MODEL] if kind == "run" else [root / f for f in HF_WEIGHTS if (root / f).exists()]
         super().__init__(generator=str(root), generator_files=[_fingerprint(w) for w in weights], ratio=float(ratio),
                          style=style, prefix=float(prefix), temperature=float(temperature),
                          max_new_tokens=int(max_new_tokens), seed=int(seed))
@@ -233,12 +231,12 @@ class Rephrase(Selector):
     def n_synthetic(self, n_real: int) -> int:
         return int(round(self.ratio * n_real / (1 - self.ratio)))
 
-    def select(self, pool: Dataset, target: Dataset | None, workdir: Path, generator=None) -> tuple[Dataset, None]:
+    def select(self, pool: Dataset, target: Dataset | None, workdir: Path, generator=None) -> Selection:
         n = len(pool)
         n_syn = self.n_synthetic(n)
         if n_syn == 0:
-            self.report = {"real_rows": n, "synthetic_rows": 0, "synthetic_fraction": 0.0, "synthetic_empty": 0}
-            return pool, None
+            return Selection(pool, None, {"real_rows": n, "synthetic_rows": 0, "synthetic_fraction": 0.0,
+                                          "synthetic_empty": 0})
         rows = pool.with_format(None)["input_ids"]
         rng = np.random.default_rng(self.seed)
         picks = rng.choice(n, size=n_syn, replace=n_syn > n) if n_syn else np.zeros(0, dtype=np.int64)
@@ -249,6 +247,6 @@ class Rephrase(Selector):
             if name != "input_ids":
                 columns[name] = [-1] * len(generated)
         synthetic = Dataset.from_dict(columns, features=pool.features)
-        self.report = {"real_rows": n, "synthetic_rows": len(generated),
-                       "synthetic_fraction": len(generated) / max(1, n + len(generated)), "synthetic_empty": empty}
-        return concatenate_datasets([pool, synthetic]), None
+        report = {"real_rows": n, "synthetic_rows": len(generated),
+                  "synthetic_fraction": len(generated) / max(1, n + len(generated)), "synthetic_empty": empty}
+        return Selection(concatenate_datasets([pool, synthetic]), None, report)

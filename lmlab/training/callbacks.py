@@ -1,29 +1,35 @@
-"""Callbacks of the training loop: evaluations along the way."""
+"""Callbacks of the training loop: the progress bar, and evaluations along the way."""
 
 from __future__ import annotations
 
-from pathlib import Path
-from typing import Any
+import sys
+from typing import Any, Callable
 
 import lightning as L
+from lightning.pytorch.callbacks import RichProgressBar, TQDMProgressBar
+
+
+def progress_bar(refresh_rate: int = 50) -> L.Callback:
+    """A rich progress bar on a terminal; a plain one that prints every ``refresh_rate`` steps otherwise (logs)."""
+    return RichProgressBar() if sys.stdout.isatty() else TQDMProgressBar(refresh_rate=refresh_rate)
 
 
 class EvaluateEvery(L.Callback):
-    """Runs the configured evaluators every ``every`` steps (on rank 0), logs their metrics and keeps a
-    history (``[{"step": s, metric: value, ...}]``) that survives a resume through the checkpoint."""
+    """Runs the evaluations every ``every`` steps (on rank 0), logs their metrics and keeps a history
+    (``[{"step": s, metric: value, ...}]``) that survives a resume through the checkpoint.
 
-    def __init__(self, evaluators: dict, datamodule, run_dir: Path, every: int) -> None:
-        self.evaluators, self.dm, self.run_dir, self.every = evaluators, datamodule, run_dir, every
+    ``evaluate(module) -> {metric: value}`` runs the configured evaluators on the module's model."""
+
+    def __init__(self, evaluate: Callable[[Any], dict[str, float]], every: int) -> None:
+        self.run, self.every = evaluate, every
         self.history: list[dict[str, Any]] = []
 
     def evaluate(self, trainer: L.Trainer, pl_module) -> None:
         step = trainer.global_step
         if not trainer.is_global_zero or any(h["step"] == step for h in self.history):
             return
-        from lmlab.pipeline import run_evaluations
-
         was_training = pl_module.model.training
-        metrics = run_evaluations(self.evaluators, pl_module, self.dm, self.run_dir)
+        metrics = self.run(pl_module)
         pl_module.model.train(was_training)
         self.history.append({"step": step, **metrics})
         if trainer.logger:

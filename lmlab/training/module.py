@@ -9,9 +9,11 @@ import lightning as L
 import torch
 from lightning.pytorch.plugins.io import TorchCheckpointIO
 
+from lmlab.errors import UserError
 from lmlab.io import torch_save
 from lmlab.models.base import Backbone
 from lmlab.objectives.base import Objective
+from lmlab.optim import decay_groups
 from lmlab.training.throughput import Throughput, matmul_precision, peak_flops
 from lmlab.vocab import PAD_ID
 
@@ -46,10 +48,10 @@ class LMModule(L.LightningModule):
     with the model's."""
 
     def __init__(self, model: Backbone, objective: Objective, optimizer: Callable, schedule: Callable,
-                 max_steps: int, compile: bool = False) -> None:
+                 compile: bool = False) -> None:
         super().__init__()
         self.model, self.objective = model, objective
-        self.make_optimizer, self.schedule, self.max_steps = optimizer, schedule, max_steps
+        self.make_optimizer, self.schedule = optimizer, schedule
         self.forward_model = torch.compile(model) if compile else model
         # objectives with a dense loss (next-token prediction) are pure tensor code from the batch to the loss:
         # the whole of it is compiled, so the LM head and the cross-entropy fuse too; others (masks that
@@ -114,15 +116,13 @@ class LMModule(L.LightningModule):
         self.log("val/loss", loss, prog_bar=True, batch_size=prepared.inputs.shape[0])
 
     def configure_optimizers(self):
-        decay, no_decay = [], []
-        # the model's parameters, and the objective's where it has its own (an extra head, say)
-        for name, p in self.named_parameters():
-            if p.requires_grad:
-                (decay if p.ndim >= 2 and "embed" not in name else no_decay).append(p)
-        groups = [{"params": decay}, {"params": no_decay, "weight_decay": 0.0}]
+        groups = decay_groups(self)  # the model's parameters, and the objective's where it has its own
         precision = getattr(self.trainer, "precision", None) if self._trainer is not None else None
         optimizer = make_optimizer(self.make_optimizer, groups, precision)
-        total = self.max_steps
+        total = self.trainer.max_steps  # the schedule spans the steps the trainer runs: one source for both
+        if total is None or total < 1:
+            raise UserError(f"the learning-rate schedule needs a step budget and trainer.max_steps is {total}: "
+                            "set max_steps to a positive number of steps.")
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: self.schedule(step, total))
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
 

@@ -1,0 +1,249 @@
+"""Tokenizers of the text sources (data=text, hf, dna, protein, and shards written from texts).
+
+One small class per tokenizer, all with the same interface, chosen by the nested config group
+``data/tokenizer`` (``lmlab/conf/data/tokenizer/*.yaml``: ``data/tokenizer=byte`` on the command line):
+
+* ``Byte``: id = ``N_SPECIAL`` + byte value of the UTF-8 text; vocabulary 260. The byte-level models (HAT)
+  read these ids.
+* ``Chars``: one id per character of a fixed alphabet, from ``N_SPECIAL`` in alphabet order; lower case is
+  upper-cased, every other ASCII letter becomes the ``unknown`` character, everything else (whitespace,
+  digits, ``*`` stops, ``-`` gaps, non-ASCII) is dropped. Two alphabets:
+
+  - ``DNA``: ``A C G T N`` (vocabulary 9), one token per nucleotide as in HyenaDNA (Nguyen et al. 2023,
+    "HyenaDNA: Long-Range Genomic Sequence Modeling at Single Nucleotide Resolution", arXiv 2306.15794);
+    IUPAC codes other than ACGT (R, Y, K, M, S, W, B, D, H, V) become ``N``.
+  - ``Protein``: the 20 standard amino acids ``A C D E F G H I K L M N P Q R S T V W Y`` and ``X``
+    (vocabulary 25), one token per residue as in PepMLM (Chen et al. 2023, "PepMLM: Target
+    Sequence-Conditioned Generation of Peptide Binders via Masked Language Modeling", arXiv 2310.03842, on
+    ESM-2's residue vocabulary) and the RiPP substrate models of Clark, Mi, Mitchell & Shukla 2024,
+    "Substrate Prediction for RiPP Biosynthetic Enzymes via Masked Language Modeling and Transfer Learning"
+    (arXiv 2402.15181); B, Z, J, U, O become ``X``.
+
+* ``BPE``: a byte-level BPE model (Hugging Face ``tokenizers``) trained on the training documents, with
+  ``[PAD] [BOS] [EOS] [MASK]`` as ids 0..3; ``vocab_size`` counts them (a small corpus may leave the top ids
+  unused). Special-token strings inside a text are encoded as plain text.
+
+Interface: ``vocab_size``; ``train(docs)`` (BPE only; a no-op for the others) and ``trained``;
+``encode_flat(texts)`` -> the concatenated ids (int32) and each text's length; ``encode(texts)`` -> one id list
+per text; ``decode(ids)`` -> text, special ids dropped; ``save(directory)`` / ``load(directory)`` for the
+trained state (``tokenizer.json`` in a cache entry); ``config``, which goes into the cache key of a source;
+``sample``, the bundled corpus a text source reads when ``data.paths`` is null.
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+import os
+from abc import ABC, abstractmethod
+from numbers import Integral
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from lmlab.errors import UserError
+from lmlab.vocab import N_SPECIAL
+
+SAMPLES = Path(__file__).resolve().parent / "sample"
+SPECIAL_TOKENS = ["[PAD]", "[BOS]", "[EOS]", "[MASK]"]
+BYTE_VOCAB = N_SPECIAL + 256
+TOKENIZER_FILE = "tokenizer.json"
+
+
+class Tokenizer(ABC):
+    """The interface every tokenizer of a text source has (see the module docstring)."""
+
+    name: str = "tokenizer"  # a short name for messages and saved markers
+    sample: Path = SAMPLES / "tiny_corpus.txt"  # the corpus a text source reads when data.paths is null
+
+    @property
+    @abstractmethod
+    def vocab_size(self) -> int:
+        """The number of token ids, special tokens included."""
+
+    @property
+    def config(self) -> dict[str, Any]:
+        """What determines the ids (part of a source's cache key)."""
+        return {"class": f"{type(self).__module__}.{type(self).__qualname__}"}
+
+    @property
+    def trained(self) -> bool:
+        """Whether the tokenizer can encode (only a BPE model needs training first)."""
+        return True
+
+    def train(self, docs: list[str]) -> None:
+        """Learn the vocabulary from ``docs`` (a no-op for tokenizers with a fixed vocabulary)."""
+
+    @abstractmethod
+    def encode_flat(self, texts: list[str]) -> tuple[np.ndarray, np.ndarray]:
+        """All texts tokenized at once: the concatenated ids (int32) and each text's length (int64)."""
+
+    def encode(self, texts: list[str]) -> list[list[int]]:
+        """Token ids of each text, without BOS/EOS."""
+        ids, lengths = self.encode_flat(list(texts))
+        return [a.tolist() for a in np.split(ids, np.cumsum(lengths)[:-1])] if len(texts) else []
+
+    @abstractmethod
+    def decode(self, ids) -> str:
+        """The text of a list of token ids; special tokens are dropped."""
+
+    def save(self, directory: str | os.PathLike) -> None:
+        """Write the trained state into ``directory`` (a fixed vocabulary writes a marker naming itself)."""
+        (Path(directory) / TOKENIZER_FILE).write_text(json.dumps({"lmlab_tokenizer": self.name}) + "\n")
+
+    def load(self, directory: str | os.PathLike) -> None:
+        """Read the state ``save`` wrote (nothing to read for a fixed vocabulary)."""
+
+    def __repr__(self) -> str:
+        settings = ", ".join(f"{k}={v!r}" for k, v in self.config.items() if k != "class")
+        return f"{type(self).__name__}({settings})"
+
+
+class Byte(Tokenizer):
+    """UTF-8 bytes: id = ``N_SPECIAL`` + byte (vocabulary 260)."""
+
+    name = "byte"
+
+    @property
+    def vocab_size(self) -> int:
+        return BYTE_VOCAB
+
+    def encode_flat(self, texts: list[str]) -> tuple[np.ndarray, np.ndarray]:
+        raw = [t.encode("utf-8") for t in texts]
+        lengths = np.fromiter(map(len, raw), dtype=np.int64, count=len(raw))
+        ids = np.frombuffer(b"".join(raw), dtype=np.uint8).astype(np.int32) + N_SPECIAL
+        return ids, lengths
+
+    def decode(self, ids) -> str:
+        own = [int(i) for i in ids if i >= N_SPECIAL]
+        return bytes(i - N_SPECIAL for i in own).decode("utf-8", errors="replace")
+
+
+class Chars(Tokenizer):
+    """One id per character of ``alphabet`` (upper-case ASCII letters), ``N_SPECIAL`` onwards in its order;
+    other letters become ``unknown``, everything else is dropped."""
+
+    def __init__(self, alphabet: str, unknown: str, name: str = "chars", sample: str | None = None) -> None:
+        if (not isinstance(alphabet, str) or not alphabet or len(set(alphabet)) != len(alphabet)
+                or not all(c.isascii() and c.isupper() for c in alphabet)):
+            raise UserError(f"data.tokenizer.alphabet must be distinct upper-case ASCII letters, got {alphabet!r}: "
+                            "fix data.tokenizer.alphabet.")
+        if not isinstance(unknown, str) or unknown not in alphabet or len(unknown) != 1:
+            raise UserError(f"data.tokenizer.unknown must be one letter of the alphabet {alphabet!r}, got "
+                            f"{unknown!r}: fix data.tokenizer.unknown.")
+        self.alphabet, self.unknown, self.name = alphabet, unknown, name
+        if sample is not None:
+            self.sample = SAMPLES / sample
+        table = np.full(256, -1, dtype=np.int32)  # byte value -> token id (-1 = drop)
+        for c in range(256):
+            ch = chr(c)
+            if ch.isascii() and ch.isalpha():
+                table[c] = N_SPECIAL + alphabet.index(unknown)
+        for i, ch in enumerate(alphabet):
+            table[ord(ch)] = table[ord(ch.lower())] = N_SPECIAL + i
+        self._table = table
+
+    @property
+    def vocab_size(self) -> int:
+        return N_SPECIAL + len(self.alphabet)
+
+    @property
+    def config(self) -> dict[str, Any]:
+        return {**super().config, "alphabet": self.alphabet, "unknown": self.unknown}
+
+    def encode_flat(self, texts: list[str]) -> tuple[np.ndarray, np.ndarray]:
+        encoded = []
+        for text in texts:
+            raw = np.frombuffer(text.encode("ascii", errors="replace"), dtype=np.uint8)
+            ids = self._table[raw]
+            encoded.append(ids[ids >= 0])
+        lengths = np.fromiter(map(len, encoded), dtype=np.int64, count=len(encoded))
+        ids = np.concatenate(encoded).astype(np.int32) if encoded else np.zeros(0, dtype=np.int32)
+        return ids, lengths
+
+    def __repr__(self) -> str:
+        return super().__repr__() if type(self) is Chars else f"{type(self).__name__}()"
+
+    def decode(self, ids) -> str:
+        alphabet = self.alphabet
+        return "".join(alphabet[i - N_SPECIAL] for i in map(int, ids) if N_SPECIAL <= i < N_SPECIAL + len(alphabet))
+
+
+class DNA(Chars):
+    """Nucleotides ``A C G T N`` (vocabulary 9); its sample corpus is ``lmlab/data/sample/dna.txt``."""
+
+    def __init__(self) -> None:
+        super().__init__("ACGTN", "N", name="dna", sample="dna.txt")
+
+
+class Protein(Chars):
+    """Amino acids ``A C D E F G H I K L M N P Q R S T V W Y`` and ``X`` (vocabulary 25); its sample corpus is
+    ``lmlab/data/sample/protein.txt``."""
+
+    def __init__(self) -> None:
+        super().__init__("ACDEFGHIKLMNPQRSTVWYX", "X", name="protein", sample="protein.txt")
+
+
+class BPE(Tokenizer):
+    """Byte-level BPE trained on the training documents, ``[PAD] [BOS] [EOS] [MASK]`` as ids 0..3."""
+
+    name = "bpe"
+
+    def __init__(self, vocab_size: int = 1024) -> None:
+        if isinstance(vocab_size, bool) or not isinstance(vocab_size, Integral) or vocab_size < BYTE_VOCAB:
+            raise UserError(f"data.tokenizer.vocab_size={vocab_size!r} is too small for a byte-level BPE: set it "
+                            f"to {BYTE_VOCAB} or more.")
+        self._vocab_size = int(vocab_size)
+        self.model = None  # the trained tokenizers.Tokenizer, after train() or load()
+
+    @property
+    def vocab_size(self) -> int:
+        return self._vocab_size
+
+    @property
+    def config(self) -> dict[str, Any]:
+        return {**super().config, "vocab_size": self._vocab_size}
+
+    @property
+    def trained(self) -> bool:
+        return self.model is not None
+
+    def train(self, docs: list[str]) -> None:
+        from tokenizers import Tokenizer as HFTokenizer
+        from tokenizers import decoders, models, pre_tokenizers, trainers
+
+        tok = HFTokenizer(models.BPE())
+        tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+        tok.decoder = decoders.ByteLevel()
+        trainer = trainers.BpeTrainer(vocab_size=self._vocab_size, special_tokens=SPECIAL_TOKENS,
+                                      initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
+        tok.train_from_iterator(docs, trainer, length=len(docs))
+        tok.encode_special_tokens = True  # "[EOS]" written in a document is text, not the EOS id
+        assert [tok.token_to_id(t) for t in SPECIAL_TOKENS] == list(range(N_SPECIAL))
+        self.model = tok
+
+    def _model(self):
+        if self.model is None:
+            raise RuntimeError("the BPE tokenizer is not trained yet: call train(), load() or the source's build()")
+        return self.model
+
+    def encode_flat(self, texts: list[str]) -> tuple[np.ndarray, np.ndarray]:
+        encodings = self._model().encode_batch_fast(texts, add_special_tokens=False)
+        id_lists = [e.ids for e in encodings]
+        lengths = np.fromiter(map(len, id_lists), dtype=np.int64, count=len(id_lists))
+        ids = np.fromiter(itertools.chain.from_iterable(id_lists), dtype=np.int32, count=int(lengths.sum()))
+        return ids, lengths
+
+    def decode(self, ids) -> str:
+        own = [int(i) for i in ids if i >= N_SPECIAL]
+        return self._model().decode(own, skip_special_tokens=True)
+
+    def save(self, directory: str | os.PathLike) -> None:
+        self._model().save(str(Path(directory) / TOKENIZER_FILE))
+
+    def load(self, directory: str | os.PathLike) -> None:
+        from tokenizers import Tokenizer as HFTokenizer
+
+        self.model = HFTokenizer.from_file(str(Path(directory) / TOKENIZER_FILE))
+        self.model.encode_special_tokens = True

@@ -1,0 +1,182 @@
+"""The run directory: what one job of ``lmlab train`` leaves behind, named in one place.
+
+A job's directory is ``<out_dir>/<name>/<run_name(overrides)>`` (deterministic, so that rerunning a command
+finds its jobs again) and holds:
+
+* ``config_resolved.yaml`` (``CONFIG``): the job's config with every interpolation resolved;
+  ``command.txt`` (``COMMAND``): the command line that ran it;
+* ``checkpoints/last.ckpt`` (``CHECKPOINTS``, ``LAST_CHECKPOINT``): the resumable Lightning checkpoint;
+* ``model.pt`` (``MODEL``): the trained backbone's ``state_dict``, and beside it ``model_args.json``
+  (``MODEL_ARGS``): the two constructor arguments that the pipeline adds to ``cfg.model``, ``vocab_size``
+  (the data source's) and ``attention`` (the objective's pattern), e.g. ``{"vocab_size": 40, "attention":
+  "causal"}``. With them the directory describes its model completely: ``load_backbone`` builds it from
+  ``CONFIG``'s ``model`` node alone, without the data, the objective or the optimiser;
+* ``results.json`` (``RESULTS``): metrics, history, timings, versions and config;
+* ``DONE`` (a timestamp), written last when the job finished; ``FAILED`` (one line, the reason) when it
+  stopped with an error. A directory that holds ``DONE`` is skipped by a rerun.
+
+Every file is written atomically (``lmlab.io``): a reader never sees half of one.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+from hydra.utils import instantiate
+from omegaconf import DictConfig, ListConfig, OmegaConf
+
+from lmlab.errors import UserError, user_error
+from lmlab.io import config_hash, torch_save, write_json, write_text
+
+DONE = "DONE"
+FAILED = "FAILED"
+RESULTS = "results.json"
+MODEL = "model.pt"
+MODEL_ARGS = "model_args.json"
+CONFIG = "config_resolved.yaml"
+COMMAND = "command.txt"
+CHECKPOINTS = "checkpoints"
+LAST_CHECKPOINT = "last.ckpt"  # inside CHECKPOINTS (Lightning's name for the latest checkpoint)
+
+UNNAMED_KEYS = ("hydra.", "cache_dir=", "out_dir=", "launcher=")  # overrides that do not name a run
+
+
+def run_name(overrides: list[str] | ListConfig) -> str:
+    """A readable, deterministic directory name for a list of overrides (order-independent)."""
+    items = sorted(str(o) for o in overrides if not str(o).startswith(UNNAMED_KEYS))
+    if not items:
+        return "default"
+    name = re.sub(r"[^A-Za-z0-9=.,_+\-]", "_", ",".join(items))
+    if len(name) > 96:
+        name = f"{name[:72]}-{config_hash(items)}"
+    return name
+
+
+# ----- status -----
+
+def mark_done(run_dir: str | os.PathLike) -> None:
+    write_text(Path(run_dir) / DONE, time.strftime("%Y-%m-%dT%H:%M:%S") + "\n")
+
+
+def is_done(run_dir: str | os.PathLike) -> bool:
+    return (Path(run_dir) / DONE).exists()
+
+
+def mark_failed(run_dir: str | os.PathLike, reason: str) -> None:
+    """Record why the job stopped (``reason``: one line)."""
+    write_text(Path(run_dir) / FAILED, reason + "\n")
+
+
+def clear_failed(run_dir: str | os.PathLike) -> None:
+    (Path(run_dir) / FAILED).unlink(missing_ok=True)
+
+
+def failure(run_dir: str | os.PathLike) -> str | None:
+    """The reason recorded by ``mark_failed``, or ``None`` when the job has not failed."""
+    path = Path(run_dir) / FAILED
+    return path.read_text().strip() if path.exists() else None
+
+
+# ----- results and config -----
+
+def read_results(run_dir: str | os.PathLike) -> dict[str, Any]:
+    path = Path(run_dir) / RESULTS
+    if not path.exists():
+        raise UserError(f"{run_dir} holds no {RESULTS}: delete its {DONE} (if any) and rerun the job to write it.")
+    return json.loads(path.read_text())
+
+
+def write_results(run_dir: str | os.PathLike, results: dict[str, Any]) -> None:
+    write_json(Path(run_dir) / RESULTS, results)
+
+
+def write_config(run_dir: str | os.PathLike, cfg: DictConfig) -> None:
+    write_text(Path(run_dir) / CONFIG, OmegaConf.to_yaml(cfg, resolve=True))
+
+
+def read_config(run_dir: str | os.PathLike) -> DictConfig:
+    path = Path(run_dir).expanduser() / CONFIG
+    if not path.exists():
+        raise UserError(f"{run_dir} is not an lmlab run directory (no {CONFIG}): point at a directory that "
+                        "`lmlab train` wrote.")
+    return OmegaConf.load(path)
+
+
+def write_command(run_dir: str | os.PathLike, command: str) -> None:
+    write_text(Path(run_dir) / COMMAND, command + "\n")
+
+
+# ----- the trained model -----
+
+def save_model(run_dir: str | os.PathLike, model: torch.nn.Module, vocab_size: int, attention: str) -> None:
+    """Write ``MODEL_ARGS`` and then ``MODEL`` (so a directory that holds ``MODEL`` also describes it)."""
+    write_json(Path(run_dir) / MODEL_ARGS, {"vocab_size": int(vocab_size), "attention": str(attention)})
+    torch_save(model.state_dict(), Path(run_dir) / MODEL)
+
+
+def holds_model(run_dir: str | os.PathLike) -> bool:
+    """True when ``run_dir`` holds a trained model that ``load_backbone`` can build."""
+    return all((Path(run_dir) / name).is_file() for name in (CONFIG, MODEL, MODEL_ARGS))
+
+
+def _require_model(run_dir: Path) -> None:
+    if not holds_model(run_dir):
+        missing = ", ".join(n for n in (CONFIG, MODEL, MODEL_ARGS) if not (run_dir / n).is_file())
+        raise UserError(f"{run_dir} is not a finished lmlab run (it lacks {missing}): point at a run directory "
+                        f"that `lmlab train` finished (it holds {DONE}).")
+
+
+def model_args(run_dir: str | os.PathLike) -> dict[str, Any]:
+    """The recorded constructor arguments of the run's model: ``{"vocab_size": int, "attention": str}``."""
+    run_dir = Path(run_dir).expanduser()
+    _require_model(run_dir)
+    return json.loads((run_dir / MODEL_ARGS).read_text())
+
+
+def load_weights(run_dir: str | os.PathLike) -> dict[str, torch.Tensor]:
+    """The trained ``state_dict`` in ``MODEL``, on the CPU (tensors only: ``weights_only``)."""
+    run_dir = Path(run_dir).expanduser()
+    if not (run_dir / MODEL).is_file():
+        raise UserError(f"{run_dir} is not a finished lmlab run (no {MODEL}): point at a run directory that "
+                        f"`lmlab train` finished (it holds {DONE}).")
+    return torch.load(run_dir / MODEL, map_location="cpu", weights_only=True)
+
+
+def load_backbone(run_dir: str | os.PathLike, attention: str | None = None) -> torch.nn.Module:
+    """The trained backbone of a finished run, on the CPU, in eval mode: built from ``CONFIG``'s ``model``
+    node with the recorded ``MODEL_ARGS`` and loaded from ``MODEL``. Nothing else is built (no data, no
+    objective, no optimiser), and the caller's random state is left as it was.
+
+    ``attention`` builds it for another pattern than the one it was trained with (a distillation teacher
+    reads the student's batches); a model that cannot honour it refuses with a ``UserError``."""
+    run_dir = Path(run_dir).expanduser()
+    args = model_args(run_dir)
+    cfg = read_config(run_dir)
+    trained = args["attention"]
+    kind = trained if attention is None else attention
+    with torch.random.fork_rng(devices=[]):  # the initialisation is overwritten: keep the caller's stream
+        try:
+            model = instantiate(cfg.model, vocab_size=args["vocab_size"], attention=kind)
+        except Exception as e:
+            if kind == trained or user_error(e) is None:
+                raise
+            name = str(cfg.model.get("_target_", "model")).rsplit(".", 1)[-1]
+            raise UserError(f"the {name} model of the run {run_dir} cannot attend {kind!r}: use a run whose model "
+                            f"supports {kind!r} attention.") from e
+    try:
+        model.load_state_dict(load_weights(run_dir))
+    except RuntimeError as e:
+        if kind != trained:
+            raise UserError(f"the weights of the run {run_dir} (trained for {trained!r} attention) do not fit its "
+                            f"model built for {kind!r} attention: use a run trained with {kind!r} attention.") from e
+        raise UserError(f"the weights in {run_dir / MODEL} do not fit the model that its {CONFIG} builds: retrain "
+                        "the run with this version of lmlab.") from e
+    return model.eval()
+
+

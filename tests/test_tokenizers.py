@@ -1,0 +1,133 @@
+"""The tokenizers of the text sources: known ids, round trips, BPE against the tokenizers library, save/load,
+the config group data/tokenizer, the cache key and the errors."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+from hydra import compose, initialize_config_module
+from hydra.utils import instantiate
+from omegaconf import OmegaConf
+
+from lmlab.data.shards import write_shards
+from lmlab.data.text import TextSource
+from lmlab.data.tokenizers import BPE, DNA, SPECIAL_TOKENS, TOKENIZER_FILE, Byte, Chars, Protein, Tokenizer
+from lmlab.errors import UserError
+from lmlab.vocab import N_SPECIAL
+
+TOKENIZER_CONF = Path(__file__).resolve().parents[1] / "lmlab" / "conf" / "data" / "tokenizer"
+DOCS = [f"doc {i}: the cat sat on the mat, the dog ran under the tree; naïve café {i % 7}" for i in range(200)]
+
+
+def test_byte_ids_and_round_trip():
+    tok = Byte()
+    assert tok.vocab_size == 260
+    assert tok.encode(["ab", "", "é☕"]) == [[101, 102], [], [4 + 0xC3, 4 + 0xA9, 4 + 0xE2, 4 + 0x98, 4 + 0x95]]
+    ids, lengths = tok.encode_flat(["ab", "", "é"])
+    assert ids.dtype == np.int32 and ids.tolist() == [101, 102, 199, 173] and lengths.tolist() == [2, 0, 2]
+    text = "Hello, wörld! 你好\n\t[EOS]"
+    assert tok.decode(tok.encode([text])[0]) == text
+    assert tok.decode([1, 101, 2, 102, 0, 3]) == "ab"  # special ids dropped
+    assert tok.encode([]) == [] and tok.trained
+
+
+def test_char_alphabets_exact_ids():
+    dna, protein = DNA(), Protein()
+    assert dna.vocab_size == 9 and protein.vocab_size == 25
+    assert dna.encode(["ACGTN", "acgtn", "RYKMSWBDHV"]) == [[4, 5, 6, 7, 8], [4, 5, 6, 7, 8], [8] * 10]
+    assert dna.encode(["A C\nG-T*1é"]) == [[4, 5, 6, 7]]  # whitespace, gaps, stops, digits, non-ASCII dropped
+    assert protein.encode(["ACDEFGHIKLMNPQRSTVWYX"]) == [list(range(4, 25))]
+    assert protein.encode(["BZJUO"]) == [[24] * 5]
+    assert dna.decode([1, 4, 5, 2, 8, 0, 99]) == "ACN" and protein.decode([20, 24]) == "TX"
+    custom = Chars("AU", "U", name="two")
+    assert custom.vocab_size == 6 and custom.encode(["aUx"]) == [[4, 5, 5]]
+    assert dna.config != protein.config != custom.config
+
+
+def bpe_reference(docs: list[str], vocab_size: int):
+    """A byte-level BPE trained directly with the tokenizers library, the same settings as ``BPE``."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=SPECIAL_TOKENS,
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
+    tok.train_from_iterator(docs, trainer, length=len(docs))
+    return tok
+
+
+def test_bpe_agrees_with_the_tokenizers_library(tmp_path):
+    bpe = BPE(vocab_size=320)
+    assert not bpe.trained
+    with pytest.raises(RuntimeError, match="not trained"):
+        bpe.encode(["the cat"])
+    bpe.train(DOCS)
+    assert bpe.trained and bpe.vocab_size == 320
+    reference = bpe_reference(DOCS, 320)
+    assert bpe.model.get_vocab() == reference.get_vocab()
+    texts = ["the cat sat on the mat", "naïve café ☕", "unseen words: xylophone 12345", ""]
+    expected = [reference.encode(t, add_special_tokens=False).ids for t in texts]
+    assert bpe.encode(texts) == expected
+    assert [bpe.decode(ids) for ids in expected] == texts
+    assert [bpe.model.token_to_id(t) for t in SPECIAL_TOKENS] == list(range(N_SPECIAL))
+    assert min(bpe.encode(["a [EOS] b [PAD]"])[0]) >= N_SPECIAL  # special-token strings are plain text
+    assert len(bpe.encode(["the cat sat on the mat"])[0]) < len("the cat sat on the mat")  # merges learnt
+
+
+def test_save_and_load_round_trip(tmp_path):
+    bpe = BPE(vocab_size=300)
+    bpe.train(DOCS)
+    bpe.save(tmp_path)
+    again = BPE(vocab_size=300)
+    again.load(tmp_path)
+    texts = ["the dog ran under the tree", "café [MASK]"]
+    assert again.encode(texts) == bpe.encode(texts) and again.decode(bpe.encode(texts)[0]) == texts[0]
+    for tok in (Byte(), DNA(), Protein()):
+        directory = tmp_path / tok.name
+        directory.mkdir()
+        tok.save(directory)
+        assert json.loads((directory / TOKENIZER_FILE).read_text()) == {"lmlab_tokenizer": tok.name}
+        fresh = type(tok)()
+        fresh.load(directory)
+        assert fresh.encode(["ACGT"]) == tok.encode(["ACGT"])
+
+
+@pytest.mark.parametrize("path", sorted(TOKENIZER_CONF.glob("*.yaml")), ids=lambda p: p.stem)
+def test_every_tokenizer_yaml_instantiates(path):
+    tok = instantiate(OmegaConf.load(path))
+    assert isinstance(tok, Tokenizer) and tok.name == path.stem
+    assert tok.vocab_size == {"bpe": 1024, "byte": 260, "dna": 9, "protein": 25}[path.stem]
+
+
+def test_the_data_tokenizer_group_and_the_cache_key():
+    with initialize_config_module(config_module="lmlab.conf", version_base="1.3"):
+        def source(*overrides: str) -> TextSource:
+            return instantiate(compose(config_name="train", overrides=list(overrides)).data)
+
+        text, byte = source("data=text"), source("data=text", "data/tokenizer=byte")
+        big = source("data=text", "data.tokenizer.vocab_size=2048")
+        dna, protein = source("data=dna"), source("data=protein")
+        hf = source("data=hf", "data.name=text", "data/tokenizer=protein")
+    assert isinstance(text.tokenizer, BPE) and text.vocab_size == 1024 and big.vocab_size == 2048
+    assert isinstance(byte.tokenizer, Byte) and isinstance(dna.tokenizer, DNA)
+    assert isinstance(protein.tokenizer, Protein) and isinstance(hf.tokenizer, Protein)
+    keys = {s.cache_key() for s in (text, byte, big)}
+    assert len(keys) == 3  # the tokenizer's settings are part of the key
+    assert TextSource(tokenizer=BPE(300)).cache_key() == TextSource(tokenizer=BPE(300)).cache_key()
+
+
+def test_errors_name_the_fix(tmp_path):
+    for bad in (100, 259, True, "big"):
+        with pytest.raises(UserError, match=r"data\.tokenizer\.vocab_size.*260 or more\.$"):
+            BPE(vocab_size=bad)
+    with pytest.raises(UserError, match="data/tokenizer=") as info:
+        TextSource(tokenizer="byte")
+    assert "\n" not in str(info.value)
+    with pytest.raises(UserError, match="data.tokenizer.unknown"):
+        Chars("ACGT", "N")
+    with pytest.raises(UserError, match="trained BPE"):
+        write_shards(["some text"], tmp_path / "shards", tokenizer=BPE())

@@ -23,16 +23,19 @@ install: $(VENV)/.installed
 demo: install
 	$(VENV)/bin/lmlab train
 
+# the floors of docs/architecture.md (import-linter), then the test suite
 test: install
 	$(VENV)/bin/lint-imports
 	$(VENV)/bin/pytest
 
+# CPU speed benchmarks (docs/benchmarks.md)
 bench: install
 	$(PY) scripts/bench_speed.py
 	$(PY) scripts/bench_models.py
 
 # Rerun "Same Pre-training Loss, Better Downstream" (Liu et al., ICML 2023) and write a claim-by-claim report.
-# PROFILE=cpu (default: small HMM and PCFG, 3 seeds) or PROFILE=gpu GRAMMAR=<the paper's rule file>.
+# PROFILE=cpu (default: small HMM and PCFG, 3 seeds) or PROFILE=gpu GRAMMAR=path/to/rule_deep_mlm.txt, the paper's
+# grammar: pcfg/rule_deep_mlm.txt in the code released with the paper (GitHub Liuhong99/implicitbiasmlmcode).
 reproduce-paper: install
 	$(PY) scripts/reproduce_paper.py --profile $(or $(PROFILE),cpu) $(if $(GRAMMAR),--grammar $(GRAMMAR))
 

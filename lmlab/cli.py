@@ -24,8 +24,10 @@ from omegaconf import DictConfig, ListConfig, OmegaConf, open_dict, read_write
 
 from lmlab.errors import UserError, user_error
 from lmlab.run_dir import run_name
+from lmlab.settings import check_config
 
 CONF = "lmlab.conf"
+HYDRA_OWN = ("hydra.", "hydra/", "+hydra", "++hydra", "~hydra")  # Hydra's own settings and groups: Hydra checks them
 log = logging.getLogger("lmlab")
 
 
@@ -90,6 +92,7 @@ Commands:
   eval       run evaluations on a finished run: lmlab eval run=<run dir> eval=probe
   select     run only the data-selection stage: lmlab select selection=color_filter data=planted
   report     write report.md and plots of a same-loss rerun: lmlab report <sweep or experiment dir>
+  export     write a finished run as a Hugging Face checkpoint: lmlab export run=<run dir> [out=<dir>]
 
 Examples:
   lmlab train                                         # the default job, on the CPU
@@ -137,7 +140,7 @@ Runs evaluations on a finished run (it must hold model.pt), merges the metrics i
 # ----- preflight: compose every job before anything runs -----
 
 def _raw_overrides(args: list[str]) -> list[str]:
-    return [a for a in args if not a.startswith("-")]
+    return _flags_first(args)[1]
 
 
 def _group_of(key: str, groups: dict[str, list[str]]) -> str | None:
@@ -168,7 +171,7 @@ def preflight(config_name: str, overrides: list[str]) -> list[list[str]]:
     groups = config_groups()
     parser = OverridesParser.create()
     try:
-        parsed = parser.parse_overrides([o for o in overrides if not o.startswith("hydra.")])
+        parsed = parser.parse_overrides([o for o in overrides if not o.startswith(HYDRA_OWN)])
     except HydraException as e:
         raise UserError(f"cannot parse the overrides ({str(e).splitlines()[0]}): write them as key=value.") from None
     jobs = [job for batch in BasicSweeper.split_arguments(parsed, None) for job in batch] or [[]]
@@ -190,8 +193,8 @@ def preflight(config_name: str, overrides: list[str]) -> list[list[str]]:
                 raise UserError(f"{str(e).splitlines()[0].rstrip('.')}: check the override.") from None
             for o in parser.parse_overrides(job):
                 key = o.key_or_group
-                if _group_of(key, groups) or key.startswith(("+", "~")):
-                    continue
+                if _group_of(key, groups) or o.is_add() or o.is_force_add() or o.is_delete():
+                    continue  # +key=, ++key=, ~key: Hydra checks them when it composes
                 try:
                     old = OmegaConf.select(base, key, throw_on_missing=False)
                     exists = old is not None or _has_key(base, key)
@@ -202,9 +205,10 @@ def preflight(config_name: str, overrides: list[str]) -> list[list[str]]:
                                     f"(`lmlab {config_name} --cfg job` lists every key), or add it with +{key}=...")
                 _check_type(key, o.input_line.split("=", 1)[1], o.value(), old)
             try:
-                compose(config_name=config_name, overrides=job)
+                cfg = compose(config_name=config_name, overrides=job)
             except HydraException as e:
                 raise UserError(f"{str(e).splitlines()[0].rstrip('.')}: check the override.") from None
+            check_config(cfg, defaults=base)
     return jobs
 
 
@@ -241,7 +245,7 @@ def _train(cfg: DictConfig) -> None:
 
     from lmlab import pipeline
     from lmlab.report.summary import metrics_table
-    from lmlab.run_dir import mark_failed
+    from lmlab.run_dir import RunHeld, mark_failed
 
     hc = HydraConfig.get()
     run_dir = Path(hc.runtime.output_dir)
@@ -256,6 +260,9 @@ def _train(cfg: DictConfig) -> None:
             if user is not None:
                 _fail(str(user))
             raise
+        if isinstance(user, (RunHeld, pipeline.RunStopped)):  # its status is the lock or results.json's
+            log.error("job %s: %s", run_dir.name, user)
+            return
         reason = str(user) if user is not None else f"{type(e).__name__}: {e}"
         reason = " ".join(reason.split())
         log.error("job failed: %s\n%s", reason, traceback.format_exc())
@@ -297,6 +304,25 @@ def _select(cfg: DictConfig) -> None:
     Console().print(metrics_table(out["metrics"], title=f"selection: {run_dir}"))
 
 
+VALUE_FLAGS = ("--cfg", "-c", "--package", "-p", "--config-path", "-cp", "--config-name", "-cn", "--config-dir",
+               "-cd", "--experimental-rerun")
+
+
+def _flags_first(args: list[str]) -> tuple[list[str], list[str]]:
+    """Hydra's flags (with their values) apart from the overrides: Hydra's parser wants the flags first, and
+    `lmlab train a=1 -m b=2,3` or `lmlab train a=1 --cfg job` are accepted too."""
+    flags, rest, i = [], [], 0
+    while i < len(args):
+        if args[i].startswith("-"):
+            takes = args[i] in VALUE_FLAGS and i + 1 < len(args)
+            flags += args[i:i + 1 + takes]
+            i += 1 + takes
+        else:
+            rest.append(args[i])
+            i += 1
+    return flags, rest
+
+
 def _run_hydra(task, config_name: str, args: list[str]) -> None:
     """Run ``task`` under Hydra with ``args`` (flags and overrides), as ``@hydra.main`` would with sys.argv."""
     from hydra._internal.utils import _run_hydra as run_hydra
@@ -334,6 +360,36 @@ def _report(args: list[str]) -> None:
     print(f"[lmlab] report: {write_report(ns.path, ns.tolerance)}")
 
 
+EXPORT_USAGE = "lmlab export run=<run dir> [out=<dir>]"
+
+
+def _export(args: list[str]) -> None:
+    """``lmlab export run=<run dir> [out=<dir>]``: the run as a Hugging Face ``transformers`` checkpoint
+    (default ``<run dir>/hf``)."""
+    if any(a in ("-h", "--help") for a in args):
+        print(f"usage: {EXPORT_USAGE}\n\nWrites the finished run's model as a Hugging Face transformers checkpoint "
+              "(config.json, model.safetensors, the tokenizer files) that computes the same logits; out defaults "
+              "to <run dir>/hf.")
+        return
+    given: dict[str, str] = {}
+    for a in args:
+        key, sep, value = a.partition("=")
+        if not sep or key not in ("run", "out") or not value or key in given:
+            _fail(f"unexpected argument {a!r}: write {EXPORT_USAGE}.")
+        given[key] = value
+    if "run" not in given:
+        _fail("lmlab export needs run=<run dir>: pass the directory of a finished run.")
+    from lmlab.export import describe, export_run
+
+    try:
+        out = export_run(given["run"], given.get("out"))
+    except Exception as e:
+        if user_error(e) is None:
+            raise
+        _fail(str(user_error(e)))
+    print(f"[lmlab] export: {out} ({describe(out)})")
+
+
 def main(argv: list[str] | None = None) -> None:
     argv = list(sys.argv[1:] if argv is None else argv)
     if not argv or argv[0] in ("-h", "--help", "help"):
@@ -343,10 +399,13 @@ def main(argv: list[str] | None = None) -> None:
     if command == "report":
         _report(args)
         return
+    if command == "export":
+        _export(args)
+        return
     apps = {"train": (_train, "train", TRAIN_HELP), "eval": (_eval, "eval", EVAL_HELP),
             "select": (_select, "select", SELECT_HELP)}
     if command not in apps:
-        _fail(f"unknown command {command!r}: use one of {', '.join([*apps, 'report'])} (lmlab --help).")
+        _fail(f"unknown command {command!r}: use one of {', '.join([*apps, 'report', 'export'])} (lmlab --help).")
     task, config_name, help_text = apps[command]
     # run directory names hold '=' and ',': quote the path so that Hydra reads it as one string
     args = [f"run='{a[4:]}'" if a.startswith("run=") and not a.startswith(("run='", 'run="')) else a
@@ -363,11 +422,10 @@ def main(argv: list[str] | None = None) -> None:
         except UserError as e:
             _fail(str(e))
     sweep = command == "train" and ("-m" in args or "--multirun" in args)
-    # Hydra's parser wants -m before the overrides: accept `lmlab train a=1 -m b=2,3` too
-    flags = [a for a in args if a in ("-m", "--multirun")]
     sweep_dir = _sweep_dir(config_name, jobs[0], overrides) if sweep else None
     extra = [f"hydra.sweep.dir='{sweep_dir}'"] if sweep_dir else []
-    _run_hydra(task, config_name, [*flags, *[a for a in args if a not in flags], *extra])
+    flags, rest = _flags_first(args)
+    _run_hydra(task, config_name, [*flags, *rest, *extra])
     if sweep_dir is not None and not passthrough:
         from lmlab.report.summary import gather
 

@@ -7,10 +7,13 @@ holds a checkpoint resumes from it.
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import functools
 import logging
 import os
 import platform
+import shutil
 import time
 import warnings
 from pathlib import Path
@@ -20,6 +23,7 @@ import lightning as L
 import torch
 from hydra.utils import instantiate
 from lightning.pytorch.callbacks import ModelCheckpoint
+from lightning.pytorch.utilities.exceptions import SIGTERMException
 from omegaconf import DictConfig, OmegaConf
 
 import lmlab
@@ -32,18 +36,21 @@ from lmlab.run_dir import (
     LAST_CHECKPOINT,
     RESULTS,
     clear_failed,
+    hold,
     is_done,
     load_weights,
     mark_done,
     read_config,
     read_results,
+    resume_checkpoint,
     save_model,
+    stored_status,
     write_command,
     write_config,
     write_results,
 )
 from lmlab.selection.base import Selection
-from lmlab.training.callbacks import EvaluateEvery
+from lmlab.training.callbacks import Diverged, DivergenceGuard, EvaluateEvery, SaveOnTerm
 from lmlab.training.module import AtomicCheckpointIO, LMModule
 
 
@@ -100,10 +107,46 @@ def build(cfg: DictConfig):
 
 def train(cfg: DictConfig, run_dir: Path, command: str = "lmlab train") -> dict[str, Any]:
     """Pretrain the recipe in ``cfg``, run its evaluations, write ``results.json`` and ``DONE`` (the run
-    directory's layout: ``lmlab.run_dir``)."""
+    directory's layout: ``lmlab.run_dir``). One process trains a job at a time (``run_dir.hold``); a run that
+    diverges or is stopped by SIGTERM records that in ``results.json`` and raises ``RunStopped``."""
     if is_done(run_dir):
         print(f"[lmlab] {run_dir} already holds {DONE}: skipping (delete {DONE} to rerun).")
         return read_results(run_dir)
+    with hold(run_dir) if is_rank_zero() else contextlib.nullcontext():
+        try:
+            return _train(cfg, run_dir, command)
+        except OSError as e:  # every write is atomic and DONE comes last: nothing half-written is left
+            if e.errno not in (errno.ENOSPC, errno.EDQUOT, errno.EROFS):
+                raise
+            raise UserError(f"could not write into {run_dir} ({e.strerror}): free space on that disk (or make it "
+                            "writable), then rerun the same command; the run resumes from its last checkpoint.") from e
+
+
+class RunStopped(UserError):
+    """The run stopped without finishing (diverged, or interrupted by a termination signal); its
+    ``results.json`` says which, at which step."""
+
+
+def _stopped(run_dir: Path, status: str, step: int, reason: str, cfg: DictConfig, command: str) -> RunStopped:
+    write_results(run_dir, {"status": status, "step": step, "reason": reason, "run_dir": str(run_dir),
+                            "command": command, "versions": versions(),
+                            "config": OmegaConf.to_container(cfg, resolve=True)})
+    return RunStopped(reason + ".")
+
+
+def _retry_or_refuse(cfg: DictConfig, run_dir: Path) -> None:
+    """A job that diverged stays diverged on a rerun (resuming would reach the same non-finite loss), unless
+    ``retry=true``: then it starts again from scratch."""
+    if stored_status(run_dir) != "diverged":
+        return
+    if not cfg.get("retry"):
+        raise RunStopped(f"{read_results(run_dir).get('reason', 'the run diverged')}; rerun with retry=true to "
+                         "train it again from the start.")
+    shutil.rmtree(run_dir / CHECKPOINTS, ignore_errors=True)
+    (run_dir / RESULTS).unlink(missing_ok=True)
+
+
+def _train(cfg: DictConfig, run_dir: Path, command: str) -> dict[str, Any]:
     quiet()
     if str(cfg.trainer.get("accelerator", "")) in ("gpu", "cuda") and not torch.cuda.is_available():
         raise UserError("this trainer runs on a CUDA GPU and PyTorch sees none here (torch.cuda.is_available() "
@@ -111,6 +154,7 @@ def train(cfg: DictConfig, run_dir: Path, command: str = "lmlab train") -> dict[
     started = time.time()
     rank0 = is_rank_zero()
     if rank0:
+        _retry_or_refuse(cfg, run_dir)
         clear_failed(run_dir)
         write_config(run_dir, cfg)
         write_command(run_dir, command)
@@ -127,13 +171,15 @@ def train(cfg: DictConfig, run_dir: Path, command: str = "lmlab train") -> dict[
 
     ckpt_dir = run_dir / CHECKPOINTS
     last = ckpt_dir / LAST_CHECKPOINT
-    resume = last if last.exists() else None
+    resume = resume_checkpoint(run_dir)
     if resume and rank0:
         print(f"[lmlab] resuming from {resume}")
-    logger = instantiate(cfg.logger, save_dir=str(run_dir)) if cfg.logger.get("_target_") else False
+    logger = instantiate(cfg.logger, save_dir=str(run_dir)) if (cfg.get("logger") or {}).get("_target_") else False
     # the resumable checkpoint belongs to the run directory; the other callbacks are the `callbacks` group's
     callbacks = [ModelCheckpoint(dirpath=ckpt_dir, save_last=True, save_top_k=0,
                                  every_n_train_steps=cfg.checkpoint_every)]
+    guard = DivergenceGuard(every=cfg.trainer.get("log_every_n_steps") or 50, checkpoint_every=cfg.checkpoint_every)
+    callbacks += [guard, SaveOnTerm(last)]
     callbacks += [instantiate(c) for c in (cfg.get("callbacks") or {}).values() if c is not None]
     callbacks += selector.training_callbacks(dm, selection)  # a curriculum's stage release
     along = None
@@ -143,7 +189,15 @@ def train(cfg: DictConfig, run_dir: Path, command: str = "lmlab train") -> dict[
     trainer = instantiate(cfg.trainer, logger=logger, callbacks=callbacks, plugins=[AtomicCheckpointIO()],
                           default_root_dir=str(run_dir))
     fit_started = time.time()
-    trainer.fit(module, datamodule=dm, ckpt_path=str(resume) if resume else None)
+    try:
+        trainer.fit(module, datamodule=dm, ckpt_path=str(resume) if resume else None)
+    except Diverged as e:
+        raise _stopped(run_dir, "diverged", e.step, f"training diverged at step {e.step} (loss {e.loss}): lower "
+                       f"optim.lr (it is {cfg.optim.get('lr')}) or lengthen the warmup", cfg, command) from None
+    except SIGTERMException:
+        step = trainer.global_step
+        raise _stopped(run_dir, "interrupted", step, f"interrupted by SIGTERM at step {step}, checkpoint saved: rerun "
+                       "the same command to resume", cfg, command) from None
     fit_seconds = time.time() - fit_started
     if not trainer.is_global_zero:
         return {}

@@ -5,7 +5,9 @@ finds its jobs again) and holds:
 
 * ``config_resolved.yaml`` (``CONFIG``): the job's config with every interpolation resolved;
   ``command.txt`` (``COMMAND``): the command line that ran it;
-* ``checkpoints/last.ckpt`` (``CHECKPOINTS``, ``LAST_CHECKPOINT``): the resumable Lightning checkpoint;
+* ``checkpoints/last.ckpt`` (``CHECKPOINTS``, ``LAST_CHECKPOINT``): the resumable Lightning checkpoint, and
+  ``checkpoints/previous-last.ckpt`` the one before it (``resume_checkpoint`` falls back to it when the last
+  one is damaged);
 * ``model.pt`` (``MODEL``): the trained backbone's ``state_dict``, and beside it ``model_args.json``
   (``MODEL_ARGS``): the two constructor arguments that the pipeline adds to ``cfg.model``, ``vocab_size``
   (the data source's) and ``attention`` (the objective's pattern), e.g. ``{"vocab_size": 40, "attention":
@@ -13,17 +15,25 @@ finds its jobs again) and holds:
   ``CONFIG``'s ``model`` node alone, without the data, the objective or the optimiser;
 * ``results.json`` (``RESULTS``): metrics, history, timings, versions and config;
 * ``DONE`` (a timestamp), written last when the job finished; ``FAILED`` (one line, the reason) when it
-  stopped with an error. A directory that holds ``DONE`` is skipped by a rerun.
+  stopped with an error. A directory that holds ``DONE`` is skipped by a rerun. A run that stopped on its
+  own terms without finishing writes ``results.json`` with its ``status`` (``diverged``: a non-finite loss, with
+  the step; ``interrupted``: a termination signal, with the step of the checkpoint it saved) and no ``DONE``;
+* ``.lock``: held (``flock``) by the one process that trains the job, released by the kernel when that
+  process ends, however it ends: a second process on the same job stops at once (``hold``).
 
 Every file is written atomically (``lmlab.io``): a reader never sees half of one.
 """
 
 from __future__ import annotations
 
+import fcntl
 import json
 import os
 import re
+import socket
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -32,7 +42,7 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig, ListConfig, OmegaConf
 
 from lmlab.errors import UserError, user_error
-from lmlab.io import config_hash, torch_save, write_json, write_text
+from lmlab.io import config_hash, torch_save, write_json, write_text, zip_intact
 
 DONE = "DONE"
 FAILED = "FAILED"
@@ -43,8 +53,10 @@ CONFIG = "config_resolved.yaml"
 COMMAND = "command.txt"
 CHECKPOINTS = "checkpoints"
 LAST_CHECKPOINT = "last.ckpt"  # inside CHECKPOINTS (Lightning's name for the latest checkpoint)
+PREVIOUS = "previous-"  # the checkpoint a new one replaced, kept beside it: previous-last.ckpt
+LOCK = ".lock"
 
-UNNAMED_KEYS = ("hydra.", "cache_dir=", "out_dir=", "launcher=")  # overrides that do not name a run
+UNNAMED_KEYS = ("hydra.", "cache_dir=", "out_dir=", "launcher=", "retry=")  # overrides that do not name a run
 
 
 def run_name(overrides: list[str] | ListConfig) -> str:
@@ -81,6 +93,99 @@ def failure(run_dir: str | os.PathLike) -> str | None:
     """The reason recorded by ``mark_failed``, or ``None`` when the job has not failed."""
     path = Path(run_dir) / FAILED
     return path.read_text().strip() if path.exists() else None
+
+
+def status(run_dir: str | os.PathLike) -> str:
+    """``done``, ``diverged``, ``interrupted`` (as its results say), ``failed``, ``running`` (another process holds
+    the job) or ``incomplete`` (started, or not, and not running now)."""
+    run_dir = Path(run_dir)
+    if is_done(run_dir):
+        return "done"
+    stored = stored_status(run_dir)
+    if stored in ("diverged", "interrupted") and not is_held(run_dir):
+        return stored
+    if failure(run_dir) is not None:
+        return "failed"
+    return "running" if is_held(run_dir) else "incomplete"
+
+
+def stored_status(run_dir: str | os.PathLike) -> str | None:
+    """The ``status`` of the run's ``results.json``, or None where it has none."""
+    path = Path(run_dir) / RESULTS
+    try:
+        return json.loads(path.read_text()).get("status") if path.exists() else None
+    except (OSError, ValueError):
+        return None
+
+
+# ----- one process per job -----
+
+class RunHeld(UserError):
+    """Another process is training this job."""
+
+
+@contextmanager
+def hold(run_dir: str | os.PathLike) -> Iterator[None]:
+    """Hold the job's lock while the block runs: an exclusive ``flock`` on ``run_dir/.lock``, which the kernel
+    releases when the process ends (killed or preempted included), so a lock is never left stale. Raises
+    ``RunHeld`` (one sentence naming the holder's pid and host) when another process holds it."""
+    run_dir = Path(run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    fd = os.open(run_dir / LOCK, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        holder = os.pread(fd, 256, 0).decode(errors="replace").strip() or "another process"
+        os.close(fd)
+        raise RunHeld(f"{run_dir} is being trained by {holder}: wait for that process to finish (or stop it), "
+                      "then rerun the command.") from None
+    try:
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"pid {os.getpid()} on {socket.gethostname()}\n".encode(), 0)
+        yield
+    finally:
+        fcntl.flock(fd, fcntl.LOCK_UN)
+        os.close(fd)
+
+
+def is_held(run_dir: str | os.PathLike) -> bool:
+    """Whether a process holds the job's lock now."""
+    path = Path(run_dir) / LOCK
+    if not path.exists():
+        return False
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+        fcntl.flock(fd, fcntl.LOCK_UN)
+        return False
+    except BlockingIOError:
+        return True
+    finally:
+        os.close(fd)
+
+
+# ----- checkpoints -----
+
+def previous_checkpoint(path: str | os.PathLike) -> Path:
+    """Where the checkpoint that ``path`` replaces is kept."""
+    path = Path(path)
+    return path.with_name(PREVIOUS + path.name)
+
+
+def resume_checkpoint(run_dir: str | os.PathLike) -> Path | None:
+    """The checkpoint to resume from: ``last.ckpt`` when it reads back whole, else the previous one (with a
+    one-line notice); None when the run has none. Raises a UserError when every checkpoint is damaged."""
+    last = Path(run_dir) / CHECKPOINTS / LAST_CHECKPOINT
+    candidates = [p for p in (last, previous_checkpoint(last)) if p.exists()]
+    for path in candidates:
+        if zip_intact(path):
+            if path != last:
+                print(f"[lmlab] {last} is damaged: resuming from the checkpoint before it, {path.name}.")
+            return path
+    if candidates:
+        raise UserError(f"every checkpoint in {last.parent} is damaged: delete that folder to train the run again "
+                        "from the start.")
+    return None
 
 
 # ----- results and config -----

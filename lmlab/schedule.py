@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import math
 
+from lmlab.settings import Fraction
+
 
 def _phase(step: int, total: int, warmup: float) -> tuple[float | None, float]:
     """``(warmup multiplier or None after the warmup, progress through the decay in [0, 1])``."""
@@ -18,16 +20,16 @@ def _phase(step: int, total: int, warmup: float) -> tuple[float | None, float]:
     return None, min(1.0, (step - n) / max(1, total - n))
 
 
-def constant(step: int, total: int, warmup: float = 0.0) -> float:
+def constant(step: int, total: int, warmup: Fraction = 0.0) -> float:
     w, _ = _phase(step, total, warmup)
     return 1.0 if w is None else w
 
 
-def cosine(step: int, total: int, warmup: float = 0.05, min_ratio: float = 0.1) -> float:
+def cosine(step: int, total: int, warmup: Fraction = 0.05, min_ratio: Fraction = 0.1) -> float:
     w, progress = _phase(step, total, warmup)
     return w if w is not None else min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
 
 
-def linear(step: int, total: int, warmup: float = 0.05, min_ratio: float = 0.0) -> float:
+def linear(step: int, total: int, warmup: Fraction = 0.05, min_ratio: Fraction = 0.0) -> float:
     w, progress = _phase(step, total, warmup)
     return w if w is not None else 1.0 - (1 - min_ratio) * progress

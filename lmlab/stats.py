@@ -1,4 +1,6 @@
-"""Statistics shared by the evaluators and the reports: Student's t quantiles and t-intervals over seeds."""
+"""Statistics shared by the evaluators and the reports: Student's t quantiles and t-intervals over seeds, and
+the expected calibration error of a classifier's confidences (Guo, Pleiss, Sun & Weinberger, "On Calibration of
+Modern Neural Networks", ICML 2017, arXiv 1706.04599: equal-width bins)."""
 
 from __future__ import annotations
 
@@ -47,3 +49,26 @@ def t_interval(values, confidence: float = 0.95) -> float:
     if len(x) < 2:
         return 0.0
     return t_quantile((1 + confidence) / 2, len(x) - 1) * float(x.std(ddof=1)) / math.sqrt(len(x))
+
+
+def expected_calibration_error(confidences, correct, n_bins: int = 15) -> float:
+    """The expected calibration error (Guo et al. 2017, arXiv 1706.04599, eq. 3) of predictions whose
+    confidence (the probability given to the predicted class) is ``confidences`` and whose correctness is
+    ``correct`` (1/0, or a fraction, e.g. 1/2 for a prediction tied between two classes).
+
+    The predictions are put into ``n_bins`` equal-width bins B_m = ((m-1)/M, m/M] of [0, 1] (a confidence of
+    0 goes into the first); ECE = sum_m |B_m|/n * |acc(B_m) - conf(B_m)|, with acc and conf the bin's mean
+    correctness and mean confidence. NaN for no predictions."""
+    conf = np.asarray(confidences, dtype=np.float64).reshape(-1)
+    hit = np.asarray(correct, dtype=np.float64).reshape(-1)
+    if conf.shape != hit.shape:
+        raise ValueError(f"{len(conf)} confidences but {len(hit)} correctness values")
+    if n_bins < 1:
+        raise ValueError(f"n_bins must be at least 1, got {n_bins}")
+    if len(conf) == 0:
+        return float("nan")
+    edges = np.arange(n_bins + 1, dtype=np.float64) / n_bins
+    # bin m (0-based) holds edges[m] < c <= edges[m+1]
+    bins = np.clip(np.searchsorted(edges, conf, side="left") - 1, 0, n_bins - 1)
+    gap = np.abs(np.bincount(bins, weights=hit, minlength=n_bins) - np.bincount(bins, weights=conf, minlength=n_bins))
+    return float(gap.sum() / len(conf))

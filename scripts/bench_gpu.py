@@ -3,7 +3,7 @@
 One process, one shape (124M parameters: d_model 768, 12 layers, 12 heads, vocabulary 50257, sequence 1024),
 bf16 autocast, fused AdamW, gradient clipping, no dropout. Six rows: lmlab eager, lmlab with
 ``torch.compile`` (what ``compile=true`` does for CLM: the model, LM head and cross-entropy), HF eager and
-HF compiled, and the bare GPT-2 of ``scripts/lean_gpt.py`` (the issue's "lean" yardstick: lmlab's arithmetic
+HF compiled, and the bare GPT-2 of ``scripts/lean_gpt.py`` (the "lean" yardstick: lmlab's arithmetic
 and nothing else; ``--activation-checkpointing`` does not apply to it) eager and compiled. Each prints
 training tokens/s, MFU (from lmlab's ``flops_per_token`` for this shape and the peak in
 ``lmlab/training/throughput.py``; HF's biases add < 0.1%) and peak GPU memory.

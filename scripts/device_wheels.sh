@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Fetch into .whl/ the wheels that lmlab needs on a lent GPU machine beyond what its image already holds
+# Fetch into .whl/ the wheels that lmlab needs on a GPU machine beyond what its image already holds
 # (torch, lightning, transformers, pyarrow, pandas, fsspec, huggingface-hub are there; hydra, omegaconf and
 # datasets are not). Python 3.12, x86-64, pure-Python wheels; no dependency resolution (the image has them).
 # Then run scripts/gpu_check.sh there with `.whl` carried. The wheels total about 1.3 MB.

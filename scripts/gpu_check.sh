@@ -1,10 +1,10 @@
 #!/usr/bin/env bash
-# Issue 7's GPU checks for a lent GPU machine (H100/H200), after scripts/device_wheels.sh, in two calls that
+# The GPU checks, for a GPU machine (H100/H200), after scripts/device_wheels.sh, in two calls that
 # each fit the device's 10-minute limit (the machine stays warm between them):
 #     device run: command "bash scripts/gpu_check.sh bench", carry [".whl"], timeout_s 420
 #     device run: command "bash scripts/gpu_check.sh cli",   carry [".whl"], timeout_s 420
 # bench: scripts/bench_gpu.py at GPT-2-small shape: lmlab, Hugging Face and the lean GPT-2, eager and compiled
-#        (tokens/s, MFU, peak memory; the issue's targets are ratios within this one run);
+#        (tokens/s, MFU, peak memory; every comparison is a ratio within this one run);
 # cli:   the CLI on the GPU: the default job with trainer=gpu (bf16 autocast, fused AdamW, clipping), then with
 #        compile=true and activation checkpointing, then every other model for a few steps.
 # No argument runs both (about 10 minutes: too long for one call there).

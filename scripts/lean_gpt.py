@@ -1,6 +1,6 @@
 """A lean GPT-2 for the benchmarks: the least code that does the same arithmetic as lmlab's parity transformer.
 
-The issue's yardstick for "fast" is a short hand-written PyTorch GPT-2 (SDPA, fused AdamW): no configuration,
+The yardstick for "fast" is a short hand-written PyTorch GPT-2 (SDPA, fused AdamW): no configuration,
 no masks, no objective, nothing but the kernels. This is ours, written for the benchmarks; it computes exactly
 what ``Transformer(positions="learned", norm="layernorm", mlp="gelu", dropout=0)`` with ``CLM`` computes (a
 test copies weights across and compares loss and gradients), so ``lmlab / lean`` measures lmlab's own overhead

@@ -86,6 +86,7 @@ def test_run_name_is_deterministic_and_order_independent():
 # them through the CLI instead.
 SMOKE_ARGS: dict[tuple[str, str], list[str]] = {("data", "text"): []}
 SMOKE_ARGS[("model", "hat")] = ["data=text", "data/tokenizer=byte"]  # a byte-level model needs byte data
+SMOKE_ARGS[("eval", "lm_eval")] = ["data=text", "eval.lm_eval.limit=4"]  # lm-eval scores text: grammar data is refused
 SMOKE_SKIP = {("trainer", "gpu"): "needs CUDA",
               ("trainer", "ddp"): "tests/test_distributed.py runs DDP on 2 CPU processes",
               ("trainer", "fsdp"): "Lightning runs FSDP on GPUs only: tests/test_distributed.py composes it",

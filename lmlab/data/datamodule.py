@@ -129,6 +129,18 @@ class StepBatches(Sampler[list[int]]):
         return 1 << 62
 
 
+class StepLoader(DataLoader):
+    """The training loader. Its batches are a function of the step (``StepBatches`` starts at the trainer's
+    ``global_step``), so resuming needs no loader state: ``state_dict``/``load_state_dict`` say so to Lightning,
+    which would otherwise warn that resuming in the middle of an epoch is unreliable."""
+
+    def state_dict(self) -> dict:
+        return {"batches_follow_the_step": True}
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        pass
+
+
 class DataModule(L.LightningDataModule):
     """Holds the source and its (selected) splits; serves resumable training batches."""
 
@@ -161,7 +173,7 @@ class DataModule(L.LightningDataModule):
             rows = [dict(zip(rows, values)) for values in zip(*rows.values())]
             return collate(rows, seed=(seed * 1_000_003 + step) % (1 << 31))
 
-        return DataLoader(
+        return StepLoader(
             _StepDataset(fetch),
             batch_size=None,
             sampler=StepBatches(len(data), self.batch_size, seed, start, rank, world, self.stages),

@@ -34,6 +34,7 @@ from datasets import Dataset, DatasetDict, Features, Sequence, Value
 
 from lmlab.data.source import SPLITS, Source
 from lmlab.errors import UserError
+from lmlab.settings import NonNegative, Positive
 from lmlab.vocab import BOS_ID, EOS_ID, N_SPECIAL, word_ids
 
 
@@ -59,10 +60,11 @@ def _categorical(rng: np.random.Generator, probs: np.ndarray) -> np.ndarray:
 class HMMSource(Source):
     """Sentences of a random HMM with the hidden state at ``label_position`` as the downstream label."""
 
-    def __init__(self, hidden_states: int = 10, vocab_size: int = 30, length: int = 12,
-                 alpha_transition: float = 0.4, alpha_emission: float = 0.4, hmm_seed: int = 0,
-                 seed: int = 0, label_position: int = 6, train_size: int = 20000,
-                 validation_size: int = 500, test_size: int = 1000, downstream_size: int = 2000) -> None:
+    def __init__(self, hidden_states: Positive = 10, vocab_size: int = 30, length: Positive = 12,
+                 alpha_transition: float = 0.4, alpha_emission: float = 0.4, hmm_seed: NonNegative = 0,
+                 seed: NonNegative = 0, label_position: NonNegative = 6, train_size: Positive = 20000,
+                 validation_size: Positive = 500, test_size: NonNegative = 1000,
+                 downstream_size: NonNegative = 2000) -> None:
         super().__init__(hidden_states=hidden_states, vocab_size=vocab_size, length=length,
                          alpha_transition=alpha_transition, alpha_emission=alpha_emission,
                          hmm_seed=hmm_seed, seed=seed, label_position=label_position,

@@ -42,6 +42,7 @@ from datasets import Dataset, DatasetDict, Features, Sequence, Value
 from lmlab.data.grammar import GrammarShape, parse_grammar
 from lmlab.data.source import SPLITS, Source
 from lmlab.errors import UserError
+from lmlab.settings import NonNegative, Positive
 from lmlab.threads import one_thread
 from lmlab.vocab import BOS_ID, EOS_ID, N_SPECIAL, word_ids
 
@@ -62,8 +63,9 @@ class PCFGSource(Source):
     property is ``N_SPECIAL`` + the number of words of the grammar in use.
     """
 
-    def __init__(self, grammar: str | None = None, grammar_seed: int = 0, seed: int = 0, train_size: int = 20000,
-                 validation_size: int = 500, test_size: int = 1000, downstream_size: int = 2000,
+    def __init__(self, grammar: str | None = None, grammar_seed: NonNegative = 0, seed: NonNegative = 0,
+                 train_size: Positive = 20000,
+                 validation_size: Positive = 500, test_size: NonNegative = 1000, downstream_size: NonNegative = 2000,
                  **shape: Any) -> None:
         """``grammar``: a rule file, or ``None`` to generate a grammar of ``shape`` (the fields of
         ``lmlab.data.grammar.GrammarShape``: levels, nonterminals_per_level, vocab_size, ...) from

@@ -1,6 +1,6 @@
 """A candidate pool with planted structure, to validate data selection against a known answer.
 
-The validation set-up of the data-selection issue (CoLoR-Filter, Brandfonbrener et al. 2024, arXiv
+The validation set-up of the data-selection methods (CoLoR-Filter, Brandfonbrener et al. 2024, arXiv
 2406.10670; PreSelect, Shum et al. 2025, arXiv 2503.00808; MiniPLM, Gu et al. 2024, arXiv 2410.17215 all
 select a pool towards a target): the ``train`` split is a candidate pool that mixes
 
@@ -33,6 +33,7 @@ from lmlab.data.grammar import GrammarShape
 from lmlab.data.pcfg import PCFGSource, to_rows
 from lmlab.data.source import SPLITS, TARGET_SPLIT, TARGET_STREAM, Source
 from lmlab.errors import UserError
+from lmlab.settings import NonNegative, Positive
 
 TARGET, DISTRACTOR, DUPLICATE, JUNK = 0, 1, 2, 3
 ORIGINS = {TARGET: "target", DISTRACTOR: "distractor", DUPLICATE: "duplicate", JUNK: "junk"}
@@ -41,10 +42,12 @@ ORIGINS = {TARGET: "target", DISTRACTOR: "distractor", DUPLICATE: "duplicate", J
 class PlantedSource(Source):
     """Target-grammar sentences planted in a pool of distractor-grammar sentences, duplicates and junk."""
 
-    def __init__(self, grammar_seed: int = 0, distractor_seeds: tuple[int, ...] | list[int] = (1, 2),
+    def __init__(self, grammar_seed: NonNegative = 0, distractor_seeds: tuple[int, ...] | list[int] = (1, 2),
                  target_share: float = 0.25, duplicate_share: float = 0.1, junk_share: float = 0.15,
-                 duplicate_sources: int = 20, seed: int = 0, train_size: int = 20000, validation_size: int = 500,
-                 test_size: int = 1000, downstream_size: int = 2000, target_size: int = 500, **shape: Any) -> None:
+                 duplicate_sources: int = 20, seed: NonNegative = 0, train_size: Positive = 20000,
+                 validation_size: Positive = 500,
+                 test_size: NonNegative = 1000, downstream_size: NonNegative = 2000, target_size: int = 500,
+                 **shape: Any) -> None:
         """``shape``: the grammar shape of target and distractors (the fields of
         ``lmlab.data.grammar.GrammarShape``); ``grammar_seed`` draws the target grammar, each of
         ``distractor_seeds`` one distractor grammar; the shares and sizes: see the module docstring."""

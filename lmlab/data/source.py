@@ -27,7 +27,7 @@ from typing import Any
 import numpy as np
 from datasets import DatasetDict, load_from_disk
 
-from lmlab.io import atomic_dir, config_hash
+from lmlab.io import atomic_dir, config_hash, discard_if_damaged
 
 SPLITS = ("train", "validation", "test", "downstream")
 TARGET_SPLIT = "target"  # optional: the selection stage's target set (see module docstring)
@@ -65,6 +65,7 @@ class Source(ABC):
     def load(self, cache_dir: str | os.PathLike) -> DatasetDict:
         """The splits, built once and cached under ``cache_dir/<cache key>`` (written atomically)."""
         path = Path(cache_dir) / self.cache_key()
+        discard_if_damaged(path, f"data of {self.name}")
         if not (path / "dataset_dict.json").exists():
             splits = self.build()
             with atomic_dir(path) as tmp:  # another job of the sweep may win the race: then its copy is used

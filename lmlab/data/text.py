@@ -53,6 +53,7 @@ from lmlab.data.source import Source
 from lmlab.data.tokenizers import BPE, Tokenizer
 from lmlab.errors import UserError
 from lmlab.io import config_hash
+from lmlab.settings import Fraction, NonNegative, Positive
 from lmlab.vocab import BOS_ID, EOS_ID
 
 SAMPLE_CORPUS = Tokenizer.sample  # lmlab/data/sample/tiny_corpus.txt
@@ -138,9 +139,9 @@ class TextSource(Source):
     """Local text files, tokenized (``lmlab.data.tokenizers``) and packed into fixed-length blocks."""
 
     def __init__(self, paths: str | list[str] | None = None, text_field: str = "text",
-                 tokenizer: Tokenizer | None = None, block_size: int = 64, validation_fraction: float = 0.05,
-                 test_fraction: float = 0.05, seed: int = 0, labels_csv: str | None = None,
-                 labels_test_fraction: float = 0.2) -> None:
+                 tokenizer: Tokenizer | None = None, block_size: Positive = 64, validation_fraction: Fraction = 0.05,
+                 test_fraction: Fraction = 0.05, seed: NonNegative = 0, labels_csv: str | None = None,
+                 labels_test_fraction: Fraction = 0.2) -> None:
         if paths is None:
             entries = None
         elif isinstance(paths, (str, os.PathLike)):

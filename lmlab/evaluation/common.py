@@ -1,14 +1,16 @@
-"""What the downstream evaluators (probe, finetune) share: the labelled splits of a task, and the summary of
-accuracies over seeds (mean, standard deviation, t-interval, chance)."""
+"""What the downstream evaluators (probe, finetune) share: the labelled splits of a task, the summary of
+accuracies over seeds (mean, standard deviation, t-interval, chance), and the calibration of a head's
+predictions (expected calibration error, Guo et al. 2017, arXiv 1706.04599: ``lmlab.stats``)."""
 
 from __future__ import annotations
 
 import numpy as np
+import torch
 
 from lmlab.data.tasks import labelled_rows, resolve_task
 from lmlab.errors import UserError
 from lmlab.evaluation.base import Evaluator
-from lmlab.stats import t_interval
+from lmlab.stats import expected_calibration_error, t_interval
 
 
 class DownstreamEvaluator(Evaluator):
@@ -53,3 +55,14 @@ def check_nonempty(rows: list, split: str, task: str, evaluator: str) -> None:
     if not rows:
         raise UserError(f"the {split} split has no rows labelled for {task}: give {evaluator} data "
                         "with labelled downstream and test rows.")
+
+
+def head_calibration(logits: torch.Tensor, labels: torch.Tensor, n_bins: int = 15) -> float:
+    """The expected calibration error (``lmlab.stats.expected_calibration_error``, equal-width bins) of a
+    classifier's predictions on labelled rows: the prediction is ``logits.argmax(-1)``, its confidence the
+    softmax probability of that class, correct where it equals the label."""
+    logits = logits.detach().double()
+    pred = logits.argmax(-1)
+    conf = torch.softmax(logits, dim=-1).gather(-1, pred[:, None]).squeeze(-1)
+    correct = (pred == labels.to(pred.device)).double()
+    return expected_calibration_error(conf.cpu().numpy(), correct.cpu().numpy(), n_bins)

@@ -8,7 +8,11 @@ tokens or ``concat`` of token states), and trained together with a fresh linear 
 ``epochs`` epochs of shuffled minibatches. Rows whose label is -1 are dropped.
 
 Returns ``finetune/acc`` (mean over seeds), ``finetune/acc_std``, ``finetune/acc_ci95`` (95% t-interval
-half-width over seeds; 0 for one seed) and ``finetune/chance`` (majority-class rate on test).
+half-width over seeds; 0 for one seed) and ``finetune/chance`` (majority-class rate on test). With
+``ece=true`` also ``finetune/ece``: the expected calibration error (Guo et al. 2017, arXiv
+1706.04599; 15 equal-width bins, ``lmlab.stats.expected_calibration_error``) of the test predictions
+(confidence: the softmax probability of the predicted class), averaged over seeds; it reads the fine-tuned
+model's test logits only, so the other numbers are unchanged.
 """
 
 from __future__ import annotations
@@ -19,7 +23,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from lmlab.evaluation.common import DownstreamEvaluator, summarize
+from lmlab.evaluation.common import DownstreamEvaluator, head_calibration, summarize
 from lmlab.readout import feature_dim, features, model_device, pad_rows
 
 
@@ -28,21 +32,26 @@ class Finetune(DownstreamEvaluator):
 
     def __init__(self, task: str | None = None, epochs: int = 3, lr: float = 1e-4, batch_size: int = 64,
                  seeds: int = 1, pooling: str = "mean", max_train: int | None = None,
-                 max_test: int | None = None, weight_decay: float = 0.0) -> None:
+                 max_test: int | None = None, weight_decay: float = 0.0, ece: bool = False) -> None:
         self.task, self.epochs, self.lr, self.batch_size = task, epochs, lr, batch_size
         self.seeds, self.pooling = seeds, pooling
         self.max_train, self.max_test, self.weight_decay = max_train, max_test, weight_decay
+        self.ece = ece
 
     def __call__(self, module, datamodule, run_dir=None) -> dict[str, float]:
         original = getattr(module.model, "_orig_mod", module.model)  # unwrap torch.compile
         kind = module.objective.attention
         task, train_rows, train_y, test_rows, test_y, n_classes, length = self.labelled_splits(datamodule)
-        accs = [self._run(original, kind, train_rows, train_y, test_rows, test_y, n_classes, length, seed)
+        runs = [self._run(original, kind, train_rows, train_y, test_rows, test_y, n_classes, length, seed)
                 for seed in range(self.seeds)]
-        return summarize(self.name, accs, test_y)
+        out = summarize(self.name, [acc for acc, _ in runs], test_y)
+        if self.ece:
+            out[f"{self.name}/ece"] = float(sum(ece for _, ece in runs) / len(runs))
+        return out
 
     def _run(self, original, kind, train_rows, train_y, test_rows, test_y, n_classes, length,
-             seed) -> float:
+             seed) -> tuple[float, float]:
+        """One fine-tuned copy (``seed``): its test accuracy and expected calibration error."""
         device = model_device(original)
         devices = [device] if device.type == "cuda" else []
         with torch.random.fork_rng(devices=devices):  # dropout/init noise without touching global RNG
@@ -68,10 +77,13 @@ class Finetune(DownstreamEvaluator):
                         opt.step()
             model.eval()
             correct = 0
+            logits = []
             with torch.no_grad():
                 for i in range(0, len(test_rows), 256):
                     ids = pad_rows(test_rows[i : i + 256])
-                    pred = head(features(model, ids, kind, self.pooling, length)).argmax(-1).cpu()
+                    out = head(features(model, ids, kind, self.pooling, length))
+                    pred = out.argmax(-1).cpu()
                     correct += int((pred == torch.as_tensor(test_y[i : i + 256])).sum())
+                    logits.append(out.cpu())
             del model, head, opt
-        return correct / len(test_rows)
+        return correct / len(test_rows), head_calibration(torch.cat(logits), torch.as_tensor(test_y))

@@ -23,6 +23,12 @@ row the vector p(. | x_-t) over the words (the special-token columns, always zer
 zero-padded to the same ``length`` as the backbone's features. Same standardisation, head, seeds and
 epochs. Adds ``probe/lookup_acc``, ``probe/lookup_acc_std`` and ``probe/lookup_acc_ci95``. These do not
 depend on the model, so they are computed once per evaluator and reused (e.g. by ``eval_every``).
+
+Calibration (``ece=true``): ``probe/ece`` is the expected calibration error (Guo et al.
+2017, arXiv 1706.04599; 15 equal-width bins, ``lmlab.stats.expected_calibration_error``) of each head's test
+predictions (confidence: the softmax probability of the predicted class), averaged over seeds, and
+``probe/lookup_ece`` the same for the lookup-table probe, the reference a probe of the exact conditionals
+reaches. Computing it reads the trained heads only, so every other number is unchanged.
 """
 
 from __future__ import annotations
@@ -34,7 +40,7 @@ import torch
 import torch.nn.functional as F
 
 from lmlab.errors import UserError
-from lmlab.evaluation.common import DownstreamEvaluator, summarize
+from lmlab.evaluation.common import DownstreamEvaluator, head_calibration, summarize
 from lmlab.readout import features, model_device, pad_rows
 from lmlab.stats import t_interval
 from lmlab.threads import one_thread
@@ -73,12 +79,12 @@ class Probe(DownstreamEvaluator):
     def __init__(self, task: str | None = None, pooling: str = "mean", seeds: int = 3,
                  epochs: int = 50, lr: float = 1e-2, weight_decay: float = 0.0, batch_size: int = 256,
                  max_train: int | None = None, max_test: int | None = None,
-                 encode_batch_size: int = 256, lookup: bool = True) -> None:
+                 encode_batch_size: int = 256, lookup: bool = True, ece: bool = False) -> None:
         self.task, self.pooling, self.seeds, self.epochs = task, pooling, seeds, epochs
         self.lr, self.weight_decay, self.batch_size = lr, weight_decay, batch_size
         self.max_train, self.max_test = max_train, max_test
         self.encode_batch_size = encode_batch_size
-        self.lookup = lookup
+        self.lookup, self.ece = lookup, ece
         self._lookup_cache: dict = {}
 
     @torch.no_grad()
@@ -100,8 +106,10 @@ class Probe(DownstreamEvaluator):
         finally:
             model.train(was_training)
         device = model_device(model)
-        accs = self._accuracies(x_train, train_y, x_test, test_y, n_classes, device)
+        accs, eces = self._accuracies(x_train, train_y, x_test, test_y, n_classes, device)
         out = summarize(self.name, accs, test_y)
+        if self.ece:
+            out[f"{self.name}/ece"] = float(np.mean(eces))
         if self.lookup:
             key = (id(datamodule.source), task, len(train_rows), len(test_rows), length)
             if key not in self._lookup_cache:
@@ -116,13 +124,18 @@ class Probe(DownstreamEvaluator):
         if x_train is None:
             return {}
         x_test = lookup_features(source, test_rows, self.pooling, length)
-        accs = np.asarray(self._accuracies(x_train, train_y, x_test, test_y, n_classes, device), dtype=np.float64)
-        return {f"{self.name}/lookup_acc": float(accs.mean()),
-                f"{self.name}/lookup_acc_std": float(accs.std(ddof=1)) if len(accs) > 1 else 0.0,
-                f"{self.name}/lookup_acc_ci95": t_interval(accs)}
+        accs, eces = self._accuracies(x_train, train_y, x_test, test_y, n_classes, device)
+        accs = np.asarray(accs, dtype=np.float64)
+        out = {f"{self.name}/lookup_acc": float(accs.mean()),
+               f"{self.name}/lookup_acc_std": float(accs.std(ddof=1)) if len(accs) > 1 else 0.0,
+               f"{self.name}/lookup_acc_ci95": t_interval(accs)}
+        if self.ece:
+            out[f"{self.name}/lookup_ece"] = float(np.mean(eces))
+        return out
 
-    def _accuracies(self, x_train, train_y, x_test, test_y, n_classes, device) -> list[float]:
-        """Standardise with the training rows' statistics, then one head per seed: test accuracies."""
+    def _accuracies(self, x_train, train_y, x_test, test_y, n_classes, device) -> tuple[list[float], list[float]]:
+        """Standardise with the training rows' statistics, then one head per seed: test accuracies and
+        expected calibration errors."""
         mean, std = x_train.mean(0), x_train.std(0, unbiased=False)
         std = torch.where(std > 1e-6, std, torch.ones_like(std))  # constant features (e.g. padding) stay
         x_train, x_test = ((x_train - mean) / std).to(device), ((x_test - mean) / std).to(device)
@@ -130,9 +143,11 @@ class Probe(DownstreamEvaluator):
         y_test = torch.as_tensor(test_y, device=device)
 
         with one_thread(device.type == "cpu"):  # the head's matmuls are tiny
-            return [self._fit(x_train, y_train, x_test, y_test, n_classes, seed) for seed in range(self.seeds)]
+            fits = [self._fit(x_train, y_train, x_test, y_test, n_classes, seed) for seed in range(self.seeds)]
+        return [acc for acc, _ in fits], [ece for _, ece in fits]
 
-    def _fit(self, x_train, y_train, x_test, y_test, n_classes: int, seed: int) -> float:
+    def _fit(self, x_train, y_train, x_test, y_test, n_classes: int, seed: int) -> tuple[float, float]:
+        """One head trained with ``seed``: its test accuracy and expected calibration error."""
         g = torch.Generator().manual_seed(seed)
         n, dim = x_train.shape
         weight = (torch.randn(n_classes, dim, generator=g) / math.sqrt(dim)).to(x_train.device)
@@ -150,7 +165,8 @@ class Probe(DownstreamEvaluator):
                     loss.backward()
                     opt.step()
         with torch.no_grad():
-            pred = F.linear(x_test, weight, bias).argmax(-1)
-        return float((pred == y_test).double().mean())
+            logits = F.linear(x_test, weight, bias)
+            pred = logits.argmax(-1)
+        return float((pred == y_test).double().mean()), head_calibration(logits, y_test)
 
 

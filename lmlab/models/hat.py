@@ -48,8 +48,9 @@ from torch import nn
 from lmlab.attention import CAUSAL, Attention
 from lmlab.errors import UserError
 from lmlab.models.base import Backbone
-from lmlab.models.layers import Rotary, make_norm
+from lmlab.models.layers import MLPKind, NormKind, Rotary, make_norm
 from lmlab.models.transformer import Block
+from lmlab.settings import Fraction, Positive
 from lmlab.vocab import N_SPECIAL, PAD_ID
 
 BYTE_VOCAB = N_SPECIAL + 256
@@ -148,11 +149,11 @@ class HAT(Backbone):
 
     supported_attention = (CAUSAL,)
 
-    def __init__(self, vocab_size: int, attention: str = CAUSAL, d_model: int = 64, d_word: int = 128,
-                 n_layers: int = 2, n_heads: int = 4, d_ff: int | None = None, encoder_layers: int = 1,
-                 decoder_layers: int = 1, byte_heads: int = 2, byte_d_ff: int | None = None,
-                 byte_window: int | None = None, max_word_size: int = 16, bytes_per_word: float = 5.0,
-                 norm: str = "rmsnorm", mlp: str = "gelu", dropout: float = 0.0, max_len: int = 512,
+    def __init__(self, vocab_size: int, attention: str = CAUSAL, d_model: Positive = 64, d_word: Positive = 128,
+                 n_layers: Positive = 2, n_heads: Positive = 4, d_ff: int | None = None, encoder_layers: Positive = 1,
+                 decoder_layers: Positive = 1, byte_heads: Positive = 2, byte_d_ff: int | None = None,
+                 byte_window: int | None = None, max_word_size: Positive = 16, bytes_per_word: float = 5.0,
+                 norm: NormKind = "rmsnorm", mlp: MLPKind = "gelu", dropout: Fraction = 0.0, max_len: Positive = 512,
                  tie_embeddings: bool = True, activation_checkpointing: bool = False) -> None:
         if vocab_size != BYTE_VOCAB:
             raise UserError(f"model hat reads bytes (vocabulary {BYTE_VOCAB}) but the data has vocabulary "

@@ -39,8 +39,9 @@ from torch import nn
 from lmlab.attention import CAUSAL, Attention
 from lmlab.errors import UserError
 from lmlab.models.base import Backbone
-from lmlab.models.layers import MLP, CausalDepthwiseConv1d, make_norm
+from lmlab.models.layers import MLP, CausalDepthwiseConv1d, MLPKind, NormKind, make_norm
 from lmlab.models.scan import fft_causal_conv
+from lmlab.settings import Fraction, Positive
 
 
 class Sin(nn.Module):
@@ -131,10 +132,10 @@ class Hyena(Backbone):
 
     supported_attention = (CAUSAL,)
 
-    def __init__(self, vocab_size: int, attention: str = CAUSAL, d_model: int = 64, n_layers: int = 2,
+    def __init__(self, vocab_size: int, attention: str = CAUSAL, d_model: Positive = 64, n_layers: Positive = 2,
                  d_ff: int | None = None, order: int = 2, l_max: int = 1024, filter_order: int = 64,
                  filter_emb_dim: int = 3, num_inner_mlps: int = 2, filter_w: float = 1.0, short_filter: int = 3,
-                 norm: str = "rmsnorm", mlp: str = "gelu", dropout: float = 0.0,
+                 norm: NormKind = "rmsnorm", mlp: MLPKind = "gelu", dropout: Fraction = 0.0,
                  tie_embeddings: bool = True, activation_checkpointing: bool = False) -> None:
         super().__init__(vocab_size, d_model, attention, activation_checkpointing)
         self.n_layers, self.order, self.l_max, self.d_ff = n_layers, order, l_max, d_ff or 4 * d_model

@@ -8,11 +8,14 @@ or a gated one (SwiGLU, Shazeer 2020, arXiv 2002.05202); rotary position embeddi
 
 from __future__ import annotations
 
+from typing import Literal
+
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from lmlab.errors import UserError
+from lmlab.settings import Fraction, Positive
 
 try:  # optional fused kernel (CUDA only); never required
     from causal_conv1d import causal_conv1d_fn as _cuda_causal_conv1d
@@ -35,6 +38,7 @@ class RMSNorm(nn.Module):
 
 
 NORMS: dict[str, type[nn.Module]] = {"rmsnorm": RMSNorm, "layernorm": nn.LayerNorm}
+NormKind = Literal[tuple(NORMS)]  # the ``norm`` setting of a model: one of NORMS (checked before any work)
 
 
 def make_norm(name: str, dim: int) -> nn.Module:
@@ -45,6 +49,7 @@ def make_norm(name: str, dim: int) -> nn.Module:
 
 
 MLPS = ("gelu", "swiglu")
+MLPKind = Literal[MLPS]  # the ``mlp`` setting of a model
 
 
 class MLP(nn.Module):
@@ -53,7 +58,7 @@ class MLP(nn.Module):
     ``down`` is the residual projection (``is_residual_proj = True``) that initialisers scale down.
     """
 
-    def __init__(self, d_model: int, d_ff: int, kind: str = "gelu", dropout: float = 0.0) -> None:
+    def __init__(self, d_model: int, d_ff: int, kind: str = "gelu", dropout: Fraction = 0.0) -> None:
         super().__init__()
         if kind not in MLPS:
             raise UserError(f"unknown mlp {kind!r}: choose one of {', '.join(MLPS)}.")
@@ -86,7 +91,7 @@ class Rotary(nn.Module):
     ``t * base^(-2i/head_dim)``. The cos/sin tables are cached for ``max_len`` positions and grown on demand.
     """
 
-    def __init__(self, head_dim: int, max_len: int = 512, base: float = 10000.0) -> None:
+    def __init__(self, head_dim: int, max_len: Positive = 512, base: float = 10000.0) -> None:
         super().__init__()
         if head_dim % 2:
             raise UserError(f"rotary positions need an even head size, got {head_dim}: change "
@@ -167,7 +172,7 @@ class GLU(nn.Module):
     """A gated linear unit without activation (TransNormerLLM's channel mixer): ``down(l1(x) * l2(x))``.
     ``down`` is the residual projection (``is_residual_proj = True``)."""
 
-    def __init__(self, d_model: int, d_ff: int, dropout: float = 0.0) -> None:
+    def __init__(self, d_model: int, d_ff: int, dropout: Fraction = 0.0) -> None:
         super().__init__()
         self.l1 = nn.Linear(d_model, d_ff, bias=False)
         self.l2 = nn.Linear(d_model, d_ff, bias=False)

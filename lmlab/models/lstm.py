@@ -32,6 +32,7 @@ from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
 from lmlab.attention import BIDIRECTIONAL, CAUSAL, Attention
 from lmlab.errors import UserError
 from lmlab.models.base import Backbone
+from lmlab.settings import Fraction, Positive
 
 
 class LSTM(Backbone):
@@ -42,8 +43,8 @@ class LSTM(Backbone):
 
     supported_attention = (CAUSAL, BIDIRECTIONAL)
 
-    def __init__(self, vocab_size: int, attention: str = CAUSAL, d_model: int = 64, n_layers: int = 2,
-                 dropout: float = 0.0, tie_embeddings: bool = True, activation_checkpointing: bool = False) -> None:
+    def __init__(self, vocab_size: int, attention: str = CAUSAL, d_model: Positive = 64, n_layers: Positive = 2,
+                 dropout: Fraction = 0.0, tie_embeddings: bool = True, activation_checkpointing: bool = False) -> None:
         super().__init__(vocab_size, d_model, attention, activation_checkpointing)
         self.bidirectional = attention == BIDIRECTIONAL
         if self.bidirectional and d_model % 2:

@@ -32,8 +32,9 @@ from torch import nn
 from lmlab.attention import CAUSAL, Attention
 from lmlab.errors import UserError
 from lmlab.models.base import Backbone
-from lmlab.models.layers import MLP, CausalDepthwiseConv1d, make_norm, short_conv
+from lmlab.models.layers import MLP, CausalDepthwiseConv1d, MLPKind, NormKind, make_norm, short_conv
 from lmlab.models.scan import IMPLS, selective_scan
+from lmlab.settings import Optional, Positive
 
 # ----- the Mamba-1 mixer -----
 
@@ -41,9 +42,9 @@ class MambaMixer(nn.Module):
     """The Mamba-1 mixer (D -> D). ``forward(x)`` on (B, T, D); ``step(x_t, state)`` on (B, D) with state
     ``(conv inputs (B, ED, d_conv - 1), h (B, ED, N))``."""
 
-    def __init__(self, d_model: int, d_state: int = 16, expand: int = 2, d_conv: int = 4,
+    def __init__(self, d_model: int, d_state: Positive = 16, expand: Positive = 2, d_conv: Positive = 4,
                  dt_rank: int | None = None, dt_min: float = 1e-3, dt_max: float = 1e-1,
-                 dt_floor: float = 1e-4, impl: str = "auto", chunk_size: int | None = None) -> None:
+                 dt_floor: float = 1e-4, impl: str = "auto", chunk_size: Optional[Positive] = None) -> None:
         super().__init__()
         if impl not in IMPLS:
             raise UserError(f"unknown mamba impl {impl!r}: choose one of {', '.join(IMPLS)}.")
@@ -136,7 +137,7 @@ class MixerBackbone(Backbone):
     supported_attention = (CAUSAL,)
 
     def __init__(self, vocab_size: int, attention: str, d_model: int, n_layers: int, make_mixer,
-                 norm: str = "rmsnorm", d_ff: int = 0, mlp: str = "swiglu", tie_embeddings: bool = True,
+                 norm: NormKind = "rmsnorm", d_ff: int = 0, mlp: MLPKind = "swiglu", tie_embeddings: bool = True,
                  activation_checkpointing: bool = False) -> None:
         super().__init__(vocab_size, d_model, attention, activation_checkpointing)
         self.n_layers = n_layers
@@ -181,10 +182,11 @@ class Mamba(MixerBackbone):
     ``tie_embeddings``, ``activation_checkpointing`` (recompute each block in the backward pass while training).
     """
 
-    def __init__(self, vocab_size: int, attention: str = CAUSAL, d_model: int = 64, n_layers: int = 2,
-                 d_state: int = 16, expand: int = 2, d_conv: int = 4, dt_rank: int | None = None,
-                 dt_min: float = 1e-3, dt_max: float = 1e-1, impl: str = "auto", chunk_size: int | None = None,
-                 norm: str = "rmsnorm", tie_embeddings: bool = True, activation_checkpointing: bool = False) -> None:
+    def __init__(self, vocab_size: int, attention: str = CAUSAL, d_model: Positive = 64, n_layers: Positive = 2,
+                 d_state: Positive = 16, expand: Positive = 2, d_conv: Positive = 4, dt_rank: int | None = None,
+                 dt_min: float = 1e-3, dt_max: float = 1e-1, impl: str = "auto", chunk_size: Optional[Positive] = None,
+                 norm: NormKind = "rmsnorm", tie_embeddings: bool = True,
+                 activation_checkpointing: bool = False) -> None:
         def make_mixer():
             return MambaMixer(d_model, d_state, expand, d_conv, dt_rank, dt_min, dt_max, impl=impl,
                               chunk_size=chunk_size)

@@ -26,17 +26,18 @@ from torch import nn
 
 from lmlab.attention import CAUSAL
 from lmlab.errors import UserError
-from lmlab.models.layers import CausalDepthwiseConv1d, GatedRMSNorm, short_conv
+from lmlab.models.layers import CausalDepthwiseConv1d, GatedRMSNorm, NormKind, short_conv
 from lmlab.models.mamba import MixerBackbone
 from lmlab.models.scan import IMPLS, ssd, ssd_sequential
+from lmlab.settings import Positive
 
 
 class Mamba2Mixer(nn.Module):
     """The Mamba-2 mixer (D -> D). ``forward(x)`` on (B, T, D); ``step(x_t, state)`` on (B, D) with state
     ``(conv inputs (B, ED + 2GN, d_conv - 1), h (B, H, P, N))``."""
 
-    def __init__(self, d_model: int, d_state: int = 16, headdim: int = 16, expand: int = 2, ngroups: int = 1,
-                 d_conv: int = 4, chunk_size: int = 64, dt_min: float = 1e-3, dt_max: float = 1e-1,
+    def __init__(self, d_model: int, d_state: Positive = 16, headdim: int = 16, expand: Positive = 2, ngroups: int = 1,
+                 d_conv: Positive = 4, chunk_size: Positive = 64, dt_min: float = 1e-3, dt_max: float = 1e-1,
                  dt_floor: float = 1e-4, A_init_range: tuple = (1, 16), impl: str = "auto") -> None:
         super().__init__()
         if impl not in IMPLS:
@@ -110,9 +111,10 @@ class Mamba2(MixerBackbone):
     The released defaults are d_state 128, headdim 64; lmlab's YAML shrinks them for small models.
     """
 
-    def __init__(self, vocab_size: int, attention: str = CAUSAL, d_model: int = 64, n_layers: int = 2,
-                 d_state: int = 16, headdim: int = 16, expand: int = 2, ngroups: int = 1, d_conv: int = 4,
-                 chunk_size: int = 64, impl: str = "auto", norm: str = "rmsnorm",
+    def __init__(self, vocab_size: int, attention: str = CAUSAL, d_model: Positive = 64, n_layers: Positive = 2,
+                 d_state: Positive = 16, headdim: int = 16, expand: Positive = 2, ngroups: int = 1,
+                 d_conv: Positive = 4,
+                 chunk_size: Positive = 64, impl: str = "auto", norm: NormKind = "rmsnorm",
                  tie_embeddings: bool = True, activation_checkpointing: bool = False) -> None:
         def make_mixer():
             return Mamba2Mixer(d_model, d_state, headdim, expand, ngroups, d_conv, chunk_size, impl=impl)

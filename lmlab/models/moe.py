@@ -36,8 +36,9 @@ from torch import nn
 
 from lmlab.attention import BIDIRECTIONAL, CAUSAL, PREFIX, Attention
 from lmlab.errors import UserError
-from lmlab.models.layers import MLP
+from lmlab.models.layers import MLP, MLPKind
 from lmlab.models.transformer import Transformer
+from lmlab.settings import Fraction, Positive
 
 
 def route(probs: torch.Tensor, top_k: int, capacity: int | None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -65,7 +66,7 @@ class MoEMLP(nn.Module):
     """A router and ``n_experts`` dense MLPs; ``forward`` stores this layer's balance loss in ``self.aux``."""
 
     def __init__(self, d_model: int, d_ff: int, n_experts: int, top_k: int, capacity_factor: float | None,
-                 mlp: str = "gelu", dropout: float = 0.0) -> None:
+                 mlp: MLPKind = "gelu", dropout: Fraction = 0.0) -> None:
         super().__init__()
         self.n_experts, self.top_k, self.capacity_factor = n_experts, top_k, capacity_factor
         self.router = nn.Linear(d_model, n_experts, bias=False)
@@ -101,10 +102,10 @@ class MoETransformer(Transformer):
 
     supported_attention = (CAUSAL, BIDIRECTIONAL, PREFIX)
 
-    def __init__(self, vocab_size: int, attention: str = CAUSAL, d_model: int = 64, n_layers: int = 2,
-                 n_heads: int = 4, d_ff: int | None = None, n_experts: int = 4, top_k: int = 2,
-                 capacity_factor: float | None = None, aux_loss_coef: float = 0.01, mlp: str = "gelu",
-                 dropout: float = 0.0, **kwargs) -> None:
+    def __init__(self, vocab_size: int, attention: str = CAUSAL, d_model: Positive = 64, n_layers: Positive = 2,
+                 n_heads: Positive = 4, d_ff: int | None = None, n_experts: Positive = 4, top_k: Positive = 2,
+                 capacity_factor: float | None = None, aux_loss_coef: float = 0.01, mlp: MLPKind = "gelu",
+                 dropout: Fraction = 0.0, **kwargs) -> None:
         if not 1 <= top_k <= n_experts:
             raise UserError(f"model.top_k={top_k} must be between 1 and model.n_experts={n_experts}: change one "
                             "of them.")

@@ -44,9 +44,10 @@ from torch import nn
 
 from lmlab.attention import CAUSAL, Attention
 from lmlab.errors import UserError
-from lmlab.models.layers import CausalDepthwiseConv1d, GatedRMSNorm, short_conv
+from lmlab.models.layers import CausalDepthwiseConv1d, GatedRMSNorm, NormKind, short_conv
 from lmlab.models.mamba import MixerBackbone
 from lmlab.models.scan import chunk_gated_delta_rule, fla_chunk_gated_delta_rule, gated_delta_rule
+from lmlab.settings import Positive
 
 IMPLS = ("auto", "chunked", "recurrent")
 
@@ -116,8 +117,8 @@ def load_balancing_loss(probs: torch.Tensor, topk_idx: torch.Tensor, padding: to
 class MoMMixer(nn.Module):
     """The MoM gated-delta-rule mixer (D -> D); ``forward`` stores this layer's balancing loss in ``aux``."""
 
-    def __init__(self, d_model: int, n_heads: int = 2, head_dim: int = 32, expand_v: float = 1.0,
-                 num_memories: int = 4, top_k: int = 2, shared_memory: bool = True, d_conv: int = 4,
+    def __init__(self, d_model: int, n_heads: Positive = 2, head_dim: int = 32, expand_v: float = 1.0,
+                 num_memories: int = 4, top_k: Positive = 2, shared_memory: bool = True, d_conv: Positive = 4,
                  impl: str = "auto") -> None:
         super().__init__()
         if impl not in IMPLS:
@@ -217,10 +218,12 @@ class MoM(MixerBackbone):
     gradient, see ``Backbone.run_blocks``).
     """
 
-    def __init__(self, vocab_size: int, attention: str = CAUSAL, d_model: int = 64, n_layers: int = 2,
-                 n_heads: int = 2, head_dim: int = 32, expand_v: float = 1.0, num_memories: int = 4, top_k: int = 2,
-                 shared_memory: bool = True, d_conv: int = 4, d_ff: int | None = None, aux_loss_scale: float = 0.01,
-                 impl: str = "auto", norm: str = "rmsnorm", tie_embeddings: bool = True,
+    def __init__(self, vocab_size: int, attention: str = CAUSAL, d_model: Positive = 64, n_layers: Positive = 2,
+                 n_heads: Positive = 2, head_dim: int = 32, expand_v: float = 1.0, num_memories: int = 4,
+                 top_k: Positive = 2,
+                 shared_memory: bool = True, d_conv: Positive = 4, d_ff: int | None = None,
+                 aux_loss_scale: float = 0.01,
+                 impl: str = "auto", norm: NormKind = "rmsnorm", tie_embeddings: bool = True,
                  activation_checkpointing: bool = False) -> None:
         def make_mixer():
             return MoMMixer(d_model, n_heads, head_dim, expand_v, num_memories, top_k, shared_memory, d_conv, impl)

@@ -17,7 +17,8 @@ from torch import nn
 from lmlab.attention import BIDIRECTIONAL, CAUSAL, PREFIX, Attention
 from lmlab.errors import UserError
 from lmlab.models.base import Backbone
-from lmlab.models.layers import MLP, Rotary, make_norm
+from lmlab.models.layers import MLP, MLPKind, NormKind, Rotary, make_norm
+from lmlab.settings import Fraction, Positive
 
 POSITIONS = ("rotary", "learned")
 
@@ -85,11 +86,11 @@ class Transformer(Backbone):
 
     supported_attention = (CAUSAL, BIDIRECTIONAL, PREFIX)
 
-    def __init__(self, vocab_size: int, attention: str = CAUSAL, d_model: int = 64, n_layers: int = 2,
-                 n_heads: int = 4, d_ff: int | None = None, norm: str = "rmsnorm",
-                 positions: str = "rotary", max_len: int = 512, dropout: float = 0.0,
+    def __init__(self, vocab_size: int, attention: str = CAUSAL, d_model: Positive = 64, n_layers: Positive = 2,
+                 n_heads: Positive = 4, d_ff: int | None = None, norm: NormKind = "rmsnorm",
+                 positions: str = "rotary", max_len: Positive = 512, dropout: Fraction = 0.0,
                  tie_embeddings: bool = True, activation_checkpointing: bool = False,
-                 mlp: str = "gelu", ffn_factory: Callable[[int], nn.Module] | None = None) -> None:
+                 mlp: MLPKind = "gelu", ffn_factory: Callable[[int], nn.Module] | None = None) -> None:
         super().__init__(vocab_size, d_model, attention, activation_checkpointing)
         if d_model % n_heads:
             raise UserError(f"d_model={d_model} is not a multiple of n_heads={n_heads}: change one "

@@ -41,6 +41,7 @@ from lmlab.errors import UserError
 from lmlab.models.base import Backbone
 from lmlab.models.layers import GLU, SimpleRMSNorm
 from lmlab.models.scan import lightning_attention
+from lmlab.settings import Fraction, Positive
 
 DECAYS = ("alibi_layerwise", "paper")
 
@@ -142,9 +143,9 @@ class TransNormer(Backbone):
 
     supported_attention = (CAUSAL,)
 
-    def __init__(self, vocab_size: int, attention: str = CAUSAL, d_model: int = 64, n_layers: int = 2,
-                 n_heads: int = 4, d_ff: int | None = None, decay: str = "alibi_layerwise", lrpe: bool = False,
-                 block_size: int = 64, dropout: float = 0.0, tie_embeddings: bool = True,
+    def __init__(self, vocab_size: int, attention: str = CAUSAL, d_model: Positive = 64, n_layers: Positive = 2,
+                 n_heads: Positive = 4, d_ff: int | None = None, decay: str = "alibi_layerwise", lrpe: bool = False,
+                 block_size: Positive = 64, dropout: Fraction = 0.0, tie_embeddings: bool = True,
                  activation_checkpointing: bool = False) -> None:
         super().__init__(vocab_size, d_model, attention, activation_checkpointing)
         if d_model % n_heads:

@@ -47,6 +47,7 @@ from lmlab.errors import UserError
 from lmlab.objectives.base import Objective, Prepared
 from lmlab.objectives.mlm import MLM
 from lmlab.readout import features, pad_rows
+from lmlab.settings import Fraction, Optional, Positive
 
 
 class AdversarialMLM(MLM, nn.Module):
@@ -58,9 +59,10 @@ class AdversarialMLM(MLM, nn.Module):
     backbone's width, passed by the pipeline as models receive ``vocab_size``), and MLM's masking arguments.
     """
 
-    def __init__(self, d_model: int | None = None, lam: float = 1.0, task: str | None = None, head_batch_size: int = 64,
-                 pooling: str = "mean", mask_prob: float = 0.15, mask_token_frac: float = 0.8,
-                 random_token_frac: float = 0.1, vocab_size: int | None = None, bound: bool = False) -> None:
+    def __init__(self, d_model: Optional[Positive] = None, lam: float = 1.0, task: str | None = None,
+                 head_batch_size: Positive = 64,
+                 pooling: str = "mean", mask_prob: Fraction = 0.15, mask_token_frac: Fraction = 0.8,
+                 random_token_frac: Fraction = 0.1, vocab_size: int | None = None, bound: bool = False) -> None:
         nn.Module.__init__(self)
         MLM.__init__(self, mask_prob=mask_prob, mask_token_frac=mask_token_frac,
                      random_token_frac=random_token_frac, vocab_size=vocab_size)

@@ -108,7 +108,7 @@ class EMO(CLM, nn.Module):
         if path.is_dir():
             matrix = head_matrix(load_backbone(path)).cpu()
         elif path.is_file():
-            matrix = torch.load(path, map_location="cpu")
+            matrix = torch.load(path, map_location="cpu", weights_only=True)
             if not isinstance(matrix, torch.Tensor) or matrix.ndim != 2:
                 raise UserError(f"{path} does not hold a (vocab, dim) tensor: save one with torch.save or point "
                                 "objective.cost_checkpoint at an lmlab run directory.")

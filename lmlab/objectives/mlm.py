@@ -33,6 +33,7 @@ from lmlab.attention import BIDIRECTIONAL, Attention, padding_of
 from lmlab.errors import UserError
 from lmlab.objectives.base import Objective, Prepared
 from lmlab.readout import model_device
+from lmlab.settings import Fraction
 from lmlab.vocab import MASK_ID, N_SPECIAL, PAD_ID
 
 
@@ -47,8 +48,8 @@ class MLM(Objective):
 
     STRATEGIES = ("random", "suffix")
 
-    def __init__(self, mask_prob: float = 0.15, mask_token_frac: float = 0.8,
-                 random_token_frac: float = 0.1, vocab_size: int | None = None, strategy: str = "random") -> None:
+    def __init__(self, mask_prob: Fraction = 0.15, mask_token_frac: Fraction = 0.8,
+                 random_token_frac: Fraction = 0.1, vocab_size: int | None = None, strategy: str = "random") -> None:
         if strategy not in self.STRATEGIES:
             raise UserError(f"unknown MLM strategy {strategy!r}: set objective.strategy to random or suffix.")
         self.strategy = strategy

@@ -72,6 +72,7 @@ from lmlab.errors import UserError
 from lmlab.io import config_hash, write_json
 from lmlab.objectives.base import Prepared
 from lmlab.objectives.mlm import MLM
+from lmlab.settings import Fraction, Optional, Positive
 from lmlab.vocab import MASK_ID, N_SPECIAL, PAD_ID
 
 Ngram = tuple[int, ...]
@@ -158,10 +159,11 @@ class NgramMLM(MLM, nn.Module):
 
     attention = BIDIRECTIONAL
 
-    def __init__(self, d_model: int | None = None, max_n: int = 3, top_k: int = 100, min_count: int = 5,
-                 mask_prob: float = 0.15, fine_weight: float = 1.0, cache_dir: str | None = None,
+    def __init__(self, d_model: Optional[Positive] = None, max_n: Positive = 3, top_k: Positive = 100,
+                 min_count: Positive = 5,
+                 mask_prob: Fraction = 0.15, fine_weight: float = 1.0, cache_dir: str | None = None,
                  relation: bool = False, generator: Callable[..., nn.Module] | None = None,
-                 generator_width_factor: float = 1 / 3, generator_head_dim: int = 16,
+                 generator_width_factor: Fraction = 1 / 3, generator_head_dim: Positive = 16,
                  rtd_weight: float = 1.0) -> None:
         nn.Module.__init__(self)
         MLM.__init__(self, mask_prob=mask_prob)

@@ -37,6 +37,7 @@ from lmlab.errors import UserError
 from lmlab.objectives.base import Prepared
 from lmlab.objectives.distill import frozen_backbone
 from lmlab.objectives.mlm import MLM
+from lmlab.settings import Fraction, Positive
 from lmlab.vocab import MASK_ID, N_SPECIAL, PAD_ID
 
 
@@ -75,9 +76,9 @@ class SelfEvolution(MLM, nn.Module):
 
     attention = BIDIRECTIONAL
 
-    def __init__(self, scorer: str | None = None, threshold: float = 0.1, alpha: float = 0.1,
-                 smoothing: str = "rectified", init_from_scorer: bool = True, mask_prob: float = 0.15,
-                 score_batch_size: int = 256) -> None:
+    def __init__(self, scorer: str | None = None, threshold: float = 0.1, alpha: Fraction = 0.1,
+                 smoothing: str = "rectified", init_from_scorer: bool = True, mask_prob: Fraction = 0.15,
+                 score_batch_size: Positive = 256) -> None:
         nn.Module.__init__(self)
         MLM.__init__(self, mask_prob=mask_prob)
         if smoothing not in ("rectified", "uniform"):

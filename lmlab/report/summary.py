@@ -14,24 +14,25 @@ from rich.console import Console
 from rich.table import Table
 
 from lmlab.io import write_text
-from lmlab.run_dir import RESULTS, failure, is_done, read_results
+from lmlab.run_dir import RESULTS, failure, read_results, status
 
 FIXED = ["job", "overrides", "status", "reason"]
 
 
 def job_row(job_dir: Path) -> dict[str, Any]:
-    """One job's row: its overrides, its status (done, failed, incomplete) and its metrics."""
+    """One job's row: its overrides, its status (``lmlab.run_dir.status``), the reason where it did not finish,
+    and its metrics."""
     overrides_file = job_dir / ".hydra" / "overrides.yaml"
     overrides = OmegaConf.to_container(OmegaConf.load(overrides_file)) if overrides_file.exists() else []
     row: dict[str, Any] = {"job": job_dir.name, "overrides": " ".join(overrides), "status": "incomplete",
                            "reason": ""}
-    reason = failure(job_dir)
-    if is_done(job_dir) and (job_dir / RESULTS).exists():
-        row["status"] = "done"
+    row["status"] = status(job_dir)
+    if row["status"] == "done" and (job_dir / RESULTS).exists():
         row.update(read_results(job_dir)["metrics"])
-    elif reason is not None:
-        row["status"] = "failed"
-        row["reason"] = reason
+    elif row["status"] in ("diverged", "interrupted"):
+        row["reason"] = read_results(job_dir).get("reason", "")
+    elif row["status"] == "failed":
+        row["reason"] = failure(job_dir)
     return row
 
 
@@ -55,8 +56,8 @@ def _columns(rows: list[dict[str, Any]]) -> list[str]:
 
 
 def _fmt(value: Any) -> str:
-    if isinstance(value, float):
-        return f"{value:.4g}"
+    if isinstance(value, float):  # counts stored as floats print as counts (20000, not 2e+04)
+        return str(int(value)) if value.is_integer() and abs(value) < 1e15 else f"{value:.4g}"
     return "" if value is None else str(value)
 
 
@@ -81,7 +82,7 @@ def rich_table(rows: list[dict[str, Any]], title: str, max_metrics: int = 8) -> 
     axes = rows[0]["axes"] if rows else []
     hidden = ("model/", "train/rows", "train/steps")
     metrics = [c for c in _columns(rows)[len(FIXED) + len(axes):]
-               if not c.startswith(hidden) and not c.endswith(("_std", "/chance", "/ppl", "/optimum"))]
+               if not c.startswith(hidden) and not c.endswith(("_std", "_stderr", "/chance", "/ppl", "/optimum"))]
     cols = [*axes, "status", *metrics[:max_metrics]]
     table = Table(title=title)
     for c in cols:
@@ -116,6 +117,7 @@ class SweepSummary(Callback):
         console = Console()
         console.print(rich_table(rows, title=f"sweep {sweep_dir}"))
         for r in rows:
-            if r["status"] == "failed":
-                console.print(f"[red]failed[/red] {r['overrides']}: {r['reason']}", markup=True, highlight=False)
+            if r["status"] not in ("done", "incomplete"):
+                console.print(f"[red]{r['status']}[/red] {r['overrides']}: {r['reason']}", markup=True,
+                              highlight=False)
         print(f"[lmlab] summary: {sweep_dir / 'summary.csv'} and {sweep_dir / 'summary.md'}")

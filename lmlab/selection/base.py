@@ -33,7 +33,7 @@ import numpy as np
 from datasets import Dataset, load_from_disk
 
 from lmlab.errors import UserError
-from lmlab.io import atomic_dir, config_hash, write_json
+from lmlab.io import atomic_dir, config_hash, discard_if_damaged, write_json
 
 REPORT = "selection_report.json"
 STATS = "selection.json"
@@ -104,6 +104,7 @@ class Selector:
                             "shards: use selection=none with data=shards, or write the selected data to shards.")
         key = f"{data_key}-{type(self).__name__}-{config_hash(self.config)}"
         path = Path(cache_dir) / "selection" / key
+        discard_if_damaged(path, f"selection of {type(self).__name__}")
         if not (path / SELECTED / "dataset_info.json").exists():
             with atomic_dir(path) as tmp:
                 out = self.select(pool, target, tmp)

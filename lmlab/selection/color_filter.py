@@ -24,6 +24,7 @@ from datasets import Dataset
 from lmlab.errors import UserError
 from lmlab.selection.base import Selector
 from lmlab.selection.reference import AuxLM, need_target, row_nll, rows_of, sample_rows, vocab_of
+from lmlab.settings import NonNegative, Positive
 
 
 def color_scores(prior_nll: np.ndarray, cond_nll: np.ndarray) -> np.ndarray:
@@ -35,8 +36,8 @@ class ColorFilter(Selector):
     fraction_fix = "lower selection.tau"  # it keeps 1 / tau of the pool
 
     def __init__(self, tau: float = 4.0, prior_rows: int | None = 4000, prior_steps: int = 300,
-                 finetune_steps: int = 150, finetune_lr: float = 1e-3, d_model: int = 64, n_layers: int = 2,
-                 n_heads: int = 4, batch_size: int = 64, lr: float = 3e-3, seed: int = 0) -> None:
+                 finetune_steps: int = 150, finetune_lr: float = 1e-3, d_model: Positive = 64, n_layers: Positive = 2,
+                 n_heads: Positive = 4, batch_size: int = 64, lr: float = 3e-3, seed: NonNegative = 0) -> None:
         if not isinstance(tau, (int, float)) or tau < 1:
             raise UserError(f"selection.tau is {tau!r}; make it a number >= 1 (keep 1/tau of the pool).")
         super().__init__(tau=tau, prior_rows=prior_rows, prior_steps=prior_steps, finetune_steps=finetune_steps,

@@ -46,6 +46,7 @@ from datasets import Dataset
 from lmlab.errors import UserError
 from lmlab.selection.base import Selection, Selector
 from lmlab.selection.reference import AuxLM, need_target, row_nll, rows_of, sample_rows, vocab_of
+from lmlab.settings import NonNegative, Positive
 
 KEYS = ("length", "reference_loss", "random")
 
@@ -143,8 +144,8 @@ class Curriculum(Selector):
                  step: float = 0.05, patience: int = 1, threshold: float = 0.0, every: int | None = None,
                  fraction: float = 1.0,
                  reference_data: str = "target", reference_rows: int | None = 4000, reference_steps: int = 200,
-                 d_model: int = 64, n_layers: int = 2, batch_size: int = 64, lr: float = 3e-3,
-                 seed: int = 0) -> None:
+                 d_model: Positive = 64, n_layers: Positive = 2, batch_size: int = 64, lr: float = 3e-3,
+                 seed: NonNegative = 0) -> None:
         if key not in KEYS:
             raise UserError(f"selection.key is {key!r}; choose one of {', '.join(KEYS)}.")
         if reference_data not in ("target", "pool"):

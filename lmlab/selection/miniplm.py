@@ -37,6 +37,7 @@ from lmlab.selection.reference import (
     sample_rows,
     vocab_of,
 )
+from lmlab.settings import NonNegative
 
 
 def difference_scores(teacher_nll: np.ndarray, ref_nll: np.ndarray) -> np.ndarray:
@@ -48,7 +49,7 @@ class MiniPLM(Selector):
     def __init__(self, fraction: float = 0.25, teacher: str | None = None, teacher_d_model: int = 96,
                  teacher_layers: int = 3, teacher_steps: int = 200, ref_rows: int | None = 4000,
                  ref_d_model: int = 32, ref_layers: int = 1, ref_steps: int = 200, batch_size: int = 64,
-                 lr: float = 3e-3, seed: int = 0) -> None:
+                 lr: float = 3e-3, seed: NonNegative = 0) -> None:
         if not isinstance(fraction, (int, float)) or not 0 < fraction <= 1:
             raise UserError(f"selection.fraction is {fraction!r}; make it a number in (0, 1].")
         super().__init__(fraction=fraction, teacher=None if teacher is None else str(teacher),

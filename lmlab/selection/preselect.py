@@ -38,6 +38,7 @@ from lmlab.errors import UserError
 from lmlab.run_dir import RESULTS, read_results
 from lmlab.selection.base import Selection, Selector
 from lmlab.selection.reference import AuxLM, load_reference, need_target, row_nll, rows_of, sample_rows, vocab_of
+from lmlab.settings import NonNegative, Positive
 
 
 def predictive_strength(losses: np.ndarray, bench: np.ndarray) -> np.ndarray:
@@ -93,9 +94,9 @@ class PreSelect(Selector):
     def __init__(self, fraction: float = 0.25, runs: list[str] | None = None, metric: str = "probe/acc",
                  score_rows: int = 6000, min_positives: int = 200, prior_rows: int | None = 4000,
                  prior_steps: int = 200, family_steps: list[int] = (0, 5, 10, 20, 40, 80, 160),
-                 finetune_lr: float = 1e-3, d_model: int = 64, n_layers: int = 2, batch_size: int = 64,
+                 finetune_lr: float = 1e-3, d_model: Positive = 64, n_layers: Positive = 2, batch_size: int = 64,
                  lr: float = 3e-3, epoch: int = 10, classifier_lr: float = 0.1, word_ngrams: int = 2,
-                 seed: int = 0) -> None:
+                 seed: NonNegative = 0) -> None:
         if not isinstance(fraction, (int, float)) or not 0 < fraction <= 1:
             raise UserError(f"selection.fraction is {fraction!r}; make it a number in (0, 1].")
         runs = None if runs is None else [str(r) for r in runs]

@@ -42,6 +42,7 @@ from lmlab.attention import CAUSAL, Attention
 from lmlab.errors import UserError
 from lmlab.run_dir import MODEL, holds_model, load_backbone, model_args
 from lmlab.selection.base import Selection, Selector
+from lmlab.settings import NonNegative
 from lmlab.vocab import BOS_ID, EOS_ID, MASK_ID, N_SPECIAL, PAD_ID
 
 SYSTEM = ("A chat between a curious user and an artificial intelligence assistant. The assistant gives helpful, "
@@ -196,7 +197,7 @@ class Rephrase(Selector):
 
     def __init__(self, generator: str | None = None, ratio: float = 0.5, style: str = "medium",
                  prefix: float = 0.5, temperature: float = 1.0, max_new_tokens: int = 64, batch_size: int = 64,
-                 seed: int = 0) -> None:
+                 seed: NonNegative = 0) -> None:
         if not generator:
             raise UserError("selection=rephrase needs selection.generator: an lmlab run directory (trained with "
                             "objective=clm) or a local Hugging Face model directory.")

@@ -1,4 +1,4 @@
-"""Callbacks of the training loop: the progress bar, and evaluations along the way."""
+"""Callbacks of the training loop: the progress bar, the divergence guard, and evaluations along the way."""
 
 from __future__ import annotations
 
@@ -6,12 +6,59 @@ import sys
 from typing import Any, Callable
 
 import lightning as L
+import torch
 from lightning.pytorch.callbacks import RichProgressBar, TQDMProgressBar
+from lightning.pytorch.utilities.exceptions import SIGTERMException
 
 
 def progress_bar(refresh_rate: int = 50) -> L.Callback:
     """A rich progress bar on a terminal; a plain one that prints every ``refresh_rate`` steps otherwise (logs)."""
     return RichProgressBar() if sys.stdout.isatty() else TQDMProgressBar(refresh_rate=refresh_rate)
+
+
+class Diverged(Exception):
+    """Training produced a non-finite loss at ``step``; raised from the training loop by ``DivergenceGuard``."""
+
+    def __init__(self, step: int, loss: float) -> None:
+        super().__init__(f"training diverged at step {step} (loss {loss})")
+        self.step, self.loss = step, loss
+
+
+class DivergenceGuard(L.Callback):
+    """Stops training at the first non-finite training loss it sees, by raising ``Diverged``.
+
+    The loss is read back from the device only on the steps where it matters (every ``every`` steps and the
+    last step), not on every step. On the steps a checkpoint is written the weights are checked too (one
+    reduction): Lightning runs checkpoint callbacks after the others, so the guard stops the run before a
+    checkpoint with non-finite weights is written, and the last checkpoint on disk is a finite one."""
+
+    def __init__(self, every: int, checkpoint_every: int | None = None) -> None:
+        self.every, self.checkpoint_every = max(1, every), checkpoint_every
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        step = trainer.global_step
+        checkpoint = bool(self.checkpoint_every) and step % self.checkpoint_every == 0
+        if not (checkpoint or step % self.every == 0 or step >= (trainer.max_steps or 0)):
+            return
+        loss = (outputs["loss"] if isinstance(outputs, dict) else outputs).detach().float()
+        finite = [torch.isfinite(loss).all()]
+        if checkpoint:
+            finite += [torch.isfinite(p.detach()).all() for p in pl_module.parameters()]
+        if not bool(torch.stack(finite).all()):
+            raise Diverged(step, float(loss.mean()))
+
+
+class SaveOnTerm(L.Callback):
+    """On a termination signal (SIGTERM: a preempted or cancelled job; Lightning finishes the current step and
+    raises ``SIGTERMException``), save the resumable checkpoint at the current step to ``path``, so that
+    rerunning the job resumes where it stopped."""
+
+    def __init__(self, path) -> None:
+        self.path = path
+
+    def on_exception(self, trainer, pl_module, exception: BaseException) -> None:
+        if isinstance(exception, SIGTERMException):
+            trainer.save_checkpoint(self.path)
 
 
 class EvaluateEvery(L.Callback):

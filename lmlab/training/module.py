@@ -14,6 +14,7 @@ from lmlab.io import torch_save
 from lmlab.models.base import Backbone
 from lmlab.objectives.base import Objective
 from lmlab.optim import decay_groups
+from lmlab.run_dir import previous_checkpoint
 from lmlab.training.throughput import Throughput, matmul_precision, peak_flops
 from lmlab.vocab import PAD_ID
 
@@ -152,8 +153,13 @@ class LMModule(L.LightningModule):
 
 
 class AtomicCheckpointIO(TorchCheckpointIO):
-    """Writes each checkpoint to a temporary file and renames it into place: a crash mid-write leaves
-    the previous checkpoint intact."""
+    """Writes each checkpoint to a temporary file and renames it into place, keeping the one it replaces
+    (``lmlab.run_dir.previous_checkpoint``): a crash mid-write, or a damaged file, leaves a checkpoint to resume
+    from. Reads them back with ``weights_only=True``."""
 
     def save_checkpoint(self, checkpoint, path, storage_options=None) -> None:
-        torch_save(checkpoint, path)
+        torch_save(checkpoint, path, previous=previous_checkpoint(path))
+
+    def load_checkpoint(self, path, map_location=None, weights_only=None):
+        """Tensors and plain containers only (``weights_only``): loading a checkpoint never runs code from it."""
+        return super().load_checkpoint(path, map_location=map_location, weights_only=True)

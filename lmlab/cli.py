@@ -91,7 +91,8 @@ Commands:
   train      pretrain one recipe, then run its evaluations (add -m to sweep)
   eval       run evaluations on a finished run: lmlab eval run=<run dir> eval=probe
   select     run only the data-selection stage: lmlab select selection=color_filter data=planted
-  report     write report.md and plots of a same-loss rerun: lmlab report <sweep or experiment dir>
+  report     statistics of sweeps over seeds: lmlab report <sweep dir>... [--baseline key=value] [--x key]
+             (same-loss experiments: the paper report; one run's directory: its chain of init_from parents)
   export     write a finished run as a Hugging Face checkpoint: lmlab export run=<run dir> [out=<dir>]
 
 Examples:
@@ -343,21 +344,75 @@ def _sweep_dir(config_name: str, job: list[str], overrides: list[str]) -> Path:
     return Path(str(cfg.out_dir)) / str(cfg.name) / ("sweep-" + run_name(overrides))
 
 
+def _same_loss(paths: list[Path]) -> bool:
+    """Whether the jobs under ``paths`` are same-loss experiments (``name: same_loss/...`` in their config)."""
+    for path in paths:
+        first = next(iter(sorted(path.rglob(".hydra/config.yaml"))), None)
+        if first is not None and str(OmegaConf.load(first).get("name", "")).startswith("same_loss"):
+            return True
+    return False
+
+
 def _report(args: list[str]) -> None:
-    """``lmlab report <dir> [--tolerance NATS]``: the claim-by-claim report of a same-loss rerun."""
+    """``lmlab report <dir> [<dir> ...]``: on sweep directories, the statistics of every arm over seeds
+    (``lmlab.report.sweep``); on the same-loss experiments (``name: same_loss/...``, or ``--paper``), the
+    claim-by-claim report of the rerun (``lmlab.report.paper``); on one run's directory, its chain of
+    ``init_from`` parents."""
     import argparse
 
-    parser = argparse.ArgumentParser(prog="lmlab report", description="Write report.md and PNG plots of the "
-                                     "same-loss experiments (conf/experiment/same_loss/) found under a directory.")
-    parser.add_argument("path", help="a sweep directory, an experiment directory or a folder above them")
+    parser = argparse.ArgumentParser(
+        prog="lmlab report", description="Write report.md, report.csv and PNG plots of sweeps: per arm (the jobs "
+        "sharing every swept setting but the seed) the mean, sd and 95%% t-interval of each metric, and the paired "
+        "per-seed difference to a baseline arm. Same-loss experiments (conf/experiment/same_loss/) get the paper "
+        "report; one run's directory, its chain of init_from parents.")
+    parser.add_argument("paths", nargs="+", metavar="dir",
+                        help="sweep directories (they hold multirun.yaml and one folder per job), or the same-loss "
+                        "experiment directory or a folder above it, or one run's directory")
+    parser.add_argument("--baseline", action="append", default=[], metavar="KEY=VALUE",
+                        help="the baseline arm, e.g. selection=random (repeat for several settings)")
+    parser.add_argument("--metric", nargs="+", action="extend", default=[], metavar="M",
+                        help="the metrics to report (default: every metric that differs between jobs)")
+    parser.add_argument("--x", default=None, metavar="KEY",
+                        help="a numeric swept setting: plot each metric against it, one line per other arm")
+    parser.add_argument("--paper", action="store_true", help="the same-loss paper report, whatever the jobs' name")
     parser.add_argument("--tolerance", type=float, default=None,
-                        help="largest gap to the optimum (nats) that counts as the same loss")
+                        help="paper report: largest gap to the optimum (nats) that counts as the same loss")
     ns = parser.parse_args(args)
-    if not Path(ns.path).is_dir():
-        _fail(f"{ns.path} is not a directory: pass the sweep or experiment directory of the runs.")
-    from lmlab.report.paper import write_report
+    paths = [Path(p) for p in ns.paths]
+    for p in paths:
+        if not p.is_dir():
+            _fail(f"{p} is not a directory: pass the sweep or experiment directory of the runs.")
+    from lmlab import run_dir
 
-    print(f"[lmlab] report: {write_report(ns.path, ns.tolerance)}")
+    if len(paths) == 1 and (paths[0] / run_dir.CONFIG).exists():  # one run: its chain of init_from parents
+        for depth, run in enumerate(run_dir.lineage(paths[0])):
+            command = (run / run_dir.COMMAND).read_text().strip() if (run / run_dir.COMMAND).exists() else "?"
+            print(f"{'  ' * depth}{'<- ' if depth else ''}{run}  [{run_dir.status(run)}]  {command}")
+        return
+    from lmlab.report import sweep
+
+    sweep_options = ns.baseline or ns.metric or ns.x
+    if ns.paper or ns.tolerance is not None or (not sweep_options and _same_loss(paths)):
+        if len(paths) > 1 or sweep_options:
+            _fail("the paper report reads one directory and takes no --baseline, --metric or --x: pass the one "
+                  "experiment directory, or drop --paper and --tolerance for a sweep report.")
+        from lmlab.report.paper import write_report
+
+        print(f"[lmlab] report: {write_report(paths[0], ns.tolerance)}")
+        return
+    for p in paths:
+        if not sweep.is_sweep_dir(p):
+            _fail(f"{p} is not a sweep directory (no multirun.yaml, summary.csv or job folders): pass the "
+                  "directory that `lmlab train -m` printed as its sweep.")
+    try:
+        baseline = sweep.parse_baseline(" ".join(ns.baseline)) if ns.baseline else None
+        report = sweep.write_report(paths, baseline, ns.metric or None, ns.x)
+    except UserError as e:
+        _fail(str(e))
+    out = report.sweeps[0]
+    unfinished = sum(j.status != "done" for j in report.jobs)
+    print(f"[lmlab] report: {out / 'report.md'} and {out / 'report.csv'} ({len(report.jobs)} jobs, {len(report.arms)} "
+          f"arms, {unfinished} not finished){f', {len(report.plots)} plots' if report.plots else ''}")
 
 
 EXPORT_USAGE = "lmlab export run=<run dir> [out=<dir>]"

@@ -51,6 +51,7 @@ from lmlab.run_dir import (
 )
 from lmlab.selection.base import Selection
 from lmlab.training.callbacks import Diverged, DivergenceGuard, EvaluateEvery, SaveOnTerm
+from lmlab.training.init_from import start_from
 from lmlab.training.module import AtomicCheckpointIO, LMModule
 
 
@@ -93,7 +94,7 @@ def build(cfg: DictConfig):
     evaluators = {}
     for name, ecfg in (cfg.get("eval") or {}).items():
         evaluator = instantiate(ecfg)
-        reason = evaluator.skip_reason(source)
+        reason = evaluator.skip_reason(source, objective)
         if reason:
             print(f"[lmlab] eval {name} skipped: {reason}")
         else:
@@ -174,6 +175,8 @@ def _train(cfg: DictConfig, run_dir: Path, command: str) -> dict[str, Any]:
     resume = resume_checkpoint(run_dir)
     if resume and rank0:
         print(f"[lmlab] resuming from {resume}")
+    # init_from.run: the parent's weights, before fit (a resumed run takes its weights from the checkpoint)
+    parent = start_from(cfg, run_dir, model, source, objective.attention, resuming=resume is not None, write=rank0)
     logger = instantiate(cfg.logger, save_dir=str(run_dir)) if (cfg.get("logger") or {}).get("_target_") else False
     # the resumable checkpoint belongs to the run directory; the other callbacks are the `callbacks` group's
     callbacks = [ModelCheckpoint(dirpath=ckpt_dir, save_last=True, save_top_k=0,
@@ -229,6 +232,8 @@ def _train(cfg: DictConfig, run_dir: Path, command: str) -> dict[str, Any]:
         "versions": versions(),
         "config": OmegaConf.to_container(cfg, resolve=True),
     }
+    if parent is not None:
+        results["init_from"] = parent
     write_results(run_dir, results)
     mark_done(run_dir)
     return results

@@ -14,6 +14,9 @@ finds its jobs again) and holds:
   "causal"}``. With them the directory describes its model completely: ``load_backbone`` builds it from
   ``CONFIG``'s ``model`` node alone, without the data, the objective or the optimiser;
 * ``results.json`` (``RESULTS``): metrics, history, timings, versions and config;
+* ``parent.json`` (``PARENT``), only for a run started from another run's weights (``init_from.run``): the
+  parent's directory, command and status, and the growth operators applied (``write_parent``, ``read_parent``;
+  ``lineage`` follows these records back to the first run);
 * ``DONE`` (a timestamp), written last when the job finished; ``FAILED`` (one line, the reason) when it
   stopped with an error. A directory that holds ``DONE`` is skipped by a rerun. A run that stopped on its
   own terms without finishing writes ``results.json`` with its ``status`` (``diverged``: a non-finite loss, with
@@ -55,6 +58,7 @@ CHECKPOINTS = "checkpoints"
 LAST_CHECKPOINT = "last.ckpt"  # inside CHECKPOINTS (Lightning's name for the latest checkpoint)
 PREVIOUS = "previous-"  # the checkpoint a new one replaced, kept beside it: previous-last.ckpt
 LOCK = ".lock"
+PARENT = "parent.json"  # the run whose weights this run started from (init_from.run)
 
 UNNAMED_KEYS = ("hydra.", "cache_dir=", "out_dir=", "launcher=", "retry=")  # overrides that do not name a run
 
@@ -215,6 +219,34 @@ def read_config(run_dir: str | os.PathLike) -> DictConfig:
 
 def write_command(run_dir: str | os.PathLike, command: str) -> None:
     write_text(Path(run_dir) / COMMAND, command + "\n")
+
+
+def read_command(run_dir: str | os.PathLike) -> str | None:
+    path = Path(run_dir) / COMMAND
+    return path.read_text().strip() if path.exists() else None
+
+
+# ----- the parent run (init_from) -----
+
+def write_parent(run_dir: str | os.PathLike, record: dict[str, Any]) -> None:
+    write_json(Path(run_dir) / PARENT, record)
+
+
+def read_parent(run_dir: str | os.PathLike) -> dict[str, Any] | None:
+    """The ``parent.json`` record of a run started from another run's weights; None for a run from scratch."""
+    path = Path(run_dir) / PARENT
+    return json.loads(path.read_text()) if path.exists() else None
+
+
+def lineage(run_dir: str | os.PathLike) -> list[Path]:
+    """The run and its ancestors, newest first (run, parent, grandparent, ...), following ``parent.json``."""
+    chain = [Path(run_dir)]
+    while (record := read_parent(chain[-1])) is not None:
+        parent = Path(record["run"])
+        if parent in chain:  # a directory retrained from itself: stop rather than loop
+            break
+        chain.append(parent)
+    return chain
 
 
 # ----- the trained model -----

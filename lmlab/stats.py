@@ -1,10 +1,13 @@
-"""Statistics shared by the evaluators and the reports: Student's t quantiles and t-intervals over seeds, and
-the expected calibration error of a classifier's confidences (Guo, Pleiss, Sun & Weinberger, "On Calibration of
-Modern Neural Networks", ICML 2017, arXiv 1706.04599: equal-width bins)."""
+"""Statistics shared by the evaluators and the reports: Student's t quantiles and t-intervals over seeds; the
+mean of a metric over seeds with its t-interval (``mean_interval``); the paired per-seed difference of two arms
+with its t-interval and paired t-test (``paired_difference``); and the expected calibration error of a
+classifier's confidences (Guo, Pleiss, Sun & Weinberger, "On Calibration of Modern Neural Networks", ICML 2017,
+arXiv 1706.04599: equal-width bins)."""
 
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import numpy as np
 
@@ -72,3 +75,66 @@ def expected_calibration_error(confidences, correct, n_bins: int = 15) -> float:
     bins = np.clip(np.searchsorted(edges, conf, side="left") - 1, 0, n_bins - 1)
     gap = np.abs(np.bincount(bins, weights=hit, minlength=n_bins) - np.bincount(bins, weights=conf, minlength=n_bins))
     return float(gap.sum() / len(conf))
+
+
+@dataclass(frozen=True)
+class MeanInterval:
+    """The mean of ``n`` values with its two-sided t-interval: ``low``/``high`` = mean -/+ ``half``, where
+    ``half`` = t((1 + confidence) / 2, n - 1) * ``sd`` / sqrt(n) and ``sd`` is the sample standard deviation
+    (ddof 1). ``sd``, ``half``, ``low`` and ``high`` are NaN for fewer than two values; everything is NaN for
+    none."""
+
+    n: int
+    mean: float
+    sd: float
+    half: float
+    confidence: float = 0.95
+
+    @property
+    def low(self) -> float:
+        return self.mean - self.half
+
+    @property
+    def high(self) -> float:
+        return self.mean + self.half
+
+
+def mean_interval(values, confidence: float = 0.95) -> MeanInterval:
+    """The mean of ``values`` with its ``confidence`` Student-t interval (``MeanInterval``)."""
+    x = np.asarray(values, dtype=np.float64).reshape(-1)
+    if len(x) == 0:
+        return MeanInterval(0, math.nan, math.nan, math.nan, confidence)
+    if len(x) == 1:
+        return MeanInterval(1, float(x[0]), math.nan, math.nan, confidence)
+    return MeanInterval(len(x), float(x.mean()), float(x.std(ddof=1)), t_interval(x, confidence), confidence)
+
+
+@dataclass(frozen=True)
+class PairedDifference:
+    """Paired differences ``a_i - b_i``: their mean with its t-interval (``diff``), the paired t-test's
+    statistic ``t`` = mean / (sd / sqrt(n)) and two-sided ``p`` value (n - 1 degrees of freedom; NaN for
+    fewer than two pairs or no spread), and how many pairs have ``a`` above (``above``) and below
+    (``below``) ``b``."""
+
+    diff: MeanInterval
+    t: float
+    p: float
+    above: int
+    below: int
+    differences: tuple[float, ...] = ()
+
+
+def paired_difference(a, b, confidence: float = 0.95) -> PairedDifference:
+    """The paired comparison of ``a`` against ``b`` (equal lengths, pair ``i`` = ``a[i]``, ``b[i]``): the same
+    mean, interval, ``t`` and ``p`` as ``scipy.stats.ttest_rel(a, b)``."""
+    x = np.asarray(a, dtype=np.float64).reshape(-1)
+    y = np.asarray(b, dtype=np.float64).reshape(-1)
+    if x.shape != y.shape:
+        raise ValueError(f"{len(x)} values against {len(y)}: a paired difference needs one value of each per pair")
+    d = x - y
+    diff = mean_interval(d, confidence)
+    t, p = math.nan, math.nan
+    if diff.n >= 2 and diff.sd > 0:
+        t = diff.mean / (diff.sd / math.sqrt(diff.n))
+        p = max(0.0, 1.0 - _t_abs_cdf(abs(t), diff.n - 1))
+    return PairedDifference(diff, t, p, int((d > 0).sum()), int((d < 0).sum()), tuple(float(v) for v in d))

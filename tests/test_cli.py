@@ -87,6 +87,7 @@ def test_run_name_is_deterministic_and_order_independent():
 SMOKE_ARGS: dict[tuple[str, str], list[str]] = {("data", "text"): []}
 SMOKE_ARGS[("model", "hat")] = ["data=text", "data/tokenizer=byte"]  # a byte-level model needs byte data
 SMOKE_ARGS[("eval", "lm_eval")] = ["data=text", "eval.lm_eval.limit=4"]  # lm-eval scores text: grammar data is refused
+SMOKE_ARGS[("eval", "mask_classifier")] = [*TINY, "objective=mlm"]  # reads a masked-LM head: causal runs are refused
 SMOKE_SKIP = {("trainer", "gpu"): "needs CUDA",
               ("trainer", "ddp"): "tests/test_distributed.py runs DDP on 2 CPU processes",
               ("trainer", "fsdp"): "Lightning runs FSDP on GPUs only: tests/test_distributed.py composes it",
@@ -105,6 +106,7 @@ SMOKE_ARGS.update({
                                  "selection.score_rows=200", "selection.min_positives=20"],
     ("selection", "curriculum"): [*TINY, "selection.reference_steps=5"],
 })
+SMOKE_ARGS[("experiment", "transfer")] = []  # text data: the bundled corpus is already small
 SMOKE_SKIP.update({("data", "shards"): "tests/test_data_sources.py::test_shards_train_through_the_cli",
                    ("selection", "rephrase"): "tests/test_selection_filters.py::"
                                               "test_rephrase_with_an_lmlab_run_through_the_cli"})
@@ -116,7 +118,9 @@ def test_every_option_runs(lmlab, group, option):
         pytest.skip(SMOKE_SKIP[(group, option)])
     extra = [*NESTED_IN.get(group, []), *SMOKE_ARGS.get((group, option), [] if group in NESTED_IN else TINY)]
     fast = [a for a in FAST if not (group == "logger" and a.startswith("logger="))]
-    probe = [] if group == "eval" else ["eval.probe.seeds=1"]
+    with initialize_config_module(config_module="lmlab.conf", version_base="1.3"):  # one probe seed, if it probes
+        composed = compose(config_name="train", overrides=[*NESTED_IN.get(group, []), f"{group}={option}"])
+    probe = ["eval.probe.seeds=1"] if "probe" in (composed.get("eval") or {}) else []
     code, out = lmlab("train", f"{group}={option}", *fast, *extra, *probe)
     assert code == 0, out
     run = _only_run(lmlab.runs)

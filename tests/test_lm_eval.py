@@ -19,6 +19,8 @@ from lmlab.errors import UserError
 from lmlab.evaluation.harness import TASKS_DIR, LmEval, LmlabLM, flat_metrics, kept_random_state
 from lmlab.models.mamba import Mamba
 from lmlab.models.transformer import Transformer
+from lmlab.objectives.clm import CLM
+from lmlab.objectives.mlm import MLM
 from lmlab.vocab import BOS_ID, EOS_ID
 
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
@@ -175,8 +177,8 @@ def test_evaluator_accuracy_on_the_shipped_task_matches_hand_scoring():
     model, tok = tiny_transformer(seed=3), Byte()
     module = SimpleNamespace(model=model)
     dm = SimpleNamespace(source=SimpleNamespace(tokenizer=tok, block_size=65, name="text"))
-    evaluator = LmEval(tasks=["lmlab_tiny"], objective="lmlab.objectives.clm.CLM")
-    assert evaluator.skip_reason(dm.source) is None
+    evaluator = LmEval(tasks=["lmlab_tiny"])
+    assert evaluator.skip_reason(dm.source, CLM()) is None
     metrics = evaluator(module, dm)
     acc, acc_norm = [], []
     for item in ITEMS:
@@ -196,7 +198,7 @@ def test_evaluator_refuses_what_cannot_run():
         LmEval().skip_reason(grammar)
     text = SimpleNamespace(tokenizer=Byte(), block_size=64, name="text")
     with pytest.raises(UserError, match="objective=clm"):
-        LmEval(objective="lmlab.objectives.mlm.MLM").skip_reason(text)
+        LmEval().skip_reason(text, MLM())
     with pytest.raises(UserError, match="include_path"):
         LmEval(include_path="/no/such/folder").skip_reason(text)
     with pytest.raises(UserError, match="eval.lm_eval.tasks"):

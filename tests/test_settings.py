@@ -33,7 +33,7 @@ BAD = [  # (overrides, the key the sentence names)
     (["model.dropout=1.5"], "model.dropout"),
     (["model.max_len=0"], "model.max_len"),
     (["model.norm=batchnorm"], "model.norm"),
-    (["model=mamba", "model.mlp=relu"], "model.mlp"),
+    (["model=hyena", "model.mlp=relu"], "model.mlp"),
     (["model=mamba", "model.d_state=0"], "model.d_state"),
     (["model=lstm", "model.n_layers=0"], "model.n_layers"),
     (["data.train_size=0"], "data.train_size"),

@@ -6,10 +6,13 @@ from __future__ import annotations
 
 import numpy as np
 import torch
+import torch.nn.functional as F
+from torch import nn
 
 from lmlab.data.tasks import labelled_rows, resolve_task
 from lmlab.errors import UserError
 from lmlab.evaluation.base import Evaluator
+from lmlab.readout import features, model_device, pad_rows
 from lmlab.stats import expected_calibration_error, t_interval
 
 
@@ -18,7 +21,7 @@ class DownstreamEvaluator(Evaluator):
 
     task: str | None = None
 
-    def skip_reason(self, source) -> str | None:
+    def skip_reason(self, source, objective=None) -> str | None:
         if not getattr(source, "tasks", None) and self.task is None:
             return f"data {source.name} has no downstream labels"
         resolve_task(source, self.task, self.name)  # raises on a task the data lacks
@@ -66,3 +69,36 @@ def head_calibration(logits: torch.Tensor, labels: torch.Tensor, n_bins: int = 1
     conf = torch.softmax(logits, dim=-1).gather(-1, pred[:, None]).squeeze(-1)
     correct = (pred == labels.to(pred.device)).double()
     return expected_calibration_error(conf.cpu().numpy(), correct.cpu().numpy(), n_bins)
+
+
+def tune_and_score(model: nn.Module, head: nn.Module, params: list, kind: str, pooling: str, length: int,
+                   train_rows, train_y, test_rows, test_y, *, epochs: int, batch_size: int, lr: float,
+                   weight_decay: float, seed: int) -> tuple[float, float]:
+    """Train ``params`` (AdamW; the ``head`` on pooled features of ``model``) on the labelled training rows for
+    ``epochs`` in ``seed``'s batch order, then score the test rows: ``(accuracy, expected calibration error)``.
+    Shared by the evaluators that tune a copy of the backbone (fine-tuning, parameter-efficient tuning)."""
+    device = model_device(model)
+    opt = torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
+    model.train()
+    g = torch.Generator().manual_seed(seed)
+    y_train = torch.as_tensor(train_y)
+    n = len(train_rows)
+    with torch.enable_grad():
+        for _ in range(epochs):
+            perm = torch.randperm(n, generator=g).tolist()
+            for i in range(0, n, batch_size):
+                idx = perm[i : i + batch_size]
+                ids = pad_rows([train_rows[j] for j in idx])
+                logits = head(features(model, ids, kind, pooling, length))
+                loss = F.cross_entropy(logits.float(), y_train[idx].to(device))
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                opt.step()
+    model.eval()
+    correct, logits = 0, []
+    with torch.no_grad():
+        for i in range(0, len(test_rows), 256):
+            out = head(features(model, pad_rows(test_rows[i : i + 256]), kind, pooling, length))
+            correct += int((out.argmax(-1).cpu() == torch.as_tensor(test_y[i : i + 256])).sum())
+            logits.append(out.float().cpu())
+    return correct / len(test_rows), head_calibration(torch.cat(logits), torch.as_tensor(test_y))

@@ -20,11 +20,10 @@ from __future__ import annotations
 import copy
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
-from lmlab.evaluation.common import DownstreamEvaluator, head_calibration, summarize
-from lmlab.readout import feature_dim, features, model_device, pad_rows
+from lmlab.evaluation.common import DownstreamEvaluator, summarize, tune_and_score
+from lmlab.readout import feature_dim, model_device
 
 
 class Finetune(DownstreamEvaluator):
@@ -59,31 +58,9 @@ class Finetune(DownstreamEvaluator):
             model = copy.deepcopy(original)
             model.train()
             head = nn.Linear(feature_dim(model.d_model, self.pooling, length), n_classes).to(device)
-            opt = torch.optim.AdamW(list(model.parameters()) + list(head.parameters()), lr=self.lr,
-                                    weight_decay=self.weight_decay)
-            g = torch.Generator().manual_seed(seed)
-            y_train = torch.as_tensor(train_y)
-            n = len(train_rows)
-            with torch.enable_grad():
-                for _ in range(self.epochs):
-                    perm = torch.randperm(n, generator=g).tolist()
-                    for i in range(0, n, self.batch_size):
-                        idx = perm[i : i + self.batch_size]
-                        ids = pad_rows([train_rows[j] for j in idx])
-                        logits = head(features(model, ids, kind, self.pooling, length))
-                        loss = F.cross_entropy(logits.float(), y_train[idx].to(device))
-                        opt.zero_grad(set_to_none=True)
-                        loss.backward()
-                        opt.step()
-            model.eval()
-            correct = 0
-            logits = []
-            with torch.no_grad():
-                for i in range(0, len(test_rows), 256):
-                    ids = pad_rows(test_rows[i : i + 256])
-                    out = head(features(model, ids, kind, self.pooling, length))
-                    pred = out.argmax(-1).cpu()
-                    correct += int((pred == torch.as_tensor(test_y[i : i + 256])).sum())
-                    logits.append(out.cpu())
-            del model, head, opt
-        return correct / len(test_rows), head_calibration(torch.cat(logits), torch.as_tensor(test_y))
+            params = list(model.parameters()) + list(head.parameters())
+            result = tune_and_score(model, head, params, kind, self.pooling, length, train_rows, train_y, test_rows,
+                                    test_y, epochs=self.epochs, batch_size=self.batch_size, lr=self.lr,
+                                    weight_decay=self.weight_decay, seed=seed)
+            del model, head
+        return result

@@ -42,8 +42,8 @@ Two parts:
 
 Refused before any data is generated or any training (``UserError``: a setting out of range when the
 evaluator is built, the rest by ``skip_reason``): a source that cannot encode text (the grammar sources: no
-``tokenizer``), a bidirectional objective (known from the recipe's objective class, which the YAML fills
-into the ``objective`` setting), an unknown task, a missing ``include_path``. ``lmlab eval run=<dir>
+``tokenizer``), a bidirectional objective (the pipeline hands ``skip_reason`` the built objective), an
+unknown task, a missing ``include_path``. ``lmlab eval run=<dir>
 eval=lm_eval`` scores a finished run the same way.
 """
 
@@ -367,8 +367,7 @@ class LmEval(Evaluator):
 
     def __init__(self, tasks: list[str] | str = ("lmlab_tiny",), include_path: str | list[str] | None = None,
                  num_fewshot: int | None = None, limit: int | float | None = None, batch_size: int = 32,
-                 max_gen_tokens: int = 64, max_length: int | None = None, bootstrap_iters: int = 1000,
-                 objective: str | None = None) -> None:
+                 max_gen_tokens: int = 64, max_length: int | None = None, bootstrap_iters: int = 1000) -> None:
         tasks = [tasks] if isinstance(tasks, str) else list(tasks or [])
         if not tasks or not all(isinstance(t, str) and t for t in tasks):
             raise UserError(f"eval.lm_eval.tasks must list task names, got {tasks!r}: "
@@ -386,33 +385,21 @@ class LmEval(Evaluator):
         self.include_path = [TASKS_DIR, *(Path(str(p)).expanduser() for p in paths)]
         self.tasks, self.num_fewshot, self.limit = tasks, num_fewshot, limit
         self.batch_size, self.max_gen_tokens, self.max_length = batch_size, max_gen_tokens, max_length
-        self.bootstrap_iters, self.objective = bootstrap_iters, objective
+        self.bootstrap_iters = bootstrap_iters
         self._task_manager = None
 
-    def skip_reason(self, source) -> str | None:
+    def skip_reason(self, source, objective=None) -> str | None:
         """Never skips: refuses (``UserError``) what cannot run, before any data is generated."""
         if not can_encode(source):
             raise UserError(f"eval=lm_eval scores text and data {getattr(source, 'name', source)} cannot encode "
                             "text (it has no tokenizer): train on text (data=text or data=hf) or drop lm_eval from "
                             "eval.")
-        attention = self._objective_attention()
-        if attention == BIDIRECTIONAL:
-            raise UserError(f"eval=lm_eval scores text left to right and objective {self.objective.rsplit('.', 1)[-1]} "
+        if getattr(objective, "attention", None) == BIDIRECTIONAL:
+            raise UserError(f"eval=lm_eval scores text left to right and objective {type(objective).__name__} "
                             "trains a bidirectional model: use objective=clm or objective=prefix_lm, or drop lm_eval "
                             "from eval.")
         self.task_manager()  # an unknown task or a missing include_path stops here
         return None
-
-    def _objective_attention(self) -> str | None:
-        if not self.objective:
-            return None
-        from hydra.utils import get_class
-
-        try:
-            attention = getattr(get_class(str(self.objective)), "attention", None)
-        except Exception:  # an objective class that cannot be imported fails in the pipeline itself
-            return None
-        return attention if isinstance(attention, str) else None
 
     def task_manager(self):
         """lm-eval's ``TaskManager`` over the include path, with lm-eval's own tasks only when a requested

@@ -450,7 +450,7 @@ class ZeroShot(Evaluator):
                             f"(it offers: {offer}): fix eval.zeroshot.tasks.")
         return list(self.tasks)
 
-    def skip_reason(self, source) -> str | None:
+    def skip_reason(self, source, objective=None) -> str | None:
         if not self.selected(source):
             return (f"data {getattr(source, 'name', type(source).__name__)} knows no sentence probabilities "
                     "and eval.zeroshot.path names no jsonl file of items")

@@ -239,3 +239,13 @@ class HAT(Backbone):
                      + 12 * (self.encoder_layers + self.decoder_layers) * self.d_model * window
                      + w * (6 * count(word_mods) + 12 * self.n_layers * self.d_word * W)
                      + 12 * self.d_model * W)
+
+    def sparse_targets(self) -> list[tuple[str, nn.Linear, float]]:
+        """The matrices of the byte blocks, cross maps and pooling key/value projection (every byte uses them)
+        and of the word backbone and pooling output (one word per ``bytes_per_word`` bytes), as
+        ``flops_per_token`` counts them; the pooling query stays dense."""
+        groups = [("encoder", self.encoder, 1.0), ("decoder", self.decoder, 1.0), ("cross", self.cross, 1.0),
+                  ("pool.kv", self.pool.kv, 1.0), ("backbone", self.backbone, 1.0 / self.bytes_per_word),
+                  ("pool.out", self.pool.out, 1.0 / self.bytes_per_word)]
+        return [(f"{prefix}.{name}".rstrip("."), m, uses) for prefix, group, uses in groups
+                for name, m in group.named_modules() if isinstance(m, nn.Linear)]

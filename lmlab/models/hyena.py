@@ -183,3 +183,8 @@ class Hyena(Backbone):
         fft = (7.5 * 2 * T * math.log2(2 * T) + 6 * (T + 1)) / T
         return float(6 * n + 6 * self.d_model * self.vocab_size
                      + 3 * self.n_layers * (self.order - 1) * self.d_model * fft)
+
+    def sparse_targets(self) -> list[tuple[str, nn.Linear, float]]:
+        """The blocks' projections and MLPs; the implicit filter networks (run once per batch, not per token)
+        stay dense."""
+        return [t for t in super().sparse_targets() if ".filter." not in t[0]]

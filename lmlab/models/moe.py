@@ -132,3 +132,9 @@ class MoETransformer(Transformer):
         per_expert = sum(p.numel() for p in self.blocks[0].mlp.experts[0].parameters())
         unused = self.n_layers * (self.n_experts - self.top_k) * per_expert
         return super().flops_per_token(seq_len) - 6.0 * unused
+
+    def sparse_targets(self) -> list[tuple[str, nn.Linear, float]]:
+        """Every block matrix, the experts' used by ``top_k / n_experts`` of the tokens (as ``flops_per_token``
+        counts them)."""
+        share = self.top_k / self.n_experts
+        return [(name, m, share if ".experts." in name else uses) for name, m, uses in super().sparse_targets()]

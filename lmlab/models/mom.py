@@ -243,3 +243,14 @@ class MoM(MixerBackbone):
         (M - top_k per layer) left out of N, as for a mixture of experts."""
         inactive = sum((m.M - m.top_k) * m.per_memory_parameters() for m in (b.mixer for b in self.blocks))
         return super().flops_per_token(seq_len) - 6.0 * inactive
+
+    def sparse_targets(self) -> list[tuple[str, nn.Linear, float]]:
+        """Every block matrix; the per-memory projections (k, v, beta, alpha) used for ``top_k`` (plus the shared)
+        of the memories, as ``flops_per_token`` counts them."""
+        out = []
+        for name, m, uses in super().sparse_targets():
+            if name.endswith((".kv_proj", ".ba_proj")):
+                mixer = self.blocks[int(name.split(".")[1])].mixer
+                uses = (mixer.Mt - (mixer.M - mixer.top_k)) / mixer.Mt
+            out.append((name, m, uses))
+        return out

@@ -12,6 +12,7 @@ from lightning.pytorch.plugins.io import TorchCheckpointIO
 from lmlab.errors import UserError
 from lmlab.io import torch_save
 from lmlab.models.base import Backbone
+from lmlab.models.sparsity import densify, is_sparse, sparsify
 from lmlab.objectives.base import Objective
 from lmlab.optim import decay_groups
 from lmlab.run_dir import previous_checkpoint
@@ -46,7 +47,14 @@ def make_optimizer(factory: Callable, groups: list[dict], precision: str | None 
 
 class LMModule(L.LightningModule):
     """``objective`` may be an ``nn.Module`` with parameters of its own: they are trained and checkpointed
-    with the model's."""
+    with the model's.
+
+    A model built with ``sparsity`` > 0 (SPDF, ``lmlab.models.sparsity``) trains under fixed masks: they are
+    put on in ``configure_model`` (before Lightning restores a checkpoint, which then brings back the run's own
+    masks, and before the optimiser is built) and taken off in ``on_fit_end``, so that what follows training
+    (``model.pt``, the evaluations, ``eval=finetune``'s copies) sees a plain dense model with zeros in place.
+    MFU counts the FLOPs the dense kernels execute (``flops_per_token``: the zeros are multiplied too); the
+    sparse-ideal count is logged beside it as ``train/sparse_flops_per_token``."""
 
     def __init__(self, model: Backbone, objective: Objective, optimizer: Callable, schedule: Callable,
                  compile: bool = False) -> None:
@@ -67,8 +75,26 @@ class LMModule(L.LightningModule):
                                      world=self.trainer.world_size)
 
     def flops_per_token(self, seq_len: int) -> float:
-        """The model's training FLOPs per token plus the objective's own (a teacher, a generator)."""
+        """The model's training FLOPs per token plus the objective's own (a teacher, a generator): the FLOPs the
+        kernels execute, which MFU divides by the device's dense peak. A sparse model on dense kernels executes
+        its dense count (its step takes as long as the dense model's); counting only the sparse-ideal FLOPs
+        there would lower MFU by the sparsity without the device working any less."""
         return self.model.flops_per_token(seq_len) + self.objective.extra_flops_per_token(seq_len)
+
+    def sparse_flops_per_token(self, seq_len: int) -> float:
+        """As ``flops_per_token`` with the masked weights' FLOPs left out (``Backbone.sparse_flops_per_token``):
+        the pretraining budget as SPDF counts it."""
+        return self.model.sparse_flops_per_token(seq_len) + self.objective.extra_flops_per_token(seq_len)
+
+    def configure_model(self) -> None:
+        """Put on the sparsity masks (``model.sparsity`` > 0), drawn from the run's seed; a checkpoint being
+        resumed then replaces them with its own."""
+        if self.model.sparsity and not is_sparse(self.model):
+            sparsify(self.model, self.model.sparsity, seed=torch.initial_seed())
+
+    def on_fit_end(self) -> None:
+        """Take the masks off: a plain dense model, zeros in place, for ``model.pt`` and the evaluations."""
+        densify(self.model)
 
     def on_before_batch_transfer(self, batch, dataloader_idx: int):
         # tokens counted on the host, before the batch moves to the device: no device sync per step
@@ -79,6 +105,8 @@ class LMModule(L.LightningModule):
     def on_train_batch_end(self, outputs, batch, batch_idx: int) -> None:
         if self.throughput is not None:
             metrics = self.throughput.step(self._batch_tokens, self._seq_len)
+            if metrics and self.model.sparsity:
+                metrics["train/sparse_flops_per_token"] = self.sparse_flops_per_token(self._seq_len)
             if metrics and self._logs_this_step():
                 self.log_dict(metrics, on_step=True, on_epoch=False, prog_bar=False)
 

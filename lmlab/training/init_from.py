@@ -1,0 +1,311 @@
+"""``init_from.run=<run dir>``: start a run from a finished run's weights, with a fresh optimiser and schedule.
+
+The new run builds its own model from its own config (its data's vocabulary, its objective's attention);
+``InitFrom.apply`` then fills it from the parent's ``model.pt`` (``lmlab.run_dir.load_backbone``), composing
+the growth operators of ``lmlab.models.grow`` where the two models differ:
+
+1. **attention**: the parent is built for the new objective's pattern (Wang et al. 2022, "What Language Model
+   Architecture and Pretraining Objective Work Best for Zero-Shot Generalization?", arXiv 2204.05832:
+   non-causal adaptation of a causal model); a model that cannot attend that way is refused;
+2. **width**: ``model.d_model`` an integer multiple of the parent's: ``lmlab.models.widen`` (function-preserving;
+   heads keep their size, so ``n_heads`` and ``d_ff`` scale by the same factor and the model is untied);
+3. **depth**: a larger ``model.n_layers``: SOLAR's depth up-scaling (Kim et al. 2023, arXiv 2312.15166), the
+   parent layers listed in ``layers`` or SOLAR's map, copied as they are (``depth=duplicate``) or with the
+   residual outputs of every repeated layer set to zero (``depth=zero``: the parent's function exactly);
+4. **vocabulary**: a different vocabulary size, or ``reset=[embeddings]``: the body is kept bit for bit and the
+   token embedding and LM head keep the new run's own initialisation (Yao et al. 2022, "Linking Emergent and
+   Natural Languages via Corpus Transfer", arXiv 2203.13344), except the rows of tokens both vocabularies share
+   (``map_shared_tokens``): the special tokens, and tokens with the same bytes where both runs have text
+   tokenizers. ``reset=[head]`` re-initialises the LM head alone (an untied model).
+
+With equal model settings and vocabulary the copy is exact. Any other difference (another architecture,
+another norm or MLP, a non-integer width ratio, fewer layers) is refused in one sentence naming what can change.
+
+A resumed run (one that holds a checkpoint) does not initialise again: its weights come from the checkpoint,
+and its ``parent.json`` from its first start is kept.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal, Optional
+
+import torch
+from omegaconf import DictConfig, OmegaConf
+
+from lmlab.errors import UserError
+from lmlab.models.grow import EMBED, HEAD, deepen, n_blocks, residual_outputs, revocab, solar_layers, untie
+from lmlab.run_dir import (
+    load_backbone,
+    model_args,
+    read_command,
+    read_config,
+    read_parent,
+    read_results,
+    status,
+    write_parent,
+)
+from lmlab.settings import NonNegative
+from lmlab.vocab import N_SPECIAL
+
+# model settings that may differ from the parent's (the others must be equal)
+MAY_CHANGE = ("d_model", "n_layers", "n_heads", "d_ff", "tie_embeddings", "dropout", "activation_checkpointing",
+              "sparsity", "max_len")
+PARENT_METRICS = ("val/loss", "perplexity/loss", "perplexity/gap", "train/steps")
+
+
+class InitFrom:
+    """The ``init_from`` settings of ``lmlab train`` (see the module docstring).
+
+    ``run``: the parent's run directory (null: train from scratch); ``reset``: parts re-initialised even when
+    they fit (``embeddings``: token embedding and LM head; ``head``: the LM head alone); ``depth``: how new
+    layers start (``duplicate``: copies of the parent's; ``zero``: copies whose residual outputs are zero);
+    ``layers``: the parent layer of every layer of the new model (null: SOLAR's map); ``map_shared_tokens``:
+    copy the embedding and head rows of tokens both vocabularies share."""
+
+    def __init__(self, run: Optional[str] = None, reset: list[Literal["embeddings", "head"]] = (),
+                 depth: Literal["duplicate", "zero"] = "duplicate", layers: Optional[list[NonNegative]] = None,
+                 map_shared_tokens: bool = True) -> None:
+        self.run = None if run in (None, "") else Path(str(run)).expanduser().resolve()
+        self.reset = [str(r) for r in (reset or [])]
+        self.depth = str(depth)
+        self.layers = None if layers is None else [int(i) for i in layers]
+        self.map_shared_tokens = bool(map_shared_tokens)
+
+    @classmethod
+    def from_config(cls, node: DictConfig | dict | None) -> InitFrom:
+        values = OmegaConf.to_container(node, resolve=True) if isinstance(node, DictConfig) else dict(node or {})
+        values.pop("_target_", None)
+        return cls(**values)
+
+    # ----- the parent -----
+
+    def _parent_config(self) -> DictConfig:
+        if self.run is None:
+            raise ValueError("init_from.run is not set")
+        if not self.run.is_dir():
+            raise UserError(f"init_from.run={self.run} is not a directory: point it at the run directory of a "
+                            "finished `lmlab train` run.")
+        return read_config(self.run)
+
+    def _check_settings(self, parent_model: DictConfig, model_cfg: DictConfig) -> None:
+        a, b = str(parent_model.get("_target_")), str(model_cfg.get("_target_"))
+        if a != b:
+            raise UserError(f"init_from.run={self.run} trained a {a.rsplit('.', 1)[-1]} and this run builds a "
+                            f"{b.rsplit('.', 1)[-1]}: use the parent's model (model= as in its command); only "
+                            f"{', '.join(MAY_CHANGE)} and the vocabulary may change.")
+        differ = sorted(k for k in set(parent_model) | set(model_cfg)
+                        if k not in MAY_CHANGE and k != "_target_" and parent_model.get(k) != model_cfg.get(k))
+        if differ:
+            keys = ", ".join(f"model.{k}={parent_model.get(k)}" for k in differ)
+            raise UserError(f"this run's model differs from its parent's in settings that cannot grow: set {keys} "
+                            f"as the parent has them (only {', '.join(MAY_CHANGE)} and the vocabulary may change).")
+
+    # ----- the operators -----
+
+    def apply(self, model: torch.nn.Module, attention: str, model_cfg: DictConfig, tokenizer=None) -> dict[str, Any]:
+        """Fill ``model`` (built from this run's config, ``model_cfg``, for ``attention``) from the parent's
+        weights; ``tokenizer``: this run's text tokenizer, or None. Returns the record of what was done."""
+        pcfg = self._parent_config()
+        self._check_settings(pcfg.model, model_cfg)
+        trained = model_args(self.run)["attention"]
+        parent = load_backbone(self.run, attention=attention)
+        operators: list[str] = []
+        if attention != trained:
+            operators.append(f"attention: {trained} -> {attention}")
+
+        if parent.d_model != model.d_model:
+            parent = self._widen(parent, model)
+            operators.append(f"widen: d_model {parent.d_model // self._ratio} -> {parent.d_model}")
+        state = {k: v.detach().clone() for k, v in parent.state_dict().items()}
+
+        new_vocab = parent.vocab_size != model.vocab_size or "embeddings" in self.reset
+        tied_parent = bool(getattr(parent, "tie_embeddings", False))
+        tied_child = bool(getattr(model, "tie_embeddings", False))
+        if tied_parent and not tied_child:
+            state = untie(state)
+            if not new_vocab:
+                operators.append("untie: the LM head starts as the embedding")
+        elif tied_child and not tied_parent and not new_vocab:
+            raise UserError(f"the parent {self.run} has an untied LM head and this run ties it: set "
+                            "model.tie_embeddings=false, or init_from.reset=[embeddings] to start both anew.")
+
+        layers = self._layer_map(n_blocks(state), model)
+        if layers is not None:
+            zero = tuple(residual_outputs(model.blocks[0])) if self.depth == "zero" else ()
+            if self.depth == "zero" and not zero:
+                raise UserError(f"init_from.depth=zero needs blocks with tagged residual outputs, which the "
+                                f"{type(model).__name__} model lacks: use init_from.depth=duplicate.")
+            state = deepen(state, layers, zero)
+            operators.append(f"depth: {n_blocks(parent.state_dict())} -> {len(layers)} layers ({self.depth}, "
+                             f"parent layers {layers})")
+
+        own = model.state_dict()
+        if new_vocab:
+            rows = self._shared_rows(pcfg, parent.vocab_size, model.vocab_size, tokenizer) \
+                if self.map_shared_tokens else {}
+            state = revocab(state, own, rows)
+            operators.append(f"new vocabulary: {parent.vocab_size} -> {model.vocab_size} tokens, embeddings and "
+                             f"head re-initialised, {len(rows)} shared rows copied")
+        elif "head" in self.reset:
+            if tied_child:
+                raise UserError("init_from.reset=[head] re-initialises an untied LM head and this model ties it: "
+                                "set model.tie_embeddings=false, or use init_from.reset=[embeddings].")
+            state = revocab(state, own, {}, reset_head_only=True)
+            operators.append("reset: LM head re-initialised")
+        if tied_child and new_vocab:
+            state[HEAD] = state[EMBED]
+        self._load(model, state)
+        if not operators:
+            operators.append("copy")
+        return self.record(operators)
+
+    def _widen(self, parent: torch.nn.Module, model: torch.nn.Module) -> torch.nn.Module:
+        from lmlab.models.transformer import Transformer
+        from lmlab.models.widen import widen
+
+        d, d_new = parent.d_model, model.d_model
+        if type(parent) is not Transformer:
+            raise UserError(f"widening is defined for model=transformer, and the parent is a "
+                            f"{type(parent).__name__}: keep model.d_model={d}.")
+        if d_new < d or d_new % d:
+            raise UserError(f"model.d_model={d_new} is not an integer multiple of the parent's d_model={d}: set it "
+                            f"to {2 * d} (or another multiple of {d}), or keep {d}.")
+        k = self._ratio = d_new // d
+        want = {"n_heads": k * parent.n_heads, "d_ff": k * parent.d_ff, "tie_embeddings": False}
+        have = {"n_heads": model.n_heads, "d_ff": model.d_ff, "tie_embeddings": model.tie_embeddings}
+        if want != have:
+            keys = " ".join(f"model.{key}={str(v).lower() if isinstance(v, bool) else v}" for key, v in want.items()
+                            if have[key] != v)
+            raise UserError(f"widening d_model {d} -> {d_new} keeps the size of each head and of the MLP per "
+                            f"width: set {keys}.")
+        return widen(parent, d_new)
+
+    def _layer_map(self, n: int, model: torch.nn.Module) -> list[int] | None:
+        n_new = len(model.blocks) if hasattr(model, "blocks") else n
+        if self.layers is not None:
+            if len(self.layers) != n_new:
+                raise UserError(f"init_from.layers lists {len(self.layers)} layers and model.n_layers is {n_new}: "
+                                "list the parent layer of every layer of the new model.")
+            return None if self.layers == list(range(n)) else self.layers
+        if n_new == n:
+            return None
+        if n_new < n:
+            raise UserError(f"this run's model has {n_new} layers and its parent {n}: set model.n_layers to {n} "
+                            "or more (or list the parent layers to keep in init_from.layers).")
+        return solar_layers(n, n_new)
+
+    def _load(self, model: torch.nn.Module, state: dict[str, torch.Tensor]) -> None:
+        own = model.state_dict()
+        wrong = [k for k in own if k in state and own[k].shape != state[k].shape]
+        missing = sorted(set(own) ^ set(state))
+        if wrong or missing:
+            where = ", ".join((wrong + missing)[:3])
+            others = ", ".join(MAY_CHANGE[3:])
+            raise UserError(f"the parent's weights do not fit this run's model ({where}): change only the "
+                            f"vocabulary, n_layers (larger), d_model (an integer multiple) and {others} from the "
+                            "parent's model settings.")
+        model.load_state_dict({k: v.to(own[k].dtype) for k, v in state.items()})
+
+    # ----- shared tokens -----
+
+    def _shared_rows(self, pcfg: DictConfig, v_parent: int, v_child: int, tokenizer) -> dict[int, int]:
+        """child id -> parent id: the special tokens, and tokens with the same bytes where both runs have text
+        tokenizers."""
+        rows = {i: i for i in range(min(N_SPECIAL, v_parent, v_child))}
+        theirs = _parent_tokenizer(self.run, pcfg)
+        if tokenizer is None or theirs is None:
+            return rows
+        parent_ids = {b: i for i, b in token_bytes(theirs).items() if i < v_parent}
+        for i, b in token_bytes(tokenizer).items():
+            if i < v_child and b in parent_ids:
+                rows[i] = parent_ids[b]
+        return rows
+
+    def record(self, operators: list[str]) -> dict[str, Any]:
+        """What ``parent.json`` and ``results.json`` say about the parent."""
+        try:
+            metrics = read_results(self.run).get("metrics", {})
+        except UserError:
+            metrics = {}
+        return {"run": str(self.run), "command": read_command(self.run), "status": status(self.run),
+                "operators": operators, "metrics": {k: metrics[k] for k in PARENT_METRICS if k in metrics},
+                "settings": {"reset": self.reset, "depth": self.depth, "layers": self.layers,
+                             "map_shared_tokens": self.map_shared_tokens}}
+
+
+def start_from(cfg: DictConfig, run_dir: Path, model: torch.nn.Module, source, attention: str, resuming: bool,
+               write: bool = True) -> dict[str, Any] | None:
+    """The pipeline's hook: apply ``cfg.init_from`` to ``model`` and write ``parent.json`` (``write``: rank 0),
+    or, for a run that resumes from its checkpoint, return the ``parent.json`` of its first start. None when
+    ``init_from.run`` is unset."""
+    node = cfg.get("init_from")
+    if node is None or not node.get("run"):
+        return None
+    if resuming:
+        return read_parent(run_dir)
+    init = InitFrom.from_config(node)
+    if init.run == Path(run_dir).resolve():
+        raise UserError(f"init_from.run={init.run} is this run's own directory: point it at another, finished run.")
+    record = init.apply(model, attention, cfg.model, getattr(source, "tokenizer", None))
+    if write:
+        write_parent(run_dir, record)
+        print(f"[lmlab] init_from {init.run}: {'; '.join(record['operators'])}")
+    return record
+
+
+# ----- token bytes, for matching two vocabularies -----
+
+def _byte_level_alphabet() -> dict[str, int]:
+    """Byte-level BPE (GPT-2) writes each byte as one printable character: printable Latin-1 bytes stand for
+    themselves, the others for chr(256), chr(257), ... in byte order. Character -> byte."""
+    keep = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
+    table, extra = {}, 0
+    for b in range(256):
+        if b in keep:
+            table[chr(b)] = b
+        else:
+            table[chr(256 + extra)] = b
+            extra += 1
+    return table
+
+
+def token_bytes(tokenizer) -> dict[int, bytes]:
+    """Each ordinary token id of a text tokenizer and the bytes it stands for (special tokens left out); {} for
+    a tokenizer of another kind."""
+    from lmlab.data.tokenizers import BPE, Byte, Chars
+
+    if isinstance(tokenizer, Byte):
+        return {N_SPECIAL + b: bytes([b]) for b in range(256)}
+    if isinstance(tokenizer, Chars):
+        return {N_SPECIAL + i: c.encode() for i, c in enumerate(tokenizer.alphabet)}
+    if isinstance(tokenizer, BPE):
+        table = _byte_level_alphabet()
+        out = {}
+        for token, i in tokenizer._model().get_vocab(with_added_tokens=False).items():
+            if i >= N_SPECIAL and all(c in table for c in token):
+                out[i] = bytes(table[c] for c in token)
+        return out
+    return {}
+
+
+def _parent_tokenizer(run: Path, pcfg: DictConfig):
+    """The parent's text tokenizer (a trained BPE restored from the parent's data cache), or None when its data
+    have none (grammars, token shards)."""
+    from hydra.utils import instantiate
+
+    from lmlab.data.tokenizers import TOKENIZER_FILE
+
+    node = pcfg.get("data", {}).get("tokenizer") if pcfg.get("data") is not None else None
+    if node is None:
+        return None
+    tokenizer = instantiate(node)
+    if tokenizer.trained:  # a fixed vocabulary
+        return tokenizer
+    source = instantiate(pcfg.data)
+    entry = Path(str(pcfg.cache_dir)).expanduser() / source.cache_key()
+    if not (entry / TOKENIZER_FILE).is_file():
+        raise UserError(f"the trained tokenizer of the parent {run} is not in its data cache ({entry}): rerun the "
+                        "parent's command to rebuild it, or set init_from.map_shared_tokens=false.")
+    source.restore_state(entry)
+    return source.tokenizer

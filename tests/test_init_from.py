@@ -1,0 +1,255 @@
+"""init_from.run=<run dir> (lmlab/training/init_from.py) and the growth operators (lmlab/models/grow.py).
+
+Known answers: an exact copy reproduces the parent's validation loss; a new vocabulary keeps every body weight
+bit-identical; depth up-scaling with zero residual outputs and widening keep the parent's logits; switching the
+attention pattern copies the weights."""
+
+from __future__ import annotations
+
+import json
+
+import lightning as L
+import pytest
+import torch
+from hydra import compose, initialize_config_module
+from omegaconf import OmegaConf
+
+from lmlab.attention import BIDIRECTIONAL, CAUSAL, Attention
+from lmlab.errors import UserError
+from lmlab.models.grow import deepen, is_repeat, residual_outputs, solar_layers
+from lmlab.models.transformer import Transformer
+from lmlab.run_dir import (
+    PARENT,
+    lineage,
+    load_backbone,
+    read_parent,
+    read_results,
+    save_model,
+    write_config,
+    write_parent,
+)
+from lmlab.training.init_from import InitFrom, start_from, token_bytes
+from tests.conftest import FAST, TINY
+
+BASE = [*TINY, *FAST, "eval=[perplexity]"]
+EMBEDDINGS = ("embed.weight", "head.weight")
+
+
+@pytest.fixture(scope="module")
+def parent(tmp_path_factory, cache_dir):
+    """A finished CLM run on the default grammar (2 layers, d_model 64, tied)."""
+    from lmlab.cli import main
+
+    out = tmp_path_factory.mktemp("parent")
+    run = out / "p"
+    try:
+        main(["train", f"out_dir={out}", *BASE, f"hydra.run.dir={run}"])
+    except SystemExit as e:
+        assert not e.code
+    return run
+
+
+def _cfg(overrides: list[str]):
+    with initialize_config_module(config_module="lmlab.conf", version_base="1.3"):
+        return compose(config_name="train", overrides=overrides)
+
+
+def _child(parent, *overrides: str, tmp_path=None):
+    """The child's objective, source, model and splits, its model filled by ``start_from`` (as the pipeline does);
+    returns (objective, source, model, splits, its own initial weights, the record)."""
+    from lmlab.pipeline import build
+
+    cfg = _cfg([*BASE, f"init_from.run={parent}", *overrides])
+    L.seed_everything(cfg.seed, verbose=False)
+    objective, source, model, _, splits = build(cfg)
+    own = {k: v.clone() for k, v in model.state_dict().items()}
+    run_dir = tmp_path or parent.parent / "child"
+    run_dir.mkdir(exist_ok=True)
+    record = start_from(cfg, run_dir, model, source, objective.attention, resuming=False)
+    return objective, source, model.eval(), splits, own, record
+
+
+def _ids(vocab: int = 34):
+    g = torch.Generator().manual_seed(1)
+    ids = torch.randint(4, vocab, (3, 9), generator=g)
+    ids[1, 6:] = 0
+    return ids
+
+
+def _logits(model, ids, kind=CAUSAL):
+    with torch.no_grad():
+        return model.logits(model(ids, Attention(kind, padding=ids != 0)))[ids != 0]
+
+
+# ----- the pure operators -----
+
+def test_solar_layer_map():
+    # SOLAR (arXiv 2312.15166): 32 layers -> 48 keeps layers 0..23 of one copy and 8..31 of the other
+    assert solar_layers(32, 48) == list(range(24)) + list(range(8, 32))
+    assert solar_layers(2, 4) == [0, 1, 0, 1]
+    assert solar_layers(3, 4) == [0, 1, 1, 2]
+    assert solar_layers(2, 2) == [0, 1]
+    assert is_repeat([0, 1, 1, 2]) == [False, False, True, False]
+    with pytest.raises(UserError, match="between 2 and 4"):
+        solar_layers(2, 5)
+
+
+@pytest.mark.parametrize("n_new", [3, 4])
+def test_deepen_with_zero_residual_outputs_keeps_the_function(n_new):
+    torch.manual_seed(0)
+    small = Transformer(34, CAUSAL, d_model=16, n_layers=2, n_heads=2).eval()
+    deep = Transformer(34, CAUSAL, d_model=16, n_layers=n_new, n_heads=2).eval()
+    zero = tuple(residual_outputs(deep.blocks[0]))
+    assert set(zero) == {"attn.out.weight", "mlp.down.weight"}
+    layers = solar_layers(2, n_new)
+    deep.load_state_dict(deepen(small.state_dict(), layers, zero))
+    ids = _ids()
+    torch.testing.assert_close(_logits(deep, ids), _logits(small, ids), atol=1e-6, rtol=1e-6)
+    # the duplicated layers without zeroing are copies of the parent's, and change the function
+    dup = Transformer(34, CAUSAL, d_model=16, n_layers=n_new, n_heads=2).eval()
+    dup.load_state_dict(deepen(small.state_dict(), layers))
+    for i, j in enumerate(layers):
+        for (k, a), b in zip(dup.blocks[i].state_dict().items(), small.blocks[j].state_dict().values()):
+            assert torch.equal(a, b), k
+    assert not torch.allclose(_logits(dup, ids), _logits(small, ids), atol=1e-3)
+
+
+def test_token_bytes_match_a_bpe_and_the_byte_tokenizer():
+    from lmlab.data.tokenizers import BPE, Byte
+
+    bpe = BPE(vocab_size=300)
+    bpe.train(["the cat sat on the mat", "the dog ate the hat", "héllo wörld"] * 20)
+    got = token_bytes(bpe)
+    assert len(got) == len(bpe._model().get_vocab()) - 4  # every ordinary token
+    for i, b in got.items():
+        try:
+            text = b.decode("utf-8")
+        except UnicodeDecodeError:
+            continue  # part of a multi-byte character
+        assert bpe.decode([i]) == text
+    the = bpe.encode([" the"])[0]
+    assert len(the) == 1 and got[the[0]] == b" the"
+    byte = token_bytes(Byte())
+    assert byte[4 + ord("a")] == b"a" and len(byte) == 256
+
+
+# ----- through the pipeline's hook, on a finished run -----
+
+def test_exact_copy_reproduces_the_parents_validation_loss(parent, lmlab):
+    """Known answer: same data, model and objective -> the loss at step 0 is the parent's final loss."""
+    expected = read_results(parent)["metrics"]["perplexity/loss"]
+    objective, source, model, splits, _, record = _child(parent)
+    rows = [list(r) for r in splits["validation"].with_format(None)["input_ids"]]
+    loss = objective.evaluate(model, rows, source, 64)["loss"]
+    assert loss == pytest.approx(expected, abs=1e-6)
+    weights = load_backbone(parent).state_dict()
+    assert all(torch.equal(v, weights[k]) for k, v in model.state_dict().items())
+    assert record["operators"] == ["copy"] and record["status"] == "done"
+
+    # end to end: the child's run directory records its parent, in parent.json and results.json
+    code, out = lmlab("train", *BASE, f"init_from.run={parent}")
+    assert code == 0, out
+    (child,) = [p for p in lmlab.runs.glob("default/*") if (p / PARENT).exists()]
+    saved = read_parent(child)
+    assert saved["run"] == str(parent.resolve()) and saved["command"].startswith("lmlab train")
+    assert saved["metrics"]["perplexity/loss"] == expected
+    assert read_results(child)["init_from"]["operators"] == ["copy"]
+    assert lineage(child) == [child, parent.resolve()]
+    code, out = lmlab("report", str(child))  # the chain, newest first, each run with its status and command
+    lines = out.strip().splitlines()
+    assert code == 0 and len(lines) == 2
+    assert lines[0].startswith(f"{child}  [done]  lmlab train")
+    assert lines[1].startswith(f"  <- {parent.resolve()}  [done]")
+
+
+def test_new_vocabulary_keeps_the_body_bit_identical(parent):
+    _, _, model, _, own, record = _child(parent, "data.vocab_size=40")
+    weights = load_backbone(parent).state_dict()
+    state = model.state_dict()
+    assert model.vocab_size == 44 and weights["embed.weight"].shape[0] == 34
+    for key, value in state.items():
+        if key not in EMBEDDINGS:
+            assert torch.equal(value, weights[key]), key
+    # the special tokens' rows come from the parent, the others from the child's own initialisation
+    assert torch.equal(state["embed.weight"][:4], weights["embed.weight"][:4])
+    assert torch.equal(state["embed.weight"][4:], own["embed.weight"][4:])
+    assert model.head.weight is model.embed.weight
+    assert "new vocabulary: 34 -> 44 tokens" in record["operators"][0]
+    # reset=[embeddings] without mapping: the whole embedding is the child's own
+    _, _, model, _, own, _ = _child(parent, "init_from.reset=[embeddings]", "init_from.map_shared_tokens=false")
+    assert torch.equal(model.embed.weight, own["embed.weight"])
+    assert torch.equal(model.blocks[0].attn.qkv.weight, weights["blocks.0.attn.qkv.weight"])
+
+
+@pytest.mark.parametrize("extra, layers", [([], [0, 1, 0, 1]), (["init_from.layers=[0,0,1,1]"], [0, 0, 1, 1])])
+def test_depth_up_scaling_with_zero_outputs_computes_the_parents_logits(parent, extra, layers):
+    _, _, model, _, _, record = _child(parent, "model.n_layers=4", "init_from.depth=zero", *extra)
+    assert f"parent layers {layers}" in record["operators"][0]
+    ids = _ids()
+    torch.testing.assert_close(_logits(model, ids), _logits(load_backbone(parent), ids), atol=1e-6, rtol=1e-6)
+
+
+def test_widening_computes_the_parents_logits(parent):
+    _, _, model, _, _, record = _child(parent, "model.d_model=128", "model.n_heads=8", "model.tie_embeddings=false")
+    assert record["operators"] == ["widen: d_model 64 -> 128"]
+    ids = _ids()
+    torch.testing.assert_close(_logits(model, ids), _logits(load_backbone(parent), ids), atol=1e-5, rtol=1e-5)
+
+
+def test_switching_to_bidirectional_attention_copies_the_weights(parent):
+    _, _, model, _, _, record = _child(parent, "objective=mlm")
+    assert model.attention_kind == BIDIRECTIONAL
+    assert record["operators"] == ["attention: causal -> bidirectional"]
+    weights = load_backbone(parent).state_dict()
+    assert all(torch.equal(v, weights[k]) for k, v in model.state_dict().items())
+
+
+def test_a_model_that_cannot_attend_that_way_is_refused(tmp_path):
+    from lmlab.models.mamba import Mamba
+
+    run = tmp_path / "mamba"
+    run.mkdir()
+    cfg = OmegaConf.create({"model": {"_target_": "lmlab.models.mamba.Mamba", "d_model": 16, "n_layers": 1},
+                            "cache_dir": str(tmp_path)})
+    write_config(run, cfg)
+    save_model(run, Mamba(34, CAUSAL, d_model=16, n_layers=1), vocab_size=34, attention=CAUSAL)
+    model = Transformer(34, BIDIRECTIONAL, d_model=16, n_layers=1, n_heads=2)
+    with pytest.raises(UserError, match="cannot attend 'bidirectional'"):
+        InitFrom(run=str(run)).apply(model, BIDIRECTIONAL, OmegaConf.create(dict(cfg.model)))
+
+
+@pytest.mark.parametrize("overrides, message", [
+    (["model=lstm"], "trained a Transformer and this run builds a LSTM"),
+    (["model.norm=layernorm"], "set model.norm=rmsnorm as the parent has them"),
+    (["model.d_model=96", "model.n_heads=4"], "not an integer multiple of the parent's d_model=64"),
+    (["model.d_model=128"], "set model.n_heads=8 model.tie_embeddings=false"),
+    (["model.n_layers=1"], "set model.n_layers to 2 or more"),
+    (["model.n_layers=5"], "between 2 and 4"),
+    (["model.n_layers=3", "init_from.layers=[0,1]"], "lists 2 layers and model.n_layers is 3"),
+    (["model.n_layers=3", "init_from.layers=[0,1,2]"], "names a layer the parent lacks"),
+])
+def test_what_cannot_grow_is_refused_in_one_sentence(parent, overrides, message):
+    with pytest.raises(UserError, match=message) as e:
+        _child(parent, *overrides)
+    assert str(e.value).count(". ") == 0 and str(e.value).endswith(".")
+
+
+def test_the_cli_refuses_with_exit_code_2(parent, lmlab):
+    code, out = lmlab("train", *BASE, f"init_from.run={parent}", "model.n_layers=1")
+    assert code == 2 and "set model.n_layers to 2 or more" in out
+    code, out = lmlab("train", *BASE, "init_from.depth=copy")
+    assert code == 2 and "init_from.depth must be one of" in out
+    code, out = lmlab("train", *BASE, f"init_from.run={parent / 'nowhere'}")
+    assert code == 2 and "is not a directory" in out
+
+
+def test_a_resumed_run_keeps_its_checkpoint_weights(parent, tmp_path):
+    """A run that resumes takes its weights from the checkpoint: start_from leaves the model alone and returns
+    the parent record of the first start."""
+    cfg = _cfg([*BASE, f"init_from.run={parent}"])
+    model = Transformer(34, CAUSAL, d_model=64, n_layers=2, n_heads=4)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    write_parent(tmp_path, {"run": str(parent), "operators": ["copy"]})
+    record = start_from(cfg, tmp_path, model, None, CAUSAL, resuming=True)
+    assert record == json.loads((tmp_path / PARENT).read_text())
+    assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())

@@ -175,6 +175,9 @@ def preflight(config_name: str, overrides: list[str]) -> list[list[str]]:
         parsed = parser.parse_overrides([o for o in overrides if not o.startswith(HYDRA_OWN)])
     except HydraException as e:
         raise UserError(f"cannot parse the overrides ({str(e).splitlines()[0]}): write them as key=value.") from None
+    # a search space (interval(a,b), tag(log,...)): check both of its ends
+    parsed = [parser.parse_override(f"{o.input_line.split('=', 1)[0]}={o.value().start},{o.value().end}")
+              if o.is_interval_sweep() else o for o in parsed]
     jobs = [job for batch in BasicSweeper.split_arguments(parsed, None) for job in batch] or [[]]
     with initialize_config_module(config_module=CONF, version_base="1.3"):
         for job in jobs:
@@ -241,7 +244,22 @@ def _relaunch_as_this_job(hc, run_dir: Path) -> None:
         hc.run.dir = str(run_dir)
 
 
-def _train(cfg: DictConfig) -> None:
+def _sweep_value(results: dict | None, hc) -> float | None:
+    """The value of a job to a sweeper that optimises a metric (``hydra.sweeper.metric``, e.g. the Optuna
+    sweeper): the metric of a finished run; NaN (a failed trial) for a run that failed, diverged or stopped."""
+    metric = hc.sweeper.get("metric") if "sweeper" in hc else None
+    if metric is None:
+        return None
+    metrics = (results or {}).get("metrics") or {}
+    if (results or {}).get("status", "done") != "done" or metric not in metrics:
+        if results and metric not in metrics:
+            log.error("hydra.sweeper.metric=%s is not a metric of this run: set it to one of %s.", metric,
+                      ", ".join(sorted(metrics)))
+        return float("nan")
+    return float(metrics[metric])
+
+
+def _train(cfg: DictConfig) -> float | None:
     from rich.console import Console
 
     from lmlab import pipeline
@@ -263,14 +281,15 @@ def _train(cfg: DictConfig) -> None:
             raise
         if isinstance(user, (RunHeld, pipeline.RunStopped)):  # its status is the lock or results.json's
             log.error("job %s: %s", run_dir.name, user)
-            return
+            return _sweep_value(None, hc)
         reason = str(user) if user is not None else f"{type(e).__name__}: {e}"
         reason = " ".join(reason.split())
         log.error("job failed: %s\n%s", reason, traceback.format_exc())
         mark_failed(run_dir, reason)
-        return
+        return _sweep_value(None, hc)
     if results and not multirun:
         Console().print(metrics_table(results["metrics"], title=f"results: {run_dir}"))
+    return _sweep_value(results, hc) if multirun else None
 
 
 def _eval(cfg: DictConfig) -> None:

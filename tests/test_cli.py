@@ -107,6 +107,8 @@ SMOKE_ARGS.update({
     ("selection", "curriculum"): [*TINY, "selection.reference_steps=5"],
 })
 SMOKE_ARGS[("experiment", "transfer")] = []  # text data: the bundled corpus is already small
+SMOKE_ARGS[("data", "mixture")] = ["data.train_size=400", *[f"data.sources.{s}.{k}={v}" for s in "ab" for k, v in (
+    ("train_size", 200), ("validation_size", 20), ("test_size", 40), ("downstream_size", 60))]]  # TINY per source
 SMOKE_SKIP.update({("data", "shards"): "tests/test_data_sources.py::test_shards_train_through_the_cli",
                    ("selection", "rephrase"): "tests/test_selection_filters.py::"
                                               "test_rephrase_with_an_lmlab_run_through_the_cli"})

@@ -1,0 +1,61 @@
+"""The resumable Optuna search (hydra_plugins/lmlab_optuna): the study in the sweep directory sets how many
+trials a rerun still runs; failed and diverged jobs are failed trials."""
+
+from __future__ import annotations
+
+import json
+
+import optuna
+import pytest
+from optuna.trial import TrialState
+
+from tests.conftest import FAST, TINY
+
+SEARCH = ["-m", "hydra/sweeper=optuna", "hydra/sweeper/sampler=random", "hydra.sweeper.sampler.seed=0",
+          "eval=[perplexity]", "hydra.sweeper.metric=perplexity/gap", *TINY, *FAST]
+
+
+def _study(runs) -> optuna.Study:
+    (db,) = runs.rglob("optuna.db")
+    return optuna.load_study(study_name="lmlab", storage=f"sqlite:///{db}")
+
+
+def test_a_rerun_continues_the_stored_study_to_n_trials(lmlab):
+    lr = "optim.lr=tag(log,interval(1e-4,1e-1))"
+    code, out = lmlab("train", *SEARCH, lr, "hydra.sweeper.n_trials=3")
+    assert code == 0, out
+    study = _study(lmlab.runs)
+    assert [t.state for t in study.trials] == [TrialState.COMPLETE] * 3
+    # a search killed while a trial ran leaves it RUNNING: the rerun runs it again under its own number
+    killed = study.ask({"optim.lr": optuna.distributions.LogUniformDistribution(1e-4, 1e-1)})
+
+    code, out = lmlab("train", *SEARCH, lr, "hydra.sweeper.n_trials=5")
+    assert code == 0, out
+    trials = _study(lmlab.runs).trials
+    assert [t.state for t in trials] == [TrialState.COMPLETE] * 5
+    assert trials[killed.number].params == killed.params
+    assert len({t.params["optim.lr"] for t in trials}) == 5
+    jobs = {p.parent for p in lmlab.runs.rglob("results.json")}
+    assert len(jobs) == 5  # one job directory per trial
+    value = {t.number: t.value for t in trials}
+    gaps = sorted(json.loads((j / "results.json").read_text())["metrics"]["perplexity/gap"] for j in jobs)
+    assert sorted(value.values()) == pytest.approx(gaps)
+
+    code, out = lmlab("train", *SEARCH, lr, "hydra.sweeper.n_trials=5")  # nothing left to run
+    assert code == 0, out
+    assert len(_study(lmlab.runs).trials) == 5
+
+
+def test_a_diverged_trial_is_a_failed_trial(lmlab):
+    code, out = lmlab("train", *SEARCH, "optim.lr=tag(log,interval(1e4,1e6))", "hydra.sweeper.n_trials=1")
+    assert code != 0, out  # the sweep reports the job that did not finish
+    (trial,) = _study(lmlab.runs).trials
+    assert trial.state == TrialState.FAIL and trial.value is None
+    (results,) = lmlab.runs.rglob("results.json")
+    assert json.loads(results.read_text())["status"] == "diverged"
+
+
+def test_preflight_checks_both_ends_of_an_interval(lmlab):
+    code, out = lmlab("train", "-m", "hydra/sweeper=optuna", "optim.lr=interval(-1,1)")
+    assert code == 2
+    assert "optim.lr" in out and not list(lmlab.runs.rglob("optuna.db"))

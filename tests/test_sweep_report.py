@@ -128,3 +128,16 @@ def test_report_of_a_tiny_sweep(lmlab):
     # one run's directory: its chain of init_from parents, as before
     code, output = lmlab("report", str(jobs[(3e-3, 0)]))
     assert code == 0 and "[done]" in output
+
+
+def test_planned_jobs_include_the_sweep_an_experiment_declares(tmp_path):
+    from omegaconf import OmegaConf
+
+    from lmlab.report.sweep import _planned
+
+    OmegaConf.save(OmegaConf.create({"hydra": {"sweeper": {"params": {"selection": "none,random", "seed": "7"}},
+                                               "overrides": {"task": ["experiment=selection", "seed=0,1"]}}}),
+                   tmp_path / "multirun.yaml")
+    planned = _planned(tmp_path)
+    assert len(planned) == 4  # 2 selections x 2 seeds; the command's seed=0,1 replaces the declared seed=7
+    assert {(p["selection"], p["seed"]) for p in planned} == {(s, k) for s in ("none", "random") for k in ("0", "1")}

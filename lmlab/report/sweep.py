@@ -86,7 +86,8 @@ class Job:
 
 
 def _planned(sweep: Path) -> list[dict[str, str]]:
-    """The jobs the sweep's ``multirun.yaml`` asks for (the basic sweeper's grid); none if it cannot be read."""
+    """The jobs the sweep's ``multirun.yaml`` asks for (the basic sweeper's grid: the command's overrides and the
+    ``hydra.sweeper.params`` an experiment declares); none if it cannot be read."""
     path = sweep / MULTIRUN
     if not path.is_file():
         return []
@@ -94,8 +95,11 @@ def _planned(sweep: Path) -> list[dict[str, str]]:
         from hydra._internal.core_plugins.basic_sweeper import BasicSweeper
         from hydra.core.override_parser.overrides_parser import OverridesParser
 
-        task = [str(o) for o in OmegaConf.load(path).hydra.overrides.task]
-        batches = BasicSweeper.split_arguments(OverridesParser.create().parse_overrides(task), None)
+        hydra = OmegaConf.load(path).hydra
+        task = [str(o) for o in hydra.overrides.task]
+        given = {o.split("=", 1)[0] for o in task}  # the command line wins over the sweep a config declares
+        params = [f"{k}={v}" for k, v in (hydra.sweeper.get("params") or {}).items() if k not in given]
+        batches = BasicSweeper.split_arguments(OverridesParser.create().parse_overrides([*params, *task]), None)
         return [_settings(job) for batch in batches for job in batch]
     except Exception:  # another sweeper, or a file this version cannot read: list the jobs found only
         return []
@@ -138,7 +142,7 @@ class Arm:
 
     @property
     def label(self) -> str:
-        return " ".join(f"{k}={v}" for k, v in self.key) or "(all jobs)"
+        return " ".join(f"{k}={v}" for k, v in self.key if v != "") or "(all jobs)"  # unset in this arm: left out
 
     def value(self, metric: str) -> dict[str, float]:
         """The finished jobs' finite values of ``metric``, by seed (the first job of each seed)."""
@@ -324,7 +328,7 @@ def to_markdown(report: SweepReport) -> str:
     if unfinished:
         md += ["| arm | seed | status | reason | job |", "|---|---|---|---|---|"]
         for j in unfinished:
-            arm = " ".join(f"{a}={j.settings.get(a, '')}" for a in report.axes) or "(all jobs)"
+            arm = " ".join(f"{a}={j.settings[a]}" for a in report.axes if j.settings.get(a, "") != "") or "(all jobs)"
             md.append("| " + " | ".join(c.replace("|", "\\|") for c in (arm, j.seed or "-", j.status,
                                                                           j.reason or "-", j.name)) + " |")
     else:

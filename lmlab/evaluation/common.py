@@ -27,6 +27,15 @@ class DownstreamEvaluator(Evaluator):
         resolve_task(source, self.task, self.name)  # raises on a task the data lacks
         return None
 
+    def per_seed(self, module, datamodule) -> tuple[list, object]:
+        """``self._run(model, attention kind, the labelled splits..., seed)`` for each of ``self.seeds`` on the
+        trained model (unwrapped from ``torch.compile``), and the test labels."""
+        original = getattr(module.model, "_orig_mod", module.model)
+        kind = module.objective.attention
+        _, train_rows, train_y, test_rows, test_y, n_classes, length = self.labelled_splits(datamodule)
+        return [self._run(original, kind, train_rows, train_y, test_rows, test_y, n_classes, length, seed)
+                for seed in range(self.seeds)], test_y
+
     def labelled_splits(self, datamodule):
         """``(task, train_rows, train_y, test_rows, test_y, n_classes, length)``: the labelled rows of the
         ``downstream`` split (to train on) and of the ``test`` split (to score), the number of classes and

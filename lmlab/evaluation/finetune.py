@@ -38,11 +38,7 @@ class Finetune(DownstreamEvaluator):
         self.ece = ece
 
     def __call__(self, module, datamodule, run_dir=None) -> dict[str, float]:
-        original = getattr(module.model, "_orig_mod", module.model)  # unwrap torch.compile
-        kind = module.objective.attention
-        task, train_rows, train_y, test_rows, test_y, n_classes, length = self.labelled_splits(datamodule)
-        runs = [self._run(original, kind, train_rows, train_y, test_rows, test_y, n_classes, length, seed)
-                for seed in range(self.seeds)]
+        runs, test_y = self.per_seed(module, datamodule)
         out = summarize(self.name, [acc for acc, _ in runs], test_y)
         if self.ece:
             out[f"{self.name}/ece"] = float(sum(ece for _, ece in runs) / len(runs))

@@ -186,11 +186,7 @@ class Peft(DownstreamEvaluator):
                      self.dropout)
 
     def __call__(self, module, datamodule, run_dir=None) -> dict[str, float]:
-        original = getattr(module.model, "_orig_mod", module.model)  # unwrap torch.compile
-        kind = module.objective.attention
-        task, train_rows, train_y, test_rows, test_y, n_classes, length = self.labelled_splits(datamodule)
-        runs = [self._run(original, kind, train_rows, train_y, test_rows, test_y, n_classes, length, seed)
-                for seed in range(self.seeds)]
+        runs, test_y = self.per_seed(module, datamodule)
         out = summarize(self.name, [acc for acc, _, _ in runs], test_y)
         out[f"{self.name}/ece"] = float(sum(ece for _, ece, _ in runs) / len(runs))
         trained, total = runs[0][2]

@@ -8,9 +8,7 @@ from __future__ import annotations
 import itertools
 import json
 import math
-from collections import Counter
 from fractions import Fraction
-from functools import lru_cache
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -44,6 +42,7 @@ from lmlab.objectives.mlm import MLM
 from lmlab.stats import expected_calibration_error
 from lmlab.vocab import BOS_ID, EOS_ID, MASK_ID, N_SPECIAL, PAD_ID
 from tests.conftest import FAST
+from tests.test_pcfg import brute_force as derivations
 
 # ----------------------------------------------------------------------------- expected calibration error
 
@@ -146,23 +145,10 @@ WORDS = ("x", "y", "z")
 
 
 def sentence_probabilities(rules) -> dict[tuple[int, ...], float]:
-    """P(sentence) of every sentence of a finite grammar, by recursion over all derivations; sentences as
-    tuples of word indices (words sorted, as the PCFG source numbers them)."""
-    by_lhs: dict[str, list] = {}
-    for lhs, rhs, p in rules:
-        by_lhs.setdefault(lhs, []).append((rhs, p))
-
-    @lru_cache(maxsize=None)
-    def derive(sym: str) -> tuple:
-        if sym not in by_lhs:
-            return (((WORDS.index(sym),), 1.0),)
-        out: Counter = Counter()
-        for rhs, p in by_lhs[sym]:
-            for combo in itertools.product(*(derive(child) for child in rhs)):
-                out[tuple(w for s, _ in combo for w in s)] += p * math.prod(q for _, q in combo)
-        return tuple(out.items())
-
-    return dict(derive("S"))
+    """P(sentence) of every sentence of a finite grammar, by recursion over all derivations
+    (``tests.test_pcfg.brute_force``); sentences as tuples of word indices (words sorted, as the PCFG source
+    numbers them)."""
+    return {tuple(WORDS.index(w) for w in s): p for s, p in derivations(rules)["S"].items()}
 
 
 def hmm_probabilities(src: HMMSource) -> dict[tuple[int, ...], float]:

@@ -80,8 +80,10 @@ def config_groups() -> dict[str, list[str]]:
 
 def _groups_text() -> str:
     lines = ["Config groups (choose with group=option):"]
-    for group, options in config_groups().items():
-        lines.append(f"  {group:<11} {', '.join(options) or '(none yet)'}")
+    groups = config_groups()
+    width = max(map(len, groups)) + 1
+    for group, options in groups.items():
+        lines.append(f"  {group:<{width}} {', '.join(options) or '(none yet)'}")
     return "\n".join(lines)
 
 

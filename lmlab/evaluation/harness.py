@@ -94,17 +94,6 @@ def check_positive(**settings) -> None:
                             f"fix eval.lm_eval.{name}.")
 
 
-def decodes_by_step(model) -> bool:
-    """Whether the model decodes token by token with a recurrent state (``init_state``/``step``)."""
-    if not callable(getattr(model, "step", None)):
-        return False
-    try:
-        model.init_state(1)
-    except (NotImplementedError, UserError):
-        return False
-    return True
-
-
 class LmlabLM(TemplateLM):
     """lm-eval's model interface over an lmlab backbone and its source's tokenizer (see the module
     docstring for BOS handling, windows and decoding)."""
@@ -124,7 +113,7 @@ class LmlabLM(TemplateLM):
         check_positive(batch_size=batch_size, max_length=max_length, max_gen_tokens=max_gen_tokens)
         self.model, self.lm_tokenizer, self.kind = model, tokenizer, kind
         self._batch_size, self._max_length, self.max_gen_tokens = batch_size, max_length, max_gen_tokens
-        self.recurrent = decodes_by_step(model)
+        self.recurrent = bool(getattr(model, "decodes_by_step", False))
 
     # ----- what lm-eval reads -----
 

@@ -140,12 +140,18 @@ class Backbone(nn.Module):
 
     # ----- token-by-token decoding, for models whose blocks carry a recurrent state -----
 
+    @property
+    def decodes_by_step(self) -> bool:
+        """Whether ``init_state``/``step`` decode token by token: every block has a ``step`` (a model with its
+        own recurrence, e.g. the LSTM, overrides this with its ``step``)."""
+        blocks = getattr(self, "blocks", None)
+        return blocks is not None and all(hasattr(block, "step") for block in blocks)
+
     def init_state(self, batch_size: int, device=None, dtype=None) -> list:
         """The recurrent state before the first token, one entry per block (each block's ``init_state``);
-        on the model's device and in its embedding's dtype unless given."""
-        blocks = getattr(self, "blocks", None)
-        if blocks is None or not all(hasattr(block, "step") for block in blocks):
-            raise NotImplementedError(f"model {type(self).__name__} does not decode token by token")
+        on the model's device and in its embedding's dtype unless given. Only where ``decodes_by_step``."""
+        if not self.decodes_by_step:
+            raise TypeError(f"model {type(self).__name__} does not decode token by token: check decodes_by_step")
         device = device or self.device
         dtype = dtype or self.embed.weight.dtype
         return [block.init_state(batch_size, device, dtype) for block in self.blocks]

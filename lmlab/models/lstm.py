@@ -101,6 +101,8 @@ class LSTM(Backbone):
             out = _VF.lstm(x, batch_sizes, (h0, h0), weights, True, 1, 0.0, self.training, self.bidirectional)[0]
         return out if index == self.n_layers - 1 else F.dropout(out, self.rnn.dropout, self.training)
 
+    decodes_by_step = True  # through nn.LSTM's own state, not per-block steps
+
     def init_state(self, batch_size: int, device=None, dtype=None) -> tuple[torch.Tensor, torch.Tensor]:
         """``(h, c)`` of ``torch.nn.LSTM``, zeros (n_layers, B, d_model)."""
         if self.bidirectional:

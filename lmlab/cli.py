@@ -398,6 +398,9 @@ def _report(args: list[str]) -> None:
     parser.add_argument("--paper", action="store_true", help="the same-loss paper report, whatever the jobs' name")
     parser.add_argument("--tolerance", type=float, default=None,
                         help="paper report: largest gap to the optimum (nats) that counts as the same loss")
+    parser.add_argument("--compare", default=None, metavar="DIR",
+                        help="paper report: another rerun's directory (e.g. other seeds); adds whether each decided "
+                        "verdict agrees between the two")
     ns = parser.parse_args(args)
     paths = [Path(p) for p in ns.paths]
     for p in paths:
@@ -413,13 +416,22 @@ def _report(args: list[str]) -> None:
     from lmlab.report import sweep
 
     sweep_options = ns.baseline or ns.metric or ns.x
-    if ns.paper or ns.tolerance is not None or (not sweep_options and _same_loss(paths)):
+    if ns.compare is not None and not Path(ns.compare).is_dir():
+        _fail(f"{ns.compare} is not a directory: --compare takes the directory of another rerun of the paper.")
+    if ns.paper or ns.tolerance is not None or ns.compare is not None or (not sweep_options and _same_loss(paths)):
         if len(paths) > 1 or sweep_options:
             _fail("the paper report reads one directory and takes no --baseline, --metric or --x: pass the one "
-                  "experiment directory, or drop --paper and --tolerance for a sweep report.")
-        from lmlab.report.paper import write_report
+                  "experiment directory, or drop --paper, --tolerance and --compare for a sweep report.")
+        import json
 
-        print(f"[lmlab] report: {write_report(paths[0], ns.tolerance)}")
+        from lmlab.report.paper import REPORT_JSON, write_report
+
+        report = write_report(paths[0], ns.tolerance, compare=ns.compare)
+        print(f"[lmlab] report: {report}")
+        stability = json.loads((report.parent / REPORT_JSON).read_text()).get("stability")
+        if stability:
+            print(f"[lmlab] stability against {stability['compare']}: {stability['agree']} of "
+                  f"{stability['decided']} decided rows agree")
         return
     for p in paths:
         if not sweep.is_sweep_dir(p):

@@ -186,8 +186,9 @@ def _train(cfg: DictConfig, run_dir: Path, command: str) -> dict[str, Any]:
     callbacks += [instantiate(c) for c in (cfg.get("callbacks") or {}).values() if c is not None]
     callbacks += selector.training_callbacks(dm, selection)  # a curriculum's stage release
     along = None
-    if cfg.get("eval_every"):  # evaluations along the way, kept in results.json's history
-        along = EvaluateEvery(functools.partial(run_evaluations, evaluators, dm=dm, run_dir=run_dir), cfg.eval_every)
+    if cfg.get("eval_every"):  # evaluations along the way (step 0 included), kept in results.json's history
+        along = EvaluateEvery(functools.partial(run_evaluations, evaluations_along(cfg, evaluators), dm=dm,
+                                                run_dir=run_dir), cfg.eval_every)
         callbacks.append(along)
     trainer = instantiate(cfg.trainer, logger=logger, callbacks=callbacks, plugins=[AtomicCheckpointIO()],
                           default_root_dir=str(run_dir))
@@ -289,6 +290,18 @@ def select(cfg: DictConfig, run_dir: Path, command: str = "lmlab select") -> dic
         write_config(tmp, cfg)
     mark_done(run_dir)
     return results
+
+
+def evaluations_along(cfg: DictConfig, evaluators: dict) -> dict:
+    """The evaluators that run every ``eval_every`` steps: those named in ``eval_along`` (null: all)."""
+    names = cfg.get("eval_along")
+    if names is None:
+        return evaluators
+    unknown = [n for n in names if n not in evaluators]
+    if unknown:
+        raise UserError(f"eval_along names {', '.join(map(str, unknown))}, which is not among this run's "
+                        f"evaluations ({', '.join(evaluators) or 'none'}): name evaluations of the eval group.")
+    return {n: evaluators[n] for n in names}
 
 
 def run_evaluations(evaluators: dict, module: LMModule, dm: DataModule, run_dir: Path) -> dict[str, float]:

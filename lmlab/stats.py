@@ -1,8 +1,10 @@
 """Statistics shared by the evaluators and the reports: Student's t quantiles and t-intervals over seeds; the
 mean of a metric over seeds with its t-interval (``mean_interval``); the paired per-seed difference of two arms
-with its t-interval and paired t-test (``paired_difference``); and the expected calibration error of a
-classifier's confidences (Guo, Pleiss, Sun & Weinberger, "On Calibration of Modern Neural Networks", ICML 2017,
-arXiv 1706.04599: equal-width bins)."""
+with its t-interval and paired t-test (``paired_difference``, ``paired_t_test``); the equivalence test of paired
+differences within a margin (``equivalence``); the smallest effect a paired t-test detects (``min_detectable_effect``);
+Holm's step-down adjustment of a family of p-values (``holm``); least squares with coefficient intervals (``ols``,
+``ols_slope``); and the expected calibration error of a classifier's confidences (Guo, Pleiss, Sun & Weinberger, "On
+Calibration of Modern Neural Networks", ICML 2017, arXiv 1706.04599: equal-width bins)."""
 
 from __future__ import annotations
 
@@ -138,3 +140,113 @@ def paired_difference(a, b, confidence: float = 0.95) -> PairedDifference:
         t = diff.mean / (diff.sd / math.sqrt(diff.n))
         p = max(0.0, 1.0 - _t_abs_cdf(abs(t), diff.n - 1))
     return PairedDifference(diff, t, p, int((d > 0).sum()), int((d < 0).sum()), tuple(float(v) for v in d))
+
+
+# ----- equivalence, power, multiplicity, regression -----
+
+@dataclass(frozen=True)
+class Equivalence:
+    """Whether the mean of ``interval`` (a ``MeanInterval`` of paired differences) is equivalent to 0 within
+    ``margin``: ``inside`` when the whole interval lies within [-margin, +margin] (the two one-sided tests of
+    equivalence at level (1 - confidence) / 2 each). False for fewer than two values."""
+
+    interval: MeanInterval
+    margin: float
+    inside: bool
+
+
+def equivalence(differences, margin: float, confidence: float = 0.95) -> Equivalence:
+    """The equivalence test of ``differences`` (paired, one per seed) against 0 with ``margin`` (``Equivalence``):
+    the ``confidence`` t-interval of their mean must lie inside +-``margin``."""
+    if not margin >= 0:
+        raise ValueError(f"the equivalence margin must be >= 0, got {margin}")
+    iv = mean_interval(differences, confidence)
+    inside = iv.n >= 2 and math.isfinite(iv.half) and -margin <= iv.low and iv.high <= margin
+    return Equivalence(iv, float(margin), bool(inside))
+
+
+def paired_t_test(differences) -> tuple[float, float]:
+    """The one-sample t-test of the mean of ``differences`` against 0 (= the paired t-test of the two arms):
+    ``(t, two-sided p)``, as ``scipy.stats.ttest_1samp(differences, 0)``. With no spread, p is 0 for a non-zero
+    mean and 1 for a zero mean; NaN for fewer than two values."""
+    x = np.asarray(differences, dtype=np.float64).reshape(-1)
+    if len(x) < 2:
+        return math.nan, math.nan
+    mean, sd = float(x.mean()), float(x.std(ddof=1))
+    if sd == 0:
+        return (math.copysign(math.inf, mean), 0.0) if mean != 0 else (0.0, 1.0)
+    t = mean / (sd / math.sqrt(len(x)))
+    return t, max(0.0, 1.0 - _t_abs_cdf(abs(t), len(x) - 1))
+
+
+def min_detectable_effect(sd: float, n: int, alpha: float = 0.05, power: float = 0.8) -> float:
+    """The smallest mean difference a two-sided paired t-test at level ``alpha`` detects with probability
+    ``power`` from ``n`` pairs whose differences spread with standard deviation ``sd``:
+    (t(1 - alpha/2, n-1) + t(power, n-1)) * sd / sqrt(n). NaN for fewer than two pairs."""
+    if n < 2 or not math.isfinite(sd):
+        return math.nan
+    return (t_quantile(1 - alpha / 2, n - 1) + t_quantile(power, n - 1)) * sd / math.sqrt(n)
+
+
+def holm(pvalues) -> list[float]:
+    """Holm's step-down adjusted p-values (Holm 1979) of a family of tests, in the order given: sort the m
+    p-values ascending, p_(i) -> max_{j <= i} min(1, (m - j + 1) p_(j)). Rejecting where the adjusted value is
+    below alpha controls the family-wise error rate at alpha. NaN entries are not part of the family and stay
+    NaN."""
+    p = [float(v) for v in pvalues]
+    idx = [i for i, v in enumerate(p) if math.isfinite(v)]
+    m = len(idx)
+    out = [math.nan] * len(p)
+    running = 0.0
+    for rank, i in enumerate(sorted(idx, key=lambda i: p[i])):
+        running = max(running, min(1.0, (m - rank) * p[i]))
+        out[i] = running
+    return out
+
+
+@dataclass(frozen=True)
+class OLSFit:
+    """Ordinary least squares y = X b + e: the coefficients ``coef``, their standard errors ``se`` (square roots
+    of the diagonal of s^2 (X'X)^-1, s^2 = residual sum of squares / ``df``) and the residual degrees of freedom
+    ``df`` = n - p (``se`` NaN where df is 0)."""
+
+    coef: tuple[float, ...]
+    se: tuple[float, ...]
+    df: int
+
+    def interval(self, j: int, confidence: float = 0.95) -> tuple[float, float]:
+        """Coefficient ``j`` and the half-width of its two-sided ``confidence`` t-interval (NaN without df)."""
+        if self.df < 1 or not math.isfinite(self.se[j]):
+            return self.coef[j], math.nan
+        return self.coef[j], t_quantile((1 + confidence) / 2, self.df) * self.se[j]
+
+
+def ols(X, y) -> OLSFit:
+    """Least squares of ``y`` (n) on the columns of ``X`` (n x p, include a column of ones for an intercept).
+    Raises ValueError when X has fewer rows than columns or is rank-deficient."""
+    X = np.asarray(X, dtype=np.float64)
+    y = np.asarray(y, dtype=np.float64).reshape(-1)
+    if X.ndim != 2 or X.shape[0] != len(y):
+        raise ValueError(f"X must be n x p with n = len(y) = {len(y)}, got shape {X.shape}")
+    n, k = X.shape
+    if n < k or np.linalg.matrix_rank(X) < k:
+        raise ValueError(f"the design ({n} rows, {k} columns) is rank-deficient: the coefficients are not identified")
+    xtx_inv = np.linalg.inv(X.T @ X)
+    coef = xtx_inv @ X.T @ y
+    df = n - k
+    if df > 0:
+        s2 = float(((y - X @ coef) ** 2).sum()) / df
+        se = np.sqrt(np.maximum(np.diag(xtx_inv) * s2, 0.0))
+    else:
+        se = np.full(k, math.nan)
+    return OLSFit(tuple(float(c) for c in coef), tuple(float(s) for s in se), df)
+
+
+def ols_slope(x, y) -> float:
+    """The least-squares slope of ``y`` on ``x`` (with an intercept); NaN for fewer than two distinct x."""
+    x = np.asarray(x, dtype=np.float64).reshape(-1)
+    y = np.asarray(y, dtype=np.float64).reshape(-1)
+    if len(x) < 2 or np.ptp(x) == 0:
+        return math.nan
+    xc = x - x.mean()
+    return float((xc * (y - y.mean())).sum() / (xc ** 2).sum())

@@ -3,11 +3,16 @@
 # each fit the device's 10-minute limit (the machine stays warm between them):
 #     device run: command "bash scripts/gpu_check.sh bench", carry [".whl"], timeout_s 420
 #     device run: command "bash scripts/gpu_check.sh cli",   carry [".whl"], timeout_s 420
+#     device run: command "bash scripts/gpu_check.sh paper", carry [".whl"], timeout_s 420
 # bench: scripts/bench_gpu.py at GPT-2-small shape: lmlab, Hugging Face and the lean GPT-2, eager and compiled
 #        (tokens/s, MFU, peak memory; every comparison is a ratio within this one run);
 # cli:   the CLI on the GPU: the default job with trainer=gpu (bf16 autocast, fused AdamW, clipping), then with
 #        compile=true and activation checkpointing, then every other model for a few steps.
-# No argument runs both (about 10 minutes: too long for one call there).
+# paper: a short version of the reproduction's gpu profile (scripts/reproduce_paper.py --profile gpu): a generated
+#        PCFG of the paper's shape (--grammar generated; its rule file is not in the repository), 2 seeds, 2 sizes, 2,000
+#        steps; its dry run first (the full profile's sentences, head sizes and schedule), then the sweeps and
+#        the report (the wall time per sweep says how long the full profile takes).
+# No argument runs bench and cli (about 10 minutes: too long for one call there).
 # Everything goes to $OUT/gpu_check.log (./gpu_check_out without $OUT). Each step's exit status is printed;
 # a failing step does not stop the later ones.
 set -uo pipefail
@@ -47,4 +52,12 @@ if [[ $PARTS == *cli* ]]; then
   step "every model, trainer=gpu, 50 steps" 150 "${LM[@]}" -m trainer=gpu \
     model=mamba,mamba2,mom,hyena,transnormer,moe,lstm max_steps=50 val_every=25 "eval=[perplexity]"
   for f in $(find /tmp/runs -name metrics.csv | head -3); do echo "--- $f"; tail -3 "$f"; done
+fi
+if [[ $PARTS == *paper* ]]; then
+  step "reproduce-paper gpu profile, dry run" 120 "$PY" scripts/reproduce_paper.py --profile gpu \
+    --grammar generated --dry-run
+  step "reproduce-paper gpu profile, short" 360 "$PY" scripts/reproduce_paper.py --profile gpu --seeds 0-1 \
+    --grammar generated --out /tmp/paper --set max_steps=2000 --set data.train_size=100000 \
+    --set model.d_model=128,256 --set eval.flatness.embed_width=256
+  cat /tmp/paper/report.md | head -40
 fi

@@ -1,21 +1,36 @@
 """``make reproduce-paper``: rerun Liu, Xie, Li & Ma, "Same Pre-training Loss, Better Downstream: Implicit
 Bias Matters for Language Models" (ICML 2023, arXiv 2210.14199) on lmlab, claim by claim, and write the report.
 
-It runs the three experiments of ``conf/experiment/same_loss/`` (continue, size, algorithm) as sweeps
-through the real CLI (``python -m lmlab.cli train -m experiment=same_loss/<x> ...``, one subprocess per
-sweep, ``--workers`` at a time), then ``lmlab.report.paper.write_report`` on the output directory.
-Rerunning the same command skips finished jobs and resumes interrupted ones.
+It runs the three experiments of ``conf/experiment/same_loss/`` as sweeps through the real CLI
+(``python -m lmlab.cli train -m experiment=same_loss/<x> ...``, one subprocess per sweep, ``--workers`` at a
+time), then ``lmlab.report.paper.write_report`` on the output directory:
+
+* size: every size trained to a plateau (cosine decay to 1% of the learning rate; the gap to the optimum
+  evaluated every few hundred steps, so the report can check the plateau);
+* algorithm: the adversarial algorithm (``adversarial_mlm``, lam > 0) against AdamW: the size sweep's run of
+  the same width and seed (the YAML alone also sweeps lam=0, the same code path, which the report prefers);
+* continue: phase 2 of claim (a). It starts once the size sweep of its data is done, from the size sweep's
+  ``parent_size`` model of the same seed (``init_from.run``: the weights of a finished run, a new optimiser),
+  and continues with SGD at a constant learning rate, evaluating every ``eval_every`` steps from step 0.
+  ``<out>/parents/<data>/seed_<s>`` links each seed to its parent run.
+
+Each experiment probes the task the paper reports for it (size: PCFG task B; algorithm: tasks A and B;
+continue: PCFG task C and the HMM's hidden state z_10), and every task keeps only sentences longer than 4
+words. Rerunning the same command skips finished jobs and resumes interrupted ones.
 
 Profiles:
-  cpu    (default) a small HMM and a small PCFG (generated), 3 seeds; the experiment configs as written.
-         Two sweeps at a time, one thread each: at most 30 minutes on a quiet 2-core machine.
+  cpu    (default) a small HMM and a small generated PCFG, seeds 0-9 (``--seeds``), two single-threaded
+         sweeps at a time on a 2-core machine; equivalence margin 0.02 nats.
   gpu    the paper's PCFG (``--grammar``, its rule file ``rule_deep_mlm.txt``: ``pcfg/rule_deep_mlm.txt`` in
-         the code released with the paper, GitHub Liuhong99/implicitbiasmlmcode) on one GPU, wider and
-         deeper models, 3 seeds; not yet run on a GPU (estimated at about 10 minutes).
+         the code released with the paper, GitHub Liuhong99/implicitbiasmlmcode), a million training
+         sentences, head size 32 at every width, a schedule meant to reach a gap of 0.02 nats; several
+         sweeps at once on one GPU; equivalence margin 0.01 nats. Not yet run on a GPU.
   micro  tiny data, a few steps, 2 seeds, 2 sizes: the whole pipeline in a minute or two (the test
          suite runs it); its verdicts mean nothing.
 
-  python scripts/reproduce_paper.py                       # cpu
+  python scripts/reproduce_paper.py                       # cpu, seeds 0-9
+  python scripts/reproduce_paper.py --seeds 10-19 --out runs/reproduce-paper-cpu-b
+  lmlab report runs/reproduce-paper-cpu --compare runs/reproduce-paper-cpu-b   # stability of the verdicts
   python scripts/reproduce_paper.py --profile gpu --grammar path/to/rule_deep_mlm.txt
   python scripts/reproduce_paper.py --micro --out /tmp/micro
   python scripts/reproduce_paper.py --profile gpu --grammar G --dry-run   # compose every job, run nothing
@@ -33,82 +48,174 @@ from dataclasses import dataclass
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-EXPERIMENTS = ("size", "algorithm", "continue")  # longest first, for the two-at-a-time schedule
+EXPERIMENTS = ("size", "algorithm", "continue")  # continue needs the size sweep of its data (its parents)
 
-# Overrides per profile: common to every sweep, then per experiment. A comma-separated value on the
-# command line replaces the experiment's own sweep axis (hydra.sweeper.params) for that key.
-TINY = ["data.train_size=400", "data.validation_size=60", "data.test_size=120", "data.downstream_size=160"]
+# Overrides per profile: common to every sweep, then per experiment, then per (experiment, data). A
+# comma-separated value replaces the experiment's own sweep axis (hydra.sweeper.params) for that key.
+TINY = ["data.train_size=400", "data.validation_size=60", "data.test_size=160", "data.downstream_size=200"]
 PROFILES: dict[str, dict] = {
     "cpu": {
-        "datasets": [["data=hmm"], ["data=pcfg"]],
+        "datasets": {"hmm": ["data=hmm"], "pcfg": ["data=pcfg"]},
         "common": [],
-        "per_experiment": {},
+        # two sizes (d_model 128 costs five times d_model 64 on a CPU); the algorithm sweep runs the adversarial
+        # arm only: its AdamW arm is the size sweep's d_model-64 run of the same seed (objective=mlm, the same data,
+        # schedule and evaluations), which is also the parent of the continue sweep
+        "per_experiment": {"size": ["model.d_model=32,64", "eval.flatness.embed_width=64"],
+                           "algorithm": ["objective.lam=0.03"]},
+        "per_data": {("continue", "hmm"): ["data.label_position=10"]},  # the paper's continue task: z_10
+        "seeds": "0-9",
+        "parent_size": 64,
         "workers": 2,
         "threads": 1,
-        # measured: d=64 after 1000-2000 AdamW steps at batch 128 sits 0.08-0.15 nats from the optimum
-        "tolerance": 0.2,
-        "note": "small HMM (10 states, 30 words, length 12) and small generated PCFG, 3 seeds, CPU",
+        "tolerance": 0.15,  # largest gap to the optimum that a run may have to enter a comparison
+        "margin": 0.02,     # equivalence margin on the paired gap differences
+        "plateau": 0.01,    # largest change of the gap between a run's last two evaluations
+        "k": 3,             # continue: checkpoints averaged at the start and at the end
+        "note": "small HMM (10 states, 30 words, length 12) and small generated PCFG, CPU",
     },
     "gpu": {
-        "datasets": [["data=pcfg", "data.grammar={grammar}"]],
-        "common": ["trainer=gpu", "batch_size=256", "model.n_layers=4", "model.n_heads=8", "model.d_model=256",
-                   "eval.perplexity.max_rows=1000"],
+        "datasets": {"pcfg": ["data=pcfg", "data.grammar={grammar}", "data.train_size=1000000",
+                              "data.train_labels=20000", "data.validation_size=2000", "data.test_size=12000",
+                              "data.downstream_size=12000"]},
+        "common": ["trainer=gpu", "batch_size=512", "model.n_layers=4", "model.head_dim=32", "model.d_model=256",
+                   "max_steps=20000", "val_every=2000", "checkpoint_every=2000", "eval.perplexity.max_rows=2000",
+                   "eval.flatness.examples=8192"],
         "per_experiment": {
-            "continue": ["max_steps=4000", "eval_every=500"],
-            "size": ["max_steps=2500", "model.d_model=128,256,512", "eval.flatness.embed_width=512"],
-            "algorithm": ["max_steps=2500"],
+            "size": ["model.d_model=128,256,512", "eval.flatness.embed_width=512", "eval_every=2000"],
+            "algorithm": ["objective.lam=0.03"],
+            "continue": ["max_steps=5000", "eval_every=250"],
         },
-        "workers": 3,  # the three sweeps share the GPU (small models leave most of it idle); not yet timed
+        "per_data": {},
+        "seeds": "0-9",
+        "parent_size": 256,
+        "workers": 4,  # the sweeps share the GPU (these models leave most of it idle); not yet timed
         "threads": None,
-        "tolerance": 0.1,
-        "note": "the paper's PCFG (rule file from --grammar), 3 seeds, one GPU",
+        "tolerance": 0.05,
+        "margin": 0.01,
+        "plateau": 0.005,
+        "k": 3,
+        "target_gap": 0.02,
+        "note": "the paper's PCFG (rule file from --grammar), one GPU",
     },
     "micro": {
-        "datasets": [["data=hmm"], ["data=pcfg"]],
+        "datasets": {"hmm": ["data=hmm"], "pcfg": ["data=pcfg"]},
         "common": [*TINY, "max_steps=12", "batch_size=16", "val_every=12", "checkpoint_every=12", "logger=none",
-                   "seed=0,1", "model.d_model=16", "model.n_heads=2", "eval.perplexity.max_rows=30",
-                   "eval.probe.seeds=2", "eval.probe.epochs=3", "eval.flatness.probes=1",
-                   "eval.flatness.batches=1", "eval.flatness.batch_size=8"],
+                   "model.d_model=16", "model.head_dim=8", "eval.perplexity.max_rows=30", "eval.probe.epochs=3",
+                   "eval.probe.project=16", "eval.flatness.probes=2", "eval.flatness.batches=1",
+                   "eval.flatness.batch_size=8", "eval.flatness.examples=16"],
         "per_experiment": {
+            "size": ["model.d_model=8,16", "eval.flatness.embed_width=16", "eval_every=6"],
+            "algorithm": ["objective.lam=0.03"],
             "continue": ["eval_every=4"],
-            "size": ["model.d_model=8,16", "eval.flatness.embed_width=16"],
         },
+        "per_data": {("continue", "hmm"): ["data.label_position=10"]},
+        "seeds": "0-1",
+        "parent_size": 16,
         "workers": 1,
         "threads": 1,
         "in_process": True,
         "tolerance": 100.0,  # every micro run counts as converged, so that every comparison is exercised
+        "margin": 100.0,
+        "plateau": 100.0,
+        "k": 1,
         "note": "micro: tiny data and a few steps, to test the pipeline (its verdicts mean nothing)",
     },
 }
+SETTINGS = ("tolerance", "margin", "plateau", "k")  # what the report reads from reproduce.json
+# --grammar generated: a grammar of the released one's shape (4 levels of 10 nonterminals, about 19 binary rules
+# each, 9 start symbols, 200 words, sentences of 2..16 words), for a machine without the rule file
+GENERATED = ["data.grammar=null", "data.levels=4", "data.nonterminals_per_level=10", "data.vocab_size=200",
+             "data.rules_per_nonterminal=19", "data.start_symbols=9", "data.words_per_preterminal=20"]
+
+
+def parse_seeds(text: str) -> list[int]:
+    """``"0-9"`` or ``"0,3,5"`` (or a mix, ``"0-4,10"``) as a list of seeds."""
+    seeds: list[int] = []
+    for part in str(text).split(","):
+        lo, _, hi = part.strip().partition("-")
+        seeds += list(range(int(lo), int(hi) + 1)) if hi else [int(lo)]
+    if not seeds or len(set(seeds)) != len(seeds) or min(seeds) < 0:
+        raise ValueError(f"--seeds {text!r}: give distinct non-negative seeds, e.g. 0-9 or 0,1,2.")
+    return seeds
 
 
 @dataclass
 class Sweep:
     experiment: str
+    data: str
     overrides: list[str]
+    needs: str | None = None  # the label of the sweep whose runs are this one's parents
 
     @property
     def label(self) -> str:
-        data = next((o.split("=", 1)[1] for o in self.overrides if o.startswith("data=")), "data")
-        return f"{self.experiment}-{data}"
+        return f"{self.experiment}-{self.data}"
+
+
+def parents_dir(out: Path, data: str) -> Path:
+    return out / "parents" / data
 
 
 def sweeps(profile: str, out: Path, grammar: str | None, only: list[str] | None = None,
-           extra_overrides: list[str] | None = None) -> list[Sweep]:
+           extra_overrides: list[str] | None = None, seeds: list[int] | None = None) -> list[Sweep]:
     """The sweeps of a profile, each as the overrides of one ``lmlab train -m`` command."""
     p = PROFILES[profile]
+    seeds = seeds if seeds is not None else parse_seeds(p["seeds"])
     result = []
     for experiment in EXPERIMENTS:
         if only and experiment not in only:
             continue
-        for data in p["datasets"]:
-            data = [d.format(grammar=grammar) for d in data]
-            extra = [*p["per_experiment"].get(experiment, []), *(extra_overrides or [])]
+        for data, data_overrides in p["datasets"].items():
+            if grammar == "generated":
+                data_overrides = [d for d in data_overrides if not d.startswith("data.grammar=")] + GENERATED
+            data_overrides = [d.format(grammar=grammar) for d in data_overrides]
+            extra = [*p["per_experiment"].get(experiment, []), *p["per_data"].get((experiment, data), []),
+                     *(extra_overrides or [])]
             keys = {o.split("=", 1)[0] for o in extra}
             common = [o for o in p["common"] if o.split("=", 1)[0] not in keys]
-            result.append(Sweep(experiment, [f"experiment=same_loss/{experiment}", f"out_dir={out / 'runs'}",
-                                             *data, *common, *extra]))
+            overrides = [f"experiment=same_loss/{experiment}", f"out_dir={out / 'runs'}", *data_overrides, *common,
+                         *extra, "seed=" + ",".join(map(str, seeds))]
+            needs = None
+            if experiment == "continue":  # the parents' width, whatever the other sweeps use
+                overrides = [o for o in overrides if not o.startswith("model.d_model=")]
+                overrides.append(f"model.d_model={p['parent_size']}")
+                overrides.append(f"init_from.run='{parents_dir(out, data)}/seed_${{seed}}'")
+                needs = f"size-{data}"
+            result.append(Sweep(experiment, data, overrides, needs))
     return result
+
+
+def link_parents(sweep: Sweep, plan: list[Sweep], size: int) -> int:
+    """Link ``<out>/parents/<data>/seed_<s>`` to the finished size-sweep run of width ``size`` and seed ``s``
+    (the parents of the continue sweep); returns the number of links."""
+    from lmlab.run_dir import is_done, read_results
+
+    parent = next((s for s in plan if s.label == sweep.needs), None)
+    out_dir = Path(next(o.split("=", 1)[1] for o in sweep.overrides if o.startswith("out_dir=")))
+    target = next(o for o in sweep.overrides if o.startswith("init_from.run="))
+    links = Path(target.split("=", 1)[1].strip("'")).parent
+    links.mkdir(parents=True, exist_ok=True)
+    n = 0
+    if parent is None:
+        return 0
+    for results in sorted((out_dir / "same_loss" / "size").rglob("results.json")):
+        run = results.parent
+        if not is_done(run):
+            continue
+        cfg = read_results(run).get("config", {})
+        if int(cfg.get("model", {}).get("d_model", -1)) != size or not _same_data(cfg, parent):
+            continue
+        link = links / f"seed_{int(cfg['seed'])}"
+        if link.is_symlink() or link.exists():
+            link.unlink()
+        link.symlink_to(run.resolve(), target_is_directory=True)
+        n += 1
+    return n
+
+
+def _same_data(cfg: dict, sweep: Sweep) -> bool:
+    """Whether a run's data is the sweep's (``data=hmm`` / ``data=pcfg``)."""
+    target = str(cfg.get("data", {}).get("_target_", "")).lower()
+    return target.endswith(f".{sweep.data}source")
 
 
 def _jobs_of(sweep: Sweep) -> list[list[str]]:
@@ -130,18 +237,21 @@ def _jobs_of(sweep: Sweep) -> list[list[str]]:
     return [[f"{k}={v}" for k, v in zip(keys, combo)] for combo in itertools.product(*(axes[k] for k in keys))]
 
 
-def dry_run(plan: list[Sweep]) -> int:
-    """Compose every job of every sweep (and check that its options exist) without running anything."""
+def dry_run(plan: list[Sweep], profile: str) -> int:
+    """Compose every job of every sweep (and check that its options exist) without running anything; print
+    what decides whether the profile can reach the paper's regime: training sentences, head size at every
+    width, the schedule and the equivalence margin."""
     from hydra import compose, initialize_config_module
     from hydra.core.global_hydra import GlobalHydra
 
     from lmlab.cli import preflight
 
-    n = 0
+    p, n = PROFILES[profile], 0
     for sweep in plan:
         jobs = _jobs_of(sweep)
-        preflight("train", jobs[0])  # every key and type of the sweep (UserError with one sentence if bad)
+        preflight("train", [o for o in jobs[0] if not o.startswith("init_from.run=")])  # the parent is not there yet
         GlobalHydra.instance().clear()
+        shapes, composed = set(), None
         with initialize_config_module(config_module="lmlab.conf", version_base="1.3"):
             for job in jobs:  # every value of every axis composes
                 cfg = compose(config_name="train", overrides=job)
@@ -149,31 +259,56 @@ def dry_run(plan: list[Sweep]) -> int:
                     assert cfg[key].get("_target_"), f"{key} has no _target_ in {job}"
                 for name, ecfg in cfg.eval.items():
                     assert ecfg.get("_target_"), f"eval.{name} has no _target_ in {job}"
+                d, head = int(cfg.model.d_model), cfg.model.get("head_dim")
+                shapes.add((d, int(head) if head else d // int(cfg.model.n_heads)))
+                composed = cfg
         n += len(jobs)
-        print(f"[reproduce] {sweep.label}: {len(jobs)} jobs compose")
+        steps, batch = int(composed.max_steps), int(composed.batch_size)
+        train = int(composed.data.get("train_size") or 0)
+        widths = ", ".join(f"d_model {d}: {d // h} heads of {h}" for d, h in sorted(shapes))
+        print(f"[reproduce] {sweep.label}: {len(jobs)} jobs compose; {train:,} training sentences; {steps:,} steps "
+              f"x batch {batch} = {steps * batch:,} sentences ({steps * batch / max(train, 1):.1f} epochs), "
+              f"{composed.optim._target_.rsplit('.', 1)[-1]} lr {composed.optim.lr}, "
+              f"schedule {composed.schedule._target_.rsplit('.', 1)[-1]}; {widths}")
         print("  lmlab train -m " + " ".join(_quote(o) for o in sweep.overrides))
-    print(f"[reproduce] dry run: {n} jobs in {len(plan)} sweeps compose")
+    target = f"; schedule meant to reach a gap of {p['target_gap']} nats" if p.get("target_gap") else ""
+    print(f"[reproduce] dry run: {n} jobs in {len(plan)} sweeps compose; equivalence margin ±{p['margin']} nats, "
+          f"gap tolerance {p['tolerance']} nats{target}")
     return n
 
 
 def _quote(o: str) -> str:
-    return f"'{o}'" if any(c in o for c in "[]*?' ") else o
+    return o if o.startswith("init_from.run='") or not any(c in o for c in "[]*?' ") else f"'{o}'"
 
 
-def run_sweeps(plan: list[Sweep], workers: int, threads: int | None, log_dir: Path) -> dict[str, dict]:
-    """Run the sweeps as ``python -m lmlab.cli train -m ...`` subprocesses, ``workers`` at a time."""
+def _ready(sweep: Sweep, done: dict[str, dict]) -> bool:
+    return sweep.needs is None or sweep.needs in done
+
+
+def _start(sweep: Sweep, plan: list[Sweep], parent_size: int) -> None:
+    if sweep.needs:
+        n = link_parents(sweep, plan, parent_size)
+        print(f"[reproduce] {sweep.label}: {n} parent run(s) linked (size sweep, d_model {parent_size})", flush=True)
+    print(f"[reproduce] start {sweep.label}: lmlab train -m {' '.join(_quote(o) for o in sweep.overrides)}",
+          flush=True)
+
+
+def run_sweeps(plan: list[Sweep], workers: int, threads: int | None, log_dir: Path,
+               parent_size: int) -> dict[str, dict]:
+    """Run the sweeps as ``python -m lmlab.cli train -m ...`` subprocesses, ``workers`` at a time, each once
+    the sweep it needs is done."""
     env = dict(os.environ)
     if threads:
         env.update(OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads))
     log_dir.mkdir(parents=True, exist_ok=True)
     pending, running, done = list(plan), {}, {}
     while pending or running:
-        while pending and len(running) < workers:
-            sweep = pending.pop(0)
+        while len(running) < workers and any(_ready(s, done) for s in pending):
+            sweep = next(s for s in pending if _ready(s, done))
+            pending.remove(sweep)
+            _start(sweep, plan, parent_size)
             log = (log_dir / f"{sweep.label}.log").open("w")
             cmd = [sys.executable, "-m", "lmlab.cli", "train", "-m", *sweep.overrides]
-            print(f"[reproduce] start {sweep.label}: lmlab train -m {' '.join(_quote(o) for o in sweep.overrides)}",
-                  flush=True)
             proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env, cwd=ROOT)
             running[sweep.label] = (proc, time.time(), log)
         time.sleep(0.5)
@@ -189,9 +324,9 @@ def run_sweeps(plan: list[Sweep], workers: int, threads: int | None, log_dir: Pa
     return done
 
 
-def run_in_process(plan: list[Sweep], threads: int | None) -> dict[str, dict]:
+def run_in_process(plan: list[Sweep], threads: int | None, parent_size: int) -> dict[str, dict]:
     """Run the sweeps one after the other in this process (``lmlab.cli.main``): no interpreter start-up
-    per sweep, which dominates tiny runs."""
+    per sweep, which dominates tiny runs. ``plan`` is in EXPERIMENTS order, so parents come first."""
     import torch
 
     from lmlab.cli import main as lmlab_main
@@ -200,26 +335,21 @@ def run_in_process(plan: list[Sweep], threads: int | None) -> dict[str, dict]:
     if threads:
         torch.set_num_threads(threads)
     try:
-        return _run_each(plan, lmlab_main)
+        done = {}
+        for sweep in plan:
+            started = time.time()
+            _start(sweep, plan, parent_size)
+            code = 0
+            try:
+                lmlab_main(["train", "-m", *sweep.overrides])
+            except SystemExit as e:
+                code = e.code if isinstance(e.code, int) else 1
+            seconds = time.time() - started
+            done[sweep.label] = {"returncode": code, "seconds": round(seconds, 1)}
+            print(f"[reproduce] done  {sweep.label}: {seconds:.0f} s, {'ok' if code == 0 else 'FAILED'}", flush=True)
+        return done
     finally:
         torch.set_num_threads(before)
-
-
-def _run_each(plan: list[Sweep], lmlab_main) -> dict[str, dict]:
-    done = {}
-    for sweep in plan:
-        started = time.time()
-        print(f"[reproduce] start {sweep.label}: lmlab train -m {' '.join(_quote(o) for o in sweep.overrides)}",
-              flush=True)
-        code = 0
-        try:
-            lmlab_main(["train", "-m", *sweep.overrides])
-        except SystemExit as e:
-            code = e.code if isinstance(e.code, int) else 1
-        seconds = time.time() - started
-        done[sweep.label] = {"returncode": code, "seconds": round(seconds, 1)}
-        print(f"[reproduce] done  {sweep.label}: {seconds:.0f} s, {'ok' if code == 0 else 'FAILED'}", flush=True)
-    return done
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -229,7 +359,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--micro", action="store_true", help="the micro profile (same as --profile micro)")
     parser.add_argument("--grammar", default=os.environ.get("GRAMMAR") or None,
                         help="the paper's PCFG rule file, rule_deep_mlm.txt (gpu profile): pcfg/rule_deep_mlm.txt "
-                             "of github.com/Liuhong99/implicitbiasmlmcode")
+                             "of github.com/Liuhong99/implicitbiasmlmcode; 'generated': a grammar of its shape")
     parser.add_argument("--out", type=Path, default=None,
                         help="output directory (default runs/reproduce-paper-<profile>)")
     parser.add_argument("--workers", type=int, default=None, help="sweeps run at the same time")
@@ -238,25 +368,33 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--only", nargs="*", choices=EXPERIMENTS, help="run only these experiments")
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                         help="an extra override for every sweep (repeatable), e.g. --set max_steps=1000")
+    parser.add_argument("--seeds", default=None,
+                        help="training seeds, e.g. 0-9 (the profile's default) or 10-19 for an independent rerun")
     parser.add_argument("--dry-run", action="store_true", help="compose every job and print the commands; run nothing")
     args = parser.parse_args(argv)
     profile = "micro" if args.micro else args.profile
     p = PROFILES[profile]
+    try:
+        seeds = parse_seeds(args.seeds or p["seeds"])
+    except ValueError as e:
+        print(f"reproduce-paper: error: {e}", file=sys.stderr)
+        return 2
     if profile == "gpu":
         if not args.grammar:
             print("reproduce-paper: error: the gpu profile needs the paper's rule file: pass GRAMMAR=<path to "
                   "rule_deep_mlm.txt> (make) or --grammar <path>.", file=sys.stderr)
             return 2
-        if not Path(args.grammar).is_file():
-            print(f"reproduce-paper: error: no grammar file at {args.grammar}: pass the path of the paper's "
-                  "rule_deep_mlm.txt.", file=sys.stderr)
-            return 2
-        args.grammar = str(Path(args.grammar).resolve())
+        if args.grammar != "generated":
+            if not Path(args.grammar).is_file():
+                print(f"reproduce-paper: error: no grammar file at {args.grammar}: pass the path of the paper's "
+                      "rule_deep_mlm.txt (or --grammar generated).", file=sys.stderr)
+                return 2
+            args.grammar = str(Path(args.grammar).resolve())
     out = (args.out or ROOT / "runs" / f"reproduce-paper-{profile}").resolve()
-    plan = sweeps(profile, out, args.grammar, args.only, args.overrides)
+    plan = sweeps(profile, out, args.grammar, args.only, args.overrides, seeds)
     if args.dry_run:
         try:
-            dry_run(plan)
+            dry_run(plan, profile)
         except Exception as e:  # a UserError names the fix
             print(f"reproduce-paper: error: {e}", file=sys.stderr)
             return 2
@@ -267,14 +405,14 @@ def main(argv: list[str] | None = None) -> int:
     from lmlab.report.paper import SETTINGS_FILE, write_report
 
     started = time.time()
-    settings = {"profile": profile, "tolerance": p["tolerance"], "note": p["note"],
-                "commands": ["lmlab train -m " + " ".join(s.overrides) for s in plan]}
+    settings = {"profile": profile, "note": p["note"], "seeds": seeds, **{k: p[k] for k in SETTINGS},
+                "commands": ["lmlab train -m " + " ".join(_quote(o) for o in s.overrides) for s in plan]}
     write_json(out / SETTINGS_FILE, settings)
     in_process = args.in_process if args.in_process is not None else p.get("in_process", False)
     if in_process:
-        timings = run_in_process(plan, p["threads"])
+        timings = run_in_process(plan, p["threads"], p["parent_size"])
     else:
-        timings = run_sweeps(plan, args.workers or p["workers"], p["threads"], out / "logs")
+        timings = run_sweeps(plan, args.workers or p["workers"], p["threads"], out / "logs", p["parent_size"])
     settings.update(wall_s=time.time() - started, sweeps=timings)
     write_json(out / SETTINGS_FILE, settings)
     report = write_report(out)

@@ -80,6 +80,40 @@ def test_probe_with_mlm_mean_pooling_and_limits():
     assert 0.0 <= out["probe/acc"] <= 1.0
 
 
+class TwoTaskSource(KeySource):
+    """KeySource plus a second task: (word at position 5) mod 2."""
+
+    tasks = {"key": 3, "other": 2}
+
+    def _split(self, n: int, seed: int) -> Dataset:
+        data = super()._split(n, seed)
+        return data.add_column("other", [int(r[5] - N_SPECIAL) % 2 for r in data["input_ids"]])
+
+
+def test_probe_of_several_tasks_names_each_and_the_first_keeps_the_plain_keys():
+    module, dm = _setup(source_cls=TwoTaskSource)
+    both = Probe(task=["key", "absent", "other"], pooling="concat", seeds=1, epochs=5, project=16)(module, dm, None)
+    assert not any("absent" in k for k in both)  # a task the data lacks is not probed
+    with pytest.raises(UserError, match="no task 'absent'"):
+        Probe(task=["absent"])(module, dm, None)
+    alone = Probe(task="other", pooling="concat", seeds=1, epochs=5, project=16)(module, dm, None)
+    first = Probe(task="key", pooling="concat", seeds=1, epochs=5, project=16)(module, dm, None)
+    assert both["probe/other/acc"] == alone["probe/acc"] and both["probe/other/proj_acc"] == alone["probe/proj_acc"]
+    assert both["probe/acc"] == both["probe/key/acc"] == first["probe/acc"]
+    assert both["probe/key/proj_acc"] == first["probe/proj_acc"]
+
+
+def test_projection_to_the_full_width_keeps_what_a_linear_probe_can_read():
+    """A square Gaussian projection is invertible: the probe still reads the token at position 3 (> 0.9),
+    while a 2-dimensional projection cannot separate 3 classes of 30 words as well."""
+    module, dm = _setup()
+    full = Probe(pooling="concat", seeds=1, project=10 * 32)(module, dm, None)
+    tiny = Probe(pooling="concat", seeds=1, project=2)(module, dm, None)
+    assert full["probe/proj_acc"] > 0.9 and tiny["probe/proj_acc"] < full["probe/proj_acc"] - 0.1, (full, tiny)
+    with pytest.raises(UserError, match="positive number of dimensions"):
+        Probe(project=0)
+
+
 def test_probe_without_labels_is_a_user_error():
     module, dm = _setup(source_cls=NoLabels)
     with pytest.raises(UserError, match="has no downstream labels: drop probe from eval"):

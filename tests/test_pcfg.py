@@ -189,12 +189,12 @@ def test_labels(tiny):
     labels = src.labels([np.array([g.words.index(w) for w in s]) for s in items])
     assert any(len(s) > 4 for s in items)
     for j, s in enumerate(items):
+        if len(s) <= 4:  # the paper's tasks keep only sentences longer than 4 words
+            assert all(labels[task][j] == -1 for task in ("task_a", "task_b", "task_c"))
+            continue
         _check_label(labels["task_a"][j], [inside[g.nonterminals[c]].get(s, 0.0) for c in g.start_children])
         for task, width in (("task_b", 4), ("task_c", 2)):
-            if len(s) <= 4:
-                assert labels[task][j] == -1
-            else:
-                _check_label(labels[task][j], [inside[a].get(s[:width], 0.0) for a in g.nonterminals])
+            _check_label(labels[task][j], [inside[a].get(s[:width], 0.0) for a in g.nonterminals])
 
 
 def test_generated_grammar_is_consistent():
@@ -244,7 +244,7 @@ def test_default_generated_source():
     for task, classes in src.tasks.items():
         labels = np.array(data["train"][task])
         assert labels.min() >= -1 and labels.max() < classes
-        assert (labels[lengths <= 4] == -1).all() or task == "task_a"
+        assert (labels[lengths <= 4] == -1).all()
     # resizing one split leaves the others unchanged
     other = PCFGSource(**{**TINY, "train_size": 100}).build()
     assert other["validation"]["input_ids"] == data["validation"]["input_ids"]
@@ -286,3 +286,14 @@ def test_load_caches(tmp_path, monkeypatch):
     for split in SPLITS:
         assert first[split].to_dict() == second[split].to_dict()
     assert PCFGSource(**{**TINY, "seed": 1}).cache_key() != src.cache_key()
+
+
+def test_train_labels_labels_only_the_first_train_sentences():
+    full = PCFGSource(**TINY).build()
+    part = PCFGSource(**TINY, train_labels=7).build()
+    assert part["train"]["input_ids"] == full["train"]["input_ids"]
+    for task in ("task_a", "task_b", "task_c"):
+        assert part["train"][task][:7] == full["train"][task][:7]
+        assert all(v == -1 for v in part["train"][task][7:])
+        assert part["test"][task] == full["test"][task]
+    assert PCFGSource(**TINY).cache_key() != PCFGSource(**TINY, train_labels=7).cache_key()

@@ -1,33 +1,18 @@
-"""``make reproduce-paper`` and ``lmlab report``: the verdict rule on hand-made numbers, the claim tables on
-hand-made runs, the gpu profile composes (dry run), and the micro reproduction end to end."""
+"""``make reproduce-paper`` and ``lmlab report``: the gpu profile composes (dry run), and the micro reproduction
+end to end. The report's statistics on hand-made runs are tested in tests/test_paper_report.py and
+tests/test_stats.py."""
 
 from __future__ import annotations
 
 import importlib.util
-import math
+import json
+import re
 import sys
 from pathlib import Path
 
-import pytest
-
-from lmlab.report.paper import (
-    ACC,
-    GAP,
-    INCONCLUSIVE,
-    LOOKUP,
-    NOT_REPRODUCED,
-    REPRODUCED,
-    TRACE,
-    Run,
-    claim_algorithm,
-    claim_continue,
-    claim_size,
-    converged_step,
-    verdict,
-)
+from lmlab.report.paper import CONFOUNDED, INCONCLUSIVE, MISSING, NOT_REPRODUCED, REPRODUCED
 
 ROOT = Path(__file__).resolve().parents[1]
-T_975_2 = 4.302652729911275  # Student t, 0.975 quantile, 2 degrees of freedom
 
 
 def _driver():
@@ -36,89 +21,6 @@ def _driver():
     sys.modules[spec.name] = module  # dataclasses look their module up there
     spec.loader.exec_module(module)
     return module
-
-
-# ----- the verdict rule, on hand-made numbers -----
-
-def test_verdict_known_interval():
-    v = verdict([1.0, 2.0, 3.0], +1)  # mean 2, sd 1: h = t * 1 / sqrt(3) = 2.484 > 2
-    assert v.n == 3 and v.mean == pytest.approx(2.0)
-    assert v.ci == pytest.approx(T_975_2 / math.sqrt(3), rel=1e-6)
-    assert v.verdict == INCONCLUSIVE
-
-
-@pytest.mark.parametrize("diffs,sign,expected", [
-    ([3.0, 4.0, 5.0], +1, REPRODUCED),        # mean 4 > h 2.48, the paper's sign
-    ([-3.0, -4.0, -5.0], +1, NOT_REPRODUCED),  # the opposite sign, interval excludes 0
-    ([-3.0, -4.0, -5.0], -1, REPRODUCED),     # the paper reports a decrease (trace)
-    ([3.0, 4.0, 5.0], -1, NOT_REPRODUCED),
-    ([-1.0, 2.0, 0.5], +1, INCONCLUSIVE),     # the interval covers 0
-    ([2.0, 2.0], +1, REPRODUCED),             # no spread: h = 0
-    ([0.0, 0.0, 0.0], +1, INCONCLUSIVE),      # no effect at all
-    ([5.0], +1, INCONCLUSIVE),                # one pair: no interval
-    ([], +1, INCONCLUSIVE),
-    ([float("nan"), float("nan")], +1, INCONCLUSIVE),  # a missing metric
-])
-def test_verdict_rule(diffs, sign, expected):
-    assert verdict(diffs, sign).verdict == expected
-
-
-# ----- the claims, on hand-made runs -----
-
-def _run(claim, seed, gap, acc, trace, d_model=64, arm="adamw", history=(), lookup=0.5):
-    metrics = {GAP: gap, ACC: acc, TRACE: trace, LOOKUP: lookup, "model/params": d_model * 100}
-    return Run(Path(f"/x/{claim}/{seed}/{d_model}/{arm}"), "done", claim, "hmm", seed, d_model, d_model * 100, arm,
-               metrics, list(history))
-
-
-def test_size_compares_only_runs_within_tolerance():
-    runs = []
-    for seed in range(3):
-        runs.append(_run("size", seed, gap=0.5, acc=0.9, trace=1.0, d_model=32))   # too far: excluded
-        runs.append(_run("size", seed, gap=0.04, acc=0.60 + 0.01 * seed, trace=10.0, d_model=64))
-        runs.append(_run("size", seed, gap=0.03, acc=0.70 + 0.01 * seed, trace=6.0, d_model=128))
-    rows, lines = claim_size(runs, tolerance=0.05)
-    acc_row, trace_row = rows
-    assert "128 - 64" in acc_row.what  # d_model 32 is not within the tolerance
-    assert acc_row.result.n == 3 and acc_row.result.mean == pytest.approx(10.0)
-    assert acc_row.result.verdict == REPRODUCED
-    assert trace_row.result.mean == pytest.approx(-4.0) and trace_row.result.verdict == REPRODUCED
-    assert any("| 32 |" in line and "0 of 3" in line for line in lines)
-    # with only one size within the tolerance, nothing is compared
-    rows, _ = claim_size(runs, tolerance=0.035)
-    assert all(r.result.verdict == INCONCLUSIVE and r.result.n == 0 for r in rows)
-
-
-def test_continue_measures_from_the_first_converged_step():
-    def history(accs, gaps, traces):
-        return [{"step": 100 * (i + 1), ACC: a, GAP: g, TRACE: t}
-                for i, (a, g, t) in enumerate(zip(accs, gaps, traces))]
-
-    runs = [_run("continue", s, 0.02, 0.8, 5.0, history=history([0.5, 0.7, 0.72 + 0.01 * s, 0.80 + 0.01 * s],
-                                                                 [0.3, 0.05, 0.04, 0.03], [9, 8, 7, 5]))
-            for s in range(3)]
-    runs.append(_run("continue", 3, 0.2, 0.8, 5.0, history=history([0.5, 0.6], [0.3, 0.2], [9, 8])))  # never converged
-    assert converged_step(runs[0].history, 0.05)["step"] == 200
-    rows, lines = claim_continue(runs, tolerance=0.05)
-    acc_row, trace_row = rows
-    assert acc_row.result.n == 3
-    assert acc_row.result.mean == pytest.approx(100 * (0.81 - 0.70))  # last (0.80 + 0.01 s) - converged (0.70)
-    assert acc_row.result.verdict == REPRODUCED and trace_row.result.verdict == REPRODUCED
-    assert "3 of 4 seeds" in acc_row.note and any("seed 3: excluded" in line for line in lines)
-
-
-def test_algorithm_pairs_seeds_and_uses_the_lookup_table():
-    runs = []
-    for seed in range(3):
-        runs.append(_run("algorithm", seed, 0.04, 0.80 + 0.01 * seed, 5.0, arm="adamw", lookup=0.7))
-        runs.append(_run("algorithm", seed, 0.045, 0.70, 9.0 + seed, arm="adversarial", lookup=0.7))
-    rows, lines = claim_algorithm(runs, tolerance=0.05)
-    by = {r.what: r.result for r in rows}
-    assert by["probe acc, AdamW - adversarial"].mean == pytest.approx(11.0)
-    assert by["probe acc, AdamW - adversarial"].verdict == REPRODUCED
-    assert by["Tr(H), AdamW - adversarial"].mean == pytest.approx(-5.0)
-    assert by["probe acc, AdamW - lookup table"].mean == pytest.approx(11.0)
-    assert any("lookup table" in line and "70" in line for line in lines)
 
 
 # ----- the profiles -----
@@ -131,7 +33,12 @@ def test_gpu_profile_composes(tmp_path, capsys):
     driver = _driver()
     assert driver.main(["--profile", "gpu", "--grammar", str(grammar), "--out", str(tmp_path), "--dry-run"]) == 0
     out = capsys.readouterr().out
-    assert "dry run: 18 jobs in 3 sweeps compose" in out
+    # 10 seeds: size 3 widths, the adversarial arm (AdamW is the size sweep's run), continue from the width-256 runs
+    assert "dry run: 50 jobs in 3 sweeps compose" in out
+    assert out.count("1,000,000 training sentences") == 3 and "equivalence margin ±0.01 nats" in out
+    assert "d_model 128: 4 heads of 32, d_model 256: 8 heads of 32, d_model 512: 16 heads of 32" in out
+    assert "meant to reach a gap of 0.02 nats" in out
+    assert "init_from.run='" in out and "/parents/pcfg/seed_${seed}'" in out
     assert "trainer=gpu" in out and str(grammar.resolve()) in out
     assert driver.main(["--profile", "gpu", "--out", str(tmp_path), "--dry-run"]) == 2  # no grammar given
 
@@ -144,15 +51,23 @@ def test_micro_reproduction_writes_every_section(tmp_path, cache_dir, lmlab):
     for section in ("## Verdicts", "## The rule", "## Claim (a)", "## Claim (b)", "## Claim (c)", "## Plots",
                     "Reproduced", "Not reproduced", "Inconclusive"):
         assert section in text, section
-    for data in ("hmm", "pcfg"):
-        for what in ("probe acc (last - converged)", "Tr(H) embedded", "AdamW - adversarial", "AdamW - lookup table"):
-            assert any(line.startswith(f"| {data} |") and what in line for line in text.splitlines()), (data, what)
     verdict_lines = [line for line in text.split("## The rule")[0].splitlines() if line.startswith("| continue")
                      or line.startswith("| size") or line.startswith("| algorithm")]
-    assert len(verdict_lines) == 14
-    assert all(any(f"**{v}**" in line for v in (REPRODUCED, NOT_REPRODUCED, INCONCLUSIVE)) for line in verdict_lines)
-    assert "Runs read: 20" in text and "20 done" in text
-    assert "n/a | n/a | 0 |" not in text.split("## Claim (a)")[1].split("## Claim (b)")[0]  # traces were measured
+    for data in ("hmm", "pcfg"):
+        for claim, what in (("continue", "probe acc (last"), ("continue", "Fisher Tr(H) (last"),
+                            ("size", "Fisher Tr(H) embedded"), ("algorithm", "AdamW - adversarial"),
+                            ("algorithm", "AdamW - lookup table")):
+            assert any(line.startswith(f"| {claim} | {data}") and what in line for line in verdict_lines), (data, what)
+    # per data set: continue 3 rows, size 3 (+1 with the projection probe), algorithm 6 (PCFG, tasks A and B) or 4
+    assert len(verdict_lines) == 22 + sum("random projection" in line for line in verdict_lines)
+    names = (REPRODUCED, NOT_REPRODUCED, INCONCLUSIVE, CONFOUNDED, MISSING)
+    assert all(any(f"**{v}**" in line or f"**extension: {v}**" in line for v in names) for line in verdict_lines)
+    assert not any(line.startswith("| continue") and "Fisher Tr(H)" in line and f"**{MISSING}**" in line
+                   for line in verdict_lines)  # traces were measured along training
+    runs_read = re.search(r"Runs read: (\d+) under", text)
+    assert runs_read and f"{runs_read.group(1)} done" in text
+    rows = json.loads((out / "report.json").read_text())["rows"]
+    assert len(rows) == len(verdict_lines)
     for png in ("flatness_vs_accuracy.png", "training_curves.png", "accuracy_vs_size.png"):
         assert (out / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n", png
         assert f"({png})" in text
@@ -161,5 +76,6 @@ def test_micro_reproduction_writes_every_section(tmp_path, cache_dir, lmlab):
     code, output = lmlab("report", str(out / "runs" / "same_loss"), "--tolerance", "100")
     assert code == 0, output
     assert "## Claim (c)" in (out / "runs" / "same_loss" / "report.md").read_text()
+    assert (out / "runs" / "same_loss" / "report.json").exists()
     code, output = lmlab("report", str(tmp_path / "nowhere"))
     assert code != 0 and "is not a directory" in output

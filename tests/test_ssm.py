@@ -195,3 +195,25 @@ def test_mlm_is_refused_in_one_sentence(lmlab, name):
     errors = [line for line in out.splitlines() if line.startswith("lmlab: error:")]
     assert len(errors) == 1 and "causal" in errors[0] and errors[0].rstrip().endswith(".")
     assert "Traceback" not in out
+
+
+def test_reference_scan_takes_the_sequential_path_with_a_double_backward():
+    """Inside ``reference_scan()`` the selective scan is the sequential reference (differentiable twice,
+    vmappable); outside it the chunked kernel (first-order backward only) again."""
+    from lmlab.models.scan import reference_scan, reference_scan_active, selective_scan, selective_scan_sequential
+
+    g = torch.Generator().manual_seed(0)
+    b, T, E, N = 2, 7, 3, 4
+    x, B, C = torch.randn(b, T, E, generator=g), torch.randn(b, T, N, generator=g), torch.randn(b, T, N, generator=g)
+    delta = torch.rand(b, T, E, generator=g) * 0.5
+    A = -torch.rand(E, N, generator=g).requires_grad_(True)
+    D = torch.randn(E, generator=g)
+    with reference_scan():
+        assert reference_scan_active()
+        y = selective_scan(x, delta, A, B, C, D)
+        (gA,) = torch.autograd.grad(y.pow(2).sum(), A, create_graph=True)
+        (hA,) = torch.autograd.grad(gA.sum(), A)  # a double backward
+    assert not reference_scan_active()
+    assert torch.isfinite(hA).all()
+    torch.testing.assert_close(y, selective_scan_sequential(x, delta, A, B, C, D))
+    assert selective_scan(x, delta, A, B, C, D).grad_fn.name().startswith("_ChunkedSelectiveScan")

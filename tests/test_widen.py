@@ -95,3 +95,28 @@ def test_widening_multiplies_the_head_trace_by_the_ratio():
     for k in (2, 3):
         wide = _head_trace(widen(small, k * small.d_model), ids, att, targets)
         assert wide == pytest.approx(k * base, rel=1e-6)
+
+
+def test_widening_a_fixed_head_size_model_gives_the_wide_models_shapes():
+    """``head_dim`` fixed: the widened model is exactly ``Transformer(d_model=128, head_dim=16)`` (untied)."""
+    torch.manual_seed(0)
+    small = Transformer(VOCAB, CAUSAL, d_model=32, head_dim=16, n_layers=2).eval()
+    assert small.n_heads == 2
+    wide = widen(small, 128)
+    ref = Transformer(VOCAB, CAUSAL, d_model=128, head_dim=16, n_layers=2, tie_embeddings=False)
+    assert wide.n_heads == ref.n_heads == 8
+    assert {n: p.shape for n, p in wide.named_parameters()} == {n: p.shape for n, p in ref.named_parameters()}
+    ids, att = _batch(CAUSAL)
+    with torch.no_grad():
+        torch.testing.assert_close(wide.logits(wide(ids, att)), small.logits(small(ids, att)), atol=1e-5, rtol=1e-5)
+
+
+def test_head_dim_sets_the_number_of_heads():
+    from lmlab.models.moe import MoETransformer
+
+    m = Transformer(VOCAB, CAUSAL, d_model=48, n_heads=4, head_dim=16)  # head_dim wins over n_heads
+    assert m.n_heads == 3 and m.blocks[0].attn.head_dim == 16
+    assert Transformer(VOCAB, CAUSAL, d_model=48, n_heads=4).n_heads == 4  # n_heads alone as before
+    assert MoETransformer(VOCAB, CAUSAL, d_model=32, head_dim=8, n_experts=2, top_k=1).n_heads == 4
+    with pytest.raises(UserError, match="head_dim"):
+        Transformer(VOCAB, CAUSAL, d_model=40, head_dim=16)

@@ -15,8 +15,8 @@ Variant implemented here:
   probability ``inside(S_i, 0, n)``, not weighted by ``P(S -> S_i)`` (the paper's code uses the inside
   probability, per the project's notes; not checked against that code here);
   ``task_b`` / ``task_c`` = argmax over all nonterminals (``S`` included, in the grammar's order) of
-  ``inside(A, 0, 4)`` / ``inside(A, 0, 2)``, and ``-1`` for sentences of 4 words or fewer (the paper's
-  tasks use sentences of length > 4; applied to task C too). A label is also ``-1`` if every candidate has inside
+  ``inside(A, 0, 4)`` / ``inside(A, 0, 2)``. Every task is ``-1`` for sentences of 4 words or fewer (the
+  paper's tasks use sentences of length > 4, task A included). A label is also ``-1`` if every candidate has inside
   probability zero. Ties go to the first nonterminal.
 * Exact optima: ``sequence_nll`` by the inside algorithm; ``single_mask_conditionals`` by
   inside-outside: the sentence probability Z is linear in each per-position emission vector
@@ -42,7 +42,7 @@ from datasets import Dataset, DatasetDict, Features, Sequence, Value
 from lmlab.data.grammar import GrammarShape, parse_grammar
 from lmlab.data.source import SPLITS, Source
 from lmlab.errors import UserError
-from lmlab.settings import NonNegative, Positive
+from lmlab.settings import NonNegative, Optional, Positive
 from lmlab.threads import one_thread
 from lmlab.vocab import BOS_ID, EOS_ID, N_SPECIAL, word_ids
 
@@ -66,14 +66,19 @@ class PCFGSource(Source):
     def __init__(self, grammar: str | None = None, grammar_seed: NonNegative = 0, seed: NonNegative = 0,
                  train_size: Positive = 20000,
                  validation_size: Positive = 500, test_size: NonNegative = 1000, downstream_size: NonNegative = 2000,
-                 **shape: Any) -> None:
+                 train_labels: Optional[NonNegative] = None, **shape: Any) -> None:
         """``grammar``: a rule file, or ``None`` to generate a grammar of ``shape`` (the fields of
         ``lmlab.data.grammar.GrammarShape``: levels, nonterminals_per_level, vocab_size, ...) from
-        ``grammar_seed``; ``seed`` draws the sentences; ``*_size``: sentences per split."""
+        ``grammar_seed``; ``seed`` draws the sentences; ``*_size``: sentences per split; ``train_labels``: label
+        only the first that many train sentences (the rest get -1; null: all), since only a training objective
+        that reads labels (the adversarial one) needs them and parsing a million sentences takes a while."""
         self.shape = GrammarShape(**shape)
+        labels = {} if train_labels is None else {"train_labels": int(train_labels)}  # unset: the same cache key
         super().__init__(grammar=None if grammar is None else str(grammar), **asdict(self.shape),
                          grammar_seed=grammar_seed, seed=seed, train_size=train_size,
-                         validation_size=validation_size, test_size=test_size, downstream_size=downstream_size)
+                         validation_size=validation_size, test_size=test_size, downstream_size=downstream_size,
+                         **labels)
+        self.train_labels = train_labels
         for split in SPLITS:
             size = self.config[f"{split}_size"]
             if not isinstance(size, int) or size < 0:
@@ -136,10 +141,14 @@ class PCFGSource(Source):
         """``n_sentences`` sentences as arrays of word indices (0-based, without special tokens)."""
         return self.grammar.sample(n_sentences, rng)
 
-    def labelled_split(self, n_sentences: int, rng: np.random.Generator) -> Dataset:
-        """``n_sentences`` sampled sentences as rows ``[BOS] w.. [EOS]`` with their task A/B/C labels."""
+    def labelled_split(self, n_sentences: int, rng: np.random.Generator, n_labelled: int | None = None) -> Dataset:
+        """``n_sentences`` sampled sentences as rows ``[BOS] w.. [EOS]`` with their task A/B/C labels (only the
+        first ``n_labelled``; the others -1)."""
         sentences = self.sample(n_sentences, rng)
-        labels = self.labels(sentences)
+        labels = self.labels(sentences[:n_labelled] if n_labelled is not None else sentences)
+        if n_labelled is not None:
+            labels = {t: np.concatenate([v, np.full(len(sentences) - len(v), -1, dtype=np.int64)])
+                      for t, v in labels.items()}
         return Dataset.from_dict({"input_ids": to_rows(sentences), **{t: v.tolist() for t, v in labels.items()}},
                                  features=FEATURES)
 
@@ -236,7 +245,7 @@ class PCFGSource(Source):
         with torch.no_grad(), one_thread():
             for idx, n, e, _ in self._batches(sentences):
                 chart, _, _ = self._inside(e)
-                if len(children):
+                if len(children) and n > 4:
                     out["task_a"][idx] = self._argmax_or_minus1(chart[n][:, 0, children])
                 if n > 4:
                     out["task_b"][idx] = self._argmax_or_minus1(chart[4][:, 0])
@@ -283,5 +292,6 @@ class PCFGSource(Source):
 
     def build(self) -> DatasetDict:
         seed = int(self.config["seed"])
-        return DatasetDict({split: self.labelled_split(self.config[f"{split}_size"], np.random.default_rng([seed, k]))
+        return DatasetDict({split: self.labelled_split(self.config[f"{split}_size"], np.random.default_rng([seed, k]),
+                                                       self.train_labels if split == "train" else None)
                             for k, split in enumerate(SPLITS)})

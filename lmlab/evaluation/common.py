@@ -24,7 +24,11 @@ class DownstreamEvaluator(Evaluator):
     def skip_reason(self, source, objective=None) -> str | None:
         if not getattr(source, "tasks", None) and self.task is None:
             return f"data {source.name} has no downstream labels"
-        resolve_task(source, self.task, self.name)  # raises on a task the data lacks
+        if isinstance(self.task, list):  # a list: the tasks of it that the data has, at least one
+            present = [t for t in self.task if t in (getattr(source, "tasks", None) or {})]
+            resolve_task(source, present[0] if present else self.task[0], self.name)
+        else:
+            resolve_task(source, self.task, self.name)  # raises on a task the data lacks
         return None
 
     def per_seed(self, module, datamodule) -> tuple[list, object]:
@@ -36,11 +40,11 @@ class DownstreamEvaluator(Evaluator):
         return [self._run(original, kind, train_rows, train_y, test_rows, test_y, n_classes, length, seed)
                 for seed in range(self.seeds)], test_y
 
-    def labelled_splits(self, datamodule):
+    def labelled_splits(self, datamodule, task: str | None = None):
         """``(task, train_rows, train_y, test_rows, test_y, n_classes, length)``: the labelled rows of the
-        ``downstream`` split (to train on) and of the ``test`` split (to score), the number of classes and
-        the longest row."""
-        task, n_classes = resolve_task(datamodule.source, self.task, self.name)
+        ``downstream`` split (to train on) and of the ``test`` split (to score) for ``task`` (default
+        ``self.task``), the number of classes and the longest row."""
+        task, n_classes = resolve_task(datamodule.source, task or self.task, self.name)
         train_rows, train_y = labelled_rows(datamodule.splits["downstream"], task, self.max_train)
         test_rows, test_y = labelled_rows(datamodule.splits["test"], task, self.max_test)
         check_nonempty(train_rows, "downstream", task, self.name)

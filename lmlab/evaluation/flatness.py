@@ -37,10 +37,35 @@ the number of parameters.
 (``lmlab.models.widen``: tile the weights, divide by the width ratio; the copy is always untied), so that
 the traces of models of different sizes are measured in the same parameterisation.
 
-Returns ``flatness/trace`` (the mean estimate), ``flatness/trace_se`` (its standard error: over the batch
-means when ``batches >= 2``, which includes the batch-to-batch noise; over the probes of the single batch
-otherwise; for ``fisher``, over the per-example estimates), ``flatness/samples`` (number of probe or
-example estimates) and ``flatness/params`` (number of counted parameters).
+``estimator`` may also be a list (``[fisher, hutchinson]``): every estimator runs on the same batches and
+parameters, the first is the primary.
+
+``blocks`` (a regular expression over parameter names, default ``blocks\\.``; null = off): a second trace
+over the counted parameters it matches, ``tr(H_BB)`` of the diagonal block of those parameters, read off the
+*same* samples (no second pass). Fisher: each example's squared gradient norm is a sum over parameters, and
+the block trace is its partial sum over the block parameters. Hutchinson: for a probe ``v = (v_A, v_B)`` over
+all counted parameters, ``E[v_B . (Hv)_B] = E[v_B^T H_BB v_B] + E[v_B^T H_BA v_A] = tr(H_BB)`` (the cross term
+has mean 0: ``v_A`` and ``v_B`` are independent and zero-mean), so the block sample is the probe's
+``v . Hv`` summed over the block parameters only (a noisier estimate than a probe over the block alone, but
+free). A pattern that matches no counted parameter gives a block of 0 parameters and a block trace of 0.
+
+Speed: Fisher's per-example gradients are reduced to per-parameter squared norms inside the vmap,
+``chunk_size`` examples at a time (memory holds one chunk of per-example gradients). A model whose forward
+branches on the data (MoE routing, HAT's word split) cannot be vmapped: there the examples run one at a
+time (same numbers, slower). Hutchinson's probes run one double backward each (about twice a forward and
+backward; batching the probes was no faster on a CPU). Fused scan kernels without a double backward or a
+vmap rule (Mamba's chunked selective scan, the CUDA/Triton kernels) are replaced by their plain-PyTorch
+references during the evaluation (``lmlab.models.scan.reference_scan``). With a fixed ``seed`` the results
+repeat exactly on one device.
+
+Returns ``flatness/{e}/trace`` (the mean estimate), ``flatness/{e}/trace_se`` (its standard error: over the
+batch means when ``batches >= 2``, which includes the batch-to-batch noise; over the probes of the single
+batch otherwise; for ``fisher``, over the per-example estimates), ``flatness/{e}/samples`` (number of probe
+or example estimates) and, with ``blocks``, ``flatness/{e}/blocks_trace`` and ``flatness/{e}/blocks_trace_se``
+(the same statistics of the block samples) for every estimator ``e``; the primary's values again as
+``flatness/trace``, ``flatness/trace_se``, ``flatness/samples`` (and ``flatness/blocks_trace``,
+``flatness/blocks_trace_se``); ``flatness/params`` (number of counted parameters) and, with ``blocks``,
+``flatness/blocks_params``.
 """
 
 from __future__ import annotations
@@ -59,6 +84,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 from lmlab.attention import Attention
 from lmlab.errors import UserError
 from lmlab.evaluation.base import Evaluator
+from lmlab.models.scan import reference_scan
 from lmlab.readout import model_device, pad_rows
 from lmlab.threads import one_thread
 
@@ -81,26 +107,48 @@ def probe_vector(like: torch.Tensor, distribution: str, generator: torch.Generat
     return v.to(like.device)
 
 
-def hutchinson_samples(loss: torch.Tensor, params: Sequence[torch.Tensor], probes: int, distribution: str,
-                       generator: torch.Generator) -> list[float]:
-    """``probes`` samples of ``v^T H v`` for the Hessian of the scalar ``loss`` w.r.t. ``params`` (its graph
-    must still be alive), Hv by double backprop."""
+def hutchinson_terms(loss: torch.Tensor, params: Sequence[torch.Tensor], probes: int, distribution: str,
+                     generator: torch.Generator) -> torch.Tensor:
+    """(probes, len(params)) float64: entry [i, j] is ``v_j . (Hv)_j`` for probe i and parameter j, for the
+    Hessian of the scalar ``loss`` w.r.t. ``params`` (its graph must still be alive); a row sums to
+    ``v^T H v``. Hv by double backprop, one probe at a time (batching the probes through
+    ``is_grads_batched`` or forward-over-reverse ``jvp`` measured no faster on a CPU)."""
     grads = torch.autograd.grad(loss, params, create_graph=True)
-    out = []
+    out = torch.empty(probes, len(params), dtype=torch.float64)
     for i in range(probes):
         vs = [probe_vector(p, distribution, generator) for p in params]
         hv = torch.autograd.grad(grads, params, grad_outputs=vs, retain_graph=i < probes - 1)
-        out.append(float(sum((v * h).sum() for v, h in zip(vs, hv))))
+        out[i] = torch.stack([(v * h).sum(dtype=torch.float64) for v, h in zip(vs, hv)]).cpu()
     return out
+
+
+def hutchinson_samples(loss: torch.Tensor, params: Sequence[torch.Tensor], probes: int, distribution: str,
+                       generator: torch.Generator) -> list[float]:
+    """``probes`` samples of ``v^T H v`` (``hutchinson_terms`` summed over the parameters)."""
+    return hutchinson_terms(loss, params, probes, distribution, generator).sum(1).tolist()
+
+
+def per_example_sq_grads(fn: Callable, params: dict[str, torch.Tensor], inputs: Sequence[torch.Tensor],
+                         chunk_size: int | None = None) -> dict[str, torch.Tensor]:
+    """Name -> (examples,) ``||grad_param fn(params, *example)||^2`` for every example (the first axis of each
+    of ``inputs``), vectorised: ``vmap`` over the examples of ``grad(fn)`` reduced to squared norms (so only
+    ``chunk_size`` examples' gradients are held at once), ``params`` shared. ``fn`` returns a scalar. If the
+    model cannot be vmapped (its forward branches on the data), one ``grad`` per example."""
+
+    def sq(ps, *example):
+        return {n: g.pow(2).sum() for n, g in grad(fn)(ps, *example).items()}
+
+    try:
+        return vmap(sq, in_dims=(None,) + (0,) * len(inputs), chunk_size=chunk_size)(params, *inputs)
+    except RuntimeError:
+        rows = [sq(params, *(x[i] for x in inputs)) for i in range(len(inputs[0]))]
+        return {n: torch.stack([r[n] for r in rows]) for n in params}
 
 
 def per_example_sq_grad_norms(fn: Callable, params: dict[str, torch.Tensor], inputs: Sequence[torch.Tensor],
                               chunk_size: int | None = None) -> torch.Tensor:
-    """``||grad_params fn(params, *example)||^2`` for every example (the first axis of each of ``inputs``),
-    vectorised: ``vmap(grad(fn))`` over the examples, ``params`` shared. ``fn`` returns a scalar."""
-    dims = (None,) + (0,) * len(inputs)
-    grads = vmap(grad(fn), in_dims=dims, chunk_size=chunk_size)(params, *inputs)
-    return sum(g.reshape(g.shape[0], -1).pow(2).sum(1) for g in grads.values())
+    """``||grad_params fn(params, *example)||^2`` for every example (``per_example_sq_grads`` summed)."""
+    return sum(per_example_sq_grads(fn, params, inputs, chunk_size).values())
 
 
 def mean_and_se(values) -> tuple[float, float]:
@@ -161,22 +209,39 @@ class _PositionLogProb(nn.Module):
 class Flatness(Evaluator):
     name = "flatness"
 
-    def __init__(self, estimator: str = "hutchinson", probes: int = 10, distribution: str = "rademacher",
-                 batches: int = 4, batch_size: int = 64, examples: int = 256, params: str = "all",
-                 reduction: str = "mean", embed_width: int | None = None, split: str = "validation",
-                 seed: int = 0, chunk_size: int = 64) -> None:
-        for key, value, allowed in (("estimator", estimator, ESTIMATORS), ("distribution", distribution,
-                                    DISTRIBUTIONS), ("reduction", reduction, REDUCTIONS)):
-            if value not in allowed:
-                raise UserError(f"unknown eval.flatness.{key}={value!r}: choose one of {', '.join(allowed)}.")
+    def __init__(self, estimator: str | Sequence[str] = "hutchinson", probes: int = 10,
+                 distribution: str = "rademacher", batches: int = 4, batch_size: int = 64, examples: int = 256,
+                 params: str = "all", blocks: str | None = "blocks\\.", reduction: str = "mean",
+                 embed_width: int | None = None, split: str = "validation", seed: int = 0,
+                 chunk_size: int = 64) -> None:
+        estimators = [estimator] if isinstance(estimator, str) else [str(e) for e in estimator]
+        if not estimators or len(set(estimators)) < len(estimators):
+            raise UserError(f"eval.flatness.estimator={estimator!r} must name each estimator once: give one or "
+                            f"a list of {', '.join(ESTIMATORS)}.")
+        for key, values, allowed in (("estimator", estimators, ESTIMATORS), ("distribution", [distribution],
+                                     DISTRIBUTIONS), ("reduction", [reduction], REDUCTIONS)):
+            for value in values:
+                if value not in allowed:
+                    raise UserError(f"unknown eval.flatness.{key}={value!r}: choose one of {', '.join(allowed)}.")
         for key, value in (("probes", probes), ("batches", batches), ("batch_size", batch_size),
                            ("examples", examples), ("chunk_size", chunk_size)):
             if int(value) < 1:
                 raise UserError(f"eval.flatness.{key} must be at least 1, got {value}: raise it.")
-        self.estimator, self.probes, self.distribution = estimator, int(probes), distribution
+        if blocks is not None:
+            try:
+                re.compile(blocks)
+            except re.error as e:
+                raise UserError(f"eval.flatness.blocks={blocks!r} is not a valid regular expression ({e}): fix "
+                                "it or set it to null.") from None
+        self.estimators, self.probes, self.distribution = estimators, int(probes), distribution
         self.batches, self.batch_size, self.examples = int(batches), int(batch_size), int(examples)
-        self.params, self.reduction, self.embed_width = params, reduction, embed_width
+        self.params, self.blocks, self.reduction, self.embed_width = params, blocks, reduction, embed_width
         self.split, self.seed, self.chunk_size = split, int(seed), int(chunk_size)
+
+    @property
+    def estimator(self) -> str:
+        """The primary estimator."""
+        return self.estimators[0]
 
     def _prepared_batches(self, objective, split) -> list:
         """The objective's prepared batches of consecutive rows of ``split``, seeds ``seed + b``."""
@@ -214,32 +279,51 @@ class Flatness(Evaluator):
             model = widen(model, int(self.embed_width))
         device = model_device(model)
         model.eval()
+        results = {}
         try:
             with one_thread(device.type == "cpu"):
                 prepared = [_to(p, device) for p in self._prepared_batches(objective, datamodule.splits[self.split])]
                 params = select_parameters(model, self.params)
-                with torch.enable_grad(), sdpa_kernel(SDPBackend.MATH):
-                    if self.estimator == "hutchinson":
-                        trace, se, n = self._hutchinson(model, prepared, list(params.values()))
-                    else:
-                        trace, se, n = self._fisher(model, objective.attention, prepared, params)
+                pattern = re.compile(self.blocks) if self.blocks is not None else None
+                in_block = {id(p): pattern is not None and bool(pattern.search(n)) for n, p in params.items()}
+                with torch.enable_grad(), sdpa_kernel(SDPBackend.MATH), reference_scan():
+                    for e in self.estimators:
+                        if e == "hutchinson":
+                            results[e] = self._hutchinson(model, prepared, list(params.values()), in_block)
+                        else:
+                            results[e] = self._fisher(model, objective.attention, prepared, params, in_block)
         finally:
             module.model.train(was_training)
-        return {f"{self.name}/trace": trace, f"{self.name}/trace_se": se, f"{self.name}/samples": float(n),
-                f"{self.name}/params": float(sum(p.numel() for p in params.values()))}
+        out = {}
+        for prefix, e in [(f"{e}/", e) for e in self.estimators] + [("", self.estimator)]:  # primary: again
+            out.update({f"{self.name}/{prefix}{k}": v for k, v in results[e].items()
+                        if pattern is not None or "blocks" not in k})
+        out[f"{self.name}/params"] = float(sum(p.numel() for p in params.values()))
+        if pattern is not None:
+            out[f"{self.name}/blocks_params"] = float(sum(p.numel() for p in params.values() if in_block[id(p)]))
+        return out
 
-    def _hutchinson(self, model, prepared, params) -> tuple[float, float, int]:
+    def _hutchinson(self, model, prepared, params, in_block: dict[int, bool]) -> dict[str, float]:
         g = torch.Generator().manual_seed(self.seed)
-        per_batch = []
+        block = torch.tensor([in_block[id(p)] for p in params])
+        totals, blocks = [], []  # per batch: (probes,) samples
         for p in prepared:
-            per_batch.append(hutchinson_samples(self._loss(model, p), params, self.probes, self.distribution, g))
-        if len(per_batch) > 1:
-            trace, se = mean_and_se([np.mean(s) for s in per_batch])
-        else:
-            trace, se = mean_and_se(per_batch[0])
-        return trace, se, sum(len(s) for s in per_batch)
+            terms = hutchinson_terms(self._loss(model, p), params, self.probes, self.distribution, g)
+            totals.append(terms.sum(1).numpy())
+            blocks.append(terms[:, block].sum(1).numpy())
 
-    def _fisher(self, model, kind: str, prepared, params: dict[str, torch.Tensor]) -> tuple[float, float, int]:
+        def stats(per_batch):
+            if len(per_batch) > 1:
+                return mean_and_se([np.mean(s) for s in per_batch])
+            return mean_and_se(per_batch[0])
+
+        trace, se = stats(totals)
+        blocks_trace, blocks_se = stats(blocks)
+        return {"trace": trace, "trace_se": se, "samples": float(sum(len(s) for s in totals)),
+                "blocks_trace": blocks_trace, "blocks_trace_se": blocks_se}
+
+    def _fisher(self, model, kind: str, prepared, params: dict[str, torch.Tensor],
+                in_block: dict[int, bool]) -> dict[str, float]:
         # the examples: loss positions of the prepared batches, in order, up to ``examples``
         ids, pads, prefixes, selects, rows_seen, positions_seen = [], [], [], [], 0, 0
         length = max(p.inputs.shape[1] for p in prepared)
@@ -277,15 +361,20 @@ class Flatness(Evaluator):
 
         names = {id(p): n for n, p in wrapper.named_parameters()}
         counted = {names[id(p)]: p.detach() for p in params.values()}
+        block_names = [names[id(p)] for p in params.values() if in_block[id(p)]]
         frozen = {n: p.detach() for n, p in wrapper.named_parameters() if n not in counted}
 
         def fn(counted_params, *example):
             return functional_call(wrapper, (counted_params, frozen), example)
 
-        sq = per_example_sq_grad_norms(fn, counted, (ids, pads, prefixes, select, labels), self.chunk_size)
+        sq = per_example_sq_grads(fn, counted, (ids, pads, prefixes, select, labels), self.chunk_size)
         scale = positions_seen / rows_seen if self.reduction == "sum" else 1.0
-        trace, se = mean_and_se((sq.double() * scale).cpu().numpy())
-        return trace, se, len(sq)
+        total = sum(v.double() for v in sq.values()) * scale
+        block = sum((sq[n].double() for n in block_names), torch.zeros_like(total)) * scale
+        trace, se = mean_and_se(total.cpu().numpy())
+        blocks_trace, blocks_se = mean_and_se(block.cpu().numpy())
+        return {"trace": trace, "trace_se": se, "samples": float(len(total)), "blocks_trace": blocks_trace,
+                "blocks_trace_se": blocks_se}
 
 
 def _pad_to(x: torch.Tensor, length: int) -> torch.Tensor:

@@ -8,6 +8,12 @@ once and standardised with the training rows' mean and std. For each seed a line
 init and batch order) is trained with AdamW on minibatches of ``batch_size`` rows for ``epochs``
 epochs. Rows whose label is -1 are dropped.
 
+``task``: one task (default: the data's first) or a list of tasks, of which those the data has are probed (at
+least one must be; so one list can name the tasks of several sources, e.g. ``[task_b, task_z]`` for the PCFG and
+the HMM). Every task is probed on its own labelled rows; the first one's metrics carry the keys below, and with a
+list every task's also carry its name,
+``probe/<task>/acc``, ``probe/<task>/acc_ci95``, ``probe/<task>/lookup_acc`` (and ``probe/<task>/proj_acc``).
+
 Returns ``probe/acc`` (mean test accuracy over seeds), ``probe/acc_std`` (sample std over seeds),
 ``probe/acc_ci95`` (half-width of the 95% t-interval over seeds; 0 for one seed) and ``probe/chance``
 (majority-class rate on test). The interval covers the head's optimisation noise only: the backbone
@@ -29,6 +35,11 @@ Calibration (``ece=true``): ``probe/ece`` is the expected calibration error (Guo
 predictions (confidence: the softmax probability of the predicted class), averaged over seeds, and
 ``probe/lookup_ece`` the same for the lookup-table probe, the reference a probe of the exact conditionals
 reaches. Computing it reads the trained heads only, so every other number is unchanged.
+
+Fixed random projection (``project: <dims>``): the probe is also trained on the standardised features
+multiplied by one fixed Gaussian matrix (``dims`` x feature width, entries N(0, 1/dims), drawn from seed 0 of
+its own generator, so the same for every model of the same feature width). Models of different widths are then
+probed through features of one width: ``probe/proj_acc`` (``probe/<task>/proj_acc``).
 """
 
 from __future__ import annotations
@@ -76,11 +87,17 @@ def lookup_features(source, rows: list[list[int]], pooling: str, length: int) ->
 class Probe(DownstreamEvaluator):
     name = "probe"
 
-    def __init__(self, task: str | None = None, pooling: str = "mean", seeds: int = 3,
+    def __init__(self, task: str | list[str] | None = None, pooling: str = "mean", seeds: int = 3,
                  epochs: int = 50, lr: float = 1e-2, weight_decay: float = 0.0, batch_size: int = 256,
                  max_train: int | None = None, max_test: int | None = None,
-                 encode_batch_size: int = 256, lookup: bool = True, ece: bool = False) -> None:
-        self.task, self.pooling, self.seeds, self.epochs = task, pooling, seeds, epochs
+                 encode_batch_size: int = 256, lookup: bool = True, ece: bool = False,
+                 project: int | None = None) -> None:
+        if project is not None and int(project) < 1:
+            raise UserError(f"eval.probe.project must be a positive number of dimensions or null, got {project}: "
+                            "set it to e.g. 512, or null for no projection.")
+        self.task = task if task is None or isinstance(task, str) else [str(t) for t in task]
+        self.pooling, self.seeds, self.epochs = pooling, seeds, epochs
+        self.project = None if project is None else int(project)
         self.lr, self.weight_decay, self.batch_size = lr, weight_decay, batch_size
         self.max_train, self.max_test = max_train, max_test
         self.encode_batch_size = encode_batch_size
@@ -95,8 +112,21 @@ class Probe(DownstreamEvaluator):
         return torch.cat(parts)
 
     def __call__(self, module, datamodule, run_dir=None) -> dict[str, float]:
+        if not isinstance(self.task, list):
+            return self._probe(module, datamodule, self.task)
+        out: dict[str, float] = {}
+        present = [t for t in self.task if t in (getattr(datamodule.source, "tasks", None) or {})]
+        for i, task in enumerate(present or self.task[:1]):  # none present: the first raises, naming the fix
+            metrics = self._probe(module, datamodule, task)
+            if i == 0:
+                out.update(metrics)
+            out.update({f"{self.name}/{task}/{k.split('/', 1)[1]}": v for k, v in metrics.items()
+                        if k.split("/", 1)[1] in ("acc", "acc_ci95", "lookup_acc", "proj_acc")})
+        return out
+
+    def _probe(self, module, datamodule, task: str | None) -> dict[str, float]:
         model, kind = module.model, module.objective.attention
-        task, train_rows, train_y, test_rows, test_y, n_classes, length = self.labelled_splits(datamodule)
+        task, train_rows, train_y, test_rows, test_y, n_classes, length = self.labelled_splits(datamodule, task)
 
         was_training = model.training
         model.eval()
@@ -110,6 +140,9 @@ class Probe(DownstreamEvaluator):
         out = summarize(self.name, accs, test_y)
         if self.ece:
             out[f"{self.name}/ece"] = float(np.mean(eces))
+        if self.project is not None:
+            accs, _ = self._accuracies(x_train, train_y, x_test, test_y, n_classes, device, project=self.project)
+            out[f"{self.name}/proj_acc"] = float(np.mean(accs))
         if self.lookup:
             key = (id(datamodule.source), task, len(train_rows), len(test_rows), length)
             if key not in self._lookup_cache:
@@ -133,12 +166,17 @@ class Probe(DownstreamEvaluator):
             out[f"{self.name}/lookup_ece"] = float(np.mean(eces))
         return out
 
-    def _accuracies(self, x_train, train_y, x_test, test_y, n_classes, device) -> tuple[list[float], list[float]]:
-        """Standardise with the training rows' statistics, then one head per seed: test accuracies and
-        expected calibration errors."""
+    def _accuracies(self, x_train, train_y, x_test, test_y, n_classes, device,
+                    project: int | None = None) -> tuple[list[float], list[float]]:
+        """Standardise with the training rows' statistics (then, with ``project``, multiply by the fixed random
+        projection), then one head per seed: test accuracies and expected calibration errors."""
         mean, std = x_train.mean(0), x_train.std(0, unbiased=False)
         std = torch.where(std > 1e-6, std, torch.ones_like(std))  # constant features (e.g. padding) stay
         x_train, x_test = ((x_train - mean) / std).to(device), ((x_test - mean) / std).to(device)
+        if project is not None:
+            g = torch.Generator().manual_seed(0)
+            matrix = (torch.randn(x_train.shape[1], project, generator=g) / math.sqrt(project)).to(device)
+            x_train, x_test = x_train @ matrix, x_test @ matrix
         y_train = torch.as_tensor(train_y, device=device)
         y_test = torch.as_tensor(test_y, device=device)
 

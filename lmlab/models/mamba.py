@@ -71,7 +71,7 @@ class MambaMixer(nn.Module):
         dbc = self.x_proj(u)
         dlow, B, C = dbc.split([self.dt_rank, self.d_state, self.d_state], dim=-1)
         delta = F.softplus(self.dt_proj(dlow))
-        return delta, B, C, -torch.exp(self.A_log.float())
+        return delta, B, C, -torch.exp(self.A_log.to(torch.promote_types(self.A_log.dtype, torch.float32)))
 
     def forward(self, x: torch.Tensor, padding: torch.Tensor | None = None) -> torch.Tensor:
         u, z = self.in_proj(x).chunk(2, dim=-1)

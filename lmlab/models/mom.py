@@ -46,7 +46,12 @@ from lmlab.attention import CAUSAL, Attention
 from lmlab.errors import UserError
 from lmlab.models.layers import CausalDepthwiseConv1d, GatedRMSNorm, NormKind, short_conv
 from lmlab.models.mamba import MixerBackbone
-from lmlab.models.scan import chunk_gated_delta_rule, fla_chunk_gated_delta_rule, gated_delta_rule
+from lmlab.models.scan import (
+    chunk_gated_delta_rule,
+    fla_chunk_gated_delta_rule,
+    gated_delta_rule,
+    reference_scan_active,
+)
 from lmlab.settings import Positive
 
 IMPLS = ("auto", "chunked", "recurrent")
@@ -55,10 +60,10 @@ IMPLS = ("auto", "chunked", "recurrent")
 def _run_memories(q, k, v, beta, g, impl="recurrent"):
     """All memories over the full sequence. q: (b, T, H, dk); k: (b, T, Mt, H, dk); v: (b, T, Mt, H, dv);
     beta, g: (b, T, Mt, H) -> (b, T, Mt, H, dv). ``impl``: auto (the FLA kernel on CUDA when installed,
-    else chunked), chunked or recurrent."""
+    else chunked; chunked inside ``reference_scan()``), chunked or recurrent."""
     b, T, Mt, H, dk = k.shape
     dv = v.shape[-1]
-    if impl == "auto" and q.is_cuda and fla_chunk_gated_delta_rule is not None:
+    if impl == "auto" and q.is_cuda and fla_chunk_gated_delta_rule is not None and not reference_scan_active():
         fold = lambda t: t.permute(0, 2, 1, 3, 4).reshape(b * Mt, T, H, -1)  # noqa: E731
         qq = q[:, :, None].expand(b, T, Mt, H, dk)
         o, _ = fla_chunk_gated_delta_rule(fold(qq), fold(k), fold(v), fold(g[..., None])[..., 0],

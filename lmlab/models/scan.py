@@ -19,11 +19,19 @@ kernels' inputs from their projections; everything here is a pure function of te
   ``fft_causal_conv`` (through the FFT, O(T log T)).
 
 The fused kernels are optional and never required: every kernel has a plain-PyTorch path on every device.
+
+``reference_scan()`` (a context manager) makes the dispatchers take paths that autograd can differentiate
+twice and ``torch.func`` can ``vmap`` (``eval=flatness`` enters it): ``selective_scan`` runs
+``selective_scan_sequential`` (the chunked scan's hand-written backward is first-order only and has no vmap
+rule), and ``ssd`` and MoM's memories skip the fused CUDA/Triton kernels for their plain-PyTorch forms.
 """
 
 from __future__ import annotations
 
 import math
+from collections.abc import Iterator
+from contextlib import contextmanager
+from contextvars import ContextVar
 
 import torch
 import torch.nn.functional as F
@@ -42,6 +50,24 @@ except Exception:  # noqa: BLE001
     fla_chunk_gated_delta_rule = None
 
 IMPLS = ("auto", "chunked", "sequential")  # the ``impl`` values of ``selective_scan`` and ``ssd``
+
+_REFERENCE = ContextVar("lmlab_reference_scan", default=False)
+
+
+@contextmanager
+def reference_scan() -> Iterator[None]:
+    """Within: every scan dispatcher here takes a plain-PyTorch path (twice differentiable, vmappable); see
+    the module docstring."""
+    token = _REFERENCE.set(True)
+    try:
+        yield
+    finally:
+        _REFERENCE.reset(token)
+
+
+def reference_scan_active() -> bool:
+    """Whether the caller is inside ``reference_scan()``."""
+    return _REFERENCE.get()
 
 
 # ----- Mamba: the selective scan -----
@@ -148,15 +174,17 @@ class _ChunkedSelectiveScan(torch.autograd.Function):
 
 def selective_scan(x, delta, A, B, C, D, impl: str = "auto", chunk: int | None = None):
     """``y`` (batch, T, E) of the selective scan (shapes as ``selective_scan_sequential``), zero initial
-    state, by ``impl`` (auto, chunked or sequential)."""
-    if impl == "sequential":
+    state, by ``impl`` (auto, chunked or sequential; always sequential inside ``reference_scan()``). The
+    chunked scan computes in fp32 at least (fp64 stays fp64)."""
+    if impl == "sequential" or reference_scan_active():
         return selective_scan_sequential(x, delta, A, B, C, D)
     if impl == "auto" and x.is_cuda and _cuda_selective_scan is not None:
         return _cuda_selective_scan(x.transpose(1, 2).contiguous(), delta.transpose(1, 2).contiguous(), A,
                                     B.transpose(1, 2).contiguous(), C.transpose(1, 2).contiguous(),
                                     D.float()).transpose(1, 2)
     dtype = x.dtype
-    y = _ChunkedSelectiveScan.apply(x.float(), delta.float(), A.float(), B.float(), C.float(), D.float(), chunk)
+    ct = torch.promote_types(dtype, torch.float32)
+    y = _ChunkedSelectiveScan.apply(*(t.to(ct) for t in (x, delta, A, B, C, D)), chunk)
     return y.to(dtype)
 
 
@@ -236,10 +264,10 @@ _ssd_outside_graph = torch.compiler.disable(ssd_chunked)
 def ssd(x, dt, A, B, C, D, impl: str = "auto", chunk: int = 64):
     """``y`` of SSD (shapes as ``ssd_sequential``), zero initial state, by ``impl``: sequential, chunked
     (computed in fp32, returned in x's dtype), or auto (the ``mamba_ssm`` Triton kernel on CUDA when installed,
-    else chunked)."""
+    else chunked; chunked inside ``reference_scan()``)."""
     if impl == "sequential":
         return ssd_sequential(x, dt, A, B, C, D)
-    if impl == "auto" and x.is_cuda and _cuda_ssd is not None:
+    if impl == "auto" and x.is_cuda and _cuda_ssd is not None and not reference_scan_active():
         return _cuda_ssd(x, dt, A, B, C, chunk, D=D)
     dtype = x.dtype
     y = _ssd_outside_graph(x.float(), dt.float(), A, B.float(), C.float(), D.float(), chunk)

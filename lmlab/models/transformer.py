@@ -8,7 +8,7 @@ same weights can run as a causal LM (GPT), a masked LM (BERT) or a prefix LM (T5
 from __future__ import annotations
 
 import math
-from typing import Callable
+from typing import Callable, Optional
 
 import torch
 import torch.nn.functional as F
@@ -73,7 +73,9 @@ class Transformer(Backbone):
     """Pre-LN Transformer backbone.
 
     Args: ``vocab_size`` and ``attention`` (the objective's pattern) come from the pipeline;
-    ``d_model``, ``n_layers``, ``n_heads``, ``d_ff`` (default ``4 * d_model``), ``norm`` (rmsnorm or
+    ``d_model``, ``n_layers``, ``n_heads``, ``head_dim`` (if set, the heads' size: ``n_heads = d_model //
+    head_dim``, so the head size stays fixed when the width changes; it wins over ``n_heads`` when both are
+    given), ``d_ff`` (default ``4 * d_model``), ``norm`` (rmsnorm or
     layernorm), ``positions`` (rotary or learned; learned positions cover ``max_len`` tokens),
     ``mlp`` (gelu or swiglu), ``dropout`` (attention, residual and embedding dropout),
     ``tie_embeddings`` (the LM head reuses the token embedding), ``activation_checkpointing``
@@ -87,11 +89,17 @@ class Transformer(Backbone):
     supported_attention = (CAUSAL, BIDIRECTIONAL, PREFIX)
 
     def __init__(self, vocab_size: int, attention: str = CAUSAL, d_model: Positive = 64, n_layers: Positive = 2,
-                 n_heads: Positive = 4, d_ff: int | None = None, norm: NormKind = "rmsnorm",
+                 n_heads: Positive = 4, head_dim: Optional[Positive] = None, d_ff: int | None = None,
+                 norm: NormKind = "rmsnorm",
                  positions: str = "rotary", max_len: Positive = 512, dropout: Fraction = 0.0,
                  tie_embeddings: bool = True, activation_checkpointing: bool = False,
                  mlp: MLPKind = "gelu", ffn_factory: Callable[[int], nn.Module] | None = None) -> None:
         super().__init__(vocab_size, d_model, attention, activation_checkpointing)
+        if head_dim is not None:
+            if d_model % head_dim:
+                raise UserError(f"d_model={d_model} is not a multiple of head_dim={head_dim}: change one of them "
+                                "(or set head_dim to null and use n_heads).")
+            n_heads = d_model // head_dim
         if d_model % n_heads:
             raise UserError(f"d_model={d_model} is not a multiple of n_heads={n_heads}: change one "
                             "of them.")

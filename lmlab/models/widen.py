@@ -13,7 +13,8 @@ whose residual stream is the original one tiled ``k`` times, ``x' = [x, x, .., x
 * every linear layer whose input is a tiled vector (attention ``qkv`` and ``out``, MLP ``up``/``gate``/
   ``down``, the LM head): the weight tiled along both axes (only along the input axis for the LM head) and
   divided by ``k``, since the tiled input sums ``k`` copies of every term;
-* attention heads: ``n_heads' = k * n_heads`` with the same ``head_dim``; the query/key/value of head
+* attention heads: ``n_heads' = k * n_heads`` with the same ``head_dim`` (so a model built with ``head_dim``
+  widens to exactly the shapes of ``Transformer(d_model=d_model, head_dim=head_dim)``); the query/key/value of head
   ``j' `` is that of head ``j' mod n_heads`` (the ``qkv`` layout tiles each of q, k and v), so the
   scores, the 1/sqrt(head_dim) scale and rotary positions are unchanged and the concatenated heads are
   the original output tiled;

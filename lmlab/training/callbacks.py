@@ -82,6 +82,10 @@ class EvaluateEvery(L.Callback):
         if trainer.logger:
             trainer.logger.log_metrics({f"along/{k}": v for k, v in metrics.items()}, step=step)
 
+    def on_train_start(self, trainer, pl_module) -> None:
+        if trainer.global_step % self.every == 0:  # step 0: the starting point (a parent's weights, say)
+            self.evaluate(trainer, pl_module)
+
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
         if trainer.global_step % self.every == 0:
             self.evaluate(trainer, pl_module)

@@ -1,0 +1,244 @@
+"""``lmlab.report.paper`` on hand-made run directories (results.json + .hydra files): matched loss as an equivalence
+test, the gap-adjusted estimate, Holm over the claimed rows, which runs count (tolerance, plateau, the parent of a
+phase-2 run), the continue effect over the first and last k evaluations, the size pairing, missing metrics, the
+report.json rows, and the stability of the verdicts across two reruns (also through ``lmlab report --compare``)."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from lmlab.report.paper import (
+    BLOCKS,
+    CONFOUNDED,
+    GAP,
+    INCONCLUSIVE,
+    MISSING,
+    NOT_REPRODUCED,
+    REPRODUCED,
+    TRACE,
+    Settings,
+    acc_key,
+    analyse,
+    compare_rows,
+    lookup_key,
+    proj_key,
+    write_report,
+)
+from lmlab.stats import holm, ols
+
+PCFG = {"_target_": "lmlab.data.pcfg.PCFGSource", "grammar": "/g/rules.txt"}
+HMM = {"_target_": "lmlab.data.hmm.HMMSource", "label_position": 10}
+ADV = {"_target_": "lmlab.objectives.adversarial.AdversarialMLM", "lam": 0.5}
+MLM = {"_target_": "lmlab.objectives.adversarial.AdversarialMLM", "lam": 0.0}
+
+
+def write_job(sweep: Path, job: str, claim: str, seed: int, metrics: dict, history=(), data=PCFG, d_model=64,
+              objective=MLM, parent: Path | None = None, done: bool = True) -> Path:
+    run = sweep / job
+    (run / ".hydra").mkdir(parents=True)
+    (run / ".hydra" / "overrides.yaml").write_text(f"- seed={seed}\n- model.d_model={d_model}\n")
+    (run / ".hydra" / "config.yaml").write_text(f"name: same_loss/{claim}\n")
+    cfg = {"name": f"same_loss/{claim}", "seed": seed, "data": data, "model": {"d_model": d_model},
+           "objective": objective, "optim": {"_target_": "torch.optim.AdamW"},
+           "init_from": {"run": str(parent) if parent else None}}
+    (run / "results.json").write_text(json.dumps({"config": cfg, "metrics": metrics, "history": list(history),
+                                                   "status": "done" if done else "interrupted"}))
+    if done:
+        (run / "DONE").write_text("now\n")
+    return run
+
+
+def _algorithm(root: Path, adv_gap_shift: float, seeds=range(4), acc_gain=0.08, task_b_gain=0.05):
+    """AdamW vs adversarial on the PCFG: AdamW better by ``acc_gain`` on task A and flatter by 5."""
+    sweep = root / "algorithm"
+    rng = np.random.default_rng(0)
+    for s in seeds:
+        e = 0.004 * rng.standard_normal(3)
+        base = {GAP: 0.02 + 0.0005 * s, acc_key("task_a"): 0.80 + e[0], acc_key("task_b"): 0.45 + e[1],
+                lookup_key("task_a"): 0.70, lookup_key("task_b"): 0.40, TRACE: 5.0 + 0.1 * s, BLOCKS: 3.0}
+        write_job(sweep, f"adamw-{s}", "algorithm", s, base)
+        adv = {GAP: base[GAP] + adv_gap_shift + 0.0002 * s, acc_key("task_a"): 0.80 - acc_gain + e[2],
+               acc_key("task_b"): 0.45 - task_b_gain + e[1] / 2, TRACE: 10.0 + 0.2 * s, BLOCKS: 6.0}
+        write_job(sweep, f"adv-{s}", "algorithm", s, adv, objective=ADV)
+    return sweep
+
+
+def _rows(root: Path, **settings):
+    a = analyse(root, Settings(**{"tolerance": 0.1, "margin": 0.02, **settings}))
+    return a, {(r.claim, r.data.split(" ")[0], r.task, r.key): r for r in a.rows}
+
+
+def test_matched_loss_is_an_equivalence_test(tmp_path):
+    _algorithm(tmp_path / "far", adv_gap_shift=0.05)  # paired gap difference 0.05 > margin 0.02
+    _, rows = _rows(tmp_path / "far")
+    r = rows[("algorithm", "pcfg", "task A", "acc_adv:adamw-adversarial")]
+    assert r.n == 4 and not r.matched and r.verdict == CONFOUNDED
+    assert r.gap_diff == pytest.approx(-0.05 - 0.0002 * 1.5, abs=1e-9)  # AdamW - adversarial
+    assert math.isfinite(r.adjusted) and math.isfinite(r.adjusted_ci)
+    assert math.isnan(r.p_holm)  # outside the Holm family
+
+    _algorithm(tmp_path / "near", adv_gap_shift=0.001)  # differences ~0.001: matched
+    a, rows = _rows(tmp_path / "near")
+    r = rows[("algorithm", "pcfg", "task A", "acc_adv:adamw-adversarial")]
+    assert r.matched and abs(r.gap_diff) + r.gap_ci <= 0.02
+    assert r.mean == pytest.approx(8.0, abs=1.0) and r.verdict == REPRODUCED
+    trace = rows[("algorithm", "pcfg", "- (pre-training loss)", "trace_adv:adamw-adversarial")]
+    assert trace.verdict == REPRODUCED and trace.mean == pytest.approx(-5.0 - 0.1 * 1.5)
+    task_b = rows[("algorithm", "pcfg", "task B", "acc_adv:adamw-adversarial")]
+    assert task_b.paper.startswith("+6.9 pts (Table 1, task B")
+    blocks = rows[("algorithm", "pcfg", "- (pre-training loss)", "blocks_adv:adamw-adversarial")]
+    assert blocks.extension and blocks.verdict == "extension: " + REPRODUCED and math.isnan(blocks.p_holm)
+    # AdamW - lookup table: the lookup table sits at gap 0, AdamW at 0.02: not within the margin
+    lookup = rows[("algorithm", "pcfg", "task A", "acc_lookup:adamw-lookup")]
+    assert lookup.gap_diff == pytest.approx(0.02075) and lookup.verdict == CONFOUNDED
+    # Holm over exactly the claimed rows with matched loss
+    family = [r for r in a.rows if not r.extension and r.matched]
+    assert family and [r.p_holm for r in family] == pytest.approx(holm([r.p for r in family]))
+
+
+def test_gap_adjusted_estimate_is_the_arm_coefficient(tmp_path):
+    _algorithm(tmp_path, adv_gap_shift=0.05)
+    _, rows = _rows(tmp_path)
+    r = rows[("algorithm", "pcfg", "- (pre-training loss)", "trace_adv:adamw-adversarial")]
+    X, y = [], []
+    for p in sorted(tmp_path.glob("algorithm/*")):
+        res = json.loads((p / "results.json").read_text())
+        X.append([1.0, 0.0 if res["config"]["objective"]["lam"] > 0 else 1.0, res["metrics"][GAP]])
+        y.append(res["metrics"][TRACE])
+    est, half = ols(X, y).interval(1)
+    assert r.adjusted == pytest.approx(est) and r.adjusted_ci == pytest.approx(half)
+
+
+def test_opposite_sign_and_inconclusive_and_missing(tmp_path):
+    _algorithm(tmp_path, adv_gap_shift=0.0005, acc_gain=-0.08, task_b_gain=0.0)
+    _, rows = _rows(tmp_path)
+    assert rows[("algorithm", "pcfg", "task A", "acc_adv:adamw-adversarial")].verdict == NOT_REPRODUCED
+    b = rows[("algorithm", "pcfg", "task B", "acc_adv:adamw-adversarial")]
+    assert b.verdict == INCONCLUSIVE and math.isfinite(b.mde)
+    # no Hutchinson / size / continue runs: rows are n/a or inconclusive, never a crash
+    sweep = tmp_path / "bare"
+    for s in range(2):
+        write_job(sweep, f"a{s}", "algorithm", s, {GAP: 0.01})
+        write_job(sweep, f"b{s}", "algorithm", s, {GAP: 0.01}, objective=ADV)
+    _, rows = _rows(tmp_path / "bare")
+    assert rows[("algorithm", "pcfg", "task A", "acc_adv:adamw-adversarial")].verdict == MISSING
+    report = write_report(tmp_path / "bare")
+    assert "n/a" in report.read_text()
+
+
+def _size(root: Path, seeds_per_size: dict[int, list[int]], proj: bool = False):
+    sweep = root / "size"
+    for d, seeds in seeds_per_size.items():
+        for s in seeds:
+            m = {GAP: 0.03, acc_key("task_b"): 0.40 + d / 1000 + 0.003 * s, TRACE: 20.0 - d / 20,
+                 "model/params": d * 100}
+            if proj:
+                m[proj_key("task_b")] = 0.35 + d / 2000
+            write_job(sweep, f"d{d}-s{s}", "size", s, m, d_model=d)
+        write_job(sweep, f"d{d}-far", "size", 99, {GAP: 0.5, acc_key("task_b"): 0.9}, d_model=d)
+
+
+def test_size_uses_the_extreme_sizes_with_two_counted_seeds(tmp_path):
+    _size(tmp_path, {32: [0], 64: [0, 1, 2], 128: [0, 1, 2], 256: [1, 2, 3]}, proj=True)
+    a, rows = _rows(tmp_path)
+    r = rows[("size", "pcfg", "task B", "acc:large-small")]
+    assert "d_model 256 - 64" in r.what and r.seeds == [1, 2]  # 32 has one seed; 256 lacks seed 0
+    assert r.mean == pytest.approx(100 * (256 - 64) / 1000)
+    assert r.paper.startswith("+6.9 pts") and not r.extension
+    p = rows[("size", "pcfg", "task B", "proj:large-small")]
+    assert p.extension and p.mean == pytest.approx(100 * (256 - 64) / 2000)
+    assert any("gap 0.5 > tolerance" in why for _, why in a.excluded)
+    text = write_report(tmp_path, tolerance=0.1).read_text()
+    assert "| 32 | 3200 | 1 of 2 | [0] |" in text and "proj acc" in text
+
+
+def _continue(root: Path, parent_gap=0.02, seeds=range(3), plateau_jump=0.0):
+    sweep = root / "continue"
+    parents = {}
+    for s in seeds:
+        parents[s] = write_job(root / "parents", f"p{s}", "size", s, {GAP: parent_gap},
+                               history=[{"step": 100, GAP: parent_gap + plateau_jump}, {"step": 200, GAP: parent_gap}])
+        hist = [{"step": 100 * i, GAP: 0.02 - 0.0001 * i, acc_key("task_c"): 0.50 + 0.01 * i + 0.002 * s,
+                 TRACE: 10.0 - 0.5 * i, BLOCKS: 4.0} for i in range(8)]
+        write_job(sweep, f"c{s}", "continue", s, {GAP: hist[-1][GAP]}, history=hist, parent=parents[s])
+    return parents
+
+
+def test_continue_averages_the_first_and_last_k_evaluations(tmp_path):
+    _continue(tmp_path)
+    _, rows = _rows(tmp_path, k=3)
+    acc = rows[("continue", "pcfg", "task C", "acc:last-first")]
+    # last 3 (i = 5, 6, 7) minus first 3 (i = 0, 1, 2): 5 steps of 1 point
+    assert acc.n == 3 and acc.mean == pytest.approx(5.0) and acc.matched
+    assert acc.slope == pytest.approx(10.0)  # 1 point per 100 steps
+    assert acc.verdict == REPRODUCED and acc.paper.startswith("+1.6 pts (task C")
+    tr = rows[("continue", "pcfg", "- (pre-training loss)", "trace:last-first")]
+    assert tr.mean == pytest.approx(-2.5) and tr.verdict == REPRODUCED
+    assert rows[("continue", "pcfg", "- (pre-training loss)", "blocks:last-first")].extension
+
+
+def test_continue_needs_a_counted_readable_parent(tmp_path):
+    parents = _continue(tmp_path, plateau_jump=0.05)  # the parents had not converged
+    a, rows = _rows(tmp_path)
+    assert rows[("continue", "pcfg", "task C", "acc:last-first")].n == 0
+    assert all("parent does not count: not converged" in why for r, why in a.excluded if r.claim == "continue")
+    for p in parents.values():
+        (p / "results.json").unlink()
+    a, _ = _rows(tmp_path)
+    reasons = [why for r, why in a.excluded if r.claim == "continue"]
+    assert len(reasons) == 3 and all("not readable" in why for why in reasons)
+
+
+def test_hmm_task_is_named_by_its_position(tmp_path):
+    sweep = tmp_path / "algorithm"
+    for s in range(3):
+        write_job(sweep, f"a{s}", "algorithm", s, {GAP: 0.01, acc_key("task_z"): 0.9 + 0.001 * s}, data=HMM)
+        write_job(sweep, f"b{s}", "algorithm", s, {GAP: 0.0105, acc_key("task_z"): 0.8}, data=HMM, objective=ADV)
+    a, rows = _rows(tmp_path)
+    r = rows[("algorithm", "hmm", "z_10", "acc_adv:adamw-adversarial")]
+    assert r.extension and r.verdict == "extension: " + REPRODUCED and math.isnan(r.p_holm)
+
+
+def test_report_json_and_stability(tmp_path, lmlab):
+    one, two = tmp_path / "one", tmp_path / "two"
+    _algorithm(one, adv_gap_shift=0.001)
+    _algorithm(two, adv_gap_shift=0.001, seeds=range(10, 14), acc_gain=-0.08)  # task A flips
+    (one / "reproduce.json").write_text(json.dumps({"profile": "cpu", "tolerance": 0.1, "margin": 0.02}))
+    report = write_report(one, compare=two)
+    data = json.loads((one / "report.json").read_text())
+    fields = {"claim", "data", "task", "what", "n", "mean", "ci", "mde", "gap_diff", "gap_ci", "matched", "p",
+              "p_holm", "verdict", "extension"}
+    assert data["rows"] and all(fields <= set(r) for r in data["rows"])
+    assert data["profile"] == "cpu" and data["margin"] == 0.02
+    st = data["stability"]
+    assert st["decided"] >= 2 and st["agree"] == st["decided"] - 1  # only task A's AdamW - adversarial flipped
+    text = report.read_text()
+    assert f"**{st['agree']} of {st['decided']} decided rows agree**" in text and "**unstable**" in text
+    assert "Profile: **cpu**" in text and "The verdicts hold at a gap of" in text
+    # the other rerun's report.json is read when present
+    (two / "report.json").write_text(json.dumps({"rows": [{**r, "verdict": INCONCLUSIVE} for r in data["rows"]]}))
+    entries, agree, decided = compare_rows(data["rows"], json.loads((two / "report.json").read_text())["rows"])
+    assert agree == 0 and decided == sum(r["verdict"].endswith(("reproduced",)) for r in data["rows"])
+    # the command line
+    code, out = lmlab("report", str(one), "--compare", str(two))
+    assert code == 0, out
+    assert "decided rows agree" in out
+
+
+def test_a_run_still_moving_does_not_count(tmp_path):
+    sweep = tmp_path / "algorithm"
+    for s in range(3):
+        write_job(sweep, f"a{s}", "algorithm", s, {GAP: 0.02, acc_key("task_a"): 0.8},
+                  history=[{"step": 100, GAP: 0.05 if s == 0 else 0.025}, {"step": 200, GAP: 0.02}])
+        write_job(sweep, f"b{s}", "algorithm", s, {GAP: 0.02, acc_key("task_a"): 0.7}, objective=ADV)
+    a, rows = _rows(tmp_path)  # plateau 0.01 by default
+    assert [(r.seed, why) for r, why in a.excluded] == [
+        (0, "not converged: gap changed by 0.03 between its last two evaluations (plateau 0.01)")]
+    assert rows[("algorithm", "pcfg", "task A", "acc_adv:adamw-adversarial")].seeds == [1, 2]
+    _, rows = _rows(tmp_path, plateau=0.05)
+    assert rows[("algorithm", "pcfg", "task A", "acc_adv:adamw-adversarial")].seeds == [0, 1, 2]

@@ -147,9 +147,11 @@ def test_exact_copy_reproduces_the_parents_validation_loss(parent, lmlab):
     assert record["operators"] == ["copy"] and record["status"] == "done"
 
     # end to end: the child's run directory records its parent, in parent.json and results.json
-    code, out = lmlab("train", *BASE, f"init_from.run={parent}")
+    code, out = lmlab("train", *BASE, f"init_from.run={parent}", "eval_every=1000", "eval_along=[perplexity]")
     assert code == 0, out
     (child,) = [p for p in lmlab.runs.glob("default/*") if (p / PARENT).exists()]
+    first = read_results(child)["history"][0]  # evaluated at step 0, before any update: the parent's loss
+    assert first["step"] == 0 and first["perplexity/loss"] == pytest.approx(expected, abs=1e-6)
     saved = read_parent(child)
     assert saved["run"] == str(parent.resolve()) and saved["command"].startswith("lmlab train")
     assert saved["metrics"]["perplexity/loss"] == expected

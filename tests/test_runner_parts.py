@@ -111,3 +111,17 @@ def test_backbone_refuses_an_attention_pattern_it_lacks():
     assert CausalOnly(10, 4, "causal").attention_kind == "causal"
     with pytest.raises(UserError, match="cannot attend 'bidirectional'.*choose another model or objective"):
         CausalOnly(10, 4, "bidirectional")
+
+
+def test_eval_along_picks_the_named_evaluations_and_refuses_others():
+    from omegaconf import OmegaConf
+
+    from lmlab.errors import UserError
+    from lmlab.pipeline import evaluations_along
+
+    evaluators = {"perplexity": 1, "probe": 2, "flatness": 3}
+    assert evaluations_along(OmegaConf.create({"eval_along": None}), evaluators) == evaluators
+    assert evaluations_along(OmegaConf.create({"eval_along": ["flatness", "perplexity"]}), evaluators) == {
+        "flatness": 3, "perplexity": 1}
+    with pytest.raises(UserError, match="eval_along names probes, which is not among"):
+        evaluations_along(OmegaConf.create({"eval_along": ["probes"]}), evaluators)

@@ -80,9 +80,10 @@ PROFILES: dict[str, dict] = {
         "datasets": {"pcfg": ["data=pcfg", "data.grammar={grammar}", "data.train_size=1000000",
                               "data.train_labels=20000", "data.validation_size=2000", "data.test_size=12000",
                               "data.downstream_size=12000"]},
-        "common": ["trainer=gpu", "batch_size=512", "model.n_layers=4", "model.head_dim=32", "model.d_model=256",
-                   "max_steps=20000", "val_every=2000", "checkpoint_every=2000", "eval.perplexity.max_rows=2000",
-                   "eval.flatness.examples=8192"],
+        # optim.lr 1e-3: AdamW for the wider, deeper models, and the paper's constant SGD rate for continue
+        "common": ["trainer=gpu", "batch_size=512", "optim.lr=1e-3", "model.n_layers=4", "model.head_dim=32",
+                   "model.d_model=256", "max_steps=20000", "val_every=2000", "checkpoint_every=2000",
+                   "eval.perplexity.max_rows=2000", "eval.flatness.examples=8192"],
         "per_experiment": {
             "size": ["model.d_model=128,256,512", "eval.flatness.embed_width=512", "eval_every=2000"],
             "algorithm": ["objective.lam=0.03"],

@@ -46,6 +46,18 @@ def test_a_rerun_continues_the_stored_study_to_n_trials(lmlab):
     assert len(_study(lmlab.runs).trials) == 5
 
 
+def test_with_a_launcher_of_its_own_processes_the_value_comes_from_results_json(lmlab):
+    """launcher=local runs each trial in a subprocess and returns no value: the sweeper reads the job's metric."""
+    code, out = lmlab("train", *SEARCH, "optim.lr=tag(log,interval(1e-4,1e-1))", "hydra.sweeper.n_trials=2",
+                      "launcher=local", "hydra.launcher.n_jobs=1")
+    assert code == 0, out
+    trials = _study(lmlab.runs).trials
+    assert [t.state for t in trials] == [TrialState.COMPLETE] * 2
+    jobs = {p.parent for p in lmlab.runs.rglob("results.json")}
+    gaps = sorted(json.loads((j / "results.json").read_text())["metrics"]["perplexity/gap"] for j in jobs)
+    assert sorted(t.value for t in trials) == pytest.approx(gaps)
+
+
 def test_a_diverged_trial_is_a_failed_trial(lmlab):
     code, out = lmlab("train", *SEARCH, "optim.lr=tag(log,interval(1e4,1e6))", "hydra.sweeper.n_trials=1")
     assert code != 0, out  # the sweep reports the job that did not finish

@@ -8,7 +8,9 @@ It extends ``hydra-optuna-sweeper`` (same search-space syntax and samplers) in t
   finished (complete or failed) and runs only the rest. A trial left running by a killed search is run again with
   its parameters (its job directory is the same, so lmlab resumes it from its checkpoint) under its own number;
 - the value of a trial is the metric ``hydra.sweeper.metric`` of the job's results (``hydra.sweeper.direction``:
-  minimize or maximize); a job that failed or diverged returns NaN and is recorded as a failed trial;
+  minimize or maximize); a job that failed or diverged returns NaN and is recorded as a failed trial. A launcher
+  that runs each job in a process of its own (``launcher=local``, ``launcher=slurm``) returns no value: the
+  metric is then read from the job directory's ``results.json``;
 - the jobs are numbered by the study (``hydra.job.num`` is the trial number).
 """
 
@@ -50,9 +52,12 @@ class LmlabOptunaSweeper(OptunaSweeper):
         self.sweeper = ResumableOptunaSweeperImpl(*(kwargs[k] for k in (
             "sampler", "direction", "storage", "study_name", "n_trials", "n_jobs", "max_failure_rate",
             "search_space", "custom_search_space", "params")))
+        self.sweeper.metric = metric
 
 
 class ResumableOptunaSweeperImpl(OptunaSweeperImpl):
+    metric = "val/loss"  # the metric read from a job's results.json when its launcher returns no value
+
     def setup(self, *, hydra_context, task_function, config) -> None:
         super().setup(hydra_context=hydra_context, task_function=task_function, config=config)
         Path(self.sweep_dir).mkdir(parents=True, exist_ok=True)
@@ -89,6 +94,8 @@ class ResumableOptunaSweeperImpl(OptunaSweeperImpl):
             failures = 0
             for trial, ret in zip(batch, returns):
                 returned = ret._return_value
+                if returned is None and ret.status == JobStatus.COMPLETED:  # the job ran in another process
+                    returned = _from_results(ret.working_dir, self.metric)
                 values = _values(returned, len(directions)) if ret.status == JobStatus.COMPLETED else None
                 if values is None:
                     failures += 1
@@ -127,6 +134,18 @@ def _values(returned: Any, n: int) -> Optional[List[float]]:
     except (TypeError, ValueError):
         return None
     return values if len(values) == n and all(math.isfinite(v) for v in values) else None
+
+
+def _from_results(job_dir: Optional[str], metric: str) -> Optional[float]:
+    """The metric of a finished job from its directory's results.json (lmlab.run_dir's layout); None (a failed
+    trial) where the job did not finish or has no such metric."""
+    from lmlab.run_dir import RESULTS, read_results
+
+    if not job_dir or not (Path(job_dir) / RESULTS).exists():
+        return None
+    results = read_results(job_dir)
+    value = (results.get("metrics") or {}).get(metric)
+    return float(value) if results.get("status") == "done" and isinstance(value, (int, float)) else None
 
 
 def _store() -> None:

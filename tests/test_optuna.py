@@ -4,6 +4,12 @@ trials a rerun still runs; failed and diverged jobs are failed trials."""
 from __future__ import annotations
 
 import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
 
 import optuna
 import pytest
@@ -44,6 +50,40 @@ def test_a_rerun_continues_the_stored_study_to_n_trials(lmlab):
     code, out = lmlab("train", *SEARCH, lr, "hydra.sweeper.n_trials=5")  # nothing left to run
     assert code == 0, out
     assert len(_study(lmlab.runs).trials) == 5
+
+
+def test_a_search_killed_after_3_trials_and_rerun_ends_with_n_trials(tmp_path, cache_dir):
+    """A real kill: the search runs as its own process, is killed (SIGKILL: no chance to clean up) once 3 trials
+    are complete, and the same command run again finishes the study at exactly n_trials distinct trials."""
+    lmlab = Path(sys.executable).with_name("lmlab")
+    args = [str(lmlab), "train", f"out_dir={tmp_path / 'runs'}", *SEARCH[:-len(FAST)],
+            *[o for o in FAST if not o.startswith("max_steps")], "max_steps=60",
+            "optim.lr=tag(log,interval(1e-4,1e-1))", "hydra.sweeper.n_trials=6"]
+    env = {**os.environ, "LMLAB_CACHE": str(cache_dir), "OMP_NUM_THREADS": "1"}
+    proc = subprocess.Popen(args, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                            start_new_session=True)
+    complete, deadline = 0, time.time() + 300
+    while complete < 3 and time.time() < deadline and proc.poll() is None:
+        time.sleep(0.2)
+        dbs = list((tmp_path / "runs").rglob("optuna.db"))
+        if dbs:
+            try:
+                trials = optuna.load_study(study_name="lmlab", storage=f"sqlite:///{dbs[0]}").trials
+            except Exception:  # noqa: BLE001  (the study is being created)
+                continue
+            complete = sum(t.state == TrialState.COMPLETE for t in trials)
+    assert proc.poll() is None, "the search ended before it could be killed: lengthen its trials"
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    killed = _study(tmp_path / "runs").trials
+    assert 3 <= sum(t.state == TrialState.COMPLETE for t in killed) < 6
+
+    again = subprocess.run(args, env=env, capture_output=True, text=True)
+    assert again.returncode == 0, again.stdout[-2000:] + again.stderr[-2000:]
+    trials = _study(tmp_path / "runs").trials
+    assert [t.state for t in trials] == [TrialState.COMPLETE] * 6
+    assert len({t.params["optim.lr"] for t in trials}) == 6
+    assert [t.params for t in trials[: len(killed)]] == [t.params for t in killed]  # the killed search's trials kept
 
 
 def test_with_a_launcher_of_its_own_processes_the_value_comes_from_results_json(lmlab):

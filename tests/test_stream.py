@@ -182,3 +182,60 @@ def test_streaming_refuses_labels_and_too_little_text(tmp_path):
         prepare_shards(source(corpus, labels_csv=str(labels)), tmp_path / "a")
     with pytest.raises(UserError, match="fewer tokens than one block"):
         prepare_shards(source(corpus, block_size=4096), tmp_path / "b")
+
+
+def test_progress_bar_runs(tmp_path, capsys):
+    corpus = write_txt(tmp_path / "c.txt", documents(200))
+    prepare_shards(source(corpus), tmp_path / "s", progress=True, batch_bytes=2000)
+    assert "tokens/s" in capsys.readouterr().err
+
+
+def test_shards_command_streams_data_text(tmp_path, capsys):
+    from lmlab.data.shards import main
+
+    docs = documents(400)
+    corpus = write_txt(tmp_path / "c.txt", docs)
+    args = [str(tmp_path / "out"), "data=text", f"data.paths='{corpus}'", "data/tokenizer=byte", "data.block_size=16",
+            f"data.validation_fraction={VAL}", f"data.test_fraction={TEST}"]
+    main(args)
+    index = json.loads((tmp_path / "out" / INDEX).read_text())
+    assert index["prepared"]["documents"] == len(docs) and "wrote train:" in capsys.readouterr().out
+    np.testing.assert_array_equal(rows_of(tmp_path / "out", "train"), expected(docs, 16)["train"])
+    before = files_of(tmp_path / "out")
+    main(args)  # an unchanged corpus: kept
+    assert files_of(tmp_path / "out") == before
+
+
+def test_data_text_streams_above_the_threshold(tmp_path, monkeypatch):
+    from hydra.utils import instantiate
+
+    from lmlab.data.shards import ShardRows
+    from lmlab.settings import check_config
+    from tests.test_text import data_config
+
+    docs = documents(400)
+    corpus = write_txt(tmp_path / "c.txt", docs)
+    cfg = data_config(f"data.paths='{corpus}'", "data/tokenizer=bpe", "data.tokenizer.vocab_size=300",
+                      "data.block_size=16", "data.stream_above_bytes=1000", "data.tokenizer_sample_bytes=4000")
+    check_config(cfg)
+    big = instantiate(cfg)
+    assert big.streams() and big.config == instantiate(data_config(f"data.paths='{corpus}'",
+                                                                   "data.tokenizer.vocab_size=300",
+                                                                   "data.block_size=16")).config
+    splits = big.load(tmp_path / "cache")
+    assert isinstance(splits["train"], ShardRows) and len(splits["validation"]) > 0
+    row = splits["train"][0]["input_ids"]
+    assert len(row) == 16 and row[0] == 1 and big.decode(row[1:])
+    with monkeypatch.context() as m:  # served from the prepared shards the second time
+        m.setattr(stream, "read_batches", lambda *a, **k: (_ for _ in ()).throw(AssertionError("re-read")))
+        again = instantiate(cfg)
+        assert again.load(tmp_path / "cache")["train"][0]["input_ids"] == row
+        assert again.decode(row) == big.decode(row)
+    small = TextSource(paths=str(corpus), tokenizer=Byte(), block_size=16, stream_above_bytes=10 ** 9)
+    assert not small.streams() and not isinstance(small.load(tmp_path / "cache")["train"], ShardRows)
+    labels = tmp_path / "l.csv"
+    labels.write_text("text,label\na,0\nb,1\nc,0\nd,1\n")
+    with pytest.raises(UserError, match="stream_above_bytes"):
+        TextSource(paths=str(corpus), labels_csv=str(labels), stream_above_bytes=0).load(tmp_path / "cache")
+    with pytest.raises(UserError, match="tokenizer_sample_bytes"):
+        TextSource(paths=str(corpus), tokenizer_sample_bytes=0)

@@ -507,3 +507,23 @@ def prepare_shards(source: Any, out_dir: str | os.PathLike, *, rows_per_shard: i
     write_json(out / INDEX, index)  # last: a directory without an index is an unfinished preparation
     (out / PROGRESS).unlink()
     return out
+
+
+def prepare_locked(source: Any, cache_dir: Path) -> Any:
+    """``data=text`` above ``stream_above_bytes``: prepare (or resume, or reuse) the shards of ``source`` in
+    ``cache_dir/lmlab.data.stream-<key>`` under a file lock (jobs of a sweep share one preparation), and
+    return their splits as ``ShardSource`` serves them."""
+    import fcntl
+    import sys
+
+    from lmlab.data.shards import ShardSource
+
+    tokenizer = source.tokenizer
+    rows_per_shard = max(1, DEFAULT_SHARD_BYTES // (source.block_size * _dtype(tokenizer.vocab_size).itemsize))
+    key = stream_key(source, source.tokenizer_sample_bytes, rows_per_shard)
+    directory = Path(cache_dir) / f"lmlab.data.stream-{key}"
+    directory.parent.mkdir(parents=True, exist_ok=True)
+    with open(directory.parent / f"{directory.name}.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        prepare_shards(source, directory, rows_per_shard=rows_per_shard, progress=sys.stderr.isatty())
+    return ShardSource(str(directory)).load(None)

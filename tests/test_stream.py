@@ -172,6 +172,22 @@ def test_prepared_directory_is_reused_unless_the_corpus_or_settings_change(tmp_p
     (tmp_path / "other" / "notes.txt").write_text("mine")
     with pytest.raises(UserError, match="holds other files"):
         prepare_shards(source(corpus), tmp_path / "other")
+    from lmlab.data.shards import write_shards
+
+    written = write_shards(["some text"] * 20, tmp_path / "in-memory", block_size=8)
+    with pytest.raises(UserError, match="holds other files"):  # shards not streamed here are not overwritten
+        prepare_shards(source(corpus), written)
+
+
+def test_bench_script_runs(tmp_path):
+    import subprocess
+    import sys
+
+    script = Path(__file__).resolve().parents[1] / "scripts" / "bench_data.py"
+    done = subprocess.run([sys.executable, str(script), "--sizes", "0.2", "--vocab", "300", "--dir", str(tmp_path)],
+                          capture_output=True, text=True, check=False, timeout=300)
+    assert done.returncode == 0, done.stderr
+    assert "ratio" in done.stdout and "tokens/s" in done.stdout
 
 
 def test_streaming_refuses_labels_and_too_little_text(tmp_path):

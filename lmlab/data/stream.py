@@ -373,10 +373,15 @@ def _sample(source: Any, cap: int, batch_bytes: int, stats: dict) -> Iterator[st
                     yield doc
 
 
-def _clear(out: Path) -> None:
-    """Remove a previous preparation's files from ``out``; refuse a directory holding anything else."""
-    ours = [p for p in out.iterdir() if p.name in (INDEX, PROGRESS, TOKENIZER_FILE) or p.suffix == ".bin"]
-    others = [p.name for p in out.iterdir() if p not in ours]
+def _clear(out: Path, index: dict | None) -> None:
+    """Remove a previous streamed preparation's files from ``out`` (one with a progress file, or an index that
+    records a preparation); refuse a directory holding anything else."""
+    entries = list(out.iterdir())
+    if not entries:
+        return
+    prepared = (out / PROGRESS).is_file() or (isinstance(index, dict) and "prepared" in index)
+    ours = [p for p in entries if prepared and (p.name in (INDEX, PROGRESS, TOKENIZER_FILE) or p.suffix == ".bin")]
+    others = [p.name for p in entries if p not in ours]
     if others:
         raise UserError(f"the shard directory {str(out)!r} holds other files ({', '.join(sorted(others)[:3])}): "
                         "choose a new or empty directory.")
@@ -419,12 +424,13 @@ def prepare_shards(source: Any, out_dir: str | os.PathLike, *, rows_per_shard: i
 
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
+    index = None
     if (out / INDEX).is_file():
         try:
-            done = json.loads((out / INDEX).read_text()).get("prepared", {}).get("key")
+            index = json.loads((out / INDEX).read_text())
         except ValueError:
-            done = None
-        if done == key:
+            index = None
+        if isinstance(index, dict) and index.get("prepared", {}).get("key") == key:
             if _learns(tokenizer):
                 tokenizer.load(out)
             return out
@@ -437,7 +443,7 @@ def prepare_shards(source: Any, out_dir: str | os.PathLike, *, rows_per_shard: i
         if not isinstance(state, dict) or state.get("key") != key:
             state = None
     if state is None:
-        _clear(out)
+        _clear(out, index)
 
     writers = {s: _SplitWriter(out, s, width, dtype, rows_per_shard, on_shard) for s in SPLIT_NAMES}
     if state is None:

@@ -18,6 +18,12 @@
   scored there), the rest form ``downstream`` (they are trained there); packed blocks get ``label = -1``.
   Without a CSV, ``downstream`` is empty and there are no tasks.
 
+* Streaming: with ``stream_above_bytes`` set and the input files larger than that in all, ``load`` does not
+  build in memory: it streams the files into shards in the cache directory (``lmlab.data.stream``: bounded
+  memory, documents split by a keyed hash of their text instead of the permutation, BPE trained on at most
+  ``tokenizer_sample_bytes`` of training text, resumable) and serves them as ``data=shards`` does. Neither
+  setting enters the in-memory cache key. ``python -m lmlab.data.shards OUT_DIR data=text ...`` always streams.
+
 The packing is shared with the shard writer: ``pack_stream``.
 
 The trained tokenizer is saved as ``tokenizer.json`` inside the cached dataset directory; the cache key

@@ -255,3 +255,13 @@ def test_data_text_streams_above_the_threshold(tmp_path, monkeypatch):
         TextSource(paths=str(corpus), labels_csv=str(labels), stream_above_bytes=0).load(tmp_path / "cache")
     with pytest.raises(UserError, match="tokenizer_sample_bytes"):
         TextSource(paths=str(corpus), tokenizer_sample_bytes=0)
+
+
+def test_data_text_trains_from_streamed_shards(lmlab, cache_dir):
+    from tests.conftest import FAST
+
+    code, output = lmlab("train", "data=text", "data/tokenizer=byte", "data.block_size=32",
+                         "data.stream_above_bytes=0", "eval=[perplexity]", *FAST)
+    assert code == 0, output
+    prepared = list(Path(cache_dir).glob("lmlab.data.stream-*/index.json"))
+    assert prepared and json.loads(prepared[0].read_text())["prepared"]["split"] == "blake2b"

@@ -24,6 +24,10 @@ Writing: ``write_shards(data, out_dir)`` where ``data`` is a ``Source`` (its cac
 ``block_size`` blocks into ``train`` with a tokenizer of ``lmlab.data.tokenizers``: ``Byte()``, ``DNA()``,
 ``Protein()`` or a trained ``BPE``). From the shell:
 ``python -m lmlab.data.shards OUT_DIR data=text data.paths=...`` (any ``lmlab train`` data overrides).
+There, ``data=text`` (without ``labels_csv``) is prepared by streaming (``lmlab.data.stream.prepare_shards``:
+bounded memory, documents split by hash, BPE trained on ``data.tokenizer_sample_bytes``, resumable: rerun the
+same command after an interruption; an OUT_DIR already prepared from the same files and settings is kept);
+every other source is built in memory and written by ``write_shards``.
 """
 
 from __future__ import annotations
@@ -295,7 +299,14 @@ def main(argv: list[str] | None = None) -> None:
     with initialize_config_module(config_module="lmlab.conf", version_base="1.3"):
         cfg = compose(config_name="train", overrides=list(argv[1:]))
     source = instantiate(cfg.data)
-    out = write_shards(source, argv[0], cache_dir=OmegaConf.select(cfg, "cache_dir"))
+    from lmlab.data.text import TextSource
+
+    if isinstance(source, TextSource) and source.labels_csv is None:
+        from lmlab.data.stream import prepare_shards
+
+        out = prepare_shards(source, argv[0], progress=True)
+    else:
+        out = write_shards(source, argv[0], cache_dir=OmegaConf.select(cfg, "cache_dir"))
     index = json.loads((out / INDEX).read_text())
     counts = ", ".join(f"{k}: {v['rows']} rows" for k, v in index["splits"].items())
     print(f"[lmlab] wrote {counts} to {out}")

@@ -18,6 +18,12 @@
   scored there), the rest form ``downstream`` (they are trained there); packed blocks get ``label = -1``.
   Without a CSV, ``downstream`` is empty and there are no tasks.
 
+* Streaming: with ``stream_above_bytes`` set and the input files larger than that in all, ``load`` does not
+  build in memory: it streams the files into shards in the cache directory (``lmlab.data.stream``: bounded
+  memory, documents split by a keyed hash of their text instead of the permutation, BPE trained on at most
+  ``tokenizer_sample_bytes`` of training text, resumable) and serves them as ``data=shards`` does. Neither
+  setting enters the in-memory cache key. ``python -m lmlab.data.shards OUT_DIR data=text ...`` always streams.
+
 The packing is shared with the shard writer: ``pack_stream``.
 
 The trained tokenizer is saved as ``tokenizer.json`` inside the cached dataset directory; the cache key
@@ -53,7 +59,7 @@ from lmlab.data.source import Source
 from lmlab.data.tokenizers import BPE, Tokenizer
 from lmlab.errors import UserError
 from lmlab.io import config_hash
-from lmlab.settings import Fraction, NonNegative, Positive
+from lmlab.settings import Fraction, NonNegative, Optional, Positive
 from lmlab.vocab import BOS_ID, EOS_ID
 
 SAMPLE_CORPUS = Tokenizer.sample  # lmlab/data/sample/tiny_corpus.txt
@@ -141,7 +147,8 @@ class TextSource(Source):
     def __init__(self, paths: str | list[str] | None = None, text_field: str = "text",
                  tokenizer: Tokenizer | None = None, block_size: Positive = 64, validation_fraction: Fraction = 0.05,
                  test_fraction: Fraction = 0.05, seed: NonNegative = 0, labels_csv: str | None = None,
-                 labels_test_fraction: Fraction = 0.2) -> None:
+                 labels_test_fraction: Fraction = 0.2, tokenizer_sample_bytes: Positive = 100_000_000,
+                 stream_above_bytes: Optional[NonNegative] = None) -> None:
         if paths is None:
             entries = None
         elif isinstance(paths, (str, os.PathLike)):
@@ -177,6 +184,17 @@ class TextSource(Source):
         if not isinstance(text_field, str) or not text_field:
             raise UserError(f"data.text_field must be a column name, got {text_field!r}: fix data.text_field.")
         self.text_field = text_field
+        # streaming settings (lmlab.data.stream): not in self.config, so the in-memory cache key is unchanged
+        for name, value, least in (("tokenizer_sample_bytes", tokenizer_sample_bytes, 1),
+                                   ("stream_above_bytes", stream_above_bytes, 0)):
+            if value is not None and (isinstance(value, bool) or not isinstance(value, Integral) or value < least):
+                raise UserError(f"data.{name} must be an integer of at least {least}, got {value!r}: "
+                                f"fix data.{name}.")
+        if tokenizer_sample_bytes is None:
+            raise UserError("data.tokenizer_sample_bytes must be an integer of at least 1, got None: "
+                            "fix data.tokenizer_sample_bytes.")
+        self.tokenizer_sample_bytes = int(tokenizer_sample_bytes)
+        self.stream_above_bytes = None if stream_above_bytes is None else int(stream_above_bytes)
 
         self.files = _resolve([str(self.tokenizer.sample)] if entries is None else entries)
         self.labels_csv = None
@@ -220,6 +238,25 @@ class TextSource(Source):
         labels = None if self.labels_csv is None else _fingerprint(self.labels_csv)
         digest = config_hash({"config": self.config, "files": files, "labels": labels})
         return f"{type(self).__module__}.{type(self).__name__}-{digest}"
+
+    def streams(self) -> bool:
+        """Whether ``load`` prepares shards by streaming (the input files exceed ``stream_above_bytes``)."""
+        if self.stream_above_bytes is None:
+            return False
+        return sum(p.stat().st_size for p in self.files) > self.stream_above_bytes
+
+    def load(self, cache_dir: str | os.PathLike) -> DatasetDict:
+        """The splits: built in memory and cached (``Source.load``), or, above ``stream_above_bytes``, streamed
+        into shards under ``cache_dir`` (``lmlab.data.stream``) and served from them like ``data=shards``."""
+        if not self.streams():
+            return super().load(cache_dir)
+        from lmlab.data.stream import prepare_locked
+
+        if self.labels_csv is not None:
+            raise UserError(f"the input files exceed data.stream_above_bytes={self.stream_above_bytes} and are "
+                            "streamed into shards, which hold no labelled rows: drop data.labels_csv or raise "
+                            "data.stream_above_bytes.")
+        return prepare_locked(self, Path(cache_dir))
 
     # ----- reading -----
 

@@ -209,7 +209,8 @@ class BPE(Tokenizer):
     def trained(self) -> bool:
         return self.model is not None
 
-    def train(self, docs: list[str]) -> None:
+    def train(self, docs) -> None:
+        """Train on ``docs``: a list, or any iterable of texts (streamed to the trainer, not held)."""
         from tokenizers import Tokenizer as HFTokenizer
         from tokenizers import decoders, models, pre_tokenizers, trainers
 
@@ -218,7 +219,7 @@ class BPE(Tokenizer):
         tok.decoder = decoders.ByteLevel()
         trainer = trainers.BpeTrainer(vocab_size=self._vocab_size, special_tokens=SPECIAL_TOKENS,
                                       initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
-        tok.train_from_iterator(docs, trainer, length=len(docs))
+        tok.train_from_iterator(docs, trainer, length=len(docs) if hasattr(docs, "__len__") else None)
         tok.encode_special_tokens = True  # "[EOS]" written in a document is text, not the EOS id
         assert [tok.token_to_id(t) for t in SPECIAL_TOKENS] == list(range(N_SPECIAL))
         self.model = tok

@@ -32,12 +32,15 @@ test: install
 bench: install
 	$(PY) scripts/bench_speed.py
 	$(PY) scripts/bench_models.py
+	$(PY) scripts/bench_data.py
 
 # Rerun "Same Pre-training Loss, Better Downstream" (Liu et al., ICML 2023) and write a claim-by-claim report.
-# PROFILE=cpu (default: small HMM and PCFG, 3 seeds) or PROFILE=gpu GRAMMAR=path/to/rule_deep_mlm.txt, the paper's
-# grammar: pcfg/rule_deep_mlm.txt in the code released with the paper (GitHub Liuhong99/implicitbiasmlmcode).
+# PROFILE=cpu (default: small HMM and PCFG, seeds 0-9; SEEDS=10-19 OUT=<dir> for an independent rerun) or
+# PROFILE=gpu GRAMMAR=path/to/rule_deep_mlm.txt, the paper's grammar: pcfg/rule_deep_mlm.txt in the code released
+# with the paper (GitHub Liuhong99/implicitbiasmlmcode).
 reproduce-paper: install
-	$(PY) scripts/reproduce_paper.py --profile $(or $(PROFILE),cpu) $(if $(GRAMMAR),--grammar $(GRAMMAR))
+	$(PY) scripts/reproduce_paper.py --profile $(or $(PROFILE),cpu) $(if $(GRAMMAR),--grammar $(GRAMMAR)) \
+		$(if $(SEEDS),--seeds $(SEEDS)) $(if $(OUT),--out $(OUT))
 
 # ruff, and the floors of docs/architecture.md (import-linter's contracts in pyproject.toml): an import only goes down
 lint: install

@@ -262,11 +262,12 @@ def selection_metrics(selection: Selection) -> dict[str, float]:
 
 def select(cfg: DictConfig, run_dir: Path, command: str = "lmlab select") -> dict[str, Any]:
     """``lmlab select selection=<name> data=<...>``: the selection stage alone. Writes ``selected/`` (the
-    selected dataset, ``save_to_disk``), ``scores.npy`` (one score per pool row, where the method scores),
+    selected dataset, ``save_to_disk``; over shards, ``indices.npy``: the kept rows' index), ``scores.npy``
+    (one score per pool row, where the method scores),
     ``selection.json`` (sizes, precision, report) and ``DONE`` into the run directory, all at the end."""
     import numpy as np
 
-    from lmlab.selection.base import SCORES, SELECTED, STATS
+    from lmlab.selection.base import SCORES, STATS, save_dataset
 
     quiet()
     if is_done(run_dir):
@@ -283,7 +284,7 @@ def select(cfg: DictConfig, run_dir: Path, command: str = "lmlab select") -> dic
                "run_dir": str(run_dir), "command": command,
                "config": OmegaConf.to_container(cfg, resolve=True)}
     with atomic_dir(run_dir, merge=True) as tmp:
-        selection.dataset.save_to_disk(str(tmp / SELECTED))
+        save_dataset(selection.dataset, tmp)
         if selection.scores is not None:
             np.save(tmp / SCORES, selection.scores)
         write_json(tmp / STATS, results)

@@ -16,8 +16,13 @@ columns (one int per row) are small ``.npy`` files.
 opens the shards with ``numpy.memmap`` (lazily, per process: it pickles without its maps, so DataLoader
 workers reopen them) and reads only the rows a batch asks for; the DataModule samples it like a dataset
 (``len``, ``rows[indices] -> {"input_ids": [...], <labels>}``, ``with_format(None)``). The evaluation splits
-(validation, test, downstream) are small by design and are loaded into memory as ``datasets.Dataset``.
-Selection methods other than ``none`` need a dataset pool and refuse shards with one sentence.
+(validation, test, downstream, and the selection's ``target`` split where one was written) are small by design
+and are loaded into memory as ``datasets.Dataset``.
+
+A selection over shards is an index over them: ``rows.select(indices)`` (``datasets.Dataset``'s name for it) is
+a ``ShardRows`` view of those rows in that order, holding only the integer index (8 bytes a row), and serves
+like any pool; ``rows["label"]`` is a label column as an array; ``rows.to_dataset()`` materialises the view.
+How each selection method reads a shard pool is ``lmlab.selection.base``'s business (``Selector.on_shards``).
 
 Writing: ``write_shards(data, out_dir)`` where ``data`` is a ``Source`` (its cached splits), a mapping
 ``split -> rows`` (a ``Dataset``, a list of token lists, or a 2-D array), or a list of texts (packed into
@@ -43,7 +48,7 @@ import numpy as np
 import pyarrow.compute as pc
 from datasets import Dataset, DatasetDict, Features, Sequence, Value
 
-from lmlab.data.source import SPLITS, Source
+from lmlab.data.source import SPLITS, TARGET_SPLIT, Source
 from lmlab.data.tokenizers import Byte, Tokenizer
 from lmlab.errors import UserError
 from lmlab.io import config_hash, write_json
@@ -166,15 +171,40 @@ def write_shards(data: Any, out_dir: str | os.PathLike, *, cache_dir: str | os.P
 
 class ShardRows:
     """The rows of one split, memory-mapped: ``len``, ``rows[i]`` (one row as a dict) and ``rows[indices]``
-    (a dict of columns, like ``datasets.Dataset``), without reading the shards into memory."""
+    (a dict of columns, like ``datasets.Dataset``), without reading the shards into memory. With ``index`` (an
+    integer array of split rows, see ``select``) it is the view of those rows in that order."""
 
-    def __init__(self, directory: str | os.PathLike, entry: dict, dtype: str) -> None:
+    def __init__(self, directory: str | os.PathLike, entry: dict, dtype: str,
+                 index: np.ndarray | None = None) -> None:
         self.directory, self.entry, self.dtype = Path(directory), entry, np.dtype(dtype)
         self.width = int(entry["width"])
         self.offsets = np.cumsum([0] + [s["rows"] for s in entry["shards"]])
+        self.index = None if index is None else np.asarray(index, dtype=np.int64)
+        if self.index is not None and len(self.index) and not (
+                0 <= self.index.min() and self.index.max() < int(entry["rows"])):
+            raise IndexError(f"a shard index holds rows outside 0..{int(entry['rows']) - 1}")
         self._maps: list[np.memmap] | None = None
         self._lengths = None
         self._labels: dict[str, np.ndarray] | None = None
+
+    def select(self, indices) -> ShardRows:
+        """The view of rows ``indices`` of this view, in that order (``datasets.Dataset.select``'s contract):
+        the index alone, composed with this view's, never the rows."""
+        indices = np.asarray(indices, dtype=np.int64).reshape(-1)
+        if len(indices) and not (-len(self) <= indices.min() and indices.max() < len(self)):
+            raise IndexError(f"row indices outside 0..{len(self) - 1}")
+        indices = indices % max(len(self), 1)
+        return ShardRows(self.directory, self.entry, self.dtype.name,
+                         indices if self.index is None else self.index[indices])
+
+    def physical(self, indices) -> np.ndarray:
+        """The split rows behind rows ``indices`` of this view."""
+        indices = np.asarray(indices, dtype=np.int64)
+        return indices if self.index is None else self.index[indices]
+
+    def to_dataset(self) -> Dataset:
+        """This view's rows and labels as an in-memory ``datasets.Dataset`` (reads them all)."""
+        return Dataset.from_dict(self[:], features=_features(self.column_names))
 
     def __getstate__(self) -> dict:
         return {**self.__dict__, "_maps": None, "_lengths": None, "_labels": None}
@@ -197,15 +227,16 @@ class ShardRows:
         return ["input_ids", *self.entry["labels"]]
 
     def __len__(self) -> int:
-        return int(self.entry["rows"])
+        return int(self.entry["rows"]) if self.index is None else len(self.index)
 
     def with_format(self, *args, **kwargs) -> ShardRows:
         return self
 
     def row(self, i: int) -> list[int]:
-        if not -len(self) <= i < len(self):
+        """Row ``i`` of the split (a physical row: views map their indices first)."""
+        if not -int(self.entry["rows"]) <= i < int(self.entry["rows"]):
             raise IndexError(i)
-        i %= len(self)
+        i %= int(self.entry["rows"])
         shard = int(np.searchsorted(self.offsets, i, side="right")) - 1
         values = self.maps[shard][i - self.offsets[shard]]
         n = self.width if self._lengths is None else int(self._lengths[i])
@@ -214,11 +245,20 @@ class ShardRows:
     def __getitem__(self, key):
         if self._maps is None:  # open the maps (and the labels) on first use in this process
             self._open()
+        if isinstance(key, str):  # a label column, like ``Dataset[name]``
+            if key not in self._labels:
+                raise KeyError(f"{key!r} is not a label column of these shards ({', '.join(self._labels) or 'none'})")
+            values = self._labels[key]
+            return np.asarray(values if self.index is None else values[self.index], dtype=np.int64)
         if isinstance(key, (int, np.integer)):
-            out = {"input_ids": self.row(int(key))}
-            out.update({k: int(v[int(key)]) for k, v in self._labels.items()})
+            if not -len(self) <= int(key) < len(self):
+                raise IndexError(key)
+            i = int(self.physical(int(key) % len(self)))
+            out = {"input_ids": self.row(i)}
+            out.update({k: int(v[i]) for k, v in self._labels.items()})
             return out
-        indices = range(*key.indices(len(self))) if isinstance(key, slice) else [int(i) for i in key]
+        logical = np.arange(len(self))[key] if isinstance(key, slice) else np.asarray(key, dtype=np.int64)
+        indices = [int(i) for i in self.physical(logical)]
         cols: dict[str, list] = {"input_ids": [self.row(i) for i in indices]}
         for k, v in self._labels.items():
             cols[k] = [int(v[i]) for i in indices]
@@ -273,10 +313,12 @@ class ShardSource(Source):
         return self.load(None)
 
     def load(self, cache_dir: str | os.PathLike | None) -> DatasetDict:
-        """The splits, straight from the shards (nothing is copied into the cache)."""
+        """The splits, straight from the shards (nothing is copied into the cache); ``target`` where written."""
         dtype, out = self.index["dtype"], {}
-        for split in SPLITS:
+        for split in (*SPLITS, TARGET_SPLIT):
             entry = self.index["splits"].get(split)
+            if entry is None and split == TARGET_SPLIT:
+                continue
             if entry is None:
                 out[split] = Dataset.from_dict({c: [] for c in ["input_ids", *self.tasks]},
                                                features=_features(["input_ids", *self.tasks]))

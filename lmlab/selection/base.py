@@ -19,6 +19,20 @@ selection's ``precision`` (share of origin 0) against the pool's. The ``Selectio
 holds the same (``stats``; the pipeline adds it to the results as ``selection/*``) and its cache entry
 (``cache_path``). A selector that acts during training (a curriculum) returns its Lightning callbacks from
 ``training_callbacks(datamodule, selection)``; they may add what they measure to ``selection.report``.
+
+Pools of memory-mapped shards (``data=shards``: ``lmlab.data.shards.ShardRows``). A selection of such a pool
+is an index over it (``pool.select(keep)``: a ``ShardRows`` view restricted to, and ordered by, the kept
+rows), saved in the cache entry as ``indices.npy`` instead of ``selected/`` and read back as a view of the
+same pool, so the DataModule serves it like any pool and memory holds 8 bytes a kept row. How a selector
+reads such a pool is its ``on_shards``:
+
+* ``"chunked"``: its ``select`` reads the pool in chunks of ``CHUNK_ROWS`` rows (``pool_chunks``), fitting
+  its models or statistics on samples of the pool and the target first, then scoring chunk by chunk and
+  keeping rows from the concatenated scores; it runs the same code on an in-memory ``Dataset`` pool, so both
+  select the same rows (random, quality, color_filter, miniplm, preselect, curriculum).
+* ``"materialise"`` (the default): the method needs the whole pool at once (dedup's duplicate search,
+  rephrase's new rows); ``run`` loads a shard pool as a ``Dataset`` when it has at most ``MATERIALISE_ROWS``
+  rows (environment ``LMLAB_SELECT_MAX_ROWS``) and refuses a larger one with one sentence.
 """
 
 from __future__ import annotations
@@ -39,6 +53,36 @@ REPORT = "selection_report.json"
 STATS = "selection.json"
 SCORES = "scores.npy"
 SELECTED = "selected"
+INDICES = "indices.npy"
+CHUNK_ROWS = 50_000  # rows a chunked selector holds at once
+MATERIALISE_ROWS = 2_000_000  # largest shard pool a materialising selector loads into memory
+
+
+def is_shards(data: Any) -> bool:
+    from lmlab.data.shards import ShardRows
+
+    return isinstance(data, ShardRows)
+
+
+def pool_chunks(pool: Any, size: int | None = None):
+    """``(start, rows)`` over the pool in order, ``rows`` the plain token lists of at most ``size`` rows
+    (``CHUNK_ROWS``): the one way chunked selectors read a pool, a ``Dataset`` or shards alike."""
+    size = size or CHUNK_ROWS
+    data = pool.with_format(None)
+    for start in range(0, len(data), size):
+        yield start, [list(r) for r in data[start:start + size]["input_ids"]]
+
+
+def chunk_scores(pool: Any, score_rows) -> np.ndarray:
+    """``score_rows(rows) -> one score per row`` over the pool chunk by chunk (``pool_chunks``), concatenated:
+    the scores of a per-row scorer in bounded memory."""
+    parts = [np.asarray(score_rows(rows), dtype=np.float64) for _, rows in pool_chunks(pool)]
+    return np.concatenate(parts) if parts else np.zeros(0)
+
+
+def column(data: Any, name: str) -> np.ndarray:
+    """A label column (e.g. ``origin``) of a ``Dataset`` or of shards, as an array."""
+    return np.asarray(data.with_format(None)[name])
 
 
 @dataclass
@@ -59,6 +103,7 @@ class Selector:
     """Keeps every row. Subclasses override ``score`` (higher is better) and set ``fraction``."""
 
     fraction: float = 1.0
+    on_shards: str = "materialise"  # how ``run`` reads a shard pool: "chunked" or "materialise" (module docstring)
     fraction_fix: str = "raise selection.fraction"  # the fix named when ``select`` would keep no rows
     source: Any = None  # the data source, set by ``run`` when the caller passes it
 
@@ -99,34 +144,62 @@ class Selector:
             self.source = source
         if self.passes_through:
             return Selection(pool, stats=selection_stats(pool, pool))
-        if not isinstance(pool, Dataset):
-            raise UserError(f"selection {type(self).__name__} needs the pool as a dataset, not memory-mapped "
-                            "shards: use selection=none with data=shards, or write the selected data to shards.")
         key = f"{data_key}-{type(self).__name__}-{config_hash(self.config)}"
         path = Path(cache_dir) / "selection" / key
         discard_if_damaged(path, f"selection of {type(self).__name__}")
-        if not (path / SELECTED / "dataset_info.json").exists():
+        if not ((path / SELECTED / "dataset_info.json").exists() or (path / INDICES).exists()):
             with atomic_dir(path) as tmp:
-                out = self.select(pool, target, tmp)
+                out = self.select(self.readable(pool), target, tmp)
                 if len(out.dataset) == 0:
                     raise UserError(f"selection {type(self).__name__} kept no rows of the {len(pool)}-row pool: "
                                     "raise its fraction or check its target.")
-                out.dataset.save_to_disk(str(tmp / SELECTED))
+                save_dataset(out.dataset, tmp)
                 write_json(tmp / STATS, selection_stats(pool, out.dataset))
                 if out.scores is not None:
                     np.save(tmp / SCORES, out.scores)
                 if out.report is not None:
                     write_json(tmp / REPORT, out.report)
-        return read_selection(path)
+        return read_selection(path, pool)
+
+    def readable(self, pool: Any) -> Any:
+        """The pool as ``select`` takes it: as it is, except a shard pool for a materialising selector, loaded
+        as a ``Dataset`` when it has at most ``MATERIALISE_ROWS`` rows and refused above that."""
+        if not is_shards(pool) or self.on_shards == "chunked":
+            return pool
+        limit = int(os.environ.get("LMLAB_SELECT_MAX_ROWS", MATERIALISE_ROWS))
+        if len(pool) > limit:
+            raise UserError(f"selection {type(self).__name__} needs the whole pool in memory and this shard pool "
+                            f"has {len(pool):,} rows, above the limit of {limit:,}: select on a smaller pool "
+                            "(write fewer rows to shards), use a chunked method (random, quality, color_filter, "
+                            "miniplm, preselect, curriculum), or raise LMLAB_SELECT_MAX_ROWS if memory allows.")
+        return pool.to_dataset()
 
 
-def read_selection(path: Path) -> Selection:
-    """The ``Selection`` held by the cache entry ``path`` (see ``Selector.run``)."""
+def save_dataset(dataset: Any, directory: Path) -> None:
+    """Write a selection's rows into ``directory``: a view of shards as its index (``indices.npy``), any other
+    dataset with ``save_to_disk`` (``selected/``)."""
+    if is_shards(dataset):
+        np.save(directory / INDICES, dataset.physical(np.arange(len(dataset))))
+    else:
+        dataset.save_to_disk(str(directory / SELECTED))
+
+
+def read_selection(path: Path, pool: Any = None) -> Selection:
+    """The ``Selection`` held by the cache entry ``path`` (see ``Selector.run``); an index (``indices.npy``)
+    is read as a view of ``pool``, the shards it was selected from."""
     def read(name: str):
         return json.loads((path / name).read_text()) if (path / name).exists() else None
 
     scores = np.load(path / SCORES) if (path / SCORES).exists() else None
-    return Selection(load_from_disk(str(path / SELECTED)), scores, read(REPORT), read(STATS) or {}, path)
+    if (path / INDICES).exists():
+        if not is_shards(pool):
+            raise UserError(f"the selection in {path} is an index over shards: read it with its shard pool.")
+        from lmlab.data.shards import ShardRows
+
+        dataset = ShardRows(pool.directory, pool.entry, pool.dtype.name, np.load(path / INDICES))
+    else:
+        dataset = load_from_disk(str(path / SELECTED))
+    return Selection(dataset, scores, read(REPORT), read(STATS) or {}, path)
 
 
 def top_fraction(scores: np.ndarray, fraction: float) -> np.ndarray:
@@ -135,17 +208,18 @@ def top_fraction(scores: np.ndarray, fraction: float) -> np.ndarray:
     return np.sort(np.argsort(-np.asarray(scores), kind="stable")[:keep])
 
 
-def selection_stats(pool: Dataset, selected: Dataset) -> dict[str, float]:
+def selection_stats(pool: Any, selected: Any) -> dict[str, float]:
     """Sizes and, where the pool has an ``origin`` column, the share of each origin in the selection:
-    ``precision`` = share of origin 0 (the target), ``pool_precision`` = the pool's target share."""
-    if not isinstance(pool, Dataset) or not isinstance(selected, Dataset):
+    ``precision`` = share of origin 0 (the target), ``pool_precision`` = the pool's target share. The pool
+    and the selection are ``Dataset``s or shards."""
+    if not all(isinstance(d, Dataset) or is_shards(d) for d in (pool, selected)):
         return {}
     stats: dict[str, float] = {"pool_rows": len(pool), "rows": len(selected)}
     if "origin" in pool.column_names and "origin" in selected.column_names and len(selected):
         from lmlab.data.planted import ORIGINS
 
-        picked = np.asarray(selected.with_format(None)["origin"])
-        stats["pool_precision"] = float(np.mean(np.asarray(pool.with_format(None)["origin"]) == 0))
+        picked = column(selected, "origin")
+        stats["pool_precision"] = float(np.mean(column(pool, "origin") == 0))
         stats["precision"] = float(np.mean(picked == 0))
         for code, name in ORIGINS.items():
             if code:

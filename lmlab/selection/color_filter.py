@@ -12,6 +12,9 @@ Targeted Language Model Pre-training", 2024, arXiv 2406.10670. Variant: the rele
 * score(x) = L_prior(x) - L_cond(x), with L the per-row mean token NLL (the code's ``loss.mean(-1)``);
 * keep the top n = N / tau of the N-row pool, taken at once (the code's ``argsort(scores)[-k:]``), kept rows
   in corpus order.
+
+Chunked (``Selector.on_shards``): the two models are fixed once trained, so the pool (a ``Dataset`` or shards)
+is scored chunk by chunk (``lmlab.selection.base.chunk_scores``).
 """
 
 from __future__ import annotations
@@ -22,8 +25,8 @@ import numpy as np
 from datasets import Dataset
 
 from lmlab.errors import UserError
-from lmlab.selection.base import Selector
-from lmlab.selection.reference import AuxLM, need_target, row_nll, rows_of, sample_rows, vocab_of
+from lmlab.selection.base import Selector, chunk_scores
+from lmlab.selection.reference import AuxLM, need_target, pool_sample, pool_vocab, row_nll
 from lmlab.settings import NonNegative, Positive
 
 
@@ -33,6 +36,7 @@ def color_scores(prior_nll: np.ndarray, cond_nll: np.ndarray) -> np.ndarray:
 
 
 class ColorFilter(Selector):
+    on_shards = "chunked"
     fraction_fix = "lower selection.tau"  # it keeps 1 / tau of the pool
 
     def __init__(self, tau: float = 4.0, prior_rows: int | None = 4000, prior_steps: int = 300,
@@ -51,9 +55,8 @@ class ColorFilter(Selector):
 
     def score(self, pool: Dataset, target: Dataset | None, workdir: Path) -> np.ndarray:
         target_rows = need_target(target, "color_filter")
-        rows = rows_of(pool)
-        vocab = vocab_of(self.source, rows, target_rows)
+        vocab = pool_vocab(self.source, pool, target_rows)
         seed = int(self.config["seed"])
-        prior = self.prior.train(sample_rows(rows, self.config["prior_rows"], seed), vocab, seed)
+        prior = self.prior.train(pool_sample(pool, self.config["prior_rows"], seed), vocab, seed)
         cond = self.finetune.train(target_rows, vocab, seed + 1, init=prior)
-        return color_scores(row_nll(prior, rows), row_nll(cond, rows))
+        return chunk_scores(pool, lambda rows: color_scores(row_nll(prior, rows), row_nll(cond, rows)))

@@ -30,6 +30,11 @@ batches. The callback computes its own validation loss in ``on_train_batch_end``
 validation split per check) rather than reading Lightning's ``val/loss``: Lightning saves a step's
 checkpoint before that step's validation runs, so a decision taken at validation time would be missing
 from the checkpoint and a resumed run would release its stages later than the uninterrupted one.
+
+Chunked (``Selector.on_shards``): every key is a per-row score (length, a fixed reference model's loss, a
+random draw), computed chunk by chunk (``lmlab.selection.base.chunk_scores``); the sort is over the scores
+(8 bytes a row), and over shards the kept rows are an index in difficulty order, so the stage prefixes are
+the same rows as for the pool in memory.
 """
 
 from __future__ import annotations
@@ -44,8 +49,8 @@ import torch
 from datasets import Dataset
 
 from lmlab.errors import UserError
-from lmlab.selection.base import Selection, Selector
-from lmlab.selection.reference import AuxLM, need_target, row_nll, rows_of, sample_rows, vocab_of
+from lmlab.selection.base import Selection, Selector, chunk_scores, column
+from lmlab.selection.reference import AuxLM, need_target, pool_sample, pool_vocab, row_nll
 from lmlab.settings import NonNegative, Positive
 
 KEYS = ("length", "reference_loss", "random")
@@ -127,7 +132,7 @@ class CurriculumCallback(L.Callback):
     def on_train_end(self, trainer, pl_module) -> None:
         train = self.dm.splits["train"]
         if self.report is not None and "origin" in train.column_names:
-            target = np.asarray(train.with_format(None)["origin"]) == 0
+            target = column(train, "origin") == 0
             self.report["served_precision"] = served_precision(self.stages.history, target, trainer.global_step)
             self.report["served_rows"] = float(self.stages.rows)
 
@@ -140,6 +145,8 @@ class CurriculumCallback(L.Callback):
 
 
 class Curriculum(Selector):
+    on_shards = "chunked"
+
     def __init__(self, key: str = "reference_loss", reverse: bool = False, start: float = 0.05,
                  step: float = 0.05, patience: int = 1, threshold: float = 0.0, every: int | None = None,
                  fraction: float = 1.0,
@@ -167,18 +174,17 @@ class Curriculum(Selector):
 
     def difficulty(self, pool: Dataset, target: Dataset | None) -> np.ndarray:
         c = self.config
-        rows = rows_of(pool)
         if c["key"] == "length":
-            return np.array([len(r) for r in rows], dtype=np.float64)
+            return chunk_scores(pool, lambda rows: [len(r) for r in rows])
         if c["key"] == "random":
-            return np.random.default_rng(c["seed"]).random(len(rows))
+            return np.random.default_rng(c["seed"]).random(len(pool))
         seed = int(c["seed"])
         if c["reference_data"] == "target":
             train = need_target(target, "curriculum with key=reference_loss and reference_data=target")
         else:
-            train = sample_rows(rows, c["reference_rows"], seed)
-        model = self.reference.train(train, vocab_of(self.source, rows, train), seed)
-        return row_nll(model, rows)
+            train = pool_sample(pool, c["reference_rows"], seed)
+        model = self.reference.train(train, pool_vocab(self.source, pool, train), seed)
+        return chunk_scores(pool, lambda rows: row_nll(model, rows))
 
     def score(self, pool: Dataset, target: Dataset | None, workdir: Path) -> np.ndarray:
         """Higher = easier (released first)."""
@@ -195,7 +201,7 @@ class Curriculum(Selector):
         first = order[: stage_rows(keep, self.config["start"])]
         report = None
         if "origin" in pool.column_names:
-            origin = np.asarray(pool.with_format(None)["origin"])
+            origin = column(pool, "origin")
             report = {"first_stage_precision": float(np.mean(origin[first] == 0))}
         return Selection(pool.select(order), scores, report)
 

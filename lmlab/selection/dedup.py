@@ -25,6 +25,11 @@ MinHash in numpy, no ``datasketch`` dependency:
 Exact duplicates (identical token sequences, specials included) are removed first, keeping the first
 occurrence; near-duplicate search runs on the rows that remain. ``report`` holds ``pool_rows``,
 ``kept_rows``, ``removed_exact`` and ``removed_near``; the saved scores are 1 for kept rows, 0 for removed.
+
+Over memory-mapped shards it materialises the pool (``Selector.on_shards``): the exact-Jaccard check needs
+every row's shingles at hand, so ``Selector.run`` loads a shard pool of at most ``MATERIALISE_ROWS`` rows and
+refuses a larger one. (Filling the LSH buckets chunk by chunk and re-reading candidate rows from the shards
+would lift that limit; it is not implemented.)
 """
 
 from __future__ import annotations

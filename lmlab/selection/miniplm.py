@@ -17,6 +17,9 @@ Models, scaled down for lmlab:
   LM trained on the general corpus; a target-trained teacher makes r point at the target distribution.
 * REFERENCE: a small transformer that lmlab trains on a random sample of the pool (``ref_rows``); the paper
   trains it on Pile shards disjoint from the scored data.
+
+Chunked (``Selector.on_shards``): both models are fixed once trained, so the pool (a ``Dataset`` or shards) is
+scored chunk by chunk (``lmlab.selection.base.chunk_scores``).
 """
 
 from __future__ import annotations
@@ -27,16 +30,8 @@ import numpy as np
 from datasets import Dataset
 
 from lmlab.errors import UserError
-from lmlab.selection.base import Selector
-from lmlab.selection.reference import (
-    AuxLM,
-    load_reference,
-    need_target,
-    row_nll,
-    rows_of,
-    sample_rows,
-    vocab_of,
-)
+from lmlab.selection.base import Selector, chunk_scores
+from lmlab.selection.reference import AuxLM, load_reference, need_target, pool_sample, pool_vocab, row_nll
 from lmlab.settings import NonNegative
 
 
@@ -46,6 +41,8 @@ def difference_scores(teacher_nll: np.ndarray, ref_nll: np.ndarray) -> np.ndarra
 
 
 class MiniPLM(Selector):
+    on_shards = "chunked"
+
     def __init__(self, fraction: float = 0.25, teacher: str | None = None, teacher_d_model: int = 96,
                  teacher_layers: int = 3, teacher_steps: int = 200, ref_rows: int | None = 4000,
                  ref_d_model: int = 32, ref_layers: int = 1, ref_steps: int = 200, batch_size: int = 64,
@@ -67,14 +64,13 @@ class MiniPLM(Selector):
 
     def score(self, pool: Dataset, target: Dataset | None, workdir: Path) -> np.ndarray:
         c = self.config
-        rows = rows_of(pool)
         seed = int(c["seed"])
         if c["teacher"] is None:
             target_rows = need_target(target, "miniplm with teacher=null")
-            vocab = vocab_of(self.source, rows, target_rows)
+            vocab = pool_vocab(self.source, pool, target_rows)
             teacher = self.teacher_lm.train(target_rows, vocab, seed + 7)
         else:
-            vocab = vocab_of(self.source, rows)
+            vocab = pool_vocab(self.source, pool)
             teacher = load_reference(c["teacher"], vocab, "teacher")
-        ref = self.ref_lm.train(sample_rows(rows, c["ref_rows"], seed), vocab, seed)
-        return difference_scores(row_nll(teacher, rows), row_nll(ref, rows))
+        ref = self.ref_lm.train(pool_sample(pool, c["ref_rows"], seed), vocab, seed)
+        return chunk_scores(pool, lambda rows: difference_scores(row_nll(teacher, rows), row_nll(ref, rows)))

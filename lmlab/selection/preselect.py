@@ -25,6 +25,10 @@ Shum, Huang, Zeng, Liu, He, "Predictive Data Selection: The Data That Predicts I
 * The pool is scored with P(``__label__1``) and the top rows are kept until their tokens reach ``fraction``
   of the pool's tokens (the code's ``find_threshold``: the threshold is the score of the row at which the
   cumulative length first reaches the target, inclusive).
+
+Chunked (``Selector.on_shards``): the family trains on a pool sample and the target, the strengths are
+computed on the ``score_rows`` sample, and the fixed classifier then scores the pool (a ``Dataset`` or shards)
+chunk by chunk (``lmlab.selection.base.chunk_scores``), as are the rows' lengths.
 """
 
 from __future__ import annotations
@@ -36,8 +40,16 @@ from datasets import Dataset
 
 from lmlab.errors import UserError
 from lmlab.run_dir import RESULTS, read_results
-from lmlab.selection.base import Selection, Selector
-from lmlab.selection.reference import AuxLM, load_reference, need_target, row_nll, rows_of, sample_rows, vocab_of
+from lmlab.selection.base import Selection, Selector, chunk_scores
+from lmlab.selection.reference import (
+    AuxLM,
+    load_reference,
+    need_target,
+    pool_sample,
+    pool_vocab,
+    row_nll,
+    rows_of,
+)
 from lmlab.settings import NonNegative, Positive
 
 
@@ -91,6 +103,8 @@ def positive_probability(model, texts: list[str]) -> np.ndarray:
 
 
 class PreSelect(Selector):
+    on_shards = "chunked"
+
     def __init__(self, fraction: float = 0.25, runs: list[str] | None = None, metric: str = "probe/acc",
                  score_rows: int = 6000, min_positives: int = 200, prior_rows: int | None = 4000,
                  prior_steps: int = 200, family_steps: list[int] = (0, 5, 10, 20, 40, 80, 160),
@@ -115,7 +129,7 @@ class PreSelect(Selector):
         self.prior = AuxLM(d_model=d_model, n_layers=n_layers, steps=prior_steps, batch_size=batch_size, lr=lr)
         self.tune = AuxLM(d_model=d_model, n_layers=n_layers, batch_size=batch_size, lr=finetune_lr, warmup=0.0)
 
-    def family(self, rows, target: Dataset | None, vocab: int) -> tuple[list, np.ndarray, dict]:
+    def family(self, pool, target: Dataset | None, vocab: int) -> tuple[list, np.ndarray, dict]:
         """The models, their downstream scores (see module docstring) and what to report about them."""
         c = self.config
         if c["runs"] is not None:
@@ -136,7 +150,7 @@ class PreSelect(Selector):
         tune_rows = [target_rows[i] for i in perm[:half]]
         held = [target_rows[i] for i in perm[half:]]
         seed = int(c["seed"])
-        prior = self.prior.train(sample_rows(rows, c["prior_rows"], seed), vocab, seed)
+        prior = self.prior.train(pool_sample(pool, c["prior_rows"], seed), vocab, seed)
         steps = c["family_steps"]
         models = self.tune.train(tune_rows, vocab, seed + 1, init=prior, steps=max(steps),
                                  checkpoints=tuple(steps)) if max(steps) > 0 else [prior]
@@ -150,11 +164,10 @@ class PreSelect(Selector):
     def scored(self, pool: Dataset, target: Dataset | None, workdir: Path) -> tuple[np.ndarray, dict]:
         """The classifier's score of every pool row, and the report (family, positives, mean strength)."""
         c = self.config
-        rows = rows_of(pool)
-        vocab = vocab_of(self.source, rows, rows_of(target) if target is not None else [])
-        models, bench, report = self.family(rows, target, vocab)
-        sample = np.sort(np.random.default_rng([c["seed"], 1]).permutation(len(rows))[: c["score_rows"]])
-        docs = [rows[i] for i in sample]
+        vocab = pool_vocab(self.source, pool, rows_of(target) if target is not None else [])
+        models, bench, report = self.family(pool, target, vocab)
+        sample = np.sort(np.random.default_rng([c["seed"], 1]).permutation(len(pool))[: c["score_rows"]])
+        docs = [list(r) for r in pool.with_format(None)[sample.tolist()]["input_ids"]]
         losses = np.stack([row_nll(m, docs, reduce="sum") for m in models])
         strength = predictive_strength(losses, bench)
         order = np.argsort(-strength, kind="stable")
@@ -169,11 +182,11 @@ class PreSelect(Selector):
                                       int(c["word_ngrams"]), int(c["seed"]))
         report = {**report, "family_scores": bench.tolist(), "positives": int(len(pos)),
                   "strength_mean": float(strength.mean())}
-        return positive_probability(classifier, [as_words(r) for r in rows]), report
+        return chunk_scores(pool, lambda rows: positive_probability(classifier, [as_words(r) for r in rows])), report
 
     def select(self, pool: Dataset, target: Dataset | None, workdir: Path) -> Selection:
         scores, report = self.scored(pool, target, workdir)
-        lengths = np.array([len(r) for r in pool.with_format(None)["input_ids"]])
+        lengths = chunk_scores(pool, lambda rows: [len(r) for r in rows])
         keep = token_budget_keep(scores, lengths, self.fraction)
         if len(keep) == 0:
             raise UserError(f"selection preselect keeps no rows of the {len(pool)}-row pool: raise "

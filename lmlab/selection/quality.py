@@ -33,6 +33,9 @@ skipped for DNA/protein character sources and with ``text_rules: false``.
 A row is removed when it fails any rule; ``report`` counts, per rule, the rows that fail it (a row can
 fail several), plus ``pool_rows``, ``kept_rows`` and ``removed``. The saved scores are 1 for kept
 rows and 0 for removed ones.
+
+Chunked (``Selector.on_shards``): every rule looks at one row, so the pool (a ``Dataset`` or shards) is read
+chunk by chunk (``lmlab.selection.base.pool_chunks``).
 """
 
 from __future__ import annotations
@@ -48,7 +51,7 @@ import numpy as np
 from datasets import Dataset
 
 from lmlab.errors import UserError
-from lmlab.selection.base import Selection, Selector
+from lmlab.selection.base import Selection, Selector, pool_chunks
 from lmlab.vocab import N_SPECIAL
 
 STOP_WORDS = frozenset({"the", "be", "to", "of", "and", "that", "have", "with"})
@@ -122,6 +125,8 @@ def _thresholds(value: Any, name: str) -> dict[int, float]:
 class Quality(Selector):
     """Removes rows that fail any enabled Gopher/Dolma-style rule (see the module docstring)."""
 
+    on_shards = "chunked"
+
     def __init__(self, min_tokens: int | None = 1, max_tokens: int | None = None,
                  max_top_token_fraction: float | None = 0.5,
                  max_top_ngram_fraction: Mapping | str | None = "gopher",
@@ -178,22 +183,22 @@ class Quality(Selector):
                 if r[name] is not None and (value > r[name] if sign > 0 else value < r[name])]
 
     def select(self, pool: Dataset, target: Dataset | None, workdir: Path) -> Selection:
-        rows = pool.with_format(None)["input_ids"]
         decode = getattr(self.source, "decode", None) if self.text_rules else None
         if getattr(self.source, "tokenizer_kind", None) in ("dna", "protein"):
             decode = None  # sequences, not prose: the text rules do not apply
         failed: Counter[str] = Counter()
-        keep = np.ones(len(rows), dtype=bool)
-        for i, row in enumerate(rows):
-            fails = self.token_failures(row)
-            if callable(decode):
-                fails += self.text_failures(decode(row))
-            failed.update(fails)
-            keep[i] = not fails
-        report = {"pool_rows": len(rows), "kept_rows": int(keep.sum()), "removed": int((~keep).sum()),
+        keep = np.ones(len(pool), dtype=bool)
+        for start, rows in pool_chunks(pool):
+            for i, row in enumerate(rows, start):
+                fails = self.token_failures(row)
+                if callable(decode):
+                    fails += self.text_failures(decode(row))
+                failed.update(fails)
+                keep[i] = not fails
+        report = {"pool_rows": len(pool), "kept_rows": int(keep.sum()), "removed": int((~keep).sum()),
                   "text_rules": bool(callable(decode)), **{f"failed_{k}": v for k, v in sorted(failed.items())}}
         if not keep.any():
             worst = ", ".join(f"{k} ({v})" for k, v in failed.most_common(3))
-            raise UserError(f"selection=quality removed all {len(rows)} rows (most failed: {worst}): loosen or "
+            raise UserError(f"selection=quality removed all {len(pool)} rows (most failed: {worst}): loosen or "
                             "disable those rules (set them to null).")
         return Selection(pool.select(np.flatnonzero(keep)), keep.astype(np.float64), report)

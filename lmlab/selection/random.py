@@ -1,4 +1,6 @@
-"""Random selection: keep a uniformly random fraction of the pool (the baseline every method must beat)."""
+"""Random selection: keep a uniformly random fraction of the pool (the baseline every method must beat).
+
+Chunked (``Selector.on_shards``): the scores are drawn from the pool's length alone, no row is read."""
 
 from __future__ import annotations
 
@@ -13,6 +15,8 @@ from lmlab.settings import NonNegative
 
 
 class RandomSelection(Selector):
+    on_shards = "chunked"
+
     def __init__(self, fraction: float = 0.5, seed: NonNegative = 0) -> None:
         if not 0.0 < fraction <= 1.0:
             raise UserError(f"selection.fraction must lie in (0, 1], got {fraction}: set e.g. selection.fraction=0.5.")

@@ -9,7 +9,9 @@ One place for what those methods share:
   ``AuxLM.train(rows, init=model)`` continues from a copy of ``model`` (a fine-tune).
 * ``row_nll``: per-row negative log-likelihood (mean per target token, or the total), in nats.
 * ``load_reference``: a finished lmlab run directory as a scoring model (``lmlab.run_dir.load_backbone``).
-* ``sample_rows`` / ``rows_of``: plain row lists from a ``Dataset``.
+* ``sample_rows`` / ``rows_of``: plain row lists from a ``Dataset``; ``pool_sample``: the same draw from a
+  pool (a ``Dataset`` or memory-mapped shards) without reading the rest of it; ``pool_vocab``: the vocabulary
+  size, the pool read chunk by chunk where the source does not say it.
 """
 
 from __future__ import annotations
@@ -39,12 +41,37 @@ def rows_of(split: Dataset) -> list[list[int]]:
     return [list(r) for r in split.with_format(None)["input_ids"]]
 
 
+def sample_indices(n_rows: int, n: int | None, seed: int) -> np.ndarray:
+    """``n`` of ``n_rows`` row indices drawn without replacement, sorted (all of them when ``n`` is None or
+    not smaller)."""
+    if n is None or n >= n_rows:
+        return np.arange(n_rows)
+    return np.sort(np.random.default_rng(seed).choice(n_rows, size=n, replace=False))
+
+
 def sample_rows(rows: list[list[int]], n: int | None, seed: int) -> list[list[int]]:
     """``n`` rows drawn without replacement (all of them when ``n`` is None or not smaller)."""
     if n is None or n >= len(rows):
         return rows
-    idx = np.sort(np.random.default_rng(seed).choice(len(rows), size=n, replace=False))
-    return [rows[i] for i in idx]
+    return [rows[i] for i in sample_indices(len(rows), n, seed)]
+
+
+def pool_sample(pool, n: int | None, seed: int) -> list[list[int]]:
+    """``sample_rows`` of the pool's rows, reading only the drawn rows (``n=None``: the whole pool)."""
+    idx = sample_indices(len(pool), n, seed)
+    return [list(r) for r in pool.with_format(None)[idx.tolist()]["input_ids"]]
+
+
+def pool_vocab(source, pool, *row_lists: list[list[int]]) -> int:
+    """``vocab_of`` with the pool among the rows, the pool read chunk by chunk when the source does not
+    give the vocabulary size."""
+    if source is not None and hasattr(source, "vocab_size"):
+        return int(source.vocab_size)
+    from lmlab.selection.base import pool_chunks
+
+    tops = [max((max(r) for r in rows if r), default=None) for rows in
+            [*(rows for _, rows in pool_chunks(pool)), *row_lists]]  # one per chunk: bounded memory
+    return 1 + max((t for t in tops if t is not None), default=3)
 
 
 @dataclass

@@ -25,6 +25,10 @@ most 300 tokens) in four styles and trains on real : synthetic = 1 : 1. Offline 
   file size and modification time (a retrained generator is a new cache entry). ``report`` holds
   ``real_rows``, ``synthetic_rows``, ``synthetic_fraction`` and ``synthetic_empty`` (generations that gave
   no tokens: ``[BOS] [EOS]``).
+
+Over memory-mapped shards it materialises the pool (``Selector.on_shards``): its result holds new rows, so
+it is no index over the shards; ``Selector.run`` loads a shard pool of at most ``MATERIALISE_ROWS`` rows and
+refuses a larger one.
 """
 
 from __future__ import annotations

@@ -157,3 +157,19 @@ def test_cli_trains_on_a_mixture_deterministically_and_resumes(lmlab, tmp_path):
     assert code == 0 and "resuming from" in out, out
     resumed = json.loads((run / "results.json").read_text())["metrics"]
     assert resumed["perplexity/loss"] == pytest.approx(first["perplexity/loss"], abs=1e-6)
+
+
+def test_a_selection_over_a_mixture_reports_what_it_kept_of_each_source(tmp_path):
+    """Known answer: the share of each source's pool rows in the selection, counted by hand."""
+    from lmlab.selection.base import selection_stats
+    from lmlab.selection.random import RandomSelection
+
+    m = MixtureSource({"a": small(PCFG), "b": small(HMM, vocab_size=20)})
+    pool = m.build()["train"]
+    chosen = RandomSelection(fraction=0.3).run(pool, None, tmp_path, m.cache_key())
+    stats = selection_stats(pool, chosen.dataset)
+    sources, kept = np.asarray(pool["source"]), Counter(chosen.dataset["source"])
+    for name in ("a", "b"):
+        assert stats[f"kept_{name}"] == kept[name] / (sources == name).sum()
+    assert chosen.stats["kept_a"] == stats["kept_a"]  # what the pipeline records as selection/kept_a
+    assert 0.15 < stats["kept_a"] < 0.45 and 0.15 < stats["kept_b"] < 0.45

@@ -50,6 +50,11 @@ from lmlab.settings import NonNegative, NonNegativeFloat, Positive
 
 SOURCE_COLUMN = "source"
 MIXTURE_FILE = "mixture.json"  # in the cache entry: the sources' training sizes and probabilities
+# The mixture's own random streams are default_rng([seed, STREAM, ...]). NumPy's SeedSequence ignores trailing
+# zero words (default_rng([s, 0]) is default_rng(s)), so a draw seeded [seed, 0] would be the very stream of
+# every other default_rng(seed) in a run (a random selection's scores, say), and rows of one source would be
+# the ones such a selection keeps. A constant no other stream uses keeps them apart.
+STREAM = 0x6D6978  # "mix"
 
 
 def _plain(value: Any) -> Any:
@@ -141,7 +146,7 @@ class MixtureSource(Source):
     def cache_key(self) -> str:
         # the sources' own keys (a text source's key follows its files), not only their configs
         keys = {name: s.cache_key() for name, s in self.sources.items()}
-        cfg = {**self.config, "source_keys": keys}
+        cfg = {**self.config, "source_keys": keys, "streams": STREAM}
         return f"{type(self).__module__}.{type(self).__name__}-{config_hash(cfg)}"
 
     # ------------------------------------------------------------------ build
@@ -176,13 +181,13 @@ class MixtureSource(Source):
         p = self._probabilities()
         n = int(self.config["train_size"] or sum(sizes.values()))
         seed = int(self.config["seed"])
-        choice = np.random.default_rng([seed, 0]).choice(len(names), size=n, p=[p[k] for k in names])
+        choice = np.random.default_rng([seed, STREAM]).choice(len(names), size=n, p=[p[k] for k in names])
         # each source's rows in the order of its own seeded permutations, one per pass over it
         orders: list[list[int]] = []
         for i, name in enumerate(names):
             need, order, passes = int((choice == i).sum()), [], 0
             while len(order) < need:
-                order.extend(np.random.default_rng([seed, 1 + i, passes]).permutation(sizes[name]).tolist())
+                order.extend(np.random.default_rng([seed, STREAM, 1 + i, passes]).permutation(sizes[name]).tolist())
                 passes += 1
             orders.append(order)
         cursor = [0] * len(names)

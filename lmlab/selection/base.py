@@ -210,8 +210,10 @@ def top_fraction(scores: np.ndarray, fraction: float) -> np.ndarray:
 
 def selection_stats(pool: Any, selected: Any) -> dict[str, float]:
     """Sizes and, where the pool has an ``origin`` column, the share of each origin in the selection:
-    ``precision`` = share of origin 0 (the target), ``pool_precision`` = the pool's target share. The pool
-    and the selection are ``Dataset``s or shards."""
+    ``precision`` = share of origin 0 (the target), ``pool_precision`` = the pool's target share; where it has a
+    ``source`` column (``data=mixture``), ``kept_<source>`` = the share of that source's pool rows the selection
+    kept, so a selection over a mixture says what it did to each source. The pool and the selection are
+    ``Dataset``s or shards."""
     if not all(isinstance(d, Dataset) or is_shards(d) for d in (pool, selected)):
         return {}
     stats: dict[str, float] = {"pool_rows": len(pool), "rows": len(selected)}
@@ -224,4 +226,9 @@ def selection_stats(pool: Any, selected: Any) -> dict[str, float]:
         for code, name in ORIGINS.items():
             if code:
                 stats[f"share_{name}"] = float(np.mean(picked == code))
+    if "source" in pool.column_names and "source" in selected.column_names:
+        names, pool_counts = np.unique(column(pool, "source"), return_counts=True)
+        kept = dict(zip(*np.unique(column(selected, "source"), return_counts=True)))
+        for name, n in zip(names, pool_counts):
+            stats[f"kept_{name}"] = float(kept.get(name, 0) / n)
     return stats

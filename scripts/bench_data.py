@@ -120,6 +120,8 @@ def main() -> None:
                   else child_tokenizers(path, args.vocab, args.chunk))
         print(json.dumps(result))
         return
+    if args.dir:
+        Path(args.dir).mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(prefix="bench-data-", dir=args.dir) as scratch:
         print(f"vocab {args.vocab}, RAYON_NUM_THREADS={args.threads}, lmlab sample {args.sample_mb} MB")
         print(f"{'size MB':>8} {'arm':>10} {'wall s':>8} {'Mtok':>7} {'Mtok/s':>7} {'MB/s':>6} {'peak MB':>8} "

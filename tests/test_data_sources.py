@@ -14,7 +14,8 @@ from lmlab.data.datamodule import DataModule
 from lmlab.data.hf import HFSource
 from lmlab.data.pcfg import PCFGSource
 from lmlab.data.shards import INDEX, ShardRows, ShardSource, write_shards
-from lmlab.data.text import TextSource, pack_stream, read_fasta
+from lmlab.data.corpus import pack_stream, read_fasta
+from lmlab.data.text import TextSource
 from lmlab.data.tokenizers import BPE, DNA, Byte, Protein
 from lmlab.errors import UserError
 from lmlab.vocab import BOS_ID, EOS_ID, N_SPECIAL

@@ -207,7 +207,7 @@ def test_progress_bar_runs(tmp_path, capsys):
 
 
 def test_shards_command_streams_data_text(tmp_path, capsys):
-    from lmlab.data.shards import main
+    from lmlab.data.prepare import main
 
     docs = documents(400)
     corpus = write_txt(tmp_path / "c.txt", docs)

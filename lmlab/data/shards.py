@@ -28,7 +28,7 @@ Writing: ``write_shards(data, out_dir)`` where ``data`` is a ``Source`` (its cac
 ``split -> rows`` (a ``Dataset``, a list of token lists, or a 2-D array), or a list of texts (packed into
 ``block_size`` blocks into ``train`` with a tokenizer of ``lmlab.data.tokenizers``: ``Byte()``, ``DNA()``,
 ``Protein()`` or a trained ``BPE``). From the shell:
-``python -m lmlab.data.shards OUT_DIR data=text data.paths=...`` (any ``lmlab train`` data overrides).
+``python -m lmlab.data.prepare OUT_DIR data=text data.paths=...`` (any ``lmlab train`` data overrides).
 There, ``data=text`` (without ``labels_csv``) is prepared by streaming (``lmlab.data.stream.prepare_shards``:
 bounded memory, documents split by hash, BPE trained on ``data.tokenizer_sample_bytes``, resumable: rerun the
 same command after an interruption; an OUT_DIR already prepared from the same files and settings is kept);
@@ -39,7 +39,6 @@ from __future__ import annotations
 
 import json
 import os
-import sys
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -131,7 +130,7 @@ def write_shards(data: Any, out_dir: str | os.PathLike, *, cache_dir: str | os.P
     """Write ``data`` (a Source, a mapping split -> rows, or a list of texts) as memory-mapped shards into
     ``out_dir`` (created; must be empty or absent). Texts are packed with ``tokenizer`` (``Byte()`` when
     ``None``; a BPE model must be trained). Returns ``out_dir``."""
-    from lmlab.data.text import pack_stream
+    from lmlab.data.corpus import pack_stream
 
     out = Path(out_dir)
     if out.exists() and any(out.iterdir()):
@@ -279,7 +278,7 @@ class ShardSource(Source):
     def __init__(self, path: str | None = None) -> None:
         if path is None:
             raise UserError("data=shards needs data.path, a directory written by lmlab.data.shards.write_shards "
-                            "(python -m lmlab.data.shards OUT_DIR data=...).")
+                            "(python -m lmlab.data.prepare OUT_DIR data=...).")
         directory = Path(os.path.expanduser(os.fspath(path)))
         if not (directory / INDEX).is_file():
             raise UserError(f"{str(directory)!r} holds no shard index ({INDEX}): point data.path at a directory "
@@ -326,33 +325,3 @@ class ShardSource(Source):
             rows = ShardRows(self.directory, entry, dtype)
             out[split] = rows if split == "train" else Dataset.from_dict(rows[:], features=_features(rows.column_names))
         return DatasetDict(out)
-
-
-def main(argv: list[str] | None = None) -> None:
-    """``python -m lmlab.data.shards OUT_DIR [data overrides...]``: write the data of a train config as shards."""
-    from hydra import compose, initialize_config_module
-    from hydra.utils import instantiate
-    from omegaconf import OmegaConf
-
-    argv = sys.argv[1:] if argv is None else argv
-    if not argv or argv[0].startswith("-"):
-        print(__doc__.split("Writing:")[1].strip())
-        return
-    with initialize_config_module(config_module="lmlab.conf", version_base="1.3"):
-        cfg = compose(config_name="train", overrides=list(argv[1:]))
-    source = instantiate(cfg.data)
-    from lmlab.data.text import TextSource
-
-    if isinstance(source, TextSource) and source.labels_csv is None:
-        from lmlab.data.stream import prepare_shards
-
-        out = prepare_shards(source, argv[0], progress=True)
-    else:
-        out = write_shards(source, argv[0], cache_dir=OmegaConf.select(cfg, "cache_dir"))
-    index = json.loads((out / INDEX).read_text())
-    counts = ", ".join(f"{k}: {v['rows']} rows" for k, v in index["splits"].items())
-    print(f"[lmlab] wrote {counts} to {out}")
-
-
-if __name__ == "__main__":
-    main()

@@ -20,7 +20,7 @@ reads (the layout of ``lmlab/data/shards.py``), without ever holding the corpus 
   first, reading-only pass that stops once the sample is full). The tokenizer is saved as ``tokenizer.json``.
 * Encoding: each batch's documents are encoded by one ``Tokenizer.encode_flat`` call (for BPE, the
   ``tokenizers`` library's ``encode_batch_fast``, which uses its own threads).
-* Packing, per split, exactly as ``lmlab.data.text.pack_stream`` over the split's documents in file order:
+* Packing, per split, exactly as ``lmlab.data.corpus.pack_stream`` over the split's documents in file order:
   the stream ``d_1 [EOS] d_2 [EOS] ...`` cut into pieces of ``block_size - 1`` tokens, each row ``[BOS] +
   piece``; the tokens that do not yet fill a piece are carried to the next batch, and the final remainder
   of each split is dropped.
@@ -179,7 +179,7 @@ def _parquet_records(path: Path, field: str, start: int) -> Iterator[str | None]
 def _whole_records(path: Path, fmt: str, field: str) -> list[str | None]:
     """The documents of a file that cannot be streamed (a .json array/object of columns, FASTA)."""
     if fmt == "fasta":
-        from lmlab.data.text import read_fasta
+        from lmlab.data.corpus import read_fasta
 
         return list(read_fasta(path))
     try:
@@ -200,7 +200,7 @@ def read_batches(path: Path, field: str, start: int = 0,
                  batch_bytes: int = DEFAULT_BATCH_BYTES) -> Iterator[tuple[list[str], int]]:
     """Batches of non-blank documents of one file, from input position ``start``: (documents, position after
     them), the position being a byte offset (.txt, .jsonl, JSON-lines .json) or a record index (others)."""
-    from lmlab.data.text import FORMATS
+    from lmlab.data.corpus import FORMATS
 
     suffix = path.suffix.lower()
     fmt = FORMATS[suffix]

@@ -22,7 +22,7 @@
   build in memory: it streams the files into shards in the cache directory (``lmlab.data.stream``: bounded
   memory, documents split by a keyed hash of their text instead of the permutation, BPE trained on at most
   ``tokenizer_sample_bytes`` of training text, resumable) and serves them as ``data=shards`` does. Neither
-  setting enters the in-memory cache key. ``python -m lmlab.data.shards OUT_DIR data=text ...`` always streams.
+  setting enters the in-memory cache key. ``python -m lmlab.data.prepare OUT_DIR data=text ...`` always streams.
 
 The packing is shared with the shard writer: ``pack_stream``.
 
@@ -55,6 +55,7 @@ from datasets import (
     load_dataset,
 )
 
+from lmlab.data.corpus import FORMATS, pack_stream, read_fasta
 from lmlab.data.source import Source
 from lmlab.data.tokenizers import BPE, Tokenizer
 from lmlab.errors import UserError
@@ -63,8 +64,6 @@ from lmlab.settings import Fraction, NonNegative, Optional, Positive
 from lmlab.vocab import BOS_ID, EOS_ID
 
 SAMPLE_CORPUS = Tokenizer.sample  # lmlab/data/sample/tiny_corpus.txt
-FORMATS = {".txt": "text", ".jsonl": "json", ".json": "json", ".parquet": "parquet",
-           ".fasta": "fasta", ".fa": "fasta", ".faa": "fasta", ".fna": "fasta"}
 
 
 def as_tokenizer(tokenizer: Any) -> Tokenizer:
@@ -103,37 +102,6 @@ def _resolve(entries: list[str]) -> list[Path]:
                 raise UserError(f"the data file {str(path)!r} is empty: remove it from data.paths or add text.")
         files.extend(p.resolve() for p in found)
     return list(dict.fromkeys(files))
-
-
-def pack_stream(ids: np.ndarray, lengths: np.ndarray, block_size: int) -> np.ndarray:
-    """(n_blocks, block_size) int32: ``[BOS]`` + the next block_size-1 tokens of ``d_1 EOS d_2 EOS ..``,
-    the documents being the consecutive pieces of ``ids`` of the given ``lengths``; the remainder is dropped."""
-    stream = np.insert(np.asarray(ids, dtype=np.int32), np.cumsum(lengths), EOS_ID)  # one EOS after each document
-    piece = block_size - 1
-    n_blocks = len(stream) // piece
-    body = stream[: n_blocks * piece].reshape(n_blocks, piece)
-    return np.concatenate([np.full((n_blocks, 1), BOS_ID, dtype=np.int32), body], axis=1)
-
-
-def read_fasta(path: str | os.PathLike) -> list[str]:
-    """The sequences of a FASTA file, one per ``>`` record (lines joined); a file without headers is read as
-    one sequence per line."""
-    records: list[list[str]] = []
-    headers = False
-    with open(path, encoding="utf-8", errors="replace") as f:
-        for line in f:
-            line = line.strip()
-            if line.startswith(">"):
-                headers = True
-                records.append([])
-            elif line and not line.startswith(";"):
-                if headers:
-                    if not records:
-                        records.append([])
-                    records[-1].append(line)
-                else:
-                    records.append([line])
-    return [s for s in ("".join(r) for r in records) if s]
 
 
 def _fingerprint(path: Path) -> list:

@@ -10,11 +10,11 @@ import numpy as np
 import pytest
 from datasets import Dataset, DatasetDict
 
+from lmlab.data.corpus import pack_stream, read_fasta
 from lmlab.data.datamodule import DataModule
 from lmlab.data.hf import HFSource
 from lmlab.data.pcfg import PCFGSource
 from lmlab.data.shards import INDEX, ShardRows, ShardSource, write_shards
-from lmlab.data.corpus import pack_stream, read_fasta
 from lmlab.data.text import TextSource
 from lmlab.data.tokenizers import BPE, DNA, Byte, Protein
 from lmlab.errors import UserError

@@ -172,11 +172,10 @@ def paired_t_test(differences) -> tuple[float, float]:
     x = np.asarray(differences, dtype=np.float64).reshape(-1)
     if len(x) < 2:
         return math.nan, math.nan
-    mean, sd = float(x.mean()), float(x.std(ddof=1))
-    if sd == 0:
-        return (math.copysign(math.inf, mean), 0.0) if mean != 0 else (0.0, 1.0)
-    t = mean / (sd / math.sqrt(len(x)))
-    return t, max(0.0, 1.0 - _t_abs_cdf(abs(t), len(x) - 1))
+    test = paired_difference(x, np.zeros_like(x))
+    if test.diff.sd == 0:
+        return (math.copysign(math.inf, test.diff.mean), 0.0) if test.diff.mean != 0 else (0.0, 1.0)
+    return test.t, test.p
 
 
 def min_detectable_effect(sd: float, n: int, alpha: float = 0.05, power: float = 0.8) -> float:

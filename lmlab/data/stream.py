@@ -398,6 +398,14 @@ def _progress_bar(enabled: bool):
                     TimeElapsedColumn(), console=Console(stderr=True), disable=not enabled)
 
 
+def _json_or_none(path: Path) -> Any:
+    """The JSON in ``path``; None where the file is missing or not JSON (a preparation killed mid-write)."""
+    try:
+        return json.loads(path.read_text())
+    except (FileNotFoundError, ValueError):
+        return None
+
+
 def prepare_shards(source: Any, out_dir: str | os.PathLike, *, rows_per_shard: int | None = None,
                    tokenizer_sample_bytes: int | None = None, batch_bytes: int = DEFAULT_BATCH_BYTES,
                    progress: bool = False, on_shard: Callable[[str, int], None] | None = None) -> Path:
@@ -424,24 +432,14 @@ def prepare_shards(source: Any, out_dir: str | os.PathLike, *, rows_per_shard: i
 
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    index = None
-    if (out / INDEX).is_file():
-        try:
-            index = json.loads((out / INDEX).read_text())
-        except ValueError:
-            index = None
-        if isinstance(index, dict) and index.get("prepared", {}).get("key") == key:
-            if _learns(tokenizer):
-                tokenizer.load(out)
-            return out
-    state = None
-    if (out / PROGRESS).is_file():
-        try:
-            state = json.loads((out / PROGRESS).read_text())
-        except ValueError:
-            state = None
-        if not isinstance(state, dict) or state.get("key") != key:
-            state = None
+    index = _json_or_none(out / INDEX)
+    if isinstance(index, dict) and index.get("prepared", {}).get("key") == key:
+        if _learns(tokenizer):
+            tokenizer.load(out)
+        return out
+    state = _json_or_none(out / PROGRESS)
+    if not isinstance(state, dict) or state.get("key") != key:
+        state = None
     if state is None:
         _clear(out, index)
 

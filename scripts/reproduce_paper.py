@@ -196,13 +196,13 @@ def link_parents(sweep: Sweep, plan: list[Sweep], size: int) -> int:
     from lmlab.run_dir import is_done, read_results
 
     parent = next((s for s in plan if s.label == sweep.needs), None)
+    if parent is None:
+        return 0
     out_dir = Path(next(o.split("=", 1)[1] for o in sweep.overrides if o.startswith("out_dir=")))
     target = next(o for o in sweep.overrides if o.startswith("init_from.run="))
     links = Path(target.split("=", 1)[1].strip("'")).parent
     links.mkdir(parents=True, exist_ok=True)
     n = 0
-    if parent is None:
-        return 0
     for results in sorted((out_dir / "same_loss" / "size").rglob("results.json")):
         run = results.parent
         if not is_done(run):

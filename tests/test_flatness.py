@@ -22,6 +22,7 @@ from lmlab.evaluation.flatness import (
     hutchinson_terms,
     mean_and_se,
     per_example_sq_grad_norms,
+    per_example_sq_grads,
     probe_vector,
     select_parameters,
 )
@@ -107,6 +108,13 @@ def test_fisher_and_hutchinson_match_the_exact_hessian_trace_at_the_optimum():
     ys = torch.multinomial(p0.repeat(200, 1), 1, generator=g).squeeze(1)
     mean, se = mean_and_se(per_example_sq_grad_norms(logp, params, (xs, ys), chunk_size=1024).numpy())
     assert abs(mean - exact) < 4 * se and se < 0.05 * exact, (mean, se, exact)
+
+    # in chunks (the last one short) == one vmap over every example
+    chunked = per_example_sq_grads(logp, params, (xs, ys), chunk_size=7)
+    whole = per_example_sq_grads(logp, params, (xs, ys))
+    assert chunked.keys() == whole.keys()
+    for name, v in chunked.items():
+        assert v.shape == (len(xs),) and torch.allclose(v, whole[name], rtol=1e-6, atol=0)
 
     # Hutchinson on the expected loss
     theta = theta0.clone().requires_grad_(True)

@@ -251,3 +251,19 @@ def test_a_run_still_moving_does_not_count(tmp_path):
     assert rows[("algorithm", "pcfg", "task A", "acc_adv:adamw-adversarial")].seeds == [1, 2]
     _, rows = _rows(tmp_path, plateau=0.05)
     assert rows[("algorithm", "pcfg", "task A", "acc_adv:adamw-adversarial")].seeds == [0, 1, 2]
+
+
+def test_trace_precision_counts_every_evaluation_of_the_counted_runs(tmp_path):
+    sweep = tmp_path / "algorithm"
+    se_key = TRACE + "_se"
+    # counted: final 5% and two evaluations along the way (2%, 8%); excluded (gap above tolerance): 50%
+    write_job(sweep, "a", "algorithm", 0, {GAP: 0.02, TRACE: 10.0, se_key: 0.5},
+              history=[{"step": 0, GAP: 0.02, TRACE: 10.0, se_key: 0.2}, {"step": 100, GAP: 0.02, TRACE: 10.0,
+                                                                          se_key: 0.8}])
+    write_job(sweep, "b", "algorithm", 1, {GAP: 0.5, TRACE: 10.0, se_key: 5.0})
+    a = analyse(tmp_path, Settings(tolerance=0.1, margin=0.02))
+    fisher = a.trace_precision()["Fisher Tr"]
+    assert fisher["evaluations"] == 3 and fisher["max"] == pytest.approx(0.08)
+    assert fisher["median"] == pytest.approx(0.05) and fisher["above_5pct"] == 1
+    report = write_report(tmp_path, tolerance=0.1, margin=0.02).read_text()
+    assert "Fisher Tr median 5.0%, max 8.0%, 1 of 3 above 5%" in report

@@ -644,6 +644,19 @@ class Analysis:
     rows: list[Row]
     details: dict[str, list[str]]
 
+    def trace_precision(self) -> dict[str, dict[str, float]]:
+        """Per trace (Fisher, blocks, Hutchinson): the median and the largest standard error / trace over every
+        evaluation of the counted runs (final and along the way), and how many evaluations exceed 5%."""
+        out = {}
+        for key, se_key, name in TRACES:
+            ratios = [se / tr for r in self.runs if r.run_dir in self.counted for m in (r.metrics, *r.history)
+                      for tr, se in [(_num(m.get(key)), _num(m.get(se_key)))]
+                      if math.isfinite(tr) and math.isfinite(se) and tr > 0]
+            if ratios:
+                out[name] = {"evaluations": len(ratios), "median": float(np.median(ratios)),
+                             "max": float(max(ratios)), "above_5pct": sum(x > 0.05 for x in ratios)}
+        return out
+
     def gap_summary(self) -> tuple[float, float]:
         gaps = [r.get(GAP) for r in self.runs if r.run_dir in self.counted and math.isfinite(r.get(GAP))]
         return (float(np.median(gaps)), float(max(gaps))) if gaps else (math.nan, math.nan)
@@ -922,7 +935,14 @@ def write_report(path: str | Path, tolerance: float | None = None, compare: str 
           f"Runs read: {len(runs)} under `{path}` ({', '.join(f'{v} {s}' for s, v in sorted(counts.items()))}); "
           f"{len(a.counted)} counted, {len(a.excluded)} excluded. The verdicts hold at a gap of "
           f"**{_fmt(gap_median)} nats** (median of the counted runs; max {_fmt(gap_max)}).", "",
-          "## Verdicts", ""]
+          ]
+    precision = a.trace_precision()
+    if precision:
+        md += ["Trace precision (standard error / trace over every evaluation of the counted runs): "
+               + "; ".join(f"{name} median {100 * v['median']:.1f}%, max {100 * v['max']:.1f}%, "
+                           f"{v['above_5pct']} of {v['evaluations']} above 5%" for name, v in precision.items())
+               + ".", ""]
+    md += ["## Verdicts", ""]
     md += verdict_table(a.rows)
     family = [r for r in a.rows if math.isfinite(r.p_holm)]
     md += ["", f"Holm family: {len(family)} claimed row(s) with matched loss. All rows: "
@@ -973,7 +993,7 @@ def write_report(path: str | Path, tolerance: float | None = None, compare: str 
         "tolerance": settings.tolerance, "margin": settings.margin, "plateau": settings.plateau, "k": settings.k,
         "gap_median": None if not math.isfinite(gap_median) else gap_median,
         "gap_max": None if not math.isfinite(gap_max) else gap_max,
-        "rows": [r.to_json() for r in a.rows],
+        "trace_precision": precision, "rows": [r.to_json() for r in a.rows],
         "excluded": [{"run": str(r.run_dir), "claim": r.claim, "reason": why} for r, why in a.excluded],
         "stability": stability})
     write_text(report, "\n".join(md))

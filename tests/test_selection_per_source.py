@@ -122,11 +122,16 @@ def test_the_curriculum_refuses_per_source_selection(tmp_path):
         Curriculum(key="length").run(pool, None, tmp_path, "k", by="source")
 
 
-def test_the_setting_validates_and_is_in_the_cache_key():
+def test_the_setting_validates_and_keys_the_selection_not_the_rows(tmp_path):
     with pytest.raises(UserError, match="data.select_per_source is 'maybe'; make it true or false"):
         MixtureSource({"a": small()}, select_per_source="maybe")
     off, on = MixtureSource({"a": small()}), MixtureSource({"a": small()}, select_per_source=True)
-    assert not off.select_per_source and on.select_per_source and off.cache_key() != on.cache_key()
+    assert not off.select_per_source and on.select_per_source
+    assert off.cache_key() == on.cache_key()  # the same rows: one data cache entry
+    pool = pool_of(random_rows(20), ["a", "b"] * 10)
+    per_source = RandomSelection(fraction=0.5).run(pool, None, tmp_path, "k", by="source")
+    pooled = RandomSelection(fraction=0.5).run(pool, None, tmp_path, "k")
+    assert per_source.cache_path != pooled.cache_path
 
 
 MIX = ["data=mixture", "data.train_size=300",

@@ -28,6 +28,7 @@ from omegaconf import DictConfig, OmegaConf
 
 import lmlab
 from lmlab.data.datamodule import DataModule
+from lmlab.data.mixture import SOURCE_COLUMN
 from lmlab.errors import UserError
 from lmlab.io import atomic_dir, write_json
 from lmlab.run_dir import (
@@ -165,7 +166,7 @@ def _train(cfg: DictConfig, run_dir: Path, command: str) -> dict[str, Any]:
     selector = instantiate(cfg.selection)
     pool = splits["train"]
     selection = selector.run(pool, selection_target(splits, selector), cfg.cache_dir, source.cache_key(),
-                             source=source)
+                             source=source, by=selection_by(source))
     splits["train"] = selection.dataset
     dm = DataModule(source, splits, batch_size=cfg.batch_size, seed=cfg.seed)
     module = LMModule(model, objective, instantiate(cfg.optim), instantiate(cfg.schedule), compile=cfg.compile)
@@ -253,6 +254,12 @@ def selection_target(splits, selector):
     return splits["validation"]
 
 
+def selection_by(source) -> str | None:
+    """The pool column the selection runs within group by group: a mixture's ``source`` column with
+    ``data.select_per_source=true``, else none (``Selector.run``'s ``by``)."""
+    return SOURCE_COLUMN if getattr(source, "select_per_source", False) else None
+
+
 def selection_metrics(selection: Selection) -> dict[str, float]:
     """``selection/*``: the selection stage's sizes and precision (``Selection.stats``) and the numbers of
     its report."""
@@ -279,7 +286,7 @@ def select(cfg: DictConfig, run_dir: Path, command: str = "lmlab select") -> dic
     if len(splits["train"]) == 0:
         raise UserError(f"data {source.name} produced no training rows: add data or lower its filters.")
     selection = selector.run(splits["train"], selection_target(splits, selector), cfg.cache_dir, source.cache_key(),
-                             source=source)
+                             source=source, by=selection_by(source))
     results = {"status": "done", "metrics": selection_metrics(selection), "report": selection.report,
                "run_dir": str(run_dir), "command": command,
                "config": OmegaConf.to_container(cfg, resolve=True)}

@@ -16,6 +16,13 @@ split, a new permutation on each pass when a source is up-sampled beyond its siz
 ``source`` column holding the name of the row's source. The datamodule's step-indexed batch order
 (``lmlab.data.datamodule.StepBatches``) then makes a resumed run see the same batches.
 
+Selection per source: with ``select_per_source: true`` the selection stage (``lmlab.selection.base``,
+``Selector.run(..., by="source")``) runs the selector on each source's training rows alone, so a selector with a
+``fraction`` keeps that fraction of every source and the mixture's proportions survive a method that favours one
+source (a filter such as ``dedup`` then judges each source's rows only against each other); with ``false`` (the
+default) it selects over the pooled rows (``selection/kept_<source>`` reports what it kept of each source). The
+curriculum, which orders the whole pool, refuses it.
+
 ``validation``, ``test`` and ``downstream`` are each source's own splits, concatenated in the order of
 ``sources``. Task columns are renamed ``<source>_<task>`` (``-1`` on rows of the other sources).
 
@@ -86,10 +93,12 @@ class MixtureSource(Source):
     """Rows of several sources in weighted proportions, with a ``source`` column (see the module docstring)."""
 
     def __init__(self, sources: Mapping[str, Any], temperature: Optional[NonNegativeFloat] = None,
-                 train_size: Optional[Positive] = None, seed: NonNegative = 0) -> None:
+                 train_size: Optional[Positive] = None, seed: NonNegative = 0,
+                 select_per_source: bool = False) -> None:
         """``sources``: name -> data config with an optional ``weight``; ``temperature``: the exponent alpha
         over the sources' training sizes, or ``None`` for the weights alone; ``train_size``: mixture training
-        rows (``None``: the sum of the sources'); ``seed``: the draw of the rows."""
+        rows (``None``: the sum of the sources'); ``seed``: the draw of the rows; ``select_per_source``: the
+        selection stage selects within each source's rows separately (module docstring)."""
         sources = _plain(sources)
         if not isinstance(sources, Mapping) or not sources:
             raise UserError("data.sources is empty: name at least one source, e.g. data.sources.a={_target_: "
@@ -112,11 +121,15 @@ class MixtureSource(Source):
         if train_size is not None and (isinstance(train_size, bool) or not isinstance(train_size, int)
                                        or train_size <= 0):
             raise UserError(f"data.train_size is {train_size!r}; make it a whole number > 0 or null.")
+        if not isinstance(select_per_source, bool):
+            raise UserError(f"data.select_per_source is {select_per_source!r}; make it true or false.")
         if temperature is None:
             mixture_probabilities(list(weights.values()), [1] * len(weights), None)  # refuses all-zero weights
         super().__init__(sources={n: {**c, "weight": weights[n]} for n, c in configs.items()},
-                         temperature=temperature, train_size=train_size, seed=seed)
+                         temperature=temperature, train_size=train_size, seed=seed,
+                         select_per_source=select_per_source)
         self.weights = weights
+        self.select_per_source = select_per_source
         self.sources: dict[str, Source] = {name: _instantiate(cfg) for name, cfg in configs.items()}
         self._check_token_space()
         self.columns = {f"{name}_{task}": (name, task) for name, s in self.sources.items() for task in s.tasks}
@@ -146,7 +159,9 @@ class MixtureSource(Source):
     def cache_key(self) -> str:
         # the sources' own keys (a text source's key follows its files), not only their configs
         keys = {name: s.cache_key() for name, s in self.sources.items()}
-        cfg = {**self.config, "source_keys": keys, "streams": STREAM}
+        # select_per_source changes the selection (whose cache key names it), not the rows
+        cfg = {k: v for k, v in self.config.items() if k != "select_per_source"}
+        cfg = {**cfg, "source_keys": keys, "streams": STREAM}
         return f"{type(self).__module__}.{type(self).__name__}-{config_hash(cfg)}"
 
     # ------------------------------------------------------------------ build

@@ -20,6 +20,12 @@ holds the same (``stats``; the pipeline adds it to the results as ``selection/*`
 (``cache_path``). A selector that acts during training (a curriculum) returns its Lightning callbacks from
 ``training_callbacks(datamodule, selection)``; they may add what they measure to ``selection.report``.
 
+Per-group selection (``run(..., by=<column>)``; ``data=mixture`` with ``select_per_source: true`` passes
+``by="source"``): ``select`` runs on each group of pool rows sharing a value of that column, separately, so each
+group keeps its own ``fraction`` (a mixture's proportions survive the selection); the groups' selections are
+joined (``select_by``) and the cache key names the column. A selector that orders the whole pool (the
+curriculum: ``per_group = False``) refuses it.
+
 Pools of memory-mapped shards (``data=shards``: ``lmlab.data.shards.ShardRows``). A selection of such a pool
 is an index over it (``pool.select(keep)``: a ``ShardRows`` view restricted to, and ordered by, the kept
 rows), saved in the cache entry as ``indices.npy`` instead of ``selected/`` and read back as a view of the
@@ -44,7 +50,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from datasets import Dataset, load_from_disk
+from datasets import Dataset, concatenate_datasets, load_from_disk
 
 from lmlab.errors import UserError
 from lmlab.io import atomic_dir, config_hash, discard_if_damaged, write_json
@@ -106,6 +112,7 @@ class Selector:
     on_shards: str = "materialise"  # how ``run`` reads a shard pool: "chunked" or "materialise" (module docstring)
     fraction_fix: str = "raise selection.fraction"  # the fix named when ``select`` would keep no rows
     source: Any = None  # the data source, set by ``run`` when the caller passes it
+    per_group: bool = True  # False: the method orders the whole pool and refuses ``run(by=...)``
 
     def __init__(self, **config: Any) -> None:
         self.config = config
@@ -135,21 +142,23 @@ class Selector:
         return Selection(pool.select(keep), scores)
 
     def run(self, pool: Dataset, target: Dataset | None, cache_dir: str | os.PathLike, data_key: str,
-            source: Any = None) -> Selection:
+            source: Any = None, by: str | None = None) -> Selection:
         """``select``, cached under ``cache_dir/selection/<data key>-<selector key>`` (``selected/``, its
         ``scores.npy``, its stats ``selection.json`` and its report ``selection_report.json``), the entry built
         in a temporary folder and renamed (``lmlab.io.atomic_dir``: a concurrent job's entry wins). The
-        returned ``Selection`` is read from the entry, whether this call built it or found it."""
+        returned ``Selection`` is read from the entry, whether this call built it or found it. With ``by`` (a
+        column of the pool), the selection runs within each group of rows separately (``select_by``)."""
         if source is not None:
             self.source = source
         if self.passes_through:
             return Selection(pool, stats=selection_stats(pool, pool))
-        key = f"{data_key}-{type(self).__name__}-{config_hash(self.config)}"
+        key = f"{data_key}-{type(self).__name__}-{config_hash(self.config)}" + (f"-by_{by}" if by else "")
         path = Path(cache_dir) / "selection" / key
         discard_if_damaged(path, f"selection of {type(self).__name__}")
         if not ((path / SELECTED / "dataset_info.json").exists() or (path / INDICES).exists()):
             with atomic_dir(path) as tmp:
-                out = self.select(self.readable(pool), target, tmp)
+                readable = self.readable(pool)
+                out = self.select_by(readable, target, tmp, by) if by else self.select(readable, target, tmp)
                 if len(out.dataset) == 0:
                     raise UserError(f"selection {type(self).__name__} kept no rows of the {len(pool)}-row pool: "
                                     "raise its fraction or check its target.")
@@ -160,6 +169,42 @@ class Selector:
                 if out.report is not None:
                     write_json(tmp / REPORT, out.report)
         return read_selection(path, pool)
+
+    def select_by(self, pool: Any, target: Dataset | None, workdir: Path, by: str) -> Selection:
+        """``select`` within each group of rows sharing a value of the column ``by`` (in sorted order of the
+        values, each with the same target and its own work directory ``workdir/<value>``), the groups' selections
+        joined in that order: one ``Dataset``, or one view of the shards; the scores at the rows' pool positions
+        when every group scores; the report ``{"per_<by>": {value: report}}`` plus the integer counts summed."""
+        if not self.per_group:
+            raise UserError(f"selection {type(self).__name__} orders the whole pool and cannot select within each "
+                            f"{by}: set data.select_per_{by}=false.")
+        if by not in pool.column_names:
+            raise UserError(f"the pool has no {by!r} column to select within: set data.select_per_{by}=false.")
+        values = column(pool, by)
+        parts, scores, reports = [], np.zeros(len(pool)), {}
+        for value in np.unique(values):
+            rows = np.flatnonzero(values == value)
+            (workdir / str(value)).mkdir(parents=True, exist_ok=True)
+            out = self.select(pool.select(rows), target, workdir / str(value))
+            parts.append(out.dataset)
+            if scores is not None and out.scores is not None and len(out.scores) == len(rows):
+                scores[rows] = out.scores
+            else:
+                scores = None
+            reports[str(value)] = out.report
+        if all(is_shards(p) for p in parts):
+            from lmlab.data.shards import ShardRows
+
+            dataset = ShardRows(pool.directory, pool.entry, pool.dtype.name,
+                                np.concatenate([p.physical(np.arange(len(p))) for p in parts]))
+        else:
+            dataset = concatenate_datasets(parts)
+        totals: dict[str, int] = {}
+        for report in reports.values():
+            for k, v in (report or {}).items():
+                if isinstance(v, int) and not isinstance(v, bool):
+                    totals[k] = totals.get(k, 0) + v
+        return Selection(dataset, scores, {f"per_{by}": reports, **totals})
 
     def readable(self, pool: Any) -> Any:
         """The pool as ``select`` takes it: as it is, except a shard pool for a materialising selector, loaded

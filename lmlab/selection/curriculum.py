@@ -35,6 +35,10 @@ Chunked (``Selector.on_shards``): every key is a per-row score (length, a fixed 
 random draw), computed chunk by chunk (``lmlab.selection.base.chunk_scores``); the sort is over the scores
 (8 bytes a row), and over shards the kept rows are an index in difficulty order, so the stage prefixes are
 the same rows as for the pool in memory.
+
+Not per source (``data.select_per_source``): the stages are prefixes of one difficulty order over the whole
+pool, and groups ordered apart and joined would release one source's rows before the next one's; ``run``
+refuses ``by`` (``Selector.per_group``).
 """
 
 from __future__ import annotations
@@ -146,6 +150,7 @@ class CurriculumCallback(L.Callback):
 
 class Curriculum(Selector):
     on_shards = "chunked"
+    per_group = False  # the stages are prefixes of one order over the whole pool
 
     def __init__(self, key: str = "reference_loss", reverse: bool = False, start: float = 0.05,
                  step: float = 0.05, patience: int = 1, threshold: float = 0.0, every: int | None = None,

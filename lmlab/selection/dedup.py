@@ -31,12 +31,12 @@ occurrence; near-duplicate search runs on the rows that remain. ``report`` holds
 
 The pool, an in-memory ``Dataset`` or memory-mapped shards alike, is read once in chunks of ``CHUNK_ROWS``
 rows (``lmlab.selection.base.pool_chunks``; ``on_shards = "chunked"``). Per row it keeps, in numpy arrays in
-memory (no Python object a row), a 16-byte blake2b digest of the tokens, the band keys (8 bytes a band:
-144 bytes at threshold 0.8 and 128 permutations), an 8-byte union-find parent and two flags: about 170 bytes
-a row at the defaults, plus about 60 bytes a row while one band's buckets are sorted, plus one chunk's rows
-and signatures, and a set of the candidate pairs the exact check rejected. The exact check reads the rows
-of the candidate pairs again from the pool, ``PAIR_BATCH`` pairs at a time. Over shards the selection is
-an index (a ``ShardRows`` view).
+memory (no Python object a row), a 16-byte blake2b digest of the tokens, the band keys (8 bytes a band: 144
+bytes at threshold 0.8 and 128 permutations), an 8-byte union-find parent and two flags: about 170 bytes a row
+at the defaults, plus about 100 bytes a row while one band's buckets are sorted (peak memory grows by about
+350 bytes a row in all, measured on 64-token rows), plus one chunk's rows and signatures, and a set of the
+candidate pairs the exact check rejected. The exact check reads the rows of the candidate pairs again from the
+pool, ``PAIR_BATCH`` pairs at a time. Over shards the selection is an index (a ``ShardRows`` view).
 """
 
 from __future__ import annotations

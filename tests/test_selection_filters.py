@@ -13,17 +13,11 @@ from datasets import Dataset, Features, Sequence, Value
 from hydra.utils import instantiate
 from omegaconf import OmegaConf
 
+from lmlab.data.shards import ShardRows, ShardSource, write_shards
 from lmlab.errors import UserError
-from lmlab.selection.base import REPORT
-from lmlab.selection.dedup import (
-    Dedup,
-    exact_duplicates,
-    jaccard,
-    lsh_params,
-    minhash_signatures,
-    near_duplicates,
-    shingle_hashes,
-)
+from lmlab.selection import base, dedup
+from lmlab.selection.base import INDICES, REPORT
+from lmlab.selection.dedup import Dedup, duplicates, jaccard, lsh_params, minhash_signatures, shingle_hashes
 from lmlab.selection.quality import Quality, dup_ngram_fraction, text_stats, top_ngram_fraction
 from lmlab.selection.rephrase import STYLES, HFGenerator, Rephrase, RunGenerator
 from lmlab.vocab import BOS_ID, EOS_ID, N_SPECIAL
@@ -77,7 +71,8 @@ def test_lsh_params_favour_recall():
 
 def test_exact_duplicates_keep_first():
     rows = [[1, 5, 6, 2], [1, 7, 2], [1, 5, 6, 2], [1, 5, 6], [1, 7, 2]]
-    assert exact_duplicates(rows).tolist() == [False, False, True, False, True]
+    exact, near = duplicates(pool_of(rows), near=False)
+    assert exact.tolist() == [False, False, True, False, True] and not near.any()
 
 
 def test_near_duplicates_found_unrelated_kept():
@@ -100,10 +95,86 @@ def test_near_duplicates_found_unrelated_kept():
         rows.append(row)
     similarity = [jaccard(shingle_hashes(rows[i], 3), shingle_hashes(rows[s], 3)) for i, s in planted.items()]
     assert 0.75 < min(similarity) and max(similarity) < 0.95  # 1-2 edits on 64 tokens
-    near = near_duplicates(rows, threshold=0.7, num_perm=128, ngram=3)
+    _, near = duplicates(pool_of(rows), threshold=0.7, num_perm=128, ngram=3, exact=False)
     assert set(np.flatnonzero(near)) == set(planted)  # every copy found, no original or unrelated row removed
-    strict = near_duplicates(rows, threshold=0.9, num_perm=128, ngram=3)  # above their similarity: none found
+    _, strict = duplicates(pool_of(rows), threshold=0.9, num_perm=128, ngram=3, exact=False)  # none found
     assert set(np.flatnonzero(strict)) <= set(planted) and strict.sum() < len(planted)
+
+
+def duplicate_pool(seed: int = 0) -> list[list[int]]:
+    """About 200 rows in shuffled order: random rows, exact copies, copies with one substitution (Jaccard of
+    3-shingles 0.91), copies of those with one more (0.82 to the original), copies with three (0.75), rows
+    without shingles, and 40 rows with one shingle set that differ only in their specials (one LSH bucket
+    of more than 32 rows)."""
+    rng = np.random.default_rng(seed)
+    rows = random_rows(100, seed=seed)
+
+    def substitute(row: list[int], positions) -> list[int]:
+        row = list(row)
+        for pos in positions:
+            row[pos] = int(rng.integers(3000, 4000))
+        return row
+
+    once = [substitute(rows[i], [20]) for i in range(0, 20)]
+    rows += once + [substitute(row, [45]) for row in once[:8]]
+    rows += [substitute(rows[i], [12, 32, 52]) for i in range(20, 32)]
+    rows += [list(rows[i]) for i in (1, 25, 40, 101, 102)]
+    rows += [[BOS_ID, EOS_ID], [BOS_ID, EOS_ID, EOS_ID], [BOS_ID, EOS_ID]]
+    rows += [[BOS_ID, 70, 71, 72, *[EOS_ID] * (k + 1)] for k in range(40)]
+    return [rows[i] for i in rng.permutation(len(rows))]
+
+
+def brute_force_duplicates(rows: list[list[int]], threshold: float, ngram: int = 3) -> tuple[np.ndarray, np.ndarray]:
+    """The masks ``duplicates`` should return, from every pair's exact Jaccard: exact copies of an earlier row,
+    then the rows (with shingles) that are not the first of their cluster of pairs at ``threshold`` or more."""
+    exact = np.array([row in rows[:i] for i, row in enumerate(rows)])
+    shingles = [shingle_hashes(row, ngram) for row in rows]
+    alive = [i for i in range(len(rows)) if not exact[i] and len(shingles[i])]
+    root = list(range(len(rows)))
+
+    def find(i: int) -> int:
+        while root[i] != i:
+            i = root[i]
+        return i
+
+    for k, i in enumerate(alive):
+        for j in alive[k + 1:]:
+            if jaccard(shingles[i], shingles[j]) >= threshold:
+                a, b = find(i), find(j)
+                root[max(a, b)] = min(a, b)
+    return exact, np.array([find(i) != i for i in range(len(rows))])
+
+
+@pytest.mark.parametrize("threshold", [0.5, 0.85])
+def test_duplicates_equal_the_all_pairs_answer_across_chunks(monkeypatch, threshold):
+    rows = duplicate_pool()
+    expect_exact, expect_near = brute_force_duplicates(rows, threshold)
+    assert expect_exact.sum() == 6 and expect_near.sum() == {0.5: 79, 0.85: 67}[threshold]
+    for chunk_rows, pair_batch in ((10_000, 4096), (37, 7)):  # one chunk, then 6 chunks and small pair batches
+        monkeypatch.setattr(base, "CHUNK_ROWS", chunk_rows)
+        monkeypatch.setattr(dedup, "PAIR_BATCH", pair_batch)
+        exact, near = duplicates(pool_of(rows), threshold=threshold)
+        assert exact.tolist() == expect_exact.tolist() and near.tolist() == expect_near.tolist()
+
+
+def test_dedup_over_shards_reads_them_in_chunks(monkeypatch, tmp_path):
+    rows = duplicate_pool(seed=1)
+    out = write_shards({"train": rows}, tmp_path / "shards", rows_per_shard=64)
+    pool = ShardSource(str(out)).load(None)["train"]
+
+    def refuse(self):
+        raise AssertionError("dedup loaded the shard pool into memory")
+
+    monkeypatch.setattr(ShardRows, "to_dataset", refuse)
+    monkeypatch.setattr(base, "CHUNK_ROWS", 50)
+    monkeypatch.setenv("LMLAB_SELECT_MAX_ROWS", "10")  # the limit of materialising selectors does not apply
+    on_shards = Dedup(threshold=0.85).run(pool, None, tmp_path / "cache", "k")
+    in_memory = Dedup(threshold=0.85).select(pool_of(rows), None, tmp_path)
+    assert isinstance(on_shards.dataset, ShardRows) and (on_shards.cache_path / INDICES).exists()
+    assert on_shards.dataset.index.tolist() == np.flatnonzero(in_memory.scores).tolist()
+    assert on_shards.dataset[:]["input_ids"] == in_memory.dataset["input_ids"]
+    assert on_shards.report == in_memory.report and in_memory.report["removed_near"] > 0
+    np.testing.assert_array_equal(on_shards.scores, in_memory.scores)
 
 
 def test_dedup_selector_reports_and_caches(tmp_path):

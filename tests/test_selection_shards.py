@@ -10,17 +10,18 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from datasets import Dataset
 
 from lmlab.data.datamodule import DataModule
 from lmlab.data.planted import PlantedSource
 from lmlab.data.shards import ShardRows, ShardSource, write_shards
 from lmlab.errors import UserError
 from lmlab.selection import base
-from lmlab.selection.base import INDICES, SELECTED, top_fraction
+from lmlab.selection.base import INDICES, SELECTED, Selector, top_fraction
 from lmlab.selection.color_filter import ColorFilter
 from lmlab.selection.curriculum import Curriculum, stage_rows
-from lmlab.selection.dedup import Dedup
 from lmlab.selection.quality import Quality
+from lmlab.selection.rephrase import Rephrase
 from lmlab.vocab import PAD_ID
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -97,7 +98,7 @@ def test_every_method_trains_on_shards(lmlab, shards, cache_dir, small_chunks, m
     assert 0 <= metrics["selection/precision"] <= 1
     if method == "rephrase":
         assert metrics["train/rows"] == 1200  # ratio 0.5: as many new rows as real ones
-    if method in ("random", "quality", "color_filter", "miniplm", "preselect", "curriculum"):
+    if method in ("random", "quality", "color_filter", "miniplm", "preselect", "curriculum", "dedup"):
         assert (entries[0] / INDICES).exists() and not (entries[0] / SELECTED).exists()  # an index, not rows
     else:
         assert (entries[0] / SELECTED).exists()  # materialised: the selected rows
@@ -133,14 +134,24 @@ def test_chunked_selection_over_shards_equals_in_memory(shards, small_chunks, ma
     assert again.dataset.index.tolist() == kept.tolist()
 
 
+class KeepFirst(Selector):  # a materialising selector (the default ``on_shards``), like rephrase
+    fraction = 0.5
+
+    def score(self, pool, target, workdir):
+        assert isinstance(pool, Dataset)
+        return -np.arange(len(pool), dtype=np.float64)
+
+
 def test_materialising_selection_refuses_a_large_shard_pool(shards, monkeypatch, tmp_path):
     out = shards[0]
     pool = ShardSource(str(out)).load(None)["train"]
+    assert Rephrase.on_shards == "materialise"
     monkeypatch.setenv("LMLAB_SELECT_MAX_ROWS", "599")
     with pytest.raises(UserError, match="above the limit of 599.*LMLAB_SELECT_MAX_ROWS"):
-        Dedup().run(pool, None, tmp_path, "k")
+        KeepFirst().run(pool, None, tmp_path, "k")
     monkeypatch.setenv("LMLAB_SELECT_MAX_ROWS", "600")
-    assert len(Dedup().run(pool, None, tmp_path, "k").dataset) <= 600
+    selection = KeepFirst().run(pool, None, tmp_path, "k")
+    assert (selection.cache_path / SELECTED).exists() and len(selection.dataset) == 300
 
 
 def test_curriculum_over_shards_keeps_its_stages_and_batches_resume(shards, small_chunks, tmp_path):

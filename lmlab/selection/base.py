@@ -34,11 +34,12 @@ reads such a pool is its ``on_shards``:
 
 * ``"chunked"``: its ``select`` reads the pool in chunks of ``CHUNK_ROWS`` rows (``pool_chunks``), fitting
   its models or statistics on samples of the pool and the target first, then scoring chunk by chunk and
-  keeping rows from the concatenated scores; it runs the same code on an in-memory ``Dataset`` pool, so both
-  select the same rows (random, quality, color_filter, miniplm, preselect, curriculum).
-* ``"materialise"`` (the default): the method needs the whole pool at once (dedup's duplicate search,
-  rephrase's new rows); ``run`` loads a shard pool as a ``Dataset`` when it has at most ``MATERIALISE_ROWS``
-  rows (environment ``LMLAB_SELECT_MAX_ROWS``) and refuses a larger one with one sentence.
+  keeping rows from the concatenated scores (dedup keeps a few numpy values a row from each chunk and reads
+  candidate rows again by index); it runs the same code on an in-memory ``Dataset`` pool, so both select the
+  same rows (random, quality, color_filter, miniplm, preselect, curriculum, dedup).
+* ``"materialise"`` (the default): the method needs the whole pool at once (rephrase's new rows); ``run``
+  loads a shard pool as a ``Dataset`` when it has at most ``MATERIALISE_ROWS`` rows (environment
+  ``LMLAB_SELECT_MAX_ROWS``) and refuses a larger one with one sentence.
 """
 
 from __future__ import annotations
@@ -216,7 +217,8 @@ class Selector:
             raise UserError(f"selection {type(self).__name__} needs the whole pool in memory and this shard pool "
                             f"has {len(pool):,} rows, above the limit of {limit:,}: select on a smaller pool "
                             "(write fewer rows to shards), use a chunked method (random, quality, color_filter, "
-                            "miniplm, preselect, curriculum), or raise LMLAB_SELECT_MAX_ROWS if memory allows.")
+                            "miniplm, preselect, curriculum, dedup), or raise LMLAB_SELECT_MAX_ROWS if memory "
+                            "allows.")
         return pool.to_dataset()
 
 

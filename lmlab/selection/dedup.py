@@ -17,7 +17,10 @@ MinHash in numpy, no ``datasketch`` dependency:
   default, since every candidate is verified exactly and a missed pair is never recovered: at threshold 0.8
   and 128 permutations this gives 18 bands of 7, P(candidate) = 0.986 at s = 0.8, 0.999 at s = 0.85, 0.13 at
   s = 0.5). MinHash/LSH is probabilistic: a pair just above the threshold is missed with that small chance.
-  Rows that share a band bucket are candidates.
+  Each band's ``r`` values are hashed to one 64-bit key; rows with the same key in a band (a bucket) are
+  candidates (a key collision only adds a candidate, which the exact check rejects). Rows without shingles
+  join no bucket. A bucket of at most 32 rows gives all its pairs, a larger one the pairs of its first row
+  with each other row.
 * Candidates are confirmed with the **exact** Jaccard similarity of their shingle sets (``>= threshold``),
   so MinHash only decides which pairs are compared; confirmed pairs are joined with union-find and each
   cluster keeps its first row (pool order).
@@ -26,10 +29,14 @@ Exact duplicates (identical token sequences, specials included) are removed firs
 occurrence; near-duplicate search runs on the rows that remain. ``report`` holds ``pool_rows``,
 ``kept_rows``, ``removed_exact`` and ``removed_near``; the saved scores are 1 for kept rows, 0 for removed.
 
-Over memory-mapped shards it materialises the pool (``Selector.on_shards``): the exact-Jaccard check needs
-every row's shingles at hand, so ``Selector.run`` loads a shard pool of at most ``MATERIALISE_ROWS`` rows and
-refuses a larger one. (Filling the LSH buckets chunk by chunk and re-reading candidate rows from the shards
-would lift that limit; it is not implemented.)
+The pool, an in-memory ``Dataset`` or memory-mapped shards alike, is read once in chunks of ``CHUNK_ROWS``
+rows (``lmlab.selection.base.pool_chunks``; ``on_shards = "chunked"``). Per row it keeps, in numpy arrays in
+memory (no Python object a row), a 16-byte blake2b digest of the tokens, the band keys (8 bytes a band: 144
+bytes at threshold 0.8 and 128 permutations), an 8-byte union-find parent and two flags: about 170 bytes a row
+at the defaults, plus about 100 bytes a row while one band's buckets are sorted (peak memory grows by about
+350 bytes a row in all, measured on 64-token rows), plus one chunk's rows and signatures, and a set of the
+candidate pairs the exact check rejected. The exact check reads the rows of the candidate pairs again from the
+pool, ``PAIR_BATCH`` pairs at a time. Over shards the selection is an index (a ``ShardRows`` view).
 """
 
 from __future__ import annotations
@@ -42,12 +49,14 @@ import numpy as np
 from datasets import Dataset
 
 from lmlab.errors import UserError
-from lmlab.selection.base import Selection, Selector
+from lmlab.selection.base import Selection, Selector, pool_chunks
 from lmlab.settings import NonNegative
 from lmlab.vocab import N_SPECIAL
 
 MERSENNE = np.uint64((1 << 61) - 1)
 MAX_HASH = np.uint64((1 << 32) - 1)
+SMALL_BUCKET = 32  # larger LSH buckets give only the pairs of their first row
+PAIR_BATCH = 4096  # candidate pairs whose rows are read from the pool at once
 
 
 def _splitmix64(x: np.ndarray) -> np.ndarray:
@@ -133,70 +142,107 @@ def jaccard(x: np.ndarray, y: np.ndarray) -> float:
     return inter / (len(x) + len(y) - inter)
 
 
-class _UnionFind:
-    def __init__(self, n: int) -> None:
-        self.parent = np.arange(n)
-
-    def find(self, i: int) -> int:
-        root = i
-        while self.parent[root] != root:
-            root = self.parent[root]
-        while self.parent[i] != root:
-            self.parent[i], i = root, self.parent[i]
-        return int(root)
-
-    def union(self, i: int, j: int) -> None:
-        ri, rj = self.find(i), self.find(j)
-        if ri != rj:  # the smaller index is the root, so each cluster keeps its first row
-            self.parent[max(ri, rj)] = min(ri, rj)
+def band_keys(signatures: np.ndarray, bands: int, r: int) -> np.ndarray:
+    """(bands, n_rows) uint64: per band, a 64-bit hash of each row's ``r`` signature values."""
+    parts = signatures[:, :bands * r].reshape(len(signatures), bands, r)
+    keys = np.zeros((len(signatures), bands), dtype=np.uint64)
+    with np.errstate(over="ignore"):
+        for j in range(r):
+            keys = _splitmix64(keys * np.uint64(1_000_003) + parts[:, :, j])
+    return np.ascontiguousarray(keys.T)
 
 
-def near_duplicates(rows: list[list[int]], threshold: float, num_perm: int, ngram: int, seed: int = 1,
-                    recall_weight: float = 0.99) -> np.ndarray:
-    """A bool mask: True for rows that are near duplicates of an earlier row (cluster's first row kept)."""
-    n = len(rows)
-    shingles = [shingle_hashes(r, ngram) for r in rows]
-    sig = minhash_signatures(shingles, num_perm, seed)
+def bucket_pairs(rows: np.ndarray, keys: np.ndarray) -> np.ndarray:
+    """(k, 2) candidate pairs ``(i, j)``, ``i < j``, of ``rows`` (ascending) sharing a key: every pair of a
+    bucket of at most ``SMALL_BUCKET`` rows, the pairs of its first row with each other row in a larger one."""
+    order = np.argsort(keys, kind="stable")
+    members, sorted_keys = rows[order], keys[order]
+    starts = np.flatnonzero(np.r_[True, sorted_keys[1:] != sorted_keys[:-1]])
+    sizes = np.diff(np.r_[starts, len(keys)])
+    pairs = [np.zeros((0, 2), dtype=np.int64)]
+    for start, size in zip(starts[sizes > 1].tolist(), sizes[sizes > 1].tolist()):
+        group = members[start:start + size]
+        if size <= SMALL_BUCKET:
+            i, j = np.triu_indices(size, 1)
+            pairs.append(np.stack([group[i], group[j]], axis=1))
+        else:
+            pairs.append(np.stack([np.full(size - 1, group[0]), group[1:]], axis=1))
+    return np.concatenate(pairs)
+
+
+def _find(parent: np.ndarray, i: int) -> int:
+    root = i
+    while parent[root] != root:
+        root = parent[root]
+    while parent[i] != root:
+        parent[i], i = root, parent[i]
+    return int(root)
+
+
+def _confirm(pool, pairs: np.ndarray, parent: np.ndarray, rejected: set, threshold: float, ngram: int) -> None:
+    """Join the pairs whose rows' exact Jaccard is at least ``threshold`` (the smaller root wins, so a cluster's
+    root is its first row); the rows of the pairs not yet joined are read from the pool in one batch."""
+    todo = [(i, j) for i, j in pairs.tolist() if (i, j) not in rejected and _find(parent, i) != _find(parent, j)]
+    if not todo:
+        return
+    need = sorted({k for pair in todo for k in pair})
+    shingles = dict(zip(need, (shingle_hashes(row, ngram) for row in pool.with_format(None)[need]["input_ids"])))
+    for i, j in todo:
+        ri, rj = _find(parent, i), _find(parent, j)
+        if ri == rj:
+            continue
+        if jaccard(shingles[i], shingles[j]) >= threshold:
+            parent[max(ri, rj)] = min(ri, rj)
+        else:
+            rejected.add((i, j))
+
+
+def duplicates(pool, threshold: float = 0.8, num_perm: int = 128, ngram: int = 3, seed: int = 1,
+               recall_weight: float = 0.99, exact: bool = True, near: bool = True) -> tuple[np.ndarray, np.ndarray]:
+    """Bool masks ``(exact, near)`` over the rows of ``pool`` (a ``Dataset`` or shards, read in chunks): True
+    where a row's tokens equal an earlier row's, and where a remaining row is a near duplicate of an earlier
+    one (its cluster's first row is kept)."""
+    n = len(pool)
     bands, r = lsh_params(threshold, num_perm, recall_weight)
-    uf = _UnionFind(n)
-    checked: set[tuple[int, int]] = set()
-    has = np.array([len(s) > 0 for s in shingles])
-    for band in range(bands):
-        part = np.ascontiguousarray(sig[:, band * r:(band + 1) * r])
-        keys = part.view(np.dtype((np.void, part.dtype.itemsize * r))).ravel()
-        _, inverse = np.unique(keys, return_inverse=True)
-        inverse = np.where(has, inverse.ravel(), -1)  # rows without shingles join no bucket
-        order = np.argsort(inverse, kind="stable")
-        cuts = np.flatnonzero(np.diff(inverse[order])) + 1
-        for members in np.split(order, cuts):
-            if len(members) < 2 or inverse[members[0]] < 0:
-                continue
-            # every pair in small buckets; the star around the first member in big ones
-            pairs = ([(members[i], members[j]) for i in range(len(members)) for j in range(i + 1, len(members))]
-                     if len(members) <= 32 else [(members[0], m) for m in members[1:]])
-            for i, j in pairs:
-                if (i, j) in checked or uf.find(i) == uf.find(j):
-                    continue
-                checked.add((i, j))
-                if jaccard(shingles[i], shingles[j]) >= threshold:
-                    uf.union(int(i), int(j))
-    roots = np.array([uf.find(i) for i in range(n)], dtype=np.int64)
-    return roots != np.arange(n)
-
-
-def exact_duplicates(rows: list[list[int]]) -> np.ndarray:
-    """A bool mask: True for rows whose token sequence equals an earlier row's."""
-    seen: set[bytes] = set()
-    out = np.zeros(len(rows), dtype=bool)
-    for i, row in enumerate(rows):
-        key = hashlib.blake2b(np.asarray(row, dtype=np.int64).tobytes(), digest_size=16).digest()
-        out[i] = key in seen
-        seen.add(key)
-    return out
+    digests = np.zeros((n if exact else 0, 2), dtype=np.uint64)
+    keys = np.zeros((bands, n if near else 0), dtype=np.uint64)
+    has_shingles = np.zeros(n, dtype=bool)
+    for start, rows in pool_chunks(pool):
+        stop = start + len(rows)
+        if exact:
+            digests[start:stop] = np.frombuffer(b"".join(
+                hashlib.blake2b(np.asarray(row, dtype=np.int64).tobytes(), digest_size=16).digest() for row in rows),
+                dtype=np.uint64).reshape(-1, 2)
+        if near:
+            shingles = [shingle_hashes(row, ngram) for row in rows]
+            has_shingles[start:stop] = [len(x) > 0 for x in shingles]
+            keys[:, start:stop] = band_keys(minhash_signatures(shingles, num_perm, seed), bands, r)
+    is_exact = np.zeros(n, dtype=bool)
+    if exact and n:
+        is_exact[:] = True
+        _, first = np.unique(digests.view(np.dtype((np.void, 16))).ravel(), return_index=True)
+        is_exact[first] = False
+    del digests
+    parent = np.arange(n)
+    if near:
+        candidates = np.flatnonzero(has_shingles & ~is_exact)
+        rejected: set[tuple[int, int]] = set()
+        for band in range(bands):
+            pairs = bucket_pairs(candidates, keys[band, candidates])
+            for first in range(0, len(pairs), PAIR_BATCH):
+                _confirm(pool, pairs[first:first + PAIR_BATCH], parent, rejected, threshold, ngram)
+    while True:  # every row to its root
+        up = parent[parent]
+        if (up == parent).all():
+            break
+        parent = up
+    return is_exact, parent != np.arange(n)
 
 
 class Dedup(Selector):
     """Removes exact duplicates, then near duplicates (MinHash + LSH, exact Jaccard >= ``threshold``)."""
+
+    on_shards = "chunked"
 
     def __init__(self, threshold: float = 0.8, num_perm: int = 128, ngram: int = 3, exact: bool = True,
                  near: bool = True, recall_weight: float = 0.99, seed: NonNegative = 1) -> None:
@@ -216,14 +262,9 @@ class Dedup(Selector):
         self.recall_weight = float(recall_weight)
 
     def select(self, pool: Dataset, target: Dataset | None, workdir: Path) -> Selection:
-        rows = pool.with_format(None)["input_ids"]
-        exact = exact_duplicates(rows) if self.exact else np.zeros(len(rows), dtype=bool)
-        near = np.zeros(len(rows), dtype=bool)
-        if self.near:
-            rest = np.flatnonzero(~exact)
-            near[rest] = near_duplicates([rows[i] for i in rest], self.threshold, self.num_perm, self.ngram,
-                                         self.seed, self.recall_weight)
+        exact, near = duplicates(pool, self.threshold, self.num_perm, self.ngram, self.seed, self.recall_weight,
+                                 self.exact, self.near)
         keep = ~(exact | near)
-        report = {"pool_rows": len(rows), "kept_rows": int(keep.sum()), "removed_exact": int(exact.sum()),
+        report = {"pool_rows": len(pool), "kept_rows": int(keep.sum()), "removed_exact": int(exact.sum()),
                   "removed_near": int(near.sum())}
         return Selection(pool.select(np.flatnonzero(keep)), keep.astype(np.float64), report)

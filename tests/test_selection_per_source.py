@@ -86,8 +86,14 @@ def test_per_source_keeps_each_weighted_source_where_pooled_selection_drops_one(
     assert set(per_source.dataset["row"]) == reference(PrefersA(fraction=0.5), pool, tmp_path)
 
 
+class MaterialisingRandom(RandomSelection):
+    on_shards = "materialise"  # a shard pool is loaded as a Dataset: the selection is saved as rows, not an index
+
+
 @pytest.mark.parametrize("make,kept,index", [(lambda: RandomSelection(fraction=0.4, seed=5), 12 + 24, True),
-                                              (lambda: Dedup(), 84, False)], ids=["chunked", "materialise"])
+                                              (lambda: Dedup(), 84, True),
+                                              (lambda: MaterialisingRandom(fraction=0.4, seed=5), 12 + 24, False)],
+                         ids=["chunked", "dedup", "materialise"])
 def test_per_source_over_shards_keeps_the_rows_it_keeps_in_memory(make, kept, index, tmp_path):
     rows = random_rows(90, seed=4)
     rows[60:66] = rows[0:6]  # duplicates: rows 60-65 repeat rows 0-5

@@ -160,8 +160,8 @@ class MixtureSource(Source):
         # the sources' own keys (a text source's key follows its files), not only their configs
         keys = {name: s.cache_key() for name, s in self.sources.items()}
         # select_per_source changes the selection (whose cache key names it), not the rows
-        cfg = {k: v for k, v in self.config.items() if k != "select_per_source"}
-        cfg = {**cfg, "source_keys": keys, "streams": STREAM}
+        cfg = {**{k: v for k, v in self.config.items() if k != "select_per_source"}, "source_keys": keys,
+               "streams": STREAM}
         return f"{type(self).__module__}.{type(self).__name__}-{config_hash(cfg)}"
 
     # ------------------------------------------------------------------ build

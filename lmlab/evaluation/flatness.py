@@ -149,8 +149,8 @@ def per_example_sq_grads(fn: Callable, params: dict[str, torch.Tensor], inputs: 
                   for i in range(0, n, step)]
         return {name: torch.cat([c[name] for c in chunks]) for name in params}
     except RuntimeError:
-        rows = [sq(params, *(x[i] for x in inputs)) for i in range(len(inputs[0]))]
-        return {n: torch.stack([r[n] for r in rows]) for n in params}
+        rows = [sq(params, *(x[i] for x in inputs)) for i in range(n)]
+        return {name: torch.stack([r[name] for r in rows]) for name in params}
 
 
 def per_example_sq_grad_norms(fn: Callable, params: dict[str, torch.Tensor], inputs: Sequence[torch.Tensor],

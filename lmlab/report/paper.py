@@ -647,11 +647,11 @@ class Analysis:
     def trace_precision(self) -> dict[str, dict[str, float]]:
         """Per trace (Fisher, blocks, Hutchinson): the median and the largest standard error / trace over every
         evaluation of the counted runs (final and along the way), and how many evaluations exceed 5%."""
+        evaluations = [m for r in self.runs if r.run_dir in self.counted for m in (r.metrics, *r.history)]
         out = {}
         for key, se_key, name in TRACES:
-            ratios = [se / tr for r in self.runs if r.run_dir in self.counted for m in (r.metrics, *r.history)
-                      for tr, se in [(_num(m.get(key)), _num(m.get(se_key)))]
-                      if math.isfinite(tr) and math.isfinite(se) and tr > 0]
+            pairs = [(_num(m.get(key)), _num(m.get(se_key))) for m in evaluations]
+            ratios = [se / tr for tr, se in pairs if math.isfinite(tr) and math.isfinite(se) and tr > 0]
             if ratios:
                 out[name] = {"evaluations": len(ratios), "median": float(np.median(ratios)),
                              "max": float(max(ratios)), "above_5pct": sum(x > 0.05 for x in ratios)}
@@ -934,8 +934,7 @@ def write_report(path: str | Path, tolerance: float | None = None, compare: str 
           f"differences: **{settings.margin:g} nats**; plateau: {settings.plateau:g} nats; k = {settings.k}.", "",
           f"Runs read: {len(runs)} under `{path}` ({', '.join(f'{v} {s}' for s, v in sorted(counts.items()))}); "
           f"{len(a.counted)} counted, {len(a.excluded)} excluded. The verdicts hold at a gap of "
-          f"**{_fmt(gap_median)} nats** (median of the counted runs; max {_fmt(gap_max)}).", "",
-          ]
+          f"**{_fmt(gap_median)} nats** (median of the counted runs; max {_fmt(gap_max)}).", ""]
     precision = a.trace_precision()
     if precision:
         md += ["Trace precision (standard error / trace over every evaluation of the counted runs): "

@@ -357,3 +357,25 @@ def test_an_identical_text_tokenizer_is_copied(text_parent, corpora):
     assert record["operators"] == ["copy"]
     weights = load_backbone(text_parent).state_dict()
     assert all(torch.equal(v, weights[k]) for k, v in model.state_dict().items())
+
+
+def test_a_parent_tokenizer_missing_from_the_cache_is_refused_unless_the_embeddings_start_anew(text_parent, corpora,
+                                                                                            tmp_path):
+    """Without the parent's trained BPE the two vocabularies cannot be compared: the run is refused in one
+    sentence, and starting the embeddings anew (nothing to compare or map) is allowed."""
+    import shutil
+
+    moved = tmp_path / "p"
+    shutil.copytree(text_parent, moved)
+    config = moved / "config_resolved.yaml"
+    cfg = OmegaConf.load(config)
+    cfg.cache_dir = str(tmp_path / "empty-cache")
+    config.write_text(OmegaConf.to_yaml(cfg))
+    with pytest.raises(UserError, match="is not in its data cache") as e:
+        _child(moved, base=_text(corpora[1]), tmp_path=tmp_path / "c1")
+    assert "init_from.reset=[embeddings] init_from.map_shared_tokens=false" in str(e.value)
+    _, _, model, _, own, record = _child(moved, "init_from.reset=[embeddings]", "init_from.map_shared_tokens=false",
+                                         base=_text(corpora[1]), tmp_path=tmp_path / "c2")
+    assert record["operators"] == ["new vocabulary: 300 -> 300 tokens (init_from.reset=[embeddings]), embeddings "
+                                   "and head initialised anew"]
+    assert torch.equal(model.embed.weight, own["embed.weight"])

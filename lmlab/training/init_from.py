@@ -327,6 +327,7 @@ def _parent_tokenizer(run: Path, pcfg: DictConfig):
     entry = Path(str(pcfg.cache_dir)).expanduser() / source.cache_key()
     if not (entry / TOKENIZER_FILE).is_file():
         raise UserError(f"the trained tokenizer of the parent {run} is not in its data cache ({entry}): rerun the "
-                        "parent's command to rebuild it, or set init_from.map_shared_tokens=false.")
+                        "parent's command to rebuild it, or start the embeddings anew with "
+                        "init_from.reset=[embeddings] init_from.map_shared_tokens=false.")
     source.restore_state(entry)
     return source.tokenizer

@@ -409,9 +409,12 @@ def _report(args: list[str]) -> None:
     from lmlab import run_dir
 
     if len(paths) == 1 and (paths[0] / run_dir.CONFIG).exists():  # one run: its chain of init_from parents
-        for depth, run in enumerate(run_dir.lineage(paths[0])):
+        chain = run_dir.lineage(paths[0])
+        for depth, run in enumerate(chain):
             command = (run / run_dir.COMMAND).read_text().strip() if (run / run_dir.COMMAND).exists() else "?"
-            print(f"{'  ' * depth}{'<- ' if depth else ''}{run}  [{run_dir.status(run)}]  {command}")
+            how = f"  init_from: {'; '.join(run_dir.read_parent(chain[depth - 1]).get('operators', ['?']))}" \
+                if depth else ""
+            print(f"{'  ' * depth}{'<- ' if depth else ''}{run}  [{run_dir.status(run)}]  {command}{how}")
         return
     from lmlab.report import sweep
 

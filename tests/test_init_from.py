@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 
 import lightning as L
+import numpy as np
 import pytest
 import torch
 from hydra import compose, initialize_config_module
@@ -54,12 +55,12 @@ def _cfg(overrides: list[str]):
         return compose(config_name="train", overrides=overrides)
 
 
-def _child(parent, *overrides: str, tmp_path=None):
+def _child(parent, *overrides: str, tmp_path=None, base=BASE):
     """The child's objective, source, model and splits, its model filled by ``start_from`` (as the pipeline does);
     returns (objective, source, model, splits, its own initial weights, the record)."""
     from lmlab.pipeline import build
 
-    cfg = _cfg([*BASE, f"init_from.run={parent}", *overrides])
+    cfg = _cfg([*base, f"init_from.run={parent}", *overrides])
     L.seed_everything(cfg.seed, verbose=False)
     objective, source, model, _, splits = build(cfg)
     own = {k: v.clone() for k, v in model.state_dict().items()}
@@ -161,7 +162,7 @@ def test_exact_copy_reproduces_the_parents_validation_loss(parent, lmlab):
     lines = out.strip().splitlines()
     assert code == 0 and len(lines) == 2
     assert lines[0].startswith(f"{child}  [done]  lmlab train")
-    assert lines[1].startswith(f"  <- {parent.resolve()}  [done]")
+    assert lines[1].startswith(f"  <- {parent.resolve()}  [done]") and lines[1].endswith("  init_from: copy")
 
 
 def test_new_vocabulary_keeps_the_body_bit_identical(parent):
@@ -255,3 +256,126 @@ def test_a_resumed_run_keeps_its_checkpoint_weights(parent, tmp_path):
     record = start_from(cfg, tmp_path, model, None, CAUSAL, resuming=True)
     assert record == json.loads((tmp_path / PARENT).read_text())
     assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
+
+
+# ----- two text tokenizers: the vocabularies are compared by their tokens -----
+
+def _text_corpus(path, words: str, seed: int):
+    rng = np.random.default_rng(seed)
+    docs = [" ".join(rng.choice(words.split(), size=12)) + "." for _ in range(300)]
+    path.write_text("".join(json.dumps({"text": d}) + "\n" for d in docs))
+    return path
+
+
+def _text(corpus) -> list[str]:
+    """A text run on ``corpus`` with a BPE of 300 ids (special tokens included)."""
+    return ["data=text", f"data.paths={corpus}", "data.tokenizer.vocab_size=300", "data.block_size=32",
+            "model.d_model=32", "model.n_layers=1", *FAST, "eval=[perplexity]"]
+
+
+@pytest.fixture(scope="module")
+def corpora(tmp_path_factory):
+    """Two corpora whose BPEs of the same size share some merged tokens (" the", " a", "the") at other ids,
+    and have others of their own (" dog" only in the second)."""
+    out = tmp_path_factory.mktemp("corpora")
+    return (_text_corpus(out / "cats.jsonl", "the cat sat on a mat with another cat", 0),
+            _text_corpus(out / "dogs.jsonl", "a dog ran under the tree near the river bank", 1))
+
+
+@pytest.fixture(scope="module")
+def text_parent(tmp_path_factory, cache_dir, corpora):
+    from lmlab.cli import main
+
+    run = tmp_path_factory.mktemp("text_parent") / "p"
+    try:
+        main(["train", f"out_dir={run.parent}", *_text(corpora[0]), f"hydra.run.dir={run}"])
+    except SystemExit as e:
+        assert not e.code
+    return run
+
+
+def _one_token(tokenizer, text: str) -> int:
+    (ids,) = tokenizer.encode([text])
+    assert len(ids) == 1, (text, ids)
+    return ids[0]
+
+
+def test_two_bpes_of_the_same_size_are_mapped_by_bytes(text_parent, corpora, lmlab):
+    """Known answer: the child's row of a byte-string both BPEs have is the parent's row of the same bytes (found
+    by encoding the text with each tokenizer), a token only the child has keeps the child's own row, and the
+    special tokens are copied; the body is the parent's."""
+    from lmlab.run_dir import read_config
+    from lmlab.training.init_from import _parent_tokenizer
+
+    _, source, model, _, own, record = _child(text_parent, base=_text(corpora[1]))
+    theirs, ours = _parent_tokenizer(text_parent, read_config(text_parent)), source.tokenizer
+    assert theirs.vocab_size == ours.vocab_size == model.vocab_size == 300
+    (operator,) = record["operators"]
+    assert operator.startswith("new vocabulary: 300 -> 300 tokens (other tokens), rows mapped by bytes: ")
+    got, weights = model.state_dict()["embed.weight"], load_backbone(text_parent).state_dict()
+    parent_rows = weights["embed.weight"]
+    moved = 0
+    for text in (" the", " a", "the"):
+        i, j = _one_token(ours, text), _one_token(theirs, text)
+        moved += i != j
+        assert torch.equal(got[i], parent_rows[j]), text
+    assert moved >= 2  # shared byte-strings at other ids: a copy by id would take another token's row
+    i = _one_token(ours, " dog")
+    assert len(theirs.encode([" dog"])[0]) > 1  # the parent has no token " dog"
+    assert torch.equal(got[i], own["embed.weight"][i]) and not torch.equal(got[i], parent_rows[i])
+    assert torch.equal(got[:4], parent_rows[:4])
+
+    # every row, against the text each id decodes to (both corpora are ASCII: every merged token decodes, and
+    # the 128 bytes >= 0x80, shared single-byte tokens, do not decode alone; ids past the vocabulary decode to "")
+    texts = [theirs.decode([j]) for j in range(300)]
+    by_text = {t: j for j, t in enumerate(texts) if j >= 4 and t and "\ufffd" not in t}
+    shared = 0
+    for i in range(4, 300):
+        text = ours.decode([i])
+        if "\ufffd" in text:
+            continue
+        expected = parent_rows[by_text[text]] if text in by_text else own["embed.weight"][i]
+        assert torch.equal(got[i], expected), (i, text)
+        shared += text in by_text
+    assert f": {4 + 128 + shared} shared rows copied, the others initialised anew" in operator
+    for key, value in model.state_dict().items():
+        if key not in EMBEDDINGS:
+            assert torch.equal(value, weights[key]), key
+
+    # end to end: the log, parent.json and `lmlab report <run>` say how the vocabulary was carried over
+    code, out = lmlab("train", *_text(corpora[1]), f"init_from.run={text_parent}")
+    assert code == 0, out
+    assert "rows mapped by bytes" in out
+    (child,) = [p for p in lmlab.runs.glob("default/*") if (p / PARENT).exists()]
+    assert read_parent(child)["operators"] == [operator]
+    code, out = lmlab("report", str(child))
+    assert code == 0 and out.strip().splitlines()[1].endswith(f"init_from: {operator}")
+
+
+def test_an_identical_text_tokenizer_is_copied(text_parent, corpora):
+    _, _, model, _, _, record = _child(text_parent, base=_text(corpora[0]))
+    assert record["operators"] == ["copy"]
+    weights = load_backbone(text_parent).state_dict()
+    assert all(torch.equal(v, weights[k]) for k, v in model.state_dict().items())
+
+
+def test_a_parent_tokenizer_missing_from_the_cache_is_refused_unless_the_embeddings_start_anew(text_parent, corpora,
+                                                                                            tmp_path):
+    """Without the parent's trained BPE the two vocabularies cannot be compared: the run is refused in one
+    sentence, and starting the embeddings anew (nothing to compare or map) is allowed."""
+    import shutil
+
+    moved = tmp_path / "p"
+    shutil.copytree(text_parent, moved)
+    config = moved / "config_resolved.yaml"
+    cfg = OmegaConf.load(config)
+    cfg.cache_dir = str(tmp_path / "empty-cache")
+    config.write_text(OmegaConf.to_yaml(cfg))
+    with pytest.raises(UserError, match="is not in its data cache") as e:
+        _child(moved, base=_text(corpora[1]), tmp_path=tmp_path / "c1")
+    assert "init_from.reset=[embeddings] init_from.map_shared_tokens=false" in str(e.value)
+    _, _, model, _, own, record = _child(moved, "init_from.reset=[embeddings]", "init_from.map_shared_tokens=false",
+                                         base=_text(corpora[1]), tmp_path=tmp_path / "c2")
+    assert record["operators"] == ["new vocabulary: 300 -> 300 tokens (init_from.reset=[embeddings]), embeddings "
+                                   "and head initialised anew"]
+    assert torch.equal(model.embed.weight, own["embed.weight"])

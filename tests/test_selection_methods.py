@@ -188,7 +188,7 @@ SELECT_FAST = ["data.train_size=600", "data.validation_size=60", "data.test_size
                "data.target_size=60"]
 
 
-def test_select_command_writes_selection_and_is_cached(lmlab, tmp_path):
+def test_select_command_writes_selection_and_is_cached(lmlab, tmp_path, monkeypatch):
     args = ("select", f"out_dir={tmp_path}", "selection=color_filter", "selection.prior_steps=20",
             "selection.finetune_steps=10", "selection.d_model=32", *SELECT_FAST)
     code, out = lmlab(*args)
@@ -199,10 +199,17 @@ def test_select_command_writes_selection_and_is_cached(lmlab, tmp_path):
     info = json.loads((run / "selection.json").read_text())["metrics"]
     assert info["selection/rows"] == 150 and info["selection/precision"] > info["selection/pool_precision"]
     assert len(np.load(run / "scores.npy")) == 600
+    scores = np.load(run / "scores.npy")
     (run / "DONE").unlink()
+
+    def recompute(*_args, **_kwargs):
+        raise AssertionError("the second run selected again instead of reading the cached selection")
+
+    monkeypatch.setattr(ColorFilter, "select", recompute)
     code, out = lmlab(*args)  # a second run reads the cached selection
-    assert code == 0 and json.loads((run / "selection.json").read_text())["metrics"] == {
-        **info, **json.loads((run / "selection.json").read_text())["metrics"]}
+    assert code == 0, out
+    assert json.loads((run / "selection.json").read_text())["metrics"] == info
+    np.testing.assert_array_equal(np.load(run / "scores.npy"), scores)
 
 
 @pytest.mark.parametrize("args,expect", [

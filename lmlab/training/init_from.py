@@ -12,11 +12,15 @@ the growth operators of ``lmlab.models.grow`` where the two models differ:
 3. **depth**: a larger ``model.n_layers``: SOLAR's depth up-scaling (Kim et al. 2023, arXiv 2312.15166), the
    parent layers listed in ``layers`` or SOLAR's map, copied as they are (``depth=duplicate``) or with the
    residual outputs of every repeated layer set to zero (``depth=zero``: the parent's function exactly);
-4. **vocabulary**: a different vocabulary size, or ``reset=[embeddings]``: the body is kept bit for bit and the
-   token embedding and LM head keep the new run's own initialisation (Yao et al. 2022, "Linking Emergent and
-   Natural Languages via Corpus Transfer", arXiv 2203.13344), except the rows of tokens both vocabularies share
-   (``map_shared_tokens``): the special tokens, and tokens with the same bytes where both runs have text
-   tokenizers. ``reset=[head]`` re-initialises the LM head alone (an untied model).
+4. **vocabulary**: the two runs' tokenizers are compared by their tokens (id -> bytes), not by size. An
+   identical vocabulary is copied. Another one -- another size, the same size with other tokens (two BPEs
+   trained on different corpora), or ``reset=[embeddings]`` -- keeps the body bit for bit, and the token
+   embedding and LM head keep the new run's own initialisation (Yao et al. 2022, "Linking Emergent and Natural
+   Languages via Corpus Transfer", arXiv 2203.13344), except the rows of tokens both vocabularies share
+   (``map_shared_tokens``): the special tokens, and, where both runs have text tokenizers, every token with the
+   same bytes, copied from the parent's row of those bytes (mapped by bytes). A run without a text tokenizer
+   (grammars, token shards) has ids without bytes: its vocabulary is compared by size. ``reset=[head]``
+   re-initialises the LM head alone (an untied model).
 
 With equal model settings and vocabulary the copy is exact. Any other difference (another architecture,
 another norm or MLP, a non-integer width ratio, fewer layers) is refused in one sentence naming what can change.
@@ -119,7 +123,11 @@ class InitFrom:
             operators.append(f"widen: d_model {parent.d_model // self._ratio} -> {parent.d_model}")
         state = {k: v.detach().clone() for k, v in parent.state_dict().items()}
 
-        new_vocab = parent.vocab_size != model.vocab_size or "embeddings" in self.reset
+        same_size = parent.vocab_size == model.vocab_size
+        reset = "embeddings" in self.reset
+        tokens = self._tokens(pcfg, tokenizer) if self.map_shared_tokens or (same_size and not reset) else None
+        other_tokens = tokens is not None and tokens[0] != tokens[1]
+        new_vocab = not same_size or reset or other_tokens
         tied_parent = bool(getattr(parent, "tie_embeddings", False))
         tied_child = bool(getattr(model, "tie_embeddings", False))
         if tied_parent and not tied_child:
@@ -142,11 +150,16 @@ class InitFrom:
 
         own = model.state_dict()
         if new_vocab:
-            rows = self._shared_rows(pcfg, parent.vocab_size, model.vocab_size, tokenizer) \
-                if self.map_shared_tokens else {}
+            rows = self._shared_rows(parent.vocab_size, model.vocab_size, tokens) if self.map_shared_tokens else {}
+            why = "" if not same_size else " (init_from.reset=[embeddings])" if reset else " (other tokens)"
+            if not self.map_shared_tokens:
+                how = "embeddings and head initialised anew"
+            elif tokens is not None:
+                how = f"rows mapped by bytes: {len(rows)} shared rows copied, the others initialised anew"
+            else:
+                how = f"{len(rows)} special-token rows copied, the others initialised anew"
             state = revocab(state, own, rows)
-            operators.append(f"new vocabulary: {parent.vocab_size} -> {model.vocab_size} tokens, embeddings and "
-                             f"head re-initialised, {len(rows)} shared rows copied")
+            operators.append(f"new vocabulary: {parent.vocab_size} -> {model.vocab_size} tokens{why}, {how}")
         elif "head" in self.reset:
             if tied_child:
                 raise UserError("init_from.reset=[head] re-initialises an untied LM head and this model ties it: "
@@ -209,15 +222,23 @@ class InitFrom:
 
     # ----- shared tokens -----
 
-    def _shared_rows(self, pcfg: DictConfig, v_parent: int, v_child: int, tokenizer) -> dict[int, int]:
-        """child id -> parent id: the special tokens, and tokens with the same bytes where both runs have text
-        tokenizers."""
+    def _tokens(self, pcfg: DictConfig, tokenizer) -> tuple[dict[int, bytes], dict[int, bytes]] | None:
+        """(parent's, this run's) token id -> bytes, or None unless both runs have text tokenizers."""
+        ours = token_bytes(tokenizer) if tokenizer is not None else {}
+        theirs = _parent_tokenizer(self.run, pcfg) if ours else None
+        theirs = token_bytes(theirs) if theirs is not None else {}
+        return (theirs, ours) if theirs else None
+
+    @staticmethod
+    def _shared_rows(v_parent: int, v_child: int, tokens) -> dict[int, int]:
+        """child id -> parent id: the special tokens, and tokens with the same bytes (``tokens``: the parent's
+        and the child's token bytes, or None)."""
         rows = {i: i for i in range(min(N_SPECIAL, v_parent, v_child))}
-        theirs = _parent_tokenizer(self.run, pcfg)
-        if tokenizer is None or theirs is None:
+        if tokens is None:
             return rows
-        parent_ids = {b: i for i, b in token_bytes(theirs).items() if i < v_parent}
-        for i, b in token_bytes(tokenizer).items():
+        theirs, ours = tokens
+        parent_ids = {b: i for i, b in theirs.items() if i < v_parent}
+        for i, b in ours.items():
             if i < v_child and b in parent_ids:
                 rows[i] = parent_ids[b]
         return rows
@@ -306,6 +327,7 @@ def _parent_tokenizer(run: Path, pcfg: DictConfig):
     entry = Path(str(pcfg.cache_dir)).expanduser() / source.cache_key()
     if not (entry / TOKENIZER_FILE).is_file():
         raise UserError(f"the trained tokenizer of the parent {run} is not in its data cache ({entry}): rerun the "
-                        "parent's command to rebuild it, or set init_from.map_shared_tokens=false.")
+                        "parent's command to rebuild it, or start the embeddings anew with "
+                        "init_from.reset=[embeddings] init_from.map_shared_tokens=false.")
     source.restore_state(entry)
     return source.tokenizer

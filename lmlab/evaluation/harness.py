@@ -25,8 +25,10 @@ Two parts:
     ``max_length`` tokens of the sequence for each new token (no key/value cache).
 
   Requests are sorted by length and run in batches of ``batch_size`` right-padded rows, under
-  ``torch.no_grad()`` on the model's device. ``max_length`` defaults to the length of the inputs the
-  model was trained on (the data's ``block_size - 1``), capped by a model's ``max_len``. Causal models are
+  ``torch.no_grad()`` on the model's device. ``max_length`` defaults to the length of the rows the model
+  was trained on (the data's ``block_size``), capped by a model's ``max_len``: the context length ``lmlab
+  export`` writes into the checkpoint, so lm-eval's ``hf`` backend on the export cuts long requests into the
+  same windows. Causal models are
   served with causal attention; a prefix LM reads the context (the prompt) as its bidirectional prefix
   and the continuation causally, as Wang et al. 2022 (arXiv 2204.05832) score a non-causal decoder. A
   bidirectional (MLM) model is refused.
@@ -79,10 +81,10 @@ def can_encode(source) -> bool:
 
 
 def default_max_length(model, source) -> int:
-    """The longest input the model read in training (``block_size - 1`` of packed text rows), capped by the
-    model's ``max_len`` where it has one."""
+    """The length of the rows the model was trained on (``block_size`` of packed text rows; the context length
+    of its export), capped by the model's ``max_len`` where it has one."""
     block = getattr(source, "block_size", None)
-    length = int(block) - 1 if isinstance(block, int) and block >= 2 else FALLBACK_MAX_LENGTH
+    length = int(block) if isinstance(block, int) and block >= 2 else FALLBACK_MAX_LENGTH
     cap = getattr(model, "max_len", None)
     return min(length, int(cap)) if isinstance(cap, int) and cap > 0 else length
 

@@ -55,6 +55,7 @@ import contextlib
 import logging
 import math
 import random
+import subprocess
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -320,6 +321,27 @@ class LmlabLM(TemplateLM):
 
 
 @contextlib.contextmanager
+def quiet_git() -> Iterator[None]:
+    """lm-eval records the git commit of the working directory with ``git describe``, whose stderr says
+    ``fatal: not a git repository`` outside one: the same command with its stderr discarded, during the block."""
+    import lm_eval.evaluator
+
+    def commit() -> str | None:
+        try:
+            out = subprocess.run(["git", "describe", "--always"], capture_output=True, text=True, check=False)
+        except OSError:
+            return None
+        return out.stdout.strip() or None if out.returncode == 0 else None
+
+    original = lm_eval.evaluator.get_git_commit_hash
+    lm_eval.evaluator.get_git_commit_hash = commit
+    try:
+        yield
+    finally:
+        lm_eval.evaluator.get_git_commit_hash = original
+
+
+@contextlib.contextmanager
 def kept_random_state() -> Iterator[None]:
     """Restore Python's, NumPy's and PyTorch's (CPU and CUDA) global generators after the block."""
     py, np_state, cpu = random.getstate(), np.random.get_state(), torch.random.get_rng_state()
@@ -430,7 +452,7 @@ class LmEval(Evaluator):
         for q in quiet:
             q.setLevel(logging.ERROR)
         try:
-            with kept_random_state():
+            with kept_random_state(), quiet_git():
                 results = lm_eval.simple_evaluate(
                     model=lm, tasks=list(self.tasks), task_manager=self.task_manager(), num_fewshot=self.num_fewshot,
                     limit=self.limit, bootstrap_iters=self.bootstrap_iters, log_samples=False)

@@ -331,7 +331,7 @@ def quiet_git() -> Iterator[None]:
             out = subprocess.run(["git", "describe", "--always"], capture_output=True, text=True, check=False)
         except OSError:
             return None
-        return out.stdout.strip() or None if out.returncode == 0 else None
+        return (out.stdout.strip() or None) if out.returncode == 0 else None
 
     original = lm_eval.evaluator.get_git_commit_hash
     lm_eval.evaluator.get_git_commit_hash = commit

@@ -114,8 +114,9 @@ def rich_table(rows: list[dict[str, Any]], title: str, max_metrics: int = 8, wid
     value whole; a note counts the metrics left to ``summary.md``."""
     axes = rows[0]["axes"] if rows else []
     hidden = ("model/", "train/rows", "train/steps")
+    secondary = ("_std", "_stderr", "/chance", "/ppl", "/optimum", "/rows")
     metrics = [c for c in _columns(rows)[len(FIXED) + len(axes):]
-               if not c.startswith(hidden) and not c.endswith(("_std", "_stderr", "/chance", "/ppl", "/optimum"))]
+               if not c.startswith(hidden) and not c.endswith(secondary)]
     width = Console().width if width is None else width
     cols = [*axes, "status"]
     need = 1 + sum(3 + _width(c, rows) for c in cols)  # a border and two spaces of padding per column

@@ -42,6 +42,11 @@ are ids 0..3 and the tokenizer's pad, bos, eos and mask tokens; encoding with sp
 lmlab does). Runs whose data have no text tokenizer (the grammars pcfg, hmm, planted, whose ids are word
 indices, and token shards) export the model alone, and ``lmlab_export.json`` says so.
 
+The checkpoint's context length (``max_position_embeddings``, GPT-2's ``n_positions`` and the learned positions
+kept, the tokenizer's ``model_max_length``) is the length of the rows the run was trained on, ``data.block_size``,
+so that lm-eval's ``hf`` backend cuts long requests into the windows lmlab's own adapter uses
+(``lmlab.evaluation.harness``).
+
 Before writing, the export checks its work: the lmlab and ``transformers`` models score a probe batch (one
 row full, one right-padded, with an attention mask), and the tokenizers encode a probe text; a difference
 beyond float rounding is an error of this module, raised as such.
@@ -99,7 +104,7 @@ def _norm_kind(norm: nn.Module) -> str:
     return type(norm).__name__
 
 
-def _transformer(model: Transformer) -> tuple[Any, dict[str, torch.Tensor]]:
+def _transformer(model: Transformer, context: int) -> tuple[Any, dict[str, torch.Tensor]]:
     from transformers import ArceeConfig, ArceeForCausalLM, GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
 
     norm, mlp = _norm_kind(model.norm), model.blocks[0].mlp.kind
@@ -108,14 +113,14 @@ def _transformer(model: Transformer) -> tuple[Any, dict[str, torch.Tensor]]:
     special = {"bos_token_id": BOS_ID, "eos_token_id": EOS_ID, "pad_token_id": PAD_ID}
     w: dict[str, torch.Tensor] = {}
     if setting == ("layernorm", "learned", "gelu"):
-        config = GPT2Config(vocab_size=model.vocab_size, n_positions=model.max_len, n_embd=d, n_layer=L, n_head=H,
+        config = GPT2Config(vocab_size=model.vocab_size, n_positions=context, n_embd=d, n_layer=L, n_head=H,
                             n_inner=F, activation_function="gelu", layer_norm_epsilon=model.norm.eps,
                             resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0, scale_attn_weights=True,
                             scale_attn_by_inverse_layer_idx=False, reorder_and_upcast_attn=False,
                             tie_word_embeddings=model.tie_embeddings, **special)
         hf = GPT2LMHeadModel(config)
         w["transformer.wte.weight"] = model.embed.weight
-        w["transformer.wpe.weight"] = model.pos_embed.weight
+        w["transformer.wpe.weight"] = model.pos_embed.weight[:context]  # the positions it was trained on
         for i, block in enumerate(model.blocks):
             p = f"transformer.h.{i}."
             if not (block.norm1.eps == block.norm2.eps == model.norm.eps):
@@ -131,7 +136,7 @@ def _transformer(model: Transformer) -> tuple[Any, dict[str, torch.Tensor]]:
     elif setting in (("rmsnorm", "rotary", "gelu"), ("rmsnorm", "rotary", "swiglu")):
         common = dict(vocab_size=model.vocab_size, hidden_size=d, intermediate_size=F, num_hidden_layers=L,
                       num_attention_heads=H, num_key_value_heads=H, head_dim=d // H,
-                      max_position_embeddings=model.max_len, rms_norm_eps=model.norm.eps,
+                      max_position_embeddings=context, rms_norm_eps=model.norm.eps,
                       rope_theta=ROPE_BASE, attention_bias=False,
                       attention_dropout=0.0, mlp_bias=False, tie_word_embeddings=model.tie_embeddings, **special)
         if mlp == "gelu":  # Arcee is Llama with the non-gated MLP down(act(up(x)))
@@ -161,7 +166,7 @@ def _rope_inv_freq(head_dim: int) -> torch.Tensor:
     return 1.0 / ROPE_BASE ** (torch.arange(0, head_dim, 2, dtype=torch.float32) / head_dim)
 
 
-def _mamba(model: Mamba) -> tuple[Any, dict[str, torch.Tensor]]:
+def _mamba(model: Mamba, context: int) -> tuple[Any, dict[str, torch.Tensor]]:
     from transformers import MambaConfig, MambaForCausalLM
 
     mixer = model.blocks[0].mixer
@@ -187,7 +192,7 @@ def _mamba(model: Mamba) -> tuple[Any, dict[str, torch.Tensor]]:
     return hf, w
 
 
-def _mamba2(model: Mamba2) -> tuple[Any, dict[str, torch.Tensor]]:
+def _mamba2(model: Mamba2, context: int) -> tuple[Any, dict[str, torch.Tensor]]:
     from transformers import Mamba2Config, Mamba2ForCausalLM
 
     mixer = model.blocks[0].mixer
@@ -217,9 +222,20 @@ def _mamba2(model: Mamba2) -> tuple[Any, dict[str, torch.Tensor]]:
     return hf, w
 
 
-def hf_model(model: nn.Module) -> Any:
+def context_length(model: nn.Module, block_size: int | None) -> int:
+    """The number of positions a checkpoint advertises: the length of the rows the model was trained on
+    (``data.block_size``; as in a ``transformers`` training run, the rows it reads whole), capped by a model's
+    ``max_len``; a run without blocks (the grammars' sentences) keeps the model's ``max_len``, else 512."""
+    cap = getattr(model, "max_len", None)
+    if isinstance(block_size, int) and not isinstance(block_size, bool) and block_size >= 2:
+        return min(block_size, cap) if isinstance(cap, int) and cap > 0 else block_size
+    return cap if isinstance(cap, int) and cap > 0 else 512
+
+
+def hf_model(model: nn.Module, context: int | None = None) -> Any:
     """The ``transformers`` causal LM (float32, eval mode) that computes what the lmlab backbone ``model``
-    computes (``model.logits(model(ids, causal attention))``); a ``UserError`` for a model that does not export."""
+    computes (``model.logits(model(ids, causal attention))``) on up to ``context`` positions (default
+    ``context_length(model, None)``); a ``UserError`` for a model that does not export."""
     name = type(model).__name__
     if type(model) not in (Transformer, Mamba, Mamba2):
         raise _refuse(f"the run's model is {name}")
@@ -228,7 +244,7 @@ def hf_model(model: nn.Module) -> Any:
     if type(model) is not Transformer and _norm_kind(model.norm) != "rmsnorm":
         raise _refuse(f"the run's {name} has norm={_norm_kind(model.norm)}")
     build = {Transformer: _transformer, Mamba: _mamba, Mamba2: _mamba2}[type(model)]
-    hf, weights = build(model)
+    hf, weights = build(model, context_length(model, None) if context is None else context)
     if model.tie_embeddings:
         weights["lm_head.weight"] = model.embed.weight
     else:
@@ -407,16 +423,16 @@ def _export(run: Path, out_dir: str | os.PathLike | None) -> Path:
         raise UserError(f"{out} already holds files that no export wrote: pass an empty or new directory as out=.")
     cfg = read_config(run)
     model = load_backbone(run).float()
-    hf = hf_model(model)
+    context = context_length(model, OmegaConf.select(cfg, "data.block_size", default=None))
+    hf = hf_model(model, context)
     tokenizer = run_tokenizer(run)
     if tokenizer is not None and tokenizer.vocab_size != args["vocab_size"]:
         raise UserError(f"the tokenizer of {run} has {tokenizer.vocab_size} ids but its model {args['vocab_size']}: "
                         "export a run whose config_resolved.yaml is the one it was trained with.")
-    max_len = getattr(hf.config, "max_position_embeddings", None) or getattr(hf.config, "n_positions", None)
-    hf_tok = hf_tokenizer(tokenizer, model_max_length=max_len) if tokenizer is not None else None
+    hf_tok = hf_tokenizer(tokenizer, model_max_length=context) if tokenizer is not None else None
     if hf_tok is not None:
         _check_tokenizer(tokenizer, hf_tok)
-    ids, mask = probe_ids(args["vocab_size"], min(12, max_len or 12))
+    ids, mask = probe_ids(args["vocab_size"], min(12, context))
     diff, scale = logit_difference(model, hf, ids, mask)
     if not diff <= TOLERANCE * (1.0 + scale):
         raise RuntimeError(f"lmlab.export: {type(hf).__name__} differs from the run's model by {diff:.3g} on the "
@@ -429,6 +445,7 @@ def _export(run: Path, out_dir: str | os.PathLike | None) -> Path:
         "model": OmegaConf.to_container(cfg.model, resolve=True),
         "model_args": args,
         "tokenizer": None if tokenizer is None else repr(tokenizer),
+        "context_length": context,
         "probe_max_abs_logit_difference": diff,
         "note": None if tokenizer is not None else f"the run's data ({data}) have no text tokenizer: the model is "
                                                    "exported without one and reads the data's own token ids",

@@ -70,11 +70,21 @@ def is_rank_zero() -> bool:
     return all(int(os.environ.get(key, 0)) == 0 for key in ("LOCAL_RANK", "NODE_RANK", "RANK", "SLURM_PROCID"))
 
 
-def quiet() -> None:
-    """Keep the terminal to lmlab's own lines, the progress bar and the results table."""
+def quiet(cfg: DictConfig | None = None) -> None:
+    """Keep the terminal to lmlab's own lines, the progress bar and the results table: no notice the user cannot
+    act on (the CPU has no known peak FLOP/s, so no MFU; wandb's deprecation notice of the ``anonymous``
+    setting that Lightning's ``WandbLogger`` always passes)."""
     import datasets
 
     datasets.disable_progress_bars()
+    warnings.filterwarnings("ignore", message=r"no \w+ peak known for device 'cpu'")
+    if "WandbLogger" in str(OmegaConf.select(cfg, "logger._target_", default="") if cfg is not None else ""):
+        from wandb.errors import term  # imported by the logger anyway
+
+        printed = getattr(term, "_printed_messages", None)  # wandb prints a message given repeat=False once
+        if isinstance(printed, set):
+            printed.add(f"{term.WARN_STRING} The anonymous setting has no effect and will be removed in a future "
+                        "version.")
     logging.getLogger("lightning.pytorch").setLevel(logging.WARNING)
     logging.getLogger("lightning.fabric").setLevel(logging.WARNING)
     warnings.filterwarnings("ignore", message=".*LeafSpec.*")
@@ -149,7 +159,7 @@ def _retry_or_refuse(cfg: DictConfig, run_dir: Path) -> None:
 
 
 def _train(cfg: DictConfig, run_dir: Path, command: str) -> dict[str, Any]:
-    quiet()
+    quiet(cfg)
     if str(cfg.trainer.get("accelerator", "")) in ("gpu", "cuda") and not torch.cuda.is_available():
         raise UserError("this trainer runs on a CUDA GPU and PyTorch sees none here (torch.cuda.is_available() "
                         "is False): use trainer=cpu, or run where a GPU and a CUDA build of PyTorch are.")

@@ -49,11 +49,18 @@ def t_quantile(q: float, df: int) -> float:
 
 
 def t_interval(values, confidence: float = 0.95) -> float:
-    """Half-width of the two-sided ``confidence`` t-interval for the mean of ``values`` (0 for one)."""
+    """Half-width of the two-sided ``confidence`` t-interval for the mean of ``values``; NaN for fewer than two
+    (one value gives no interval, and 0 would read as certainty)."""
     x = np.asarray(values, dtype=np.float64)
     if len(x) < 2:
-        return 0.0
+        return math.nan
     return t_quantile((1 + confidence) / 2, len(x) - 1) * float(x.std(ddof=1)) / math.sqrt(len(x))
+
+
+def sample_std(values) -> float:
+    """The sample standard deviation (``ddof=1``) of ``values``; NaN for fewer than two."""
+    x = np.asarray(values, dtype=np.float64)
+    return float(x.std(ddof=1)) if len(x) > 1 else math.nan
 
 
 def expected_calibration_error(confidences, correct, n_bins: int = 15) -> float:

@@ -31,7 +31,7 @@ CASES = {
     "default": ([*TEXT, "data.tokenizer.vocab_size=300"], "ArceeForCausalLM"),
     "swiglu": ([*TEXT, "data/tokenizer=byte", "model.mlp=swiglu", "model.tie_embeddings=false", "model.d_ff=48"],
                "LlamaForCausalLM"),
-    "gpt2": (["data=dna", "data.block_size=32", "eval=[perplexity]", "model.d_model=32", "model.norm=layernorm",
+    "gpt2": (["data=dna", "data.block_size=96", "eval=[perplexity]", "model.d_model=32", "model.norm=layernorm",
               "model.positions=learned", "model.max_len=128"], "GPT2LMHeadModel"),
     "mamba": (["data=protein", "data.block_size=32", "eval=[perplexity]", "model=mamba", "model.d_model=32"],
               "MambaForCausalLM"),
@@ -124,6 +124,10 @@ def test_export_computes_the_runs_logits_and_tokens(name, trained, tmp_path):
     assert worst <= LOGIT_TOLERANCE, f"{name}: max |logit difference| {worst:.3g}"
     record = json.loads((out / RECORD).read_text())
     assert record["architecture"] == CASES[name][1] and record["probe_max_abs_logit_difference"] <= 1e-4
+    # the context length is the length of the rows it was trained on, data.block_size
+    block = run_dir.read_config(run).data.block_size
+    assert record["context_length"] == tok.model_max_length == block
+    assert getattr(hf.config, "max_position_embeddings", getattr(hf.config, "n_positions", block)) == block
     print(f"\n{name} -> {CASES[name][1]}: max |logit difference| {worst:.2e}")  # shown with pytest -s
 
 

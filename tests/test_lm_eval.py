@@ -239,11 +239,36 @@ def test_refused_before_training(lmlab, args, needle):
 
 # ----- the cross-check: lm-eval's own hf backend on the exported run -----
 
+def long_tasks(folder) -> list[str]:
+    """Two local tasks whose requests are longer than a block of 64 tokens: the shipped items behind a context
+    of about 100 words (multiple choice), and documents of about 150 words (rolling log-likelihood)."""
+    words = " ".join(item["context"] for item in ITEMS).split()
+    long_items = [{**item, "context": " ".join(words[i : i + 100]) + " " + item["context"]}
+                  for i, item in enumerate(ITEMS[:12])]
+    docs = [{"text": " ".join(words[i : i + 150])} for i in range(0, 120, 20)]
+    folder.mkdir()
+    (folder / "long.py").write_text(
+        "import datasets\n\n"
+        f"ITEMS = {long_items!r}\nDOCS = {docs!r}\n\n"
+        "def items(**_):\n    return datasets.DatasetDict({'test': datasets.Dataset.from_list(ITEMS)})\n\n"
+        "def docs(**_):\n    return datasets.DatasetDict({'test': datasets.Dataset.from_list(DOCS)})\n")
+    (folder / "long_mc.yaml").write_text(
+        "task: long_mc\ncustom_dataset: !function long.items\noutput_type: multiple_choice\ntest_split: test\n"
+        "doc_to_text: '{{context}}'\ndoc_to_choice: '{{choices}}'\ndoc_to_target: label\n"
+        "metric_list:\n  - metric: acc\n  - metric: acc_norm\n")
+    (folder / "long_rolling.yaml").write_text(
+        "task: long_rolling\ncustom_dataset: !function long.docs\noutput_type: loglikelihood_rolling\n"
+        "test_split: test\ndoc_to_text: ''\ndoc_to_target: '{{text}}'\n"
+        "metric_list:\n  - metric: word_perplexity\n  - metric: bits_per_byte\n")
+    return ["long_mc", "long_rolling"]
+
+
 @pytest.mark.parametrize("model", ["transformer", "mamba"])
 def test_hf_backend_on_the_export_scores_every_item_as_lmlab_does(lmlab, tmp_path, model):
     """The run exported as a transformers checkpoint (``lmlab.export``), scored by lm-eval's ``hf`` backend with
-    BOS prepended as lmlab's rows start (``add_bos_token=True``), gives every request of the shipped task the
-    log-likelihood and greedy flag that ``LmlabLM`` gives it, and so the same accuracy."""
+    BOS prepended as lmlab's rows start (``add_bos_token=True``), gives every request the log-likelihood and
+    greedy flag that ``LmlabLM`` gives it, and so the same metrics: the shipped task, and requests longer than
+    the run's block of 64 tokens (both cut them into windows of the export's context length, data.block_size)."""
     pytest.importorskip("accelerate")  # lm-eval's hf backend imports it
     import lm_eval
     from lm_eval.models.huggingface import HFLM
@@ -259,26 +284,51 @@ def test_hf_backend_on_the_export_scores_every_item_as_lmlab_does(lmlab, tmp_pat
     assert code == 0, out
     run = next(p.parent for p in lmlab.runs.rglob("DONE"))
     exported = export_run(run, tmp_path / "hf")
+    config = json.loads((exported / "config.json").read_text())
+    assert config.get("max_position_embeddings", config.get("n_positions", 64)) == 64  # data.block_size
+    assert json.loads((exported / "tokenizer_config.json").read_text())["model_max_length"] == 64
     _, module, dm, _ = rebuild(run, OmegaConf.create({}))
     ours = LmlabLM(module.model, dm.source.tokenizer, batch_size=16,
                    max_length=default_max_length(module.model, dm.source))
     theirs = HFLM(pretrained=str(exported), add_bos_token=True, batch_size=16, device="cpu", dtype="float32")
-    manager = TaskManager(include_path=str(TASKS_DIR), include_defaults=False)
-    results = {name: lm_eval.simple_evaluate(model=lm, tasks=["lmlab_tiny"], task_manager=manager, log_samples=True,
+    assert ours.max_length == theirs.max_length == 64
+    tasks = ["lmlab_tiny", *long_tasks(tmp_path / "tasks")]
+    manager = TaskManager(include_path=[str(TASKS_DIR), str(tmp_path / "tasks")], include_defaults=False)
+    # the rolling task through the hf backend without add_bos_token: with it, lm-eval encodes the text with BOS
+    # and puts its prefix BOS before that too (scoring BOS after BOS); without it, the text after one BOS, as
+    # lmlab's adapter and lm-eval's other backends score a rolling log-likelihood
+    theirs_rolling = HFLM(pretrained=str(exported), add_bos_token=False, batch_size=16, device="cpu",
+                          dtype="float32")
+    results = {name: lm_eval.simple_evaluate(model=lm, tasks=tasks, task_manager=manager, log_samples=True,
                                              bootstrap_iters=0)
                for name, lm in (("lmlab", ours), ("hf", theirs))}
-    a, b = (results[name]["samples"]["lmlab_tiny"] for name in ("lmlab", "hf"))
-    assert len(a) == len(b) == len(ITEMS)
-    diffs = []
-    for x, y in zip(a, b):
-        assert x["doc_id"] == y["doc_id"] and x["arguments"] == y["arguments"]
-        for (lp_x, greedy_x), (lp_y, greedy_y) in zip((r[0] for r in x["resps"]), (r[0] for r in y["resps"])):
-            diffs.append(abs(lp_x - lp_y))
-            assert greedy_x == greedy_y
-    print(f"max |loglikelihood difference| over {len(diffs)} requests: {max(diffs):.2e}")
-    assert len(diffs) == 4 * len(ITEMS) and max(diffs) < 1e-4
-    for metric in ("acc,none", "acc_norm,none"):
-        assert results["lmlab"]["results"]["lmlab_tiny"][metric] == results["hf"]["results"]["lmlab_tiny"][metric]
+    rolling = lm_eval.simple_evaluate(model=theirs_rolling, tasks=["long_rolling"], task_manager=manager,
+                                      log_samples=True, bootstrap_iters=0)
+    for section in ("samples", "results"):
+        results["hf"][section]["long_rolling"] = rolling[section]["long_rolling"]
+    longest = 0
+    for task, n_docs, per_doc in (("lmlab_tiny", len(ITEMS), 4), ("long_mc", 12, 4), ("long_rolling", 6, 1)):
+        a, b = (results[name]["samples"][task] for name in ("lmlab", "hf"))
+        assert len(a) == len(b) == n_docs
+        diffs = []
+        for x, y in zip(a, b):
+            assert x["doc_id"] == y["doc_id"] and x["arguments"] == y["arguments"]
+            for r_x, r_y in zip((r[0] for r in x["resps"]), (r[0] for r in y["resps"])):
+                if task == "long_rolling":  # a float: the document's log-likelihood
+                    diffs.append(abs(r_x - r_y))
+                    longest = max(longest, len(dm.source.tokenizer.encode([x["arguments"][0][0]])[0]))
+                    continue
+                (lp_x, greedy_x), (lp_y, greedy_y) = r_x, r_y
+                diffs.append(abs(lp_x - lp_y))
+                assert greedy_x == greedy_y
+            if task == "long_mc":
+                longest = max(longest, len(dm.source.tokenizer.encode([x["arguments"][0][0]])[0]))
+        print(f"{task}: max |loglikelihood difference| over {len(diffs)} requests: {max(diffs):.2e}")
+        assert len(diffs) == per_doc * n_docs and max(diffs) < 1e-4
+        for metric, value in results["lmlab"]["results"][task].items():
+            if isinstance(value, float) and "stderr" not in metric:
+                assert value == pytest.approx(results["hf"]["results"][task][metric], rel=1e-5), (task, metric)
+    assert longest > 2 * 64  # the long requests span several windows
 
 
 def test_a_generation_task_from_include_path(tmp_path):

@@ -25,7 +25,8 @@ One small class per tokenizer, all with the same interface, chosen by the nested
 
 Interface: ``vocab_size``; ``train(docs)`` (BPE only; a no-op for the others) and ``trained``;
 ``encode_flat(texts)`` -> the concatenated ids (int32) and each text's length; ``encode(texts)`` -> one id list
-per text; ``decode(ids)`` -> text, special ids dropped; ``save(directory)`` / ``load(directory)`` for the
+per text; ``decode(ids)`` -> text, special ids dropped; ``byte_lengths()`` -> the number of UTF-8 bytes each id
+stands for (0 for the special ids; bits per byte); ``save(directory)`` / ``load(directory)`` for the
 trained state (``tokenizer.json`` in a cache entry); ``config``, which goes into the cache key of a source;
 ``sample``, the bundled corpus a text source reads when ``data.paths`` is null.
 """
@@ -87,6 +88,13 @@ class Tokenizer(ABC):
     @abstractmethod
     def decode(self, ids) -> str:
         """The text of a list of token ids; special tokens are dropped."""
+
+    def byte_lengths(self) -> np.ndarray:
+        """(vocab_size,) int64: the number of UTF-8 bytes each id stands for, 0 for the special ids (one byte per
+        id here: a byte, or an ASCII letter of an alphabet)."""
+        lengths = np.ones(self.vocab_size, dtype=np.int64)
+        lengths[:N_SPECIAL] = 0
+        return lengths
 
     def save(self, directory: str | os.PathLike) -> None:
         """Write the trained state into ``directory`` (a fixed vocabulary writes a marker naming itself)."""
@@ -239,6 +247,19 @@ class BPE(Tokenizer):
     def decode(self, ids) -> str:
         own = [int(i) for i in ids if i >= N_SPECIAL]
         return self._model().decode(own, skip_special_tokens=True)
+
+    def byte_lengths(self) -> np.ndarray:
+        """The bytes of each token: its byte-level string maps one character to one byte (GPT-2's table)."""
+        from tokenizers import pre_tokenizers
+
+        chars = set(pre_tokenizers.ByteLevel.alphabet())
+        lengths = np.zeros(self.vocab_size, dtype=np.int64)
+        for token, i in self._model().get_vocab().items():
+            if N_SPECIAL <= i < self.vocab_size:
+                if not set(token) <= chars:
+                    raise RuntimeError(f"the BPE token {token!r} is not byte-level")
+                lengths[i] = len(token)
+        return lengths
 
     def save(self, directory: str | os.PathLike) -> None:
         self._model().save(str(Path(directory) / TOKENIZER_FILE))

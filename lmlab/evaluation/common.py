@@ -13,7 +13,7 @@ from lmlab.data.tasks import labelled_rows, resolve_task
 from lmlab.errors import UserError
 from lmlab.evaluation.base import Evaluator
 from lmlab.readout import features, model_device, pad_rows
-from lmlab.stats import expected_calibration_error, t_interval
+from lmlab.stats import expected_calibration_error, sample_std, t_interval
 
 
 class DownstreamEvaluator(Evaluator):
@@ -55,13 +55,14 @@ class DownstreamEvaluator(Evaluator):
 
 
 def summarize(prefix: str, accs: list[float], test_labels: np.ndarray) -> dict[str, float]:
-    """``acc`` (mean over seeds), ``acc_std`` (sample std, 0 for one seed), ``acc_ci95`` and
-    ``chance`` (the majority-class rate on the test labels), keys prefixed ``prefix/``."""
+    """``acc`` (mean over seeds), ``acc_std`` (sample std), ``acc_ci95`` (half-width of the 95% t-interval) and
+    ``chance`` (the majority-class rate on the test labels), keys prefixed ``prefix/``. One seed has no spread
+    and no interval: ``acc_std`` and ``acc_ci95`` are then NaN (the tables print n/a), never 0."""
     x = np.asarray(accs, dtype=np.float64)
     chance = float(np.bincount(test_labels).max() / len(test_labels)) if len(test_labels) else 0.0
     return {
         f"{prefix}/acc": float(x.mean()),
-        f"{prefix}/acc_std": float(x.std(ddof=1)) if len(x) > 1 else 0.0,
+        f"{prefix}/acc_std": sample_std(x),
         f"{prefix}/acc_ci95": t_interval(x),
         f"{prefix}/chance": chance,
     }

@@ -8,7 +8,7 @@ tokens or ``concat`` of token states), and trained together with a fresh linear 
 ``epochs`` epochs of shuffled minibatches. Rows whose label is -1 are dropped.
 
 Returns ``finetune/acc`` (mean over seeds), ``finetune/acc_std``, ``finetune/acc_ci95`` (95% t-interval
-half-width over seeds; 0 for one seed) and ``finetune/chance`` (majority-class rate on test). With
+half-width over seeds; NaN for one seed) and ``finetune/chance`` (majority-class rate on test). With
 ``ece=true`` also ``finetune/ece``: the expected calibration error (Guo et al. 2017, arXiv
 1706.04599; 15 equal-width bins, ``lmlab.stats.expected_calibration_error``) of the test predictions
 (confidence: the softmax probability of the predicted class), averaged over seeds; it reads the fine-tuned

@@ -25,8 +25,10 @@ Two parts:
     ``max_length`` tokens of the sequence for each new token (no key/value cache).
 
   Requests are sorted by length and run in batches of ``batch_size`` right-padded rows, under
-  ``torch.no_grad()`` on the model's device. ``max_length`` defaults to the length of the inputs the
-  model was trained on (the data's ``block_size - 1``), capped by a model's ``max_len``. Causal models are
+  ``torch.no_grad()`` on the model's device. ``max_length`` defaults to the length of the rows the model
+  was trained on (the data's ``block_size``), capped by a model's ``max_len``: the context length ``lmlab
+  export`` writes into the checkpoint, so lm-eval's ``hf`` backend on the export cuts long requests into the
+  same windows. Causal models are
   served with causal attention; a prefix LM reads the context (the prompt) as its bidirectional prefix
   and the continuation causally, as Wang et al. 2022 (arXiv 2204.05832) score a non-causal decoder. A
   bidirectional (MLM) model is refused.
@@ -53,6 +55,7 @@ import contextlib
 import logging
 import math
 import random
+import subprocess
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -79,10 +82,10 @@ def can_encode(source) -> bool:
 
 
 def default_max_length(model, source) -> int:
-    """The longest input the model read in training (``block_size - 1`` of packed text rows), capped by the
-    model's ``max_len`` where it has one."""
+    """The length of the rows the model was trained on (``block_size`` of packed text rows; the context length
+    of its export), capped by the model's ``max_len`` where it has one."""
     block = getattr(source, "block_size", None)
-    length = int(block) - 1 if isinstance(block, int) and block >= 2 else FALLBACK_MAX_LENGTH
+    length = int(block) if isinstance(block, int) and block >= 2 else FALLBACK_MAX_LENGTH
     cap = getattr(model, "max_len", None)
     return min(length, int(cap)) if isinstance(cap, int) and cap > 0 else length
 
@@ -318,6 +321,27 @@ class LmlabLM(TemplateLM):
 
 
 @contextlib.contextmanager
+def quiet_git() -> Iterator[None]:
+    """lm-eval records the git commit of the working directory with ``git describe``, whose stderr says
+    ``fatal: not a git repository`` outside one: the same command with its stderr discarded, during the block."""
+    import lm_eval.evaluator
+
+    def commit() -> str | None:
+        try:
+            out = subprocess.run(["git", "describe", "--always"], capture_output=True, text=True, check=False)
+        except OSError:
+            return None
+        return (out.stdout.strip() or None) if out.returncode == 0 else None
+
+    original = lm_eval.evaluator.get_git_commit_hash
+    lm_eval.evaluator.get_git_commit_hash = commit
+    try:
+        yield
+    finally:
+        lm_eval.evaluator.get_git_commit_hash = original
+
+
+@contextlib.contextmanager
 def kept_random_state() -> Iterator[None]:
     """Restore Python's, NumPy's and PyTorch's (CPU and CUDA) global generators after the block."""
     py, np_state, cpu = random.getstate(), np.random.get_state(), torch.random.get_rng_state()
@@ -428,7 +452,7 @@ class LmEval(Evaluator):
         for q in quiet:
             q.setLevel(logging.ERROR)
         try:
-            with kept_random_state():
+            with kept_random_state(), quiet_git():
                 results = lm_eval.simple_evaluate(
                     model=lm, tasks=list(self.tasks), task_manager=self.task_manager(), num_fewshot=self.num_fewshot,
                     limit=self.limit, bootstrap_iters=self.bootstrap_iters, log_samples=False)

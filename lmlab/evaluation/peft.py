@@ -51,7 +51,7 @@ not know gets every linear layer but the LM head and routers, by full name. A fu
 (``blocks.0.attn.qkv``) is also a valid entry of ``target_modules``.
 
 Returns ``peft/acc`` (mean test accuracy over seeds), ``peft/acc_std``, ``peft/acc_ci95`` (95% t-interval
-half-width over seeds; 0 for one seed), ``peft/chance`` (majority-class rate on test), ``peft/ece`` (expected
+half-width over seeds; NaN for one seed), ``peft/chance`` (majority-class rate on test), ``peft/ece`` (expected
 calibration error, Guo et al. 2017, arXiv 1706.04599, 15 equal-width bins, of the test predictions, averaged
 over seeds), ``peft/trained_params`` (adapter and head parameters) and ``peft/trained_share`` (trained
 parameters / all parameters of the adapted copy and its head; the tied embedding and LM head count once).

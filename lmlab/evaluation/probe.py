@@ -15,7 +15,7 @@ list every task's also carry its name,
 ``probe/<task>/acc``, ``probe/<task>/acc_ci95``, ``probe/<task>/lookup_acc`` (and ``probe/<task>/proj_acc``).
 
 Returns ``probe/acc`` (mean test accuracy over seeds), ``probe/acc_std`` (sample std over seeds),
-``probe/acc_ci95`` (half-width of the 95% t-interval over seeds; 0 for one seed) and ``probe/chance``
+``probe/acc_ci95`` (half-width of the 95% t-interval over seeds; NaN for one seed) and ``probe/chance``
 (majority-class rate on test). The interval covers the head's optimisation noise only: the backbone
 and the data are fixed.
 
@@ -53,7 +53,7 @@ import torch.nn.functional as F
 from lmlab.errors import UserError
 from lmlab.evaluation.common import DownstreamEvaluator, head_calibration, summarize
 from lmlab.readout import features, model_device, pad_rows
-from lmlab.stats import t_interval
+from lmlab.stats import sample_std, t_interval
 from lmlab.threads import one_thread
 from lmlab.vocab import N_SPECIAL
 
@@ -160,7 +160,7 @@ class Probe(DownstreamEvaluator):
         accs, eces = self._accuracies(x_train, train_y, x_test, test_y, n_classes, device)
         accs = np.asarray(accs, dtype=np.float64)
         out = {f"{self.name}/lookup_acc": float(accs.mean()),
-               f"{self.name}/lookup_acc_std": float(accs.std(ddof=1)) if len(accs) > 1 else 0.0,
+               f"{self.name}/lookup_acc_std": sample_std(accs),
                f"{self.name}/lookup_acc_ci95": t_interval(accs)}
         if self.ece:
             out[f"{self.name}/lookup_ece"] = float(np.mean(eces))

@@ -5,13 +5,16 @@ from __future__ import annotations
 
 import csv
 import io
+import math
+import re
 from pathlib import Path
 from typing import Any
 
 from hydra.experimental.callback import Callback
 from omegaconf import DictConfig, OmegaConf
-from rich.console import Console
+from rich.console import Console, Group
 from rich.table import Table
+from rich.text import Text
 
 from lmlab.io import write_text
 from lmlab.run_dir import RESULTS, failure, read_results, status
@@ -55,7 +58,13 @@ def _columns(rows: list[dict[str, Any]]) -> list[str]:
     return FIXED + axes + metrics
 
 
+NOT_DEFINED = "n/a"  # how a NaN metric prints: a spread or an interval over one seed, which has none
+NOT_DEFINED_NOTE = f"{NOT_DEFINED}: not defined (a spread or a 95% interval over a single seed)"
+
+
 def _fmt(value: Any) -> str:
+    if isinstance(value, float) and math.isnan(value):
+        return NOT_DEFINED
     if isinstance(value, float):  # counts stored as floats print as counts (20000, not 2e+04)
         return str(int(value)) if value.is_integer() and abs(value) < 1e15 else f"{value:.4g}"
     return "" if value is None else str(value)
@@ -77,28 +86,70 @@ def to_markdown(rows: list[dict[str, Any]]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def rich_table(rows: list[dict[str, Any]], title: str, max_metrics: int = 8) -> Table:
-    """The terminal view: the sweep's axes, the status, and the first ``max_metrics`` metrics."""
+def header(name: str, width: int = 12) -> str:
+    """A column name on lines of at most ``width`` characters (or its longest part), broken only after a ``/``
+    or a ``.`` (``perplexity/`` ``loss``), never inside a word."""
+    lines: list[str] = []
+    for part in re.split(r"(?<=[/.])", name):
+        if lines and len(lines[-1]) + len(part) <= width:
+            lines[-1] += part
+        else:
+            lines.append(part)
+    return "\n".join(lines)
+
+
+def _notes(values) -> list[str]:
+    return [NOT_DEFINED_NOTE] if any(isinstance(v, float) and math.isnan(v) for v in values) else []
+
+
+def _titled(title: str, table: Table, notes: list[str]) -> Group:
+    """The title on a line of its own above the table and the notes below it, each wrapped at the terminal's
+    width (not at the table's)."""
+    return Group(Text(title), table, *(Text(n) for n in notes))
+
+
+def rich_table(rows: list[dict[str, Any]], title: str, max_metrics: int = 8, width: int | None = None) -> Group:
+    """The terminal view: the sweep's axes, the status, and the first ``max_metrics`` metrics, as many of them
+    as fit ``width`` (default: the terminal's) with every header (broken only after ``/`` or ``.``) and every
+    value whole; a note counts the metrics left to ``summary.md``."""
     axes = rows[0]["axes"] if rows else []
     hidden = ("model/", "train/rows", "train/steps")
+    secondary = ("_std", "_stderr", "/chance", "/ppl", "/optimum", "/rows")
     metrics = [c for c in _columns(rows)[len(FIXED) + len(axes):]
-               if not c.startswith(hidden) and not c.endswith(("_std", "_stderr", "/chance", "/ppl", "/optimum"))]
-    cols = [*axes, "status", *metrics[:max_metrics]]
-    table = Table(title=title)
+               if not c.startswith(hidden) and not c.endswith(secondary)]
+    width = Console().width if width is None else width
+    cols = [*axes, "status"]
+    need = 1 + sum(3 + _width(c, rows) for c in cols)  # a border and two spaces of padding per column
+    for c in metrics[:max_metrics]:
+        if need + 3 + _width(c, rows) > width:
+            break
+        cols.append(c)
+        need += 3 + _width(c, rows)
+    table = Table()
     for c in cols:
-        table.add_column(c, overflow="fold")
+        table.add_column(header(c), no_wrap=True, min_width=_width(c, rows))
     for r in rows:
         table.add_row(*[_fmt(r.get(c)) for c in cols])
-    return table
+    notes = _notes([r.get(c) for r in rows for c in cols])
+    left = len(metrics) - (len(cols) - len(axes) - 1)
+    if left:
+        notes.append(f"{left} more metric(s) in summary.md")
+    return _titled(title, table, notes)
 
 
-def metrics_table(metrics: dict[str, Any], title: str) -> Table:
-    table = Table(title=title)
-    table.add_column("metric")
-    table.add_column("value", justify="right")
+def _width(column: str, rows: list[dict[str, Any]]) -> int:
+    """The width a column needs: its longest header line or value."""
+    return max(len(line) for line in [*header(column).split("\n"), *(_fmt(r.get(column)) for r in rows)])
+
+
+def metrics_table(metrics: dict[str, Any], title: str) -> Group:
+    """One run's metrics, one per row, under its title (a NaN prints as n/a, with a note)."""
+    table = Table()
+    table.add_column("metric", no_wrap=True)
+    table.add_column("value", justify="right", no_wrap=True)
     for k, v in metrics.items():
         table.add_row(k, _fmt(v))
-    return table
+    return _titled(title, table, _notes(metrics.values()))
 
 
 def write_summary(sweep_dir: Path) -> list[dict[str, Any]]:

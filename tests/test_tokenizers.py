@@ -131,3 +131,22 @@ def test_errors_name_the_fix(tmp_path):
         Chars("ACGT", "N")
     with pytest.raises(UserError, match="trained BPE"):
         write_shards(["some text"], tmp_path / "shards", tokenizer=BPE())
+
+
+def test_token_bytes_spell_out_every_encoding():
+    """Known answer: the bytes of a text's tokens, joined, are the text's UTF-8 bytes; special ids have none."""
+    from lmlab.training.init_from import token_bytes as init_from_token_bytes
+
+    bpe = BPE(vocab_size=300)
+    bpe.train(DOCS)
+    text = "the cat sat, naïve café ☕\n\tend"
+    for tok in (Byte(), bpe):
+        table = tok.token_bytes()
+        assert b"".join(table[i] for i in tok.encode([text])[0]) == text.encode()
+        assert min(table) == N_SPECIAL and all(i not in table for i in range(N_SPECIAL))
+        assert table == init_from_token_bytes(tok)
+    assert len(bpe.token_bytes()) == len(bpe.model.get_vocab()) - N_SPECIAL  # every learned token
+    dna = DNA()
+    assert dna.token_bytes() == {4: b"A", 5: b"C", 6: b"G", 7: b"T", 8: b"N"}
+    assert b"".join(dna.token_bytes()[i] for i in dna.encode(["ac gt"])[0]) == b"ACGT"
+    assert dna.token_bytes() == init_from_token_bytes(dna)

@@ -27,7 +27,8 @@ Interface: ``vocab_size``; ``train(docs)`` (BPE only; a no-op for the others) an
 ``encode_flat(texts)`` -> the concatenated ids (int32) and each text's length; ``encode(texts)`` -> one id list
 per text; ``decode(ids)`` -> text, special ids dropped; ``save(directory)`` / ``load(directory)`` for the
 trained state (``tokenizer.json`` in a cache entry); ``config``, which goes into the cache key of a source;
-``sample``, the bundled corpus a text source reads when ``data.paths`` is null.
+``sample``, the bundled corpus a text source reads when ``data.paths`` is null; ``token_bytes()`` -> each ordinary
+token id and the bytes it stands for (special tokens left out), for matching two vocabularies.
 """
 
 from __future__ import annotations
@@ -49,6 +50,20 @@ SAMPLES = Path(__file__).resolve().parent / "sample"
 SPECIAL_TOKENS = ["[PAD]", "[BOS]", "[EOS]", "[MASK]"]
 BYTE_VOCAB = N_SPECIAL + 256
 TOKENIZER_FILE = "tokenizer.json"
+
+
+def byte_level_alphabet() -> dict[str, int]:
+    """Byte-level BPE (GPT-2) writes each byte as one printable character: printable Latin-1 bytes stand for
+    themselves, the others for chr(256), chr(257), ... in byte order. Character -> byte."""
+    keep = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
+    table, extra = {}, 0
+    for b in range(256):
+        if b in keep:
+            table[chr(b)] = b
+        else:
+            table[chr(256 + extra)] = b
+            extra += 1
+    return table
 
 
 class Tokenizer(ABC):
@@ -88,6 +103,11 @@ class Tokenizer(ABC):
     def decode(self, ids) -> str:
         """The text of a list of token ids; special tokens are dropped."""
 
+    def token_bytes(self) -> dict[int, bytes]:
+        """Each ordinary token id and the UTF-8 bytes it stands for; special tokens (ids below ``N_SPECIAL``)
+        are left out, as is any token that stands for no fixed byte string."""
+        raise NotImplementedError(f"{type(self).__name__} does not list its tokens' bytes")
+
     def save(self, directory: str | os.PathLike) -> None:
         """Write the trained state into ``directory`` (a fixed vocabulary writes a marker naming itself)."""
         (Path(directory) / TOKENIZER_FILE).write_text(json.dumps({"lmlab_tokenizer": self.name}) + "\n")
@@ -118,6 +138,9 @@ class Byte(Tokenizer):
     def decode(self, ids) -> str:
         own = [int(i) for i in ids if i >= N_SPECIAL]
         return bytes(i - N_SPECIAL for i in own).decode("utf-8", errors="replace")
+
+    def token_bytes(self) -> dict[int, bytes]:
+        return {N_SPECIAL + b: bytes([b]) for b in range(256)}
 
 
 class Chars(Tokenizer):
@@ -168,6 +191,10 @@ class Chars(Tokenizer):
     def decode(self, ids) -> str:
         alphabet = self.alphabet
         return "".join(alphabet[i - N_SPECIAL] for i in map(int, ids) if N_SPECIAL <= i < N_SPECIAL + len(alphabet))
+
+    def token_bytes(self) -> dict[int, bytes]:
+        """Each letter's id and the letter (the upper-case form the alphabet names)."""
+        return {N_SPECIAL + i: c.encode() for i, c in enumerate(self.alphabet)}
 
 
 class DNA(Chars):
@@ -239,6 +266,16 @@ class BPE(Tokenizer):
     def decode(self, ids) -> str:
         own = [int(i) for i in ids if i >= N_SPECIAL]
         return self._model().decode(own, skip_special_tokens=True)
+
+    def token_bytes(self) -> dict[int, bytes]:
+        """The bytes of each learned token: byte-level BPE writes each byte as one printable character
+        (``byte_level_alphabet``); a token holding any other character (an added token) is left out."""
+        table = byte_level_alphabet()
+        out = {}
+        for token, i in self._model().get_vocab(with_added_tokens=False).items():
+            if i >= N_SPECIAL and all(c in table for c in token):
+                out[i] = bytes(table[c] for c in token)
+        return out
 
     def save(self, directory: str | os.PathLike) -> None:
         self._model().save(str(Path(directory) / TOKENIZER_FILE))

@@ -4,9 +4,11 @@
 ``block_size``, split fractions and seed) and writes the shard directory ``ShardSource`` (``data=shards``)
 reads (the layout of ``lmlab/data/shards.py``), without ever holding the corpus in memory:
 
-* Reading: the files are read in order as a stream of batches of about ``batch_bytes`` of input. ``.txt``
-  holds one document per line (split like ``str.splitlines``), ``.jsonl`` one JSON record per line (the
-  document in ``text_field``); ``.parquet`` is read through ``pyarrow`` record batches. A ``.json`` file that is
+* Reading: the files are read in order as a stream of batches of about ``batch_bytes`` of input. A ``.txt``
+  file's documents are those of ``TextSource`` (``data.documents``, ``lmlab.data.corpus``): with ``file`` each
+  file is read whole as one document (memory bounded by the largest file), with ``paragraph`` a batch ends
+  at a blank line, with ``line`` at a line end; ``.jsonl`` holds one JSON record per line (the document in
+  ``text_field``); ``.parquet`` is read through ``pyarrow`` record batches. A ``.json`` file that is
   not JSON lines (one array of records, or an object of columns) and FASTA files cannot be streamed: each is
   read whole (memory bounded by that one file). Blank documents are dropped, as in ``TextSource``.
 * Splits: each document goes to validation, test or train by a keyed hash of its text: the first 8 bytes of
@@ -18,6 +20,7 @@ reads (the layout of ``lmlab/data/shards.py``), without ever holding the corpus 
   bytes of training documents, spread over the corpus: a training document is in the sample when the next 8
   bytes of its hash, as a number in [0, 1), fall below ``tokenizer_sample_bytes / total input bytes`` (a
   first, reading-only pass that stops once the sample is full). The tokenizer is saved as ``tokenizer.json``.
+  A fixed tokenizer (byte, dna, protein, file) is used as it is.
 * Encoding: each batch's documents are encoded by one ``Tokenizer.encode_flat`` call (for BPE, the
   ``tokenizers`` library's ``encode_batch_fast``, which uses its own threads).
 * Packing, per split, exactly as ``lmlab.data.corpus.pack_stream`` over the split's documents in file order:
@@ -37,7 +40,10 @@ reads (the layout of ``lmlab/data/shards.py``), without ever holding the corpus 
   is; a directory holding another key (a changed corpus or setting) is prepared again. ``batch_bytes`` does
   not change the output and is not part of the key.
 
-``progress=True`` shows a ``rich`` progress bar with input bytes/s and tokens/s.
+``progress=True`` shows a ``rich`` progress bar with input bytes/s and tokens/s; without it, ``say`` prints a
+line when each stage starts (tokenizer sample, encoding) and one every ``SAY_EVERY_SECONDS``. A finished
+preparation prints the summary line of ``lmlab.data.corpus.summary`` (documents, files, documents per split,
+tokens).
 """
 
 from __future__ import annotations
@@ -52,6 +58,7 @@ from typing import Any
 
 import numpy as np
 
+from lmlab.data.corpus import decode_utf8, line_of, paragraphs, summary
 from lmlab.data.shards import FORMAT, INDEX, _dtype
 from lmlab.data.tokenizers import TOKENIZER_FILE, Tokenizer
 from lmlab.errors import UserError
@@ -65,6 +72,12 @@ LINE_FORMATS = {".txt", ".jsonl"}
 DEFAULT_SAMPLE_BYTES = 100_000_000
 DEFAULT_BATCH_BYTES = 1 << 22
 DEFAULT_SHARD_BYTES = 1 << 27
+SAY_EVERY_SECONDS = 10.0
+
+
+def say(message: str) -> None:
+    """One progress line of a preparation, printed at once."""
+    print(f"[lmlab] data: {message}", flush=True)
 
 
 # ----- reading -----
@@ -112,11 +125,7 @@ def _line_batches(path: Path, fmt: str, field: str, start: int, batch_bytes: int
                 data += more
             position += len(data)
             f.seek(position)
-            try:
-                text = data.decode("utf-8")
-            except UnicodeDecodeError as error:
-                raise UserError(f"{str(path)!r} is not UTF-8 text near byte {position - len(data) + error.start}: "
-                                "fix the file's encoding.") from None
+            text = decode_utf8(data, path, position - len(data))
             if fmt == ".txt":
                 docs = [d for d in text.splitlines() if d.strip()]
             else:
@@ -132,6 +141,37 @@ def _line_batches(path: Path, fmt: str, field: str, start: int, batch_bytes: int
                         if doc is not None and doc.strip():
                             docs.append(doc)
             yield docs, position
+
+
+def _paragraph_batches(path: Path, start: int, batch_bytes: int) -> Iterator[tuple[list[str], int]]:
+    """(paragraphs, byte offset after them) for a .txt file read by paragraph, from ``start``; a batch ends after
+    the blank line that closes a paragraph, once it holds ``batch_bytes``, or at the end of the file."""
+    with open(path, "rb") as f:
+        f.seek(start)
+        position, size, lines, docs = start, 0, [], []
+        for raw in f:
+            line = line_of(decode_utf8(raw, path, position))
+            position += len(raw)
+            if line.strip():
+                lines.append(line)
+                size += len(raw)
+            elif lines:
+                docs.extend(paragraphs(lines))
+                lines = []
+                if size >= batch_bytes:
+                    yield docs, position
+                    docs, size = [], 0
+        docs.extend(paragraphs(lines))
+        if docs or position > start:
+            yield docs, position
+
+
+def _file_batch(path: Path, start: int) -> Iterator[tuple[list[str], int]]:
+    """The whole .txt file as one document (none when blank), and its size; nothing when ``start`` is past it."""
+    size = path.stat().st_size
+    if start < size:
+        text = decode_utf8(path.read_bytes(), path)
+        yield ([text] if text.strip() else []), size
 
 
 def _record_batches(records: Iterator[str | None], start: int, batch_bytes: int) -> Iterator[tuple[list[str], int]]:
@@ -196,15 +236,20 @@ def _whole_records(path: Path, fmt: str, field: str) -> list[str | None]:
                     f"{field!r}: fix the file or data.text_field.")
 
 
-def read_batches(path: Path, field: str, start: int = 0,
-                 batch_bytes: int = DEFAULT_BATCH_BYTES) -> Iterator[tuple[list[str], int]]:
+def read_batches(path: Path, field: str, start: int = 0, batch_bytes: int = DEFAULT_BATCH_BYTES,
+                 documents: str = "line") -> Iterator[tuple[list[str], int]]:
     """Batches of non-blank documents of one file, from input position ``start``: (documents, position after
-    them), the position being a byte offset (.txt, .jsonl, JSON-lines .json) or a record index (others)."""
+    them), the position being a byte offset (.txt, .jsonl, JSON-lines .json) or a record index (others);
+    ``documents`` is what a document of a .txt file is (``file``, ``paragraph``, ``line``)."""
     from lmlab.data.corpus import FORMATS
 
     suffix = path.suffix.lower()
     fmt = FORMATS[suffix]
-    if suffix in LINE_FORMATS or (suffix == ".json" and _json_lines(path)):
+    if fmt == "text" and documents == "file":
+        yield from _file_batch(path, start)
+    elif fmt == "text" and documents == "paragraph":
+        yield from _paragraph_batches(path, start, batch_bytes)
+    elif suffix in LINE_FORMATS or (suffix == ".json" and _json_lines(path)):
         yield from _line_batches(path, ".txt" if fmt == "text" else ".jsonl", field, start, batch_bytes)
     elif fmt == "parquet":
         yield from _record_batches(_parquet_records(path, field, start), start, batch_bytes)
@@ -359,7 +404,7 @@ def _sample(source: Any, cap: int, batch_bytes: int, stats: dict) -> Iterator[st
     rate = min(1.0, cap / total) if total else 1.0
     used = 0
     for path in source.files:
-        for docs, _ in read_batches(path, source.text_field, 0, batch_bytes):
+        for docs, _ in read_batches(path, source.text_field, 0, batch_bytes, source.documents):
             units = hash_units(docs, source.seed)
             split = assign_splits(units, source.fractions["validation"], source.fractions["test"])
             for doc, u, s in zip(docs, units[:, 1], split):
@@ -447,9 +492,13 @@ def prepare_shards(source: Any, out_dir: str | os.PathLike, *, rows_per_shard: i
     if state is None:
         sample = {"docs": 0, "bytes": 0}
         if _learns(tokenizer):
+            if not progress:
+                say(f"training the {tokenizer.name} tokenizer (vocabulary {tokenizer.vocab_size:,}) on at most "
+                    f"{tokenizer_sample_bytes:,} bytes of training documents")
             tokenizer.train(_sample(source, tokenizer_sample_bytes, batch_bytes, sample))
         tokenizer.save(out)
         state = {"key": key, "file": 0, "position": 0, "tokens": 0, "docs": 0, "sample": sample,
+                 "split_docs": {s: 0 for s in SPLIT_NAMES},
                  "splits": {s: w.state() for s, w in writers.items()}}
         write_json(out / PROGRESS, state)
     else:
@@ -462,6 +511,10 @@ def prepare_shards(source: Any, out_dir: str | os.PathLike, *, rows_per_shard: i
     total = sum(p.stat().st_size for p in files)
     val, test = source.fractions["validation"], source.fractions["test"]
     started, tokens_now = time.perf_counter(), 0
+    said = started
+    if not progress:
+        say(f"encoding and packing {len(files):,} file{'s' if len(files) != 1 else ''} ({total / 1e6:,.1f} MB) "
+            f"into blocks of {width} tokens, streamed into {out}")
     try:
         with _progress_bar(progress) as bar:
             task = bar.add_task("preparing shards", total=total, completed=_seen(files, state["file"],
@@ -469,7 +522,7 @@ def prepare_shards(source: Any, out_dir: str | os.PathLike, *, rows_per_shard: i
             for f in range(state["file"], len(files)):
                 path = files[f]
                 start = state["position"] if f == state["file"] else 0
-                for docs, position in read_batches(path, source.text_field, start, batch_bytes):
+                for docs, position in read_batches(path, source.text_field, start, batch_bytes, source.documents):
                     if docs:
                         split = assign_splits(hash_units(docs, source.seed), val, test)
                         ids, lengths = tokenizer.encode_flat(docs)
@@ -478,6 +531,7 @@ def prepare_shards(source: Any, out_dir: str | os.PathLike, *, rows_per_shard: i
                             mine = split == k
                             if mine.any():
                                 writers[s].add(ids[token_split == k], lengths[mine])
+                                state["split_docs"][s] += int(mine.sum())
                         state["tokens"] += int(lengths.sum())
                         state["docs"] += len(docs)
                         tokens_now += int(lengths.sum())
@@ -488,6 +542,10 @@ def prepare_shards(source: Any, out_dir: str | os.PathLike, *, rows_per_shard: i
                     seen = _seen(files, f, position)
                     elapsed = max(time.perf_counter() - started, 1e-9)
                     bar.update(task, completed=seen, tokens=state["tokens"], rate=tokens_now / elapsed)
+                    if not progress and time.perf_counter() - said >= SAY_EVERY_SECONDS:
+                        said = time.perf_counter()
+                        say(f"{seen / 1e6:,.1f} of {total / 1e6:,.1f} MB, {state['docs']:,} documents, "
+                            f"{state['tokens']:,} tokens")
                 state.update(file=f + 1, position=0)
                 write_json(out / PROGRESS, state)
     finally:
@@ -506,10 +564,13 @@ def prepare_shards(source: Any, out_dir: str | os.PathLike, *, rows_per_shard: i
              "prepared": {"format": STREAM_FORMAT, "key": key, "config": source.config,
                           "files": _fingerprints(files), "tokenizer_sample_bytes": tokenizer_sample_bytes,
                           "tokenizer_sample": state["sample"], "rows_per_shard": rows_per_shard,
-                          "split": "blake2b", "documents": state["docs"], "tokens": state["tokens"],
+                          "split": "blake2b", "documents": state["docs"], "split_documents": state["split_docs"],
+                          "tokens": state["tokens"],
                           "tokenizer_file": TOKENIZER_FILE}}
     write_json(out / INDEX, index)  # last: a directory without an index is an unfinished preparation
     (out / PROGRESS).unlink()
+    print(summary(state["docs"], source.origin, state["split_docs"], state["tokens"], "keyed hash of the text, "
+                  f"seed {source.seed}"), flush=True)
     return out
 
 

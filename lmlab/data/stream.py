@@ -583,12 +583,16 @@ def prepare_locked(source: Any, cache_dir: Path) -> Any:
 
     from lmlab.data.shards import ShardSource
 
-    tokenizer = source.tokenizer
-    rows_per_shard = max(1, DEFAULT_SHARD_BYTES // (source.block_size * _dtype(tokenizer.vocab_size).itemsize))
-    key = stream_key(source, source.tokenizer_sample_bytes, rows_per_shard)
-    directory = Path(cache_dir) / f"lmlab.data.stream-{key}"
+    directory, rows_per_shard = stream_directory(source, cache_dir)
     directory.parent.mkdir(parents=True, exist_ok=True)
     with open(directory.parent / f"{directory.name}.lock", "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
         prepare_shards(source, directory, rows_per_shard=rows_per_shard, progress=sys.stderr.isatty())
     return ShardSource(str(directory)).load(None)
+
+
+def stream_directory(source: Any, cache_dir: str | os.PathLike) -> tuple[Path, int]:
+    """Where ``prepare_locked`` prepares ``source`` under ``cache_dir``, and the rows per shard it uses."""
+    rows_per_shard = max(1, DEFAULT_SHARD_BYTES // (source.block_size * _dtype(source.tokenizer.vocab_size).itemsize))
+    key = stream_key(source, source.tokenizer_sample_bytes, rows_per_shard)
+    return Path(cache_dir) / f"lmlab.data.stream-{key}", rows_per_shard

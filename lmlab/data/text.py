@@ -68,7 +68,7 @@ from datasets import (
 
 from lmlab.data.corpus import DOCUMENTS, FORMATS, pack_stream, read_fasta, read_txt, summary
 from lmlab.data.source import Source
-from lmlab.data.tokenizers import BPE, Tokenizer
+from lmlab.data.tokenizers import BPE, TOKENIZER_FILE, File, Tokenizer
 from lmlab.errors import UserError
 from lmlab.io import config_hash
 from lmlab.settings import Fraction, NonNegative, Optional, Positive
@@ -91,6 +91,45 @@ def as_tokenizer(tokenizer: Any) -> Tokenizer:
         raise UserError(f"data.tokenizer is {tokenizer!r}, not a tokenizer: choose one with data/tokenizer=<name>, "
                         "e.g. data/tokenizer=byte (lmlab --help lists them).")
     return tokenizer
+
+
+def run_tokenizer_file(run_dir: str | os.PathLike) -> tuple[Path, int | None]:
+    """The ``tokenizer.json`` of a finished run's trained BPE and the run's ``vocab_size``: in the run's data cache
+    entry (``cache_dir`` of its config; the streamed shard directory when its data were streamed); for a run that
+    itself read a tokenizer file (``data/tokenizer=file``), that file. A fixed vocabulary (byte, dna, protein)
+    or data without a text tokenizer is a UserError naming the option to use instead."""
+    from hydra.utils import instantiate
+
+    from lmlab.run_dir import read_config
+
+    cfg = read_config(run_dir)
+    data = cfg.get("data")
+    node = data.get("tokenizer") if data is not None else None
+    target = str(node.get("_target_", "")) if node is not None else ""
+    if target == f"{File.__module__}.{File.__qualname__}":
+        path, declared = File.resolve(node.get("path"))
+        return path, node.get("vocab_size") or declared
+    if target != f"{BPE.__module__}.{BPE.__qualname__}":
+        fixed = target.rsplit(".", 1)[-1].lower() if target.startswith("lmlab.data.tokenizers.") else None
+        hint = f"use data/tokenizer={fixed} instead" if fixed else "point at a run trained on text with a BPE"
+        raise UserError(f"the run {run_dir} has no trained tokenizer to share ({target or 'no text tokenizer'}): "
+                        f"{hint}.")
+    if not str(data.get("_target_", "")).startswith("lmlab.data."):
+        raise UserError(f"the run {run_dir} read its data with {data.get('_target_')!r}, not an lmlab source: "
+                        "give data.tokenizer.path its tokenizer.json instead.")
+    source = instantiate(data)
+    cache = Path(str(cfg.get("cache_dir"))).expanduser()
+    if isinstance(source, TextSource) and source.streams():
+        from lmlab.data.stream import stream_directory
+
+        entry = stream_directory(source, cache)[0]
+    else:
+        entry = cache / source.cache_key()
+    if not (entry / TOKENIZER_FILE).is_file():
+        raise UserError(f"the trained tokenizer of the run {run_dir} is not in its data cache ({entry} holds no "
+                        f"{TOKENIZER_FILE}): rerun the run's command to rebuild it, or give data.tokenizer.path a "
+                        f"{TOKENIZER_FILE}.")
+    return (entry / TOKENIZER_FILE).resolve(), int(node.get("vocab_size"))
 
 
 def _resolve(entries: list[str]) -> list[Path]:

@@ -4,8 +4,8 @@ A corpus of the requested sizes is generated (``.txt``, one document per line: 2
 Zipf law over a fixed synthetic vocabulary of 30k words), then each measurement runs in a fresh child process:
 
 * ``lmlab``: ``lmlab.data.stream.prepare_shards`` on ``TextSource(paths=FILE, tokenizer=BPE(vocab_size=V),
-  block_size=512, documents="line")``: read, split by hash, BPE trained on at most ``--sample-mb`` of training text, encode,
-  pack, write shards and index.
+  block_size=512, documents="line")``: read, split by hash, BPE trained on at most ``--sample-mb`` of training
+  text, encode, pack, write shards and index.
 * ``tokenizers``: the library's own ``Tokenizer.train([FILE])`` (the same byte-level BPE and special tokens)
   on the whole file, then ``encode_batch`` over chunks of ``--chunk`` lines, counting tokens (nothing kept).
 

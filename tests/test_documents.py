@@ -164,3 +164,30 @@ def test_the_setting_is_checked_and_refused_where_it_cannot_apply(tmp_path):
     write_corpus(tmp_path, n_files=1)
     keys = {TextSource(paths=str(tmp_path / "part0.txt"), documents=d).cache_key() for d in ("file", "paragraph")}
     assert len(keys) == 2
+
+
+def test_large_text_streams_by_default(tmp_path):
+    from lmlab.data.text import STREAM_ABOVE_BYTES
+
+    assert data_config().stream_above_bytes == STREAM_ABOVE_BYTES == TextSource().stream_above_bytes
+    big, small = tmp_path / "big.txt", tmp_path / "small.txt"
+    with open(big, "wb") as f:
+        f.truncate(STREAM_ABOVE_BYTES + 1)  # only the size matters here
+    small.write_text("a small corpus\n")
+    assert TextSource(paths=str(big)).streams() and not TextSource(paths=str(small)).streams()
+    assert not TextSource(paths=str(big), stream_above_bytes=None).streams()
+
+
+def test_lmlab_train_reports_the_preparation(tmp_path, lmlab):
+    from tests.conftest import FAST
+
+    corpus = tmp_path / "corpus"
+    corpus.mkdir()
+    write_corpus(corpus)
+    code, out = lmlab("train", "data=text", f"data.paths='{corpus}'", "data/tokenizer=byte", "data.block_size=16",
+                      "eval=[perplexity]", *FAST)
+    assert code == 0, out
+    lines = [ln for ln in out.splitlines() if ln.startswith("[lmlab] data: ")]
+    assert lines[0].startswith("[lmlab] data: reading 3 files (.txt: one document per file)")
+    assert any(ln.startswith("[lmlab] data: encoding and packing 3 documents") for ln in lines)
+    assert "3 documents from 3 files" in lines[-1] and "train 1, validation 1, test 1" in lines[-1]

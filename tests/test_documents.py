@@ -191,3 +191,15 @@ def test_lmlab_train_reports_the_preparation(tmp_path, lmlab):
     assert lines[0].startswith("[lmlab] data: reading 3 files (.txt: one document per file)")
     assert any(ln.startswith("[lmlab] data: encoding and packing 3 documents") for ln in lines)
     assert "3 documents from 3 files" in lines[-1] and "train 1, validation 1, test 1" in lines[-1]
+
+
+def test_memory_bench_script_runs():
+    import subprocess
+    import sys
+
+    script = Path(__file__).resolve().parents[1] / "scripts" / "bench_text_memory.py"
+    done = subprocess.run([sys.executable, str(script), "--sizes", "0.2"], capture_output=True, text=True,
+                          check=False, timeout=300)
+    assert done.returncode == 0, done.stderr
+    rows = [ln.split() for ln in done.stdout.splitlines()[1:]]
+    assert [r[1] for r in rows] == ["in-memory", "streamed"] and all(float(r[4]) >= float(r[3]) for r in rows)

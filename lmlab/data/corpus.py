@@ -77,6 +77,11 @@ def read_txt(path: str | os.PathLike, documents: str) -> list[str]:
     return text_documents(decode_utf8(Path(path).read_bytes(), path), documents)
 
 
+def say(message: str) -> None:
+    """One progress line of a preparation, printed at once."""
+    print(f"[lmlab] data: {message}", flush=True)
+
+
 def summary(n_docs: int, origin: str, split_docs: dict[str, int], tokens: int, how: str) -> str:
     """The line a preparation prints: documents, where from, how they were split, and the token count."""
     parts = ", ".join(f"{name} {n:,}" for name, n in split_docs.items())

@@ -58,7 +58,7 @@ from typing import Any
 
 import numpy as np
 
-from lmlab.data.corpus import decode_utf8, line_of, paragraphs, summary
+from lmlab.data.corpus import decode_utf8, line_of, paragraphs, say, summary
 from lmlab.data.shards import FORMAT, INDEX, _dtype
 from lmlab.data.tokenizers import TOKENIZER_FILE, Tokenizer
 from lmlab.errors import UserError
@@ -73,11 +73,6 @@ DEFAULT_SAMPLE_BYTES = 100_000_000
 DEFAULT_BATCH_BYTES = 1 << 22
 DEFAULT_SHARD_BYTES = 1 << 27
 SAY_EVERY_SECONDS = 10.0
-
-
-def say(message: str) -> None:
-    """One progress line of a preparation, printed at once."""
-    print(f"[lmlab] data: {message}", flush=True)
 
 
 # ----- reading -----

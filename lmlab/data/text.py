@@ -66,7 +66,7 @@ from datasets import (
     load_dataset,
 )
 
-from lmlab.data.corpus import DOCUMENTS, FORMATS, pack_stream, read_fasta, read_txt, summary
+from lmlab.data.corpus import DOCUMENTS, FORMATS, pack_stream, read_fasta, read_txt, say, summary
 from lmlab.data.source import Source
 from lmlab.data.tokenizers import BPE, TOKENIZER_FILE, File, Tokenizer
 from lmlab.errors import UserError
@@ -76,11 +76,6 @@ from lmlab.vocab import BOS_ID, EOS_ID
 
 SAMPLE_CORPUS = Tokenizer.sample  # lmlab/data/sample/tiny_corpus.txt
 STREAM_ABOVE_BYTES = 32 * 2 ** 20  # default data.stream_above_bytes (module docstring)
-
-
-def say(message: str) -> None:
-    """One progress line of a preparation, printed at once."""
-    print(f"[lmlab] data: {message}", flush=True)
 
 
 def as_tokenizer(tokenizer: Any) -> Tokenizer:

@@ -161,6 +161,8 @@ def test_the_setting_is_checked_and_refused_where_it_cannot_apply(tmp_path):
     assert data_config().documents is None
     default, line = TextSource(paths=str(tmp_path / "a.jsonl")), TextSource()  # null: file; the sample: line
     assert default.documents == "file" and line.documents == "line"
+    # line per document and files without .txt keep the cache keys they had before the setting existed
+    assert "documents" not in default.config and "documents" not in line.config
     write_corpus(tmp_path, n_files=1)
     keys = {TextSource(paths=str(tmp_path / "part0.txt"), documents=d).cache_key() for d in ("file", "paragraph")}
     assert len(keys) == 2

@@ -86,7 +86,7 @@ class HFSource(TextSource):
         self.files = []  # documents come from load_dataset, not from local text files
         self.dataset_name, self.subset, self.split, self.revision = name, config, split, revision
         self.data_files, self.streaming, self.max_documents = data_files, bool(streaming), max_documents
-        base = {k: v for k, v in self.config.items() if k not in ("paths", "documents")}  # no .txt files here
+        base = {k: v for k, v in self.config.items() if k != "paths"}
         self.config = {"name": name, "config": config, "split": split, "data_files": data_files,
                        "revision": revision, "streaming": bool(streaming), "max_documents": max_documents, **base}
         for entry in self._data_file_entries():

@@ -189,7 +189,7 @@ class TextSource(Source):
         super().__init__(paths=entries, text_field=text_field, tokenizer=self.tokenizer.config,
                          block_size=block_size, validation_fraction=validation_fraction,
                          test_fraction=test_fraction, seed=seed, labels_csv=labels,
-                         labels_test_fraction=labels_test_fraction, documents=self.documents)
+                         labels_test_fraction=labels_test_fraction)
         if isinstance(block_size, bool) or not isinstance(block_size, Integral) or block_size < 2:
             raise UserError(f"data.block_size must be an integer of at least 2, got {block_size!r}: "
                             "fix data.block_size.")
@@ -222,9 +222,12 @@ class TextSource(Source):
         self.stream_above_bytes = None if stream_above_bytes is None else int(stream_above_bytes)
 
         self.files = _resolve([str(self.tokenizer.sample)] if entries is None else entries)
-        if documents is not None and not any(FORMATS[p.suffix.lower()] == "text" for p in self.files):
+        txt = any(FORMATS[p.suffix.lower()] == "text" for p in self.files)
+        if documents is not None and not txt:
             raise UserError(f"data.documents={documents} applies to .txt files and data.paths holds none (each "
                             "record of the other formats is one document): drop data.documents.")
+        if txt and self.documents != "line":  # line per document keeps the cache key it had before the setting
+            self.config["documents"] = self.documents
         self.labels_csv = None
         if labels is not None:
             path = Path(os.path.expanduser(labels))

@@ -261,7 +261,7 @@ class TextSource(Source):
 
     @property
     def tokenizer_kind(self) -> str:
-        """The tokenizer's short name (bpe, byte, dna, protein)."""
+        """The tokenizer's short name (bpe, byte, dna, protein, file)."""
         return self.tokenizer.name
 
     def cache_key(self) -> str:

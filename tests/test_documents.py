@@ -205,3 +205,19 @@ def test_memory_bench_script_runs():
     assert done.returncode == 0, done.stderr
     rows = [ln.split() for ln in done.stdout.splitlines()[1:]]
     assert [r[1] for r in rows] == ["in-memory", "streamed"] and all(float(r[4]) >= float(r[3]) for r in rows)
+
+
+def test_the_streamed_path_names_the_fix_for_too_few_documents(tmp_path, monkeypatch):
+    from lmlab.data import stream
+
+    write_corpus(tmp_path, n_files=2)
+    source = TextSource(paths=str(tmp_path), tokenizer=Byte(), block_size=16)
+    with monkeypatch.context() as m:  # refused before any reading
+        m.setattr(stream, "read_batches", lambda *a, **k: (_ for _ in ()).throw(AssertionError("read")))
+        message = sentence(lambda: prepare_shards(source, tmp_path / "a"))
+    assert "2 .txt files are 2 documents" in message and "data.documents=paragraph" in message
+    write_corpus(tmp_path, n_files=3)  # three documents: by hash, some split is likely left empty
+    source = TextSource(paths=str(tmp_path), tokenizer=Byte(), block_size=16, validation_fraction=0.01,
+                        test_fraction=0.01)
+    message = sentence(lambda: prepare_shards(source, tmp_path / "b"))
+    assert "no document of the 3 from 3 files" in message and "data.documents=paragraph" in message

@@ -15,7 +15,9 @@ reads (the layout of ``lmlab/data/shards.py``), without ever holding the corpus 
   ``blake2b(text, key=f"lmlab-{seed}")`` as a number u in [0, 1), validation when u < validation_fraction,
   test when u < validation_fraction + test_fraction, train otherwise. No permutation of the corpus is needed,
   a document keeps its split when the corpus grows, and duplicate documents share a split. (The in-memory
-  ``TextSource`` splits by a seeded permutation instead, so the two paths split differently.)
+  ``TextSource`` splits by a seeded permutation instead, so the two paths split differently.) Fewer ``.txt``
+  files read whole (``documents: file``) than splits to fill is refused before any reading; a split with a
+  positive fraction that no document fell into is refused at the end, naming ``data.documents``.
 * Tokenizer: a tokenizer that learns (``BPE``) is trained on a sample of at most ``tokenizer_sample_bytes``
   bytes of training documents, spread over the corpus: a training document is in the sample when the next 8
   bytes of its hash, as a number in [0, 1), fall below ``tokenizer_sample_bytes / total input bytes`` (a
@@ -455,6 +457,12 @@ def prepare_shards(source: Any, out_dir: str | os.PathLike, *, rows_per_shard: i
     if getattr(source, "labels_csv", None) is not None:
         raise UserError("streaming preparation does not write labelled rows (data.labels_csv): prepare this "
                         "source in memory, or drop data.labels_csv.")
+    needed = 1 + sum(f > 0 for f in source.fractions.values())
+    if source.documents == "file" and all(p.suffix.lower() == ".txt" for p in source.files) \
+            and len(source.files) < needed:
+        raise UserError(f"{len(source.files)} .txt files are {len(source.files)} documents (data.documents=file), too "
+                        f"few for {needed} splits (a document goes whole to one split): add files, or read them by "
+                        "paragraph or line (data.documents=paragraph).")
     tokenizer: Tokenizer = source.tokenizer
     if tokenizer_sample_bytes is None:
         tokenizer_sample_bytes = int(getattr(source, "tokenizer_sample_bytes", DEFAULT_SAMPLE_BYTES))
@@ -548,6 +556,10 @@ def prepare_shards(source: Any, out_dir: str | os.PathLike, *, rows_per_shard: i
             w.close()
 
     for s, w in writers.items():
+        if not state["split_docs"][s] and (s == "train" or source.fractions[s] > 0):
+            raise UserError(f"no document of the {state['docs']} from {source.origin} fell into the {s} split (split "
+                            "by a hash of each document): add documents, read .txt files by paragraph or line "
+                            f"(data.documents=paragraph), or raise data.{s}_fraction.")
         if not sum(w.shards) and (s == "train" or source.fractions[s] > 0):
             hint = ("lower data.block_size or add text" if s == "train" else
                     f"raise data.{s}_fraction or lower data.block_size")

@@ -53,6 +53,7 @@ from typing import Any
 import numpy as np
 
 from lmlab.errors import UserError
+from lmlab.settings import Optional, Positive
 from lmlab.vocab import N_SPECIAL
 
 SAMPLES = Path(__file__).resolve().parent / "sample"
@@ -305,7 +306,7 @@ class File(BPE):
     train = Tokenizer.train  # nothing to learn: the file fixes the vocabulary
     load = Tokenizer.load  # nor to restore from a cache entry: the file is read at construction
 
-    def __init__(self, path: str | None = None, vocab_size: int | None = None) -> None:
+    def __init__(self, path: str | None = None, vocab_size: Optional[Positive] = None) -> None:
         """``path``: a tokenizer.json, a directory holding one, or a run directory; ``vocab_size``: the number
         of ids models get (``None``: the run's ``vocab_size`` for a run directory, else the file's own size)."""
         from tokenizers import Tokenizer as HFTokenizer

@@ -221,3 +221,30 @@ def test_the_streamed_path_names_the_fix_for_too_few_documents(tmp_path, monkeyp
                         test_fraction=0.01)
     message = sentence(lambda: prepare_shards(source, tmp_path / "b"))
     assert "no document of the 3 from 3 files" in message and "data.documents=paragraph" in message
+
+
+def test_large_documents_are_sampled_by_pieces_for_the_tokenizer(tmp_path):
+    """Three large documents and a sample cap below each: the BPE still trains on pieces of the training ones."""
+    from lmlab.data import stream
+    from lmlab.data.stream import _pieces
+
+    text = "".join(f"line {i} of prose\n" for i in range(10))
+    assert _pieces(text, 40) == ["".join(f"line {i} of prose\n" for i in range(j, min(j + 3, 10)))
+                                 for j in range(0, 10, 3)]
+    assert _pieces("short", 40) == ["short"] and "".join(_pieces(text, 1)) == text
+    rng = np.random.default_rng(1)
+    for f in range(3):
+        (tmp_path / f"big{f}.txt").write_text("\n\n".join(paragraph(f"F{f}P{p}x", p, rng) for p in range(150)))
+    source = TextSource(paths=str(tmp_path), tokenizer=BPE(vocab_size=300), block_size=16,
+                        validation_fraction=0, test_fraction=0)
+    size = (tmp_path / "big0.txt").stat().st_size
+
+    def sample(piece: int, out: str) -> dict:
+        with pytest.MonkeyPatch.context() as m:
+            m.setattr(stream, "SAMPLE_PIECE_BYTES", piece)
+            done = prepare_shards(source, tmp_path / out, tokenizer_sample_bytes=size // 2)
+        return json.loads((done / INDEX).read_text())["prepared"]["tokenizer_sample"]
+
+    assert sample(10 * size, "whole") == {"docs": 0, "bytes": 0}  # whole documents: none fits the cap
+    pieces = sample(4096, "pieces")
+    assert 0 < pieces["bytes"] <= size // 2 and pieces["docs"] > 3

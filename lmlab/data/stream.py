@@ -21,7 +21,10 @@ reads (the layout of ``lmlab/data/shards.py``), without ever holding the corpus 
 * Tokenizer: a tokenizer that learns (``BPE``) is trained on a sample of at most ``tokenizer_sample_bytes``
   bytes of training documents, spread over the corpus: a training document is in the sample when the next 8
   bytes of its hash, as a number in [0, 1), fall below ``tokenizer_sample_bytes / total input bytes`` (a
-  first, reading-only pass that stops once the sample is full). The tokenizer is saved as ``tokenizer.json``.
+  first, reading-only pass that stops once the sample is full). A training document longer than
+  ``SAMPLE_PIECE_BYTES`` characters (a whole ``.txt`` file, say) is sampled by pieces of whole lines of about that
+  size, each by the same rule on the hash of its own text, so that a few large documents still give a sample
+  spread over the corpus. The tokenizer is saved as ``tokenizer.json``.
   A fixed tokenizer (byte, dna, protein, file) is used as it is.
 * Encoding: each batch's documents are encoded by one ``Tokenizer.encode_flat`` call (for BPE, the
   ``tokenizers`` library's ``encode_batch_fast``, which uses its own threads).
@@ -75,6 +78,7 @@ DEFAULT_SAMPLE_BYTES = 100_000_000
 DEFAULT_BATCH_BYTES = 1 << 22
 DEFAULT_SHARD_BYTES = 1 << 27
 SAY_EVERY_SECONDS = 10.0
+SAMPLE_PIECE_BYTES = 1 << 16  # a training document longer than this is sampled by pieces (module docstring)
 
 
 # ----- reading -----
@@ -405,14 +409,36 @@ def _sample(source: Any, cap: int, batch_bytes: int, stats: dict) -> Iterator[st
             units = hash_units(docs, source.seed)
             split = assign_splits(units, source.fractions["validation"], source.fractions["test"])
             for doc, u, s in zip(docs, units[:, 1], split):
-                if s == 0 and u < rate:
-                    size = len(doc.encode("utf-8"))
-                    if used + size > cap:
-                        return
-                    used += size
-                    stats["docs"] += 1
-                    stats["bytes"] = used
-                    yield doc
+                if s != 0:
+                    continue
+                pieces = _pieces(doc, SAMPLE_PIECE_BYTES)
+                chosen = [u] if len(pieces) == 1 else hash_units(pieces, source.seed)[:, 1]
+                for piece, v in zip(pieces, chosen):
+                    if v < rate:
+                        size = len(piece.encode("utf-8"))
+                        if used + size > cap:
+                            return
+                        used += size
+                        stats["docs"] += 1
+                        stats["bytes"] = used
+                        yield piece
+
+
+def _pieces(doc: str, size: int) -> list[str]:
+    """``doc`` itself when it has at most ``size`` characters, else its consecutive runs of whole lines of about
+    ``size`` characters (a line longer than that is one piece)."""
+    if len(doc) <= size:
+        return [doc]
+    pieces, current, length = [], [], 0
+    for line in doc.splitlines(keepends=True):
+        current.append(line)
+        length += len(line)
+        if length >= size:
+            pieces.append("".join(current))
+            current, length = [], 0
+    if current:
+        pieces.append("".join(current))
+    return pieces
 
 
 def _clear(out: Path, index: dict | None) -> None:
@@ -499,6 +525,8 @@ def prepare_shards(source: Any, out_dir: str | os.PathLike, *, rows_per_shard: i
                 say(f"training the {tokenizer.name} tokenizer (vocabulary {tokenizer.vocab_size:,}) on at most "
                     f"{tokenizer_sample_bytes:,} bytes of training documents")
             tokenizer.train(_sample(source, tokenizer_sample_bytes, batch_bytes, sample))
+            say(f"the {tokenizer.name} tokenizer was trained on {sample['docs']:,} training documents or pieces, "
+                f"{sample['bytes']:,} bytes")
         tokenizer.save(out)
         state = {"key": key, "file": 0, "position": 0, "tokens": 0, "docs": 0, "sample": sample,
                  "split_docs": {s: 0 for s in SPLIT_NAMES},

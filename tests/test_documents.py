@@ -248,3 +248,31 @@ def test_large_documents_are_sampled_by_pieces_for_the_tokenizer(tmp_path):
     assert sample(10 * size, "whole") == {"docs": 0, "bytes": 0}  # whole documents: none fits the cap
     pieces = sample(4096, "pieces")
     assert 0 < pieces["bytes"] <= size // 2 and pieces["docs"] > 3
+
+
+def test_a_large_document_is_encoded_in_pieces_to_the_same_ids(monkeypatch):
+    """Known answer: the pieces' ids, concatenated, are the whole document's (byte-level BPE and bytes)."""
+    from lmlab.data import stream
+    from lmlab.data.stream import encode_in_pieces, safe_cuts
+
+    rng = np.random.default_rng(2)
+    lines = []
+    for i in range(400):
+        indent = " " * int(rng.integers(0, 9))
+        words = " ".join(rng.choice(WORDS, size=int(rng.integers(0, 8))))
+        lines.append(indent + words + ("  " if i % 7 == 0 else "") + ("\r\n" if i % 11 == 0 else "\n"))
+        if i % 13 == 0:
+            lines.append("\n\n")
+    doc = "".join(lines) + "def f(x):\n    return x\n"
+    cuts = safe_cuts(doc, 50)
+    assert "".join(cuts) == doc and len(cuts) > 20
+    assert all(c.endswith("\n") for c in cuts[:-1])
+    assert all(not nxt[0].isspace() for nxt in cuts[1:]) and all(not c[-2].isspace() for c in cuts[:-1])
+    bpe = BPE(vocab_size=400)
+    bpe.train([doc])
+    monkeypatch.setattr(stream, "ENCODE_PIECE_CHARS", 50)
+    for tok in (bpe, Byte()):
+        whole_ids, whole_lengths = tok.encode_flat(["short one", doc, "", doc[:30]])
+        ids, lengths = encode_in_pieces(tok, ["short one", doc, "", doc[:30]])
+        np.testing.assert_array_equal(ids, whole_ids)
+        np.testing.assert_array_equal(lengths, whole_lengths)

@@ -27,7 +27,9 @@ reads (the layout of ``lmlab/data/shards.py``), without ever holding the corpus 
   spread over the corpus. The tokenizer is saved as ``tokenizer.json``.
   A fixed tokenizer (byte, dna, protein, file) is used as it is.
 * Encoding: each batch's documents are encoded by one ``Tokenizer.encode_flat`` call (for BPE, the
-  ``tokenizers`` library's ``encode_batch_fast``, which uses its own threads).
+  ``tokenizers`` library's ``encode_batch_fast``, which uses its own threads); a document longer than
+  ``ENCODE_PIECE_CHARS`` (a whole ``.txt`` file) is encoded in pieces cut only after a lone newline
+  (``safe_cuts``), where byte-level BPE never joins characters, so its ids are those of the whole document.
 * Packing, per split, exactly as ``lmlab.data.corpus.pack_stream`` over the split's documents in file order:
   the stream ``d_1 [EOS] d_2 [EOS] ...`` cut into pieces of ``block_size - 1`` tokens, each row ``[BOS] +
   piece``; the tokens that do not yet fill a piece are carried to the next batch, and the final remainder
@@ -78,6 +80,7 @@ DEFAULT_SAMPLE_BYTES = 100_000_000
 DEFAULT_BATCH_BYTES = 1 << 22
 DEFAULT_SHARD_BYTES = 1 << 27
 SAY_EVERY_SECONDS = 10.0
+ENCODE_PIECE_CHARS = 1 << 20  # a document longer than this is encoded in pieces (encode_in_pieces)
 SAMPLE_PIECE_BYTES = 1 << 16  # a training document longer than this is sampled by pieces (module docstring)
 
 
@@ -424,6 +427,41 @@ def _sample(source: Any, cap: int, batch_bytes: int, stats: dict) -> Iterator[st
                         yield piece
 
 
+def safe_cuts(doc: str, size: int) -> list[str]:
+    """``doc`` cut into consecutive pieces of about ``size`` characters or more, only after a lone ``"\n"``
+    (non-whitespace before and after it): byte-level BPE's pre-tokenizer (GPT-2's pattern) makes that newline a
+    pre-token of its own, in the whole document as at the end of a piece, and joins nothing across it, so the
+    pieces' tokens, concatenated, are the whole document's."""
+    if len(doc) <= size:
+        return [doc]
+    pieces, start = [], 0
+    while len(doc) - start > size:
+        cut = start + size
+        while cut < len(doc) and not (doc[cut - 1] == "\n" and not doc[cut].isspace() and cut >= 2
+                                      and not doc[cut - 2].isspace()):
+            cut = doc.find("\n", cut) + 1 or len(doc)
+        pieces.append(doc[start:cut])
+        start = cut
+    if start < len(doc):
+        pieces.append(doc[start:])
+    return pieces
+
+
+def encode_in_pieces(tokenizer: Tokenizer, docs: list[str]) -> tuple[np.ndarray, np.ndarray]:
+    """``tokenizer.encode_flat(docs)``, a document longer than ``ENCODE_PIECE_CHARS`` being encoded by its
+    ``safe_cuts`` (bounded memory for a large document, the same ids)."""
+    if all(len(d) <= ENCODE_PIECE_CHARS for d in docs):
+        return tokenizer.encode_flat(docs)
+    pieces, owner = [], []
+    for i, doc in enumerate(docs):
+        cut = safe_cuts(doc, ENCODE_PIECE_CHARS)
+        pieces.extend(cut)
+        owner.extend([i] * len(cut))
+    ids, piece_lengths = tokenizer.encode_flat(pieces)
+    return ids, np.bincount(np.asarray(owner, dtype=np.int64), weights=piece_lengths,
+                            minlength=len(docs)).astype(np.int64)
+
+
 def _pieces(doc: str, size: int) -> list[str]:
     """``doc`` itself when it has at most ``size`` characters, else its consecutive runs of whole lines of about
     ``size`` characters (a line longer than that is one piece)."""
@@ -556,7 +594,7 @@ def prepare_shards(source: Any, out_dir: str | os.PathLike, *, rows_per_shard: i
                 for docs, position in read_batches(path, source.text_field, start, batch_bytes, source.documents):
                     if docs:
                         split = assign_splits(hash_units(docs, source.seed), val, test)
-                        ids, lengths = tokenizer.encode_flat(docs)
+                        ids, lengths = encode_in_pieces(tokenizer, docs)
                         token_split = np.repeat(split, lengths)
                         for k, s in enumerate(SPLIT_NAMES):
                             mine = split == k

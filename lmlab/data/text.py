@@ -15,7 +15,8 @@
 * Preparation prints progress lines (reading, training the tokenizer, encoding and packing) and then one line:
   how many documents from how many files, how many went to each split, and the number of tokens.
 * ``tokenizer``: a tokenizer object of ``lmlab/data/tokenizers.py`` (the config group ``data/tokenizer``:
-  ``bpe``, trained on the training documents only; ``byte``; ``dna``; ``protein``). A character tokenizer's
+  ``bpe``, trained on the training documents only; ``byte``; ``dna``; ``protein``; ``file``, a fixed
+  ``tokenizer.json`` or a finished run's tokenizer). A character tokenizer's
   default corpus (``paths: null``) is its own sample (``sample/dna.txt`` / ``sample/protein.txt``), and FASTA
   files (.fasta/.fa/.faa/.fna) hold one document per ``>`` record.
 * Packing, per split: the stream ``d_1 [EOS] d_2 [EOS] ...`` is cut into pieces of ``block_size - 1`` tokens

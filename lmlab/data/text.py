@@ -352,11 +352,6 @@ class TextSource(Source):
         """The text of a list of token ids; special tokens are dropped."""
         return self.tokenizer.decode(ids)
 
-    def pack(self, docs: list[str]) -> np.ndarray:
-        """(n_blocks, block_size) int32: ``[BOS]`` + the next block_size-1 tokens of ``d_1 EOS d_2 EOS ..``."""
-        ids, lengths = self.tokenizer.encode_flat(docs)
-        return pack_stream(ids, lengths, self.block_size)
-
     # ----- building -----
 
     def _read_labels(self) -> tuple[list[str], list[str]]:

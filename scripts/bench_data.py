@@ -4,8 +4,8 @@ A corpus of the requested sizes is generated (``.txt``, one document per line: 2
 Zipf law over a fixed synthetic vocabulary of 30k words), then each measurement runs in a fresh child process:
 
 * ``lmlab``: ``lmlab.data.stream.prepare_shards`` on ``TextSource(paths=FILE, tokenizer=BPE(vocab_size=V),
-  block_size=512)``: read, split by hash, BPE trained on at most ``--sample-mb`` of training text, encode,
-  pack, write shards and index.
+  block_size=512, documents="line")``: read, split by hash, BPE trained on at most ``--sample-mb`` of training
+  text, encode, pack, write shards and index.
 * ``tokenizers``: the library's own ``Tokenizer.train([FILE])`` (the same byte-level BPE and special tokens)
   on the whole file, then ``encode_batch`` over chunks of ``--chunk`` lines, counting tokens (nothing kept).
 
@@ -64,7 +64,7 @@ def child_lmlab(path: str, vocab: int, sample_mb: float) -> dict:
     base = rss_mb()
     with tempfile.TemporaryDirectory(prefix="bench-data-") as out:
         start = time.perf_counter()
-        source = TextSource(paths=path, tokenizer=BPE(vocab_size=vocab), block_size=512)
+        source = TextSource(paths=path, tokenizer=BPE(vocab_size=vocab), block_size=512, documents="line")
         prepare_shards(source, out, tokenizer_sample_bytes=int(sample_mb * 1e6))
         wall = time.perf_counter() - start
         tokens = json.loads((Path(out) / "index.json").read_text())["prepared"]["tokens"]

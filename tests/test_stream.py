@@ -22,6 +22,8 @@ VAL, TEST = 0.1, 0.1
 
 
 def source(path, tokenizer=None, block_size=16, **kw) -> TextSource:
+    if Path(path).suffix == ".txt":
+        kw.setdefault("documents", "line")  # these corpora hold one document per line
     return TextSource(paths=str(path), tokenizer=tokenizer or Byte(), block_size=block_size,
                       validation_fraction=VAL, test_fraction=TEST, **kw)
 
@@ -78,7 +80,7 @@ def test_formats_give_the_same_rows(tmp_path):
     half = len(docs) // 2
     two = [write_txt(tmp_path / "p1.txt", docs[:half]), write_parquet(tmp_path / "p2.parquet", docs[half:])]
     got = prepare_shards(TextSource(paths=[str(p) for p in two], tokenizer=Byte(), block_size=16,
-                                    validation_fraction=VAL, test_fraction=TEST), tmp_path / "two",
+                                    validation_fraction=VAL, test_fraction=TEST, documents="line"), tmp_path / "two",
                          rows_per_shard=40, batch_bytes=500)
     np.testing.assert_array_equal(rows_of(got, "train"), rows_of(txt, "train"))
 
@@ -212,7 +214,7 @@ def test_shards_command_streams_data_text(tmp_path, capsys):
     docs = documents(400)
     corpus = write_txt(tmp_path / "c.txt", docs)
     args = [str(tmp_path / "out"), "data=text", f"data.paths='{corpus}'", "data/tokenizer=byte", "data.block_size=16",
-            f"data.validation_fraction={VAL}", f"data.test_fraction={TEST}"]
+            "data.documents=line", f"data.validation_fraction={VAL}", f"data.test_fraction={TEST}"]
     main(args)
     index = json.loads((tmp_path / "out" / INDEX).read_text())
     assert index["prepared"]["documents"] == len(docs) and "wrote train:" in capsys.readouterr().out
@@ -232,12 +234,14 @@ def test_data_text_streams_above_the_threshold(tmp_path, monkeypatch):
     docs = documents(400)
     corpus = write_txt(tmp_path / "c.txt", docs)
     cfg = data_config(f"data.paths='{corpus}'", "data/tokenizer=bpe", "data.tokenizer.vocab_size=300",
-                      "data.block_size=16", "data.stream_above_bytes=1000", "data.tokenizer_sample_bytes=4000")
+                      "data.block_size=16", "data.stream_above_bytes=1000", "data.tokenizer_sample_bytes=4000",
+                      "data.documents=line")
     check_config(cfg)
     big = instantiate(cfg)
     assert big.streams() and big.config == instantiate(data_config(f"data.paths='{corpus}'",
                                                                    "data.tokenizer.vocab_size=300",
-                                                                   "data.block_size=16")).config
+                                                                   "data.block_size=16",
+                                                                   "data.documents=line")).config
     splits = big.load(tmp_path / "cache")
     assert isinstance(splits["train"], ShardRows) and len(splits["validation"]) > 0
     row = splits["train"][0]["input_ids"]
@@ -247,7 +251,8 @@ def test_data_text_streams_above_the_threshold(tmp_path, monkeypatch):
         again = instantiate(cfg)
         assert again.load(tmp_path / "cache")["train"][0]["input_ids"] == row
         assert again.decode(row) == big.decode(row)
-    small = TextSource(paths=str(corpus), tokenizer=Byte(), block_size=16, stream_above_bytes=10 ** 9)
+    small = TextSource(paths=str(corpus), tokenizer=Byte(), block_size=16, stream_above_bytes=10 ** 9,
+                       documents="line")
     assert not small.streams() and not isinstance(small.load(tmp_path / "cache")["train"], ShardRows)
     labels = tmp_path / "l.csv"
     labels.write_text("text,label\na,0\nb,1\nc,0\nd,1\n")

@@ -65,7 +65,7 @@ def test_blocks_are_exact_and_in_vocabulary(tmp_path, tokenizer):
     docs = documents(200)
     source = TextSource(paths=str(write_txt(tmp_path / "c.txt", docs)),
                         tokenizer=Byte() if tokenizer == "byte" else BPE(vocab_size=300),
-                        block_size=16, validation_fraction=0.1, test_fraction=0.1)
+                        block_size=16, validation_fraction=0.1, test_fraction=0.1, documents="line")
     splits = source.build()
     assert source.vocab_size == (260 if tokenizer == "byte" else 300)
     for name in ("train", "validation", "test"):
@@ -80,7 +80,7 @@ def test_blocks_are_exact_and_in_vocabulary(tmp_path, tokenizer):
 def test_byte_packing_round_trips_the_documents(tmp_path):
     docs = documents(120)
     source = TextSource(paths=str(write_txt(tmp_path / "c.txt", docs)), tokenizer=Byte(), block_size=32,
-                        validation_fraction=0.2, test_fraction=0.2, seed=3)
+                        validation_fraction=0.2, test_fraction=0.2, seed=3, documents="line")
     splits = source.build()
     for name in ("train", "validation", "test"):
         expected = [docs[i] for i in source.doc_splits[name]]
@@ -92,7 +92,8 @@ def test_byte_packing_round_trips_the_documents(tmp_path):
 
 def test_bpe_tokenizer(tmp_path):
     docs = documents(300)
-    source = TextSource(paths=str(write_txt(tmp_path / "c.txt", docs)), tokenizer=BPE(vocab_size=400), block_size=16)
+    source = TextSource(paths=str(write_txt(tmp_path / "c.txt", docs)), tokenizer=BPE(vocab_size=400), block_size=16,
+                        documents="line")
     source.build()
     tok = source.tokenizer.model
     assert [tok.token_to_id(t) for t in ("[PAD]", "[BOS]", "[EOS]", "[MASK]")] == [0, 1, 2, 3]
@@ -107,7 +108,8 @@ def test_bpe_tokenizer(tmp_path):
 def test_splits_are_disjoint_by_document_and_deterministic(tmp_path):
     docs = documents(300)
     path = str(write_txt(tmp_path / "c.txt", docs))
-    source = TextSource(paths=path, tokenizer=Byte(), block_size=24, validation_fraction=0.1, test_fraction=0.1)
+    source = TextSource(paths=path, tokenizer=Byte(), block_size=24, validation_fraction=0.1, test_fraction=0.1,
+                        documents="line")
     splits = source.build()
     parts = source.doc_splits
     assert sorted(np.concatenate(list(parts.values())).tolist()) == list(range(300))
@@ -118,10 +120,11 @@ def test_splits_are_disjoint_by_document_and_deterministic(tmp_path):
         seen[name] = set(re.findall(r"D\d{4}(?!\d)", text))
     assert not seen["train"] & seen["validation"] and not seen["train"] & seen["test"]
     assert not seen["validation"] & seen["test"]
-    again = TextSource(paths=path, tokenizer=Byte(), block_size=24, validation_fraction=0.1, test_fraction=0.1)
+    again = TextSource(paths=path, tokenizer=Byte(), block_size=24, validation_fraction=0.1, test_fraction=0.1,
+                       documents="line")
     assert again.build()["validation"]["input_ids"] == splits["validation"]["input_ids"]
     other = TextSource(paths=path, tokenizer=Byte(), block_size=24, validation_fraction=0.1, test_fraction=0.1,
-                       seed=1)
+                       seed=1, documents="line")
     other.build()
     assert other.doc_splits["validation"].tolist() != parts["validation"].tolist()
 
@@ -134,13 +137,13 @@ def test_formats_lists_globs_and_directories(tmp_path):
     (tmp_path / "d.json").write_text(json.dumps([{"body": "D9999 a last doc."}]), encoding="utf-8")
     kw = {"tokenizer": Byte(), "block_size": 8, "text_field": "body"}
     full = TextSource(paths=[str(tmp_path / "a.txt"), str(tmp_path / "b.jsonl"), str(tmp_path / "c.parquet"),
-                             str(tmp_path / "d.json")], **kw)
+                             str(tmp_path / "d.json")], documents="line", **kw)
     assert full.read_documents() == [*docs, "D9999 a last doc."]
-    assert TextSource(paths=str(tmp_path / "*.*"), **kw).read_documents() == full.read_documents()
-    assert TextSource(paths=str(tmp_path), **kw).read_documents() == full.read_documents()
+    assert TextSource(paths=str(tmp_path / "*.*"), documents="line", **kw).read_documents() == full.read_documents()
+    assert TextSource(paths=str(tmp_path), documents="line", **kw).read_documents() == full.read_documents()
     assert TextSource(paths=str(tmp_path / "c.parquet"), **kw).read_documents() == docs[60:]
     blank = write_txt(tmp_path / "blank.txt", ["x y", "", "   ", "z"])
-    assert TextSource(paths=str(blank), tokenizer=Byte()).read_documents() == ["x y", "z"]
+    assert TextSource(paths=str(blank), tokenizer=Byte(), documents="line").read_documents() == ["x y", "z"]
 
 
 def test_labels_csv(tmp_path):
@@ -149,7 +152,7 @@ def test_labels_csv(tmp_path):
     long_text = "word " * 50
     labels.write_text(f'text,label\n"hello, world",10\nbye,2\n{long_text},1\nagain,2\n', encoding="utf-8")
     source = TextSource(paths=str(corpus), tokenizer=Byte(), block_size=16, labels_csv=str(labels),
-                        labels_test_fraction=0)
+                        labels_test_fraction=0, documents="line")
     assert source.tasks == {"label": 3} and source.label_names == ["1", "2", "10"]  # numeric order
     splits = source.build()
     down = splits["downstream"]
@@ -161,7 +164,7 @@ def test_labels_csv(tmp_path):
     words = tmp_path / "words.csv"
     words.write_text("label,text\nneg,bad\npos,good\nneg,awful\n", encoding="utf-8")
     source = TextSource(paths=str(corpus), tokenizer=Byte(), block_size=16, labels_csv=str(words),
-                        labels_test_fraction=0)
+                        labels_test_fraction=0, documents="line")
     assert source.label_names == ["neg", "pos"] and source.build()["downstream"]["label"] == [0, 1, 0]
 
 
@@ -171,7 +174,7 @@ def test_labelled_rows_are_split_between_downstream_and_test(tmp_path):
     texts = [f"T{i:03d} {'good' if i % 3 else 'bad'}" for i in range(50)]
     labels.write_text("text,label\n" + "".join(f"{t},{t.split()[1]}\n" for t in texts), encoding="utf-8")
     source = TextSource(paths=str(corpus), tokenizer=Byte(), block_size=16, labels_csv=str(labels),
-                        labels_test_fraction=0.2)
+                        labels_test_fraction=0.2, documents="line")
     splits = source.build()
     n_blocks = len(splits["test"]) - 10
     test = splits["test"].select(range(n_blocks, len(splits["test"])))
@@ -180,7 +183,7 @@ def test_labelled_rows_are_split_between_downstream_and_test(tmp_path):
     down = [source.decode(r) for r in splits["downstream"]["input_ids"]]
     assert len(held) == 10 and len(down) == 40 and sorted(held + down) == texts
     assert test["label"] == [source.label_names.index(t.split()[1]) for t in held]
-    again = TextSource(paths=str(corpus), tokenizer=Byte(), block_size=16, labels_csv=str(labels))
+    again = TextSource(paths=str(corpus), tokenizer=Byte(), block_size=16, labels_csv=str(labels), documents="line")
     assert again.build()["downstream"]["input_ids"] == splits["downstream"]["input_ids"]
 
 
@@ -193,14 +196,14 @@ def test_bundled_sample_corpus_and_yaml(tmp_path):
     assert source.vocab_size == cfg.tokenizer.vocab_size
     assert len(splits["train"]) > 0 and len(splits["validation"]) > 0 and len(splits["test"]) > 0
     assert ids(splits["train"]).shape[1] == cfg.block_size
-    byte = instantiate(data_config("data/tokenizer=byte"), paths=[str(SAMPLE_CORPUS)])
+    byte = instantiate(data_config("data/tokenizer=byte", "data.documents=line"), paths=[str(SAMPLE_CORPUS)])
     assert byte.vocab_size == 260 and len(byte.load(tmp_path)["train"]) > 0
 
 
 def test_cache_is_reused_and_keyed_on_the_files(tmp_path, monkeypatch):
     corpus = write_txt(tmp_path / "c.txt", documents(200))
     cache = tmp_path / "cache"
-    first = TextSource(paths=str(corpus), tokenizer=BPE(vocab_size=300), block_size=16)
+    first = TextSource(paths=str(corpus), tokenizer=BPE(vocab_size=300), block_size=16, documents="line")
     splits = first.load(cache)
     assert (cache / first.cache_key() / "tokenizer.json").is_file()
 
@@ -209,7 +212,7 @@ def test_cache_is_reused_and_keyed_on_the_files(tmp_path, monkeypatch):
 
     with monkeypatch.context() as m:
         m.setattr(TextSource, "build", no_build)
-        second = TextSource(paths=str(corpus), tokenizer=BPE(vocab_size=300), block_size=16)
+        second = TextSource(paths=str(corpus), tokenizer=BPE(vocab_size=300), block_size=16, documents="line")
         again = second.load(cache)
         assert again["train"]["input_ids"] == splits["train"]["input_ids"]
         assert second.encode(["the cat sat"]) == first.encode(["the cat sat"])

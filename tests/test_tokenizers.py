@@ -14,7 +14,17 @@ from omegaconf import OmegaConf
 
 from lmlab.data.shards import write_shards
 from lmlab.data.text import TextSource
-from lmlab.data.tokenizers import BPE, DNA, SPECIAL_TOKENS, TOKENIZER_FILE, Byte, Chars, Protein, Tokenizer
+from lmlab.data.tokenizers import (
+    BPE,
+    DNA,
+    SAMPLES,
+    SPECIAL_TOKENS,
+    TOKENIZER_FILE,
+    Byte,
+    Chars,
+    Protein,
+    Tokenizer,
+)
 from lmlab.errors import UserError
 from lmlab.vocab import N_SPECIAL
 
@@ -100,7 +110,7 @@ def test_save_and_load_round_trip(tmp_path):
 def test_every_tokenizer_yaml_instantiates(path):
     tok = instantiate(OmegaConf.load(path))
     assert isinstance(tok, Tokenizer) and tok.name == path.stem
-    assert tok.vocab_size == {"bpe": 1024, "byte": 260, "dna": 9, "protein": 25}[path.stem]
+    assert tok.vocab_size == {"bpe": 1024, "byte": 260, "dna": 9, "protein": 25, "file": 673}[path.stem]
 
 
 def test_the_data_tokenizer_group_and_the_cache_key():
@@ -131,3 +141,148 @@ def test_errors_name_the_fix(tmp_path):
         Chars("ACGT", "N")
     with pytest.raises(UserError, match="trained BPE"):
         write_shards(["some text"], tmp_path / "shards", tokenizer=BPE())
+
+
+def test_token_bytes_spell_out_every_encoding():
+    """Known answer: the bytes of a text's tokens, joined, are the text's UTF-8 bytes; special ids have none."""
+    from lmlab.training.init_from import token_bytes as init_from_token_bytes
+
+    bpe = BPE(vocab_size=300)
+    bpe.train(DOCS)
+    text = "the cat sat, naïve café ☕\n\tend"
+    for tok in (Byte(), bpe):
+        table = tok.token_bytes()
+        assert b"".join(table[i] for i in tok.encode([text])[0]) == text.encode()
+        assert min(table) == N_SPECIAL and all(i not in table for i in range(N_SPECIAL))
+        assert table == init_from_token_bytes(tok)
+    assert len(bpe.token_bytes()) == len(bpe.model.get_vocab()) - N_SPECIAL  # every learned token
+    dna = DNA()
+    assert dna.token_bytes() == {4: b"A", 5: b"C", 6: b"G", 7: b"T", 8: b"N"}
+    assert b"".join(dna.token_bytes()[i] for i in dna.encode(["ac gt"])[0]) == b"ACGT"
+    assert dna.token_bytes() == init_from_token_bytes(dna)
+
+
+# ----- a tokenizer read from a file or a finished run (data/tokenizer=file) -----
+
+def _trained(docs, vocab_size=300) -> BPE:
+    bpe = BPE(vocab_size=vocab_size)
+    bpe.train(docs)
+    return bpe
+
+
+def test_file_tokenizer_reads_a_saved_bpe_and_keys_on_its_content(tmp_path):
+    from lmlab.data.tokenizers import File
+
+    bpe = _trained(DOCS)
+    bpe.save(tmp_path)
+    text = ["the cat sat\non the [EOS] mat, naïve", "doc 7"]
+    for path in (tmp_path / TOKENIZER_FILE, tmp_path):  # the file, or a directory holding it
+        tok = File(path=str(path))
+        assert tok.encode(text) == bpe.encode(text) and tok.decode(tok.encode(text)[0]) == text[0]
+        assert tok.token_bytes() == bpe.token_bytes() and tok.trained
+    assert tok.vocab_size == bpe.model.get_vocab_size() and File(str(tmp_path), vocab_size=300).vocab_size == 300
+    corpus = tmp_path / "c.jsonl"
+    corpus.write_text("".join(json.dumps({"text": d}) + "\n" for d in DOCS))
+    key = TextSource(paths=str(corpus), tokenizer=File(str(tmp_path))).cache_key()
+    _trained([d.upper() for d in DOCS]).save(tmp_path)  # another vocabulary at the same path
+    assert TextSource(paths=str(corpus), tokenizer=File(str(tmp_path))).cache_key() != key
+    cfg = OmegaConf.load(TOKENIZER_CONF / "file.yaml")
+    assert cfg._target_ == "lmlab.data.tokenizers.File" and cfg.path is None
+    sample = File()  # null: the bundled sample tokenizer, a BPE of the sample corpus
+    assert sample.path == SAMPLES / TOKENIZER_FILE
+    again = BPE(1024)
+    again.train([ln for ln in (SAMPLES / "tiny_corpus.txt").read_text().splitlines() if ln.strip()])
+    assert sample.encode(DOCS[:3]) == again.encode(DOCS[:3]) and sample.vocab_size == again.model.get_vocab_size()
+
+
+def test_file_tokenizer_errors_name_the_fix(tmp_path):
+    from tokenizers import Tokenizer as HFTokenizer
+    from tokenizers import models, pre_tokenizers, trainers
+
+    from lmlab.data.tokenizers import File
+    from tests.test_text import sentence
+
+    assert "data.tokenizer.path" in sentence(lambda: File(""))
+    assert "does not exist" in sentence(lambda: File(str(tmp_path / "nope.json")))
+    assert "neither a run directory" in sentence(lambda: File(str(tmp_path)))
+    (tmp_path / "bad.json").write_text("{not json")
+    assert "cannot read" in sentence(lambda: File(str(tmp_path / "bad.json")))
+    foreign = HFTokenizer(models.BPE())  # a tokenizer whose ids 0..3 are not lmlab's special tokens
+    foreign.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    foreign.train_from_iterator(DOCS, trainers.BpeTrainer(vocab_size=300, show_progress=False))
+    foreign.save(str(tmp_path / "foreign.json"))
+    assert "[PAD] [BOS] [EOS] [MASK]" in sentence(lambda: File(str(tmp_path / "foreign.json")))
+    _trained(DOCS).save(tmp_path)
+    assert "data.tokenizer.vocab_size" in sentence(lambda: File(str(tmp_path), vocab_size=260))
+
+
+def _fake_run(tmp_path, name: str, *overrides: str) -> tuple[Path, TextSource]:
+    """A finished run's directory as far as its tokenizer goes: its resolved config and its data cache entry."""
+    from tests.test_text import data_config
+
+    tmp_path.mkdir(exist_ok=True)
+    corpus = tmp_path / "corpus.jsonl"
+    corpus.write_text("".join(json.dumps({"text": d}) + "\n" for d in DOCS))
+    run, cache = tmp_path / name, tmp_path / "cache"
+    run.mkdir()
+    data = data_config(f"data.paths='{corpus}'", "data.block_size=16", *overrides)
+    OmegaConf.save(OmegaConf.create({"data": OmegaConf.to_container(data), "cache_dir": str(cache)}),
+                   run / "config_resolved.yaml")
+    source = instantiate(data)
+    source.load(cache)
+    return run, source
+
+
+@pytest.mark.parametrize("streamed", [False, True])
+def test_file_tokenizer_from_a_finished_run(tmp_path, streamed):
+    from lmlab.data.tokenizers import File
+
+    extra = ["data.stream_above_bytes=0", "data.validation_fraction=0.2", "data.test_fraction=0.2"] if streamed else []
+    run, source = _fake_run(tmp_path, "data=text,seed=0", "data.tokenizer.vocab_size=300", *extra)
+    assert source.streams() == streamed
+    tok = File(str(run))
+    text = ["doc 12: the cat sat on the mat", "naïve café 3"]
+    assert tok.encode(text) == source.tokenizer.encode(text) and tok.vocab_size == 300
+    assert tok.token_bytes() == source.tokenizer.token_bytes()
+    child, _ = _fake_run(tmp_path / "second", "child", "data/tokenizer=file", f"data.tokenizer.path='{run}'")
+    assert File(str(child)).encode(text) == tok.encode(text)  # a run that read the file passes it on
+
+
+def test_file_tokenizer_refuses_a_run_without_a_trained_tokenizer(tmp_path):
+    from lmlab.data.tokenizers import File
+    from tests.test_text import sentence
+
+    run, _ = _fake_run(tmp_path, "byte", "data/tokenizer=byte")
+    assert "data/tokenizer=byte" in sentence(lambda: File(str(run)))
+
+
+def test_a_text_mixture_shares_one_tokenizer_file(tmp_path):
+    from lmlab.data.mixture import MixtureSource
+
+    _trained(DOCS).save(tmp_path)
+    shared = {"_target_": "lmlab.data.tokenizers.File", "path": str(tmp_path / TOKENIZER_FILE)}
+    parts = {}
+    for name, docs in (("a", DOCS[:100]), ("b", [d.upper() for d in DOCS[100:]])):
+        parts[name] = tmp_path / f"{name}.jsonl"
+        parts[name].write_text("".join(json.dumps({"text": d}) + "\n" for d in docs))
+
+    def source(name, tokenizer):
+        return {"_target_": "lmlab.data.text.TextSource", "paths": str(parts[name]), "tokenizer": tokenizer,
+                "block_size": 16}
+
+    mix = MixtureSource({"a": source("a", shared), "b": source("b", dict(shared))}, train_size=200)
+    splits = mix.load(tmp_path / "cache")
+    train = splits["train"]
+    assert set(train["source"]) == {"a", "b"} and mix.vocab_size == mix.sources["a"].vocab_size
+    tok = mix.sources["a"].tokenizer
+    for row, origin in zip(train["input_ids"][:40], train["source"][:40]):
+        text = tok.decode(row)
+        assert (text.upper() == text) == (origin == "b")  # b's rows decode to b's upper-case text
+    with pytest.raises(UserError, match="share one token space"):
+        MixtureSource({"a": source("a", {"_target_": "lmlab.data.tokenizers.BPE", "vocab_size": 300}),
+                       "b": source("b", {"_target_": "lmlab.data.tokenizers.BPE", "vocab_size": 300})})
+    (tmp_path / "other").mkdir()
+    _trained([d.upper() for d in DOCS]).save(tmp_path / "other")
+    other = {"_target_": "lmlab.data.tokenizers.File", "path": str(tmp_path / "other")}
+    with pytest.raises(UserError, match="share one token space"):
+        MixtureSource({"a": source("a", shared), "b": source("b", other)})

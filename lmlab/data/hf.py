@@ -2,7 +2,7 @@
 
 ``HFSource`` is ``TextSource`` (``lmlab/data/text.py``) with another reader: the documents come from
 ``load_dataset(name, config, split=split, data_files=..., revision=..., streaming=...)`` instead of local
-files; splitting into train/validation/test, the tokenizers (``data/tokenizer``: bpe, byte, dna, protein),
+files; splitting into train/validation/test, the tokenizers (``data/tokenizer``: bpe, byte, dna, protein, file),
 packing into blocks, the labels CSV and the cache are the text source's own code.
 
 * ``name``: a Hub dataset (``roneneldan/TinyStories``), a packaged loader with ``data_files`` (``json``,
@@ -106,6 +106,10 @@ class HFSource(TextSource):
     @property
     def is_local(self) -> bool:
         return self.dataset_name in PACKAGED or os.path.exists(os.path.expanduser(self.dataset_name))
+
+    @property
+    def origin(self) -> str:
+        return f"the dataset {self.dataset_name!r}"
 
     def cache_key(self) -> str:
         files: list = []

@@ -31,7 +31,9 @@ synthetic sources (grammars, HMMs) write their own words as ids ``N_SPECIAL ..``
 share those ids (word 0 of one grammar is the same token as word 0 of the other), which is what makes the
 mixture a mixture over one vocabulary. The mixture's ``vocab_size`` is the largest of its sources'. Text
 sources must all use the same fixed tokenizer (a BPE trained on each source's own documents would give the
-same ids different meanings), and text cannot be mixed with synthetic sources.
+same ids different meanings): ``data/tokenizer=byte`` on each, or one ``tokenizer.json`` shared by all
+(``{_target_: lmlab.data.tokenizers.File, path: ...}`` as each source's ``tokenizer``: the same file content,
+or a finished run's trained BPE); text cannot be mixed with synthetic sources.
 
 Exact optimum: when every source knows its distribution, ``sequence_nll`` is the mixture's own,
 ``-log sum_i p_i P_i(x)`` (rows holding ids beyond a source's vocabulary have probability 0 under it): the
@@ -149,8 +151,9 @@ class MixtureSource(Source):
         if texts and (len(texts) < len(tokenizers) or len({config_hash(t.config) for t in texts}) > 1
                       or (len(texts) > 1 and trained)):
             raise UserError(f"the mixture's sources {', '.join(tokenizers)} do not share one token space: mix text "
-                            "sources only with each other and with one fixed tokenizer (e.g. data/tokenizer=byte "
-                            "on each), and synthetic sources only with synthetic ones.")
+                            "sources only with each other and with one fixed tokenizer (the byte tokenizer, or the "
+                            "same tokenizer file, lmlab.data.tokenizers.File, on each), and synthetic sources only "
+                            "with synthetic ones.")
 
     @property
     def vocab_size(self) -> int:

@@ -4,22 +4,32 @@
 ``block_size``, split fractions and seed) and writes the shard directory ``ShardSource`` (``data=shards``)
 reads (the layout of ``lmlab/data/shards.py``), without ever holding the corpus in memory:
 
-* Reading: the files are read in order as a stream of batches of about ``batch_bytes`` of input. ``.txt``
-  holds one document per line (split like ``str.splitlines``), ``.jsonl`` one JSON record per line (the
-  document in ``text_field``); ``.parquet`` is read through ``pyarrow`` record batches. A ``.json`` file that is
+* Reading: the files are read in order as a stream of batches of about ``batch_bytes`` of input. A ``.txt``
+  file's documents are those of ``TextSource`` (``data.documents``, ``lmlab.data.corpus``): with ``file`` each
+  file is read whole as one document (memory bounded by the largest file), with ``paragraph`` a batch ends
+  at a blank line, with ``line`` at a line end; ``.jsonl`` holds one JSON record per line (the document in
+  ``text_field``); ``.parquet`` is read through ``pyarrow`` record batches. A ``.json`` file that is
   not JSON lines (one array of records, or an object of columns) and FASTA files cannot be streamed: each is
   read whole (memory bounded by that one file). Blank documents are dropped, as in ``TextSource``.
 * Splits: each document goes to validation, test or train by a keyed hash of its text: the first 8 bytes of
   ``blake2b(text, key=f"lmlab-{seed}")`` as a number u in [0, 1), validation when u < validation_fraction,
   test when u < validation_fraction + test_fraction, train otherwise. No permutation of the corpus is needed,
   a document keeps its split when the corpus grows, and duplicate documents share a split. (The in-memory
-  ``TextSource`` splits by a seeded permutation instead, so the two paths split differently.)
+  ``TextSource`` splits by a seeded permutation instead, so the two paths split differently.) Fewer ``.txt``
+  files read whole (``documents: file``) than splits to fill is refused before any reading; a split with a
+  positive fraction that no document fell into is refused at the end, naming ``data.documents``.
 * Tokenizer: a tokenizer that learns (``BPE``) is trained on a sample of at most ``tokenizer_sample_bytes``
   bytes of training documents, spread over the corpus: a training document is in the sample when the next 8
   bytes of its hash, as a number in [0, 1), fall below ``tokenizer_sample_bytes / total input bytes`` (a
-  first, reading-only pass that stops once the sample is full). The tokenizer is saved as ``tokenizer.json``.
+  first, reading-only pass that stops once the sample is full). A training document longer than
+  ``SAMPLE_PIECE_BYTES`` characters (a whole ``.txt`` file, say) is sampled by pieces of whole lines of about that
+  size, each by the same rule on the hash of its own text, so that a few large documents still give a sample
+  spread over the corpus. The tokenizer is saved as ``tokenizer.json``.
+  A fixed tokenizer (byte, dna, protein, file) is used as it is.
 * Encoding: each batch's documents are encoded by one ``Tokenizer.encode_flat`` call (for BPE, the
-  ``tokenizers`` library's ``encode_batch_fast``, which uses its own threads).
+  ``tokenizers`` library's ``encode_batch_fast``, which uses its own threads); a document longer than
+  ``ENCODE_PIECE_CHARS`` (a whole ``.txt`` file) is encoded in pieces cut only after a lone newline
+  (``safe_cuts``), where byte-level BPE never joins characters, so its ids are those of the whole document.
 * Packing, per split, exactly as ``lmlab.data.corpus.pack_stream`` over the split's documents in file order:
   the stream ``d_1 [EOS] d_2 [EOS] ...`` cut into pieces of ``block_size - 1`` tokens, each row ``[BOS] +
   piece``; the tokens that do not yet fill a piece are carried to the next batch, and the final remainder
@@ -37,7 +47,10 @@ reads (the layout of ``lmlab/data/shards.py``), without ever holding the corpus 
   is; a directory holding another key (a changed corpus or setting) is prepared again. ``batch_bytes`` does
   not change the output and is not part of the key.
 
-``progress=True`` shows a ``rich`` progress bar with input bytes/s and tokens/s.
+``progress=True`` shows a ``rich`` progress bar with input bytes/s and tokens/s; without it, ``say`` prints a
+line when each stage starts (tokenizer sample, encoding) and one every ``SAY_EVERY_SECONDS``. A finished
+preparation prints the summary line of ``lmlab.data.corpus.summary`` (documents, files, documents per split,
+tokens).
 """
 
 from __future__ import annotations
@@ -52,6 +65,7 @@ from typing import Any
 
 import numpy as np
 
+from lmlab.data.corpus import decode_utf8, line_of, paragraphs, say, summary
 from lmlab.data.shards import FORMAT, INDEX, _dtype
 from lmlab.data.tokenizers import TOKENIZER_FILE, Tokenizer
 from lmlab.errors import UserError
@@ -65,6 +79,9 @@ LINE_FORMATS = {".txt", ".jsonl"}
 DEFAULT_SAMPLE_BYTES = 100_000_000
 DEFAULT_BATCH_BYTES = 1 << 22
 DEFAULT_SHARD_BYTES = 1 << 27
+SAY_EVERY_SECONDS = 10.0
+ENCODE_PIECE_CHARS = 1 << 20  # a document longer than this is encoded in pieces (encode_in_pieces)
+SAMPLE_PIECE_BYTES = 1 << 16  # a training document longer than this is sampled by pieces (module docstring)
 
 
 # ----- reading -----
@@ -112,11 +129,7 @@ def _line_batches(path: Path, fmt: str, field: str, start: int, batch_bytes: int
                 data += more
             position += len(data)
             f.seek(position)
-            try:
-                text = data.decode("utf-8")
-            except UnicodeDecodeError as error:
-                raise UserError(f"{str(path)!r} is not UTF-8 text near byte {position - len(data) + error.start}: "
-                                "fix the file's encoding.") from None
+            text = decode_utf8(data, path, position - len(data))
             if fmt == ".txt":
                 docs = [d for d in text.splitlines() if d.strip()]
             else:
@@ -132,6 +145,37 @@ def _line_batches(path: Path, fmt: str, field: str, start: int, batch_bytes: int
                         if doc is not None and doc.strip():
                             docs.append(doc)
             yield docs, position
+
+
+def _paragraph_batches(path: Path, start: int, batch_bytes: int) -> Iterator[tuple[list[str], int]]:
+    """(paragraphs, byte offset after them) for a .txt file read by paragraph, from ``start``; a batch ends after
+    the blank line that closes a paragraph, once it holds ``batch_bytes``, or at the end of the file."""
+    with open(path, "rb") as f:
+        f.seek(start)
+        position, size, lines, docs = start, 0, [], []
+        for raw in f:
+            line = line_of(decode_utf8(raw, path, position))
+            position += len(raw)
+            if line.strip():
+                lines.append(line)
+                size += len(raw)
+            elif lines:
+                docs.extend(paragraphs(lines))
+                lines = []
+                if size >= batch_bytes:
+                    yield docs, position
+                    docs, size = [], 0
+        docs.extend(paragraphs(lines))
+        if docs or position > start:
+            yield docs, position
+
+
+def _file_batch(path: Path, start: int) -> Iterator[tuple[list[str], int]]:
+    """The whole .txt file as one document (none when blank), and its size; nothing when ``start`` is past it."""
+    size = path.stat().st_size
+    if start < size:
+        text = decode_utf8(path.read_bytes(), path)
+        yield ([text] if text.strip() else []), size
 
 
 def _record_batches(records: Iterator[str | None], start: int, batch_bytes: int) -> Iterator[tuple[list[str], int]]:
@@ -196,15 +240,20 @@ def _whole_records(path: Path, fmt: str, field: str) -> list[str | None]:
                     f"{field!r}: fix the file or data.text_field.")
 
 
-def read_batches(path: Path, field: str, start: int = 0,
-                 batch_bytes: int = DEFAULT_BATCH_BYTES) -> Iterator[tuple[list[str], int]]:
+def read_batches(path: Path, field: str, start: int = 0, batch_bytes: int = DEFAULT_BATCH_BYTES,
+                 documents: str = "line") -> Iterator[tuple[list[str], int]]:
     """Batches of non-blank documents of one file, from input position ``start``: (documents, position after
-    them), the position being a byte offset (.txt, .jsonl, JSON-lines .json) or a record index (others)."""
+    them), the position being a byte offset (.txt, .jsonl, JSON-lines .json) or a record index (others);
+    ``documents`` is what a document of a .txt file is (``file``, ``paragraph``, ``line``)."""
     from lmlab.data.corpus import FORMATS
 
     suffix = path.suffix.lower()
     fmt = FORMATS[suffix]
-    if suffix in LINE_FORMATS or (suffix == ".json" and _json_lines(path)):
+    if fmt == "text" and documents == "file":
+        yield from _file_batch(path, start)
+    elif fmt == "text" and documents == "paragraph":
+        yield from _paragraph_batches(path, start, batch_bytes)
+    elif suffix in LINE_FORMATS or (suffix == ".json" and _json_lines(path)):
         yield from _line_batches(path, ".txt" if fmt == "text" else ".jsonl", field, start, batch_bytes)
     elif fmt == "parquet":
         yield from _record_batches(_parquet_records(path, field, start), start, batch_bytes)
@@ -359,18 +408,75 @@ def _sample(source: Any, cap: int, batch_bytes: int, stats: dict) -> Iterator[st
     rate = min(1.0, cap / total) if total else 1.0
     used = 0
     for path in source.files:
-        for docs, _ in read_batches(path, source.text_field, 0, batch_bytes):
+        for docs, _ in read_batches(path, source.text_field, 0, batch_bytes, source.documents):
             units = hash_units(docs, source.seed)
             split = assign_splits(units, source.fractions["validation"], source.fractions["test"])
             for doc, u, s in zip(docs, units[:, 1], split):
-                if s == 0 and u < rate:
-                    size = len(doc.encode("utf-8"))
-                    if used + size > cap:
-                        return
-                    used += size
-                    stats["docs"] += 1
-                    stats["bytes"] = used
-                    yield doc
+                if s != 0:
+                    continue
+                pieces = _pieces(doc, SAMPLE_PIECE_BYTES)
+                chosen = [u] if len(pieces) == 1 else hash_units(pieces, source.seed)[:, 1]
+                for piece, v in zip(pieces, chosen):
+                    if v < rate:
+                        size = len(piece.encode("utf-8"))
+                        if used + size > cap:
+                            return
+                        used += size
+                        stats["docs"] += 1
+                        stats["bytes"] = used
+                        yield piece
+
+
+def safe_cuts(doc: str, size: int) -> list[str]:
+    """``doc`` cut into consecutive pieces of about ``size`` characters or more, only after a lone ``"\n"``
+    (non-whitespace before and after it): byte-level BPE's pre-tokenizer (GPT-2's pattern) makes that newline a
+    pre-token of its own, in the whole document as at the end of a piece, and joins nothing across it, so the
+    pieces' tokens, concatenated, are the whole document's."""
+    if len(doc) <= size:
+        return [doc]
+    pieces, start = [], 0
+    while len(doc) - start > size:
+        cut = start + size
+        while cut < len(doc) and not (doc[cut - 1] == "\n" and not doc[cut].isspace() and cut >= 2
+                                      and not doc[cut - 2].isspace()):
+            cut = doc.find("\n", cut) + 1 or len(doc)
+        pieces.append(doc[start:cut])
+        start = cut
+    if start < len(doc):
+        pieces.append(doc[start:])
+    return pieces
+
+
+def encode_in_pieces(tokenizer: Tokenizer, docs: list[str]) -> tuple[np.ndarray, np.ndarray]:
+    """``tokenizer.encode_flat(docs)``, a document longer than ``ENCODE_PIECE_CHARS`` being encoded by its
+    ``safe_cuts`` (bounded memory for a large document, the same ids)."""
+    if all(len(d) <= ENCODE_PIECE_CHARS for d in docs):
+        return tokenizer.encode_flat(docs)
+    pieces, owner = [], []
+    for i, doc in enumerate(docs):
+        cut = safe_cuts(doc, ENCODE_PIECE_CHARS)
+        pieces.extend(cut)
+        owner.extend([i] * len(cut))
+    ids, piece_lengths = tokenizer.encode_flat(pieces)
+    return ids, np.bincount(np.asarray(owner, dtype=np.int64), weights=piece_lengths,
+                            minlength=len(docs)).astype(np.int64)
+
+
+def _pieces(doc: str, size: int) -> list[str]:
+    """``doc`` itself when it has at most ``size`` characters, else its consecutive runs of whole lines of about
+    ``size`` characters (a line longer than that is one piece)."""
+    if len(doc) <= size:
+        return [doc]
+    pieces, current, length = [], [], 0
+    for line in doc.splitlines(keepends=True):
+        current.append(line)
+        length += len(line)
+        if length >= size:
+            pieces.append("".join(current))
+            current, length = [], 0
+    if current:
+        pieces.append("".join(current))
+    return pieces
 
 
 def _clear(out: Path, index: dict | None) -> None:
@@ -415,6 +521,12 @@ def prepare_shards(source: Any, out_dir: str | os.PathLike, *, rows_per_shard: i
     if getattr(source, "labels_csv", None) is not None:
         raise UserError("streaming preparation does not write labelled rows (data.labels_csv): prepare this "
                         "source in memory, or drop data.labels_csv.")
+    needed = 1 + sum(f > 0 for f in source.fractions.values())
+    if source.documents == "file" and all(p.suffix.lower() == ".txt" for p in source.files) \
+            and len(source.files) < needed:
+        raise UserError(f"{len(source.files)} .txt files are {len(source.files)} documents (data.documents=file), too "
+                        f"few for {needed} splits (a document goes whole to one split): add files, or read them by "
+                        "paragraph or line (data.documents=paragraph).")
     tokenizer: Tokenizer = source.tokenizer
     if tokenizer_sample_bytes is None:
         tokenizer_sample_bytes = int(getattr(source, "tokenizer_sample_bytes", DEFAULT_SAMPLE_BYTES))
@@ -447,9 +559,15 @@ def prepare_shards(source: Any, out_dir: str | os.PathLike, *, rows_per_shard: i
     if state is None:
         sample = {"docs": 0, "bytes": 0}
         if _learns(tokenizer):
+            if not progress:
+                say(f"training the {tokenizer.name} tokenizer (vocabulary {tokenizer.vocab_size:,}) on at most "
+                    f"{tokenizer_sample_bytes:,} bytes of training documents")
             tokenizer.train(_sample(source, tokenizer_sample_bytes, batch_bytes, sample))
+            say(f"the {tokenizer.name} tokenizer was trained on {sample['docs']:,} training documents or pieces, "
+                f"{sample['bytes']:,} bytes")
         tokenizer.save(out)
         state = {"key": key, "file": 0, "position": 0, "tokens": 0, "docs": 0, "sample": sample,
+                 "split_docs": {s: 0 for s in SPLIT_NAMES},
                  "splits": {s: w.state() for s, w in writers.items()}}
         write_json(out / PROGRESS, state)
     else:
@@ -462,6 +580,10 @@ def prepare_shards(source: Any, out_dir: str | os.PathLike, *, rows_per_shard: i
     total = sum(p.stat().st_size for p in files)
     val, test = source.fractions["validation"], source.fractions["test"]
     started, tokens_now = time.perf_counter(), 0
+    said = started
+    if not progress:
+        say(f"encoding and packing {len(files):,} file{'s' if len(files) != 1 else ''} ({total / 1e6:,.1f} MB) "
+            f"into blocks of {width} tokens, streamed into {out}")
     try:
         with _progress_bar(progress) as bar:
             task = bar.add_task("preparing shards", total=total, completed=_seen(files, state["file"],
@@ -469,15 +591,16 @@ def prepare_shards(source: Any, out_dir: str | os.PathLike, *, rows_per_shard: i
             for f in range(state["file"], len(files)):
                 path = files[f]
                 start = state["position"] if f == state["file"] else 0
-                for docs, position in read_batches(path, source.text_field, start, batch_bytes):
+                for docs, position in read_batches(path, source.text_field, start, batch_bytes, source.documents):
                     if docs:
                         split = assign_splits(hash_units(docs, source.seed), val, test)
-                        ids, lengths = tokenizer.encode_flat(docs)
+                        ids, lengths = encode_in_pieces(tokenizer, docs)
                         token_split = np.repeat(split, lengths)
                         for k, s in enumerate(SPLIT_NAMES):
                             mine = split == k
                             if mine.any():
                                 writers[s].add(ids[token_split == k], lengths[mine])
+                                state["split_docs"][s] += int(mine.sum())
                         state["tokens"] += int(lengths.sum())
                         state["docs"] += len(docs)
                         tokens_now += int(lengths.sum())
@@ -488,6 +611,10 @@ def prepare_shards(source: Any, out_dir: str | os.PathLike, *, rows_per_shard: i
                     seen = _seen(files, f, position)
                     elapsed = max(time.perf_counter() - started, 1e-9)
                     bar.update(task, completed=seen, tokens=state["tokens"], rate=tokens_now / elapsed)
+                    if not progress and time.perf_counter() - said >= SAY_EVERY_SECONDS:
+                        said = time.perf_counter()
+                        say(f"{seen / 1e6:,.1f} of {total / 1e6:,.1f} MB, {state['docs']:,} documents, "
+                            f"{state['tokens']:,} tokens")
                 state.update(file=f + 1, position=0)
                 write_json(out / PROGRESS, state)
     finally:
@@ -495,6 +622,10 @@ def prepare_shards(source: Any, out_dir: str | os.PathLike, *, rows_per_shard: i
             w.close()
 
     for s, w in writers.items():
+        if not state["split_docs"][s] and (s == "train" or source.fractions[s] > 0):
+            raise UserError(f"no document of the {state['docs']} from {source.origin} fell into the {s} split (split "
+                            "by a hash of each document): add documents, read .txt files by paragraph or line "
+                            f"(data.documents=paragraph), or raise data.{s}_fraction.")
         if not sum(w.shards) and (s == "train" or source.fractions[s] > 0):
             hint = ("lower data.block_size or add text" if s == "train" else
                     f"raise data.{s}_fraction or lower data.block_size")
@@ -506,10 +637,13 @@ def prepare_shards(source: Any, out_dir: str | os.PathLike, *, rows_per_shard: i
              "prepared": {"format": STREAM_FORMAT, "key": key, "config": source.config,
                           "files": _fingerprints(files), "tokenizer_sample_bytes": tokenizer_sample_bytes,
                           "tokenizer_sample": state["sample"], "rows_per_shard": rows_per_shard,
-                          "split": "blake2b", "documents": state["docs"], "tokens": state["tokens"],
+                          "split": "blake2b", "documents": state["docs"], "split_documents": state["split_docs"],
+                          "tokens": state["tokens"],
                           "tokenizer_file": TOKENIZER_FILE}}
     write_json(out / INDEX, index)  # last: a directory without an index is an unfinished preparation
     (out / PROGRESS).unlink()
+    print(summary(state["docs"], source.origin, state["split_docs"], state["tokens"], "keyed hash of the text, "
+                  f"seed {source.seed}"), flush=True)
     return out
 
 
@@ -522,12 +656,16 @@ def prepare_locked(source: Any, cache_dir: Path) -> Any:
 
     from lmlab.data.shards import ShardSource
 
-    tokenizer = source.tokenizer
-    rows_per_shard = max(1, DEFAULT_SHARD_BYTES // (source.block_size * _dtype(tokenizer.vocab_size).itemsize))
-    key = stream_key(source, source.tokenizer_sample_bytes, rows_per_shard)
-    directory = Path(cache_dir) / f"lmlab.data.stream-{key}"
+    directory, rows_per_shard = stream_directory(source, cache_dir)
     directory.parent.mkdir(parents=True, exist_ok=True)
     with open(directory.parent / f"{directory.name}.lock", "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
         prepare_shards(source, directory, rows_per_shard=rows_per_shard, progress=sys.stderr.isatty())
     return ShardSource(str(directory)).load(None)
+
+
+def stream_directory(source: Any, cache_dir: str | os.PathLike) -> tuple[Path, int]:
+    """Where ``prepare_locked`` prepares ``source`` under ``cache_dir``, and the rows per shard it uses."""
+    rows_per_shard = max(1, DEFAULT_SHARD_BYTES // (source.block_size * _dtype(source.tokenizer.vocab_size).itemsize))
+    key = stream_key(source, source.tokenizer_sample_bytes, rows_per_shard)
+    return Path(cache_dir) / f"lmlab.data.stream-{key}", rows_per_shard

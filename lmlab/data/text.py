@@ -2,11 +2,21 @@
 
 * ``paths``: a file, a directory (its .txt/.jsonl/.json/.parquet files), a glob, or a list of these;
   ``null`` means the small sample corpus bundled with lmlab (``lmlab/data/sample/tiny_corpus.txt``).
-  The format follows the extension: ``.txt`` holds one document per line, ``.jsonl``/``.json`` and
-  ``.parquet`` hold one document per record in the column ``text_field``. Blank documents are dropped.
-* Documents (not blocks) are split into train/validation/test by a permutation drawn from ``seed``.
+  The format follows the extension: ``.jsonl``/``.json`` and ``.parquet`` hold one document per record in the
+  column ``text_field``; a ``.txt`` file is one document (``documents: file``, the default), one per
+  paragraph (``paragraph``: blank-line separated) or one per line (``line``), newlines kept inside a document
+  (``lmlab.data.corpus``). The bundled sample corpora (``paths: null``) hold one document per line and are
+  read so unless ``documents`` is set. Blank documents are dropped.
+* Documents (not blocks) are split into train/validation/test by a permutation drawn from ``seed``: every
+  block of a document lies in the document's split. Each of validation and test gets
+  ``max(1, round(fraction * n_documents))`` documents (none at fraction 0) and train the rest, so a corpus
+  needs at least three documents for the default fractions; with fewer, ``build`` stops with one sentence
+  naming the fixes (more files, ``documents: paragraph`` or ``line``, or a fraction of 0).
+* Preparation prints progress lines (reading, training the tokenizer, encoding and packing) and then one line:
+  how many documents from how many files, how many went to each split, and the number of tokens.
 * ``tokenizer``: a tokenizer object of ``lmlab/data/tokenizers.py`` (the config group ``data/tokenizer``:
-  ``bpe``, trained on the training documents only; ``byte``; ``dna``; ``protein``). A character tokenizer's
+  ``bpe``, trained on the training documents only; ``byte``; ``dna``; ``protein``; ``file``, a fixed
+  ``tokenizer.json`` or a finished run's tokenizer). A character tokenizer's
   default corpus (``paths: null``) is its own sample (``sample/dna.txt`` / ``sample/protein.txt``), and FASTA
   files (.fasta/.fa/.faa/.fna) hold one document per ``>`` record.
 * Packing, per split: the stream ``d_1 [EOS] d_2 [EOS] ...`` is cut into pieces of ``block_size - 1`` tokens
@@ -23,6 +33,8 @@
   memory, documents split by a keyed hash of their text instead of the permutation, BPE trained on at most
   ``tokenizer_sample_bytes`` of training text, resumable) and serves them as ``data=shards`` does. Neither
   setting enters the in-memory cache key. ``python -m lmlab.data.prepare OUT_DIR data=text ...`` always streams.
+  ``stream_above_bytes`` defaults to ``STREAM_ABOVE_BYTES`` (32 MiB): the in-memory path's peak resident memory
+  is many times the input's size (measured in ``docs/benchmarks.md``), so larger corpora stream.
 
 The packing is shared with the shard writer: ``pack_stream``.
 
@@ -40,7 +52,7 @@ import tempfile
 from collections.abc import Sequence as SequenceABC
 from numbers import Integral, Real
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import datasets
 import numpy as np
@@ -55,15 +67,16 @@ from datasets import (
     load_dataset,
 )
 
-from lmlab.data.corpus import FORMATS, pack_stream, read_fasta
+from lmlab.data.corpus import DOCUMENTS, FORMATS, pack_stream, read_fasta, read_txt, say, summary
 from lmlab.data.source import Source
-from lmlab.data.tokenizers import BPE, Tokenizer
+from lmlab.data.tokenizers import BPE, TOKENIZER_FILE, File, Tokenizer
 from lmlab.errors import UserError
 from lmlab.io import config_hash
 from lmlab.settings import Fraction, NonNegative, Optional, Positive
 from lmlab.vocab import BOS_ID, EOS_ID
 
 SAMPLE_CORPUS = Tokenizer.sample  # lmlab/data/sample/tiny_corpus.txt
+STREAM_ABOVE_BYTES = 32 * 2 ** 20  # default data.stream_above_bytes (module docstring)
 
 
 def as_tokenizer(tokenizer: Any) -> Tokenizer:
@@ -74,6 +87,45 @@ def as_tokenizer(tokenizer: Any) -> Tokenizer:
         raise UserError(f"data.tokenizer is {tokenizer!r}, not a tokenizer: choose one with data/tokenizer=<name>, "
                         "e.g. data/tokenizer=byte (lmlab --help lists them).")
     return tokenizer
+
+
+def run_tokenizer_file(run_dir: str | os.PathLike) -> tuple[Path, int | None]:
+    """The ``tokenizer.json`` of a finished run's trained BPE and the run's ``vocab_size``: in the run's data cache
+    entry (``cache_dir`` of its config; the streamed shard directory when its data were streamed); for a run that
+    itself read a tokenizer file (``data/tokenizer=file``), that file. A fixed vocabulary (byte, dna, protein)
+    or data without a text tokenizer is a UserError naming the option to use instead."""
+    from hydra.utils import instantiate
+
+    from lmlab.run_dir import read_config
+
+    cfg = read_config(run_dir)
+    data = cfg.get("data")
+    node = data.get("tokenizer") if data is not None else None
+    target = str(node.get("_target_", "")) if node is not None else ""
+    if target == f"{File.__module__}.{File.__qualname__}":
+        path, declared = File.resolve(node.get("path"))
+        return path, node.get("vocab_size") or declared
+    if target != f"{BPE.__module__}.{BPE.__qualname__}":
+        fixed = target.rsplit(".", 1)[-1].lower() if target.startswith("lmlab.data.tokenizers.") else None
+        hint = f"use data/tokenizer={fixed} instead" if fixed else "point at a run trained on text with a BPE"
+        raise UserError(f"the run {run_dir} has no trained tokenizer to share ({target or 'no text tokenizer'}): "
+                        f"{hint}.")
+    if not str(data.get("_target_", "")).startswith("lmlab.data."):
+        raise UserError(f"the run {run_dir} read its data with {data.get('_target_')!r}, not an lmlab source: "
+                        "give data.tokenizer.path its tokenizer.json instead.")
+    source = instantiate(data)
+    cache = Path(str(cfg.get("cache_dir"))).expanduser()
+    if isinstance(source, TextSource) and source.streams():
+        from lmlab.data.stream import stream_directory
+
+        entry = stream_directory(source, cache)[0]
+    else:
+        entry = cache / source.cache_key()
+    if not (entry / TOKENIZER_FILE).is_file():
+        raise UserError(f"the trained tokenizer of the run {run_dir} is not in its data cache ({entry} holds no "
+                        f"{TOKENIZER_FILE}): rerun the run's command to rebuild it, or give data.tokenizer.path a "
+                        f"{TOKENIZER_FILE}.")
+    return (entry / TOKENIZER_FILE).resolve(), int(node.get("vocab_size"))
 
 
 def _resolve(entries: list[str]) -> list[Path]:
@@ -116,7 +168,8 @@ class TextSource(Source):
                  tokenizer: Tokenizer | None = None, block_size: Positive = 64, validation_fraction: Fraction = 0.05,
                  test_fraction: Fraction = 0.05, seed: NonNegative = 0, labels_csv: str | None = None,
                  labels_test_fraction: Fraction = 0.2, tokenizer_sample_bytes: Positive = 100_000_000,
-                 stream_above_bytes: Optional[NonNegative] = None) -> None:
+                 stream_above_bytes: Optional[NonNegative] = STREAM_ABOVE_BYTES,
+                 documents: Optional[Literal["file", "paragraph", "line"]] = None) -> None:
         if paths is None:
             entries = None
         elif isinstance(paths, (str, os.PathLike)):
@@ -128,6 +181,11 @@ class TextSource(Source):
         if entries == []:
             raise UserError("data.paths is an empty list: name at least one file, or null for the sample corpus.")
         labels = None if labels_csv is None else os.fspath(labels_csv)
+        if documents is not None and documents not in DOCUMENTS:
+            raise UserError(f"data.documents must be one of {', '.join(DOCUMENTS)} (or null), got {documents!r}: "
+                            "fix data.documents.")
+        # a .txt file is one document unless set; the bundled samples hold one document per line
+        self.documents = documents or ("line" if entries is None else "file")
         self.tokenizer = as_tokenizer(tokenizer)  # trained (bpe) by build() or load()
         super().__init__(paths=entries, text_field=text_field, tokenizer=self.tokenizer.config,
                          block_size=block_size, validation_fraction=validation_fraction,
@@ -165,6 +223,12 @@ class TextSource(Source):
         self.stream_above_bytes = None if stream_above_bytes is None else int(stream_above_bytes)
 
         self.files = _resolve([str(self.tokenizer.sample)] if entries is None else entries)
+        txt = any(FORMATS[p.suffix.lower()] == "text" for p in self.files)
+        if documents is not None and not txt:
+            raise UserError(f"data.documents={documents} applies to .txt files and data.paths holds none (each "
+                            "record of the other formats is one document): drop data.documents.")
+        if txt and self.documents != "line":  # line per document keeps the cache key it had before the setting
+            self.config["documents"] = self.documents
         self.labels_csv = None
         if labels is not None:
             path = Path(os.path.expanduser(labels))
@@ -198,7 +262,7 @@ class TextSource(Source):
 
     @property
     def tokenizer_kind(self) -> str:
-        """The tokenizer's short name (bpe, byte, dna, protein)."""
+        """The tokenizer's short name (bpe, byte, dna, protein, file)."""
         return self.tokenizer.name
 
     def cache_key(self) -> str:
@@ -236,6 +300,9 @@ class TextSource(Source):
             if fmt == "fasta":
                 docs.extend(d for f in files for d in read_fasta(f))
                 continue
+            if fmt == "text":
+                docs.extend(d for f in files for d in read_txt(f, self.documents))
+                continue
             quiet = datasets.are_progress_bars_disabled()
             datasets.disable_progress_bars()
             with tempfile.TemporaryDirectory(prefix="lmlab-text-") as scratch:
@@ -249,7 +316,7 @@ class TextSource(Source):
                 finally:
                     if not quiet:
                         datasets.enable_progress_bars()
-                field = "text" if fmt == "text" else self.text_field
+                field = self.text_field
                 if field not in table.column_names:
                     raise UserError(f"{', '.join(files)} have no field {field!r} (fields: "
                                     f"{', '.join(table.column_names)}): set data.text_field.")
@@ -267,8 +334,10 @@ class TextSource(Source):
         counts = {s: (max(1, round(f * n_docs)) if f > 0 else 0) for s, f in self.fractions.items()}
         n_train = n_docs - counts["validation"] - counts["test"]
         if n_train < 1:
-            raise UserError(f"{n_docs} documents are too few for the validation and test splits: add documents "
-                            "or lower data.validation_fraction and data.test_fraction.")
+            raise UserError(f"{n_docs} documents from {self.origin} are too few for train, validation and test (a "
+                            "document goes whole to one split): add documents, read .txt files by paragraph or "
+                            "line (data.documents=paragraph), or set data.validation_fraction=0 or "
+                            "data.test_fraction=0.")
         cut = np.cumsum([n_train, counts["validation"]])
         parts = np.split(perm, cut)
         return {s: np.sort(p) for s, p in zip(("train", "validation", "test"), parts)}
@@ -279,14 +348,14 @@ class TextSource(Source):
         """Token ids of each text, without BOS/EOS."""
         return self.tokenizer.encode(texts)
 
-    def decode(self, ids: list[int]) -> str:
-        """The text of a list of token ids; special tokens are dropped."""
-        return self.tokenizer.decode(ids)
-
     def pack(self, docs: list[str]) -> np.ndarray:
         """(n_blocks, block_size) int32: ``[BOS]`` + the next block_size-1 tokens of ``d_1 EOS d_2 EOS ..``."""
         ids, lengths = self.tokenizer.encode_flat(docs)
         return pack_stream(ids, lengths, self.block_size)
+
+    def decode(self, ids: list[int]) -> str:
+        """The text of a list of token ids; special tokens are dropped."""
+        return self.tokenizer.decode(ids)
 
     # ----- building -----
 
@@ -313,10 +382,16 @@ class TextSource(Source):
         return rows, [index[c] for c in labels]
 
     def build(self) -> DatasetDict:
+        size = sum(p.stat().st_size for p in self.files)
+        say(f"reading {self.origin}" + (f", {size / 1e6:,.1f} MB" if self.files else ""))
         docs = self.read_documents()
         self.doc_splits = self.split_documents(len(docs))
         split_docs = {s: [docs[i] for i in idx] for s, idx in self.doc_splits.items()}
+        if not self.tokenizer.trained:
+            say(f"training the {self.tokenizer.name} tokenizer (vocabulary {self.tokenizer.vocab_size:,}) on "
+                f"{len(split_docs['train']):,} training documents")
         self.tokenizer.train(split_docs["train"])
+        say(f"encoding and packing {len(docs):,} documents into blocks of {self.block_size} tokens")
 
         labelled = self.labels_csv is not None
         features = {"input_ids": Sequence(Value("int32"))}
@@ -324,8 +399,11 @@ class TextSource(Source):
             features["label"] = Value("int64")
         features = Features(features)
         out: dict[str, Dataset] = {}
+        tokens = 0
         for split, texts in split_docs.items():
-            blocks = self.pack(texts) if texts else np.zeros((0, self.block_size), dtype=np.int32)
+            ids, lengths = self.tokenizer.encode_flat(texts)
+            tokens += int(lengths.sum())
+            blocks = pack_stream(ids, lengths, self.block_size)
             if len(blocks) == 0 and (split == "train" or self.fractions[split] > 0):
                 hint = ("lower data.block_size or add text" if split == "train" else
                         f"raise data.{split}_fraction or lower data.block_size")
@@ -350,7 +428,16 @@ class TextSource(Source):
             out["downstream"] = held["downstream"]
         else:
             out["downstream"] = Dataset.from_dict({"input_ids": []}, features=features)
+        print(summary(len(docs), self.origin, {s: len(t) for s, t in split_docs.items()}, tokens,
+                      f"seeded permutation, seed {self.seed}"), flush=True)
         return DatasetDict(out)
+
+    @property
+    def origin(self) -> str:
+        """Where the documents come from, for the preparation's summary line."""
+        n = len(self.files)
+        txt = any(FORMATS[p.suffix.lower()] == "text" for p in self.files)
+        return f"{n} file{'s' if n != 1 else ''}" + (f" (.txt: one document per {self.documents})" if txt else "")
 
     def save_state(self, directory: Path) -> None:
         """The trained tokenizer, saved beside the splits (atomically, together)."""

@@ -23,16 +23,26 @@ One small class per tokenizer, all with the same interface, chosen by the nested
   ``[PAD] [BOS] [EOS] [MASK]`` as ids 0..3; ``vocab_size`` counts them (a small corpus may leave the top ids
   unused). Special-token strings inside a text are encoded as plain text.
 
+* ``File``: a fixed byte-level BPE read from a ``tokenizer.json`` in the Hugging Face ``tokenizers`` format
+  (as lmlab's ``BPE`` saves it and ``lmlab export`` writes it: ``[PAD] [BOS] [EOS] [MASK]`` as ids 0..3), or
+  from a finished run's directory (its trained tokenizer, found by ``lmlab.data.text.run_tokenizer_file``).
+  Nothing is learned from the documents, so runs and every text source of a ``data=mixture`` share its ids;
+  the cache key holds the SHA-256 of the file's content. ``path: null`` reads ``SAMPLE_TOKENIZER``
+  (``lmlab/data/sample/tokenizer.json``: ``BPE(1024)`` trained on the bundled sample corpus, one document per
+  line, written by ``python -c "from lmlab.data.tokenizers import write_sample_tokenizer as w; w()"``).
+
 Interface: ``vocab_size``; ``train(docs)`` (BPE only; a no-op for the others) and ``trained``;
 ``encode_flat(texts)`` -> the concatenated ids (int32) and each text's length; ``encode(texts)`` -> one id list
 per text; ``decode(ids)`` -> text, special ids dropped; ``byte_lengths()`` -> the number of UTF-8 bytes each id
 stands for (0 for the special ids; bits per byte); ``save(directory)`` / ``load(directory)`` for the
 trained state (``tokenizer.json`` in a cache entry); ``config``, which goes into the cache key of a source;
-``sample``, the bundled corpus a text source reads when ``data.paths`` is null.
+``sample``, the bundled corpus a text source reads when ``data.paths`` is null; ``token_bytes()`` -> each ordinary
+token id and the bytes it stands for (special tokens left out), for matching two vocabularies.
 """
 
 from __future__ import annotations
 
+import hashlib
 import itertools
 import json
 import os
@@ -44,12 +54,28 @@ from typing import Any
 import numpy as np
 
 from lmlab.errors import UserError
+from lmlab.settings import Optional, Positive
 from lmlab.vocab import N_SPECIAL
 
 SAMPLES = Path(__file__).resolve().parent / "sample"
 SPECIAL_TOKENS = ["[PAD]", "[BOS]", "[EOS]", "[MASK]"]
 BYTE_VOCAB = N_SPECIAL + 256
 TOKENIZER_FILE = "tokenizer.json"
+SAMPLE_TOKENIZER = SAMPLES / TOKENIZER_FILE  # data/tokenizer=file's default: see write_sample_tokenizer
+
+
+def byte_level_alphabet() -> dict[str, int]:
+    """Byte-level BPE (GPT-2) writes each byte as one printable character: printable Latin-1 bytes stand for
+    themselves, the others for chr(256), chr(257), ... in byte order. Character -> byte."""
+    keep = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
+    table, extra = {}, 0
+    for b in range(256):
+        if b in keep:
+            table[chr(b)] = b
+        else:
+            table[chr(256 + extra)] = b
+            extra += 1
+    return table
 
 
 class Tokenizer(ABC):
@@ -89,11 +115,18 @@ class Tokenizer(ABC):
     def decode(self, ids) -> str:
         """The text of a list of token ids; special tokens are dropped."""
 
+    def token_bytes(self) -> dict[int, bytes]:
+        """Each ordinary token id and the UTF-8 bytes it stands for; special tokens (ids below ``N_SPECIAL``)
+        are left out, as is any token that stands for no fixed byte string."""
+        raise NotImplementedError(f"{type(self).__name__} does not list its tokens' bytes")
+
     def byte_lengths(self) -> np.ndarray:
-        """(vocab_size,) int64: the number of UTF-8 bytes each id stands for, 0 for the special ids (one byte per
-        id here: a byte, or an ASCII letter of an alphabet)."""
-        lengths = np.ones(self.vocab_size, dtype=np.int64)
-        lengths[:N_SPECIAL] = 0
+        """(vocab_size,) int64: the number of UTF-8 bytes each id stands for (``token_bytes``), 0 for the special
+        ids (bits per byte)."""
+        lengths = np.zeros(self.vocab_size, dtype=np.int64)
+        for i, b in self.token_bytes().items():
+            if i < self.vocab_size:
+                lengths[i] = len(b)
         return lengths
 
     def save(self, directory: str | os.PathLike) -> None:
@@ -126,6 +159,9 @@ class Byte(Tokenizer):
     def decode(self, ids) -> str:
         own = [int(i) for i in ids if i >= N_SPECIAL]
         return bytes(i - N_SPECIAL for i in own).decode("utf-8", errors="replace")
+
+    def token_bytes(self) -> dict[int, bytes]:
+        return {N_SPECIAL + b: bytes([b]) for b in range(256)}
 
 
 class Chars(Tokenizer):
@@ -176,6 +212,10 @@ class Chars(Tokenizer):
     def decode(self, ids) -> str:
         alphabet = self.alphabet
         return "".join(alphabet[i - N_SPECIAL] for i in map(int, ids) if N_SPECIAL <= i < N_SPECIAL + len(alphabet))
+
+    def token_bytes(self) -> dict[int, bytes]:
+        """Each letter's id and the letter (the upper-case form the alphabet names)."""
+        return {N_SPECIAL + i: c.encode() for i, c in enumerate(self.alphabet)}
 
 
 class DNA(Chars):
@@ -248,18 +288,15 @@ class BPE(Tokenizer):
         own = [int(i) for i in ids if i >= N_SPECIAL]
         return self._model().decode(own, skip_special_tokens=True)
 
-    def byte_lengths(self) -> np.ndarray:
-        """The bytes of each token: its byte-level string maps one character to one byte (GPT-2's table)."""
-        from tokenizers import pre_tokenizers
-
-        chars = set(pre_tokenizers.ByteLevel.alphabet())
-        lengths = np.zeros(self.vocab_size, dtype=np.int64)
-        for token, i in self._model().get_vocab().items():
-            if N_SPECIAL <= i < self.vocab_size:
-                if not set(token) <= chars:
-                    raise RuntimeError(f"the BPE token {token!r} is not byte-level")
-                lengths[i] = len(token)
-        return lengths
+    def token_bytes(self) -> dict[int, bytes]:
+        """The bytes of each learned token: byte-level BPE writes each byte as one printable character
+        (``byte_level_alphabet``); a token holding any other character (an added token) is left out."""
+        table = byte_level_alphabet()
+        out = {}
+        for token, i in self._model().get_vocab(with_added_tokens=False).items():
+            if i >= N_SPECIAL and all(c in table for c in token):
+                out[i] = bytes(table[c] for c in token)
+        return out
 
     def save(self, directory: str | os.PathLike) -> None:
         self._model().save(str(Path(directory) / TOKENIZER_FILE))
@@ -269,3 +306,80 @@ class BPE(Tokenizer):
 
         self.model = HFTokenizer.from_file(str(Path(directory) / TOKENIZER_FILE))
         self.model.encode_special_tokens = True
+
+
+class File(BPE):
+    """A fixed tokenizer read from a ``tokenizer.json`` (Hugging Face ``tokenizers`` format) or a finished run's
+    directory; the ids are the file's, ``[PAD] [BOS] [EOS] [MASK]`` being 0..3 (see the module docstring)."""
+
+    name = "file"
+    train = Tokenizer.train  # nothing to learn: the file fixes the vocabulary
+    load = Tokenizer.load  # nor to restore from a cache entry: the file is read at construction
+
+    def __init__(self, path: str | None = None, vocab_size: Optional[Positive] = None) -> None:
+        """``path``: a tokenizer.json, a directory holding one, or a run directory; ``vocab_size``: the number
+        of ids models get (``None``: the run's ``vocab_size`` for a run directory, else the file's own size)."""
+        from tokenizers import Tokenizer as HFTokenizer
+
+        self.path, declared = self.resolve(path)
+        raw = self.path.read_bytes()
+        self.sha256 = hashlib.sha256(raw).hexdigest()
+        try:
+            model = HFTokenizer.from_str(raw.decode("utf-8"))
+        except Exception as error:  # not JSON, or not a tokenizers file
+            detail = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+            raise UserError(f"cannot read {str(self.path)!r} as a Hugging Face tokenizer.json ({detail}): fix "
+                            "data.tokenizer.path.") from None
+        if [model.token_to_id(t) for t in SPECIAL_TOKENS] != list(range(N_SPECIAL)):
+            raise UserError(f"the tokenizer {str(self.path)!r} does not hold {' '.join(SPECIAL_TOKENS)} as ids "
+                            f"0..{N_SPECIAL - 1}, which lmlab's rows use: give data.tokenizer.path a tokenizer "
+                            "written by lmlab (a run's, or `lmlab export`'s).")
+        model.encode_special_tokens = True  # "[EOS]" written in a document is text, not the EOS id
+        self.model = model
+        own = model.get_vocab_size(with_added_tokens=True)
+        size = vocab_size if vocab_size is not None else declared if declared is not None else own
+        if isinstance(size, bool) or not isinstance(size, Integral) or size < own:
+            raise UserError(f"data.tokenizer.vocab_size={size!r} is smaller than the {own} ids of "
+                            f"{str(self.path)!r}: set it to {own} or more, or null.")
+        self._vocab_size = int(size)
+
+    @staticmethod
+    def resolve(path: str | os.PathLike | None) -> tuple[Path, int | None]:
+        """The tokenizer file ``path`` names: a file; a run directory (its trained tokenizer); a directory
+        holding a ``tokenizer.json`` (an export, a data cache entry, a shard directory); and the vocabulary size
+        a run directory's config gives (``None`` otherwise)."""
+        if path is None:
+            return SAMPLE_TOKENIZER, None
+        if str(path).strip() == "":
+            raise UserError("data.tokenizer.path is empty: give it a tokenizer.json, a finished run's directory, "
+                            "or null for lmlab's sample tokenizer.")
+        where = Path(os.path.expanduser(str(path)))
+        if where.is_file():
+            return where.resolve(), None
+        if where.is_dir():
+            from lmlab.run_dir import CONFIG
+
+            if (where / CONFIG).is_file():
+                from lmlab.data.text import run_tokenizer_file
+
+                return run_tokenizer_file(where)
+            if (where / TOKENIZER_FILE).is_file():
+                return (where / TOKENIZER_FILE).resolve(), None
+            raise UserError(f"the directory {str(path)!r} is neither a run directory nor holds a "
+                            f"{TOKENIZER_FILE}: fix data.tokenizer.path.")
+        raise UserError(f"the tokenizer file {str(path)!r} does not exist: fix data.tokenizer.path.")
+
+    @property
+    def config(self) -> dict[str, Any]:
+        return {"class": f"{type(self).__module__}.{type(self).__qualname__}", "sha256": self.sha256,
+                "vocab_size": self._vocab_size}
+
+    def __repr__(self) -> str:
+        return f"File(path={str(self.path)!r})"
+
+
+def write_sample_tokenizer() -> None:
+    """Write ``SAMPLE_TOKENIZER``: ``BPE(1024)`` trained on the bundled sample corpus, one document per line."""
+    bpe = BPE(1024)
+    bpe.train([line for line in Tokenizer.sample.read_text(encoding="utf-8").splitlines() if line.strip()])
+    bpe.save(SAMPLES)

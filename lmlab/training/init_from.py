@@ -277,37 +277,12 @@ def start_from(cfg: DictConfig, run_dir: Path, model: torch.nn.Module, source, a
 
 # ----- token bytes, for matching two vocabularies -----
 
-def _byte_level_alphabet() -> dict[str, int]:
-    """Byte-level BPE (GPT-2) writes each byte as one printable character: printable Latin-1 bytes stand for
-    themselves, the others for chr(256), chr(257), ... in byte order. Character -> byte."""
-    keep = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
-    table, extra = {}, 0
-    for b in range(256):
-        if b in keep:
-            table[chr(b)] = b
-        else:
-            table[chr(256 + extra)] = b
-            extra += 1
-    return table
-
-
 def token_bytes(tokenizer) -> dict[int, bytes]:
-    """Each ordinary token id of a text tokenizer and the bytes it stands for (special tokens left out); {} for
-    a tokenizer of another kind."""
-    from lmlab.data.tokenizers import BPE, Byte, Chars
+    """Each ordinary token id of a text tokenizer and the bytes it stands for (special tokens left out,
+    ``Tokenizer.token_bytes``); {} for a tokenizer of another kind."""
+    from lmlab.data.tokenizers import Tokenizer
 
-    if isinstance(tokenizer, Byte):
-        return {N_SPECIAL + b: bytes([b]) for b in range(256)}
-    if isinstance(tokenizer, Chars):
-        return {N_SPECIAL + i: c.encode() for i, c in enumerate(tokenizer.alphabet)}
-    if isinstance(tokenizer, BPE):
-        table = _byte_level_alphabet()
-        out = {}
-        for token, i in tokenizer._model().get_vocab(with_added_tokens=False).items():
-            if i >= N_SPECIAL and all(c in table for c in token):
-                out[i] = bytes(table[c] for c in token)
-        return out
-    return {}
+    return tokenizer.token_bytes() if isinstance(tokenizer, Tokenizer) else {}
 
 
 def _parent_tokenizer(run: Path, pcfg: DictConfig):

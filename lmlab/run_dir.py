@@ -51,6 +51,7 @@ import os
 import re
 import socket
 import time
+import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -330,6 +331,8 @@ def check_targets(config: Any, path: str | os.PathLike) -> None:
 
     for key, target, node in _targets(config, ""):
         where = f"{key}._target_" if key else "_target_"
+        if target is None:  # an option that builds nothing (logger=none)
+            continue
         if not allowed_target(target):
             raise refuse(where, f"names {target!r}")
         if "_args_" in node:
@@ -379,7 +382,7 @@ def write_evaluation(run_dir: str | os.PathLike, record: dict[str, Any]) -> Path
     """Add ``record`` as the run's next ``evals/<n>.json`` and return its path. The file is written whole under
     a temporary name and linked to the first free number, so two evaluations at once never take the same one."""
     folder = Path(run_dir) / EVALS
-    pending = folder / f".pending-{os.getpid()}.json"
+    pending = folder / f".pending-{uuid.uuid4().hex}.json"
     write_json(pending, record)
     try:
         n = 1 + max((int(p.stem) for p in folder.glob("*.json") if p.stem.isdigit()), default=0)

@@ -43,18 +43,32 @@ def _copy(finished, tmp_path, name="run"):
 
 # ----- a run directory is data, never code -----
 
+class _Touch:
+    """Unpickling it runs ``touch <path>``: what a pickle read with ``weights_only=False`` can do."""
+
+    def __init__(self, path):
+        self.path = str(path)
+
+    def __reduce__(self):
+        import os
+
+        return os.system, (f"touch {self.path}",)
+
+
 def _crafted(finished, tmp_path):
-    """A copy of a real run whose config would run ``touch <marker>`` while Hydra builds its model (a nested
-    node is built before the model's own constructor, whatever the constructor then does with it)."""
+    """A copy of a real run whose config would run ``touch <marker>`` while Hydra builds its model: a nested
+    node (built before the model's own constructor, whatever that then does with it) unpickles a file with
+    ``torch.load(weights_only=False)``, which passes Hydra's own block list."""
     crafted = _copy(finished, tmp_path, "crafted")
     marker = tmp_path / "marker"
+    torch.save(_Touch(marker), tmp_path / "payload.pkl")
     cfg = OmegaConf.load(crafted / run_dir.CONFIG)
-    cfg.model.d_model = {"_target_": "os.system", "command": f"touch {marker}"}
+    cfg.model.d_model = {"_target_": "torch.load", "f": str(tmp_path / "payload.pkl"), "weights_only": False}
     (crafted / run_dir.CONFIG).write_text(OmegaConf.to_yaml(cfg))
     return crafted, marker
 
 
-REFUSED = r"config_resolved.yaml is refused: its key model.d_model._target_ names 'os.system'"
+REFUSED = r"config_resolved.yaml is refused: its key model.d_model._target_ names 'torch.load'"
 
 
 @pytest.mark.parametrize("entry", ["eval", "export", "init_from", "teacher"])
@@ -65,12 +79,11 @@ def test_a_crafted_run_directory_is_refused_by_every_command_that_reads_a_run(en
             "init_from": ["train", *BASE, f"init_from.run={crafted}"],
             "teacher": ["train", *BASE, "objective=distill", f"objective.teacher={crafted}"]}[entry]
     code, out = lmlab(*args)
-    assert code == 2, out
-    assert "Traceback" not in out
+    assert not marker.exists()  # nothing was called
+    assert code == 2 and "Traceback" not in out, out
     assert len([line for line in out.splitlines() if "is refused" in line]) == 1
     assert re.search(REFUSED, out), out
     assert str(crafted / run_dir.CONFIG) in " ".join(out.split())
-    assert not marker.exists()  # nothing was called
     assert not (tmp_path / "hf").exists()
 
 

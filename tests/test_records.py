@@ -276,6 +276,7 @@ def test_a_second_eval_keeps_the_first_and_the_runs_own_metrics(finished, tmp_pa
     results = (run / run_dir.RESULTS).read_bytes()
     code, out = lmlab("eval", f"run={run}", "eval=perplexity", "eval.perplexity.max_rows=8")
     assert code == 0, out
+    assert (run / run_dir.RESULTS).read_bytes() == results  # its 8-row numbers did not replace the run's own
     code, out = lmlab("eval", f"run={run}", "eval=perplexity")
     assert code == 0, out
     assert (run / run_dir.RESULTS).read_bytes() == results  # the training-time results are untouched

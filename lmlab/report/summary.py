@@ -1,5 +1,6 @@
 """Tables of results: one run's metrics on the terminal, and a sweep's summary (summary.csv, summary.md
-and a rich table), gathered from each job's ``results.json`` / ``FAILED`` by a Hydra callback."""
+and a rich table), gathered from each job's ``results.json`` / ``FAILED`` and its ``lmlab eval`` records
+(``evals/<n>.json``, shown as ``eval:<metric>`` with the records named) by a Hydra callback."""
 
 from __future__ import annotations
 

@@ -119,6 +119,29 @@ def test_every_target_of_lmlabs_configs_is_allowed():
     assert all(run_dir.allowed_target(t) for t in targets)
 
 
+def test_the_config_of_every_option_reads_back(tmp_path):
+    """What ``lmlab train`` records for any option of any group passes ``read_config`` unchanged."""
+    from hydra import compose, initialize_config_module
+    from hydra.core.hydra_config import HydraConfig
+    from omegaconf import open_dict
+
+    from tests.test_cli import NESTED_IN, all_options
+
+    with initialize_config_module(config_module="lmlab.conf", version_base="1.3"):
+        for group, option in all_options():
+            if group == "launcher":  # it sets hydra.launcher only, which is not recorded
+                continue
+            cfg = compose(config_name="train", overrides=[*NESTED_IN.get(group, []), f"{group}={option}"],
+                          return_hydra_config=True)
+            HydraConfig.instance().set_config(cfg)  # the ${hydra:...} interpolations resolve as in a run
+            with open_dict(cfg):
+                del cfg["hydra"]
+            run_dir.write_config(tmp_path, cfg)
+            read = OmegaConf.to_container(run_dir.read_config(tmp_path))
+            assert read == OmegaConf.to_container(cfg, resolve=True), (group, option)
+    HydraConfig.instance().cfg = None
+
+
 def test_an_interpolation_cannot_hide_a_target(tmp_path):
     """``read_config`` checks the resolved config, the one that is built: a node made by a resolver is seen."""
     (tmp_path / run_dir.CONFIG).write_text("x: '{_target_: os.system, command: ls}'\nmodel: ${oc.create:${x}}\n")

@@ -316,6 +316,12 @@ def test_a_second_eval_keeps_the_first_and_the_runs_own_metrics(finished, tmp_pa
     assert rows["seed=0"]["eval:perplexity/loss"] == second["metrics"]["perplexity/loss"]
     assert rows["seed=0"]["evaluations"] == "#2 perplexity"
     assert "eval:perplexity/loss" not in rows["seed=1"]  # never evaluated: the column is empty, not shifted
+    code, out = lmlab("report", str(sweep))
+    assert code == 0, out
+    report = (sweep / "report.md").read_text()
+    assert "## eval:perplexity/loss (lower is better)" in report  # beside the run's own (the same in both copies)
+    assert "(ask with `--metric`): `perplexity/gap`, `perplexity/loss`" in report
+    assert "| (all jobs) | 0 | #2 perplexity | seed=0 |" in report  # which records the eval: numbers come from
 
 
 def test_eval_metrics_name_the_latest_record_of_each_number():

@@ -134,7 +134,8 @@ planted data, the method's report) and DONE.
 
 EVAL_HELP = """usage: lmlab eval run=<run dir> [eval=<evaluator> | eval='[a,b]']
 
-Runs evaluations on a finished run (it must hold model.pt), merges the metrics into its results.json.
+Runs evaluations on a finished run (it must hold model.pt) and writes them, with their settings and command,
+as the run's next evaluation record evals/<n>.json; its results.json is left as training wrote it.
 
 {groups}
 """
@@ -301,7 +302,7 @@ def _eval(cfg: DictConfig) -> None:
     from lmlab.report.summary import metrics_table
 
     try:
-        out = pipeline.evaluate(cfg)
+        out = pipeline.evaluate(cfg, command=_command("eval", HydraConfig.get().overrides.task))
     except Exception as e:
         if user_error(e) is None:
             raise

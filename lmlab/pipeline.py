@@ -348,14 +348,23 @@ def rebuild(run_dir: Path, eval_cfg: DictConfig | None = None):
     return cfg, module, dm, evaluators
 
 
-def evaluate(cfg: DictConfig) -> dict[str, Any]:
-    """``lmlab eval run=<dir> eval=...``: evaluations on a finished run, without retraining."""
-    quiet()
-    run_dir = Path(cfg.run)
-    _, module, dm, evaluators = rebuild(run_dir, cfg.eval)
-    metrics = run_evaluations(evaluators, module, dm, run_dir)
-    results = read_results(run_dir) if (run_dir / RESULTS).exists() else {"metrics": {}}
-    results["metrics"].update(metrics)
-    write_results(run_dir, results)
-    return {"metrics": metrics}
+def evaluate(cfg: DictConfig, command: str = "lmlab eval") -> dict[str, Any]:
+    """``lmlab eval run=<dir> eval=...``: evaluations on a finished run, without retraining. The run's own
+    records are read first (a damaged ``results.json`` or ``model.pt`` is refused before any evaluation runs);
+    the result is written as the run's next evaluation record (``evals/<n>.json``: the evaluation settings, the
+    command, the time and the metrics), beside ``results.json``, which it never changes."""
+    from lmlab.run_dir import write_evaluation
 
+    quiet()
+    run_dir = Path(cfg.run).expanduser()
+    if (run_dir / RESULTS).exists():
+        read_results(run_dir)
+    _, module, dm, evaluators = rebuild(run_dir, cfg.eval)
+    started = time.time()
+    metrics = run_evaluations(evaluators, module, dm, run_dir)
+    record = {"eval": OmegaConf.to_container(cfg.eval, resolve=True), "command": command,
+              "time": time.strftime("%Y-%m-%dT%H:%M:%S", time.localtime(started)),
+              "seconds": time.time() - started, "metrics": metrics, "versions": versions()}
+    path = write_evaluation(run_dir, record)
+    print(f"[lmlab] evaluation record: {path}")
+    return {"metrics": metrics, "record": str(path)}

@@ -12,8 +12,13 @@ finds its jobs again) and holds:
   (``MODEL_ARGS``): the two constructor arguments that the pipeline adds to ``cfg.model``, ``vocab_size``
   (the data source's) and ``attention`` (the objective's pattern), e.g. ``{"vocab_size": 40, "attention":
   "causal"}``. With them the directory describes its model completely: ``load_backbone`` builds it from
-  ``CONFIG``'s ``model`` node alone, without the data, the objective or the optimiser;
-* ``results.json`` (``RESULTS``): metrics, history, timings, versions and config;
+  ``CONFIG``'s ``model`` node alone, without the data, the objective or the optimiser. ``model_sha256.json``
+  (``MODEL_SUM``) records the sha256 of ``MODEL`` when it was saved; ``load_weights`` checks it (a run
+  written before the checksum existed is checked as a zip archive only);
+* ``results.json`` (``RESULTS``): metrics, history, timings, versions and config, as training wrote them;
+* ``evals/<n>.json`` (``EVALS``), one per ``lmlab eval`` on the finished run (``write_evaluation``, numbered
+  from 1 in the order they were written): its evaluation settings, command, time and metrics. An evaluation
+  never rewrites ``results.json``; ``read_evaluations`` reads them back in order;
 * ``parent.json`` (``PARENT``), only for a run started from another run's weights (``init_from.run``): the
   parent's directory, command and status, and the growth operators applied (``write_parent``, ``read_parent``;
   ``lineage`` follows these records back to the first run);
@@ -24,17 +29,29 @@ finds its jobs again) and holds:
 * ``.lock``: held (``flock``) by the one process that trains the job, released by the kernel when that
   process ends, however it ends: a second process on the same job stops at once (``hold``).
 
-Every file is written atomically (``lmlab.io``): a reader never sees half of one.
+Every file is written atomically (``lmlab.io``): a reader never sees half of one. A record that is damaged
+nevertheless (cut short or edited) is refused by its reader in one sentence naming the file and the fix
+(``DamagedRecord``).
+
+A run directory is data, never code: ``read_config`` refuses a ``config_resolved.yaml`` that would make
+Hydra build anything but lmlab's own classes and the targets that lmlab's own configs (``lmlab/conf``) name,
+so every command that builds from a recorded run (``lmlab eval``, ``lmlab export``, ``init_from.run``, a
+distillation teacher, a selection reference) builds only those.
 """
 
 from __future__ import annotations
 
 import fcntl
+import functools
+import hashlib
+import importlib
+import inspect
 import json
 import os
 import re
 import socket
 import time
+import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -59,6 +76,9 @@ LAST_CHECKPOINT = "last.ckpt"  # inside CHECKPOINTS (Lightning's name for the la
 PREVIOUS = "previous-"  # the checkpoint a new one replaced, kept beside it: previous-last.ckpt
 LOCK = ".lock"
 PARENT = "parent.json"  # the run whose weights this run started from (init_from.run)
+MODEL_SUM = "model_sha256.json"  # the sha256 of MODEL, written after it
+EVALS = "evals"  # evals/<n>.json: one record per `lmlab eval`
+CONF = Path(__file__).parent / "conf"  # lmlab's own configs: the targets a recorded run may name
 
 UNNAMED_KEYS = ("hydra.", "cache_dir=", "out_dir=", "launcher=", "retry=")  # overrides that do not name a run
 
@@ -192,13 +212,38 @@ def resume_checkpoint(run_dir: str | os.PathLike) -> Path | None:
     return None
 
 
+# ----- records -----
+
+class DamagedRecord(UserError, ValueError):
+    """A record of the run directory that does not read back (cut short, not JSON, edited): a ``UserError``
+    whose sentence names the file and the fix (also a ``ValueError``: the content is bad)."""
+
+
+def _read_record(path: Path, fix: str) -> Any:
+    """The JSON in ``path``; a ``DamagedRecord`` saying ``fix`` when it is not readable JSON."""
+    try:
+        return json.loads(path.read_text())
+    except ValueError:  # not JSON, or not UTF-8
+        raise DamagedRecord(f"{path} is damaged (it is not readable JSON): {fix}") from None
+
+
+def _rerun_fix(run_dir: str | os.PathLike, what: str) -> str:
+    return (f"delete it and {Path(run_dir) / DONE}, then rerun the run's `lmlab train` command (in {COMMAND}): it "
+            f"resumes from its last checkpoint and writes {what} again.")
+
+
 # ----- results and config -----
 
 def read_results(run_dir: str | os.PathLike) -> dict[str, Any]:
+    """The run's ``results.json``; a one-sentence ``UserError`` where it is missing or damaged (a
+    ``DamagedRecord``: delete it and ``DONE`` and rerun the command, which writes it again)."""
     path = Path(run_dir) / RESULTS
     if not path.exists():
         raise UserError(f"{run_dir} holds no {RESULTS}: delete its {DONE} (if any) and rerun the job to write it.")
-    return json.loads(path.read_text())
+    results = _read_record(path, _rerun_fix(run_dir, RESULTS))
+    if not isinstance(results, dict):
+        raise DamagedRecord(f"{path} is damaged (it holds no record): {_rerun_fix(run_dir, RESULTS)}")
+    return results
 
 
 def write_results(run_dir: str | os.PathLike, results: dict[str, Any]) -> None:
@@ -210,11 +255,90 @@ def write_config(run_dir: str | os.PathLike, cfg: DictConfig) -> None:
 
 
 def read_config(run_dir: str | os.PathLike) -> DictConfig:
+    """The run's recorded config, resolved, after ``check_targets``: what a caller instantiates from it is
+    what was checked."""
     path = Path(run_dir).expanduser() / CONFIG
     if not path.exists():
         raise UserError(f"{run_dir} is not an lmlab run directory (no {CONFIG}): point at a directory that "
                         "`lmlab train` wrote.")
-    return OmegaConf.load(path)
+    try:
+        values = OmegaConf.to_container(OmegaConf.load(path), resolve=True)
+    except Exception as e:  # not YAML, or an interpolation that does not resolve
+        raise UserError(f"{path} cannot be read ({type(e).__name__}): point at a run directory that `lmlab train` "
+                        "wrote, with its config as written.") from None
+    if not isinstance(values, dict):
+        raise UserError(f"{path} holds no config: point at a run directory that `lmlab train` wrote.")
+    check_targets(values, path)
+    return OmegaConf.create(values)
+
+
+# ----- a recorded config builds only lmlab's classes -----
+
+GET_CLASS = "hydra.utils.get_class"  # a config's way to name a class as a value (FSDP's wrapped blocks)
+
+
+@functools.cache
+def conf_targets() -> frozenset[str]:
+    """Every ``_target_`` that lmlab's own configs (``lmlab/conf``) name: lmlab's recipes and the few
+    third-party classes they use (optimisers, the Lightning Trainer, loggers, the FSDP strategy)."""
+    found: set[str] = set()
+    for path in CONF.rglob("*.yaml"):
+        found.update(str(t) for _, t, _ in _targets(OmegaConf.to_container(OmegaConf.load(path)), "")
+                     if isinstance(t, str))
+    return frozenset(found)
+
+
+def _targets(node: Any, key: str) -> Iterator[tuple[str, Any, dict]]:
+    """``(key, target, node)`` for every mapping holding ``_target_`` in ``node``, at any depth."""
+    if isinstance(node, dict):
+        if "_target_" in node:
+            yield key, node["_target_"], node
+        for k, v in node.items():
+            yield from _targets(v, f"{key}.{k}" if key else str(k))
+    elif isinstance(node, list):
+        for i, v in enumerate(node):
+            yield from _targets(v, f"{key}[{i}]")
+
+
+def _lmlab_class(target: Any) -> bool:
+    """Whether ``target`` is the dotted path of a class defined in lmlab (by its own module's name: a name
+    that lmlab merely imports, such as ``lmlab.pipeline.os``, is not one). Only lmlab's modules are imported."""
+    if not isinstance(target, str) or not target.startswith("lmlab."):
+        return False
+    module, _, name = target.rpartition(".")
+    try:
+        cls = getattr(importlib.import_module(module), name)
+    except Exception:  # no such lmlab module or name
+        return False
+    return inspect.isclass(cls) and cls.__module__ == module and cls.__qualname__ == name
+
+
+def allowed_target(target: Any) -> bool:
+    """Whether a recorded config may name ``target``: a class defined in lmlab, or a target that lmlab's own
+    configs name (its functions such as the schedules, and the third-party classes of ``conf_targets``)."""
+    return isinstance(target, str) and (target in conf_targets() or _lmlab_class(target))
+
+
+def check_targets(config: Any, path: str | os.PathLike) -> None:
+    """Refuse a config (plain containers, resolved) that names a ``_target_`` outside ``allowed_target``, passes
+    positional ``_args_``, or names a class by value (``hydra.utils.get_class``) that is not lmlab's: one
+    ``UserError`` sentence naming the file and the key. Nothing is called (only lmlab's own modules are
+    imported, to look its classes up)."""
+    def refuse(key: str, what: str) -> UserError:
+        return UserError(f"{path} is refused: its key {key} {what}, and a recorded run may only build lmlab's own "
+                         "classes and the ones lmlab's configs name: use a run directory that `lmlab train` wrote "
+                         "(a run directory is data, never code).")
+
+    for key, target, node in _targets(config, ""):
+        where = f"{key}._target_" if key else "_target_"
+        if target is None:  # an option that builds nothing (logger=none)
+            continue
+        if not allowed_target(target):
+            raise refuse(where, f"names {target!r}")
+        if "_args_" in node:
+            raise refuse(f"{key}._args_" if key else "_args_", "passes positional arguments")
+        if target == GET_CLASS and not _lmlab_class(node.get("path")):
+            raise refuse(f"{key}.path" if key else "path", f"names the class {node.get('path')!r}")
 
 
 def write_command(run_dir: str | os.PathLike, command: str) -> None:
@@ -235,7 +359,10 @@ def write_parent(run_dir: str | os.PathLike, record: dict[str, Any]) -> None:
 def read_parent(run_dir: str | os.PathLike) -> dict[str, Any] | None:
     """The ``parent.json`` record of a run started from another run's weights; None for a run from scratch."""
     path = Path(run_dir) / PARENT
-    return json.loads(path.read_text()) if path.exists() else None
+    if not path.exists():
+        return None
+    return _read_record(path, f"it records which run this one started from; rerun the run's `lmlab train` "
+                              f"command (in {COMMAND}) in a new out_dir to write it again.")
 
 
 def lineage(run_dir: str | os.PathLike) -> list[Path]:
@@ -249,12 +376,56 @@ def lineage(run_dir: str | os.PathLike) -> list[Path]:
     return chain
 
 
+# ----- evaluation records (lmlab eval) -----
+
+def write_evaluation(run_dir: str | os.PathLike, record: dict[str, Any]) -> Path:
+    """Add ``record`` as the run's next ``evals/<n>.json`` and return its path. The file is written whole under
+    a temporary name and linked to the first free number, so two evaluations at once never take the same one."""
+    folder = Path(run_dir) / EVALS
+    pending = folder / f".pending-{uuid.uuid4().hex}.json"
+    write_json(pending, record)
+    try:
+        n = 1 + max((int(p.stem) for p in folder.glob("*.json") if p.stem.isdigit()), default=0)
+        while True:
+            try:
+                os.link(pending, folder / f"{n}.json")
+                return folder / f"{n}.json"
+            except FileExistsError:
+                n += 1
+    finally:
+        pending.unlink(missing_ok=True)
+
+
+def read_evaluations(run_dir: str | os.PathLike) -> list[dict[str, Any]]:
+    """The run's ``lmlab eval`` records, oldest first, each with ``number`` (its ``n``) added; a
+    ``DamagedRecord`` naming the file where one does not read back."""
+    folder = Path(run_dir) / EVALS
+    paths = sorted((p for p in folder.glob("*.json") if p.stem.isdigit()), key=lambda p: int(p.stem))
+    records = []
+    for path in paths:
+        record = _read_record(path, "it holds one `lmlab eval` record: delete it and rerun that evaluation "
+                                    "(its command is in the other records, or choose the evaluations again).")
+        if not isinstance(record, dict) or not isinstance(record.get("metrics"), dict):
+            raise DamagedRecord(f"{path} is damaged (it holds no metrics): delete it and rerun that evaluation.")
+        records.append({**record, "number": int(path.stem)})
+    return records
+
+
 # ----- the trained model -----
 
 def save_model(run_dir: str | os.PathLike, model: torch.nn.Module, vocab_size: int, attention: str) -> None:
-    """Write ``MODEL_ARGS`` and then ``MODEL`` (so a directory that holds ``MODEL`` also describes it)."""
-    write_json(Path(run_dir) / MODEL_ARGS, {"vocab_size": int(vocab_size), "attention": str(attention)})
-    torch_save(model.state_dict(), Path(run_dir) / MODEL)
+    """Write ``MODEL_ARGS``, then ``MODEL``, then its checksum ``MODEL_SUM`` (so a directory that holds ``MODEL``
+    also describes it, and a checksum always belongs to the ``MODEL`` beside it: the old one is removed first)."""
+    run_dir = Path(run_dir)
+    (run_dir / MODEL_SUM).unlink(missing_ok=True)
+    write_json(run_dir / MODEL_ARGS, {"vocab_size": int(vocab_size), "attention": str(attention)})
+    torch_save(model.state_dict(), run_dir / MODEL)
+    write_json(run_dir / MODEL_SUM, {"sha256": _sha256(run_dir / MODEL)})
+
+
+def _sha256(path: Path) -> str:
+    with open(path, "rb") as f:
+        return hashlib.file_digest(f, "sha256").hexdigest()
 
 
 def holds_model(run_dir: str | os.PathLike) -> bool:
@@ -273,15 +444,35 @@ def model_args(run_dir: str | os.PathLike) -> dict[str, Any]:
     """The recorded constructor arguments of the run's model: ``{"vocab_size": int, "attention": str}``."""
     run_dir = Path(run_dir).expanduser()
     _require_model(run_dir)
-    return json.loads((run_dir / MODEL_ARGS).read_text())
+    return _read_record(run_dir / MODEL_ARGS, _rerun_fix(run_dir, MODEL_ARGS))
+
+
+def check_model(run_dir: str | os.PathLike) -> None:
+    """Refuse a ``MODEL`` that is missing (one sentence saying so) or damaged: its sha256 differs from the one
+    recorded in ``MODEL_SUM`` when it was saved, or (a run without a checksum) its zip archive does not read
+    back whole. The fix for damage: delete ``DONE`` and rerun the run's command, which rewrites ``MODEL`` from
+    the last checkpoint."""
+    run_dir = Path(run_dir).expanduser()
+    path = run_dir / MODEL
+    fix = (f"delete {run_dir / DONE} and rerun the run's `lmlab train` command (in {COMMAND}): it resumes from "
+           f"its last checkpoint and writes {MODEL} again.")
+    if not path.is_file():
+        raise UserError(f"{run_dir} is not a finished lmlab run ({MODEL} is missing): point at a run directory that "
+                        f"`lmlab train` finished, or, for this one, {fix}")
+    if (run_dir / MODEL_SUM).is_file():
+        recorded = _read_record(run_dir / MODEL_SUM, fix)
+        if not isinstance(recorded, dict) or recorded.get("sha256") != _sha256(path):
+            raise UserError(f"{path} is damaged (its sha256 differs from the one recorded in {MODEL_SUM} when it "
+                            f"was saved): {fix}")
+    elif not zip_intact(path):
+        raise UserError(f"{path} is damaged (it does not read back as a whole archive): {fix}")
 
 
 def load_weights(run_dir: str | os.PathLike) -> dict[str, torch.Tensor]:
-    """The trained ``state_dict`` in ``MODEL``, on the CPU (tensors only: ``weights_only``)."""
+    """The trained ``state_dict`` in ``MODEL``, on the CPU (tensors only: ``weights_only``), after
+    ``check_model``."""
     run_dir = Path(run_dir).expanduser()
-    if not (run_dir / MODEL).is_file():
-        raise UserError(f"{run_dir} is not a finished lmlab run (no {MODEL}): point at a run directory that "
-                        f"`lmlab train` finished (it holds {DONE}).")
+    check_model(run_dir)
     return torch.load(run_dir / MODEL, map_location="cpu", weights_only=True)
 
 
@@ -294,6 +485,7 @@ def load_backbone(run_dir: str | os.PathLike, attention: str | None = None) -> t
     reads the student's batches); a model that cannot honour it refuses with a ``UserError``."""
     run_dir = Path(run_dir).expanduser()
     args = model_args(run_dir)
+    weights = load_weights(run_dir)  # a damaged model.pt is refused before anything is built
     cfg = read_config(run_dir)
     trained = args["attention"]
     kind = trained if attention is None else attention
@@ -307,7 +499,7 @@ def load_backbone(run_dir: str | os.PathLike, attention: str | None = None) -> t
             raise UserError(f"the {name} model of the run {run_dir} cannot attend {kind!r}: use a run whose model "
                             f"supports {kind!r} attention.") from e
     try:
-        model.load_state_dict(load_weights(run_dir))
+        model.load_state_dict(weights)
     except RuntimeError as e:
         if kind != trained:
             raise UserError(f"the weights of the run {run_dir} (trained for {trained!r} attention) do not fit its "

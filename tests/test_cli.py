@@ -158,8 +158,8 @@ def test_default_job_run_directory_and_rerun(lmlab):
     # evaluations on the finished run, without retraining
     code, out = lmlab("eval", f"run={run}", "eval=finetune")
     assert code == 0, out
-    metrics2 = json.loads((run / "results.json").read_text())["metrics"]
-    assert "finetune/acc" in metrics2 and metrics2["probe/acc"] == metrics["probe/acc"]
+    assert "finetune/acc" in json.loads((run / "evals" / "1.json").read_text())["metrics"]  # its own record
+    assert json.loads((run / "results.json").read_text())["metrics"] == metrics  # the run's own, unchanged
 
 
 # ----- sweeps -----

@@ -72,8 +72,9 @@ def test_a_directory_that_is_not_a_finished_run_is_refused(tmp_path):
 def _lstm_run(path, attention=CAUSAL):
     torch.manual_seed(0)
     model = LSTM(N_SPECIAL + 10, attention, d_model=8, n_layers=1).eval()
+    data = {"_target_": "lmlab.data.pcfg.PCFGSource", "no_such_setting": 1}  # fails if it were built
     run_dir.write_config(path, OmegaConf.create({"model": {"_target_": "lmlab.models.lstm.LSTM", "d_model": 8,
-                                                          "n_layers": 1}, "data": {"_target_": "no.such.Source"}}))
+                                                          "n_layers": 1}, "data": data}))
     run_dir.save_model(path, model, vocab_size=N_SPECIAL + 10, attention=attention)
     return model
 

@@ -202,4 +202,4 @@ def test_sparse_run_checkpoints_resumes_and_loads(lmlab):
 
     code, out = lmlab("eval", f"run={run}", "eval=finetune", "eval.finetune.epochs=1")
     assert code == 0, out
-    assert "finetune/acc" in json.loads((run / "results.json").read_text())["metrics"]
+    assert "finetune/acc" in json.loads((run / "evals" / "1.json").read_text())["metrics"]

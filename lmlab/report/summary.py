@@ -1,5 +1,6 @@
 """Tables of results: one run's metrics on the terminal, and a sweep's summary (summary.csv, summary.md
-and a rich table), gathered from each job's ``results.json`` / ``FAILED`` by a Hydra callback."""
+and a rich table), gathered from each job's ``results.json`` / ``FAILED`` and its ``lmlab eval`` records
+(``evals/<n>.json``, shown as ``eval:<metric>`` with the records named) by a Hydra callback."""
 
 from __future__ import annotations
 
@@ -17,26 +18,50 @@ from rich.table import Table
 from rich.text import Text
 
 from lmlab.io import write_text
-from lmlab.run_dir import RESULTS, failure, read_results, status
+from lmlab.run_dir import RESULTS, DamagedRecord, failure, read_evaluations, read_results, status
 
 FIXED = ["job", "overrides", "status", "reason"]
+EVAL_PREFIX = "eval:"  # a metric of an `lmlab eval` record, beside the training-time one of the same name
+EVALUATIONS = "evaluations"  # the column naming the records the eval: numbers come from
 
 
 def job_row(job_dir: Path) -> dict[str, Any]:
     """One job's row: its overrides, its status (``lmlab.run_dir.status``), the reason where it did not finish,
-    and its metrics."""
+    its metrics as training wrote them, and the metrics of its ``lmlab eval`` records (``eval_metrics``). A
+    job whose records do not read back has the status ``damaged`` and the sentence that says how to fix it."""
     overrides_file = job_dir / ".hydra" / "overrides.yaml"
     overrides = OmegaConf.to_container(OmegaConf.load(overrides_file)) if overrides_file.exists() else []
     row: dict[str, Any] = {"job": job_dir.name, "overrides": " ".join(overrides), "status": "incomplete",
                            "reason": ""}
     row["status"] = status(job_dir)
-    if row["status"] == "done" and (job_dir / RESULTS).exists():
-        row.update(read_results(job_dir)["metrics"])
-    elif row["status"] in ("diverged", "interrupted"):
-        row["reason"] = read_results(job_dir).get("reason", "")
-    elif row["status"] == "failed":
-        row["reason"] = failure(job_dir)
+    try:
+        if row["status"] == "done" and (job_dir / RESULTS).exists():
+            row.update(read_results(job_dir)["metrics"])
+            row.update(eval_metrics(read_evaluations(job_dir)))
+        elif row["status"] in ("diverged", "interrupted"):
+            row["reason"] = read_results(job_dir).get("reason", "")
+        elif row["status"] == "failed":
+            row["reason"] = failure(job_dir)
+    except DamagedRecord as e:
+        row.update(status="damaged", reason=str(e))
     return row
+
+
+def eval_metrics(records: list[dict[str, Any]]) -> dict[str, Any]:
+    """The metrics of a run's ``lmlab eval`` records (oldest first), apart from the training-time ones: each
+    metric of the latest record that has it as ``eval:<metric>``, and ``EVALUATIONS``, which names the records
+    those numbers come from (``#2 perplexity`` is ``evals/2.json``, which ran ``eval=perplexity``). The keys do
+    not hold the record's number, so the columns of runs evaluated a different number of times line up."""
+    latest: dict[str, tuple[float, int]] = {}
+    names: dict[int, str] = {}
+    for record in records:
+        names[record["number"]] = ",".join(map(str, record.get("eval") or {})) or "?"
+        latest.update({k: (v, record["number"]) for k, v in record["metrics"].items()})
+    if not latest:
+        return {}
+    used = sorted({n for _, n in latest.values()})
+    return {**{f"{EVAL_PREFIX}{k}": v for k, (v, _) in latest.items()},
+            EVALUATIONS: "; ".join(f"#{n} {names[n]}" for n in used)}
 
 
 def gather(sweep_dir: Path) -> list[dict[str, Any]]:

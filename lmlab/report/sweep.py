@@ -28,7 +28,7 @@ from omegaconf import OmegaConf
 
 from lmlab.errors import UserError
 from lmlab.io import write_text
-from lmlab.report.summary import FIXED, job_row
+from lmlab.report.summary import EVAL_PREFIX, EVALUATIONS, FIXED, job_row
 from lmlab.run_dir import UNNAMED_KEYS
 from lmlab.stats import MeanInterval, PairedDifference, mean_interval, paired_difference
 
@@ -79,6 +79,7 @@ class Job:
     status: str
     reason: str = ""
     metrics: dict[str, float] = field(default_factory=dict)
+    evaluations: str = ""  # the `lmlab eval` records its eval: metrics come from (summary.EVALUATIONS)
 
     @property
     def seed(self) -> str:
@@ -116,7 +117,7 @@ def load_jobs(sweeps: list[Path]) -> list[Job]:
                        if k not in FIXED and isinstance(v, (int, float)) and not isinstance(v, bool)}
             reason = row.get("reason") or REASONS.get(row["status"], "")
             found.append(Job(sweep, job_dir.name, _settings(row["overrides"].split()), row["status"], str(reason),
-                             metrics))
+                             metrics, str(row.get(EVALUATIONS, ""))))
         for settings in _planned(sweep):
             if not any(j.settings.keys() == settings.keys()
                        and all(same_value(j.settings[k], v) for k, v in settings.items()) for j in found):
@@ -323,6 +324,18 @@ def to_markdown(report: SweepReport) -> str:
     if report.constant:
         md += ["Left out, the same in every finished job (ask with `--metric`): "
                + ", ".join(f"`{m}`" for m in report.constant) + ".", ""]
+    evaluated = [j for j in report.jobs if j.evaluations]
+    if evaluated:
+        md += ["## Evaluation records", "",
+               f"A metric `{EVAL_PREFIX}<metric>` comes from a job's `lmlab eval` records (`evals/<n>.json`): the "
+               "latest record that has it; the training-time `<metric>` is the run's own. The records each job's "
+               "numbers come from (`#n` is `evals/<n>.json`, with the evaluations it ran):", "",
+               "| arm | seed | records | job |", "|---|---|---|---|"]
+        for j in evaluated:
+            arm = " ".join(f"{a}={j.settings[a]}" for a in report.axes if j.settings.get(a, "") != "") or "(all jobs)"
+            md.append("| " + " | ".join(c.replace("|", "\\|") for c in (arm, j.seed or "-", j.evaluations, j.name))
+                      + " |")
+        md.append("")
     unfinished = [j for j in report.jobs if j.status != "done"]
     md += ["## Jobs that did not finish", ""]
     if unfinished:

@@ -15,7 +15,9 @@ right-skewness bias are not implemented.
 Score: unlabelled bracket F1 per sentence against the gold tree (the source's ``gold_spans``: for the PCFG
 each row's most likely derivation), leaving out the trivial spans (single words and the whole sentence), as
 evalb-style unlabelled F1 does, averaged over the sentences of at least 3 words (shorter ones have no span to
-score); ``_ci95`` is the half-width of the 95% t-interval of that mean over sentences.
+score); ``_ci95`` is the half-width of the 95% t-interval of that mean over sentences. The interval covers
+the choice of sentences only: the model (its training or initialisation seed) is fixed, so comparing models
+needs several seeds.
 
 Layer (``layer``): ``best`` (the default) picks the layer of highest mean F1 on the first ``max_select`` rows
 of the ``select_split`` split (downstream: sentences other than the scored ones), ``last`` the backbone's

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import math
 from functools import lru_cache
 from types import SimpleNamespace
@@ -173,3 +174,18 @@ def test_parse_refusals():
         Parse()(module, dm, None)
     last = Parse(layer="last")(module, dm, None)  # the output of any model
     assert 0.0 <= last["parse/f1"] <= 1.0 and "parse/layer0/f1" not in last
+
+
+def test_the_command_line_runs_parse_and_the_probe_at_every_layer(lmlab):
+    from tests.conftest import FAST, TINY
+
+    code, out = lmlab("train", "objective=mlm", "model.n_layers=3", "eval=[probe,parse]", "eval.probe.layer=all",
+                      "eval.probe.seeds=2", "eval.probe.epochs=5", *FAST, *TINY)
+    assert code == 0, out
+    (run,) = [p.parent for p in lmlab.runs.rglob("DONE")]
+    metrics = json.loads((run / "results.json").read_text())["metrics"]
+    assert metrics["probe/layer3/acc"] == metrics["probe/acc"] and "probe/layer4/acc" not in metrics
+    assert all(f"probe/layer{i}/acc_ci95" in metrics for i in range(4))
+    assert all(f"parse/layer{i}/f1" in metrics for i in range(4)) and 0 <= metrics["parse/f1"] <= 1
+    code, out = lmlab("eval", f"run={run}", "eval=parse", "eval.parse.layer=7")
+    assert code == 2 and "layers 0..3" in out

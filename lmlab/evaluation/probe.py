@@ -40,6 +40,19 @@ Fixed random projection (``project: <dims>``): the probe is also trained on the 
 multiplied by one fixed Gaussian matrix (``dims`` x feature width, entries N(0, 1/dims), drawn from seed 0 of
 its own generator, so the same for every model of the same feature width). Models of different widths are then
 probed through features of one width: ``probe/proj_acc`` (``probe/<task>/proj_acc``).
+
+Layer by layer (``layer``; the probes after every layer of Alain & Bengio 2016): ``last`` (the default) probes
+the backbone's output as above; an int ``i`` probes layer ``i`` instead; ``all`` probes every layer and returns
+the curve ``probe/layer<i>/acc``, ``probe/layer<i>/acc_std`` and ``probe/layer<i>/acc_ci95`` for ``i = 0 .. L``
+(same seeds, heads and t-intervals) beside the keys above, which stay those of the last layer (with a list of
+tasks, also ``probe/<task>/layer<i>/acc`` etc.). Layer 0 is the input of the first block (the token embedding,
+with learned positions where the model adds them), layer ``i`` (0 < i < L) the residual stream after block
+``i``, and layer ``L`` the backbone's output (after the last block and the final norm: the states the default
+reads, so its row equals ``eval=probe``). The states are read with forward hooks on the model's block list
+``model.blocks`` (``layer_states``); a model without one (the LSTM, HAT) is refused for any layer but
+``last``. The lookup baseline reads the source's exact conditionals, not the model, so it does not depend on
+the layer: it is reported once, ``probe/lookup_acc``, the reference for every layer's row. ``ece`` and
+``project`` apply to the probed layer (``all``: the last).
 """
 
 from __future__ import annotations

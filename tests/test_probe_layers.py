@@ -91,3 +91,13 @@ def test_other_backbones_are_read_by_their_blocks_and_one_without_is_refused():
     for bad in ("first", -1, True):
         with pytest.raises(UserError, match="eval.probe.layer"):
             Probe(layer=bad)
+
+
+def test_a_list_of_tasks_names_each_task_curve():
+    module, dm = _setup(n_layers=1)
+    kwargs = dict(pooling="concat", seeds=2, epochs=3, max_train=100, max_test=50)
+    listed = Probe(task=["key"], layer="all", **kwargs)(module, dm, None)
+    alone = Probe(task="key", layer="all", **kwargs)(module, dm, None)
+    for i in range(2):
+        assert listed[f"probe/key/layer{i}/acc"] == alone[f"probe/layer{i}/acc"]
+        assert listed[f"probe/key/layer{i}/acc_ci95"] == alone[f"probe/layer{i}/acc_ci95"]

@@ -110,6 +110,7 @@ class Parse(Evaluator):
         self.distance, self.layer, self.split, self.max_rows = distance, layer, split, max_rows
         self.select_split, self.max_select = select_split, max_select
         self.batch_size, self.seed = batch_size, seed
+        self._gold_cache: dict = {}  # the gold trees do not depend on the model: parsed once (e.g. for eval_every)
 
     def skip_reason(self, source, objective=None) -> str | None:
         if not callable(getattr(source, "gold_spans", None)):
@@ -153,6 +154,13 @@ class Parse(Evaluator):
     def _gold(self, datamodule, split: str, limit: int | None) -> tuple[list[list[int]], list[Spans]]:
         """The first ``limit`` rows of ``split`` and their gold spans, keeping the sentences of 3 words or more
         that the grammar derives."""
+        key = (id(datamodule.source), split, limit)
+        if key not in self._gold_cache:
+            self._gold_cache[key] = self._parse_gold(datamodule, split, limit)
+        return self._gold_cache[key]
+
+    @staticmethod
+    def _parse_gold(datamodule, split: str, limit: int | None) -> tuple[list[list[int]], list[Spans]]:
         if split not in datamodule.splits:
             raise UserError(f"eval.parse reads the {split} split, which the data does not have: "
                             f"choose one of {', '.join(datamodule.splits)}.")

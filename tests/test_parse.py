@@ -52,6 +52,16 @@ def test_viterbi_attaches_the_prepositional_phrase_by_hand(tmp_path):
     assert g.viterbi_spans([w["v"], w["n"]]) is None  # not a sentence of the grammar
 
 
+def test_viterbi_follows_unary_chains(tmp_path):
+    # "a b c": S -> X -> Y -> A (B C) with probability {chain}, against S -> (A B) C with 1 - {chain}
+    for chain, inner in ((0.6, (1, 3)), (0.3, (0, 2))):
+        path = tmp_path / "chain.txt"
+        path.write_text(f"S X {chain}\nS AB C {1 - chain:.6f}\nX Y 1.0\nY A BC 1.0\nBC B C 1.0\nAB A B 1.0\n"
+                        "A a 1.0\nB b 1.0\nC c 1.0\n")
+        g = parse_grammar(path)
+        assert g.viterbi_spans([g.words.index(x) for x in "abc"]) == {(0, 3), inner}
+
+
 def _brute_force_best(g, words):
     """The most likely derivation's (log probability, spans) by plain recursion over every rule and split."""
     n = len(words)

@@ -145,7 +145,8 @@ def test_eval_perplexity_paths_scores_a_file_with_the_runs_tokenizer(lmlab, tmp_
     held_out.write_text(json.dumps({"text": text}) + "\n")
     code, out = lmlab("eval", f"run={run}", "eval=perplexity", f"eval.perplexity.paths={held_out}")
     assert code == 0, out
-    metrics = json.loads((run / "results.json").read_text())["metrics"]
+    metrics = {**json.loads((run / "results.json").read_text())["metrics"],
+               **json.loads((run / "evals" / "1.json").read_text())["metrics"]}
     _, module, dm, _ = rebuild(run, OmegaConf.create({}))
     stream = [*dm.source.tokenizer.encode([text])[0], EOS_ID]
     blocks = [[BOS_ID, *stream[i : i + 15]] for i in range(0, len(stream) - 14, 15)]

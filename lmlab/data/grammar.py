@@ -17,6 +17,8 @@ the exact optima and the downstream labels) and the planted pool (``lmlab/data/p
   every nonterminal's rule probabilities are Dirichlet(``alpha``).
 * ``Grammar.sample(n, rng)``: ``n`` sentences sampled top-down, breadth-first, all at once (numpy), as arrays
   of word indices.
+* ``Grammar.viterbi_spans(words)``: the constituent spans of a sentence's most likely derivation (Viterbi
+  CKY, max-product over the rules, unary chains closed per cell): the gold trees of ``eval=parse``.
 """
 
 from __future__ import annotations
@@ -130,6 +132,80 @@ class Grammar:
             raise UserError("The grammar's derivations do not terminate; give every recursion a way out.")
         lengths = np.bincount(sid, minlength=n_sentences)
         return np.split(sym - n_nt, np.cumsum(lengths)[:-1])
+
+    @cached_property
+    def _viterbi_table(self) -> tuple[np.ndarray, ...]:
+        """Log probabilities of the binary and unary rules, and 0 / -inf masks (n_nt, rules) selecting each
+        nonterminal's rules."""
+        with np.errstate(divide="ignore"):
+            bin_lp, un_lp, emit_lp = np.log(self.binary_p), np.log(self.unary_p), np.log(self.emit_p)
+        rows = np.arange(self.n_nt)[:, None]
+        bin_mask = np.where(self.binary[:, 0][None, :] == rows, 0.0, -np.inf)
+        un_mask = np.where(self.unary[:, 0][None, :] == rows, 0.0, -np.inf)
+        return bin_lp, un_lp, emit_lp, bin_mask, un_mask
+
+    def viterbi_spans(self, words) -> set[tuple[int, int]] | None:
+        """The spans ``(i, j)`` (words ``i .. j-1``, 0-based) of every constituent of two or more words of the
+        most likely derivation of ``words`` (word indices) from the start symbol, the whole sentence included;
+        ``None`` if the grammar cannot derive it. Ties go to the rule listed first, then the leftmost split."""
+        words = [int(w) for w in words]
+        n = len(words)
+        if n == 0:
+            return None
+        bin_lp, un_lp, emit_lp, bin_mask, un_mask = self._viterbi_table
+        left, right = self.binary[:, 1], self.binary[:, 2]
+        best = np.full((n + 1, n + 1, self.n_nt), -np.inf)
+        split = np.full((n + 1, n + 1, self.n_nt), -1, dtype=np.int64)  # binary: split point; -1 unary or word
+        child = np.full((n + 1, n + 1, self.n_nt), -1, dtype=np.int64)  # unary: the child; binary: the rule
+        for i, w in enumerate(words):
+            at = self.emit[:, 1] == w
+            np.maximum.at(best[i, i + 1], self.emit[at, 0], emit_lp[at])
+            self._close_unary(best, child, split, i, i + 1, un_lp, un_mask)
+        for span in range(2, n + 1):
+            for i in range(n - span + 1):
+                j = i + span
+                scores = bin_lp + best[i, i + 1 : j][:, left] + best[i + 1 : j, j][:, right]  # (splits, rules)
+                at_split = scores.argmax(0)
+                per_rule = scores[at_split, np.arange(len(bin_lp))]
+                cand = per_rule[None, :] + bin_mask  # (n_nt, rules)
+                rule = cand.argmax(1)
+                best[i, j] = cand[np.arange(self.n_nt), rule]
+                child[i, j] = rule
+                split[i, j] = i + 1 + at_split[rule]
+                self._close_unary(best, child, split, i, j, un_lp, un_mask)
+        if not np.isfinite(best[0, n, self.start]):
+            return None
+        spans: set[tuple[int, int]] = set()
+        stack = [(0, n, self.start)]
+        while stack:
+            i, j, a = stack.pop()
+            if j - i == 1 and split[i, j, a] < 0 and child[i, j, a] < 0:
+                continue  # a word
+            if split[i, j, a] < 0:  # a unary rule: same span
+                stack.append((i, j, int(child[i, j, a])))
+                continue
+            k, r = int(split[i, j, a]), int(child[i, j, a])
+            spans.add((i, j))
+            stack += [(i, k, int(left[r])), (k, j, int(right[r]))]
+        return spans
+
+    def _close_unary(self, best, child, split, i: int, j: int, un_lp, un_mask) -> None:
+        """Max-product closure of cell (i, j) under the unary rules: each nonterminal takes its best chain
+        ``A -> B -> ..`` when that beats its own best; a chain never repeats a nonterminal, so at most
+        ``n_nt`` rounds."""
+        if not len(un_lp):
+            return
+        cell = best[i, j]
+        for _ in range(self.n_nt):
+            cand = un_lp[None, :] + cell[self.unary[:, 1]][None, :] + un_mask  # (n_nt, unary rules)
+            rule = cand.argmax(1)
+            value = cand[np.arange(self.n_nt), rule]
+            better = value > cell
+            if not better.any():
+                return
+            cell[better] = value[better]
+            child[i, j, better] = self.unary[rule[better], 1]
+            split[i, j, better] = -1
 
 
 @dataclass

@@ -26,6 +26,9 @@ Variant implemented here:
   each position's emission vector is rescaled to max 1 so long sentences do not underflow. Unary
   nonterminal rules (``S -> S_i`` and any other) are handled by the closure ``(I - U)^-1``; terminal
   rules may sit at any level. Empty (epsilon) rules are not supported.
+* Gold trees (``gold_spans``, read by ``eval=parse``): sentences are sampled without their derivations, so a
+  row's gold tree is its most likely derivation under the grammar (Viterbi CKY, ``Grammar.viterbi_spans``),
+  which can differ from the derivation that generated it where the sentence is ambiguous.
 """
 
 from __future__ import annotations
@@ -260,6 +263,11 @@ class PCFGSource(Source):
                 raise ValueError(f"token id {int(w.max()) + N_SPECIAL} is outside the vocabulary ({self.vocab_size})")
             out.append(w)
         return out
+
+    def gold_spans(self, rows: list[list[int]]) -> list[set[tuple[int, int]] | None]:
+        """The constituent spans of each row's most likely derivation (``Grammar.viterbi_spans``: word
+        positions, BOS and EOS not counted), ``None`` for a row the grammar cannot derive."""
+        return [self.grammar.viterbi_spans(w) for w in self._rows_to_words(rows)]
 
     # ------------------------------------------------------------------ exact optima
 

@@ -40,6 +40,19 @@ Fixed random projection (``project: <dims>``): the probe is also trained on the 
 multiplied by one fixed Gaussian matrix (``dims`` x feature width, entries N(0, 1/dims), drawn from seed 0 of
 its own generator, so the same for every model of the same feature width). Models of different widths are then
 probed through features of one width: ``probe/proj_acc`` (``probe/<task>/proj_acc``).
+
+Layer by layer (``layer``; the probes after every layer of Alain & Bengio 2016): ``last`` (the default) probes
+the backbone's output as above; an int ``i`` probes layer ``i`` instead; ``all`` probes every layer and returns
+the curve ``probe/layer<i>/acc``, ``probe/layer<i>/acc_std`` and ``probe/layer<i>/acc_ci95`` for ``i = 0 .. L``
+(same seeds, heads and t-intervals) beside the keys above, which stay those of the last layer (with a list of
+tasks, also ``probe/<task>/layer<i>/acc`` etc.). Layer 0 is the input of the first block (the token embedding,
+with learned positions where the model adds them), layer ``i`` (0 < i < L) the residual stream after block
+``i``, and layer ``L`` the backbone's output (after the last block and the final norm: the states the default
+reads, so its row equals ``eval=probe``). The states are read with forward hooks on the model's block list
+``model.blocks`` (``layer_states``); a model without one (the LSTM, HAT) is refused for any layer but
+``last``. The lookup baseline reads the source's exact conditionals, not the model, so it does not depend on
+the layer: it is reported once, ``probe/lookup_acc``, the reference for every layer's row. ``ece`` and
+``project`` apply to the probed layer (``all``: the last).
 """
 
 from __future__ import annotations
@@ -52,10 +65,50 @@ import torch.nn.functional as F
 
 from lmlab.errors import UserError
 from lmlab.evaluation.common import DownstreamEvaluator, head_calibration, summarize
-from lmlab.readout import features, model_device, pad_rows
+from lmlab.readout import features, model_device, pad_rows, pool, reading_attention
 from lmlab.stats import sample_std, t_interval
 from lmlab.threads import one_thread
 from lmlab.vocab import N_SPECIAL
+
+LAYER_CHOICES = ("last", "all")
+
+
+def block_list(model, setting: str) -> torch.nn.ModuleList:
+    """The backbone's block list ``model.blocks`` (unwrapped from ``torch.compile``), read layer by layer;
+    a ``UserError`` naming ``setting`` for a model without one."""
+    blocks = getattr(getattr(model, "_orig_mod", model), "blocks", None)
+    if not isinstance(blocks, torch.nn.ModuleList) or len(blocks) == 0:
+        raise UserError(f"model {type(getattr(model, '_orig_mod', model)).__name__} has no block list to read "
+                        f"layer by layer: set {setting}=last, or use a model with blocks (e.g. the Transformer).")
+    return blocks
+
+
+def layer_states(model, ids: torch.Tensor, kind: str, setting: str = "eval.probe.layer") -> list[torch.Tensor]:
+    """The (B, T, d) hidden states of a batch of padded ids at every layer, L + 1 in all (see the module
+    docstring): the input of the first block, the output of each block but the last (forward hooks on
+    ``model.blocks``), and the backbone's output, read as ``lmlab.readout.features`` reads it."""
+    model = getattr(model, "_orig_mod", model)  # eager: hooks on a compiled graph's submodules may not fire
+    blocks = block_list(model, setting)
+    ids = ids.to(model_device(model))
+    states: list[torch.Tensor] = []
+
+    def keep_input(_module, args):
+        states.append(args[0])
+
+    def keep_output(_module, _args, out):
+        states.append(out[0] if isinstance(out, tuple) else out)
+
+    handles = [blocks[0].register_forward_pre_hook(keep_input)]
+    handles += [block.register_forward_hook(keep_output) for block in blocks[:-1]]
+    try:
+        out = model(ids, reading_attention(kind, ids))
+    finally:
+        for handle in handles:
+            handle.remove()
+    if len(states) != len(blocks):
+        raise RuntimeError(f"read {len(states)} block states of {len(blocks)} blocks: the model does not run its "
+                           "block list once per forward pass")
+    return [*states, out]
 
 
 def lookup_features(source, rows: list[list[int]], pooling: str, length: int) -> torch.Tensor | None:
@@ -91,7 +144,11 @@ class Probe(DownstreamEvaluator):
                  epochs: int = 50, lr: float = 1e-2, weight_decay: float = 0.0, batch_size: int = 256,
                  max_train: int | None = None, max_test: int | None = None,
                  encode_batch_size: int = 256, lookup: bool = True, ece: bool = False,
-                 project: int | None = None) -> None:
+                 project: int | None = None, layer: str | int = "last") -> None:
+        if isinstance(layer, bool) or not (layer in LAYER_CHOICES or (isinstance(layer, int) and layer >= 0)):
+            raise UserError(f"eval.probe.layer must be last, all or a layer number 0..n_layers, got {layer!r}: "
+                            "set one of those.")
+        self.layer = layer
         if project is not None and int(project) < 1:
             raise UserError(f"eval.probe.project must be a positive number of dimensions or null, got {project}: "
                             "set it to e.g. 512, or null for no projection.")
@@ -111,6 +168,17 @@ class Probe(DownstreamEvaluator):
                  for i in range(0, len(rows), self.encode_batch_size)]
         return torch.cat(parts)
 
+    @torch.no_grad()
+    def _encode_layers(self, model, kind: str, rows: list[list[int]], length: int) -> list[torch.Tensor]:
+        """The pooled features of ``rows`` at every layer (``layer_states``), one (n, F) tensor per layer."""
+        per_batch = []
+        for i in range(0, len(rows), self.encode_batch_size):
+            ids = pad_rows(rows[i : i + self.encode_batch_size])
+            states = layer_states(model, ids, kind)
+            ids = ids.to(states[-1].device)
+            per_batch.append([pool(h, ids, self.pooling, length).float() for h in states])
+        return [torch.cat(parts) for parts in zip(*per_batch)]
+
     def __call__(self, module, datamodule, run_dir=None) -> dict[str, float]:
         if not isinstance(self.task, list):
             return self._probe(module, datamodule, self.task)
@@ -121,7 +189,8 @@ class Probe(DownstreamEvaluator):
             if i == 0:
                 out.update(metrics)
             out.update({f"{self.name}/{task}/{k.split('/', 1)[1]}": v for k, v in metrics.items()
-                        if k.split("/", 1)[1] in ("acc", "acc_ci95", "lookup_acc", "proj_acc")})
+                        if k.split("/", 1)[1] in ("acc", "acc_ci95", "lookup_acc", "proj_acc")
+                        or k.split("/", 1)[1].startswith("layer")})
         return out
 
     def _probe(self, module, datamodule, task: str | None) -> dict[str, float]:
@@ -131,13 +200,29 @@ class Probe(DownstreamEvaluator):
         was_training = model.training
         model.eval()
         try:
-            x_train = self._encode(model, kind, train_rows, length)
-            x_test = self._encode(model, kind, test_rows, length)
+            if self.layer == "last":
+                x_train = self._encode(model, kind, train_rows, length)
+                x_test = self._encode(model, kind, test_rows, length)
+            else:
+                layers_train = self._encode_layers(model, kind, train_rows, length)
+                layers_test = self._encode_layers(model, kind, test_rows, length)
         finally:
             model.train(was_training)
         device = model_device(model)
-        accs, eces = self._accuracies(x_train, train_y, x_test, test_y, n_classes, device)
-        out = summarize(self.name, accs, test_y)
+        out: dict[str, float] = {}
+        if self.layer == "all":  # the loop ends on the last layer: the keys below are its
+            for i, (x_train, x_test) in enumerate(zip(layers_train, layers_test)):
+                accs, eces = self._accuracies(x_train, train_y, x_test, test_y, n_classes, device)
+                out.update({k: v for k, v in summarize(f"{self.name}/layer{i}", accs, test_y).items()
+                            if not k.endswith("/chance")})
+        elif self.layer != "last":
+            if self.layer >= len(layers_train):
+                raise UserError(f"eval.probe.layer={self.layer} but the model has layers 0..{len(layers_train) - 1}: "
+                                "choose one of those, last or all.")
+            x_train, x_test = layers_train[self.layer], layers_test[self.layer]
+        if self.layer != "all":
+            accs, eces = self._accuracies(x_train, train_y, x_test, test_y, n_classes, device)
+        out.update(summarize(self.name, accs, test_y))
         if self.ece:
             out[f"{self.name}/ece"] = float(np.mean(eces))
         if self.project is not None:

@@ -43,6 +43,7 @@ from __future__ import annotations
 
 import fcntl
 import functools
+import glob
 import hashlib
 import importlib
 import inspect
@@ -269,7 +270,38 @@ def read_config(run_dir: str | os.PathLike) -> DictConfig:
     if not isinstance(values, dict):
         raise UserError(f"{path} holds no config: point at a run directory that `lmlab train` wrote.")
     check_targets(values, path)
+    _as_recorded(values)
     return OmegaConf.create(values)
+
+
+TEXT_SOURCE = "lmlab.data.text.TextSource"
+
+
+def _names_txt(paths: Any) -> bool:
+    """Whether a text source's ``paths`` (null: the bundled sample corpus) name any ``.txt`` file, as
+    ``lmlab.data.text`` reads them (files, directories, globs)."""
+    if paths is None:
+        return True
+    for entry in [paths] if isinstance(paths, str) else paths:
+        entry = os.path.expanduser(str(entry))
+        found = glob.glob(entry, recursive=True) if glob.has_magic(entry) else (
+            [str(p) for p in Path(entry).iterdir()] if os.path.isdir(entry) else [entry])
+        if any(f.lower().endswith(".txt") for f in found):
+            return True
+    return False
+
+
+def _as_recorded(node: Any) -> None:
+    """Settings added after a run was recorded, set to the behaviour it was recorded under: a text source
+    without ``documents`` read each line of a ``.txt`` file as a document."""
+    if isinstance(node, dict):
+        if node.get("_target_") == TEXT_SOURCE and "documents" not in node and _names_txt(node.get("paths")):
+            node["documents"] = "line"
+        for value in node.values():
+            _as_recorded(value)
+    elif isinstance(node, list):
+        for value in node:
+            _as_recorded(value)
 
 
 # ----- a recorded config builds only lmlab's classes -----

@@ -347,3 +347,24 @@ def test_two_records_written_at_once_take_different_numbers(tmp_path):
     (tmp_path / "evals" / "3.json").write_text("{")
     with pytest.raises(run_dir.DamagedRecord, match=r"evals/3.json is damaged .*: it holds one `lmlab eval` record"):
         run_dir.read_evaluations(tmp_path)
+
+
+def test_a_text_run_recorded_before_the_documents_setting_reads_its_txt_files_by_line(tmp_path):
+    """A run recorded before ``data.documents`` existed read each line of a .txt file as a document: reading its
+    config back keeps that, and leaves other formats (where the setting would be refused) alone."""
+    from lmlab.run_dir import CONFIG, read_config
+
+    (tmp_path / "a.txt").write_text("one\ntwo\n")
+    (tmp_path / "b.jsonl").write_text('{"text": "one"}\n')
+    for paths, expected in [(str(tmp_path / "a.txt"), "line"), (str(tmp_path / "*.txt"), "line"),
+                            (str(tmp_path), "line"), (None, "line"), ([str(tmp_path / "b.jsonl")], None)]:
+        run = tmp_path / f"run{len(list(tmp_path.glob('run*')))}"
+        run.mkdir()
+        OmegaConf.save(OmegaConf.create({"data": {"_target_": "lmlab.data.text.TextSource", "paths": paths}}),
+                       run / CONFIG)
+        assert read_config(run).data.get("documents") == expected, paths
+    recorded = tmp_path / "recorded"
+    recorded.mkdir()
+    OmegaConf.save(OmegaConf.create({"data": {"_target_": "lmlab.data.text.TextSource", "paths": None,
+                                              "documents": "file"}}), recorded / CONFIG)
+    assert read_config(recorded).data.documents == "file"

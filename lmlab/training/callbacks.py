@@ -40,7 +40,8 @@ class DivergenceGuard(L.Callback):
         checkpoint = bool(self.checkpoint_every) and step % self.checkpoint_every == 0
         if not (checkpoint or step % self.every == 0 or step >= (trainer.max_steps or 0)):
             return
-        loss = (outputs["loss"] if isinstance(outputs, dict) else outputs).detach().float()
+        loss = outputs.get("loss") if isinstance(outputs, dict) else outputs  # none: a skipped update
+        loss = torch.zeros((), device=pl_module.device) if loss is None else loss.detach().float()
         finite = [torch.isfinite(loss).all()]
         if checkpoint:
             finite += [torch.isfinite(p.detach()).all() for p in pl_module.parameters()]

@@ -29,10 +29,12 @@ The loss-spike detector follows the practice of skipping the batches around a sp
 training loss against the mean and sample standard deviation of the ``window`` steps before it (spikes left
 out of the window, and none judged before the window is full); ``z > threshold`` is a spike. Each spike
 ``{step, loss, z, skipped}`` is logged (``stats/spike_z``) and kept in ``spikes.json`` in the run directory
-(``TrainingStats.spikes``). A non-finite loss is never a spike: the divergence guard stops the run. Without
-``skip`` the losses are read back every ``every`` steps (no device sync per step); with ``skip=true`` each
-step's loss is read back before its backward pass, and a spiking batch returns no loss from
-``training_step`` (``LMModule.skip_update``): Lightning then runs neither its backward pass nor an optimiser
+(``TrainingStats.spikes``). Spikes stay out of the window, so a spike that lasts several steps is flagged at
+each; after ``patience`` in a row the window starts again from the new level, so that a lasting shift (which
+skipped updates cannot undo) does not stop training. A non-finite loss is never a spike: the divergence guard
+stops the run. Without ``skip`` the losses are read back every ``every`` steps (no device sync per step);
+with ``skip=true`` each step's loss is read back before its backward pass, and a spiking batch returns no
+loss from ``training_step`` (``LMModule.skip_update``): Lightning then runs neither its backward pass nor an optimiser
 update, so the weights and the optimiser's moments stay as they were; the step count and the learning-rate
 schedule move on. Skipping needs one process without gradient accumulation (refused otherwise).
 """
@@ -93,12 +95,15 @@ def attention_stats(q: torch.Tensor, k: torch.Tensor, mask: torch.Tensor | None,
 
 class SpikeDetector:
     """The z-score of each loss against the ``window`` accepted losses before it; ``z > threshold`` is a spike
-    (left out of the window). ``observe(step, loss)`` returns the spike record or ``None``."""
+    and is left out of the window. After ``patience`` spikes in a row the loss has moved to a new level (a
+    skipped update cannot bring it back): the window starts again from there, judging nothing until it is
+    full. ``observe(step, loss)`` returns the spike record or ``None``."""
 
-    def __init__(self, window: int, threshold: float) -> None:
-        self.threshold = threshold
+    def __init__(self, window: int, threshold: float, patience: int = 5) -> None:
+        self.threshold, self.patience = threshold, patience
         self.window: deque[float] = deque(maxlen=window)
         self.spikes: list[dict[str, Any]] = []
+        self.in_a_row = 0
 
     def observe(self, step: int, loss: float, skipped: bool = False) -> dict[str, Any] | None:
         if not math.isfinite(loss):
@@ -110,7 +115,12 @@ class SpikeDetector:
             if z > self.threshold:
                 spike = {"step": step, "loss": loss, "z": z, "skipped": skipped}
                 self.spikes.append(spike)
+                self.in_a_row += 1
+                if self.in_a_row >= self.patience:
+                    self.window.clear()
+                    self.in_a_row = 0
                 return spike
+        self.in_a_row = 0
         self.window.append(loss)
         return None
 
@@ -120,15 +130,16 @@ class TrainingStats(L.Callback):
 
     Args: ``every`` (steps between recorded statistics, and between reading the losses back without
     ``skip``), ``window`` (losses the z-score is taken over), ``threshold`` (the z-score above which a loss
-    is a spike), ``skip`` (skip the update of a spiking batch)."""
+    is a spike), ``patience`` (spikes in a row after which the window starts again at the new level),
+    ``skip`` (skip the update of a spiking batch)."""
 
     def __init__(self, every: Positive = 50, window: Positive = 50, threshold: PositiveFloat = 5.0,
-                 skip: bool = False) -> None:
+                 patience: Positive = 5, skip: bool = False) -> None:
         if window < 2:
             raise UserError(f"callbacks.stats.window={window} leaves no spread to take a z-score over: set it to 2 "
                             "or more.")
         self.every, self.skip = every, skip
-        self.detector = SpikeDetector(window, threshold)
+        self.detector = SpikeDetector(window, threshold, patience)
         self._pending: list[tuple[int, torch.Tensor]] = []  # (step, loss) not read back yet
         self._handles: list[Any] = []
         self._layers: list[nn.Module] = []
@@ -193,8 +204,9 @@ class TrainingStats(L.Callback):
 
     def _write_spikes(self) -> None:
         if self._trainer is not None and self._trainer.is_global_zero:
-            write_json(Path(self._trainer.default_root_dir) / SPIKES, {"spikes": self.spikes, "window": self.detector.window.maxlen,
-                                                "threshold": self.detector.threshold, "skip": self.skip})
+            record = {"spikes": self.spikes, "window": self.detector.window.maxlen,
+                      "threshold": self.detector.threshold, "skip": self.skip}
+            write_json(Path(self._trainer.default_root_dir) / SPIKES, record)
 
     # ----- the hooks of a recorded step -----
 
@@ -267,12 +279,13 @@ class TrainingStats(L.Callback):
 
     def state_dict(self) -> dict[str, Any]:
         self._flush()
-        return {"spikes": self.spikes, "window": list(self.detector.window)}
+        return {"spikes": self.spikes, "window": list(self.detector.window), "in_a_row": self.detector.in_a_row}
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         self.detector.spikes = list(state_dict.get("spikes", []))
         self.detector.window.clear()
         self.detector.window.extend(state_dict.get("window", []))
+        self.detector.in_a_row = int(state_dict.get("in_a_row", 0))
 
 
 def _joint_rms(tensors: list[torch.Tensor]) -> torch.Tensor:

@@ -183,7 +183,8 @@ def test_statistics_reach_the_training_curves_attention_keys_only_for_attention_
             assert attn == []
 
 
-def test_stats_refuses_a_model_without_blocks(lmlab):
-    code, out = lmlab("train", "model=lstm", *TINY, "batch_size=16", "eval=[]", "max_steps=2", "logger=none",
+@pytest.mark.parametrize("override, reason", [("model=lstm", "no list of blocks"), ("compile=true", "compiled")])
+def test_stats_refuses_what_it_cannot_measure(lmlab, override, reason):
+    code, out = lmlab("train", override, *TINY, "batch_size=16", "eval=[]", "max_steps=2", "logger=none",
                       "callbacks=stats")
-    assert code == 2 and "no list of blocks" in out, out
+    assert code == 2 and reason in out, out

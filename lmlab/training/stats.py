@@ -182,7 +182,10 @@ class TrainingStats(L.Callback):
     def _check(self, loss: torch.Tensor) -> bool:
         """``LMModule.skip_update``: called in the training step with the step's loss; True skips it."""
         step = self._trainer.global_step + 1
-        return self._record(self.detector.observe(step, float(loss), skipped=True)) is not None
+        spike = self._record(self.detector.observe(step, float(loss), skipped=True))
+        if spike is not None:
+            self._write_spikes()
+        return spike is not None
 
     def _record(self, spike: dict[str, Any] | None) -> dict[str, Any] | None:
         logger = self._trainer.logger if self._trainer is not None else None
@@ -272,6 +275,11 @@ class TrainingStats(L.Callback):
             trainer.logger.log_metrics(dict(zip(names, numbers)), step=step)
 
     def on_train_end(self, trainer, pl_module) -> None:
+        self._flush()
+        self._write_spikes()
+
+    def on_exception(self, trainer, pl_module, exception: BaseException) -> None:
+        """A run that stops (diverged, interrupted) keeps the spikes seen up to then."""
         self._flush()
         self._write_spikes()
 

@@ -111,7 +111,7 @@ class SpikeDetector:
         if len(self.window) == self.window.maxlen:
             mean = sum(self.window) / len(self.window)
             std = math.sqrt(sum((x - mean) ** 2 for x in self.window) / (len(self.window) - 1))
-            z = (loss - mean) / std if std > 0 else (math.inf if loss > mean else 0.0)
+            z = (loss - mean) / std if std > 0 else 0.0  # a window without spread judges nothing
             if z > self.threshold:
                 spike = {"step": step, "loss": loss, "z": z, "skipped": skipped}
                 self.spikes.append(spike)

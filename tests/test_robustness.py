@@ -1,6 +1,6 @@
-"""``eval=robustness``: at noise 0 the numbers of ``eval=perplexity``; at token noise 1 the loss on uniform
-random inputs (rows of the same layout give the same loss, and a fresh uniform draw comes close); the noise
-functions against their definitions."""
+"""``eval=robustness``: at noise 0 the numbers of ``eval=perplexity`` (and the probe's of ``eval=probe``); at
+token noise 1 the loss on uniform random inputs (rows of the same layout give the same loss, and fresh uniform
+draws come close); the noise functions against their definitions."""
 
 from __future__ import annotations
 
@@ -63,7 +63,7 @@ def test_robustness_refuses_byte_noise_on_a_grammar(lmlab):
 
 def test_noise_zero_equals_perplexity_and_noise_one_is_the_loss_on_uniform_inputs(lmlab):
     code, out = lmlab("train", *TINY, "max_steps=60", "val_every=60", "checkpoint_every=60", "batch_size=16",
-                      "model.d_model=32", "logger=none", "eval=[perplexity,robustness]",
+                      "model.d_model=32", "logger=none", "eval=[perplexity,probe,robustness]",
                       "eval.robustness.rates=[0,0.1,1]")
     assert code == 0, out
     (run,) = lmlab.runs.rglob("results.json")
@@ -71,6 +71,10 @@ def test_noise_zero_equals_perplexity_and_noise_one_is_the_loss_on_uniform_input
     for key in ("loss", "ppl", "optimum", "gap"):
         assert m[f"robustness/token/0/{key}"] == m[f"perplexity/{key}"]  # exactly: the same computation
     assert "robustness/byte/0/loss" not in m  # a grammar has no bytes
+    # the probe trained on clean rows and scored on the untouched test rows: eval=probe's accuracy
+    assert m["robustness/token/0/probe_acc"] == m["probe/acc"]
+    assert m["robustness/token/0/probe_acc_ci95"] == m["probe/acc_ci95"]
+    assert all(0 <= m[f"robustness/token/{r}/probe_acc"] <= 1 for r in ("0.1", "1"))
     assert m["robustness/token/0/loss"] < m["robustness/token/0.1/loss"] < m["robustness/token/1/loss"]
     # rate 1 against uniform random inputs drawn here, of the same layout: the rate-1 loss is one draw from
     # the distribution of these losses, so it lies within a few of their standard deviations of their mean

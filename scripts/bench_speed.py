@@ -16,6 +16,12 @@ median of the per-round ratios is printed.
     python scripts/bench_speed.py                # the default shape (d_model 64, 2 layers, 4 heads)
     python scripts/bench_speed.py --seq-len 512 --d-model 256 --layers 4 --heads 8
     python scripts/bench_speed.py --compile      # also lmlab, lean and HF compiled (inductor), loss included
+    python scripts/bench_speed.py --stats-callback   # the default job with and without callbacks=stats
+
+``--stats-callback`` times something else: the default job of ``lmlab train`` (Lightning, its data, the CSV
+logger), trained for ``--fit-steps`` steps with and without the statistics callback (``callbacks=stats``,
+interval 50), in alternating rounds in one process, timing the steps (not the Trainer's set-up); it prints each
+arm's tokens/s and the median ratio, by the wall clock and per CPU second of this process.
 """
 
 from __future__ import annotations
@@ -25,6 +31,7 @@ import functools
 import statistics
 import time
 
+import lightning as L
 import torch
 from lean_gpt import LeanGPT  # scripts/, next to this file
 
@@ -104,6 +111,75 @@ def timed(step, n: int) -> tuple[float, float]:
     return time.perf_counter() - t, time.process_time() - c
 
 
+class FitClock(L.Callback):
+    """The training tokens (non-PAD) of a fit, and the wall and CPU seconds from its first to its last step
+    (Trainer set-up and teardown left out)."""
+
+    def __init__(self) -> None:
+        self.tokens, self.wall, self.cpu = 0, 0.0, 0.0
+
+    def on_train_start(self, trainer, pl_module) -> None:
+        self.wall, self.cpu = -time.perf_counter(), -time.process_time()
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+        self.tokens += int((batch["input_ids"] != 0).sum())  # 0: PAD
+
+    def on_train_end(self, trainer, pl_module) -> None:
+        self.wall += time.perf_counter()
+        self.cpu += time.process_time()
+
+
+def stats_overhead(args) -> dict:
+    """tokens/s of the default job without and with ``callbacks=stats`` (every 50 steps), alternating."""
+    import tempfile
+
+    from hydra import compose, initialize_config_module
+    from hydra.utils import instantiate
+    from lightning.pytorch.loggers import CSVLogger
+
+    from lmlab.cli import CONF, _register_resolvers
+    from lmlab.data.datamodule import DataModule
+    from lmlab.pipeline import build, quiet
+    from lmlab.training.callbacks import DivergenceGuard
+    from lmlab.training.module import LMModule
+
+    _register_resolvers()
+    quiet()
+    with initialize_config_module(config_module=CONF, version_base="1.3"):
+        cfg = compose(config_name="train", overrides=["callbacks=stats", f"max_steps={args.fit_steps}"])
+    objective, source, model, _, splits = build(cfg)
+    dm = DataModule(source, splits, batch_size=cfg.batch_size, seed=cfg.seed)
+    wall: dict[str, list[float]] = {"default": [], "stats": []}
+    cpu: dict[str, list[float]] = {"default": [], "stats": []}
+    with tempfile.TemporaryDirectory(prefix="bench-stats-") as scratch:
+        for r in range(args.rounds):
+            for arm in wall:
+                clock = FitClock()
+                callbacks = [DivergenceGuard(every=cfg.trainer.log_every_n_steps), clock]
+                if arm == "stats":
+                    callbacks.append(instantiate(cfg.callbacks.stats))
+                module = LMModule(model, objective, instantiate(cfg.optim), instantiate(cfg.schedule))
+                trainer = instantiate(cfg.trainer, logger=CSVLogger(scratch, name=f"{arm}{r}"), callbacks=callbacks,
+                                      enable_progress_bar=False, enable_checkpointing=False,
+                                      default_root_dir=f"{scratch}/{arm}{r}")
+                trainer.fit(module, datamodule=dm)
+                wall[arm].append(clock.tokens / clock.wall)
+                cpu[arm].append(clock.tokens / clock.cpu)
+    ratios = [s / d for s, d in zip(wall["stats"], wall["default"])]
+    cpu_ratios = [s / d for s, d in zip(cpu["stats"], cpu["default"])]
+    out = {arm: statistics.median(r) for arm, r in wall.items()}
+    out["ratio"], out["cpu ratio"] = statistics.median(ratios), statistics.median(cpu_ratios)
+    print(f"default job (lmlab train), {args.fit_steps} steps per fit, {args.rounds} rounds, "
+          f"{torch.get_num_threads()} threads, torch {torch.__version__}")
+    for arm in wall:
+        print(f"{'callbacks=' + arm:32s} {out[arm]:12,.0f} tokens/s (median; "
+              f"{statistics.median(cpu[arm]):,.0f} per CPU second)")
+    print(f"{'ratio stats / default':32s} {out['ratio']:6.3f}x wall clock (per round: "
+          f"{', '.join(f'{x:.2f}' for x in ratios)}); {out['cpu ratio']:.3f}x per CPU second (per round: "
+          f"{', '.join(f'{x:.2f}' for x in cpu_ratios)})")
+    return out
+
+
 def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--d-model", type=int, default=64)
@@ -116,8 +192,13 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--compile", action="store_true", help="also time both models under torch.compile")
+    parser.add_argument("--stats-callback", action="store_true",
+                        help="time the default job with and without callbacks=stats instead")
+    parser.add_argument("--fit-steps", type=int, default=50, help="with --stats-callback: steps per fit")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
+    if args.stats_callback:
+        return stats_overhead(args)
     torch.manual_seed(0)
     makers = {"lmlab": make_lmlab, "lmlab default": functools.partial(make_lmlab, parity=False),
               "lean": make_lean, "hf": make_hf}

@@ -35,6 +35,9 @@ class SelfAttention(nn.Module):
         self.dropout = dropout
         self.resid_dropout = nn.Dropout(dropout)
         self.rotary = rotary
+        # ``inspect(q, k, mask, is_causal)``, when set (``lmlab.training.stats``, on the steps it records), sees
+        # the queries and keys (B, H, T, d_head) that the attention kernel reads
+        self.inspect: Callable | None = None
 
     def forward(self, x: torch.Tensor, mask: torch.Tensor | None, is_causal: bool) -> torch.Tensor:
         B, T, D = x.shape
@@ -45,6 +48,8 @@ class SelfAttention(nn.Module):
             v = v.squeeze(2).transpose(1, 2)
         else:
             q, k, v = qkv.permute(2, 0, 3, 1, 4)
+        if self.inspect is not None:
+            self.inspect(q, k, mask, is_causal)
         y = F.scaled_dot_product_attention(
             q, k, v, attn_mask=mask, is_causal=is_causal,
             dropout_p=self.dropout if self.training else 0.0,

@@ -40,12 +40,12 @@ class DivergenceGuard(L.Callback):
         checkpoint = bool(self.checkpoint_every) and step % self.checkpoint_every == 0
         if not (checkpoint or step % self.every == 0 or step >= (trainer.max_steps or 0)):
             return
-        loss = (outputs["loss"] if isinstance(outputs, dict) else outputs).detach().float()
-        finite = [torch.isfinite(loss).all()]
+        loss = outputs.get("loss") if isinstance(outputs, dict) else outputs  # none: a skipped update
+        finite = [] if loss is None else [torch.isfinite(loss.detach()).all()]
         if checkpoint:
             finite += [torch.isfinite(p.detach()).all() for p in pl_module.parameters()]
-        if not bool(torch.stack(finite).all()):
-            raise Diverged(step, float(loss.mean()))
+        if finite and not bool(torch.stack(finite).all()):
+            raise Diverged(step, float("nan") if loss is None else float(loss.detach().float().mean()))
 
 
 class SaveOnTerm(L.Callback):

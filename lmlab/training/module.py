@@ -68,6 +68,8 @@ class LMModule(L.LightningModule):
         self.compiled_loss = torch.compile(objective.loss) if compile and objective.dense_loss else None
         self.throughput: Throughput | None = None
         self._batch_tokens, self._seq_len = 0, 0
+        # set by a callback (``lmlab.training.stats``): given the step's loss, True skips the batch's update
+        self.skip_update: Callable[[torch.Tensor], bool] | None = None
 
     def on_fit_start(self) -> None:
         precision = matmul_precision(getattr(self.trainer, "precision", None))
@@ -126,7 +128,7 @@ class LMModule(L.LightningModule):
             return self.compiled_loss(self.model, prepared)
         return self.objective.loss(self.forward_model, prepared)
 
-    def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
+    def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor | None:
         prepared = self.objective.prepare(batch)
         loss, metrics = self.loss(prepared)
         if self.model.aux_loss is not None:
@@ -137,6 +139,8 @@ class LMModule(L.LightningModule):
             log = {"train/loss": loss.detach(), **{f"train/{k}": v for k, v in metrics.items()}}
             self.log_dict(log, prog_bar=False, on_step=True, batch_size=prepared.inputs.shape[0])
             self.log("loss", loss.detach(), prog_bar=True, logger=False)
+        if self.skip_update is not None and self.skip_update(loss.detach()):
+            return None  # Lightning then runs no backward pass and no optimiser update for this batch
         return loss
 
     def validation_step(self, batch: dict, batch_idx: int) -> None:

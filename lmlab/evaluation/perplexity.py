@@ -13,12 +13,13 @@ from __future__ import annotations
 import math
 
 from lmlab.evaluation.base import Evaluator
+from lmlab.settings import Optional, Positive
 
 
 class Perplexity(Evaluator):
     name = "perplexity"
 
-    def __init__(self, max_rows: int | None = 500, batch_size: int = 64) -> None:
+    def __init__(self, max_rows: Optional[Positive] = 500, batch_size: Positive = 64) -> None:
         self.max_rows, self.batch_size = max_rows, batch_size
 
     def __call__(self, module, datamodule, run_dir=None) -> dict[str, float]:

@@ -53,6 +53,7 @@ import torch.nn.functional as F
 from lmlab.errors import UserError
 from lmlab.evaluation.common import DownstreamEvaluator, head_calibration, summarize
 from lmlab.readout import features, model_device, pad_rows
+from lmlab.settings import NonNegativeFloat, Optional, Positive, PositiveFloat
 from lmlab.stats import t_interval
 from lmlab.threads import one_thread
 from lmlab.vocab import N_SPECIAL
@@ -87,11 +88,11 @@ def lookup_features(source, rows: list[list[int]], pooling: str, length: int) ->
 class Probe(DownstreamEvaluator):
     name = "probe"
 
-    def __init__(self, task: str | list[str] | None = None, pooling: str = "mean", seeds: int = 3,
-                 epochs: int = 50, lr: float = 1e-2, weight_decay: float = 0.0, batch_size: int = 256,
-                 max_train: int | None = None, max_test: int | None = None,
-                 encode_batch_size: int = 256, lookup: bool = True, ece: bool = False,
-                 project: int | None = None) -> None:
+    def __init__(self, task: str | list[str] | None = None, pooling: str = "mean", seeds: Positive = 3,
+                 epochs: Positive = 50, lr: PositiveFloat = 1e-2, weight_decay: NonNegativeFloat = 0.0,
+                 batch_size: Positive = 256, max_train: Optional[Positive] = None, max_test: Optional[Positive] = None,
+                 encode_batch_size: Positive = 256, lookup: bool = True, ece: bool = False,
+                 project: Optional[Positive] = None) -> None:
         if project is not None and int(project) < 1:
             raise UserError(f"eval.probe.project must be a positive number of dimensions or null, got {project}: "
                             "set it to e.g. 512, or null for no projection.")

@@ -226,6 +226,7 @@ def _preflight(config_name: str, overrides: list[str]) -> tuple[list[list[str]],
             _check_missing(cfg)
             check_config(cfg, defaults=base)
             _check_place(cfg)
+            _check_along(cfg)
             _check_runs(cfg)
             _dry_build(cfg)
             first = first if first is not None else cfg
@@ -292,6 +293,15 @@ def _finished_run(key: str, value) -> Path:
         raise UserError(f"{key}={value} has not finished (its status is {state}): rerun its command to finish it, "
                         f"or pass a run that holds {run_dir.DONE}.")
     return path
+
+
+def _check_along(cfg: DictConfig) -> None:
+    """``eval_along`` names evaluations of ``eval``."""
+    names, evaluations = cfg.get("eval_along"), list(cfg.get("eval") or {})
+    unknown = [str(n) for n in names or [] if n not in evaluations]
+    if unknown:
+        raise UserError(f"eval_along names {', '.join(unknown)}, which is not among this run's evaluations "
+                        f"({', '.join(evaluations) or 'none'}): name evaluations of the eval group.")
 
 
 def _check_runs(cfg: DictConfig) -> None:

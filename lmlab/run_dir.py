@@ -99,7 +99,7 @@ def run_name(overrides: list[str] | ListConfig, first: list[str] | ListConfig = 
     ``key=value`` joined by ``,`` in key order. Where that is longer than ``NAME_LIMIT``: ``seed`` and the keys
     in ``first`` (a sweep's swept keys) come first and keep their names, long values keep their last path part
     with the middle elided, the other keys are abbreviated (``data.train_size`` -> ``d.train_size``) and, if
-    that is not enough, cut off at the end; a short hash of the full overrides keeps every name apart."""
+    that is not enough, the last items are left out; a short hash of the full overrides keeps every name apart."""
     items = sorted(_unquoted(str(o)) for o in overrides if not str(o).startswith(UNNAMED_KEYS))
     if not items:
         return "default"
@@ -110,12 +110,12 @@ def run_name(overrides: list[str] | ListConfig, first: list[str] | ListConfig = 
     pairs = [item.partition("=")[::2] for item in items]
     ahead = {"seed", *(str(k) for k in first)}
     pairs = [p for p in pairs if p[0].lstrip("+~") in ahead] + [p for p in pairs if p[0].lstrip("+~") not in ahead]
-    for width in (16, 8, 4):
+    for width in (8, 16):  # the narrower values only where they make every item fit
         name = _safe(",".join(f"{k}={_short(v, 16)}" if k.lstrip("+~") in ahead else
                               f"{_abbreviated(k)}={_short(v, width)}" for k, v in pairs))
         if len(name) + len(digest) <= NAME_LIMIT:
             return name + digest
-    return name[:NAME_LIMIT - len(digest)] + digest
+    return name[:NAME_LIMIT - len(digest) + 1].rsplit(",", 1)[0] + digest  # whole items only
 
 
 # ----- status -----

@@ -216,8 +216,9 @@ def _preflight(config_name: str, overrides: list[str]) -> tuple[list[list[str]],
                 except Exception:  # an interpolation that needs a running job (hydra:...): skip
                     continue
                 if not exists:
+                    add = f", or add it with +{key}=<value>" if _accepts(base, key) else ""
                     raise UserError(f"{key} is not a setting of this command: check the spelling "
-                                    f"(`lmlab {config_name} --cfg job` lists every key), or add it with +{key}=...")
+                                    f"(`lmlab {config_name} --cfg job` lists every key){add}.")
                 _check_type(key, o.input_line.split("=", 1)[1], o.value(), old)
             try:
                 cfg = compose(config_name=config_name, overrides=job)
@@ -349,6 +350,9 @@ def _dry_build(cfg: DictConfig) -> None:
 
     from lmlab.run_dir import model_args
 
+    recipe = OmegaConf.to_yaml({k: cfg._get_node(k) for k in cfg if k not in ("hydra", "seed")})
+    if recipe in _dry_built:  # the same recipe with another seed (a sweep over seeds): built once
+        return
     source = _built("data", lambda: instantiate(cfg.data)) if "data" in cfg else None
     objective = None
     if "objective" in cfg:
@@ -376,6 +380,10 @@ def _dry_build(cfg: DictConfig) -> None:
         _built("schedule", lambda: instantiate(cfg.schedule)(0, int(cfg.get("max_steps") or 1)))
     if "trainer" in cfg:
         _built("trainer", lambda: _dry_trainer(cfg))
+    _dry_built.add(recipe)
+
+
+_dry_built: set[str] = set()  # the recipes (configs without their seed) built in this process
 
 
 def _dry_trainer(cfg: DictConfig) -> None:
@@ -408,7 +416,7 @@ def _check_eval_override(o, base: DictConfig) -> None:
         name = key.split(".")[1]
         own = [k for k in settings if k.startswith(f"eval.{name}.")]
         where = f"eval.{name} has the settings {', '.join(own)}" if own else \
-            f"{name} is not among this command's evaluations ({', '.join(evaluators) or 'none'}): add it with eval="
+            f"{name} is not among this command's evaluations: add it, eval='[{','.join([*evaluators, name])}]'"
         raise UserError(f"{key} is not a setting of lmlab eval and would not take effect: {where}.")
     leaf = key.rsplit(".", 1)[-1]
     same = [k for k in settings if k.rsplit(".", 1)[-1] == leaf]
@@ -416,6 +424,25 @@ def _check_eval_override(o, base: DictConfig) -> None:
         f"set run=, eval= or an evaluator's own settings ({', '.join(settings[:3]) or 'eval.<name>.<setting>'}, ...)"
     raise UserError(f"lmlab eval evaluates the run with the config it was trained with, so {key} would not take "
                     f"effect: {fix}.")
+
+
+def _accepts(cfg: DictConfig, key: str) -> bool:
+    """Whether the object that ``key``'s node builds takes a parameter named like ``key``'s last part (so that
+    adding it with ``+key=`` would take effect)."""
+    import inspect
+
+    from hydra.utils import get_method
+
+    parent, _, leaf = key.rpartition(".")
+    node = OmegaConf.select(cfg, parent, throw_on_missing=False) if parent else None
+    target = node.get("_target_") if isinstance(node, DictConfig) else None
+    if not isinstance(target, str):
+        return False
+    try:
+        params = inspect.signature(get_method(target)).parameters
+    except Exception:  # not importable or no signature: Hydra says what is wrong when it builds it
+        return False
+    return leaf in params or any(p.kind is p.VAR_KEYWORD for p in params.values())
 
 
 def _has_key(cfg: DictConfig, key: str) -> bool:

@@ -90,7 +90,8 @@ BAD = [
 
 
 def _one_sentence(out: str) -> str:
-    # Hydra's plugin scan reports the Optuna sweeper's import warnings once per process, before lmlab runs
+    # under pytest's warning filters (not in a plain `lmlab` process), Hydra's first plugin scan of the process
+    # reports the Optuna sweeper's import warnings on stderr
     lines = [line for line in out.strip().splitlines() if not line.startswith("[Hydra plugins scanner]")]
     assert len(lines) == 1 and lines[0].startswith("lmlab: error: "), out
     message = lines[0][len("lmlab: error: "):]

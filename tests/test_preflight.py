@@ -78,6 +78,8 @@ BAD = [
     (["selection=miniplm", "selection.fraction=0"], "selection.fraction"),
     (["selection=curriculum", "selection.start=0"], "selection.start"),
     (["selection=color_filter", "selection.tau=0.5"], "selection.tau"),
+    (["data=planted", "data.target_share=2"], "data.target_share"),
+    (["data=hmm", "data.alpha_emission=0"], "data.alpha_emission"),
     (["init_from.run={missing}"], "is not a directory"),
     (["init_from.run={unfinished}"], "has not finished"),
     (["init_from.run={lstm_run}"], "trained a LSTM"),

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 import shlex
 import sys
 import traceback
@@ -756,15 +757,15 @@ def _export(args: list[str]) -> None:
 
 
 def _quote_run_dirs(args: list[str]) -> list[str]:
-    """Run directories hold '=' and ',' (``run_name``): a value that is an existing directory, or any value of a
-    setting that takes a run directory (``RUN_KEYS``) that holds '=', is quoted for Hydra, so that the path
-    is passed back exactly as lmlab printed it."""
+    """Run directories hold '=' and ',' (``run_name``): the value of a setting that takes a run directory
+    (``RUN_KEYS``; not a list or a sweep function such as ``choice(...)``), and any value with '=' or ',' that is
+    an existing directory, is quoted for Hydra, so that the path is passed back exactly as lmlab printed it."""
     out = []
     for a in args:
         key, sep, value = a.partition("=")
         quote = next((q for q in ("'", '"') if q not in value), None)
-        if sep and value and not a.startswith("-") and value[0] not in "'\"" and quote and (
-                key.lstrip("+") in RUN_KEYS and "=" in value or any(c in value for c in "=,")
+        if sep and value not in ("", "null") and not a.startswith("-") and value[0] not in "'\"[" and quote and (
+                key.lstrip("+") in RUN_KEYS and not re.match(r"\w+\(", value) or any(c in value for c in "=,")
                 and Path(value).expanduser().is_dir()):
             a = f"{key}={quote}{value}{quote}"
         out.append(a)

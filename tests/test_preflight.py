@@ -186,3 +186,15 @@ def test_run_name_known_answers_for_long_overrides():
     name = run_name([*overrides, f"init_from.run='{parent}'"], ["init_from.run", "model.d_model"])
     assert name.startswith("init_from.run=data._=32,seed=0,model.d_model=64,seed=3,"), name
     assert run_name([f"init_from.run='{parent}'"]) == "init_from.run=" + re.sub(r"[^A-Za-z0-9=.,_+\-]", "_", parent)
+
+
+def test_run_directory_values_are_quoted_for_hydra(tmp_path):
+    from lmlab.cli import _quote_run_dirs
+
+    run = tmp_path / "a=1,b=2"
+    run.mkdir()
+    assert _quote_run_dirs([f"init_from.run={run}", f"+data.paths={run}", "objective.teacher=x/seed=0",
+                            "init_from.run=null", "model.d_model=32,64", "init_from.run=choice(a,b)",
+                            f"run='{run}'"]) == \
+        [f"init_from.run='{run}'", f"+data.paths='{run}'", "objective.teacher='x/seed=0'", "init_from.run=null",
+         "model.d_model=32,64", "init_from.run=choice(a,b)", f"run='{run}'"]

@@ -198,3 +198,20 @@ def test_run_directory_values_are_quoted_for_hydra(tmp_path):
                             f"run='{run}'"]) == \
         [f"init_from.run='{run}'", f"+data.paths='{run}'", "objective.teacher='x/seed=0'", "init_from.run=null",
          "model.d_model=32,64", "init_from.run=choice(a,b)", f"run='{run}'"]
+
+
+def test_eval_refusal_points_at_the_same_named_setting_of_an_evaluation():
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    from lmlab.cli import _check_eval_override
+    from lmlab.errors import UserError
+
+    base = OmegaConf.create({"run": "x", "eval": {"perplexity": {"_target_": "p", "batch_size": 64, "paths": None},
+                                                  "probe": {"_target_": "q", "labels_csv": None}}})
+    parser = OverridesParser.create()
+    for override, fix in [("+data.paths=other.jsonl", "use eval.perplexity.paths instead."),
+                          ("+data.labels_csv=l.csv", "use eval.probe.labels_csv instead.")]:
+        with pytest.raises(UserError) as e:
+            _check_eval_override(parser.parse_override(override), base)
+        assert str(e.value).endswith(fix), str(e.value)
+    _check_eval_override(parser.parse_override("eval.perplexity.paths=[a.jsonl]"), base)  # takes effect

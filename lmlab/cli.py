@@ -273,8 +273,8 @@ def _check_place(cfg: DictConfig) -> None:
     name = str(cfg.name)
     parts = Path(name).parts
     if not parts or Path(name).is_absolute() or any(part in ("..", ".") for part in parts):
-        raise UserError(f"name={name or repr(name)} would put the run outside {cfg.out_dir}/<name>: use a relative "
-                        "name without '.' or '..' parts, e.g. name=my_experiment (out_dir= chooses the folder).")
+        raise UserError(f"name={name or repr(name)} would put the run outside out_dir ({cfg.out_dir}) or directly "
+                        "in it: use a relative name without '.' or '..' parts, e.g. name=my_experiment.")
 
 
 def _finished_run(key: str, value) -> Path:

@@ -370,7 +370,7 @@ def _dry_build(cfg: DictConfig) -> None:
             vocab = model_args(value)["vocab_size"]
             if vocab != source.vocab_size:
                 raise UserError(f"{key}={value} was trained on a vocabulary of {vocab} tokens and this run's data "
-                                f"has {source.vocab_size}: pass a run trained with the same data and tokenizer.")
+                                f"has {source.vocab_size}: pass a run trained with the same tokenizer.")
     for name, node in (cfg.get("eval") or {}).items():
         _built(f"eval.{name}", lambda node=node: instantiate(node))
     if "selection" in cfg:

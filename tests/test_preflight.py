@@ -46,6 +46,7 @@ BAD = [
     (["objective=distill", "objective.teacher={missing}"], "is not a directory"),
     (["objective=distill", "objective.teacher={unfinished}"], "has not finished"),
     (["objective=distill", "objective.teacher={unfinished}", "objective.temperature=0"], "objective.temperature"),
+    (["objective=distill", "objective.teacher={lstm_run}", "data.vocab_size=20"], "same tokenizer"),
     (["objective=span", "objective.mean_span_length=0"], "objective.mean_span_length"),
     (["objective=ngram_mlm", "objective.fine_weight=-1"], "objective.fine_weight"),
     (["objective=adversarial_mlm", "objective.lam=-1"], "objective.lam"),

@@ -1,7 +1,9 @@
 """The ``lmlab`` command: ``train`` (one run or a ``-m`` sweep), ``eval`` (evaluations on a finished run).
 
-Before Hydra starts, every job of the command is composed once (``preflight``): an unknown option, an
-unknown key or a value of the wrong type stops the command with one sentence, before any job runs.
+Before Hydra starts, every job of the command is composed, range-checked and built without its data once
+(``preflight``): an unknown option or key, a value of the wrong type or out of its range, a ``???`` value, a
+setting a constructor refuses, a parent run that is missing or unfinished, or a name outside ``out_dir`` stops
+the command with one sentence, before any job runs or any data is generated.
 Run directories are deterministic: ``<out_dir>/<name>/<the overrides>``, so rerunning a command skips
 finished jobs and resumes interrupted ones.
 """

@@ -1,7 +1,9 @@
 """The ``lmlab`` command: ``train`` (one run or a ``-m`` sweep), ``eval`` (evaluations on a finished run).
 
-Before Hydra starts, every job of the command is composed once (``preflight``): an unknown option, an
-unknown key or a value of the wrong type stops the command with one sentence, before any job runs.
+Before Hydra starts, every job of the command is composed, range-checked and built without its data once
+(``preflight``): an unknown option or key, a value of the wrong type or out of its range, a ``???`` value, a
+setting a constructor refuses, a parent run that is missing or unfinished, or a name outside ``out_dir`` stops
+the command with one sentence, before any job runs or any data is generated.
 Run directories are deterministic: ``<out_dir>/<name>/<the overrides>``, so rerunning a command skips
 finished jobs and resumes interrupted ones.
 """
@@ -10,6 +12,7 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 import shlex
 import sys
 import traceback
@@ -168,7 +171,13 @@ def _check_type(key: str, raw: str, new, old) -> None:
 
 
 def preflight(config_name: str, overrides: list[str]) -> list[list[str]]:
-    """Compose every job of the command; raise UserError on the first bad override. Returns the jobs."""
+    """Compose, check and dry-build every job of the command (``_dry_build``); raise UserError on the first
+    mistake. Returns the jobs."""
+    return _preflight(config_name, overrides)[0]
+
+
+def _preflight(config_name: str, overrides: list[str]) -> tuple[list[list[str]], DictConfig]:
+    """``preflight``, and the first job's composed config."""
     from hydra import compose, initialize_config_module
     from hydra._internal.core_plugins.basic_sweeper import BasicSweeper
 
@@ -182,6 +191,7 @@ def preflight(config_name: str, overrides: list[str]) -> list[list[str]]:
     parsed = [parser.parse_override(f"{o.input_line.split('=', 1)[0]}={o.value().start},{o.value().end}")
               if o.is_interval_sweep() else o for o in parsed]
     jobs = [job for batch in BasicSweeper.split_arguments(parsed, None) for job in batch] or [[]]
+    first = None
     with initialize_config_module(config_module=CONF, version_base="1.3"):
         for job in jobs:
             selections = []
@@ -200,6 +210,8 @@ def preflight(config_name: str, overrides: list[str]) -> list[list[str]]:
                 raise UserError(f"{str(e).splitlines()[0].rstrip('.')}: check the override.") from None
             for o in parser.parse_overrides(job):
                 key = o.key_or_group
+                if config_name == "eval":
+                    _check_eval_override(o, base)
                 if _group_of(key, groups) or o.is_add() or o.is_force_add() or o.is_delete():
                     continue  # +key=, ++key=, ~key: Hydra checks them when it composes
                 try:
@@ -208,15 +220,233 @@ def preflight(config_name: str, overrides: list[str]) -> list[list[str]]:
                 except Exception:  # an interpolation that needs a running job (hydra:...): skip
                     continue
                 if not exists:
+                    add = f", or add it with +{key}=<value>" if _accepts(base, key) else ""
                     raise UserError(f"{key} is not a setting of this command: check the spelling "
-                                    f"(`lmlab {config_name} --cfg job` lists every key), or add it with +{key}=...")
+                                    f"(`lmlab {config_name} --cfg job` lists every key){add}.")
                 _check_type(key, o.input_line.split("=", 1)[1], o.value(), old)
             try:
                 cfg = compose(config_name=config_name, overrides=job)
             except HydraException as e:
                 raise UserError(f"{str(e).splitlines()[0].rstrip('.')}: check the override.") from None
+            _check_missing(cfg)
             check_config(cfg, defaults=base)
-    return jobs
+            _check_place(cfg)
+            _check_along(cfg)
+            _check_runs(cfg)
+            _dry_build(cfg)
+            first = first if first is not None else cfg
+    return jobs, first
+
+
+# settings whose value is the directory of a finished run: lmlab prints such directories with '=' and ','
+# (``run_name``), and they are passed back as printed, unquoted (``_quote_run_dirs``)
+RUN_KEYS = ("run", "init_from.run", "objective.teacher", "objective.scorer", "selection.teacher")
+SAME_VOCABULARY = ("objective.teacher", "objective.scorer", "selection.teacher")  # runs read on this run's data
+
+
+def _check_missing(cfg: DictConfig) -> None:
+    """A ``???`` value (a setting with no default, e.g. ``objective.teacher``) is a mistake before any work."""
+    missing = _missing_keys(cfg)
+    if missing:
+        key = missing[0]
+        value = "<run dir>" if key in RUN_KEYS else "<value>"
+        raise UserError(f"{key} must be set (this config leaves it ???): pass {key}={value}.")
+
+
+def _missing_keys(node, path: str = "") -> list[str]:
+    """The dotted keys whose value is ``???``, without resolving interpolations (``${hydra:...}`` needs a job)."""
+    found = []
+    keys = node.keys() if isinstance(node, DictConfig) else range(len(node))
+    for key in keys:
+        where = f"{path}.{key}" if path and isinstance(node, DictConfig) else f"{path}[{key}]" if path else str(key)
+        if where == "hydra":
+            continue
+        child = node._get_node(key)
+        if OmegaConf.is_missing(node, key):
+            found.append(where)
+        elif isinstance(child, (DictConfig, ListConfig)) and not child._is_interpolation() and not child._is_none():
+            found += _missing_keys(child, where)
+    return found
+
+
+def _check_place(cfg: DictConfig) -> None:
+    """``name`` names a folder inside ``out_dir``: an absolute name, or one with ``..``, would write elsewhere."""
+    if "name" not in cfg or "out_dir" not in cfg:
+        return
+    name = str(cfg.name)
+    parts = Path(name).parts
+    if not parts or Path(name).is_absolute() or any(part in ("..", ".") for part in parts):
+        raise UserError(f"name={name or repr(name)} would put the run outside out_dir ({cfg.out_dir}) or directly "
+                        "in it: use a relative name without '.' or '..' parts, e.g. name=my_experiment.")
+
+
+def _finished_run(key: str, value) -> Path:
+    """The directory of a finished run that ``key`` names, or a UserError saying what it is instead."""
+    from lmlab import run_dir
+
+    path = Path(str(value)).expanduser()
+    if not path.is_dir():
+        raise UserError(f"{key}={value} is not a directory: pass the directory of a finished run as lmlab "
+                        "printed it.")
+    if not (path / run_dir.CONFIG).is_file():
+        raise UserError(f"{key}={value} is not an lmlab run directory (it holds no {run_dir.CONFIG}): pass the "
+                        "directory of a finished `lmlab train` run.")
+    if key == "run":  # lmlab eval: a run with a model (pipeline.rebuild says which file is missing)
+        return path
+    state = run_dir.status(path)
+    if state != "done" or not run_dir.holds_model(path):
+        raise UserError(f"{key}={value} has not finished (its status is {state}): rerun its command to finish it, "
+                        f"or pass a run that holds {run_dir.DONE}.")
+    return path
+
+
+def _check_along(cfg: DictConfig) -> None:
+    """``eval_along`` names evaluations of ``eval``."""
+    names, evaluations = cfg.get("eval_along"), list(cfg.get("eval") or {})
+    unknown = [str(n) for n in names or [] if n not in evaluations]
+    if unknown:
+        raise UserError(f"eval_along names {', '.join(unknown)}, which is not among this run's evaluations "
+                        f"({', '.join(evaluations) or 'none'}): name evaluations of the eval group.")
+
+
+def _check_runs(cfg: DictConfig) -> None:
+    """The runs this job reads (parent, teacher, scorer) exist and are finished; a parent's model settings can
+    grow into this run's (``init_from``'s own check, made before any data is generated)."""
+    from lmlab.run_dir import read_config
+    from lmlab.training.init_from import InitFrom
+
+    for key in RUN_KEYS:
+        value = OmegaConf.select(cfg, key, default=None)
+        if value in (None, ""):
+            continue
+        path = _finished_run(key, value)
+        if key == "init_from.run" and "model" in cfg:
+            InitFrom.from_config(cfg.init_from)._check_settings(read_config(path).model, cfg.model)
+
+
+def _root_cause(e: BaseException) -> BaseException:
+    while e.__cause__ is not None:
+        e = e.__cause__
+    return e
+
+
+def _built(what: str, build):
+    """``build()``, with whatever it raises (Hydra wraps a constructor's error) as one sentence naming ``what``."""
+    try:
+        return build()
+    except Exception as e:
+        user = user_error(e)
+        if user is not None:
+            raise UserError(str(user)) from None
+        cause = _root_cause(e)
+        reason = " ".join(str(cause).split()).rstrip(".").replace(". ", "; ") or type(cause).__name__
+        raise UserError(f"the {what} settings are refused ({reason}): change them (`lmlab train --cfg job` shows "
+                        f"the {what} node).") from None
+
+
+def _dry_build(cfg: DictConfig) -> None:
+    """Build what the job will build, without its data: the data source (cheap by contract, it knows its
+    vocabulary), the objective, the model (on the meta device: no memory, no initialisation cost), the
+    evaluators, the selector, the optimiser (on a dummy parameter), the schedule and the Trainer (which checks
+    its accelerator, devices, strategy and precision without starting anything)."""
+    import torch
+    from hydra.utils import instantiate
+
+    from lmlab.run_dir import model_args
+
+    recipe = OmegaConf.to_yaml({k: cfg._get_node(k) for k in cfg if k not in ("hydra", "seed")})
+    if recipe in _dry_built:  # the same recipe with another seed (a sweep over seeds): built once
+        return
+    source = _built("data", lambda: instantiate(cfg.data)) if "data" in cfg else None
+    objective = None
+    if "objective" in cfg:
+        width = {"d_model": cfg.model.d_model} if "d_model" in cfg.objective and cfg.objective.d_model is None \
+            and "model" in cfg else {}
+        objective = _built("objective", lambda: instantiate(cfg.objective, **width))
+    if "model" in cfg and source is not None and objective is not None:
+        with torch.device("meta"):
+            _built("model", lambda: instantiate(cfg.model, vocab_size=source.vocab_size,
+                                                attention=objective.attention))
+    for key in SAME_VOCABULARY:
+        value = OmegaConf.select(cfg, key, default=None)
+        if value not in (None, "") and source is not None:
+            vocab = model_args(value)["vocab_size"]
+            if vocab != source.vocab_size:
+                raise UserError(f"{key}={value} was trained on a vocabulary of {vocab} tokens and this run's data "
+                                f"has {source.vocab_size}: pass a run trained with the same tokenizer.")
+    for name, node in (cfg.get("eval") or {}).items():
+        _built(f"eval.{name}", lambda node=node: instantiate(node))
+    if "selection" in cfg:
+        _built("selection", lambda: instantiate(cfg.selection))
+    if "optim" in cfg:
+        _built("optim", lambda: instantiate(cfg.optim)([torch.nn.Parameter(torch.zeros(1))]))
+    if "schedule" in cfg:
+        _built("schedule", lambda: instantiate(cfg.schedule)(0, int(cfg.get("max_steps") or 1)))
+    if "trainer" in cfg:
+        _built("trainer", lambda: _dry_trainer(cfg))
+    _dry_built.add(recipe)
+
+
+_dry_built: set[str] = set()  # the recipes (configs without their seed) built in this process
+
+
+def _dry_trainer(cfg: DictConfig) -> None:
+    import tempfile
+
+    import torch
+    from hydra.utils import instantiate
+
+    from lmlab.pipeline import quiet
+
+    if str(cfg.trainer.get("accelerator", "")) in ("gpu", "cuda") and not torch.cuda.is_available():
+        raise UserError("this trainer runs on a CUDA GPU and PyTorch sees none here (torch.cuda.is_available() "
+                        "is False): use trainer=cpu, or run where a GPU and a CUDA build of PyTorch are.")
+    quiet()
+    with tempfile.TemporaryDirectory() as tmp:
+        instantiate(cfg.trainer, logger=False, callbacks=[], enable_checkpointing=False, enable_progress_bar=False,
+                    default_root_dir=tmp)
+
+
+def _check_eval_override(o, base: DictConfig) -> None:
+    """``lmlab eval`` rebuilds the run from its recorded config: only ``run``, the ``eval`` group and the
+    evaluators' own settings take effect; any other override is refused, naming the settings that do."""
+    key = o.key_or_group.lstrip("+~")
+    evaluators = base.get("eval") or {}
+    if key in ("run", "eval") or (key.startswith("eval.") and (o.is_delete() or _has_key(base, key))):
+        return
+    settings = [f"eval.{name}.{k}" for name, node in evaluators.items() if isinstance(node, DictConfig)
+                for k in node if not str(k).startswith("_")]
+    if key.startswith("eval."):
+        name = key.split(".")[1]
+        own = [k for k in settings if k.startswith(f"eval.{name}.")]
+        where = f"eval.{name} has the settings {', '.join(own)}" if own else \
+            f"{name} is not among this command's evaluations: add it, eval='[{','.join([*evaluators, name])}]'"
+        raise UserError(f"{key} is not a setting of lmlab eval and would not take effect: {where}.")
+    leaf = key.rsplit(".", 1)[-1]
+    same = [k for k in settings if k.rsplit(".", 1)[-1] == leaf]
+    fix = f"use {' or '.join(same)} instead" if same else \
+        f"set run=, eval= or an evaluator's own settings ({', '.join(settings[:3]) or 'eval.<name>.<setting>'}, ...)"
+    raise UserError(f"lmlab eval evaluates the run with the config it was trained with, so {key} would not take "
+                    f"effect: {fix}.")
+
+
+def _accepts(cfg: DictConfig, key: str) -> bool:
+    """Whether the object that ``key``'s node builds takes a parameter named like ``key``'s last part (so that
+    adding it with ``+key=`` would take effect)."""
+    import inspect
+
+    from hydra.utils import get_method
+
+    parent, _, leaf = key.rpartition(".")
+    node = OmegaConf.select(cfg, parent, throw_on_missing=False) if parent else None
+    target = node.get("_target_") if isinstance(node, DictConfig) else None
+    if not isinstance(target, str):
+        return False
+    try:
+        params = inspect.signature(get_method(target)).parameters
+    except Exception:  # not importable or no signature: Hydra says what is wrong when it builds it
+        return False
+    return leaf in params or any(p.kind is p.VAR_KEYWORD for p in params.values())
 
 
 def _has_key(cfg: DictConfig, key: str) -> bool:
@@ -280,6 +510,8 @@ def _train(cfg: DictConfig) -> float | None:
         user = user_error(e)
         if not multirun:
             if user is not None:
+                if not isinstance(user, (RunHeld, pipeline.RunStopped)):
+                    _remove_refused(run_dir)
                 _fail(str(user))
             raise
         if isinstance(user, (RunHeld, pipeline.RunStopped)):  # its status is the lock or results.json's
@@ -323,6 +555,7 @@ def _select(cfg: DictConfig) -> None:
     except Exception as e:
         if user_error(e) is None:
             raise
+        _remove_refused(run_dir)
         _fail(str(user_error(e)))
     Console().print(metrics_table(out["metrics"], title=f"selection: {run_dir}"))
 
@@ -356,14 +589,61 @@ def _run_hydra(task, config_name: str, args: list[str]) -> None:
               config_name=config_name)
 
 
-def _sweep_dir(config_name: str, job: list[str], overrides: list[str]) -> Path:
+def _sweep_dir(config_name: str, job: list[str], overrides: list[str], cfg: DictConfig | None = None) -> Path:
     """``<out_dir>/<name>/sweep-<the command's overrides>``: one sweep directory per command (``out_dir`` and
-    ``name`` as the sweep's first job composes them)."""
+    ``name`` as the sweep's first job composes them: ``cfg``, or composed here)."""
     from hydra import compose, initialize_config_module
 
-    with initialize_config_module(config_module=CONF, version_base="1.3"):
-        cfg = compose(config_name=config_name, overrides=job)
+    if cfg is None:
+        with initialize_config_module(config_module=CONF, version_base="1.3"):
+            cfg = compose(config_name=config_name, overrides=job)
     return Path(str(cfg.out_dir)) / str(cfg.name) / ("sweep-" + run_name(overrides))
+
+
+def _job_names(overrides: list[str]) -> str:
+    """The override that names a sweep's job directories with its swept keys first (``run_name``'s ``first``):
+    a long name keeps them, and the seed, in full."""
+    parser = OverridesParser.create()
+    swept = sorted({o.key_or_group for o in parser.parse_overrides([o for o in overrides
+                                                                     if not o.startswith(HYDRA_OWN)])
+                    if o.is_sweep_override()})
+    return f"hydra.sweep.subdir='${{lmlab_run_name:${{hydra:overrides.task}},[{','.join(swept)}]}}'"
+
+
+# the first folder a single job's run directory will create (``<out_dir>``, ``<out_dir>/<name>`` or the run
+# directory itself): a job refused before it wrote anything removes what it created, up to this folder
+_new_folder: Path | None = None
+
+
+def _first_new_folder(place: Path) -> Path | None:
+    place = place.absolute()
+    new = None
+    for folder in [place, *place.parents]:
+        if folder.exists():
+            break
+        new = folder
+    return new
+
+
+def _remove_refused(run_dir: Path) -> None:
+    """Remove the directory of a job refused before it wrote anything of its own (Hydra's ``.hydra`` and the
+    files lmlab writes at the start), and the empty folders above it that this command created."""
+    import shutil
+
+    from lmlab import run_dir as rd
+
+    run_dir = run_dir.absolute()
+    if _new_folder is None or not run_dir.is_relative_to(_new_folder) or (run_dir / rd.CHECKPOINTS).exists() \
+            or (run_dir / rd.RESULTS).exists() or (run_dir / rd.MODEL).exists():
+        return
+    shutil.rmtree(run_dir, ignore_errors=True)
+    for folder in run_dir.parents:
+        if not folder.is_relative_to(_new_folder):
+            break
+        try:
+            folder.rmdir()
+        except OSError:  # not empty: another job's
+            break
 
 
 def _same_loss(paths: list[Path]) -> bool:
@@ -482,6 +762,22 @@ def _export(args: list[str]) -> None:
     print(f"[lmlab] export: {out} ({describe(out)})")
 
 
+def _quote_run_dirs(args: list[str]) -> list[str]:
+    """Run directories hold '=' and ',' (``run_name``): the value of a setting that takes a run directory
+    (``RUN_KEYS``; not a list or a sweep function such as ``choice(...)``), and any value with '=' or ',' that is
+    an existing directory, is quoted for Hydra, so that the path is passed back exactly as lmlab printed it."""
+    out = []
+    for a in args:
+        key, sep, value = a.partition("=")
+        quote = next((q for q in ("'", '"') if q not in value), None)
+        if sep and value not in ("", "null") and not a.startswith("-") and value[0] not in "'\"[" and quote and (
+                key.lstrip("+") in RUN_KEYS and not re.match(r"\w+\(", value) or any(c in value for c in "=,")
+                and Path(value).expanduser().is_dir()):
+            a = f"{key}={quote}{value}{quote}"
+        out.append(a)
+    return out
+
+
 def main(argv: list[str] | None = None) -> None:
     argv = list(sys.argv[1:] if argv is None else argv)
     if not argv or argv[0] in ("-h", "--help", "help"):
@@ -499,23 +795,24 @@ def main(argv: list[str] | None = None) -> None:
     if command not in apps:
         _fail(f"unknown command {command!r}: use one of {', '.join([*apps, 'report', 'export'])} (lmlab --help).")
     task, config_name, help_text = apps[command]
-    # run directory names hold '=' and ',': quote the path so that Hydra reads it as one string
-    args = [f"run='{a[4:]}'" if a.startswith("run=") and not a.startswith(("run='", 'run="')) else a
-            for a in args]
+    args = _quote_run_dirs(args)
     if "-h" in args or "--help" in args:
         print(help_text.format(groups=_groups_text()))
         return
     overrides = _raw_overrides(args)
     passthrough = any(a in args for a in ("--cfg", "-c", "--info", "-p", "--package", "--hydra-help"))
-    jobs = [overrides]
+    jobs, first = [overrides], None
     if not passthrough and not os.environ.get("LOCAL_RANK"):  # DDP child ranks were checked by rank 0
         try:
-            jobs = preflight(config_name, overrides)
+            jobs, first = _preflight(config_name, overrides)
         except UserError as e:
             _fail(str(e))
     sweep = command == "train" and ("-m" in args or "--multirun" in args)
-    sweep_dir = _sweep_dir(config_name, jobs[0], overrides) if sweep else None
-    extra = [f"hydra.sweep.dir='{sweep_dir}'"] if sweep_dir else []
+    sweep_dir = _sweep_dir(config_name, jobs[0], overrides, first) if sweep else None
+    global _new_folder
+    _new_folder = _first_new_folder(Path(str(first.out_dir)) / str(first.name) / run_name(overrides)) \
+        if first is not None and not sweep and "name" in first else None
+    extra = [f"hydra.sweep.dir='{sweep_dir}'", _job_names(overrides)] if sweep_dir else []
     flags, rest = _flags_first(args)
     _run_hydra(task, config_name, [*flags, *rest, *extra])
     if sweep_dir is not None and not passthrough:

@@ -84,15 +84,59 @@ CONF = Path(__file__).parent / "conf"  # lmlab's own configs: the targets a reco
 UNNAMED_KEYS = ("hydra.", "cache_dir=", "out_dir=", "launcher=", "retry=")  # overrides that do not name a run
 
 
-def run_name(overrides: list[str] | ListConfig) -> str:
-    """A readable, deterministic directory name for a list of overrides (order-independent)."""
-    items = sorted(str(o) for o in overrides if not str(o).startswith(UNNAMED_KEYS))
+NAME_LIMIT = 96  # characters of a run directory's name (file systems allow 255; paths stay readable)
+
+
+def _unquoted(override: str) -> str:
+    """``key='a=1,b'`` -> ``key=a=1,b``: a value quoted for Hydra (a run directory) names the run unquoted."""
+    key, sep, value = override.partition("=")
+    if sep and len(value) >= 2 and value[0] == value[-1] and value[0] in "'\"":
+        value = value[1:-1]
+    return key + sep + value
+
+
+def _safe(text: str) -> str:
+    return re.sub(r"[^A-Za-z0-9=.,_+\-]", "_", text)
+
+
+def _short(value: str, width: int) -> str:
+    """A long value as its last path part with its middle elided (``/runs/x/model.d_model=64`` ->
+    ``mod_d_model=64``)."""
+    value = value.rstrip("/").rsplit("/", 1)[-1] or value
+    if len(value) <= width:
+        return value
+    tail = (width - 1) * 2 // 3
+    return f"{value[:width - 1 - tail]}_{value[-tail:]}"
+
+
+def _abbreviated(key: str) -> str:
+    parts = key.split(".")
+    return ".".join([*(p[:1] for p in parts[:-1]), parts[-1]])
+
+
+def run_name(overrides: list[str] | ListConfig, first: list[str] | ListConfig = ()) -> str:
+    """A readable, deterministic directory name for a list of overrides (order-independent).
+
+    ``key=value`` joined by ``,`` in key order. Where that is longer than ``NAME_LIMIT``: ``seed`` and the keys
+    in ``first`` (a sweep's swept keys) come first and keep their names, long values keep their last path part
+    with the middle elided, the other keys are abbreviated (``data.train_size`` -> ``d.train_size``) and, if
+    that is not enough, the last items are left out; a short hash of the full overrides keeps every name apart."""
+    items = sorted(_unquoted(str(o)) for o in overrides if not str(o).startswith(UNNAMED_KEYS))
     if not items:
         return "default"
-    name = re.sub(r"[^A-Za-z0-9=.,_+\-]", "_", ",".join(items))
-    if len(name) > 96:
-        name = f"{name[:72]}-{config_hash(items)}"
-    return name
+    name = _safe(",".join(items))
+    if len(name) <= NAME_LIMIT:
+        return name
+    digest = "-" + config_hash(items, 8)
+    pairs = [item.partition("=")[::2] for item in items]
+    ahead = {"seed", *(str(k) for k in first)}
+    pairs = [p for p in pairs if p[0].lstrip("+~") in ahead] + [p for p in pairs if p[0].lstrip("+~") not in ahead]
+    for width in (8, 16):  # the narrower values only where they make every item fit
+        name = _safe(",".join(f"{k}={_short(v, 16)}" if k.lstrip("+~") in ahead else
+                              f"{_abbreviated(k)}={_short(v, width)}" for k, v in pairs))
+        if len(name) + len(digest) <= NAME_LIMIT:
+            return name + digest
+    return name[:NAME_LIMIT - len(digest) + 1].rsplit(",", 1)[0] + digest  # whole items only
 
 
 # ----- status -----

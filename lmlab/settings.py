@@ -30,8 +30,10 @@ NonNegative = Annotated[int, Ge(0)]  # seeds, optional counts
 PositiveFloat = Annotated[float, Gt(0)]  # learning rates, temperatures, scales
 NonNegativeFloat = Annotated[float, Ge(0)]  # weights of extra losses, weight decay
 Fraction = Annotated[float, Ge(0), Le(1)]  # probabilities, shares, dropout
+PositiveFraction = Annotated[float, Gt(0), Le(1)]  # shares of rows kept (none kept is no data)
 
-__all__ = ["Positive", "NonNegative", "PositiveFloat", "NonNegativeFloat", "Fraction", "Literal", "Optional",
+__all__ = ["Positive", "NonNegative", "PositiveFloat", "NonNegativeFloat", "Fraction", "PositiveFraction", "Literal",
+           "Optional",
            "RunSettings", "EXTERNAL", "check_config", "check_node"]
 
 

@@ -165,21 +165,22 @@ def test_default_job_run_directory_and_rerun(lmlab):
 # ----- sweeps -----
 
 def test_sweep_summary_with_a_failing_job(lmlab, tmp_path):
-    missing = tmp_path / "no_such_grammar.txt"
-    args = ("train", "-m", f"data.grammar=null,{missing}", "objective=clm,mlm", *FAST, *TINY,
+    # every job passes preflight; the jobs whose quality rules remove every row fail once their data is there
+    args = ("train", "-m", "selection=quality", "selection.min_tokens=1,1000", "objective=clm,mlm", *FAST, *TINY,
             "eval=[perplexity]")
     code, out = lmlab(*args)
     assert code != 0  # a failed job makes the sweep's exit status non-zero, after the others ran
     sweep = next(lmlab.runs.glob("default/sweep-*"))
     rows = list(csv.DictReader((sweep / "summary.csv").open()))
     assert len(rows) == 4
-    assert set(rows[0]) >= {"job", "overrides", "status", "reason", "data.grammar", "objective", "perplexity/loss"}
-    status = {(r["data.grammar"], r["objective"]): r for r in rows}
+    assert set(rows[0]) >= {"job", "overrides", "status", "reason", "selection.min_tokens", "objective",
+                            "perplexity/loss"}
+    status = {(r["selection.min_tokens"], r["objective"]): r for r in rows}
     for objective in ("clm", "mlm"):
-        ok = status["null", objective]
+        ok = status["1", objective]
         assert ok["status"] == "done" and float(ok["perplexity/loss"]) > 0
-        bad = status[str(missing), objective]
-        assert bad["status"] == "failed" and str(missing) in bad["reason"] and "\n" not in bad["reason"]
+        bad = status["1000", objective]
+        assert bad["status"] == "failed" and "removed all" in bad["reason"] and "\n" not in bad["reason"]
     md = (sweep / "summary.md").read_text()
     assert md.count("| failed |") == 2 and md.count("| done |") == 2
     # rerunning the sweep skips the finished jobs and retries the failed ones

@@ -36,7 +36,7 @@ from lmlab.data.text import TextSource, _fingerprint
 from lmlab.data.tokenizers import Tokenizer
 from lmlab.errors import UserError
 from lmlab.io import config_hash
-from lmlab.settings import Fraction, NonNegative, Positive
+from lmlab.settings import Fraction, NonNegative, Optional, Positive
 
 PACKAGED = {"json", "csv", "text", "parquet", "arrow", "webdataset", "imagefolder", "audiofolder"}
 
@@ -64,7 +64,7 @@ class HFSource(TextSource):
 
     def __init__(self, name: str | None = None, config: str | None = None, split: str = "train",
                  data_files: Any = None, revision: str | None = None, text_field: str = "text",
-                 streaming: bool = False, max_documents: int | None = None, tokenizer: Tokenizer | None = None,
+                 streaming: bool = False, max_documents: Optional[Positive] = None, tokenizer: Tokenizer | None = None,
                  block_size: Positive = 64, validation_fraction: Fraction = 0.05,
                  test_fraction: Fraction = 0.05, seed: NonNegative = 0, labels_csv: str | None = None,
                  labels_test_fraction: Fraction = 0.2) -> None:

@@ -33,7 +33,7 @@ from lmlab.data.grammar import GrammarShape
 from lmlab.data.pcfg import PCFGSource, to_rows
 from lmlab.data.source import SPLITS, TARGET_SPLIT, TARGET_STREAM, Source
 from lmlab.errors import UserError
-from lmlab.settings import NonNegative, Positive
+from lmlab.settings import Fraction, NonNegative, Positive
 
 TARGET, DISTRACTOR, DUPLICATE, JUNK = 0, 1, 2, 3
 ORIGINS = {TARGET: "target", DISTRACTOR: "distractor", DUPLICATE: "duplicate", JUNK: "junk"}
@@ -43,10 +43,10 @@ class PlantedSource(Source):
     """Target-grammar sentences planted in a pool of distractor-grammar sentences, duplicates and junk."""
 
     def __init__(self, grammar_seed: NonNegative = 0, distractor_seeds: tuple[int, ...] | list[int] = (1, 2),
-                 target_share: float = 0.25, duplicate_share: float = 0.1, junk_share: float = 0.15,
-                 duplicate_sources: int = 20, seed: NonNegative = 0, train_size: Positive = 20000,
+                 target_share: Fraction = 0.25, duplicate_share: Fraction = 0.1, junk_share: Fraction = 0.15,
+                 duplicate_sources: NonNegative = 20, seed: NonNegative = 0, train_size: Positive = 20000,
                  validation_size: Positive = 500,
-                 test_size: NonNegative = 1000, downstream_size: NonNegative = 2000, target_size: int = 500,
+                 test_size: NonNegative = 1000, downstream_size: NonNegative = 2000, target_size: NonNegative = 500,
                  **shape: Any) -> None:
         """``shape``: the grammar shape of target and distractors (the fields of
         ``lmlab.data.grammar.GrammarShape``); ``grammar_seed`` draws the target grammar, each of

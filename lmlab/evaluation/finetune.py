@@ -24,14 +24,16 @@ from torch import nn
 
 from lmlab.evaluation.common import DownstreamEvaluator, summarize, tune_and_score
 from lmlab.readout import feature_dim, model_device
+from lmlab.settings import NonNegativeFloat, Optional, Positive, PositiveFloat
 
 
 class Finetune(DownstreamEvaluator):
     name = "finetune"
 
-    def __init__(self, task: str | None = None, epochs: int = 3, lr: float = 1e-4, batch_size: int = 64,
-                 seeds: int = 1, pooling: str = "mean", max_train: int | None = None,
-                 max_test: int | None = None, weight_decay: float = 0.0, ece: bool = False) -> None:
+    def __init__(self, task: str | None = None, epochs: Positive = 3, lr: PositiveFloat = 1e-4,
+                 batch_size: Positive = 64, seeds: Positive = 1, pooling: str = "mean",
+                 max_train: Optional[Positive] = None, max_test: Optional[Positive] = None,
+                 weight_decay: NonNegativeFloat = 0.0, ece: bool = False) -> None:
         self.task, self.epochs, self.lr, self.batch_size = task, epochs, lr, batch_size
         self.seeds, self.pooling = seeds, pooling
         self.max_train, self.max_test, self.weight_decay = max_train, max_test, weight_decay

@@ -86,6 +86,7 @@ from lmlab.errors import UserError
 from lmlab.evaluation.base import Evaluator
 from lmlab.models.scan import reference_scan
 from lmlab.readout import model_device, pad_rows
+from lmlab.settings import NonNegative, Optional, Positive
 from lmlab.threads import one_thread
 
 ESTIMATORS = ("hutchinson", "fisher")
@@ -217,11 +218,11 @@ class _PositionLogProb(nn.Module):
 class Flatness(Evaluator):
     name = "flatness"
 
-    def __init__(self, estimator: str | Sequence[str] = "hutchinson", probes: int = 10,
-                 distribution: str = "rademacher", batches: int = 4, batch_size: int = 64, examples: int = 256,
-                 params: str = "all", blocks: str | None = "blocks\\.", reduction: str = "mean",
-                 embed_width: int | None = None, split: str = "validation", seed: int = 0,
-                 chunk_size: int = 64) -> None:
+    def __init__(self, estimator: str | Sequence[str] = "hutchinson", probes: Positive = 10,
+                 distribution: str = "rademacher", batches: Positive = 4, batch_size: Positive = 64,
+                 examples: Positive = 256, params: str = "all", blocks: str | None = "blocks\\.",
+                 reduction: str = "mean", embed_width: Optional[Positive] = None, split: str = "validation",
+                 seed: NonNegative = 0, chunk_size: Positive = 64) -> None:
         estimators = [estimator] if isinstance(estimator, str) else [str(e) for e in estimator]
         if not estimators or len(set(estimators)) < len(estimators):
             raise UserError(f"eval.flatness.estimator={estimator!r} must name each estimator once: give one or "

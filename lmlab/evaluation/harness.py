@@ -69,6 +69,7 @@ from lmlab.attention import BIDIRECTIONAL, CAUSAL, PREFIX, Attention, padding_of
 from lmlab.errors import UserError
 from lmlab.evaluation.base import Evaluator
 from lmlab.readout import model_device, pad_rows
+from lmlab.settings import NonNegative, Optional, Positive
 from lmlab.vocab import BOS_ID, EOS_ID, PAD_ID
 
 TASKS_DIR = Path(__file__).resolve().parent / "tasks"  # the shipped tasks (lmlab_tiny)
@@ -379,8 +380,9 @@ class LmEval(Evaluator):
     name = "lm_eval"
 
     def __init__(self, tasks: list[str] | str = ("lmlab_tiny",), include_path: str | list[str] | None = None,
-                 num_fewshot: int | None = None, limit: int | float | None = None, batch_size: int = 32,
-                 max_gen_tokens: int = 64, max_length: int | None = None, bootstrap_iters: int = 1000) -> None:
+                 num_fewshot: Optional[NonNegative] = None, limit: int | float | None = None, batch_size: Positive = 32,
+                 max_gen_tokens: Positive = 64, max_length: Optional[Positive] = None,
+                 bootstrap_iters: NonNegative = 1000) -> None:
         tasks = [tasks] if isinstance(tasks, str) else list(tasks or [])
         if not tasks or not all(isinstance(t, str) and t for t in tasks):
             raise UserError(f"eval.lm_eval.tasks must list task names, got {tasks!r}: "

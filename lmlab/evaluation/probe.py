@@ -66,6 +66,7 @@ import torch.nn.functional as F
 from lmlab.errors import UserError
 from lmlab.evaluation.common import DownstreamEvaluator, head_calibration, summarize
 from lmlab.readout import features, model_device, pad_rows, pool, reading_attention
+from lmlab.settings import NonNegativeFloat, Optional, Positive, PositiveFloat
 from lmlab.stats import sample_std, t_interval
 from lmlab.threads import one_thread
 from lmlab.vocab import N_SPECIAL
@@ -140,11 +141,11 @@ def lookup_features(source, rows: list[list[int]], pooling: str, length: int) ->
 class Probe(DownstreamEvaluator):
     name = "probe"
 
-    def __init__(self, task: str | list[str] | None = None, pooling: str = "mean", seeds: int = 3,
-                 epochs: int = 50, lr: float = 1e-2, weight_decay: float = 0.0, batch_size: int = 256,
-                 max_train: int | None = None, max_test: int | None = None,
-                 encode_batch_size: int = 256, lookup: bool = True, ece: bool = False,
-                 project: int | None = None, layer: str | int = "last") -> None:
+    def __init__(self, task: str | list[str] | None = None, pooling: str = "mean", seeds: Positive = 3,
+                 epochs: Positive = 50, lr: PositiveFloat = 1e-2, weight_decay: NonNegativeFloat = 0.0,
+                 batch_size: Positive = 256, max_train: Optional[Positive] = None, max_test: Optional[Positive] = None,
+                 encode_batch_size: Positive = 256, lookup: bool = True, ece: bool = False,
+                 project: Optional[Positive] = None, layer: str | int = "last") -> None:
         if isinstance(layer, bool) or not (layer in LAYER_CHOICES or (isinstance(layer, int) and layer >= 0)):
             raise UserError(f"eval.probe.layer must be last, all or a layer number 0..n_layers, got {layer!r}: "
                             "set one of those.")

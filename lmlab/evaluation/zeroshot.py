@@ -77,16 +77,19 @@ from collections import Counter
 from dataclasses import dataclass
 from numbers import Integral
 from pathlib import Path
+from typing import Annotated
 
 import numpy as np
 import torch
 import torch.nn.functional as F
+from annotated_types import Ge
 
 from lmlab.attention import BIDIRECTIONAL, PREFIX, Attention, padding_of
 from lmlab.data.source import Source
 from lmlab.errors import UserError
 from lmlab.evaluation.base import Evaluator
 from lmlab.readout import model_device, pad_rows
+from lmlab.settings import NonNegative, Optional, Positive
 from lmlab.stats import expected_calibration_error, t_interval
 from lmlab.vocab import BOS_ID, MASK_ID, N_SPECIAL
 
@@ -374,9 +377,9 @@ class ZeroShot(Evaluator):
 
     name = "zeroshot"
 
-    def __init__(self, tasks: str | list[str] | None = None, n_items: int | None = 500, choices: int = 4,
-                 seed: int = 0, batch_size: int = 64, path: str | list[str] | None = None,
-                 ece_bins: int = 15) -> None:
+    def __init__(self, tasks: str | list[str] | None = None, n_items: Optional[Positive] = 500,
+                 choices: Annotated[int, Ge(2)] = 4, seed: NonNegative = 0, batch_size: Positive = 64,
+                 path: str | list[str] | None = None, ece_bins: Positive = 15) -> None:
         self.tasks = None if tasks is None else [tasks] if isinstance(tasks, str) else [str(t) for t in tasks]
         for key, value, low in (("n_items", n_items, 1), ("choices", choices, 2), ("seed", seed, 0),
                                 ("batch_size", batch_size, 1), ("ece_bins", ece_bins, 1)):

@@ -50,7 +50,7 @@ from lmlab.errors import UserError
 from lmlab.models.base import Backbone
 from lmlab.models.layers import MLPKind, NormKind, Rotary, make_norm
 from lmlab.models.transformer import Block
-from lmlab.settings import Fraction, Positive
+from lmlab.settings import Fraction, Optional, Positive, PositiveFloat
 from lmlab.vocab import N_SPECIAL, PAD_ID
 
 BYTE_VOCAB = N_SPECIAL + 256
@@ -150,11 +150,12 @@ class HAT(Backbone):
     supported_attention = (CAUSAL,)
 
     def __init__(self, vocab_size: int, attention: str = CAUSAL, d_model: Positive = 64, d_word: Positive = 128,
-                 n_layers: Positive = 2, n_heads: Positive = 4, d_ff: int | None = None, encoder_layers: Positive = 1,
-                 decoder_layers: Positive = 1, byte_heads: Positive = 2, byte_d_ff: int | None = None,
-                 byte_window: int | None = None, max_word_size: Positive = 16, bytes_per_word: float = 5.0,
-                 norm: NormKind = "rmsnorm", mlp: MLPKind = "gelu", dropout: Fraction = 0.0, max_len: Positive = 512,
-                 tie_embeddings: bool = True, activation_checkpointing: bool = False) -> None:
+                 n_layers: Positive = 2, n_heads: Positive = 4, d_ff: Optional[Positive] = None,
+                 encoder_layers: Positive = 1, decoder_layers: Positive = 1, byte_heads: Positive = 2,
+                 byte_d_ff: Optional[Positive] = None, byte_window: Optional[Positive] = None,
+                 max_word_size: Positive = 16, bytes_per_word: PositiveFloat = 5.0, norm: NormKind = "rmsnorm",
+                 mlp: MLPKind = "gelu", dropout: Fraction = 0.0, max_len: Positive = 512, tie_embeddings: bool = True,
+                 activation_checkpointing: bool = False) -> None:
         if vocab_size != BYTE_VOCAB:
             raise UserError(f"model hat reads bytes (vocabulary {BYTE_VOCAB}) but the data has vocabulary "
                             f"{vocab_size}: use data=text data/tokenizer=byte.")

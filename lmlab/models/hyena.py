@@ -41,7 +41,7 @@ from lmlab.errors import UserError
 from lmlab.models.base import Backbone
 from lmlab.models.layers import MLP, CausalDepthwiseConv1d, MLPKind, NormKind, make_norm
 from lmlab.models.scan import fft_causal_conv
-from lmlab.settings import Fraction, Positive
+from lmlab.settings import Fraction, NonNegative, Optional, Positive, PositiveFloat
 
 
 class Sin(nn.Module):
@@ -133,8 +133,9 @@ class Hyena(Backbone):
     supported_attention = (CAUSAL,)
 
     def __init__(self, vocab_size: int, attention: str = CAUSAL, d_model: Positive = 64, n_layers: Positive = 2,
-                 d_ff: int | None = None, order: int = 2, l_max: int = 1024, filter_order: int = 64,
-                 filter_emb_dim: int = 3, num_inner_mlps: int = 2, filter_w: float = 1.0, short_filter: int = 3,
+                 d_ff: Optional[Positive] = None, order: Positive = 2, l_max: Positive = 1024,
+                 filter_order: Positive = 64, filter_emb_dim: Positive = 3, num_inner_mlps: NonNegative = 2,
+                 filter_w: PositiveFloat = 1.0, short_filter: Positive = 3,
                  norm: NormKind = "rmsnorm", mlp: MLPKind = "gelu", dropout: Fraction = 0.0,
                  tie_embeddings: bool = True, activation_checkpointing: bool = False) -> None:
         super().__init__(vocab_size, d_model, attention, activation_checkpointing)

@@ -34,7 +34,7 @@ from lmlab.errors import UserError
 from lmlab.models.base import Backbone
 from lmlab.models.layers import MLP, CausalDepthwiseConv1d, MLPKind, NormKind, make_norm, short_conv
 from lmlab.models.scan import IMPLS, selective_scan
-from lmlab.settings import Optional, Positive
+from lmlab.settings import Optional, Positive, PositiveFloat
 
 # ----- the Mamba-1 mixer -----
 
@@ -183,9 +183,9 @@ class Mamba(MixerBackbone):
     """
 
     def __init__(self, vocab_size: int, attention: str = CAUSAL, d_model: Positive = 64, n_layers: Positive = 2,
-                 d_state: Positive = 16, expand: Positive = 2, d_conv: Positive = 4, dt_rank: int | None = None,
-                 dt_min: float = 1e-3, dt_max: float = 1e-1, impl: str = "auto", chunk_size: Optional[Positive] = None,
-                 norm: NormKind = "rmsnorm", tie_embeddings: bool = True,
+                 d_state: Positive = 16, expand: Positive = 2, d_conv: Positive = 4, dt_rank: Optional[Positive] = None,
+                 dt_min: PositiveFloat = 1e-3, dt_max: PositiveFloat = 1e-1, impl: str = "auto",
+                 chunk_size: Optional[Positive] = None, norm: NormKind = "rmsnorm", tie_embeddings: bool = True,
                  activation_checkpointing: bool = False) -> None:
         def make_mixer():
             return MambaMixer(d_model, d_state, expand, d_conv, dt_rank, dt_min, dt_max, impl=impl,

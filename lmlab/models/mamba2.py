@@ -112,7 +112,7 @@ class Mamba2(MixerBackbone):
     """
 
     def __init__(self, vocab_size: int, attention: str = CAUSAL, d_model: Positive = 64, n_layers: Positive = 2,
-                 d_state: Positive = 16, headdim: int = 16, expand: Positive = 2, ngroups: int = 1,
+                 d_state: Positive = 16, headdim: Positive = 16, expand: Positive = 2, ngroups: Positive = 1,
                  d_conv: Positive = 4,
                  chunk_size: Positive = 64, impl: str = "auto", norm: NormKind = "rmsnorm",
                  tie_embeddings: bool = True, activation_checkpointing: bool = False) -> None:

@@ -38,7 +38,7 @@ from lmlab.attention import BIDIRECTIONAL, CAUSAL, PREFIX, Attention
 from lmlab.errors import UserError
 from lmlab.models.layers import MLP, MLPKind
 from lmlab.models.transformer import Transformer
-from lmlab.settings import Fraction, Positive
+from lmlab.settings import Fraction, NonNegativeFloat, Optional, Positive, PositiveFloat
 
 
 def route(probs: torch.Tensor, top_k: int, capacity: int | None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -103,9 +103,9 @@ class MoETransformer(Transformer):
     supported_attention = (CAUSAL, BIDIRECTIONAL, PREFIX)
 
     def __init__(self, vocab_size: int, attention: str = CAUSAL, d_model: Positive = 64, n_layers: Positive = 2,
-                 n_heads: Positive = 4, d_ff: int | None = None, n_experts: Positive = 4, top_k: Positive = 2,
-                 capacity_factor: float | None = None, aux_loss_coef: float = 0.01, mlp: MLPKind = "gelu",
-                 dropout: Fraction = 0.0, **kwargs) -> None:
+                 n_heads: Positive = 4, d_ff: Optional[Positive] = None, n_experts: Positive = 4, top_k: Positive = 2,
+                 capacity_factor: Optional[PositiveFloat] = None, aux_loss_coef: NonNegativeFloat = 0.01,
+                 mlp: MLPKind = "gelu", dropout: Fraction = 0.0, **kwargs) -> None:
         if not 1 <= top_k <= n_experts:
             raise UserError(f"model.top_k={top_k} must be between 1 and model.n_experts={n_experts}: change one "
                             "of them.")

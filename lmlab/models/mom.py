@@ -52,7 +52,7 @@ from lmlab.models.scan import (
     gated_delta_rule,
     reference_scan_active,
 )
-from lmlab.settings import Positive
+from lmlab.settings import NonNegativeFloat, Optional, Positive, PositiveFloat
 
 IMPLS = ("auto", "chunked", "recurrent")
 
@@ -224,11 +224,10 @@ class MoM(MixerBackbone):
     """
 
     def __init__(self, vocab_size: int, attention: str = CAUSAL, d_model: Positive = 64, n_layers: Positive = 2,
-                 n_heads: Positive = 2, head_dim: int = 32, expand_v: float = 1.0, num_memories: int = 4,
-                 top_k: Positive = 2,
-                 shared_memory: bool = True, d_conv: Positive = 4, d_ff: int | None = None,
-                 aux_loss_scale: float = 0.01,
-                 impl: str = "auto", norm: NormKind = "rmsnorm", tie_embeddings: bool = True,
+                 n_heads: Positive = 2, head_dim: Positive = 32, expand_v: PositiveFloat = 1.0,
+                 num_memories: Positive = 4, top_k: Positive = 2, shared_memory: bool = True, d_conv: Positive = 4,
+                 d_ff: Optional[Positive] = None, aux_loss_scale: NonNegativeFloat = 0.01, impl: str = "auto",
+                 norm: NormKind = "rmsnorm", tie_embeddings: bool = True,
                  activation_checkpointing: bool = False) -> None:
         def make_mixer():
             return MoMMixer(d_model, n_heads, head_dim, expand_v, num_memories, top_k, shared_memory, d_conv, impl)

@@ -94,7 +94,7 @@ class Transformer(Backbone):
     supported_attention = (CAUSAL, BIDIRECTIONAL, PREFIX)
 
     def __init__(self, vocab_size: int, attention: str = CAUSAL, d_model: Positive = 64, n_layers: Positive = 2,
-                 n_heads: Positive = 4, head_dim: Optional[Positive] = None, d_ff: int | None = None,
+                 n_heads: Positive = 4, head_dim: Optional[Positive] = None, d_ff: Optional[Positive] = None,
                  norm: NormKind = "rmsnorm",
                  positions: str = "rotary", max_len: Positive = 512, dropout: Fraction = 0.0,
                  tie_embeddings: bool = True, activation_checkpointing: bool = False,

@@ -41,7 +41,7 @@ from lmlab.errors import UserError
 from lmlab.models.base import Backbone
 from lmlab.models.layers import GLU, SimpleRMSNorm
 from lmlab.models.scan import lightning_attention
-from lmlab.settings import Fraction, Positive
+from lmlab.settings import Fraction, Optional, Positive
 
 DECAYS = ("alibi_layerwise", "paper")
 
@@ -144,8 +144,8 @@ class TransNormer(Backbone):
     supported_attention = (CAUSAL,)
 
     def __init__(self, vocab_size: int, attention: str = CAUSAL, d_model: Positive = 64, n_layers: Positive = 2,
-                 n_heads: Positive = 4, d_ff: int | None = None, decay: str = "alibi_layerwise", lrpe: bool = False,
-                 block_size: Positive = 64, dropout: Fraction = 0.0, tie_embeddings: bool = True,
+                 n_heads: Positive = 4, d_ff: Optional[Positive] = None, decay: str = "alibi_layerwise",
+                 lrpe: bool = False, block_size: Positive = 64, dropout: Fraction = 0.0, tie_embeddings: bool = True,
                  activation_checkpointing: bool = False) -> None:
         super().__init__(vocab_size, d_model, attention, activation_checkpointing)
         if d_model % n_heads:

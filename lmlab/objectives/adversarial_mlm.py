@@ -47,7 +47,7 @@ from lmlab.errors import UserError
 from lmlab.objectives.base import Objective, Prepared
 from lmlab.objectives.mlm import MLM
 from lmlab.readout import features, pad_rows
-from lmlab.settings import Fraction, Optional, Positive
+from lmlab.settings import Fraction, NonNegativeFloat, Optional, Positive
 
 
 class AdversarialMLM(MLM, nn.Module):
@@ -59,7 +59,7 @@ class AdversarialMLM(MLM, nn.Module):
     backbone's width, passed by the pipeline as models receive ``vocab_size``), and MLM's masking arguments.
     """
 
-    def __init__(self, d_model: Optional[Positive] = None, lam: float = 1.0, task: str | None = None,
+    def __init__(self, d_model: Optional[Positive] = None, lam: NonNegativeFloat = 1.0, task: str | None = None,
                  head_batch_size: Positive = 64,
                  pooling: str = "mean", mask_prob: Fraction = 0.15, mask_token_frac: Fraction = 0.8,
                  random_token_frac: Fraction = 0.1, vocab_size: int | None = None, bound: bool = False) -> None:

@@ -28,7 +28,7 @@ from lmlab.objectives.base import Objective, Prepared
 from lmlab.objectives.clm import CLM
 from lmlab.readout import model_device
 from lmlab.run_dir import load_backbone, model_args
-from lmlab.settings import Fraction
+from lmlab.settings import Fraction, PositiveFloat
 
 
 def frozen_backbone(run_dir: str | Path | None, vocab_size: int, role: str, key: str,
@@ -61,7 +61,7 @@ class Distill(Objective):
     """Distillation of a teacher run into the model, on the task of ``base``."""
 
     def __init__(self, teacher: str | None = None, base: Objective | None = None, alpha: Fraction = 0.5,
-                 temperature: float = 2.0) -> None:
+                 temperature: PositiveFloat = 2.0) -> None:
         if not 0.0 <= alpha <= 1.0:
             raise UserError(f"objective.alpha={alpha} is not in [0, 1]: set the weight of the soft loss in [0, 1].")
         if temperature <= 0:

@@ -72,7 +72,7 @@ from lmlab.errors import UserError
 from lmlab.io import config_hash, write_json
 from lmlab.objectives.base import Prepared
 from lmlab.objectives.mlm import MLM
-from lmlab.settings import Fraction, Optional, Positive
+from lmlab.settings import Fraction, NonNegativeFloat, Optional, Positive
 from lmlab.vocab import MASK_ID, N_SPECIAL, PAD_ID
 
 Ngram = tuple[int, ...]
@@ -161,10 +161,10 @@ class NgramMLM(MLM, nn.Module):
 
     def __init__(self, d_model: Optional[Positive] = None, max_n: Positive = 3, top_k: Positive = 100,
                  min_count: Positive = 5,
-                 mask_prob: Fraction = 0.15, fine_weight: float = 1.0, cache_dir: str | None = None,
+                 mask_prob: Fraction = 0.15, fine_weight: NonNegativeFloat = 1.0, cache_dir: str | None = None,
                  relation: bool = False, generator: Callable[..., nn.Module] | None = None,
                  generator_width_factor: Fraction = 1 / 3, generator_head_dim: Positive = 16,
-                 rtd_weight: float = 1.0) -> None:
+                 rtd_weight: NonNegativeFloat = 1.0) -> None:
         nn.Module.__init__(self)
         MLM.__init__(self, mask_prob=mask_prob)
         if d_model is None:

@@ -39,7 +39,7 @@ from lmlab.attention import BIDIRECTIONAL, CAUSAL, PREFIX, Attention, padding_of
 from lmlab.errors import UserError
 from lmlab.objectives.base import Prepared
 from lmlab.objectives.mlm import MLM
-from lmlab.settings import Fraction
+from lmlab.settings import Fraction, PositiveFloat
 from lmlab.vocab import EOS_ID, MASK_ID, N_SPECIAL, PAD_ID
 
 
@@ -104,7 +104,8 @@ class SpanCorruption(MLM):
 
     VARIANTS = (CAUSAL, PREFIX, BIDIRECTIONAL)
 
-    def __init__(self, noise_density: Fraction = 0.15, mean_span_length: float = 3.0, attention: str = CAUSAL) -> None:
+    def __init__(self, noise_density: Fraction = 0.15, mean_span_length: PositiveFloat = 3.0,
+                 attention: str = CAUSAL) -> None:
         super().__init__()
         if attention not in self.VARIANTS:
             raise UserError(f"unknown span attention {attention!r}: set objective.attention to causal, prefix "

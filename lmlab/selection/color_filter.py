@@ -20,14 +20,16 @@ is scored chunk by chunk (``lmlab.selection.base.chunk_scores``).
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Annotated
 
 import numpy as np
+from annotated_types import Ge
 from datasets import Dataset
 
 from lmlab.errors import UserError
 from lmlab.selection.base import Selector, chunk_scores
 from lmlab.selection.reference import AuxLM, need_target, pool_sample, pool_vocab, row_nll
-from lmlab.settings import NonNegative, Positive
+from lmlab.settings import NonNegative, Optional, Positive, PositiveFloat
 
 
 def color_scores(prior_nll: np.ndarray, cond_nll: np.ndarray) -> np.ndarray:
@@ -39,9 +41,10 @@ class ColorFilter(Selector):
     on_shards = "chunked"
     fraction_fix = "lower selection.tau"  # it keeps 1 / tau of the pool
 
-    def __init__(self, tau: float = 4.0, prior_rows: int | None = 4000, prior_steps: int = 300,
-                 finetune_steps: int = 150, finetune_lr: float = 1e-3, d_model: Positive = 64, n_layers: Positive = 2,
-                 n_heads: Positive = 4, batch_size: int = 64, lr: float = 3e-3, seed: NonNegative = 0) -> None:
+    def __init__(self, tau: Annotated[float, Ge(1)] = 4.0, prior_rows: Optional[Positive] = 4000,
+                 prior_steps: NonNegative = 300, finetune_steps: NonNegative = 150, finetune_lr: PositiveFloat = 1e-3,
+                 d_model: Positive = 64, n_layers: Positive = 2, n_heads: Positive = 4, batch_size: Positive = 64,
+                 lr: PositiveFloat = 3e-3, seed: NonNegative = 0) -> None:
         if not isinstance(tau, (int, float)) or tau < 1:
             raise UserError(f"selection.tau is {tau!r}; make it a number >= 1 (keep 1/tau of the pool).")
         super().__init__(tau=tau, prior_rows=prior_rows, prior_steps=prior_steps, finetune_steps=finetune_steps,

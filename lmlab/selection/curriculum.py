@@ -55,7 +55,7 @@ from datasets import Dataset
 from lmlab.errors import UserError
 from lmlab.selection.base import Selection, Selector, chunk_scores, column
 from lmlab.selection.reference import AuxLM, need_target, pool_sample, pool_vocab, row_nll
-from lmlab.settings import NonNegative, Positive
+from lmlab.settings import NonNegative, NonNegativeFloat, Optional, Positive, PositiveFloat, PositiveFraction
 
 KEYS = ("length", "reference_loss", "random")
 
@@ -152,11 +152,12 @@ class Curriculum(Selector):
     on_shards = "chunked"
     per_group = False  # the stages are prefixes of one order over the whole pool
 
-    def __init__(self, key: str = "reference_loss", reverse: bool = False, start: float = 0.05,
-                 step: float = 0.05, patience: int = 1, threshold: float = 0.0, every: int | None = None,
-                 fraction: float = 1.0,
-                 reference_data: str = "target", reference_rows: int | None = 4000, reference_steps: int = 200,
-                 d_model: Positive = 64, n_layers: Positive = 2, batch_size: int = 64, lr: float = 3e-3,
+    def __init__(self, key: str = "reference_loss", reverse: bool = False, start: PositiveFraction = 0.05,
+                 step: PositiveFraction = 0.05, patience: NonNegative = 1, threshold: NonNegativeFloat = 0.0,
+                 every: Optional[Positive] = None, fraction: PositiveFraction = 1.0,
+                 reference_data: str = "target", reference_rows: Optional[Positive] = 4000,
+                 reference_steps: NonNegative = 200,
+                 d_model: Positive = 64, n_layers: Positive = 2, batch_size: Positive = 64, lr: PositiveFloat = 3e-3,
                  seed: NonNegative = 0) -> None:
         if key not in KEYS:
             raise UserError(f"selection.key is {key!r}; choose one of {', '.join(KEYS)}.")

@@ -50,7 +50,7 @@ from datasets import Dataset
 
 from lmlab.errors import UserError
 from lmlab.selection.base import Selection, Selector, pool_chunks
-from lmlab.settings import NonNegative
+from lmlab.settings import Fraction, NonNegative, Positive, PositiveFraction
 from lmlab.vocab import N_SPECIAL
 
 MERSENNE = np.uint64((1 << 61) - 1)
@@ -244,8 +244,8 @@ class Dedup(Selector):
 
     on_shards = "chunked"
 
-    def __init__(self, threshold: float = 0.8, num_perm: int = 128, ngram: int = 3, exact: bool = True,
-                 near: bool = True, recall_weight: float = 0.99, seed: NonNegative = 1) -> None:
+    def __init__(self, threshold: PositiveFraction = 0.8, num_perm: Positive = 128, ngram: Positive = 3,
+                 exact: bool = True, near: bool = True, recall_weight: Fraction = 0.99, seed: NonNegative = 1) -> None:
         if isinstance(threshold, bool) or not isinstance(threshold, Real) or not 0 < threshold <= 1:
             raise UserError(f"selection.threshold must lie in (0, 1], got {threshold!r}: e.g. selection.threshold=0.8.")
         for name, value in (("num_perm", num_perm), ("ngram", ngram)):

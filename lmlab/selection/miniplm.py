@@ -32,7 +32,7 @@ from datasets import Dataset
 from lmlab.errors import UserError
 from lmlab.selection.base import Selector, chunk_scores
 from lmlab.selection.reference import AuxLM, load_reference, need_target, pool_sample, pool_vocab, row_nll
-from lmlab.settings import NonNegative
+from lmlab.settings import NonNegative, Optional, Positive, PositiveFloat, PositiveFraction
 
 
 def difference_scores(teacher_nll: np.ndarray, ref_nll: np.ndarray) -> np.ndarray:
@@ -43,10 +43,10 @@ def difference_scores(teacher_nll: np.ndarray, ref_nll: np.ndarray) -> np.ndarra
 class MiniPLM(Selector):
     on_shards = "chunked"
 
-    def __init__(self, fraction: float = 0.25, teacher: str | None = None, teacher_d_model: int = 96,
-                 teacher_layers: int = 3, teacher_steps: int = 200, ref_rows: int | None = 4000,
-                 ref_d_model: int = 32, ref_layers: int = 1, ref_steps: int = 200, batch_size: int = 64,
-                 lr: float = 3e-3, seed: NonNegative = 0) -> None:
+    def __init__(self, fraction: PositiveFraction = 0.25, teacher: str | None = None, teacher_d_model: Positive = 96,
+                 teacher_layers: Positive = 3, teacher_steps: NonNegative = 200, ref_rows: Optional[Positive] = 4000,
+                 ref_d_model: Positive = 32, ref_layers: Positive = 1, ref_steps: NonNegative = 200,
+                 batch_size: Positive = 64, lr: PositiveFloat = 3e-3, seed: NonNegative = 0) -> None:
         if not isinstance(fraction, (int, float)) or not 0 < fraction <= 1:
             raise UserError(f"selection.fraction is {fraction!r}; make it a number in (0, 1].")
         super().__init__(fraction=fraction, teacher=None if teacher is None else str(teacher),

@@ -50,7 +50,7 @@ from lmlab.selection.reference import (
     row_nll,
     rows_of,
 )
-from lmlab.settings import NonNegative, Positive
+from lmlab.settings import NonNegative, Optional, Positive, PositiveFloat, PositiveFraction
 
 
 def predictive_strength(losses: np.ndarray, bench: np.ndarray) -> np.ndarray:
@@ -105,12 +105,12 @@ def positive_probability(model, texts: list[str]) -> np.ndarray:
 class PreSelect(Selector):
     on_shards = "chunked"
 
-    def __init__(self, fraction: float = 0.25, runs: list[str] | None = None, metric: str = "probe/acc",
-                 score_rows: int = 6000, min_positives: int = 200, prior_rows: int | None = 4000,
-                 prior_steps: int = 200, family_steps: list[int] = (0, 5, 10, 20, 40, 80, 160),
-                 finetune_lr: float = 1e-3, d_model: Positive = 64, n_layers: Positive = 2, batch_size: int = 64,
-                 lr: float = 3e-3, epoch: int = 10, classifier_lr: float = 0.1, word_ngrams: int = 2,
-                 seed: NonNegative = 0) -> None:
+    def __init__(self, fraction: PositiveFraction = 0.25, runs: list[str] | None = None, metric: str = "probe/acc",
+                 score_rows: Positive = 6000, min_positives: Positive = 200, prior_rows: Optional[Positive] = 4000,
+                 prior_steps: NonNegative = 200, family_steps: list[int] = (0, 5, 10, 20, 40, 80, 160),
+                 finetune_lr: PositiveFloat = 1e-3, d_model: Positive = 64, n_layers: Positive = 2,
+                 batch_size: Positive = 64, lr: PositiveFloat = 3e-3, epoch: Positive = 10,
+                 classifier_lr: PositiveFloat = 0.1, word_ngrams: Positive = 2, seed: NonNegative = 0) -> None:
         if not isinstance(fraction, (int, float)) or not 0 < fraction <= 1:
             raise UserError(f"selection.fraction is {fraction!r}; make it a number in (0, 1].")
         runs = None if runs is None else [str(r) for r in runs]

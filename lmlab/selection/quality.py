@@ -52,6 +52,7 @@ from datasets import Dataset
 
 from lmlab.errors import UserError
 from lmlab.selection.base import Selection, Selector, pool_chunks
+from lmlab.settings import Fraction, NonNegative, NonNegativeFloat, Optional, Positive, PositiveFloat
 from lmlab.vocab import N_SPECIAL
 
 STOP_WORDS = frozenset({"the", "be", "to", "of", "and", "that", "have", "with"})
@@ -127,15 +128,18 @@ class Quality(Selector):
 
     on_shards = "chunked"
 
-    def __init__(self, min_tokens: int | None = 1, max_tokens: int | None = None,
-                 max_top_token_fraction: float | None = 0.5,
+    def __init__(self, min_tokens: Optional[NonNegative] = 1, max_tokens: Optional[Positive] = None,
+                 max_top_token_fraction: Optional[Fraction] = 0.5,
                  max_top_ngram_fraction: Mapping | str | None = "gopher",
                  max_dup_ngram_fraction: Mapping | str | None = "gopher",
-                 min_unique_token_ratio: float | None = 0.2,
-                 min_mean_word_length: float | None = 3.0, max_mean_word_length: float | None = 10.0,
-                 max_symbol_word_ratio: float | None = 0.1, max_bullet_line_fraction: float | None = 0.9,
-                 max_ellipsis_line_fraction: float | None = 0.3, min_alpha_word_fraction: float | None = 0.8,
-                 min_stop_words: int | None = 2, text_rules: bool = True) -> None:
+                 min_unique_token_ratio: Optional[Fraction] = 0.2,
+                 min_mean_word_length: Optional[NonNegativeFloat] = 3.0,
+                 max_mean_word_length: Optional[PositiveFloat] = 10.0,
+                 max_symbol_word_ratio: Optional[NonNegativeFloat] = 0.1,
+                 max_bullet_line_fraction: Optional[Fraction] = 0.9,
+                 max_ellipsis_line_fraction: Optional[Fraction] = 0.3,
+                 min_alpha_word_fraction: Optional[Fraction] = 0.8,
+                 min_stop_words: Optional[NonNegative] = 2, text_rules: bool = True) -> None:
         top = GOPHER_TOP_NGRAM if max_top_ngram_fraction == "gopher" else _thresholds(max_top_ngram_fraction,
                                                                                        "max_top_ngram_fraction")
         dup = GOPHER_DUP_NGRAM if max_dup_ngram_fraction == "gopher" else _thresholds(max_dup_ngram_fraction,

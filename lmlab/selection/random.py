@@ -11,13 +11,13 @@ from datasets import Dataset
 
 from lmlab.errors import UserError
 from lmlab.selection.base import Selector
-from lmlab.settings import NonNegative
+from lmlab.settings import NonNegative, PositiveFraction
 
 
 class RandomSelection(Selector):
     on_shards = "chunked"
 
-    def __init__(self, fraction: float = 0.5, seed: NonNegative = 0) -> None:
+    def __init__(self, fraction: PositiveFraction = 0.5, seed: NonNegative = 0) -> None:
         if not 0.0 < fraction <= 1.0:
             raise UserError(f"selection.fraction must lie in (0, 1], got {fraction}: set e.g. selection.fraction=0.5.")
         super().__init__(fraction=fraction, seed=seed)

@@ -46,7 +46,7 @@ from lmlab.attention import CAUSAL, Attention
 from lmlab.errors import UserError
 from lmlab.run_dir import MODEL, holds_model, load_backbone, model_args
 from lmlab.selection.base import Selection, Selector
-from lmlab.settings import NonNegative
+from lmlab.settings import Fraction, NonNegative, Positive, PositiveFloat
 from lmlab.vocab import BOS_ID, EOS_ID, MASK_ID, N_SPECIAL, PAD_ID
 
 SYSTEM = ("A chat between a curious user and an artificial intelligence assistant. The assistant gives helpful, "
@@ -200,8 +200,8 @@ class Rephrase(Selector):
     """All real rows plus rephrased rows, ``ratio`` of the mix being synthetic (see the module docstring)."""
 
     def __init__(self, generator: str | None = None, ratio: float = 0.5, style: str = "medium",
-                 prefix: float = 0.5, temperature: float = 1.0, max_new_tokens: int = 64, batch_size: int = 64,
-                 seed: NonNegative = 0) -> None:
+                 prefix: Fraction = 0.5, temperature: PositiveFloat = 1.0, max_new_tokens: Positive = 64,
+                 batch_size: Positive = 64, seed: NonNegative = 0) -> None:
         if not generator:
             raise UserError("selection=rephrase needs selection.generator: an lmlab run directory (trained with "
                             "objective=clm) or a local Hugging Face model directory.")

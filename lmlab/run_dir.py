@@ -322,10 +322,10 @@ TEXT_SOURCE = "lmlab.data.text.TextSource"
 
 
 def _names_txt(paths: Any) -> bool:
-    """Whether a text source's ``paths`` (null: the bundled sample corpus) name any ``.txt`` file, as
-    ``lmlab.data.text`` reads them (files, directories, globs)."""
+    """Whether a text source's ``paths`` name any ``.txt`` file, as ``lmlab.data.text`` reads them (files,
+    directories, globs); null (the bundled sample corpora, still read by line) names none."""
     if paths is None:
-        return True
+        return False
     for entry in [paths] if isinstance(paths, str) else paths:
         entry = os.path.expanduser(str(entry))
         found = glob.glob(entry, recursive=True) if glob.has_magic(entry) else (

@@ -351,13 +351,14 @@ def test_two_records_written_at_once_take_different_numbers(tmp_path):
 
 def test_a_text_run_recorded_before_the_documents_setting_reads_its_txt_files_by_line(tmp_path):
     """A run recorded before ``data.documents`` existed read each line of a .txt file as a document: reading its
-    config back keeps that, and leaves other formats (where the setting would be refused) alone."""
+    config back keeps that, and leaves other formats (where the setting would be refused) and the bundled sample
+    corpora (still read by line) alone."""
     from lmlab.run_dir import CONFIG, read_config
 
     (tmp_path / "a.txt").write_text("one\ntwo\n")
     (tmp_path / "b.jsonl").write_text('{"text": "one"}\n')
     for paths, expected in [(str(tmp_path / "a.txt"), "line"), (str(tmp_path / "*.txt"), "line"),
-                            (str(tmp_path), "line"), (None, "line"), ([str(tmp_path / "b.jsonl")], None)]:
+                            (str(tmp_path), "line"), (None, None), ([str(tmp_path / "b.jsonl")], None)]:
         run = tmp_path / f"run{len(list(tmp_path.glob('run*')))}"
         run.mkdir()
         OmegaConf.save(OmegaConf.create({"data": {"_target_": "lmlab.data.text.TextSource", "paths": paths}}),

@@ -370,23 +370,48 @@ def test_the_summary_is_written_under_the_sweep_lock(tmp_path):
     assert not writer.is_alive() and (tmp_path / "summary.csv").exists()
 
 
-@pytest.mark.parametrize("launcher", [[], ["launcher=local", "hydra.launcher.n_jobs=1"]])
+# Loaded by every Python process of the first copy of the sweep: its jobs wait at their evaluations for a gate
+# file, so that the second copy runs while the first holds a job (the order is fixed, not timed).
+GATE = r'''
+import os, time
+from pathlib import Path
+import lmlab.pipeline as pipeline
+run_evaluations = pipeline.run_evaluations
+def gated(*args, **kwargs):
+    while not Path(os.environ["LMLAB_TEST_GATE"]).exists():
+        time.sleep(0.05)
+    return run_evaluations(*args, **kwargs)
+pipeline.run_evaluations = gated
+'''
+
+
+@pytest.mark.parametrize("launcher", [[], ["launcher=local", "hydra.launcher.n_jobs=1"]], ids=["basic", "local"])
 def test_two_copies_of_one_sweep_agree_and_neither_fails_for_the_other(tmp_path, cache_dir, launcher):
-    env = _env(cache_dir)
-    args = [LMLAB, "train", "-m", f"out_dir={tmp_path}", *SMALL, "max_steps=6", "checkpoint_every=6",
-            "val_every=6", "eval=[perplexity]", "seed=0,1", *launcher]
-    first = subprocess.Popen(args, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    deadline = time.time() + 180
     from lmlab.run_dir import is_held
 
-    while time.time() < deadline and first.poll() is None:  # the first copy trains its first job
-        if any(is_held(p.parent) for p in tmp_path.rglob(".lock")):
-            break
-        time.sleep(0.05)
-    second = subprocess.run(args, env=env, capture_output=True, text=True)
-    out_first = first.communicate()[0]
-    assert second.returncode == 0, second.stdout[-2000:] + second.stderr[-2000:]
+    hook, gate, out = tmp_path / "hook", tmp_path / "go", tmp_path / "runs"
+    hook.mkdir()
+    (hook / "sitecustomize.py").write_text(GATE)
+    env = _env(cache_dir)
+    gated = {**env, "LMLAB_TEST_GATE": str(gate), "PYTHONPATH": os.pathsep.join([str(hook), env.get("PYTHONPATH", "")])}
+    args = [LMLAB, "train", "-m", f"out_dir={out}", *SMALL, "max_steps=4", "checkpoint_every=4", "val_every=4",
+            "eval=[perplexity]", "seed=0,1", *launcher]
+    first = subprocess.Popen(args, env=gated, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        deadline = time.time() + 300
+        while time.time() < deadline and not any(is_held(p.parent) for p in out.rglob(".lock")):
+            assert first.poll() is None, first.communicate()[0][-3000:]
+            time.sleep(0.05)
+        second = subprocess.Popen(args, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        # the second copy trains the job the first does not hold, then (today) ends; the first is let go after that
+        while time.time() < deadline and second.poll() is None and len(list(out.rglob("DONE"))) < 1:
+            time.sleep(0.05)
+    finally:
+        gate.touch()
+    out_second = second.communicate(timeout=300)[0]
+    out_first = first.communicate(timeout=300)[0]
+    assert second.returncode == 0, out_second[-3000:]
     assert first.returncode == 0, out_first[-3000:]
-    (summary,) = tmp_path.rglob("summary.csv")
+    (summary,) = out.rglob("summary.csv")
     rows = list(csv.DictReader(summary.open()))
     assert [r["status"] for r in rows] == ["done", "done"] and [r["seed"] for r in rows] == ["0", "1"]

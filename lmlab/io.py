@@ -120,8 +120,12 @@ def _umask() -> int:
 
 
 def _hold(fd: int) -> None:
-    """Mark a temporary as being written: an ``flock`` that the kernel drops when this process ends."""
-    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    """Mark a temporary as being written: an ``flock`` that the kernel drops when this process ends. On a file
+    system without locks the temporary is not marked, and ``remove_stale`` leaves it alone there."""
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        pass
 
 
 def remove_stale(directory: str | os.PathLike, min_age_s: float = 2.0) -> list[Path]:
@@ -142,7 +146,7 @@ def remove_stale(directory: str | os.PathLike, min_age_s: float = 2.0) -> list[P
             continue
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:  # being written now
+        except OSError:  # being written now (or a file system without locks: nothing tells, so keep it)
             continue
         finally:
             os.close(fd)

@@ -52,7 +52,7 @@ from lmlab.run_dir import (
     write_results,
 )
 from lmlab.selection.base import Selection
-from lmlab.training.callbacks import Diverged, DivergenceGuard, EvaluateEvery, LossWindow, SaveOnTerm
+from lmlab.training.callbacks import Diverged, DivergenceGuard, EvaluateEvery, LastValidation, LossWindow, SaveOnTerm
 from lmlab.training.init_from import start_from
 from lmlab.training.module import AtomicCheckpointIO, LMModule
 
@@ -186,8 +186,8 @@ def _train(cfg: DictConfig, run_dir: Path, command: str) -> dict[str, Any]:
     callbacks = [ModelCheckpoint(dirpath=ckpt_dir, save_last=True, save_top_k=0,
                                  every_n_train_steps=cfg.checkpoint_every)]
     guard = DivergenceGuard(every=cfg.trainer.get("log_every_n_steps") or 50, checkpoint_every=cfg.checkpoint_every)
-    window = LossWindow()
-    callbacks += [guard, window, SaveOnTerm(last)]
+    window, validation = LossWindow(), LastValidation()
+    callbacks += [guard, window, validation, SaveOnTerm(last)]
     callbacks += [instantiate(c) for c in (cfg.get("callbacks") or {}).values() if c is not None]
     callbacks += selector.training_callbacks(dm, selection)  # a curriculum's stage release
     along = None
@@ -215,8 +215,10 @@ def _train(cfg: DictConfig, run_dir: Path, command: str) -> dict[str, Any]:
     if fit is None:
         fit = {"train/loss": window.mean(), "train/loss_window": window.steps(), "train/steps": trainer.global_step}
         if validates(trainer, splits):  # the validation loss at the last step (the periodic one may be older)
-            trainer.validate(module, datamodule=dm, verbose=False)
-            fit["val/loss"] = float(trainer.callback_metrics.get("val/loss", float("nan")))
+            if validation.step != trainer.global_step:
+                trainer.validate(module, datamodule=dm, verbose=False)
+                validation.loss = float(trainer.callback_metrics.get("val/loss", float("nan")))
+            fit["val/loss"] = validation.loss
         if trainer.is_global_zero:
             write_json(run_dir / FIT, {"step": trainer.global_step, "metrics": fit})
     fit_seconds = time.time() - fit_started

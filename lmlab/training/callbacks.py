@@ -89,6 +89,20 @@ class LossWindow(L.Callback):
             self.losses, self.count = losses.clone(), int(state_dict.get("count", 0))
 
 
+class LastValidation(L.Callback):
+    """The step and ``val/loss`` of the last validation during fit, so that a validation at the last step is
+    not run twice."""
+
+    def __init__(self) -> None:
+        self.step: int | None = None
+        self.loss = float("nan")
+
+    def on_validation_end(self, trainer, pl_module) -> None:
+        fitting = trainer.state.fn == "fit" and not trainer.sanity_checking
+        if fitting and "val/loss" in trainer.callback_metrics:
+            self.step, self.loss = trainer.global_step, float(trainer.callback_metrics["val/loss"])
+
+
 class SaveOnTerm(L.Callback):
     """On a termination signal (SIGTERM: a preempted or cancelled job; Lightning finishes the current step and
     raises ``SIGTERMException``), save the resumable checkpoint at the current step to ``path``, so that

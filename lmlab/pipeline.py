@@ -8,9 +8,9 @@ holds a checkpoint resumes from it.
 from __future__ import annotations
 
 import contextlib
-import errno
 import functools
 import logging
+import math
 import os
 import platform
 import shutil
@@ -30,7 +30,7 @@ import lmlab
 from lmlab.data.datamodule import DataModule
 from lmlab.data.mixture import SOURCE_COLUMN
 from lmlab.errors import UserError
-from lmlab.io import atomic_dir, write_json
+from lmlab.io import atomic_dir, is_write_failure, remove_stale, write_failure, write_json
 from lmlab.run_dir import (
     CHECKPOINTS,
     DONE,
@@ -41,6 +41,7 @@ from lmlab.run_dir import (
     is_done,
     load_weights,
     mark_done,
+    mark_failed,
     read_config,
     read_results,
     resume_checkpoint,
@@ -51,7 +52,7 @@ from lmlab.run_dir import (
     write_results,
 )
 from lmlab.selection.base import Selection
-from lmlab.training.callbacks import Diverged, DivergenceGuard, EvaluateEvery, SaveOnTerm
+from lmlab.training.callbacks import Diverged, DivergenceGuard, EvaluateEvery, LastValidation, LossWindow, SaveOnTerm
 from lmlab.training.init_from import start_from
 from lmlab.training.module import AtomicCheckpointIO, LMModule
 
@@ -127,11 +128,10 @@ def train(cfg: DictConfig, run_dir: Path, command: str = "lmlab train") -> dict[
     with hold(run_dir) if is_rank_zero() else contextlib.nullcontext():
         try:
             return _train(cfg, run_dir, command)
-        except OSError as e:  # every write is atomic and DONE comes last: nothing half-written is left
-            if e.errno not in (errno.ENOSPC, errno.EDQUOT, errno.EROFS):
+        except Exception as e:  # every write is atomic and DONE comes last: nothing half-written is left
+            if isinstance(e, UserError) or not is_write_failure(e):
                 raise
-            raise UserError(f"could not write into {run_dir} ({e.strerror}): free space on that disk (or make it "
-                            "writable), then rerun the same command; the run resumes from its last checkpoint.") from e
+            raise write_failure(run_dir, e) from e
 
 
 class RunStopped(UserError):
@@ -156,6 +156,7 @@ def _retry_or_refuse(cfg: DictConfig, run_dir: Path) -> None:
                          "train it again from the start.")
     shutil.rmtree(run_dir / CHECKPOINTS, ignore_errors=True)
     (run_dir / RESULTS).unlink(missing_ok=True)
+    (run_dir / FIT).unlink(missing_ok=True)
 
 
 def _train(cfg: DictConfig, run_dir: Path, command: str) -> dict[str, Any]:
@@ -167,6 +168,8 @@ def _train(cfg: DictConfig, run_dir: Path, command: str) -> dict[str, Any]:
     rank0 = is_rank_zero()
     if rank0:
         _retry_or_refuse(cfg, run_dir)
+        for folder in (run_dir, run_dir / CHECKPOINTS):  # what a killed write left (this process holds the job)
+            remove_stale(folder)
         clear_failed(run_dir)
         write_config(run_dir, cfg)
         write_command(run_dir, command)
@@ -193,7 +196,8 @@ def _train(cfg: DictConfig, run_dir: Path, command: str) -> dict[str, Any]:
     callbacks = [ModelCheckpoint(dirpath=ckpt_dir, save_last=True, save_top_k=0,
                                  every_n_train_steps=cfg.checkpoint_every)]
     guard = DivergenceGuard(every=cfg.trainer.get("log_every_n_steps") or 50, checkpoint_every=cfg.checkpoint_every)
-    callbacks += [guard, SaveOnTerm(last)]
+    window, validation = LossWindow(), LastValidation()
+    callbacks += [guard, window, validation, SaveOnTerm(last)]
     callbacks += [instantiate(c) for c in (cfg.get("callbacks") or {}).values() if c is not None]
     callbacks += selector.training_callbacks(dm, selection)  # a curriculum's stage release
     along = None
@@ -203,6 +207,10 @@ def _train(cfg: DictConfig, run_dir: Path, command: str) -> dict[str, Any]:
         callbacks.append(along)
     trainer = instantiate(cfg.trainer, logger=logger, callbacks=callbacks, plugins=[AtomicCheckpointIO()],
                           default_root_dir=str(run_dir))
+    # the fit metrics recorded when an earlier attempt's fit ended (read before fit: every rank decides alike)
+    recorded = read_fit(run_dir) if resume is not None else None
+    if resume is None and rank0:
+        (run_dir / FIT).unlink(missing_ok=True)
     fit_started = time.time()
     try:
         trainer.fit(module, datamodule=dm, ckpt_path=str(resume) if resume else None)
@@ -213,21 +221,35 @@ def _train(cfg: DictConfig, run_dir: Path, command: str) -> dict[str, Any]:
         step = trainer.global_step
         raise _stopped(run_dir, "interrupted", step, f"interrupted by SIGTERM at step {step}, checkpoint saved: rerun "
                        "the same command to resume", cfg, command) from None
+    fit = recorded["metrics"] if recorded is not None and recorded["step"] == trainer.global_step else None
+    if fit is None:
+        fit = {"train/loss": window.mean(), "train/loss_window": window.steps(), "train/steps": trainer.global_step}
+        if validates(trainer, splits):  # the validation loss at the last step (the periodic one may be older)
+            if validation.step != trainer.global_step:
+                trainer.validate(module, datamodule=dm, verbose=False)
+                validation.loss = float(trainer.callback_metrics.get("val/loss", float("nan")))
+            fit["val/loss"] = validation.loss
+        if trainer.is_global_zero:
+            write_json(run_dir / FIT, {"step": trainer.global_step, "metrics": fit})
     fit_seconds = time.time() - fit_started
     if not trainer.is_global_zero:
         return {}
+    unfit = [f"{k}={fit.get(k)}" for k in ("train/loss", *(["val/loss"] if validates(trainer, splits) else []))
+             if not isinstance(fit.get(k), (int, float)) or not math.isfinite(fit[k])]
+    if unfit:
+        reason = (f"the run ended without finite fit metrics ({', '.join(unfit)}): delete {run_dir / CHECKPOINTS} "
+                  f"and {run_dir / FIT}, then rerun the same command to train it again.")
+        mark_failed(run_dir, reason)
+        raise UserError(reason)
 
     model.eval()
     save_model(run_dir, model, vocab_size=source.vocab_size, attention=objective.attention)
     metrics: dict[str, float] = {
-        "train/loss": float(trainer.callback_metrics.get("train/loss", float("nan"))),
-        "train/steps": trainer.global_step,
+        **fit,
         "train/rows": len(splits["train"]),
         "model/params": model.num_parameters(),
         **selection_metrics(selection),
     }
-    if "val/loss" in trainer.callback_metrics:
-        metrics["val/loss"] = float(trainer.callback_metrics["val/loss"])
     eval_started = time.time()
     metrics.update(run_evaluations(evaluators, module, dm, run_dir))
     history = along.history if along is not None else []
@@ -249,6 +271,32 @@ def _train(cfg: DictConfig, run_dir: Path, command: str) -> dict[str, Any]:
     write_results(run_dir, results)
     mark_done(run_dir)
     return results
+
+
+FIT = "fit.json"  # in the run directory: the fit metrics, written when fit ends (``read_fit``)
+
+
+def validates(trainer: L.Trainer, splits) -> bool:
+    """Whether the run has a validation loss: a validation split with rows, and validation batches allowed."""
+    return len(splits.get("validation") or []) > 0 and bool(trainer.limit_val_batches)
+
+
+def read_fit(run_dir: Path) -> dict[str, Any] | None:
+    """``{"step": s, "metrics": {...}}``: the fit metrics recorded when fit ended at step ``s`` (``train/loss``
+    over its window, ``val/loss`` at that step, ``train/steps``), so that a run stopped after its last
+    checkpoint (while saving the model, evaluating or writing its results) completes its evaluations with the
+    numbers of its fit. None when there is no record (or a damaged one: the metrics are then computed again
+    from the checkpoint)."""
+    import json
+
+    try:
+        record = json.loads((run_dir / FIT).read_text())
+    except (OSError, ValueError):
+        return None
+    if not isinstance(record, dict) or not isinstance(record.get("step"), int) or not isinstance(
+            record.get("metrics"), dict):
+        return None
+    return record
 
 
 def selection_target(splits, selector):

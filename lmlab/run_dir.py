@@ -249,7 +249,8 @@ def resume_checkpoint(run_dir: str | os.PathLike) -> Path | None:
     for path in candidates:
         if zip_intact(path):
             if path != last:
-                print(f"[lmlab] {last} is damaged: resuming from the checkpoint before it, {path.name}.")
+                state = "is damaged" if last.exists() else "is missing"  # a kill between the two renames
+                print(f"[lmlab] {last} {state}: resuming from the checkpoint before it, {path.name}.")
             return path
     if candidates:
         raise UserError(f"every checkpoint in {last.parent} is damaged: delete that folder to train the run again "

@@ -1,12 +1,13 @@
 """A Hydra launcher that runs the jobs of a sweep in parallel processes on one machine, with a GPU pool.
 
-Each job is an ordinary ``lmlab train <its overrides>`` in a child process, pointed at the job's directory
-in the sweep (resolved here, in the parent, so the child needs no environment of the parent's), its output in
-``<job dir>/launcher.log``. At most ``n_jobs`` run at a time. On a machine with GPUs each job gets
-``gpus_per_job`` of them through ``CUDA_VISIBLE_DEVICES`` (the GPU-pool idea of NeMo's process launcher;
-Hydra's joblib launcher shares every GPU between its jobs); on the CPU each job gets ``cpus_per_job`` threads
-(``OMP_NUM_THREADS``). A job that fails leaves ``FAILED`` with its last error line and the sweep goes on; the
-sweep summary is written by lmlab's ``SweepSummary`` callback as with any launcher.
+Each job is an ordinary ``lmlab train <its overrides>`` in a child process, pointed at the job's directory in
+the sweep (resolved here, in the parent, so the child needs no environment of the parent's), its output in
+``<job dir>/launcher.log``. At most ``n_jobs`` run at a time. A job that another process is training (the same
+sweep started twice) waits until that process lets it go, then counts as done or starts again. On a machine
+with GPUs each job gets ``gpus_per_job`` of them through ``CUDA_VISIBLE_DEVICES`` (the GPU-pool idea of NeMo's
+process launcher; Hydra's joblib launcher shares every GPU between its jobs); on the CPU each job gets
+``cpus_per_job`` threads (``OMP_NUM_THREADS``). A job that fails leaves ``FAILED`` with its last error line
+and the sweep goes on; the sweep summary is written by lmlab's ``SweepSummary`` callback as with any launcher.
 """
 
 import logging
@@ -25,7 +26,7 @@ from hydra.plugins.launcher import Launcher
 from hydra.types import HydraContext, TaskFunction
 from omegaconf import DictConfig, open_dict
 
-from lmlab.run_dir import failure, is_done, mark_failed
+from lmlab.run_dir import failure, is_done, is_held, mark_failed
 
 log = logging.getLogger(__name__)
 
@@ -102,18 +103,27 @@ class LocalLauncher(Launcher):
         HydraConfig.instance().set_config(self.config)
         where = f"GPUs {', '.join(','.join(s) for s in slots)}" if slots[0] else f"{threads} threads each"
         print(f"[lmlab] local launcher: {len(jobs)} jobs, {at_once} at a time ({where})", flush=True)
-        pending, running, free = list(jobs), {}, list(slots)
+        pending, running, free, held = list(jobs), {}, list(slots), []
         returns: dict[int, JobReturn] = {}
-        while pending or running:
+        while pending or running or held:
             while pending and free:
                 idx, overrides, job_dir = pending.pop(0)
+                if is_held(job_dir):  # another process trains it: wait for it rather than fail on its lock
+                    held.append((idx, overrides, job_dir))
+                    continue
                 slot = free.pop(0)
                 running[idx] = (self._start(overrides, job_dir, slot, threads), slot, overrides, job_dir)
             time.sleep(self.poll_s)
             for idx in [i for i, (proc, *_) in running.items() if proc.poll() is not None]:
                 proc, slot, overrides, job_dir = running.pop(idx)
                 free.append(slot)
-                returns[idx] = self._finish(idx, proc, overrides, job_dir)
+                if proc.returncode != 0 and not is_done(job_dir) and is_held(job_dir):
+                    held.append((idx, overrides, job_dir))  # it lost the race for the lock to another process
+                else:
+                    returns[idx] = self._finish(idx, proc, overrides, job_dir)
+            released = [job for job in held if not is_held(job[2])]
+            held = [job for job in held if job not in released]
+            pending += released  # done by the other process (the rerun skips it), or to be trained here
         return [returns[idx] for idx, _, _ in jobs]
 
     def _start(self, overrides: list[str], job_dir: Path, slot: list[str], threads: int) -> subprocess.Popen:
@@ -132,7 +142,7 @@ class LocalLauncher(Launcher):
 
     def _finish(self, idx: int, proc: subprocess.Popen, overrides: list[str], job_dir: Path) -> JobReturn:
         status = "done" if is_done(job_dir) else "failed"
-        if proc.returncode != 0 and failure(job_dir) is None:
+        if proc.returncode != 0 and failure(job_dir) is None and status != "done":
             boilerplate = ("Set the environment variable HYDRA_FULL_ERROR", "See https://hydra.cc")
             lines = [ln for ln in (job_dir / "launcher.log").read_text(errors="replace").splitlines()
                      if ln.strip() and not ln.startswith(boilerplate)]

@@ -1,13 +1,22 @@
 """Tables of results: one run's metrics on the terminal, and a sweep's summary (summary.csv, summary.md
 and a rich table), gathered from each job's ``results.json`` / ``FAILED`` and its ``lmlab eval`` records
-(``evals/<n>.json``, shown as ``eval:<metric>`` with the records named) by a Hydra callback."""
+(``evals/<n>.json``, shown as ``eval:<metric>`` with the records named) by a Hydra callback.
+
+The summary is always rebuilt whole from the job directories, under a lock in the sweep directory
+(``SUMMARY_LOCK``), so two processes running the same sweep at once write the same table; rows are sorted by
+the swept values (as numbers where they are numbers)."""
 
 from __future__ import annotations
 
 import csv
+import fcntl
 import io
 import math
+import os
 import re
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -18,11 +27,12 @@ from rich.table import Table
 from rich.text import Text
 
 from lmlab.io import write_text
-from lmlab.run_dir import RESULTS, DamagedRecord, failure, read_evaluations, read_results, status
+from lmlab.run_dir import RESULTS, DamagedRecord, failure, is_held, read_evaluations, read_results, status
 
 FIXED = ["job", "overrides", "status", "reason"]
 EVAL_PREFIX = "eval:"  # a metric of an `lmlab eval` record, beside the training-time one of the same name
 EVALUATIONS = "evaluations"  # the column naming the records the eval: numbers come from
+SUMMARY_LOCK = ".summary.lock"  # in the sweep directory: one process at a time rebuilds the summary
 
 
 def job_row(job_dir: Path) -> dict[str, Any]:
@@ -74,7 +84,15 @@ def gather(sweep_dir: Path) -> list[dict[str, Any]]:
     for row, setting in zip(rows, settings):
         row["axes"] = axes
         row.update({k: setting.get(k, "") for k in axes})
-    return rows
+    return sorted(rows, key=lambda r: [_order(r[k]) for k in axes] + [r["job"]])
+
+
+def _order(value: Any) -> tuple:
+    """A swept value's place in the table: numbers by value, before other values in text order."""
+    try:
+        return (0, float(value), "")
+    except (TypeError, ValueError):
+        return (1, 0.0, str(value))
 
 
 def _columns(rows: list[dict[str, Any]]) -> list[str]:
@@ -177,11 +195,40 @@ def metrics_table(metrics: dict[str, Any], title: str) -> Group:
     return _titled(title, table, _notes(metrics.values()))
 
 
+@contextmanager
+def summary_lock(sweep_dir: Path) -> Iterator[None]:
+    """Hold the sweep's summary lock (an ``flock``, released by the kernel if the holder dies)."""
+    Path(sweep_dir).mkdir(parents=True, exist_ok=True)
+    fd = os.open(Path(sweep_dir) / SUMMARY_LOCK, os.O_RDWR | os.O_CREAT, 0o666)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        fcntl.flock(fd, fcntl.LOCK_UN)
+        os.close(fd)
+
+
 def write_summary(sweep_dir: Path) -> list[dict[str, Any]]:
-    rows = gather(sweep_dir)
-    write_text(sweep_dir / "summary.csv", to_csv(rows))
-    write_text(sweep_dir / "summary.md", to_markdown(rows))
+    """Rebuild ``summary.csv`` and ``summary.md`` from the job directories as they are now, under the lock."""
+    sweep_dir = Path(sweep_dir)
+    with summary_lock(sweep_dir):
+        rows = gather(sweep_dir)
+        write_text(sweep_dir / "summary.csv", to_csv(rows))
+        write_text(sweep_dir / "summary.md", to_markdown(rows))
     return rows
+
+
+def wait_for_others(sweep_dir: Path, poll_s: float = 1.0) -> None:
+    """Wait until no job of the sweep is held by a process (another run of the same sweep training it), so
+    that the summary shows how each job ended rather than ``running``."""
+    jobs = [p.parent.parent for p in Path(sweep_dir).glob("*/.hydra/overrides.yaml")]
+    held = [j for j in jobs if is_held(j)]
+    if held:
+        print(f"[lmlab] waiting for {len(held)} job(s) of this sweep that another process is training "
+              f"({', '.join(j.name for j in held[:3])}{', ...' if len(held) > 3 else ''})", flush=True)
+    while held:
+        time.sleep(poll_s)
+        held = [j for j in held if is_held(j)]
 
 
 class SweepSummary(Callback):
@@ -189,6 +236,7 @@ class SweepSummary(Callback):
 
     def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
         sweep_dir = Path(config.hydra.sweep.dir)
+        wait_for_others(sweep_dir)
         rows = write_summary(sweep_dir)
         console = Console()
         console.print(rich_table(rows, title=f"sweep {sweep_dir}"))

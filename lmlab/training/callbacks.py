@@ -1,4 +1,5 @@
-"""Callbacks of the training loop: the progress bar, the divergence guard, and evaluations along the way."""
+"""Callbacks of the training loop: the progress bar, the divergence guard, the training loss over the last
+steps, and evaluations along the way."""
 
 from __future__ import annotations
 
@@ -46,6 +47,60 @@ class DivergenceGuard(L.Callback):
             finite += [torch.isfinite(p.detach()).all() for p in pl_module.parameters()]
         if finite and not bool(torch.stack(finite).all()):
             raise Diverged(step, float("nan") if loss is None else float(loss.detach().float().mean()))
+
+
+LOSS_WINDOW = 50  # steps: ``train/loss`` is the mean batch loss of the last LOSS_WINDOW training steps
+
+
+class LossWindow(L.Callback):
+    """The mean of the batch losses of the last ``window`` training steps (``train/loss`` of the results; one
+    batch's loss is noisy). Each step's loss is copied into a ring on the loss's device (no host sync per step);
+    the ring is part of the checkpoint, so a resumed run reports the mean an uninterrupted one does."""
+
+    def __init__(self, window: int = LOSS_WINDOW) -> None:
+        self.window = max(1, int(window))
+        self.losses = torch.full((self.window,), float("nan"))
+        self.count = 0  # steps seen
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        loss = outputs["loss"] if isinstance(outputs, dict) else outputs
+        if loss is None:
+            return
+        loss = loss.detach().float().mean()
+        if self.losses.device != loss.device:
+            self.losses = self.losses.to(loss.device)
+        self.losses[self.count % self.window] = loss
+        self.count += 1
+
+    def steps(self) -> int:
+        """How many steps the mean covers: ``window``, or every step of a shorter run."""
+        return min(self.count, self.window)
+
+    def mean(self) -> float:
+        """The mean loss of the last ``steps()`` steps (NaN before the first step)."""
+        return float(self.losses[: self.steps()].double().mean()) if self.count else float("nan")
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"losses": self.losses.detach().cpu(), "count": self.count}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        losses = state_dict.get("losses")
+        if losses is not None and len(losses) == self.window:
+            self.losses, self.count = losses.clone(), int(state_dict.get("count", 0))
+
+
+class LastValidation(L.Callback):
+    """The step and ``val/loss`` of the last validation during fit, so that a validation at the last step is
+    not run twice."""
+
+    def __init__(self) -> None:
+        self.step: int | None = None
+        self.loss = float("nan")
+
+    def on_validation_end(self, trainer, pl_module) -> None:
+        fitting = trainer.state.fn == "fit" and not trainer.sanity_checking
+        if fitting and "val/loss" in trainer.callback_metrics:
+            self.step, self.loss = trainer.global_step, float(trainer.callback_metrics["val/loss"])
 
 
 class SaveOnTerm(L.Callback):

@@ -151,3 +151,23 @@ def test_length_refuses_non_causal_objectives_and_windows_on_recurrent_models():
         Length().skip_reason(None, MLM())
     with pytest.raises(UserError, match="window"):
         Length(sinks=4)
+
+
+def test_length_and_doc_mask_through_the_cli(lmlab):
+    import json
+
+    from tests.conftest import FAST, TINY
+
+    small = ["data=hmm", "data.length=7", "model.d_model=16", "model.n_layers=1", *TINY, *FAST]
+    code, out = lmlab("train", *small, "data.doc_mask=true", "eval=[length]", "eval.length.factor=4",
+                      "eval.length.window=4", "eval.length.sinks=1")
+    assert code == 0, out
+    metrics = json.loads(next(lmlab.runs.rglob("results.json")).read_text())["metrics"]
+    assert metrics["length/train_length"] == 8 and metrics["length/sinks"] == 1
+    keys = {"length/loss@8", "length/loss@16", "length/loss@32", "length/loss_in_window", "length/ratio"}
+    assert keys <= set(metrics)
+    assert all(math.isfinite(metrics[k]) for k in metrics if k.startswith("length/"))
+    code, out = lmlab("train", *small, "model=lstm", "data.doc_mask=true", "eval=[]")
+    assert code == 2 and "doc_mask" in out
+    code, out = lmlab("train", *small, "model=lstm", "eval=[length]", "eval.length.window=4")
+    assert code == 2 and "window" in out

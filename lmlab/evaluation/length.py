@@ -71,7 +71,8 @@ class Length(Evaluator):
                  window: Optional[Positive] = None, sinks: Optional[NonNegative] = None, positions: str = "cache",
                  buckets: list[int] | None = None, sequences: Positive = 8, batch_size: Positive = 1) -> None:
         if positions not in POSITION_SCHEMES:
-            raise UserError(f"unknown eval.length.positions {positions!r}: choose one of {', '.join(POSITION_SCHEMES)}.")
+            raise UserError(f"unknown eval.length.positions {positions!r}: choose one of "
+                            f"{', '.join(POSITION_SCHEMES)}.")
         if sinks is not None and window is None:
             raise UserError("eval.length.sinks only applies under a sliding window: set eval.length.window or drop "
                             "eval.length.sinks.")

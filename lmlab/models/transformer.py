@@ -146,7 +146,8 @@ class Transformer(Backbone):
         if positions not in POSITIONS:
             raise UserError(f"unknown positions {positions!r}: choose one of {', '.join(POSITIONS)}.")
         if not (math.isfinite(rope_base) and rope_base > 1.0):
-            raise UserError(f"model.rope_base={rope_base} must be a finite number above 1: set it to 10000 (RoFormer's).")
+            raise UserError(f"model.rope_base={rope_base} must be a finite number above 1: set it to 10000 "
+                            "(RoFormer's).")
         if positions != "rotary" and rope_base != 10000.0:
             raise UserError(f"model.rope_base={rope_base} only applies to rotary positions and model.positions is "
                             f"{positions}: drop model.rope_base or set model.positions=rotary.")

@@ -171,3 +171,11 @@ def test_length_and_doc_mask_through_the_cli(lmlab):
     assert code == 2 and "doc_mask" in out
     code, out = lmlab("train", *small, "model=lstm", "eval=[length]", "eval.length.window=4")
     assert code == 2 and "window" in out
+
+
+def test_long_sequences_start_at_a_row():
+    rows = [[BOS_ID, 5, 6, EOS_ID], [BOS_ID, 7, EOS_ID], [BOS_ID, 8, 9, 10, EOS_ID], [BOS_ID, 11, EOS_ID]]
+    seqs = Length(sequences=5).long_sequences(rows, 5)
+    assert seqs.tolist() == [[BOS_ID, 5, 6, EOS_ID, BOS_ID], [BOS_ID, 8, 9, 10, EOS_ID]]
+    with pytest.raises(UserError, match="validation_size"):
+        Length().long_sequences(rows, 100)

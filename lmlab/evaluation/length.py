@@ -2,10 +2,11 @@
 attention and attention sinks for attention models (StreamingLLM: Xiao et al. 2023, "Efficient Streaming
 Language Models with Attention Sinks", arXiv 2309.17453) and the carried state for recurrent models.
 
-The long sequences are the validation rows concatenated in order (``[BOS] .. [EOS] [BOS] .. [EOS] ..``) and cut
-into ``sequences`` pieces of ``factor * train_length + 1`` tokens, ``train_length`` being the longest validation
-row's input (its tokens less one: the model reads ``ids[:-1]``) unless set. Position ``t`` is the prediction of
-token ``t + 1`` from tokens ``0..t``.
+The long sequences are the validation rows concatenated in order (``[BOS] .. [EOS] [BOS] .. [EOS] ..``), up to
+``sequences`` pieces of ``factor * train_length + 1`` tokens, each starting at the start of a row (with the
+``[BOS]`` the model always saw first in training); ``train_length`` is the longest validation row's input (its
+tokens less one: the model reads ``ids[:-1]``) unless set. Position ``t`` is the prediction of token ``t + 1``
+from tokens ``0..t``.
 
 Attention models (those with ``model.sinks``, the Transformer) read through a window when ``window`` is set:
 each query sees its last ``window`` positions plus the first ``sinks`` positions of the sequence (``sinks:
@@ -86,13 +87,21 @@ class Length(Evaluator):
         return None
 
     def long_sequences(self, rows: list[list[int]], length: int) -> torch.Tensor:
-        """(n, length) long: the rows concatenated in order, cut into up to ``sequences`` pieces."""
-        stream = np.fromiter((t for r in rows for t in r), dtype=np.int64)
-        n = min(self.sequences, len(stream) // length)
-        if n == 0:
-            raise UserError(f"the validation rows hold {len(stream)} tokens, fewer than one sequence of {length}: "
-                            "raise data.validation_size or lower eval.length.factor.")
-        return torch.from_numpy(stream[: n * length].reshape(n, length))
+        """(n, length) long: up to ``sequences`` pieces, each the next rows concatenated in order from the start
+        of a row (so that every sequence begins as the rows do, with ``[BOS]``) and cut at ``length`` tokens;
+        the rest of the last row of a piece is left out."""
+        out, piece = [], []
+        for row in rows:
+            piece.extend(row)
+            if len(piece) >= length:
+                out.append(piece[:length])
+                piece = []
+                if len(out) == self.sequences:
+                    break
+        if not out:
+            raise UserError(f"the validation rows hold {sum(map(len, rows))} tokens, fewer than one sequence of "
+                            f"{length}: raise data.validation_size or lower eval.length.factor.")
+        return torch.tensor(out, dtype=torch.long)
 
     @torch.no_grad()
     def __call__(self, module, datamodule, run_dir=None) -> dict[str, float]:

@@ -179,3 +179,29 @@ def test_long_sequences_start_at_a_row():
     assert seqs.tolist() == [[BOS_ID, 5, 6, EOS_ID, BOS_ID], [BOS_ID, 8, 9, 10, EOS_ID]]
     with pytest.raises(UserError, match="validation_size"):
         Length().long_sequences(rows, 100)
+
+
+def test_length_runs_a_recurrent_model_over_the_whole_sequence():
+    """An LSTM reads the long sequence with its state carried: its per-position losses are the ones of one
+    forward pass over the whole sequence (checked on bucket sums against a direct computation)."""
+    from types import SimpleNamespace
+
+    from datasets import Dataset, DatasetDict
+
+    from lmlab.models.lstm import LSTM
+
+    torch.manual_seed(0)
+    model = LSTM(40, d_model=16).eval()
+    g = torch.Generator().manual_seed(4)
+    rows = [[BOS_ID] + torch.randint(4, 40, (6,), generator=g).tolist() + [EOS_ID] for _ in range(20)]
+    dm = SimpleNamespace(splits=DatasetDict({"validation": Dataset.from_dict({"input_ids": rows})}))
+    with pytest.raises(UserError, match="window"):
+        Length(factor=4, window=4)(SimpleNamespace(model=model), dm)
+    out = Length(factor=4, sequences=2)(SimpleNamespace(model=model), dm)
+    seqs = Length(sequences=2).long_sequences(rows, 29)
+    with torch.no_grad():
+        logits = model.logits(model(seqs[:, :-1], Attention(CAUSAL)))
+    nll = torch.nn.functional.cross_entropy(logits.transpose(1, 2).double(), seqs[:, 1:], reduction="none").mean(0)
+    assert out["length/train_length"] == 7
+    assert out["length/loss@7"] == pytest.approx(float(nll[:7].mean()), abs=1e-6)
+    assert out["length/loss@28"] == pytest.approx(float(nll[14:28].mean()), abs=1e-6)

@@ -205,3 +205,23 @@ def test_length_runs_a_recurrent_model_over_the_whole_sequence():
     assert out["length/train_length"] == 7
     assert out["length/loss@7"] == pytest.approx(float(nll[:7].mean()), abs=1e-6)
     assert out["length/loss@28"] == pytest.approx(float(nll[14:28].mean()), abs=1e-6)
+
+
+def test_clm_evaluation_reads_documents_apart_when_the_source_asks():
+    """The validation loss of a run trained with data.doc_mask is scored with the same document mask."""
+    from types import SimpleNamespace
+
+    from lmlab.objectives.clm import CLM
+
+    model = _model()
+    g = torch.Generator().manual_seed(5)
+    words = [torch.randint(4, 40, (11,), generator=g).tolist() for _ in range(3)]
+    rows = [[BOS_ID, *w[:5], EOS_ID, *w[5:]] for w in words]
+    ids = torch.tensor(rows)
+    with torch.no_grad():
+        logits = model.logits(model(ids[:, :-1], Attention(CAUSAL, documents=documents_of(ids[:, :-1]))))
+    expected = float(torch.nn.functional.cross_entropy(logits.flatten(0, 1).double(), ids[:, 1:].flatten()))
+    masked = CLM().evaluate(model, rows, SimpleNamespace(doc_mask=True, sequence_nll=lambda r: None))["loss"]
+    plain = CLM().evaluate(model, rows, SimpleNamespace(doc_mask=False, sequence_nll=lambda r: None))["loss"]
+    assert masked == pytest.approx(expected, abs=1e-6)
+    assert abs(masked - plain) > 1e-4

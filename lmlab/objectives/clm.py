@@ -50,7 +50,8 @@ class CLM(Objective):
         total, count = 0.0, 0
         try:
             for i in range(0, len(rows), batch_size):
-                batch = collate([{"input_ids": r} for r in rows[i : i + batch_size]])
+                batch = collate([{"input_ids": r} for r in rows[i : i + batch_size]],
+                                doc_mask=getattr(source, "doc_mask", False))
                 batch["input_ids"] = batch["input_ids"].to(device)
                 p = self.prepare_eval(batch)
                 hidden = model(p.inputs, p.attention)

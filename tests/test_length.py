@@ -151,6 +151,8 @@ def test_length_refuses_non_causal_objectives_and_windows_on_recurrent_models():
         Length().skip_reason(None, MLM())
     with pytest.raises(UserError, match="window"):
         Length(sinks=4)
+    with pytest.raises(UserError, match="window"):
+        Length(positions="original")
 
 
 def test_length_and_doc_mask_through_the_cli(lmlab):

@@ -74,9 +74,10 @@ class Length(Evaluator):
         if positions not in POSITION_SCHEMES:
             raise UserError(f"unknown eval.length.positions {positions!r}: choose one of "
                             f"{', '.join(POSITION_SCHEMES)}.")
-        if sinks is not None and window is None:
-            raise UserError("eval.length.sinks only applies under a sliding window: set eval.length.window or drop "
-                            "eval.length.sinks.")
+        for key, value, default in (("sinks", sinks, None), ("positions", positions, "cache")):
+            if value != default and window is None:
+                raise UserError(f"eval.length.{key} only applies under a sliding window: set eval.length.window or "
+                                f"drop eval.length.{key}.")
         self.factor, self.train_length, self.window, self.sinks = factor, train_length, window, sinks
         self.positions, self.buckets, self.sequences, self.batch_size = positions, buckets, sequences, batch_size
 

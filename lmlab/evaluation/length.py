@@ -27,6 +27,8 @@ first.
 
 from __future__ import annotations
 
+from typing import Literal
+
 import numpy as np
 import torch
 import torch.nn.functional as F
@@ -38,6 +40,7 @@ from lmlab.readout import model_device
 from lmlab.settings import NonNegative, Optional, Positive
 
 POSITION_SCHEMES = ("cache", "original")
+PositionScheme = Literal[POSITION_SCHEMES]  # the ``positions`` setting
 
 
 def bucket_ends(train_length: int, total: int, ends: list[int] | None = None) -> list[int]:
@@ -69,8 +72,9 @@ class Length(Evaluator):
     name = "length"
 
     def __init__(self, factor: Positive = 32, train_length: Optional[Positive] = None,
-                 window: Optional[Positive] = None, sinks: Optional[NonNegative] = None, positions: str = "cache",
-                 buckets: list[int] | None = None, sequences: Positive = 8, batch_size: Positive = 1) -> None:
+                 window: Optional[Positive] = None, sinks: Optional[NonNegative] = None,
+                 positions: PositionScheme = "cache", buckets: list[int] | None = None, sequences: Positive = 8,
+                 batch_size: Positive = 1) -> None:
         if positions not in POSITION_SCHEMES:
             raise UserError(f"unknown eval.length.positions {positions!r}: choose one of "
                             f"{', '.join(POSITION_SCHEMES)}.")

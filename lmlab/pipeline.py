@@ -27,7 +27,7 @@ from lightning.pytorch.utilities.exceptions import SIGTERMException
 from omegaconf import DictConfig, OmegaConf
 
 import lmlab
-from lmlab.data.datamodule import DataModule
+from lmlab.data.datamodule import DataModule, check_doc_mask
 from lmlab.data.mixture import SOURCE_COLUMN
 from lmlab.errors import UserError
 from lmlab.io import atomic_dir, is_write_failure, remove_stale, write_failure, write_json
@@ -103,6 +103,7 @@ def build(cfg: DictConfig):
     objective = instantiate(cfg.objective, **width)
     source = instantiate(cfg.data)
     model = instantiate(cfg.model, vocab_size=source.vocab_size, attention=objective.attention)
+    check_doc_mask(source.doc_mask, model, objective)
     evaluators = {}
     for name, ecfg in (cfg.get("eval") or {}).items():
         evaluator = instantiate(ecfg)
@@ -181,7 +182,7 @@ def _train(cfg: DictConfig, run_dir: Path, command: str) -> dict[str, Any]:
     selection = selector.run(pool, selection_target(splits, selector), cfg.cache_dir, source.cache_key(),
                              source=source, by=selection_by(source))
     splits["train"] = selection.dataset
-    dm = DataModule(source, splits, batch_size=cfg.batch_size, seed=cfg.seed)
+    dm = DataModule(source, splits, batch_size=cfg.batch_size, seed=cfg.seed, doc_mask=source.doc_mask)
     module = LMModule(model, objective, instantiate(cfg.optim), instantiate(cfg.schedule), compile=cfg.compile)
 
     ckpt_dir = run_dir / CHECKPOINTS
@@ -391,7 +392,7 @@ def rebuild(run_dir: Path, eval_cfg: DictConfig | None = None):
     objective, source, model, evaluators, splits = build(cfg)
     model.load_state_dict(weights)
     model.eval()
-    dm = DataModule(source, splits, batch_size=cfg.batch_size, seed=cfg.seed)
+    dm = DataModule(source, splits, batch_size=cfg.batch_size, seed=cfg.seed, doc_mask=source.doc_mask)
     module = LMModule(model, objective, instantiate(cfg.optim), instantiate(cfg.schedule))
     return cfg, module, dm, evaluators
 

@@ -19,6 +19,8 @@ selection stage falls back to ``validation``, see ``lmlab.pipeline.selection_tar
 
 from __future__ import annotations
 
+import functools
+import inspect
 import os
 from abc import ABC, abstractmethod
 from pathlib import Path
@@ -41,6 +43,14 @@ class Source(ABC):
     """
 
     tasks: dict[str, int] = {}
+    doc_mask: bool = False  # ``data.doc_mask`` (``lmlab.data.datamodule``): read by the loader, not the data
+
+    def __init_subclass__(cls, **kwargs) -> None:
+        """Every source takes ``doc_mask`` (keyword only) without declaring it; it is recorded, not part of the
+        cache key (the rows are the same either way)."""
+        super().__init_subclass__(**kwargs)
+        if "__init__" in cls.__dict__:
+            cls.__init__ = _accepting_doc_mask(cls.__dict__["__init__"])
 
     def __init__(self, **config: Any) -> None:
         # Everything that determines the data goes into the cache key.
@@ -91,3 +101,21 @@ class Source(ABC):
         """For each row, an array (n_words, vocab_size): row t is the true p(x_t = . | x_-t) for the
         t-th word (BOS/EOS excluded), zero on special tokens."""
         return None
+
+
+def _accepting_doc_mask(init):
+    """Wrap a source's ``__init__`` so that it takes ``doc_mask`` (keyword only, default False) and records it."""
+
+    @functools.wraps(init)
+    def __init__(self, *args, doc_mask: bool = False, **kwargs):
+        init(self, *args, **kwargs)
+        self.doc_mask = bool(doc_mask)
+
+    sig = inspect.signature(init)
+    params = [p for p in sig.parameters.values() if p.kind is not inspect.Parameter.VAR_KEYWORD]
+    extra = [p for p in sig.parameters.values() if p.kind is inspect.Parameter.VAR_KEYWORD]
+    if "doc_mask" not in sig.parameters:
+        params.append(inspect.Parameter("doc_mask", inspect.Parameter.KEYWORD_ONLY, default=False, annotation=bool))
+    __init__.__signature__ = sig.replace(parameters=params + extra)
+    __init__.__annotations__ = {**getattr(init, "__annotations__", {}), "doc_mask": bool}
+    return __init__

@@ -33,7 +33,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from lmlab.attention import CAUSAL, Attention, padding_of
+from lmlab.attention import CAUSAL, Attention, documents_of, padding_of
 from lmlab.errors import UserError
 from lmlab.evaluation.base import Evaluator
 from lmlab.readout import model_device, pad_rows
@@ -110,7 +110,8 @@ class Perplexity(Evaluator):
                 out[f"{prefix}/{key}"] = float(result[key])
         tokenizer = getattr(datamodule.source, "tokenizer", None)
         if callable(getattr(tokenizer, "byte_lengths", None)) and module.objective.attention == CAUSAL:
-            nats, n_bytes = text_nll(module.model, rows, tokenizer.byte_lengths(), self.batch_size)
+            nats, n_bytes = text_nll(module.model, rows, tokenizer.byte_lengths(), self.batch_size,
+                                     doc_mask=getattr(datamodule.source, "doc_mask", False))
             if n_bytes:
                 out[f"{prefix}/loss_per_byte"] = nats / n_bytes
                 out[f"{prefix}/bpb"] = nats / n_bytes / math.log(2)
@@ -119,9 +120,11 @@ class Perplexity(Evaluator):
 
 
 @torch.no_grad()
-def text_nll(model, rows: list[list[int]], byte_lengths: np.ndarray, batch_size: int) -> tuple[float, int]:
+def text_nll(model, rows: list[list[int]], byte_lengths: np.ndarray, batch_size: int,
+             doc_mask: bool = False) -> tuple[float, int]:
     """``(sum of -log p(token) in nats, sum of its bytes)`` over the tokens of ``rows`` that the model predicts
-    (each after the ones before it in its row, causally) and that stand for at least one byte."""
+    (each after the ones before it in its row, causally, within its document with ``doc_mask``) and that stand
+    for at least one byte."""
     was_training = model.training
     model.eval()
     device = model_device(model)
@@ -131,7 +134,8 @@ def text_nll(model, rows: list[list[int]], byte_lengths: np.ndarray, batch_size:
         for i in range(0, len(rows), batch_size):
             ids = pad_rows(rows[i : i + batch_size])
             inputs, targets = ids[:, :-1].to(device), ids[:, 1:]
-            hidden = model(inputs, Attention(CAUSAL, padding=padding_of(inputs)))
+            documents = documents_of(inputs) if doc_mask else None
+            hidden = model(inputs, Attention(CAUSAL, padding=padding_of(inputs), documents=documents))
             text = lengths[targets] > 0  # PAD, EOS and the other special ids have no bytes
             logp = F.log_softmax(model.logits(hidden[text.to(device)]).double(), dim=-1)
             picked = logp.gather(1, targets[text].to(device)[:, None])

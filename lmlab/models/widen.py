@@ -74,7 +74,8 @@ def widen(model: Transformer, d_model: int) -> Transformer:
     wide = Transformer(model.vocab_size, model.attention_kind, d_model=d_model, n_layers=model.n_layers,
                        n_heads=k * model.n_heads, d_ff=k * model.d_ff, norm=norm, positions=model.positions,
                        max_len=model.max_len, dropout=dropout, tie_embeddings=False,
-                       activation_checkpointing=model.activation_checkpointing, mlp=mlp)
+                       activation_checkpointing=model.activation_checkpointing, mlp=mlp,
+                       rope_base=model.rope_base, sinks=model.sinks)
     ref = next(model.parameters())
     wide = wide.to(device=ref.device, dtype=ref.dtype)
 

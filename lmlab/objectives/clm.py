@@ -25,12 +25,15 @@ class CLM(Objective):
 
     attention = CAUSAL
     dense_loss = True
+    reads_documents = True  # ``data.doc_mask``: the batch's ``documents`` go into the attention record
 
     def prepare(self, batch: dict) -> Prepared:
         ids = batch["input_ids"]
         inputs, targets = ids[:, :-1], ids[:, 1:]
+        documents = batch.get("documents")
         return Prepared(inputs=inputs, targets=targets, loss_mask=targets != PAD_ID,
-                        attention=Attention(CAUSAL, padding=padding_of(inputs, batch.get("padded"))))
+                        attention=Attention(CAUSAL, padding=padding_of(inputs, batch.get("padded")),
+                                            documents=None if documents is None else documents[:, :-1]))
 
     def prepare_eval(self, batch: dict) -> Prepared:
         """How ``evaluate`` reads a row: next-token prediction of every token (objectives that train on
@@ -47,7 +50,8 @@ class CLM(Objective):
         total, count = 0.0, 0
         try:
             for i in range(0, len(rows), batch_size):
-                batch = collate([{"input_ids": r} for r in rows[i : i + batch_size]])
+                batch = collate([{"input_ids": r} for r in rows[i : i + batch_size]],
+                                doc_mask=getattr(source, "doc_mask", False))
                 batch["input_ids"] = batch["input_ids"].to(device)
                 p = self.prepare_eval(batch)
                 hidden = model(p.inputs, p.attention)

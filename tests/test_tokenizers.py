@@ -240,20 +240,26 @@ def test_file_tokenizer_from_a_finished_run(tmp_path, streamed):
     extra = ["data.stream_above_bytes=0", "data.validation_fraction=0.2", "data.test_fraction=0.2"] if streamed else []
     run, source = _fake_run(tmp_path, "data=text,seed=0", "data.tokenizer.vocab_size=300", *extra)
     assert source.streams() == streamed
-    tok = File(str(run))
+    from lmlab.data.text import as_tokenizer
+
+    with pytest.raises(UserError, match="inside data=text"):  # only a text source finds a run's cache entry
+        File(str(run)).encode(["a"])
+    tok = as_tokenizer(File(str(run)))  # what a text source does with its tokenizer
     text = ["doc 12: the cat sat on the mat", "naïve café 3"]
     assert tok.encode(text) == source.tokenizer.encode(text) and tok.vocab_size == 300
     assert tok.token_bytes() == source.tokenizer.token_bytes()
     child, _ = _fake_run(tmp_path / "second", "child", "data/tokenizer=file", f"data.tokenizer.path='{run}'")
-    assert File(str(child)).encode(text) == tok.encode(text)  # a run that read the file passes it on
+    assert as_tokenizer(File(str(child))).encode(text) == tok.encode(text)  # a run that read the file passes it on
 
 
 def test_file_tokenizer_refuses_a_run_without_a_trained_tokenizer(tmp_path):
     from lmlab.data.tokenizers import File
     from tests.test_text import sentence
 
+    from lmlab.data.text import as_tokenizer
+
     run, _ = _fake_run(tmp_path, "byte", "data/tokenizer=byte")
-    assert "data/tokenizer=byte" in sentence(lambda: File(str(run)))
+    assert "data/tokenizer=byte" in sentence(lambda: as_tokenizer(File(str(run))))
 
 
 def test_a_text_mixture_shares_one_tokenizer_file(tmp_path):

@@ -86,6 +86,8 @@ def as_tokenizer(tokenizer: Any) -> Tokenizer:
     if not isinstance(tokenizer, Tokenizer):
         raise UserError(f"data.tokenizer is {tokenizer!r}, not a tokenizer: choose one with data/tokenizer=<name>, "
                         "e.g. data/tokenizer=byte (lmlab --help lists them).")
+    if isinstance(tokenizer, File) and tokenizer.run is not None:  # a finished run's tokenizer
+        tokenizer.read(*run_tokenizer_file(tokenizer.run))
     return tokenizer
 
 
@@ -104,6 +106,8 @@ def run_tokenizer_file(run_dir: str | os.PathLike) -> tuple[Path, int | None]:
     target = str(node.get("_target_", "")) if node is not None else ""
     if target == f"{File.__module__}.{File.__qualname__}":
         path, declared = File.resolve(node.get("path"))
+        if path.is_dir():  # that run read another run's tokenizer
+            path, declared = run_tokenizer_file(path)
         return path, node.get("vocab_size") or declared
     if target != f"{BPE.__module__}.{BPE.__qualname__}":
         fixed = target.rsplit(".", 1)[-1].lower() if target.startswith("lmlab.data.tokenizers.") else None

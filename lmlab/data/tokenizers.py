@@ -319,9 +319,17 @@ class File(BPE):
     def __init__(self, path: str | None = None, vocab_size: Optional[Positive] = None) -> None:
         """``path``: a tokenizer.json, a directory holding one, or a run directory; ``vocab_size``: the number
         of ids models get (``None``: the run's ``vocab_size`` for a run directory, else the file's own size)."""
+        self.vocab_size_setting, self.model = vocab_size, None
+        self.path, declared = self.resolve(path)
+        self.run = self.path if self.path is not None and self.path.is_dir() else None
+        if self.run is None:  # a run directory's file is found by the text source that holds this tokenizer
+            self.read(self.path, declared)
+
+    def read(self, path: Path, declared: int | None = None) -> None:
+        """Read the tokenizer file ``path`` (``declared``: the vocabulary size a run directory's config gives)."""
         from tokenizers import Tokenizer as HFTokenizer
 
-        self.path, declared = self.resolve(path)
+        self.path, self.run, vocab_size = path, None, self.vocab_size_setting
         raw = self.path.read_bytes()
         self.sha256 = hashlib.sha256(raw).hexdigest()
         try:
@@ -345,9 +353,10 @@ class File(BPE):
 
     @staticmethod
     def resolve(path: str | os.PathLike | None) -> tuple[Path, int | None]:
-        """The tokenizer file ``path`` names: a file; a run directory (its trained tokenizer); a directory
-        holding a ``tokenizer.json`` (an export, a data cache entry, a shard directory); and the vocabulary size
-        a run directory's config gives (``None`` otherwise)."""
+        """The tokenizer file ``path`` names: a file, or a directory holding a ``tokenizer.json`` (an export, a
+        data cache entry, a shard directory), and ``None`` for the vocabulary size; a run directory is returned
+        as it is (its trained tokenizer lies in its data cache, which ``lmlab.data.text.run_tokenizer_file``
+        finds when the text source holding this tokenizer is built)."""
         if path is None:
             return SAMPLE_TOKENIZER, None
         if str(path).strip() == "":
@@ -359,18 +368,31 @@ class File(BPE):
         if where.is_dir():
             from lmlab.run_dir import CONFIG
 
-            if (where / CONFIG).is_file():
-                from lmlab.data.text import run_tokenizer_file
-
-                return run_tokenizer_file(where)
+            if (where / CONFIG).is_file():  # a run: ``lmlab.data.text.run_tokenizer_file`` finds its file
+                return where.resolve(), None
             if (where / TOKENIZER_FILE).is_file():
                 return (where / TOKENIZER_FILE).resolve(), None
             raise UserError(f"the directory {str(path)!r} is neither a run directory nor holds a "
                             f"{TOKENIZER_FILE}: fix data.tokenizer.path.")
         raise UserError(f"the tokenizer file {str(path)!r} does not exist: fix data.tokenizer.path.")
 
+    def _require_file(self) -> None:
+        if self.run is not None:
+            raise UserError(f"data.tokenizer.path={str(self.run)!r} is a run directory, whose tokenizer a text "
+                            "source finds: use data/tokenizer=file inside data=text (or a mixture of text sources).")
+
+    @property
+    def vocab_size(self) -> int:
+        self._require_file()
+        return self._vocab_size
+
+    def _model(self):
+        self._require_file()
+        return super()._model()
+
     @property
     def config(self) -> dict[str, Any]:
+        self._require_file()
         return {"class": f"{type(self).__module__}.{type(self).__qualname__}", "sha256": self.sha256,
                 "vocab_size": self._vocab_size}
 

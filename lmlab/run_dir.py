@@ -101,7 +101,9 @@ def _safe(text: str) -> str:
 
 def _short(value: str, width: int) -> str:
     """A long value as its last path part with its middle elided (``/runs/x/model.d_model=64`` ->
-    ``mod_d_model=64``)."""
+    ``mod_d_model=64``); a list as its items joined by ``+``."""
+    if value.startswith("[") and value.endswith("]"):  # a list: its items joined by + (``[a,b]`` -> ``a+b``)
+        value = "+".join(v.strip() for v in value[1:-1].split(","))
     value = value.rstrip("/").rsplit("/", 1)[-1] or value
     if len(value) <= width:
         return value
@@ -131,7 +133,7 @@ def run_name(overrides: list[str] | ListConfig, first: list[str] | ListConfig = 
     pairs = [item.partition("=")[::2] for item in items]
     ahead = {"seed", *(str(k) for k in first)}
     pairs = [p for p in pairs if p[0].lstrip("+~") in ahead] + [p for p in pairs if p[0].lstrip("+~") not in ahead]
-    for width in (8, 16):  # the narrower values only where they make every item fit
+    for width in (16, 8):  # the narrower values only where the wider ones do not fit
         name = _safe(",".join(f"{k}={_short(v, 16)}" if k.lstrip("+~") in ahead else
                               f"{_abbreviated(k)}={_short(v, width)}" for k, v in pairs))
         if len(name) + len(digest) <= NAME_LIMIT:

@@ -53,6 +53,11 @@ def test_run_name_known_answers():
     # too long: whole items with abbreviated keys, then the hash of the full list
     assert long == "m.key0=value0,m.key10=value10,m.key11=value11,m.key12=value12,m.key13=value13-" \
         + config_hash(sorted(f"model.key{i}=value{i}" for i in range(20)), 8)
+    # a shortened list keeps its items' words, not brackets (written as _ in a name)
+    text = ["data=text", "data.paths=/tmp/walk/corpus", "data.tokenizer.vocab_size=512", "max_steps=150",
+            "model.d_model=32", "eval=[perplexity]"]
+    assert run_dir.run_name(text) == ("d.paths=corpus,d.t.vocab_size=512,data=text,eval=perplexity,max_steps=150,"
+                                      "m.d_model=32-" + config_hash(sorted(text), 8))
 
 
 def test_a_directory_that_is_not_a_finished_run_is_refused(tmp_path):

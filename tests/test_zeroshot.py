@@ -128,7 +128,8 @@ def test_probe_and_finetune_ece_leave_every_other_number_unchanged():
     plain = Finetune(epochs=1, max_train=200, max_test=100, lr=1e-3)(module, dm, None)
     with_ece = Finetune(epochs=1, max_train=200, max_test=100, lr=1e-3, ece=True)(module, dm, None)
     assert set(with_ece) == set(plain) | {"finetune/ece"}
-    assert all(with_ece[k] == plain[k] for k in plain)
+    # one fine-tuning seed: its spread and interval are not defined (NaN) in both
+    assert all(with_ece[k] == plain[k] or (math.isnan(with_ece[k]) and math.isnan(plain[k])) for k in plain)
     assert 0.0 <= with_ece["finetune/ece"] <= 1.0
 
 

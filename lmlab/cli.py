@@ -393,14 +393,11 @@ _dry_built: set[str] = set()  # the recipes (configs without their seed) built i
 def _dry_trainer(cfg: DictConfig) -> None:
     import tempfile
 
-    import torch
     from hydra.utils import instantiate
 
-    from lmlab.pipeline import quiet
+    from lmlab.pipeline import quiet, require_accelerator
 
-    if str(cfg.trainer.get("accelerator", "")) in ("gpu", "cuda") and not torch.cuda.is_available():
-        raise UserError("this trainer runs on a CUDA GPU and PyTorch sees none here (torch.cuda.is_available() "
-                        "is False): use trainer=cpu, or run where a GPU and a CUDA build of PyTorch are.")
+    require_accelerator(cfg)
     quiet()
     with tempfile.TemporaryDirectory() as tmp:
         instantiate(cfg.trainer, logger=False, callbacks=[], enable_checkpointing=False, enable_progress_bar=False,

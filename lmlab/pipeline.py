@@ -160,11 +160,16 @@ def _retry_or_refuse(cfg: DictConfig, run_dir: Path) -> None:
     (run_dir / FIT).unlink(missing_ok=True)
 
 
-def _train(cfg: DictConfig, run_dir: Path, command: str) -> dict[str, Any]:
-    quiet(cfg)
+def require_accelerator(cfg: DictConfig) -> None:
+    """A trainer on a CUDA GPU needs one that PyTorch sees."""
     if str(cfg.trainer.get("accelerator", "")) in ("gpu", "cuda") and not torch.cuda.is_available():
         raise UserError("this trainer runs on a CUDA GPU and PyTorch sees none here (torch.cuda.is_available() "
                         "is False): use trainer=cpu, or run where a GPU and a CUDA build of PyTorch are.")
+
+
+def _train(cfg: DictConfig, run_dir: Path, command: str) -> dict[str, Any]:
+    quiet(cfg)
+    require_accelerator(cfg)
     started = time.time()
     rank0 = is_rank_zero()
     if rank0:

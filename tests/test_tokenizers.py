@@ -253,10 +253,9 @@ def test_file_tokenizer_from_a_finished_run(tmp_path, streamed):
 
 
 def test_file_tokenizer_refuses_a_run_without_a_trained_tokenizer(tmp_path):
+    from lmlab.data.text import as_tokenizer
     from lmlab.data.tokenizers import File
     from tests.test_text import sentence
-
-    from lmlab.data.text import as_tokenizer
 
     run, _ = _fake_run(tmp_path, "byte", "data/tokenizer=byte")
     assert "data/tokenizer=byte" in sentence(lambda: as_tokenizer(File(str(run))))

@@ -363,10 +363,11 @@ def _dry_build(cfg: DictConfig) -> None:
         width = {"d_model": cfg.model.d_model} if "d_model" in cfg.objective and cfg.objective.d_model is None \
             and "model" in cfg else {}
         objective = _built("objective", lambda: instantiate(cfg.objective, **width))
+    model = None
     if "model" in cfg and source is not None and objective is not None:
         with torch.device("meta"):
-            _built("model", lambda: instantiate(cfg.model, vocab_size=source.vocab_size,
-                                                attention=objective.attention))
+            model = _built("model", lambda: instantiate(cfg.model, vocab_size=source.vocab_size,
+                                                        attention=objective.attention))
     for key in SAME_VOCABULARY:
         value = OmegaConf.select(cfg, key, default=None)
         if value not in (None, "") and source is not None:
@@ -375,7 +376,9 @@ def _dry_build(cfg: DictConfig) -> None:
                 raise UserError(f"{key}={value} was trained on a vocabulary of {vocab} tokens and this run's data "
                                 f"has {source.vocab_size}: pass a run trained with the same tokenizer.")
     for name, node in (cfg.get("eval") or {}).items():
-        _built(f"eval.{name}", lambda node=node: instantiate(node))
+        evaluator = _built(f"eval.{name}", lambda node=node: instantiate(node))
+        if model is not None and not _built(f"eval.{name}", lambda e=evaluator: e.skip_reason(source, objective)):
+            _built(f"eval.{name}", lambda e=evaluator: e.check_model(model))
     if "selection" in cfg:
         _built("selection", lambda: instantiate(cfg.selection))
     if "optim" in cfg:

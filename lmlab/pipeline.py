@@ -111,6 +111,7 @@ def build(cfg: DictConfig):
         if reason:
             print(f"[lmlab] eval {name} skipped: {reason}")
         else:
+            evaluator.check_model(model)
             evaluators[name] = evaluator
     splits = source.load(cfg.cache_dir)
     if len(splits["train"]) == 0:

@@ -4,7 +4,9 @@ Evaluators are built before training, and ``skip_reason(source, objective)`` is 
 source and the built objective (its ``attention`` says how the model will read): an evaluator that has nothing
 to measure (a probe on text without labels) is skipped with a notice, and one that was configured for
 something the data or the objective cannot give (lm-eval on a grammar, a mask classifier on a causal model)
-raises ``UserError``, before any data is generated or any compute is spent.
+raises ``UserError``, before any data is generated or any compute is spent. ``check_model(model)`` is asked
+then too, with the built model (on the meta device in preflight: its structure, not its weights), and raises
+``UserError`` where the evaluator cannot read that model (a layer-by-layer reading of a model without blocks).
 """
 
 from __future__ import annotations
@@ -17,6 +19,9 @@ class Evaluator(ABC):
 
     def skip_reason(self, source, objective=None) -> str | None:
         return None
+
+    def check_model(self, model) -> None:
+        """Raise ``UserError`` where this evaluator cannot read ``model``."""
 
     @abstractmethod
     def __call__(self, module, datamodule, run_dir=None) -> dict[str, float]: ...

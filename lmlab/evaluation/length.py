@@ -108,13 +108,17 @@ class Length(Evaluator):
                             f"{length}: raise data.validation_size or lower eval.length.factor.")
         return torch.tensor(out, dtype=torch.long)
 
+    def check_model(self, model) -> None:
+        model = getattr(model, "_orig_mod", model)
+        if self.window is not None and not hasattr(model, "sinks"):
+            raise UserError(f"model {type(model).__name__} has no attention window (its state carries the context): "
+                            "drop eval.length.window and eval.length.sinks.")
+
     @torch.no_grad()
     def __call__(self, module, datamodule, run_dir=None) -> dict[str, float]:
         model = getattr(module.model, "_orig_mod", module.model)
         windowable = hasattr(model, "sinks")
-        if self.window is not None and not windowable:
-            raise UserError(f"model {type(model).__name__} has no attention window (its state carries the context): "
-                            "drop eval.length.window and eval.length.sinks.")
+        self.check_model(model)
         rows = [list(r) for r in datamodule.splits["validation"].with_format(None)["input_ids"]]
         train_length = self.train_length or max(len(r) for r in rows) - 1
         total = self.factor * train_length

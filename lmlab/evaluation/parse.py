@@ -38,7 +38,7 @@ import torch
 
 from lmlab.errors import UserError
 from lmlab.evaluation.base import Evaluator
-from lmlab.evaluation.probe import layer_states
+from lmlab.evaluation.probe import block_list, layer_states
 from lmlab.readout import model_device, pad_rows, reading_attention
 from lmlab.stats import paired_difference, t_interval
 from lmlab.vocab import PAD_ID
@@ -116,6 +116,10 @@ class Parse(Evaluator):
         if not callable(getattr(source, "gold_spans", None)):
             raise UserError(f"data {source.name} has no gold trees: run eval=parse on data=pcfg.")
         return None
+
+    def check_model(self, model) -> None:
+        if self.layer != "last":
+            block_list(model, "eval.parse.layer")
 
     def __call__(self, module, datamodule, run_dir=None) -> dict[str, float]:
         model, kind = module.model, module.objective.attention

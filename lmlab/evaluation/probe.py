@@ -180,6 +180,10 @@ class Probe(DownstreamEvaluator):
             per_batch.append([pool(h, ids, self.pooling, length).float() for h in states])
         return [torch.cat(parts) for parts in zip(*per_batch)]
 
+    def check_model(self, model) -> None:
+        if self.layer != "last":
+            block_list(model, "eval.probe.layer")
+
     def __call__(self, module, datamodule, run_dir=None) -> dict[str, float]:
         if not isinstance(self.task, list):
             return self._probe(module, datamodule, self.task)

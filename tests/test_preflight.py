@@ -89,6 +89,10 @@ BAD = [
     (["name=/tmp/elsewhere"], "name=/tmp/elsewhere"),
     (["-m", "model.n_heads=4,3"], "n_heads=3"),
     (["-m", "seed=0,-1"], "seed"),
+    # an evaluation that cannot read the model (Evaluator.check_model)
+    (["model=lstm", "eval=probe", "eval.probe.layer=all"], "no block list"),
+    (["model=lstm", "objective=mlm", "eval=parse"], "no block list"),
+    (["model=lstm", "eval=length", "eval.length.window=8"], "no attention window"),
 ]
 
 
@@ -217,16 +221,3 @@ def test_eval_refusal_points_at_the_same_named_setting_of_an_evaluation():
         assert str(e.value).endswith(fix), str(e.value)
     _check_eval_override(parser.parse_override("eval.perplexity.paths=[a.jsonl]"), base)  # takes effect
 
-
-@pytest.mark.parametrize("args", [
-    ["model=lstm", "eval=probe", "eval.probe.layer=all"],
-    ["model=lstm", "objective=mlm", "eval=parse"],
-    ["model=lstm", "eval=length", "eval.length.window=8"],
-])
-def test_an_evaluation_that_cannot_read_the_model_is_refused_before_any_data(lmlab, cache_dir, args):
-    """A layer-by-layer reading of a model without blocks, or a window on a recurrent model, is refused by the
-    evaluator's ``check_model`` in preflight, before the data and the training."""
-    code, out = lmlab("train", *args, *TINY, *FAST)
-    assert code == 2, out
-    assert out.strip().endswith(".") and "lmlab: error:" in out
-    assert not any(cache_dir.iterdir()) and not lmlab.runs.exists()

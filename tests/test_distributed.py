@@ -15,14 +15,12 @@ from hydra.utils import instantiate
 
 from tests.conftest import FAST, TINY
 
-ROOT = Path(__file__).resolve().parents[1]
 LMLAB = str(Path(sys.executable).parent / "lmlab")
 
 
 def _env(cache_dir: Path) -> dict:
-    # the repository root on the path: the local launcher plugin lives in hydra_plugins/ next to lmlab/
-    path = os.pathsep.join(p for p in (str(ROOT), os.environ.get("PYTHONPATH", "")) if p)
-    return {**os.environ, "LMLAB_CACHE": str(cache_dir), "PYTHONPATH": path}
+    # tests/conftest.py puts the repository root first on PYTHONPATH (the local launcher plugin is in hydra_plugins/)
+    return {**os.environ, "LMLAB_CACHE": str(cache_dir)}
 
 
 def _run(args: list[str], cache_dir: Path, timeout: int = 400) -> subprocess.CompletedProcess:

@@ -1,0 +1,197 @@
+"""Mutation testing of the modules whose numbers researchers publish, with mutmut (3.x).
+
+Each module is mutated in a copy of the tree (``--workdir``/NAME: lmlab, tests, conf, hydra_plugins, scripts
+and pyproject.toml, with a ``[tool.mutmut]`` section written for that module only), and each mutant is checked by
+ONLY the tests listed for the module here (mutmut narrows them further to the tests that call the mutated
+function). ``functions`` restricts a module to the functions that compute published numbers (mutmut's mangled
+names: ``x_NAME`` for a function, ``xǁCLASSǁNAME`` for a method; globs allowed); without it every function of
+the file is mutated. The kill rate per module is printed at the end:
+
+    killed / (killed + survived + no tests)       (a timeout counts as killed, as mutmut does)
+
+``EQUIVALENT`` lists mutants that no test can kill because they do not change behaviour (with the reason); they
+are reported apart and left out of the rate of non-equivalent mutants. docs/testing.md has the figures.
+
+    python scripts/mutate.py stats                # one module
+    python scripts/mutate.py                      # all of them (`make mutate`)
+    python scripts/mutate.py --list               # the modules, their functions and tests
+"""
+
+from __future__ import annotations
+
+import argparse
+import fnmatch
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+COPIED = ["lmlab", "tests", "conf", "hydra_plugins", "scripts", "pyproject.toml"]
+
+
+@dataclass(frozen=True)
+class Module:
+    path: str                              # the file mutated, relative to the repository root
+    tests: tuple[str, ...]                 # pytest node ids or files: the only tests that check it
+    functions: tuple[str, ...] = ()        # mangled-name globs of the functions mutated (empty: all)
+    what: str = ""
+
+    @property
+    def dotted(self) -> str:
+        return self.path.removesuffix(".py").replace("/", ".")
+
+    def globs(self) -> list[str]:
+        return [f"{self.dotted}.{f}__mutmut_*" for f in (self.functions or ("*",))]
+
+
+HMM = "xǁHMMSourceǁ"
+PCFG = "xǁPCFGSourceǁ"
+MODULES: dict[str, Module] = {
+    "stats": Module("lmlab/stats.py", ("tests/test_stats.py",),
+                    what="t quantiles and intervals, paired tests, equivalence, Holm, OLS, calibration error"),
+    "grammar": Module("lmlab/data/grammar.py", ("tests/test_pcfg.py",),
+                      what="grammar files and generated grammars: rules, probabilities, sampling"),
+    "pcfg": Module("lmlab/data/pcfg.py", ("tests/test_pcfg.py",),
+                   tuple(PCFG + f for f in ("_emissions", "_inside", "_close", "_outside", "_unclose",
+                                            "_argmax_or_minus1", "labels", "_rows_to_words", "sequence_nll",
+                                            "single_mask_conditionals")),
+                   what="inside-outside: exact sequence NLL, single-mask conditionals, labels"),
+    "hmm": Module("lmlab/data/hmm.py", ("tests/test_hmm.py",),
+                  tuple(HMM + f for f in ("_words", "_forward_backward", "_by_length", "sequence_nll",
+                                          "single_mask_conditionals", "posterior")),
+                  what="forward-backward: exact sequence NLL, single-mask conditionals, posteriors"),
+    "callbacks": Module("lmlab/training/callbacks.py",
+                        ("tests/test_faults.py::test_divergence_is_a_status_not_a_success",
+                         "tests/test_faults.py::test_a_diverged_job_in_a_sweep_is_marked_and_the_others_finish"),
+                        ("xǁDivergedǁ*", "xǁDivergenceGuardǁ*"),
+                        what="the divergence guard"),
+    "dedup": Module("lmlab/selection/dedup.py", ("tests/test_selection_filters.py",),
+                    what="MinHash-LSH near-duplicate removal"),
+    "export": Module("lmlab/export.py", ("tests/test_export.py",),
+                     ("x__norm_kind", "x__transformer", "x__rope_inv_freq", "x__mamba", "x__mamba2"),
+                     what="the weight mapping onto transformers' classes"),
+    "paper": Module("lmlab/report/paper.py", ("tests/test_paper_report.py",),
+                    ("x_exclusion", "x__parent_exclusion", "x_run_exclusion", "x_make_row", "x__direction",
+                     "x_decide", "x_base_verdict", "x__verdict_cell"),
+                    what="the report's verdicts"),
+}
+
+# mutant name -> why it cannot change behaviour (docs/testing.md has the diffs)
+EQUIVALENT: dict[str, str] = {}
+
+KILLED = {1, 3, 24, -24, 36, 152, 255}      # mutmut's codes for a failing test run and for a timeout
+SURVIVED = {0}
+NO_TESTS = {5, 33}
+
+
+def _config(mod: Module) -> str:
+    def arr(xs):
+        return "[" + ", ".join(json.dumps(x) for x in xs) + "]"
+    return (
+        "\n[tool.mutmut]\n"
+        'source_paths = ["lmlab"]\n'
+        f"only_mutate = {arr([mod.path])}\n"
+        f'also_copy = {arr(["conf", "hydra_plugins", "scripts"])}\n'
+        f"pytest_add_cli_args_test_selection = {arr(mod.tests)}\n"
+        'pytest_add_cli_args = ["-p", "no:cacheprovider", "-x", "-q"]\n'
+        'process_isolation = "forkserver"\n'
+        "use_git_change_detection = false\n"
+    )
+
+
+def prepare(name: str, mod: Module, workdir: Path) -> Path:
+    work = workdir / name
+    if work.exists():
+        shutil.rmtree(work)
+    work.mkdir(parents=True)
+    ignore = shutil.ignore_patterns("__pycache__", "*.pyc", ".pytest_cache")
+    for item in COPIED:
+        src = ROOT / item
+        if src.is_dir():
+            shutil.copytree(src, work / item, ignore=ignore)
+        else:
+            shutil.copy2(src, work / item)
+    pyproject = work / "pyproject.toml"
+    pyproject.write_text(pyproject.read_text() + _config(mod))
+    return work
+
+
+def results(work: Path, mod: Module) -> dict[str, int]:
+    """mutant name -> mutmut's exit code, for the mutants of ``mod``'s selected functions."""
+    meta = work / "mutants" / (mod.path + ".meta")
+    codes = json.loads(meta.read_text())["exit_code_by_key"]
+    return {k: v for k, v in codes.items() if any(fnmatch.fnmatchcase(k, g) for g in mod.globs())}
+
+
+def run(name: str, mod: Module, workdir: Path, max_children: int) -> dict:
+    work = prepare(name, mod, workdir)
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}  # the copy under test, not this tree
+    env.update(OMP_NUM_THREADS="1", LMLAB_CACHE=str(work / "cache"), MPLBACKEND="Agg")
+    mutmut = shutil.which("mutmut") or str(Path(sys.executable).with_name("mutmut"))
+    t0 = time.time()
+    with open(work / "mutmut.log", "w") as log:
+        proc = subprocess.run([mutmut, "run", "--max-children", str(max_children), *mod.globs()],
+                              cwd=work, env=env, stdout=log, stderr=subprocess.STDOUT)
+    wall = time.time() - t0
+    if proc.returncode != 0:
+        tail = (work / "mutmut.log").read_text()[-3000:]
+        raise SystemExit(f"mutmut failed on {mod.path} (exit {proc.returncode}); the end of {work}/mutmut.log:\n"
+                         f"{tail}")
+    codes = results(work, mod)
+    unknown = sorted(k for k, v in codes.items() if v not in KILLED | SURVIVED | NO_TESTS)
+    if unknown:
+        raise SystemExit(f"{mod.path}: mutants neither killed nor survived (exit codes "
+                         f"{sorted({codes[k] for k in unknown})}): {unknown[:10]}; see {work}/mutmut.log")
+    killed = sorted(k for k, v in codes.items() if v in KILLED)
+    alive = sorted(k for k, v in codes.items() if v not in KILLED)
+    equivalent = [k for k in alive if k in EQUIVALENT]
+    gaps = [k for k in alive if k not in EQUIVALENT]
+    return {"module": mod.path, "mutants": len(codes), "killed": len(killed),
+            "no_tests": sorted(k for k, v in codes.items() if v in NO_TESTS),
+            "equivalent": equivalent, "surviving": gaps, "wall_s": round(wall),
+            "rate": len(killed) / len(codes) if codes else float("nan"),
+            "rate_non_equivalent": len(killed) / (len(codes) - len(equivalent)) if codes else float("nan"),
+            "workdir": str(work)}
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("modules", nargs="*", help=f"which ({', '.join(MODULES)}); default: all")
+    ap.add_argument("--workdir", type=Path, default=ROOT / "build" / "mutate")
+    ap.add_argument("--max-children", type=int, default=2, help="mutants checked at once")
+    ap.add_argument("--json", type=Path, help="also write the results here")
+    ap.add_argument("--list", action="store_true", help="print the modules and exit")
+    args = ap.parse_args(argv)
+    unknown = [m for m in args.modules if m not in MODULES]
+    if unknown:
+        ap.error(f"unknown module(s) {unknown}; choose from {list(MODULES)}")
+    if args.list:
+        for name, mod in MODULES.items():
+            print(f"{name:10s} {mod.path}: {mod.what}\n{'':10s} functions: {', '.join(mod.functions) or 'all'}\n"
+                  f"{'':10s} tests: {' '.join(mod.tests)}")
+        return 0
+    out = []
+    for name in args.modules or list(MODULES):
+        r = run(name, MODULES[name], args.workdir, args.max_children)
+        out.append(r)
+        print(f"{r['module']}: {r['killed']}/{r['mutants']} killed ({100 * r['rate']:.1f}%), "
+              f"{len(r['equivalent'])} equivalent, {100 * r['rate_non_equivalent']:.1f}% of the non-equivalent; "
+              f"{r['wall_s']} s", flush=True)
+        for k in r["surviving"]:
+            print(f"    surviving: {k}{'  (no test calls it)' if k in r['no_tests'] else ''}")
+        if args.json:
+            args.json.write_text(json.dumps(out, indent=1))
+    print("\nkill rate per module (killed / non-equivalent mutants):")
+    for r in out:
+        print(f"  {r['module']:32s} {r['killed']:4d}/{r['mutants'] - len(r['equivalent']):<4d} "
+              f"{100 * r['rate_non_equivalent']:5.1f}%")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -52,7 +52,14 @@ class Module:
 HMM = "xǁHMMSourceǁ"
 PCFG = "xǁPCFGSourceǁ"
 MODULES: dict[str, Module] = {
-    "stats": Module("lmlab/stats.py", ("tests/test_stats.py",),
+    "stats": Module("lmlab/stats.py",
+                    ("tests/test_stats.py", "tests/test_evaluators.py::test_t_interval_equals_scipy",
+                     "tests/test_sweep_report.py::test_mean_interval_matches_scipy",
+                     "tests/test_sweep_report.py::test_mean_interval_of_one_and_none",
+                     "tests/test_sweep_report.py::test_paired_difference_matches_ttest_rel",
+                     "tests/test_zeroshot.py::test_ece_hand_example_with_exact_fractions",
+                     "tests/test_zeroshot.py::test_ece_bins_are_closed_on_the_right_and_one_bin_is_the_overall_gap",
+                     "tests/test_zeroshot.py::test_ece_of_perfectly_calibrated_predictions_is_near_zero"),
                     what="t quantiles and intervals, paired tests, equivalence, Holm, OLS, calibration error"),
     "grammar": Module("lmlab/data/grammar.py", ("tests/test_pcfg.py",),
                       what="grammar files and generated grammars: rules, probabilities, sampling"),

@@ -53,7 +53,8 @@ HMM = "xǁHMMSourceǁ"
 PCFG = "xǁPCFGSourceǁ"
 MODULES: dict[str, Module] = {
     "stats": Module("lmlab/stats.py",
-                    ("tests/test_stats.py", "tests/test_evaluators.py::test_t_interval_equals_scipy",
+                    ("tests/test_stats.py", "tests/test_mutation_kills.py",
+                     "tests/test_evaluators.py::test_t_interval_equals_scipy",
                      "tests/test_sweep_report.py::test_mean_interval_matches_scipy",
                      "tests/test_sweep_report.py::test_mean_interval_of_one_and_none",
                      "tests/test_sweep_report.py::test_paired_difference_matches_ttest_rel",
@@ -114,6 +115,7 @@ def _config(mod: Module) -> str:
         'pytest_add_cli_args = ["-p", "no:cacheprovider", "-x", "-q"]\n'
         'process_isolation = "forkserver"\n'
         "use_git_change_detection = false\n"
+        "timeout_multiplier = 5.0\n"  # a mutant whose tests take 5x their clean CPU time loops: counted killed
     )
 
 

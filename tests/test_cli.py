@@ -90,7 +90,8 @@ SMOKE_ARGS[("eval", "lm_eval")] = ["data=text", "eval.lm_eval.limit=4"]  # lm-ev
 SMOKE_ARGS[("eval", "mask_classifier")] = [*TINY, "objective=mlm"]  # reads a masked-LM head: causal runs are refused
 SMOKE_SKIP = {("trainer", "gpu"): "needs CUDA",
               ("trainer", "ddp"): "tests/test_distributed.py runs DDP on 2 CPU processes",
-              ("trainer", "fsdp"): "Lightning runs FSDP on GPUs only: tests/test_distributed.py composes it",
+              ("trainer", "fsdp"): "FSDP runs on CUDA GPUs only: tests/test_distributed.py composes it and tests the "
+                                  "refusal on the CPU",
               ("launcher", "slurm"): "needs a SLURM cluster: tests/test_distributed.py composes it",
               ("objective", "distill"):
                   "teacher: ???, see test_objectives_zoo.py::test_teacher_objectives_through_the_cli",

@@ -143,17 +143,32 @@ def results(work: Path, mod: Module) -> dict[str, int]:
     return {k: v for k, v in codes.items() if any(fnmatch.fnmatchcase(k, g) for g in mod.globs())}
 
 
-def run(name: str, mod: Module, workdir: Path, max_children: int) -> dict:
-    work = prepare(name, mod, workdir)
+def diff(work: Path, mutant: str, env: dict) -> str:
+    """The changed line of ``mutant``, as ``- old`` / ``+ new`` (from ``mutmut show``)."""
+    shown = subprocess.run([_mutmut(), "show", mutant], cwd=work, env=env, capture_output=True, text=True).stdout
+    return " / ".join(" ".join(line.split()) for line in shown.splitlines()
+                      if line[:1] in "-+" and not line.startswith(("---", "+++")))
+
+
+def _mutmut() -> str:
+    return shutil.which("mutmut") or str(Path(sys.executable).with_name("mutmut"))
+
+
+def run(name: str, mod: Module, workdir: Path, max_children: int, again: bool = True) -> dict:
+    """Mutation-test ``mod`` in ``workdir``/``name`` (``again=False``: only read the results of the last run)."""
+    work = workdir / name
     env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}  # the copy under test, not this tree
     env.update(OMP_NUM_THREADS="1", LMLAB_CACHE=str(work / "cache"), MPLBACKEND="Agg")
-    mutmut = shutil.which("mutmut") or str(Path(sys.executable).with_name("mutmut"))
     t0 = time.time()
-    with open(work / "mutmut.log", "w") as log:
-        proc = subprocess.run([mutmut, "run", "--max-children", str(max_children), *mod.globs()],
-                              cwd=work, env=env, stdout=log, stderr=subprocess.STDOUT)
+    if again:
+        prepare(name, mod, workdir)
+        with open(work / "mutmut.log", "w") as log:
+            proc = subprocess.run([_mutmut(), "run", "--max-children", str(max_children), *mod.globs()],
+                                  cwd=work, env=env, stdout=log, stderr=subprocess.STDOUT)
+    elif not (work / "mutants").is_dir():
+        raise SystemExit(f"{work} holds no mutation run: run without --results-only first")
     wall = time.time() - t0
-    if proc.returncode != 0:
+    if again and proc.returncode != 0:
         tail = (work / "mutmut.log").read_text()[-3000:]
         raise SystemExit(f"mutmut failed on {mod.path} (exit {proc.returncode}); the end of {work}/mutmut.log:\n"
                          f"{tail}")
@@ -169,6 +184,7 @@ def run(name: str, mod: Module, workdir: Path, max_children: int) -> dict:
     return {"module": mod.path, "mutants": len(codes), "killed": len(killed),
             "no_tests": sorted(k for k, v in codes.items() if v in NO_TESTS),
             "equivalent": equivalent, "surviving": gaps, "wall_s": round(wall),
+            "diffs": {k: diff(work, k, env) for k in alive},
             "rate": len(killed) / len(codes) if codes else float("nan"),
             "rate_non_equivalent": len(killed) / (len(codes) - len(equivalent)) if codes else float("nan"),
             "workdir": str(work)}
@@ -181,6 +197,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--max-children", type=int, default=2, help="mutants checked at once")
     ap.add_argument("--json", type=Path, help="also write the results here")
     ap.add_argument("--list", action="store_true", help="print the modules and exit")
+    ap.add_argument("--results-only", action="store_true", help="report the last run in --workdir, run nothing")
     args = ap.parse_args(argv)
     unknown = [m for m in args.modules if m not in MODULES]
     if unknown:
@@ -192,13 +209,15 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     out = []
     for name in args.modules or list(MODULES):
-        r = run(name, MODULES[name], args.workdir, args.max_children)
+        r = run(name, MODULES[name], args.workdir, args.max_children, again=not args.results_only)
         out.append(r)
         print(f"{r['module']}: {r['killed']}/{r['mutants']} killed ({100 * r['rate']:.1f}%), "
               f"{len(r['equivalent'])} equivalent, {100 * r['rate_non_equivalent']:.1f}% of the non-equivalent; "
-              f"{r['wall_s']} s", flush=True)
+              f"{r['wall_s'] if not args.results_only else '(earlier)'} s", flush=True)
         for k in r["surviving"]:
-            print(f"    surviving: {k}{'  (no test calls it)' if k in r['no_tests'] else ''}")
+            print(f"    surviving: {k}{'  (no test calls it)' if k in r['no_tests'] else ''}: {r['diffs'][k]}")
+        for k in r["equivalent"]:
+            print(f"    equivalent: {k}: {r['diffs'][k]} ({EQUIVALENT[k]})")
         if args.json:
             args.json.write_text(json.dumps(out, indent=1))
     print("\nkill rate per module (killed / non-equivalent mutants):")

@@ -125,3 +125,16 @@ def test_slope_of_two_points_one_apart():
 
 def test_t_interval_of_two_values():
     assert t_interval([0.0, 2.0]) == pytest.approx(sps.t.ppf(0.975, 1) * math.sqrt(2) / math.sqrt(2), rel=1e-9)
+
+
+def test_calibration_error_has_15_bins_by_default():
+    # 0.93 and 0.935 fall on either side of 14/15 = 0.9333 (apart with 15 bins, together with 16):
+    # (|1 - 0.93| + |0 - 0.935|) / 2 = 0.5025 (Guo et al. 2017 use M = 15)
+    assert expected_calibration_error([0.93, 0.935], [1, 0]) == pytest.approx(0.5025, abs=1e-12)
+
+
+def test_ols_flattens_y_and_slope_of_nothing_is_nan():
+    X = np.column_stack([np.ones(3), [0.0, 1.0, 2.0]])
+    assert ols(X, [[0.0, 2.0, 1.0]]).coef == pytest.approx(ols(X, [0.0, 2.0, 1.0]).coef, rel=1e-12)
+    assert ols(X, [[0.0, 2.0, 1.0]]).coef[1] == pytest.approx(0.5, rel=1e-12)  # sum(xc * y) / sum(xc^2) = 1 / 2
+    assert math.isnan(ols_slope([], []))

@@ -95,8 +95,30 @@ MODULES: dict[str, Module] = {
                     what="the report's verdicts"),
 }
 
-# mutant name -> why it cannot change behaviour (docs/testing.md has the diffs)
-EQUIVALENT: dict[str, str] = {}
+# Mutants that cannot change what a caller gets, with the reason (mutmut numbers the mutants of a function in
+# order, so a change to that function renumbers them: rerun and review the survivors after editing it).
+_DTYPE = "dtype=float64 dropped: numeric input is promoted to float64 by the arithmetic that follows"
+_NEG = "reshape(-2) is reshape(-1): numpy reads any negative size as 'the rest'"
+_BINS = ("for confidences in [0, 1] the bin index is at most n_bins - 1 already: edges past 1 and the upper clip "
+         "change nothing")
+EQUIVALENT: dict[str, str] = {
+    **{f"lmlab.stats.x_expected_calibration_error__mutmut_{i}": _DTYPE for i in (5, 7, 13, 15, 31, 33)},
+    **{f"lmlab.stats.x_expected_calibration_error__mutmut_{i}": _NEG for i in (9, 17)},
+    **{f"lmlab.stats.x_expected_calibration_error__mutmut_{i}": _BINS for i in (35, 39, 54)},
+    "lmlab.stats.x_expected_calibration_error__mutmut_27": 'float("NAN") is float("nan")',
+    "lmlab.stats.x_expected_calibration_error__mutmut_49": 'side="left" is searchsorted\'s default',
+    **{f"lmlab.stats.x_ols__mutmut_{i}": _DTYPE for i in (3, 5, 9, 11)},
+    "lmlab.stats.x_ols__mutmut_13": _NEG,
+    **{f"lmlab.stats.x_ols_slope__mutmut_{i}": _DTYPE for i in (4, 6, 12, 14)},
+    **{f"lmlab.stats.x_ols_slope__mutmut_{i}": _NEG for i in (8, 16)},
+    "lmlab.stats.x_ols_slope__mutmut_28": "sum(xc * (y + mean y)) = sum(xc * (y - mean y)) since sum(xc) = 0",
+    **{f"lmlab.stats.x_paired_difference__mutmut_{i}": _DTYPE for i in (5, 7, 13, 15)},
+    **{f"lmlab.stats.x_paired_difference__mutmut_{i}": _NEG for i in (9, 17)},
+    **{f"lmlab.stats.x_paired_t_test__mutmut_{i}": _DTYPE for i in (4, 6)},
+    "lmlab.stats.x_paired_t_test__mutmut_8": _NEG,
+    "lmlab.stats.x_paired_t_test__mutmut_2": "paired_difference, which gets x, flattens it",
+    "lmlab.stats.xǁOLSFitǁinterval__mutmut_2": "a fit from ols() has a NaN se where df = 0: `or` and `and` agree",
+}
 
 KILLED = {1, 3, 24, -24, 36, 152, 255}      # mutmut's codes for a failing test run and for a timeout
 SURVIVED = {0}

@@ -101,6 +101,8 @@ _DTYPE = "dtype=float64 dropped: numeric input is promoted to float64 by the ari
 _NEG = "reshape(-2) is reshape(-1): numpy reads any negative size as 'the rest'"
 _BINS = ("for confidences in [0, 1] the bin index is at most n_bins - 1 already: edges past 1 and the upper clip "
          "change nothing")
+_BISECT = ("200 halvings narrow the bracket far below one float's spacing: the bracket's start and growth, one more "
+           "halving, or which side an exact tie falls (probability 0) land on the same quantile")
 EQUIVALENT: dict[str, str] = {
     **{f"lmlab.stats.x_expected_calibration_error__mutmut_{i}": _DTYPE for i in (5, 7, 13, 15, 31, 33)},
     **{f"lmlab.stats.x_expected_calibration_error__mutmut_{i}": _NEG for i in (9, 17)},
@@ -117,6 +119,8 @@ EQUIVALENT: dict[str, str] = {
     **{f"lmlab.stats.x_paired_t_test__mutmut_{i}": _DTYPE for i in (4, 6)},
     "lmlab.stats.x_paired_t_test__mutmut_8": _NEG,
     "lmlab.stats.x_paired_t_test__mutmut_2": "paired_difference, which gets x, flattens it",
+    **{f"lmlab.stats.x_t_interval__mutmut_{i}": _DTYPE for i in (4, 6)},
+    **{f"lmlab.stats.x_t_quantile__mutmut_{i}": _BISECT for i in (8, 13, 16, 18, 27)},
     "lmlab.stats.xǁOLSFitǁinterval__mutmut_2": "a fit from ols() has a NaN se where df = 0: `or` and `and` agree",
 }
 

@@ -138,3 +138,11 @@ def test_ols_flattens_y_and_slope_of_nothing_is_nan():
     assert ols(X, [[0.0, 2.0, 1.0]]).coef == pytest.approx(ols(X, [0.0, 2.0, 1.0]).coef, rel=1e-12)
     assert ols(X, [[0.0, 2.0, 1.0]]).coef[1] == pytest.approx(0.5, rel=1e-12)  # sum(xc * y) / sum(xc^2) = 1 / 2
     assert math.isnan(ols_slope([], []))
+
+
+def test_mean_interval_of_none_one_and_two_keeps_its_confidence_and_nans():
+    none, one, two = mean_interval([], 0.9), mean_interval([2.5], 0.9), mean_interval([1.0, 3.0], 0.9)
+    assert none.n == 0 and all(math.isnan(v) for v in (none.mean, none.sd, none.half))
+    assert one.n == 1 and one.mean == 2.5 and math.isnan(one.sd) and math.isnan(one.half)
+    assert (none.confidence, one.confidence, two.confidence) == (0.9, 0.9, 0.9)
+    assert two.half == pytest.approx(sps.t.ppf(0.95, 1) * math.sqrt(2) / math.sqrt(2), rel=1e-9)

@@ -199,6 +199,10 @@ def run(name: str, mod: Module, workdir: Path, max_children: int, again: bool = 
         raise SystemExit(f"mutmut failed on {mod.path} (exit {proc.returncode}); the end of {work}/mutmut.log:\n"
                          f"{tail}")
     codes = results(work, mod)
+    unchecked = sorted(k for k, v in codes.items() if v is None)  # a run stopped early (--results-only)
+    if unchecked and again:
+        raise SystemExit(f"{mod.path}: {len(unchecked)} mutants were not checked; see {work}/mutmut.log")
+    codes = {k: v for k, v in codes.items() if v is not None}
     unknown = sorted(k for k, v in codes.items() if v not in KILLED | SURVIVED | NO_TESTS)
     if unknown:
         raise SystemExit(f"{mod.path}: mutants neither killed nor survived (exit codes "
@@ -209,7 +213,7 @@ def run(name: str, mod: Module, workdir: Path, max_children: int, again: bool = 
     gaps = [k for k in alive if k not in EQUIVALENT]
     return {"module": mod.path, "mutants": len(codes), "killed": len(killed),
             "no_tests": sorted(k for k, v in codes.items() if v in NO_TESTS),
-            "equivalent": equivalent, "surviving": gaps, "wall_s": round(wall),
+            "equivalent": equivalent, "surviving": gaps, "wall_s": round(wall), "unchecked": len(unchecked),
             "diffs": {k: diff(work, k, env) for k in alive},
             "rate": len(killed) / len(codes) if codes else float("nan"),
             "rate_non_equivalent": len(killed) / (len(codes) - len(equivalent)) if codes else float("nan"),
@@ -240,6 +244,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{r['module']}: {r['killed']}/{r['mutants']} killed ({100 * r['rate']:.1f}%), "
               f"{len(r['equivalent'])} equivalent, {100 * r['rate_non_equivalent']:.1f}% of the non-equivalent; "
               f"{r['wall_s'] if not args.results_only else '(earlier)'} s", flush=True)
+        if r["unchecked"]:
+            print(f"    {r['unchecked']} mutants not checked yet (the run was stopped): left out of the rates")
         for k in r["surviving"]:
             print(f"    surviving: {k}{'  (no test calls it)' if k in r['no_tests'] else ''}: {r['diffs'][k]}")
         for k in r["equivalent"]:

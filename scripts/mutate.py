@@ -89,7 +89,7 @@ MODULES: dict[str, Module] = {
     "export": Module("lmlab/export.py", ("tests/test_export.py",),
                      ("x__norm_kind", "x__transformer", "x__rope_inv_freq", "x__mamba", "x__mamba2"),
                      what="the weight mapping onto transformers' classes"),
-    "paper": Module("lmlab/report/paper.py", ("tests/test_paper_report.py",),
+    "paper": Module("lmlab/report/paper.py", ("tests/test_paper_report.py", "tests/test_mutation_kills.py"),
                     ("x_exclusion", "x__parent_exclusion", "x_run_exclusion", "x_make_row", "x__direction",
                      "x_decide", "x_base_verdict", "x__verdict_cell"),
                     what="the report's verdicts"),

@@ -146,3 +146,39 @@ def test_mean_interval_of_none_one_and_two_keeps_its_confidence_and_nans():
     assert one.n == 1 and one.mean == 2.5 and math.isnan(one.sd) and math.isnan(one.half)
     assert (none.confidence, one.confidence, two.confidence) == (0.9, 0.9, 0.9)
     assert two.half == pytest.approx(sps.t.ppf(0.95, 1) * math.sqrt(2) / math.sqrt(2), rel=1e-9)
+
+
+# ----- lmlab/report/paper.py: the verdicts -----
+
+
+def _row(**kw):
+    from lmlab.report.paper import Row
+
+    return Row("claim", "data", "task", "what", "acc:x", "paper", kw.pop("sign", 1), kw.pop("extension", True), **kw)
+
+
+def test_a_verdict_needs_p_below_alpha_and_a_nonzero_mean():
+    from lmlab.report.paper import ALPHA, decide
+
+    assert ALPHA == 0.05
+    cases = [(dict(mean=0.1, p=0.05), "extension: inconclusive"),  # p = alpha is not below it
+             (dict(mean=0.1, p=0.0499), "extension: reproduced"),
+             (dict(mean=1.0, p=0.01), "extension: reproduced"),
+             (dict(mean=0.0, p=0.01), "extension: inconclusive"),
+             (dict(mean=-0.1, p=0.01), "extension: not reproduced"),
+             (dict(mean=-0.1, p=0.01, sign=-1), "extension: reproduced"),
+             (dict(mean=0.1, p=math.nan), "extension: inconclusive")]
+    rows = decide([_row(**kw) for kw, _ in cases])
+    assert [r.verdict for r in rows] == [want for _, want in cases]
+
+
+def test_the_verdict_cell_gives_the_mde_of_an_inconclusive_row_only():
+    from lmlab.report.paper import INCONCLUSIVE, REPRODUCED, _verdict_cell
+
+    assert _verdict_cell(_row(verdict=INCONCLUSIVE, mde=0.01234, unit=" nats", n=5)) == \
+        "**inconclusive** (MDE 0.012 nats)"
+    assert _verdict_cell(_row(verdict="extension: inconclusive", mde=0.5, n=5)) == \
+        "**extension: inconclusive** (MDE 0.5)"
+    assert _verdict_cell(_row(verdict=REPRODUCED, mde=0.01, n=5)) == "**reproduced**"
+    assert _verdict_cell(_row(verdict=INCONCLUSIVE, n=1)) == "**inconclusive** (1 pair)"
+    assert _verdict_cell(_row(verdict=INCONCLUSIVE, n=0)) == "**inconclusive** (0 pairs)"

@@ -120,6 +120,8 @@ EQUIVALENT: dict[str, str] = {
     "lmlab.stats.x_paired_t_test__mutmut_8": _NEG,
     "lmlab.stats.x_paired_t_test__mutmut_2": "paired_difference, which gets x, flattens it",
     **{f"lmlab.stats.x_t_interval__mutmut_{i}": _DTYPE for i in (4, 6)},
+    **{f"lmlab.stats.x_mean_interval__mutmut_{i}": _DTYPE for i in (5, 7)},
+    "lmlab.stats.x_mean_interval__mutmut_9": _NEG,
     **{f"lmlab.stats.x_t_quantile__mutmut_{i}": _BISECT for i in (8, 13, 16, 18, 27)},
     "lmlab.stats.xǁOLSFitǁinterval__mutmut_2": "a fit from ols() has a NaN se where df = 0: `or` and `and` agree",
 }

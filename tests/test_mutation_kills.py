@@ -182,3 +182,26 @@ def test_the_verdict_cell_gives_the_mde_of_an_inconclusive_row_only():
     assert _verdict_cell(_row(verdict=REPRODUCED, mde=0.01, n=5)) == "**reproduced**"
     assert _verdict_cell(_row(verdict=INCONCLUSIVE, n=1)) == "**inconclusive** (1 pair)"
     assert _verdict_cell(_row(verdict=INCONCLUSIVE, n=0)) == "**inconclusive** (0 pairs)"
+
+
+# ----- lmlab/data/hmm.py: the exact sequence probability -----
+
+
+def test_hmm_nll_of_a_batch_that_starts_with_a_sentence_of_another_length():
+    import itertools
+
+    from lmlab.data.hmm import HMMSource
+    from lmlab.vocab import BOS_ID, EOS_ID, N_SPECIAL
+
+    src = HMMSource(hidden_states=2, vocab_size=3, length=3, label_position=2, hmm_seed=1, train_size=10,
+                    validation_size=5, test_size=5, downstream_size=5)
+    x = (2, 0, 1)
+    # P(x) by enumerating the hidden paths (independent of the forward pass)
+    px = sum(src.initial[z[0]] * src.emission[z[0], x[0]]
+             * np.prod([src.transition[z[t - 1], z[t]] * src.emission[z[t], x[t]] for t in range(1, 3)])
+             for z in itertools.product(range(2), repeat=3))
+    rows = [[BOS_ID, N_SPECIAL, EOS_ID], [BOS_ID, *(w + N_SPECIAL for w in x), EOS_ID]]
+    nll = src.sequence_nll(rows)  # the short row's length group comes first
+    assert np.isinf(nll[0]) and nll[1] == pytest.approx(-math.log(px), rel=1e-12)
+    with pytest.raises(ValueError, match=f"token id {3 + N_SPECIAL} is outside this HMM's vocabulary"):
+        src.sequence_nll([[BOS_ID, 3 + N_SPECIAL, EOS_ID]])  # the first id past the vocabulary

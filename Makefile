@@ -8,7 +8,7 @@ PIP := $(PY) -m pip
 TORCH_CPU ?= torch==2.13.0
 TORCH_INDEX ?= $(if $(wildcard /opt/wheels/torch-*),,--extra-index-url https://download.pytorch.org/whl/cpu)
 
-.PHONY: install demo test bench lint clean reproduce-paper
+.PHONY: install demo test bench lint clean reproduce-paper mutate
 
 $(VENV)/.installed: pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -47,5 +47,10 @@ lint: install
 	$(VENV)/bin/ruff check lmlab tests scripts hydra_plugins
 	$(VENV)/bin/lint-imports
 
+# Mutation testing (mutmut) of the modules whose numbers are published, each with only its own tests; prints the
+# kill rate per module (docs/testing.md). MODULES="stats dedup" runs some of them (scripts/mutate.py --list).
+mutate: install
+	nice $(PY) scripts/mutate.py $(MODULES)
+
 clean:
-	rm -rf runs outputs multirun
+	rm -rf runs outputs multirun build/mutate

@@ -162,10 +162,16 @@ def _retry_or_refuse(cfg: DictConfig, run_dir: Path) -> None:
 
 
 def require_accelerator(cfg: DictConfig) -> None:
-    """A trainer on a CUDA GPU needs one that PyTorch sees."""
+    """A trainer on a CUDA GPU needs one that PyTorch sees; FSDP runs on GPUs only."""
     if str(cfg.trainer.get("accelerator", "")) in ("gpu", "cuda") and not torch.cuda.is_available():
         raise UserError("this trainer runs on a CUDA GPU and PyTorch sees none here (torch.cuda.is_available() "
                         "is False): use trainer=cpu, or run where a GPU and a CUDA build of PyTorch are.")
+    strategy = cfg.trainer.get("strategy")
+    strategy = strategy.get("_target_", "") if isinstance(strategy, DictConfig) else str(strategy or "")
+    if "fsdp" in strategy.lower() and str(cfg.trainer.get("accelerator", "")) not in ("gpu", "cuda"):
+        raise UserError(f"FSDP runs on CUDA GPUs only (Lightning's FSDPStrategy refuses "
+                        f"accelerator={cfg.trainer.get('accelerator')!r} and PyTorch's FSDP needs an accelerator "
+                        "device): on the CPU use trainer=ddp instead, or keep trainer.accelerator=gpu where a GPU is.")
 
 
 def _train(cfg: DictConfig, run_dir: Path, command: str) -> dict[str, Any]:

@@ -13,6 +13,13 @@ import torch
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 torch.set_num_threads(1)
 
+# Subprocesses (the `lmlab` console script, `python -m`, scripts, launchers) import the tree under test, not
+# whatever lmlab is installed: the repository root goes first on their PYTHONPATH. In this process pytest
+# already imports the tree (tests/ is a package under the root).
+ROOT = Path(__file__).resolve().parents[1]
+os.environ["PYTHONPATH"] = os.pathsep.join(
+    [str(ROOT), *(p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p and Path(p).resolve() != ROOT)])
+
 # Tiny data so that a smoke run of any recipe takes a few seconds.
 TINY = ["data.train_size=400", "data.validation_size=40", "data.test_size=80", "data.downstream_size=120"]
 FAST = ["max_steps=4", "val_every=2", "checkpoint_every=2", "batch_size=16", "logger=none"]

@@ -8,7 +8,6 @@ import os
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -18,6 +17,7 @@ from omegaconf import OmegaConf
 
 from lmlab.cli import config_groups, run_name
 from tests.conftest import FAST, TINY
+from tests.signals import pause_at, wait_for_pause
 
 ROOT = Path(__file__).resolve().parents[1]
 LMLAB = str(Path(sys.executable).parent / "lmlab")
@@ -90,7 +90,8 @@ SMOKE_ARGS[("eval", "lm_eval")] = ["data=text", "eval.lm_eval.limit=4"]  # lm-ev
 SMOKE_ARGS[("eval", "mask_classifier")] = [*TINY, "objective=mlm"]  # reads a masked-LM head: causal runs are refused
 SMOKE_SKIP = {("trainer", "gpu"): "needs CUDA",
               ("trainer", "ddp"): "tests/test_distributed.py runs DDP on 2 CPU processes",
-              ("trainer", "fsdp"): "Lightning runs FSDP on GPUs only: tests/test_distributed.py composes it",
+              ("trainer", "fsdp"): "FSDP runs on CUDA GPUs only: tests/test_distributed.py composes it and tests the "
+                                  "refusal on the CPU",
               ("launcher", "slurm"): "needs a SLURM cluster: tests/test_distributed.py composes it",
               ("objective", "distill"):
                   "teacher: ???, see test_objectives_zoo.py::test_teacher_objectives_through_the_cli",
@@ -197,16 +198,15 @@ def test_resume_after_kill_matches_uninterrupted(tmp_path, cache_dir):
     straight = subprocess.run([LMLAB, "train", f"out_dir={tmp_path / 'a'}", *common], env=env,
                               capture_output=True, text=True)
     assert straight.returncode == 0, straight.stderr[-2000:]
+    ledger = tmp_path / "steps"
+    common.append(pause_at(step=15, ledger=ledger))  # held after step 15 (a checkpoint at 10): killed there
     proc = subprocess.Popen([LMLAB, "train", f"out_dir={tmp_path / 'b'}", *common], env=env,
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
-    deadline = time.time() + 120
-    while not list((tmp_path / "b").rglob("last.ckpt")) and time.time() < deadline and proc.poll() is None:
-        time.sleep(0.05)
+    wait_for_pause(ledger, proc)
     os.killpg(proc.pid, signal.SIGKILL)
     proc.wait()
     run_b = _only_run(tmp_path / "b")
-    if (run_b / "DONE").exists():
-        pytest.skip("the run finished before it could be interrupted")
+    assert not (run_b / "DONE").exists()
     resumed = subprocess.run([LMLAB, "train", f"out_dir={tmp_path / 'b'}", *common], env=env,
                              capture_output=True, text=True)
     assert resumed.returncode == 0, resumed.stderr[-2000:]

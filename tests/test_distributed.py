@@ -10,19 +10,18 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 from hydra import compose, initialize_config_module
 from hydra.utils import instantiate
 
 from tests.conftest import FAST, TINY
 
-ROOT = Path(__file__).resolve().parents[1]
 LMLAB = str(Path(sys.executable).parent / "lmlab")
 
 
 def _env(cache_dir: Path) -> dict:
-    # the repository root on the path: the local launcher plugin lives in hydra_plugins/ next to lmlab/
-    path = os.pathsep.join(p for p in (str(ROOT), os.environ.get("PYTHONPATH", "")) if p)
-    return {**os.environ, "LMLAB_CACHE": str(cache_dir), "PYTHONPATH": path}
+    # tests/conftest.py puts the repository root first on PYTHONPATH (the local launcher plugin is in hydra_plugins/)
+    return {**os.environ, "LMLAB_CACHE": str(cache_dir)}
 
 
 def _run(args: list[str], cache_dir: Path, timeout: int = 400) -> subprocess.CompletedProcess:
@@ -82,6 +81,36 @@ def test_fsdp_composes_and_wraps_each_block():
     assert type(strategy).__name__ == "FSDPStrategy"
     assert strategy.kwargs["auto_wrap_policy"]._module_classes == {Block}
     assert cfg.trainer.accelerator == "gpu"
+
+
+def test_fsdp_on_the_cpu_is_refused_with_one_sentence(lmlab):
+    code, out = lmlab("train", "trainer=fsdp", "trainer.accelerator=cpu", "trainer.devices=2", *TINY, *FAST)
+    assert code == 2, out
+    assert ("FSDP runs on CUDA GPUs only (Lightning's FSDPStrategy refuses accelerator='cpu' and PyTorch's FSDP "
+            "needs an accelerator device): on the CPU use trainer=ddp instead") in out
+    assert "Traceback" not in out and not list(lmlab.runs.rglob("results.json"))
+
+
+FSDP_WRAP = """
+import sys, torch, torch.distributed as dist
+from torch.distributed.fsdp import FullyShardedDataParallel
+dist.init_process_group("gloo", init_method="file://" + sys.argv[1], rank=0, world_size=1)
+try:
+    FullyShardedDataParallel(torch.nn.Linear(4, 4))
+    print("wrapped")
+except RuntimeError as e:
+    print("refused:", e)
+"""
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has a GPU: FSDP runs on it")
+def test_pytorch_fsdp_itself_refuses_the_cpu(tmp_path):
+    """Why trainer=fsdp has no CPU test: even past Lightning's check (a subclass of FSDPStrategy passes it), this
+    PyTorch's FSDP refuses a machine with no accelerator. When this test fails, FSDP runs on the CPU: give
+    trainer=fsdp a 2-process gloo test and drop the refusal in lmlab/pipeline.py."""
+    proc = subprocess.run([sys.executable, "-c", FSDP_WRAP, str(tmp_path / "rendezvous")], capture_output=True,
+                          text=True, timeout=300)
+    assert "refused: FSDP needs a non-CPU accelerator device" in proc.stdout, proc.stdout + proc.stderr[-2000:]
 
 
 # ----- launchers -----

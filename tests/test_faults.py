@@ -10,7 +10,6 @@ import os
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -19,6 +18,7 @@ import torch
 from lmlab.errors import UserError
 from lmlab.run_dir import RunHeld, hold, is_held, status
 from tests.conftest import TINY
+from tests.signals import pause_at, wait_for_pause
 
 LMLAB = str(Path(sys.executable).with_name("lmlab"))
 SMALL = [*TINY, "batch_size=16", "model.d_model=32", "logger=none", "eval=[perplexity]"]
@@ -74,21 +74,21 @@ def test_the_lock_refuses_a_second_holder_and_frees_itself(tmp_path):
 
 
 def test_two_processes_on_one_job(tmp_path, cache_dir):
-    args = [LMLAB, "train", f"out_dir={tmp_path}", *SMALL, "max_steps=2000", "checkpoint_every=1000", "val_every=1000"]
+    ledger = tmp_path / "steps"
+    args = [LMLAB, "train", f"out_dir={tmp_path / 'runs'}", *SMALL, "max_steps=20", "checkpoint_every=10",
+            "val_every=10", pause_at(step=5, ledger=ledger)]
     env = {**os.environ, "LMLAB_CACHE": str(cache_dir)}
-    first = subprocess.Popen(args, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    deadline = time.time() + 120
-    while time.time() < deadline and first.poll() is None and not any(is_held(r) for r in _runs(tmp_path)):
-        time.sleep(0.05)
-    if first.poll() is not None:
-        pytest.skip("the first run finished before the second could start")
+    first = subprocess.Popen(args, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    wait_for_pause(ledger, first)  # the first holds the job, at step 5
+    assert [is_held(r) for r in _runs(tmp_path / "runs")] == [True]
     second = subprocess.run(args, env=env, capture_output=True, text=True)
-    assert first.wait() == 0
+    Path(f"{ledger}.go").touch()
+    assert first.wait() == 0, first.stderr.read()[-2000:]
     assert second.returncode == 2
     assert f"is being trained by pid {first.pid}" in second.stderr and second.stderr.count("\n") == 1
-    (run,) = _runs(tmp_path)
+    (run,) = _runs(tmp_path / "runs")
     assert status(run) == "done"
-    assert json.loads((run / "results.json").read_text())["metrics"]["train/steps"] == 2000
+    assert json.loads((run / "results.json").read_text())["metrics"]["train/steps"] == 20
 
 
 def test_sigterm_saves_a_checkpoint_and_the_rerun_matches_an_uninterrupted_run(tmp_path, cache_dir):
@@ -97,26 +97,19 @@ def test_sigterm_saves_a_checkpoint_and_the_rerun_matches_an_uninterrupted_run(t
     straight = subprocess.run([LMLAB, "train", f"out_dir={tmp_path / 'a'}", *common], env=env,
                               capture_output=True, text=True)
     assert straight.returncode == 0, straight.stderr[-2000:]
-    proc = subprocess.Popen([LMLAB, "train", f"out_dir={tmp_path / 'b'}", *common, "logger=csv"], env=env,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    deadline = time.time() + 120
-    metrics = None
-    while time.time() < deadline and proc.poll() is None:  # wait until training has logged a step
-        metrics = next(iter((tmp_path / "b").rglob("metrics.csv")), None)
-        if metrics is not None and len(metrics.read_text().splitlines()) > 1:
-            break
-        time.sleep(0.02)
+    ledger = tmp_path / "steps"
+    interrupted = [LMLAB, "train", f"out_dir={tmp_path / 'b'}", *common, "logger=csv", pause_at(25, ledger)]
+    proc = subprocess.Popen(interrupted, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    wait_for_pause(ledger, proc)  # held after step 25: the signal arrives there, whatever the machine's speed
     proc.send_signal(signal.SIGTERM)
-    assert proc.wait() == 2
+    assert proc.wait() == 2, proc.stderr.read()[-2000:]
     (run,) = _runs(tmp_path / "b")
-    if (run / "DONE").exists():
-        pytest.skip("the run finished before it could be interrupted")
+    assert not (run / "DONE").exists()
     results = json.loads((run / "results.json").read_text())
     assert results["status"] == "interrupted" and status(run) == "interrupted"
     saved = torch.load(run / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False)["global_step"]
-    assert saved == results["step"] and 0 < saved < 60 and saved != 50  # saved at the signal, not a periodic one
-    resumed = subprocess.run([LMLAB, "train", f"out_dir={tmp_path / 'b'}", *common, "logger=csv"], env=env,
-                             capture_output=True, text=True)
+    assert saved == results["step"] == 25  # saved at the signal, not a periodic one (50)
+    resumed = subprocess.run(interrupted, env=env, capture_output=True, text=True)
     assert resumed.returncode == 0, resumed.stderr[-2000:]
     assert "not resumable" not in resumed.stderr + resumed.stdout  # the batches follow the step: nothing to warn
     a = json.loads((_runs(tmp_path / "a")[0] / "results.json").read_text())["metrics"]

@@ -8,7 +8,6 @@ import os
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import optuna
@@ -16,6 +15,7 @@ import pytest
 from optuna.trial import TrialState
 
 from tests.conftest import FAST, TINY
+from tests.signals import pause_at, wait_for_pause
 
 SEARCH = ["-m", "hydra/sweeper=optuna", "hydra/sweeper/sampler=random", "hydra.sweeper.sampler.seed=0",
           "eval=[perplexity]", "hydra.sweeper.metric=perplexity/gap", *TINY, *FAST]
@@ -53,30 +53,25 @@ def test_a_rerun_continues_the_stored_study_to_n_trials(lmlab):
 
 
 def test_a_search_killed_after_3_trials_and_rerun_ends_with_n_trials(tmp_path, cache_dir):
-    """A real kill: the search runs as its own process, is killed (SIGKILL: no chance to clean up) once 3 trials
-    are complete, and the same command run again finishes the study at exactly n_trials distinct trials."""
+    """A real kill: the search runs as its own process and is killed (SIGKILL: no chance to clean up) while its
+    4th trial is held at step 2 (``tests.signals.PauseAt``: at a step, not after a time, so the machine's speed
+    does not matter); the same command run again finishes the study at exactly n_trials distinct trials."""
     lmlab = Path(sys.executable).with_name("lmlab")
-    args = [str(lmlab), "train", f"out_dir={tmp_path / 'runs'}", *SEARCH[:-len(FAST)],
-            *[o for o in FAST if not o.startswith("max_steps")], "max_steps=60",
-            "optim.lr=tag(log,interval(1e-4,1e-1))", "hydra.sweeper.n_trials=6"]
+    ledger = tmp_path / "steps"
+    args = [str(lmlab), "train", f"out_dir={tmp_path / 'runs'}", *SEARCH, "optim.lr=tag(log,interval(1e-4,1e-1))",
+            "hydra.sweeper.n_trials=6", pause_at(step=2, ledger=ledger, run=4)]
     env = {**os.environ, "LMLAB_CACHE": str(cache_dir), "OMP_NUM_THREADS": "1"}
-    proc = subprocess.Popen(args, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    proc = subprocess.Popen(args, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
                             start_new_session=True)
-    complete, deadline = 0, time.time() + 300
-    while complete < 3 and time.time() < deadline and proc.poll() is None:
-        time.sleep(0.2)
-        dbs = list((tmp_path / "runs").rglob("optuna.db"))
-        if dbs:
-            try:
-                trials = optuna.load_study(study_name="lmlab", storage=f"sqlite:///{dbs[0]}").trials
-            except Exception:  # noqa: BLE001  (the study is being created)
-                continue
-            complete = sum(t.state == TrialState.COMPLETE for t in trials)
-    assert proc.poll() is None, "the search ended before it could be killed: lengthen its trials"
+    try:
+        wait_for_pause(ledger, proc)
+    except AssertionError:
+        proc.kill()
+        raise AssertionError(proc.communicate()[1][-3000:]) from None
     os.killpg(proc.pid, signal.SIGKILL)
     proc.wait()
     killed = _study(tmp_path / "runs").trials
-    assert 3 <= sum(t.state == TrialState.COMPLETE for t in killed) < 6
+    assert [t.state for t in killed] == [TrialState.COMPLETE] * 3 + [TrialState.RUNNING]
 
     again = subprocess.run(args, env=env, capture_output=True, text=True)
     assert again.returncode == 0, again.stdout[-2000:] + again.stderr[-2000:]
@@ -84,6 +79,7 @@ def test_a_search_killed_after_3_trials_and_rerun_ends_with_n_trials(tmp_path, c
     assert [t.state for t in trials] == [TrialState.COMPLETE] * 6
     assert len({t.params["optim.lr"] for t in trials}) == 6
     assert [t.params for t in trials[: len(killed)]] == [t.params for t in killed]  # the killed search's trials kept
+    assert len(ledger.read_text().splitlines()) == 4 + 3  # the rerun passed step 2 in trials 4 (again), 5 and 6
 
 
 def test_with_a_launcher_of_its_own_processes_the_value_comes_from_results_json(lmlab):

@@ -1,0 +1,265 @@
+"""Mutation testing of the modules whose numbers researchers publish, with mutmut (3.x).
+
+Each module is mutated in a copy of the tree (``--workdir``/NAME: lmlab, tests, conf, hydra_plugins, scripts
+and pyproject.toml, with a ``[tool.mutmut]`` section written for that module only), and each mutant is checked by
+ONLY the tests listed for the module here (mutmut narrows them further to the tests that call the mutated
+function). ``functions`` restricts a module to the functions that compute published numbers (mutmut's mangled
+names: ``x_NAME`` for a function, ``xǁCLASSǁNAME`` for a method; globs allowed); without it every function of
+the file is mutated. The kill rate per module is printed at the end:
+
+    killed / (killed + survived + no tests)       (a timeout counts as killed, as mutmut does)
+
+``EQUIVALENT`` lists mutants that no test can kill because they do not change behaviour (with the reason); they
+are reported apart and left out of the rate of non-equivalent mutants. docs/testing.md has the figures.
+
+    python scripts/mutate.py stats                # one module
+    python scripts/mutate.py                      # all of them (`make mutate`)
+    python scripts/mutate.py --list               # the modules, their functions and tests
+"""
+
+from __future__ import annotations
+
+import argparse
+import fnmatch
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+COPIED = ["lmlab", "tests", "conf", "hydra_plugins", "scripts", "pyproject.toml"]
+
+
+@dataclass(frozen=True)
+class Module:
+    path: str                              # the file mutated, relative to the repository root
+    tests: tuple[str, ...]                 # pytest node ids or files: the only tests that check it
+    functions: tuple[str, ...] = ()        # mangled-name globs of the functions mutated (empty: all)
+    what: str = ""
+
+    @property
+    def dotted(self) -> str:
+        return self.path.removesuffix(".py").replace("/", ".")
+
+    def globs(self) -> list[str]:
+        return [f"{self.dotted}.{f}__mutmut_*" for f in (self.functions or ("*",))]
+
+
+HMM = "xǁHMMSourceǁ"
+PCFG = "xǁPCFGSourceǁ"
+MODULES: dict[str, Module] = {
+    "stats": Module("lmlab/stats.py",
+                    ("tests/test_stats.py", "tests/test_mutation_kills.py",
+                     "tests/test_evaluators.py::test_t_interval_equals_scipy",
+                     "tests/test_sweep_report.py::test_mean_interval_matches_scipy",
+                     "tests/test_sweep_report.py::test_mean_interval_of_one_and_none",
+                     "tests/test_sweep_report.py::test_paired_difference_matches_ttest_rel",
+                     "tests/test_zeroshot.py::test_ece_hand_example_with_exact_fractions",
+                     "tests/test_zeroshot.py::test_ece_bins_are_closed_on_the_right_and_one_bin_is_the_overall_gap",
+                     "tests/test_zeroshot.py::test_ece_of_perfectly_calibrated_predictions_is_near_zero"),
+                    what="t quantiles and intervals, paired tests, equivalence, Holm, OLS, calibration error"),
+    "grammar": Module("lmlab/data/grammar.py", ("tests/test_pcfg.py",),
+                      what="grammar files and generated grammars: rules, probabilities, sampling"),
+    "pcfg": Module("lmlab/data/pcfg.py", ("tests/test_pcfg.py",),
+                   tuple(PCFG + f for f in ("_emissions", "_inside", "_close", "_outside", "_unclose",
+                                            "_argmax_or_minus1", "labels", "_rows_to_words", "sequence_nll",
+                                            "single_mask_conditionals")),
+                   what="inside-outside: exact sequence NLL, single-mask conditionals, labels"),
+    "hmm": Module("lmlab/data/hmm.py", ("tests/test_hmm.py",),
+                  tuple(HMM + f for f in ("_words", "_forward_backward", "_by_length", "sequence_nll",
+                                          "single_mask_conditionals", "posterior")),
+                  what="forward-backward: exact sequence NLL, single-mask conditionals, posteriors"),
+    "callbacks": Module("lmlab/training/callbacks.py",
+                        ("tests/test_faults.py::test_divergence_is_a_status_not_a_success",
+                         "tests/test_faults.py::test_a_diverged_job_in_a_sweep_is_marked_and_the_others_finish"),
+                        ("xǁDivergedǁ*", "xǁDivergenceGuardǁ*"),
+                        what="the divergence guard"),
+    "dedup": Module("lmlab/selection/dedup.py",
+                    tuple(f"tests/test_selection_filters.py::{t}" for t in (
+                        "test_shingles_and_jaccard_known_answers", "test_minhash_estimates_jaccard",
+                        "test_lsh_params_favour_recall", "test_exact_duplicates_keep_first",
+                        "test_near_duplicates_found_unrelated_kept",
+                        "test_duplicates_equal_the_all_pairs_answer_across_chunks",
+                        "test_dedup_over_shards_reads_them_in_chunks", "test_dedup_selector_reports_and_caches")),
+                    what="MinHash-LSH near-duplicate removal"),
+    "export": Module("lmlab/export.py", ("tests/test_export.py",),
+                     ("x__norm_kind", "x__transformer", "x__rope_inv_freq", "x__mamba", "x__mamba2"),
+                     what="the weight mapping onto transformers' classes"),
+    "paper": Module("lmlab/report/paper.py", ("tests/test_paper_report.py", "tests/test_mutation_kills.py"),
+                    ("x_exclusion", "x__parent_exclusion", "x_run_exclusion", "x_make_row", "x__direction",
+                     "x_decide", "x_base_verdict", "x__verdict_cell"),
+                    what="the report's verdicts"),
+}
+
+# Mutants that cannot change what a caller gets, with the reason (mutmut numbers the mutants of a function in
+# order, so a change to that function renumbers them: rerun and review the survivors after editing it).
+_DTYPE = "dtype=float64 dropped: numeric input is promoted to float64 by the arithmetic that follows"
+_NEG = "reshape(-2) is reshape(-1): numpy reads any negative size as 'the rest'"
+_BINS = ("for confidences in [0, 1] the bin index is at most n_bins - 1 already: edges past 1 and the upper clip "
+         "change nothing")
+_BISECT = ("200 halvings narrow the bracket far below one float's spacing: the bracket's start and growth, one more "
+           "halving, or which side an exact tie falls (probability 0) land on the same quantile")
+EQUIVALENT: dict[str, str] = {
+    **{f"lmlab.stats.x_expected_calibration_error__mutmut_{i}": _DTYPE for i in (5, 7, 13, 15, 31, 33)},
+    **{f"lmlab.stats.x_expected_calibration_error__mutmut_{i}": _NEG for i in (9, 17)},
+    **{f"lmlab.stats.x_expected_calibration_error__mutmut_{i}": _BINS for i in (35, 39, 54)},
+    "lmlab.stats.x_expected_calibration_error__mutmut_27": 'float("NAN") is float("nan")',
+    "lmlab.stats.x_expected_calibration_error__mutmut_49": 'side="left" is searchsorted\'s default',
+    **{f"lmlab.stats.x_ols__mutmut_{i}": _DTYPE for i in (3, 5, 9, 11)},
+    "lmlab.stats.x_ols__mutmut_13": _NEG,
+    **{f"lmlab.stats.x_ols_slope__mutmut_{i}": _DTYPE for i in (4, 6, 12, 14)},
+    **{f"lmlab.stats.x_ols_slope__mutmut_{i}": _NEG for i in (8, 16)},
+    "lmlab.stats.x_ols_slope__mutmut_28": "sum(xc * (y + mean y)) = sum(xc * (y - mean y)) since sum(xc) = 0",
+    **{f"lmlab.stats.x_paired_difference__mutmut_{i}": _DTYPE for i in (5, 7, 13, 15)},
+    **{f"lmlab.stats.x_paired_difference__mutmut_{i}": _NEG for i in (9, 17)},
+    **{f"lmlab.stats.x_paired_t_test__mutmut_{i}": _DTYPE for i in (4, 6)},
+    "lmlab.stats.x_paired_t_test__mutmut_8": _NEG,
+    "lmlab.stats.x_paired_t_test__mutmut_2": "paired_difference, which gets x, flattens it",
+    **{f"lmlab.stats.x_t_interval__mutmut_{i}": _DTYPE for i in (4, 6)},
+    **{f"lmlab.stats.x_mean_interval__mutmut_{i}": _DTYPE for i in (5, 7)},
+    "lmlab.stats.x_mean_interval__mutmut_9": _NEG,
+    **{f"lmlab.stats.x_t_quantile__mutmut_{i}": _BISECT for i in (8, 13, 16, 18, 27)},
+    "lmlab.stats.xǁOLSFitǁinterval__mutmut_2": "a fit from ols() has a NaN se where df = 0: `or` and `and` agree",
+}
+
+KILLED = {1, 3, 24, -24, 36, 152, 255}      # mutmut's codes for a failing test run and for a timeout
+SURVIVED = {0}
+NO_TESTS = {5, 33}
+
+
+def _config(mod: Module) -> str:
+    def arr(xs):
+        return "[" + ", ".join(json.dumps(x) for x in xs) + "]"
+    return (
+        "\n[tool.mutmut]\n"
+        'source_paths = ["lmlab"]\n'
+        f"only_mutate = {arr([mod.path])}\n"
+        f'also_copy = {arr(["conf", "hydra_plugins", "scripts"])}\n'
+        f"pytest_add_cli_args_test_selection = {arr(mod.tests)}\n"
+        'pytest_add_cli_args = ["-p", "no:cacheprovider", "-x", "-q"]\n'
+        'process_isolation = "forkserver"\n'
+        "use_git_change_detection = false\n"
+        "timeout_multiplier = 5.0\n"  # a mutant whose tests take 5x their clean CPU time loops: counted killed
+    )
+
+
+def prepare(name: str, mod: Module, workdir: Path) -> Path:
+    work = workdir / name
+    if work.exists():
+        shutil.rmtree(work)
+    work.mkdir(parents=True)
+    ignore = shutil.ignore_patterns("__pycache__", "*.pyc", ".pytest_cache")
+    for item in COPIED:
+        src = ROOT / item
+        if src.is_dir():
+            shutil.copytree(src, work / item, ignore=ignore)
+        else:
+            shutil.copy2(src, work / item)
+    pyproject = work / "pyproject.toml"
+    pyproject.write_text(pyproject.read_text() + _config(mod))
+    return work
+
+
+def results(work: Path, mod: Module) -> dict[str, int]:
+    """mutant name -> mutmut's exit code, for the mutants of ``mod``'s selected functions."""
+    meta = work / "mutants" / (mod.path + ".meta")
+    codes = json.loads(meta.read_text())["exit_code_by_key"]
+    return {k: v for k, v in codes.items() if any(fnmatch.fnmatchcase(k, g) for g in mod.globs())}
+
+
+def diff(work: Path, mutant: str, env: dict) -> str:
+    """The changed line of ``mutant``, as ``- old`` / ``+ new`` (from ``mutmut show``)."""
+    shown = subprocess.run([_mutmut(), "show", mutant], cwd=work, env=env, capture_output=True, text=True).stdout
+    return " / ".join(" ".join(line.split()) for line in shown.splitlines()
+                      if line[:1] in "-+" and not line.startswith(("---", "+++")))
+
+
+def _mutmut() -> str:
+    return shutil.which("mutmut") or str(Path(sys.executable).with_name("mutmut"))
+
+
+def run(name: str, mod: Module, workdir: Path, max_children: int, again: bool = True) -> dict:
+    """Mutation-test ``mod`` in ``workdir``/``name`` (``again=False``: only read the results of the last run)."""
+    work = workdir / name
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}  # the copy under test, not this tree
+    env.update(OMP_NUM_THREADS="1", LMLAB_CACHE=str(work / "cache"), MPLBACKEND="Agg")
+    t0 = time.time()
+    if again:
+        prepare(name, mod, workdir)
+        with open(work / "mutmut.log", "w") as log:
+            proc = subprocess.run([_mutmut(), "run", "--max-children", str(max_children), *mod.globs()],
+                                  cwd=work, env=env, stdout=log, stderr=subprocess.STDOUT)
+    elif not (work / "mutants").is_dir():
+        raise SystemExit(f"{work} holds no mutation run: run without --results-only first")
+    wall = time.time() - t0
+    if again and proc.returncode != 0:
+        tail = (work / "mutmut.log").read_text()[-3000:]
+        raise SystemExit(f"mutmut failed on {mod.path} (exit {proc.returncode}); the end of {work}/mutmut.log:\n"
+                         f"{tail}")
+    codes = results(work, mod)
+    unchecked = sorted(k for k, v in codes.items() if v is None)  # a run stopped early (--results-only)
+    if unchecked and again:
+        raise SystemExit(f"{mod.path}: {len(unchecked)} mutants were not checked; see {work}/mutmut.log")
+    codes = {k: v for k, v in codes.items() if v is not None}
+    unknown = sorted(k for k, v in codes.items() if v not in KILLED | SURVIVED | NO_TESTS)
+    if unknown:
+        raise SystemExit(f"{mod.path}: mutants neither killed nor survived (exit codes "
+                         f"{sorted({codes[k] for k in unknown})}): {unknown[:10]}; see {work}/mutmut.log")
+    killed = sorted(k for k, v in codes.items() if v in KILLED)
+    alive = sorted(k for k, v in codes.items() if v not in KILLED)
+    equivalent = [k for k in alive if k in EQUIVALENT]
+    gaps = [k for k in alive if k not in EQUIVALENT]
+    return {"module": mod.path, "mutants": len(codes), "killed": len(killed),
+            "no_tests": sorted(k for k, v in codes.items() if v in NO_TESTS),
+            "equivalent": equivalent, "surviving": gaps, "wall_s": round(wall), "unchecked": len(unchecked),
+            "diffs": {k: diff(work, k, env) for k in alive},
+            "rate": len(killed) / len(codes) if codes else float("nan"),
+            "rate_non_equivalent": len(killed) / (len(codes) - len(equivalent)) if codes else float("nan"),
+            "workdir": str(work)}
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("modules", nargs="*", help=f"which ({', '.join(MODULES)}); default: all")
+    ap.add_argument("--workdir", type=Path, default=ROOT / "build" / "mutate")
+    ap.add_argument("--max-children", type=int, default=2, help="mutants checked at once")
+    ap.add_argument("--json", type=Path, help="also write the results here")
+    ap.add_argument("--list", action="store_true", help="print the modules and exit")
+    ap.add_argument("--results-only", action="store_true", help="report the last run in --workdir, run nothing")
+    args = ap.parse_args(argv)
+    unknown = [m for m in args.modules if m not in MODULES]
+    if unknown:
+        ap.error(f"unknown module(s) {unknown}; choose from {list(MODULES)}")
+    if args.list:
+        for name, mod in MODULES.items():
+            print(f"{name:10s} {mod.path}: {mod.what}\n{'':10s} functions: {', '.join(mod.functions) or 'all'}\n"
+                  f"{'':10s} tests: {' '.join(mod.tests)}")
+        return 0
+    out = []
+    for name in args.modules or list(MODULES):
+        r = run(name, MODULES[name], args.workdir, args.max_children, again=not args.results_only)
+        out.append(r)
+        print(f"{r['module']}: {r['killed']}/{r['mutants']} killed ({100 * r['rate']:.1f}%), "
+              f"{len(r['equivalent'])} equivalent, {100 * r['rate_non_equivalent']:.1f}% of the non-equivalent; "
+              f"{r['wall_s'] if not args.results_only else '(earlier)'} s", flush=True)
+        if r["unchecked"]:
+            print(f"    {r['unchecked']} mutants not checked yet (the run was stopped): left out of the rates")
+        for k in r["surviving"]:
+            print(f"    surviving: {k}{'  (no test calls it)' if k in r['no_tests'] else ''}: {r['diffs'][k]}")
+        for k in r["equivalent"]:
+            print(f"    equivalent: {k}: {r['diffs'][k]} ({EQUIVALENT[k]})")
+        if args.json:
+            args.json.write_text(json.dumps(out, indent=1))
+    print("\nkill rate per module (killed / non-equivalent mutants):")
+    for r in out:
+        print(f"  {r['module']:32s} {r['killed']:4d}/{r['mutants'] - len(r['equivalent']):<4d} "
+              f"{100 * r['rate_non_equivalent']:5.1f}%")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

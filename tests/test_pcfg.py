@@ -19,7 +19,7 @@ from lmlab.errors import UserError
 from lmlab.vocab import BOS_ID, EOS_ID, N_SPECIAL
 
 # The paper's grammar (pcfg/rule_deep_mlm.txt in the code released with Liu et al., ICML 2023) is not shipped:
-# LMLAB_PAPER_GRAMMAR names the file (the paper's rule file is not shipped).
+# LMLAB_PAPER_GRAMMAR names a copy of it, and the test below skips, saying so, where it is unset.
 PAPER_GRAMMAR = os.environ.get("LMLAB_PAPER_GRAMMAR", "")
 TINY = dict(train_size=30, validation_size=10, test_size=10, downstream_size=10)
 

@@ -15,6 +15,8 @@ finds its jobs again) and holds:
   ``CONFIG``'s ``model`` node alone, without the data, the objective or the optimiser. ``model_sha256.json``
   (``MODEL_SUM``) records the sha256 of ``MODEL`` when it was saved; ``load_weights`` checks it (a run
   written before the checksum existed is checked as a zip archive only);
+* ``fit.json`` (``lmlab.pipeline.FIT``): the fit metrics (``train/loss`` over the last steps, ``val/loss`` at the
+  last step), written when fit ends, so a run stopped after it finishes its evaluations with the same numbers;
 * ``results.json`` (``RESULTS``): metrics, history, timings, versions and config, as training wrote them;
 * ``evals/<n>.json`` (``EVALS``), one per ``lmlab eval`` on the finished run (``write_evaluation``, numbered
   from 1 in the order they were written): its evaluation settings, command, time and metrics. An evaluation

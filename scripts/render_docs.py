@@ -48,10 +48,11 @@ def run_default_job(workdir: Path) -> tuple[str, dict, float]:
     return proc.stdout.replace(f"{workdir.resolve()}{os.sep}", "").replace(f"{workdir}{os.sep}", ""), results, wall
 
 
-def results_table(stdout: str) -> str:
-    """The results table ``lmlab train`` printed: from its title line to the table's last line."""
+def results_table(stdout: str, title: str = "results: ") -> str:
+    """The results table ``lmlab train`` printed (``lmlab eval``'s: ``title="evaluations: "``): from its title line
+    to the table's last line."""
     lines = stdout.splitlines()
-    start = next(i for i, line in enumerate(lines) if line.startswith("results: "))
+    start = next(i for i, line in enumerate(lines) if line.startswith(title))
     end = next(i for i in range(start, len(lines)) if lines[i].startswith("└"))
     return "\n".join(line.rstrip() for line in lines[start : end + 1])
 

@@ -8,7 +8,7 @@ PIP := $(PY) -m pip
 TORCH_CPU ?= torch==2.13.0
 TORCH_INDEX ?= $(if $(wildcard /opt/wheels/torch-*),,--extra-index-url https://download.pytorch.org/whl/cpu)
 
-.PHONY: install demo test bench lint clean reproduce-paper mutate
+.PHONY: install demo test bench lint clean reproduce-paper docs docs-check mutate
 
 $(VENV)/.installed: pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -27,6 +27,15 @@ demo: install
 test: install
 	$(VENV)/bin/lint-imports
 	$(VENV)/bin/pytest
+
+# the README's default-job table and docs/downstream.md's walk-through, rendered from fresh runs (docs-check: compare)
+docs: install
+	$(PY) scripts/render_docs.py
+	$(PY) scripts/walkthrough.py
+
+docs-check: install
+	$(PY) scripts/render_docs.py --check
+	$(PY) scripts/walkthrough.py --check
 
 # CPU speed benchmarks (docs/benchmarks.md)
 bench: install

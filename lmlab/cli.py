@@ -170,13 +170,14 @@ def _check_type(key: str, raw: str, new, old) -> None:
         raise UserError(f"{key} expects a list, got {raw!r}: pass e.g. {key}='[a,b]'.")
 
 
-def preflight(config_name: str, overrides: list[str]) -> list[list[str]]:
+def preflight(config_name: str, overrides: list[str], here: bool = True) -> list[list[str]]:
     """Compose, check and dry-build every job of the command (``_dry_build``); raise UserError on the first
-    mistake. Returns the jobs."""
-    return _preflight(config_name, overrides)[0]
+    mistake. Returns the jobs. ``here=False``: the jobs are meant for another machine (a GPU profile composed on
+    a CPU), so the Trainer, which checks this machine's accelerator, is not built."""
+    return _preflight(config_name, overrides, here)[0]
 
 
-def _preflight(config_name: str, overrides: list[str]) -> tuple[list[list[str]], DictConfig]:
+def _preflight(config_name: str, overrides: list[str], here: bool = True) -> tuple[list[list[str]], DictConfig]:
     """``preflight``, and the first job's composed config."""
     from hydra import compose, initialize_config_module
     from hydra._internal.core_plugins.basic_sweeper import BasicSweeper
@@ -233,7 +234,7 @@ def _preflight(config_name: str, overrides: list[str]) -> tuple[list[list[str]],
             _check_place(cfg)
             _check_along(cfg)
             _check_runs(cfg)
-            _dry_build(cfg)
+            _dry_build(cfg, here)
             first = first if first is not None else cfg
     return jobs, first
 
@@ -344,7 +345,7 @@ def _built(what: str, build):
                         f"the {what} node).") from None
 
 
-def _dry_build(cfg: DictConfig) -> None:
+def _dry_build(cfg: DictConfig, here: bool = True) -> None:
     """Build what the job will build, without its data: the data source (cheap by contract, it knows its
     vocabulary), the objective, the model (on the meta device: no memory, no initialisation cost), the
     evaluators, the selector, the optimiser (on a dummy parameter), the schedule and the Trainer (which checks
@@ -385,9 +386,10 @@ def _dry_build(cfg: DictConfig) -> None:
         _built("optim", lambda: instantiate(cfg.optim)([torch.nn.Parameter(torch.zeros(1))]))
     if "schedule" in cfg:
         _built("schedule", lambda: instantiate(cfg.schedule)(0, int(cfg.get("max_steps") or 1)))
-    if "trainer" in cfg:
+    if "trainer" in cfg and here:
         _built("trainer", lambda: _dry_trainer(cfg))
-    _dry_built.add(recipe)
+    if here:  # built whole: a later job of the same recipe need not be built again
+        _dry_built.add(recipe)
 
 
 _dry_built: set[str] = set()  # the recipes (configs without their seed) built in this process

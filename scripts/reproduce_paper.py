@@ -262,7 +262,8 @@ def dry_run(plan: list[Sweep], profile: str) -> int:
     p, n = PROFILES[profile], 0
     for sweep in plan:
         jobs = _jobs_of(sweep)
-        preflight("train", [o for o in jobs[0] if not o.startswith("init_from.run=")])  # the parent is not there yet
+        # the parent is not there yet; a profile for another machine (gpu) is not checked against this one's
+        preflight("train", [o for o in jobs[0] if not o.startswith("init_from.run=")], here=profile != "gpu")
         GlobalHydra.instance().clear()
         shapes, composed = set(), None
         with initialize_config_module(config_module="lmlab.conf", version_base="1.3"):

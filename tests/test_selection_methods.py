@@ -213,7 +213,7 @@ def test_select_command_writes_selection_and_is_cached(lmlab, tmp_path, monkeypa
 
 
 @pytest.mark.parametrize("args,expect", [
-    (["selection=miniplm", "selection.teacher=/no/such/run"], "teacher run /no/such/run does not exist"),
+    (["selection=miniplm", "selection.teacher=/no/such/run"], "selection.teacher=/no/such/run is not a directory"),
     (["selection=preselect", "selection.runs=[/no/such/run]"], "/no/such/run does not exist"),
     (["selection=color_filter", "data.target_size=0"], "needs a target set"),
     (["selection=random", "selection.fraction=0.0001"], "keeps no rows"),

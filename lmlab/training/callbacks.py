@@ -63,8 +63,8 @@ class LossWindow(L.Callback):
         self.count = 0  # steps seen
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
-        loss = outputs["loss"] if isinstance(outputs, dict) else outputs
-        if loss is None:
+        loss = outputs.get("loss") if isinstance(outputs, dict) else outputs
+        if loss is None:  # a skipped update (``callbacks.stats.skip``) is left out of the window
             return
         loss = loss.detach().float().mean()
         if self.losses.device != loss.device:

@@ -302,12 +302,10 @@ def _finished_run(key: str, value) -> Path:
 
 
 def _check_along(cfg: DictConfig) -> None:
-    """``eval_along`` names evaluations of ``eval``."""
-    names, evaluations = cfg.get("eval_along"), list(cfg.get("eval") or {})
-    unknown = [str(n) for n in names or [] if n not in evaluations]
-    if unknown:
-        raise UserError(f"eval_along names {', '.join(unknown)}, which is not among this run's evaluations "
-                        f"({', '.join(evaluations) or 'none'}): name evaluations of the eval group.")
+    """``eval_along`` names evaluations of ``eval`` (``pipeline.evaluations_along``'s check, before the work)."""
+    from lmlab.pipeline import evaluations_along
+
+    evaluations_along(cfg, dict.fromkeys(cfg.get("eval") or {}))
 
 
 def _check_runs(cfg: DictConfig) -> None:

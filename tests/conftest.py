@@ -49,3 +49,16 @@ def lmlab(tmp_path, cache_dir, capsys):
 
     run.runs = tmp_path / "runs"
     return run
+
+
+def train_run(out: Path, *args: str) -> Path:
+    """A run trained in-process by ``lmlab train`` into ``out/run`` (a name without '='); fails the test if the
+    command fails."""
+    from lmlab.cli import main
+
+    run = out / "run"
+    try:
+        main(["train", f"out_dir={out}", *args, f"hydra.run.dir={run}"])
+    except SystemExit as e:
+        assert not e.code
+    return run

@@ -30,7 +30,7 @@ from lmlab.run_dir import (
     write_parent,
 )
 from lmlab.training.init_from import InitFrom, start_from, token_bytes
-from tests.conftest import FAST, TINY
+from tests.conftest import FAST, TINY, train_run
 
 BASE = [*TINY, *FAST, "eval=[perplexity]"]
 EMBEDDINGS = ("embed.weight", "head.weight")
@@ -39,15 +39,7 @@ EMBEDDINGS = ("embed.weight", "head.weight")
 @pytest.fixture(scope="module")
 def parent(tmp_path_factory, cache_dir):
     """A finished CLM run on the default grammar (2 layers, d_model 64, tied)."""
-    from lmlab.cli import main
-
-    out = tmp_path_factory.mktemp("parent")
-    run = out / "p"
-    try:
-        main(["train", f"out_dir={out}", *BASE, f"hydra.run.dir={run}"])
-    except SystemExit as e:
-        assert not e.code
-    return run
+    return train_run(tmp_path_factory.mktemp("parent"), *BASE)
 
 
 def _cfg(overrides: list[str]):

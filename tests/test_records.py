@@ -15,7 +15,7 @@ from omegaconf import OmegaConf
 
 from lmlab import run_dir
 from lmlab.errors import UserError
-from tests.conftest import FAST, TINY
+from tests.conftest import FAST, TINY, train_run
 
 BASE = [*TINY, *FAST, "eval=[perplexity]", "model.d_model=32"]
 
@@ -23,14 +23,7 @@ BASE = [*TINY, *FAST, "eval=[perplexity]", "model.d_model=32"]
 @pytest.fixture(scope="module")
 def finished(tmp_path_factory, cache_dir):
     """A finished tiny CLM run (its directory has no '=' in its name, so it passes as a value unquoted)."""
-    from lmlab.cli import main
-
-    out = tmp_path_factory.mktemp("finished")
-    run = out / "run"
-    try:
-        main(["train", f"out_dir={out}", *BASE, f"hydra.run.dir={run}"])
-    except SystemExit as e:
-        assert not e.code
+    run = train_run(tmp_path_factory.mktemp("finished"), *BASE)
     assert run_dir.is_done(run)
     return run
 

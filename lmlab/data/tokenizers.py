@@ -115,10 +115,10 @@ class Tokenizer(ABC):
     def decode(self, ids) -> str:
         """The text of a list of token ids; special tokens are dropped."""
 
+    @abstractmethod
     def token_bytes(self) -> dict[int, bytes]:
         """Each ordinary token id and the UTF-8 bytes it stands for; special tokens (ids below ``N_SPECIAL``)
         are left out, as is any token that stands for no fixed byte string."""
-        raise NotImplementedError(f"{type(self).__name__} does not list its tokens' bytes")
 
     def byte_lengths(self) -> np.ndarray:
         """(vocab_size,) int64: the number of UTF-8 bytes each id stands for (``token_bytes``), 0 for the special

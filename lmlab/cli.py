@@ -1,6 +1,10 @@
-"""The ``lmlab`` command: ``train`` (one run or a ``-m`` sweep), ``eval`` (evaluations on a finished run).
+"""The ``lmlab`` command: one table (``COMMANDS``) of commands, each a config (``conf/<name>.yaml``) and a
+function. ``train`` (one run or a ``-m`` sweep), ``eval`` (evaluations on a finished run) and ``select`` (the
+data-selection stage) are Hydra jobs run by ``hydra.main``; ``report`` and ``export`` compose their config once
+with Hydra's compose API and run here. A mistake the user can fix ends any command the same way
+(``_refusals``): one sentence, exit 2.
 
-Before Hydra starts, every job of the command is composed, range-checked and built without its data once
+Before Hydra starts, every job of a command is composed, range-checked and built without its data once
 (``preflight``): an unknown option or key, a value of the wrong type or out of its range, a ``???`` value, a
 setting a constructor refuses, a parent run that is missing or unfinished, or a name outside ``out_dir`` stops
 the command with one sentence, before any job runs or any data is generated.
@@ -16,6 +20,9 @@ import re
 import shlex
 import sys
 import traceback
+from collections.abc import Callable
+from contextlib import contextmanager
+from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
 
@@ -26,7 +33,7 @@ from hydra.types import RunMode
 from omegaconf import DictConfig, ListConfig, OmegaConf, open_dict, read_write
 
 from lmlab.errors import UserError, user_error
-from lmlab.run_dir import run_name
+from lmlab.run_dir import run_name, sweep_jobs
 from lmlab.settings import check_config
 
 CONF = "lmlab.conf"
@@ -90,30 +97,27 @@ def _groups_text() -> str:
     return "\n".join(lines)
 
 
-MAIN_HELP = """usage: lmlab <command> [overrides...]
+MAIN_HELP = """usage: lmlab <command> [overrides...]   (or python -m lmlab <command> ...)
 
 Commands:
-  train      pretrain one recipe, then run its evaluations (add -m to sweep)
-  eval       run evaluations on a finished run: lmlab eval run=<run dir> eval=probe
-  select     run only the data-selection stage: lmlab select selection=color_filter data=planted
-  report     statistics of sweeps over seeds: lmlab report <sweep dir>... [--baseline key=value] [--x key]
-             (same-loss experiments: the paper report; one run's directory: its chain of init_from parents)
-  export     write a finished run as a Hugging Face checkpoint: lmlab export run=<run dir> [out=<dir>]
+{commands}
+
+Every command is a config (conf/<command>.yaml) that its overrides change: key=value, group=option.
 
 Examples:
   lmlab train                                         # the default job, on the CPU
   lmlab train model.d_model=128 objective=mlm data=hmm eval='[perplexity,probe]' optim=sgd
   lmlab train -m objective=clm,mlm model.d_model=64,128
   lmlab eval run=runs/default/objective=mlm eval=probe
+  lmlab report runs/default/sweep-objective=clm,mlm baseline={{objective:clm}} metric=[perplexity/loss]
+  lmlab export run=runs/default/objective=mlm out=hf_model
 
 {groups}
 
-`lmlab train --help` for training options, `lmlab train --cfg job` prints the composed config.
+`lmlab <command> --help` for its settings, `lmlab <command> --cfg job` prints its composed config.
 """
 
-TRAIN_HELP = """usage: lmlab train [-m] [group=option ...] [key=value ...]
-
-Composes conf/train.yaml with your overrides, pretrains, runs the evaluations in `eval`, writes
+TRAIN_HELP = """Composes conf/train.yaml with your overrides, pretrains, runs the evaluations in `eval`, writes
 <out_dir>/<name>/<overrides>/results.json and DONE, and prints a results table.
 With -m, comma-separated values sweep: one job per combination, summary.csv/summary.md in the
 sweep directory. Rerunning a command skips finished jobs and resumes interrupted ones.
@@ -125,30 +129,41 @@ compile. Any key of the composed config can be set with dotted paths (model.d_mo
 Hydra flags pass through: --cfg job (print the config), --info.
 """
 
-SELECT_HELP = """usage: lmlab select selection=<method> [data=<source>] [key=value ...]
-
-Runs only the selection stage (cached, the same as inside `lmlab train`) on the data's train split (the pool),
-with its validation split as the target, and writes <out_dir>/select/<overrides>/: selected/ (the selected
+SELECT_HELP = """Runs only the selection stage (cached, the same as inside `lmlab train`) on the data's train split
+(the pool), with its validation split as the target, and writes <out_dir>/select/<overrides>/: selected/ (the selected
 dataset, datasets.save_to_disk), scores.npy (one score per pool row), selection.json (sizes, precision on
 planted data, the method's report) and DONE.
 
 {groups}
 """
 
-EVAL_HELP = """usage: lmlab eval run=<run dir> [eval=<evaluator> | eval='[a,b]']
-
-Runs evaluations on a finished run (it must hold model.pt) and writes them, with their settings and command,
-as the run's next evaluation record evals/<n>.json; its results.json is left as training wrote it.
+EVAL_HELP = """Runs evaluations on a finished run (it must hold model.pt) and writes them, with their settings and
+command, as the run's next evaluation record evals/<n>.json; its results.json is left as training wrote it.
 
 {groups}
 """
 
+REPORT_HELP = """Writes report.md, report.csv and PNG plots of the runs in the directories (conf/report.yaml):
+  analysis=sweep    sweep directories (they hold multirun.yaml and one folder per job): per arm (the jobs
+                    sharing every swept setting but the seed) the mean, sd and 95% t-interval of each metric,
+                    and the paired per-seed difference to a baseline arm
+                      baseline={{selection:random}}   the baseline arm (one or more swept settings)
+                      metric=[val/loss,probe/acc]     the metrics (default: every metric that differs)
+                      x=optim.lr                      a numeric swept setting: each metric plotted against it
+  analysis=paper    the same-loss experiment directory (conf/experiment/same_loss/): the claim-by-claim report
+                      tolerance=0.05                  the largest gap to the optimum (nats) that is the same loss
+                      compare=<dir>                   another rerun: whether each decided verdict agrees
+  analysis=lineage  one run's directory: its chain of init_from parents
+analysis=null (the default) chooses from the directories: one run's, lineage; same-loss experiments, paper.
+The flags --baseline k=v, --metric a b, --x k, --paper, --tolerance t and --compare dir stand for these overrides.
+"""
+
+EXPORT_HELP = """Writes the finished run's model as a Hugging Face transformers checkpoint (config.json,
+model.safetensors, the tokenizer files) that computes the same logits (conf/export.yaml): out defaults
+to <run dir>/hf.
+"""
 
 # ----- preflight: compose every job before anything runs -----
-
-def _raw_overrides(args: list[str]) -> list[str]:
-    return _flags_first(args)[1]
-
 
 def _group_of(key: str, groups: dict[str, list[str]]) -> str | None:
     key = key.lstrip("+~")
@@ -170,6 +185,23 @@ def _check_type(key: str, raw: str, new, old) -> None:
         raise UserError(f"{key} expects a list, got {raw!r}: pass e.g. {key}='[a,b]'.")
 
 
+def _parsed(overrides: list[str]) -> list:
+    """The overrides (Hydra's own settings aside, Hydra checks them) as Hydra's parser reads them."""
+    try:
+        return OverridesParser.create().parse_overrides([o for o in overrides if not o.startswith(HYDRA_OWN)])
+    except HydraException as e:
+        raise UserError(f"cannot parse the overrides ({str(e).splitlines()[0]}): write them as key=value.") from None
+
+
+def _jobs(overrides: list[str]) -> list[list[str]]:
+    """The jobs of a command (``run_dir.sweep_jobs``); a search space (``interval(a,b)``, for a sweeper that
+    optimises) stands for both of its ends, which are checked."""
+    parser = OverridesParser.create()
+    parsed = [parser.parse_override(f"{o.get_key_element()}={o.value().start},{o.value().end}")
+              if o.is_interval_sweep() else o for o in _parsed(overrides)]
+    return sweep_jobs(parsed)
+
+
 def preflight(config_name: str, overrides: list[str], here: bool = True) -> list[list[str]]:
     """Compose, check and dry-build every job of the command (``_dry_build``); raise UserError on the first
     mistake. Returns the jobs. ``here=False``: the jobs are meant for another machine (a GPU profile composed on
@@ -179,58 +211,13 @@ def preflight(config_name: str, overrides: list[str], here: bool = True) -> list
 
 def _preflight(config_name: str, overrides: list[str], here: bool = True) -> tuple[list[list[str]], DictConfig]:
     """``preflight``, and the first job's composed config."""
-    from hydra import compose, initialize_config_module
-    from hydra._internal.core_plugins.basic_sweeper import BasicSweeper
+    from hydra import initialize_config_module
 
-    groups = config_groups()
-    parser = OverridesParser.create()
-    try:
-        parsed = parser.parse_overrides([o for o in overrides if not o.startswith(HYDRA_OWN)])
-    except HydraException as e:
-        raise UserError(f"cannot parse the overrides ({str(e).splitlines()[0]}): write them as key=value.") from None
-    # a search space (interval(a,b), tag(log,...)): check both of its ends
-    parsed = [parser.parse_override(f"{o.input_line.split('=', 1)[0]}={o.value().start},{o.value().end}")
-              if o.is_interval_sweep() else o for o in parsed]
-    jobs = [job for batch in BasicSweeper.split_arguments(parsed, None) for job in batch] or [[]]
+    jobs = _jobs(overrides)
     first = None
     with initialize_config_module(config_module=CONF, version_base="1.3"):
         for job in jobs:
-            selections = []
-            for o in parser.parse_overrides(job):
-                group = _group_of(o.key_or_group, groups)
-                if group is None:
-                    continue
-                values = o.value() if isinstance(o.value(), list) else [o.value()]
-                for v in values:
-                    if v is not None and str(v) not in groups[group]:
-                        raise UserError(f"unknown {group} option {v!r}: choose one of {', '.join(groups[group])}.")
-                selections.append(o.input_line)
-            try:
-                base = compose(config_name=config_name, overrides=selections)
-            except HydraException as e:
-                raise UserError(f"{str(e).splitlines()[0].rstrip('.')}: check the override.") from None
-            for o in parser.parse_overrides(job):
-                key = o.key_or_group
-                if config_name == "eval":
-                    _check_eval_override(o, base)
-                if _group_of(key, groups) or o.is_add() or o.is_force_add() or o.is_delete():
-                    continue  # +key=, ++key=, ~key: Hydra checks them when it composes
-                try:
-                    old = OmegaConf.select(base, key, throw_on_missing=False)
-                    exists = old is not None or _has_key(base, key)
-                except Exception:  # an interpolation that needs a running job (hydra:...): skip
-                    continue
-                if not exists:
-                    add = f", or add it with +{key}=<value>" if _accepts(base, key) else ""
-                    raise UserError(f"{key} is not a setting of this command: check the spelling "
-                                    f"(`lmlab {config_name} --cfg job` lists every key){add}.")
-                _check_type(key, o.input_line.split("=", 1)[1], o.value(), old)
-            try:
-                cfg = compose(config_name=config_name, overrides=job)
-            except HydraException as e:
-                raise UserError(f"{str(e).splitlines()[0].rstrip('.')}: check the override.") from None
-            _check_missing(cfg)
-            check_config(cfg, defaults=base)
+            cfg = _composed(config_name, job)
             _check_place(cfg)
             _check_along(cfg)
             _check_runs(cfg)
@@ -239,9 +226,59 @@ def _preflight(config_name: str, overrides: list[str], here: bool = True) -> tup
     return jobs, first
 
 
+def _not_a_setting(name: str, key: str, add: str = "") -> UserError:
+    return UserError(f"{key} is not a setting of lmlab {name} ({COMMANDS[name].usage}): check the spelling "
+                     f"(`lmlab {name} --cfg job` lists every key){add}.")
+
+
+def _composed(config_name: str, job: list[str]) -> DictConfig:
+    """One job's config, composed (inside ``initialize_config_module``) and checked: every group option exists,
+    every key is a setting of the command, every value has its setting's type and range, nothing is ``???``."""
+    from hydra import compose
+
+    groups = config_groups()
+    parsed = _parsed(job)
+    selections = []
+    for o in parsed:
+        group = _group_of(o.key_or_group, groups)
+        if group is None:
+            continue
+        values = o.value() if isinstance(o.value(), list) else [o.value()]
+        for v in values:
+            if v is not None and str(v) not in groups[group]:
+                raise UserError(f"unknown {group} option {v!r}: choose one of {', '.join(groups[group])}.")
+        selections.append(o.input_line)
+    try:
+        base = compose(config_name=config_name, overrides=selections)
+    except HydraException as e:
+        raise UserError(f"{str(e).splitlines()[0].rstrip('.')}: check the override.") from None
+    for o in parsed:
+        key = o.key_or_group
+        if config_name == "eval":
+            _check_eval_override(o, base)
+        if _group_of(key, groups) or o.is_add() or o.is_force_add() or o.is_delete():
+            continue  # +key=, ++key=, ~key: Hydra checks them when it composes
+        try:
+            old = OmegaConf.select(base, key, throw_on_missing=False)
+            exists = old is not None or _has_key(base, key)
+        except Exception:  # an interpolation that needs a running job (hydra:...): skip
+            continue
+        if not exists:
+            raise _not_a_setting(config_name, key, f", or add it with +{key}=<value>" if _accepts(base, key) else "")
+        _check_type(key, o.input_line.split("=", 1)[1], o.value(), old)
+    try:
+        cfg = compose(config_name=config_name, overrides=job)
+    except HydraException as e:
+        raise UserError(f"{str(e).splitlines()[0].rstrip('.')}: check the override.") from None
+    _check_missing(cfg)
+    check_config(cfg, defaults=base)
+    return cfg
+
+
 # settings whose value is the directory of a finished run: lmlab prints such directories with '=' and ','
 # (``run_name``), and they are passed back as printed, unquoted (``_quote_run_dirs``)
 RUN_KEYS = ("run", "init_from.run", "objective.teacher", "objective.scorer", "selection.teacher")
+DIR_KEYS = (*RUN_KEYS, "out", "compare")  # settings that take a directory (quoted for Hydra: ``_quote_run_dirs``)
 SAME_VOCABULARY = ("objective.teacher", "objective.scorer", "selection.teacher")  # runs read on this run's data
 
 
@@ -455,12 +492,35 @@ def _has_key(cfg: DictConfig, key: str) -> bool:
     return isinstance(node, DictConfig) and leaf in list(node.keys())  # "in" is False for ??? values
 
 
-# ----- the Hydra tasks -----
+# ----- the one handler of a user's mistakes -----
 
 
 def _fail(message: str) -> None:
     print(f"lmlab: error: {message}", file=sys.stderr)
     sys.exit(2)
+
+
+@contextmanager
+def _refusals(run_dir: Path | None = None):
+    """A mistake the user can fix (a ``UserError``, or one behind a wrapper such as Hydra's ``instantiate``),
+    wherever a command makes it, ends the command: one sentence on stderr, exit 2. ``run_dir``: the job's run
+    directory, removed with the folders this command created for it when nothing of the job's own was written
+    (a run held by another process, or stopped with its status recorded, keeps it)."""
+    try:
+        yield
+    except Exception as e:
+        user = user_error(e)
+        if user is None:
+            raise
+        from lmlab.pipeline import RunStopped
+        from lmlab.run_dir import RunHeld
+
+        if run_dir is not None and not isinstance(user, (RunHeld, RunStopped)):
+            _remove_refused(run_dir)
+        _fail(str(user))
+
+
+# ----- the Hydra jobs: train, eval, select -----
 
 
 def _command(name: str, overrides) -> str:
@@ -471,7 +531,7 @@ def _command(name: str, overrides) -> str:
 def _relaunch_as_this_job(hc, run_dir: Path) -> None:
     """Lightning starts the ranks > 0 of a multi-device run by re-running ``sys.argv`` with
     ``hydra.run.dir=<hydra.run.dir>`` added. Inside a sweep that would be the whole sweep again: make it this one
-    job, in this job's directory. (Lightning reads nothing else, so this is the one place lmlab sets sys.argv.)"""
+    job, in this job's directory."""
     sys.argv = [sys.argv[0], "train", *hc.overrides.task]
     with open_dict(hc), read_write(hc):
         hc.run.dir = str(run_dir)
@@ -493,6 +553,7 @@ def _sweep_value(results: dict | None, hc) -> float | None:
 
 
 def _train(cfg: DictConfig) -> float | None:
+    """``lmlab train``: one job of ``conf/train.yaml`` (a sweep's jobs record their failure and go on)."""
     from rich.console import Console
 
     from lmlab import pipeline
@@ -504,45 +565,41 @@ def _train(cfg: DictConfig) -> float | None:
     multirun = hc.mode == RunMode.MULTIRUN
     if multirun and cfg.trainer.get("devices", 1) != 1 and "train" in sys.argv[1:2]:
         _relaunch_as_this_job(hc, run_dir)
+    command = _command("train", hc.overrides.task)
+    if not multirun:
+        with _refusals(run_dir):
+            results = pipeline.train(cfg, run_dir, command=command)
+        if results:
+            Console().print(metrics_table(results["metrics"], title=f"results: {run_dir}"))
+        return None
     try:
-        results = pipeline.train(cfg, run_dir, command=_command("train", hc.overrides.task))
+        results = pipeline.train(cfg, run_dir, command=command)
     except Exception as e:
         user = user_error(e)
-        if not multirun:
-            if user is not None:
-                if not isinstance(user, (RunHeld, pipeline.RunStopped)):
-                    _remove_refused(run_dir)
-                _fail(str(user))
-            raise
         if isinstance(user, (RunHeld, pipeline.RunStopped)):  # its status is the lock or results.json's
             log.error("job %s: %s", run_dir.name, user)
             return _sweep_value(None, hc)
-        reason = str(user) if user is not None else f"{type(e).__name__}: {e}"
-        reason = " ".join(reason.split())
+        reason = " ".join((str(user) if user is not None else f"{type(e).__name__}: {e}").split())
         log.error("job failed: %s\n%s", reason, traceback.format_exc())
         mark_failed(run_dir, reason)
         return _sweep_value(None, hc)
-    if results and not multirun:
-        Console().print(metrics_table(results["metrics"], title=f"results: {run_dir}"))
-    return _sweep_value(results, hc) if multirun else None
+    return _sweep_value(results, hc)
 
 
 def _eval(cfg: DictConfig) -> None:
+    """``lmlab eval``: evaluations on a finished run (``conf/eval.yaml``)."""
     from rich.console import Console
 
     from lmlab import pipeline
     from lmlab.report.summary import metrics_table
 
-    try:
+    with _refusals():
         out = pipeline.evaluate(cfg, command=_command("eval", HydraConfig.get().overrides.task))
-    except Exception as e:
-        if user_error(e) is None:
-            raise
-        _fail(str(user_error(e)))
     Console().print(metrics_table(out["metrics"], title=f"evaluations: {cfg.run}"))
 
 
 def _select(cfg: DictConfig) -> None:
+    """``lmlab select``: only the data-selection stage (``conf/select.yaml``)."""
     from rich.console import Console
 
     from lmlab import pipeline
@@ -550,18 +607,14 @@ def _select(cfg: DictConfig) -> None:
 
     hc = HydraConfig.get()
     run_dir = Path(hc.runtime.output_dir)
-    try:
+    with _refusals(run_dir):
         out = pipeline.select(cfg, run_dir, command=_command("select", hc.overrides.task))
-    except Exception as e:
-        if user_error(e) is None:
-            raise
-        _remove_refused(run_dir)
-        _fail(str(user_error(e)))
     Console().print(metrics_table(out["metrics"], title=f"selection: {run_dir}"))
 
 
 VALUE_FLAGS = ("--cfg", "-c", "--package", "-p", "--config-path", "-cp", "--config-name", "-cn", "--config-dir",
                "-cd", "--experimental-rerun")
+PASSTHROUGH = ("--cfg", "-c", "--info", "-p", "--package", "--hydra-help")  # Hydra prints and runs nothing
 
 
 def _flags_first(args: list[str]) -> tuple[list[str], list[str]]:
@@ -579,14 +632,23 @@ def _flags_first(args: list[str]) -> tuple[list[str], list[str]]:
     return flags, rest
 
 
-def _run_hydra(task, config_name: str, args: list[str]) -> None:
-    """Run ``task`` under Hydra with ``args`` (flags and overrides), as ``@hydra.main`` would with sys.argv."""
-    from hydra._internal.utils import _run_hydra as run_hydra
-    from hydra._internal.utils import get_args_parser
+def _hydra_main(config_name: str, task, args: list[str]) -> None:
+    """Run ``task`` as ``@hydra.main`` does, on ``args`` (Hydra's flags and the overrides). ``hydra.main`` reads
+    its command line from ``sys.argv``; while the task runs, ``sys.argv`` is the command as typed again, which
+    Lightning reruns for the ranks > 0 of a multi-device job."""
+    import hydra
 
-    parser = get_args_parser()
-    run_hydra(args=parser.parse_args(args), args_parser=parser, task_function=task, config_path="conf",
-              config_name=config_name)
+    typed = sys.argv
+
+    def job(cfg: DictConfig):
+        sys.argv = typed
+        return task(cfg)
+
+    sys.argv = [typed[0] if typed else "lmlab", *args]
+    try:
+        hydra.main(config_path=f"pkg://{CONF}", config_name=config_name, version_base="1.3")(job)()
+    finally:
+        sys.argv = typed
 
 
 def _sweep_dir(config_name: str, job: list[str], overrides: list[str], cfg: DictConfig | None = None) -> Path:
@@ -603,10 +665,7 @@ def _sweep_dir(config_name: str, job: list[str], overrides: list[str], cfg: Dict
 def _job_names(overrides: list[str]) -> str:
     """The override that names a sweep's job directories with its swept keys first (``run_name``'s ``first``):
     a long name keeps them, and the seed, in full."""
-    parser = OverridesParser.create()
-    swept = sorted({o.key_or_group for o in parser.parse_overrides([o for o in overrides
-                                                                     if not o.startswith(HYDRA_OWN)])
-                    if o.is_sweep_override()})
+    swept = sorted({o.key_or_group for o in _parsed(overrides) if o.is_sweep_override()})
     return f"hydra.sweep.subdir='${{lmlab_run_name:${{hydra:overrides.task}},[{','.join(swept)}]}}'"
 
 
@@ -646,6 +705,141 @@ def _remove_refused(run_dir: Path) -> None:
             break
 
 
+def _start_jobs(name: str, args: list[str]) -> None:
+    """A Hydra command: preflight every job, then run them under ``hydra.main`` (with ``-m``, a sweep into its
+    own directory, and a non-zero exit when a job did not finish)."""
+    overrides = _flags_first(args)[1]
+    passthrough = any(a in args for a in PASSTHROUGH)
+    jobs, first = [overrides], None
+    if not passthrough and not os.environ.get("LOCAL_RANK"):  # DDP child ranks were checked by rank 0
+        jobs, first = _preflight(name, overrides)
+    sweep = COMMANDS[name].sweeps and ("-m" in args or "--multirun" in args)
+    sweep_dir = _sweep_dir(name, jobs[0], overrides, first) if sweep else None
+    global _new_folder
+    _new_folder = _first_new_folder(Path(str(first.out_dir)) / str(first.name) / run_name(overrides)) \
+        if first is not None and not sweep and "name" in first else None
+    extra = [f"hydra.sweep.dir='{sweep_dir}'", _job_names(overrides)] if sweep_dir else []
+    flags, rest = _flags_first(args)
+    _hydra_main(name, COMMANDS[name].run, [*flags, *rest, *extra])
+    if sweep_dir is not None and not passthrough:
+        from lmlab.report.summary import gather
+
+        rows = gather(sweep_dir)
+        failed = [r for r in rows if r["status"] != "done"]
+        if failed:
+            raise UserError(f"{len(failed)} of {len(rows)} jobs did not finish: see the summary above, "
+                            "fix the cause and rerun the same command to run only those.")
+
+
+# ----- the commands composed once and run here: report, export -----
+
+
+def _is_override(arg: str) -> bool:
+    """``key=value`` with a plain dotted key, and not an existing path (a run directory's name is ``a=1,b=2``)."""
+    return re.match(r"[+~]*[A-Za-z_][\w.]*=", arg) is not None and not Path(arg).expanduser().exists()
+
+
+def _run_here(name: str, args: list[str]) -> None:
+    """A command without a job of its own: its config composed and checked once with the overrides (the bare
+    arguments are the values of its ``positional`` setting), then its function called; ``--cfg job`` prints the
+    config instead."""
+    from hydra import compose, initialize_config_module
+
+    command = COMMANDS[name]
+    flags, rest = _flags_first(args)
+    show = flags in (["--cfg", "job"], ["-c", "job"])
+    if flags and not show:
+        raise UserError(f"lmlab {name} takes no flag {flags[0]}: write {command.usage}.")
+    overrides = [a for a in rest if _is_override(a)]
+    bare = [a for a in rest if not _is_override(a)]
+    if bare and command.positional is None:
+        raise UserError(f"unexpected argument {bare[0]!r}: write {command.usage}.")
+    jobs = _jobs(overrides)
+    if len(jobs) > 1:
+        raise UserError(f"lmlab {name} takes one value per setting: quote a value with commas, e.g. key='a,b'.")
+    with initialize_config_module(config_module=CONF, version_base="1.3"):
+        keys = set(compose(config_name=name).keys())
+        for o in _parsed(jobs[0]):  # no config groups here: a group option would be composed in and not read
+            if re.split(r"[./]", o.key_or_group.lstrip("+~"))[0] not in keys:
+                raise _not_a_setting(name, o.key_or_group)
+        cfg = _composed(name, jobs[0])
+    if bare:
+        with open_dict(cfg):
+            cfg[command.positional] = [*(cfg.get(command.positional) or []), *bare]
+    if show:
+        print(OmegaConf.to_yaml(cfg))
+        return
+    command.run(cfg)
+
+
+def _lineage(cfg: DictConfig, paths: list[Path]) -> None:
+    """One run's directory: its chain of ``init_from`` parents, newest first, each with its status and command."""
+    from lmlab import run_dir
+
+    if len(paths) != 1 or not (paths[0] / run_dir.CONFIG).exists():
+        raise UserError(f"the lineage report reads one run's directory (it holds {run_dir.CONFIG}): pass one.")
+    chain = run_dir.lineage(paths[0])
+    for depth, run in enumerate(chain):
+        command = (run / run_dir.COMMAND).read_text().strip() if (run / run_dir.COMMAND).exists() else "?"
+        how = f"  init_from: {'; '.join(run_dir.read_parent(chain[depth - 1]).get('operators', ['?']))}" \
+            if depth else ""
+        print(f"{'  ' * depth}{'<- ' if depth else ''}{run}  [{run_dir.status(run)}]  {command}{how}")
+
+
+def _paper(cfg: DictConfig, paths: list[Path]) -> None:
+    """The same-loss experiments: the claim-by-claim report of the rerun (``lmlab.report.paper``)."""
+    import json
+
+    from lmlab.report.paper import REPORT_JSON, write_report
+
+    if len(paths) > 1:
+        raise UserError("the paper report reads one directory: pass the one experiment directory, or "
+                        "analysis=sweep for a sweep report.")
+    if cfg.compare is not None and not Path(str(cfg.compare)).is_dir():
+        raise UserError(f"{cfg.compare} is not a directory: compare takes the directory of another rerun of the "
+                        "paper.")
+    report = write_report(paths[0], cfg.tolerance, compare=cfg.compare)
+    print(f"[lmlab] report: {report}")
+    stability = json.loads((report.parent / REPORT_JSON).read_text()).get("stability")
+    if stability:
+        print(f"[lmlab] stability against {stability['compare']}: {stability['agree']} of "
+              f"{stability['decided']} decided rows agree")
+
+
+def _as_text(value) -> str:
+    """A setting's value as an override writes it (``true``, ``null``, ``0.001``)."""
+    return "true" if value is True else "false" if value is False else "null" if value is None else str(value)
+
+
+def _sweep_report(cfg: DictConfig, paths: list[Path]) -> None:
+    """Sweep directories: the statistics of every arm over seeds, against a baseline arm (``lmlab.report.sweep``)."""
+    from lmlab.report import sweep
+
+    for p in paths:
+        if not sweep.is_sweep_dir(p):
+            raise UserError(f"{p} is not a sweep directory (no multirun.yaml, summary.csv or job folders): pass the "
+                            "directory that `lmlab train -m` printed as its sweep.")
+    baseline = {str(k): _as_text(v) for k, v in cfg.baseline.items()} if cfg.baseline else None
+    report = sweep.write_report(paths, baseline, list(cfg.metric or []) or None, cfg.x)
+    out = report.sweeps[0]
+    unfinished = sum(j.status != "done" for j in report.jobs)
+    print(f"[lmlab] report: {out / 'report.md'} and {out / 'report.csv'} ({len(report.jobs)} jobs, {len(report.arms)} "
+          f"arms, {unfinished} not finished){f', {len(report.plots)} plots' if report.plots else ''}")
+
+
+@dataclass(frozen=True)
+class Analysis:
+    run: Callable[[DictConfig, list[Path]], None]
+    settings: tuple[str, ...]  # the settings of conf/report.yaml it reads (beside paths)
+
+
+# the analyses of `lmlab report`, chosen with analysis=<name> (``_analysis_of`` chooses when it is null)
+ANALYSES = {"sweep": Analysis(_sweep_report, ("baseline", "metric", "x")),
+            "paper": Analysis(_paper, ("tolerance", "compare")),
+            "lineage": Analysis(_lineage, ())}
+REPORT_SETTINGS = ("baseline", "metric", "x", "tolerance", "compare")
+
+
 def _same_loss(paths: list[Path]) -> bool:
     """Whether the jobs under ``paths`` are same-loss experiments (``name: same_loss/...`` in their config)."""
     for path in paths:
@@ -655,174 +849,166 @@ def _same_loss(paths: list[Path]) -> bool:
     return False
 
 
-def _report(args: list[str]) -> None:
-    """``lmlab report <dir> [<dir> ...]``: on sweep directories, the statistics of every arm over seeds
-    (``lmlab.report.sweep``); on the same-loss experiments (``name: same_loss/...``, or ``--paper``), the
-    claim-by-claim report of the rerun (``lmlab.report.paper``); on one run's directory, its chain of
-    ``init_from`` parents."""
-    import argparse
-
-    parser = argparse.ArgumentParser(
-        prog="lmlab report", description="Write report.md, report.csv and PNG plots of sweeps: per arm (the jobs "
-        "sharing every swept setting but the seed) the mean, sd and 95%% t-interval of each metric, and the paired "
-        "per-seed difference to a baseline arm. Same-loss experiments (conf/experiment/same_loss/) get the paper "
-        "report; one run's directory, its chain of init_from parents.")
-    parser.add_argument("paths", nargs="+", metavar="dir",
-                        help="sweep directories (they hold multirun.yaml and one folder per job), or the same-loss "
-                        "experiment directory or a folder above it, or one run's directory")
-    parser.add_argument("--baseline", action="append", default=[], metavar="KEY=VALUE",
-                        help="the baseline arm, e.g. selection=random (repeat for several settings)")
-    parser.add_argument("--metric", nargs="+", action="extend", default=[], metavar="M",
-                        help="the metrics to report (default: every metric that differs between jobs)")
-    parser.add_argument("--x", default=None, metavar="KEY",
-                        help="a numeric swept setting: plot each metric against it, one line per other arm")
-    parser.add_argument("--paper", action="store_true", help="the same-loss paper report, whatever the jobs' name")
-    parser.add_argument("--tolerance", type=float, default=None,
-                        help="paper report: largest gap to the optimum (nats) that counts as the same loss")
-    parser.add_argument("--compare", default=None, metavar="DIR",
-                        help="paper report: another rerun's directory (e.g. other seeds); adds whether each decided "
-                        "verdict agrees between the two")
-    ns = parser.parse_args(args)
-    paths = [Path(p) for p in ns.paths]
-    for p in paths:
-        if not p.is_dir():
-            _fail(f"{p} is not a directory: pass the sweep or experiment directory of the runs.")
+def _analysis_of(cfg: DictConfig, given: list[str], paths: list[Path]) -> str:
+    """The analysis that ``analysis: null`` means: one run's directory, its lineage; the paper's settings, or
+    same-loss experiments without the sweep report's settings, the paper report; otherwise the sweep report."""
     from lmlab import run_dir
 
-    if len(paths) == 1 and (paths[0] / run_dir.CONFIG).exists():  # one run: its chain of init_from parents
-        chain = run_dir.lineage(paths[0])
-        for depth, run in enumerate(chain):
-            command = (run / run_dir.COMMAND).read_text().strip() if (run / run_dir.COMMAND).exists() else "?"
-            how = f"  init_from: {'; '.join(run_dir.read_parent(chain[depth - 1]).get('operators', ['?']))}" \
-                if depth else ""
-            print(f"{'  ' * depth}{'<- ' if depth else ''}{run}  [{run_dir.status(run)}]  {command}{how}")
-        return
-    from lmlab.report import sweep
+    if len(paths) == 1 and (paths[0] / run_dir.CONFIG).exists():
+        return "lineage"
+    if any(k in given for k in ANALYSES["paper"].settings):
+        return "paper"
+    if not any(k in given for k in ANALYSES["sweep"].settings) and _same_loss(paths):
+        return "paper"
+    return "sweep"
 
-    sweep_options = ns.baseline or ns.metric or ns.x
-    if ns.compare is not None and not Path(ns.compare).is_dir():
-        _fail(f"{ns.compare} is not a directory: --compare takes the directory of another rerun of the paper.")
-    if ns.paper or ns.tolerance is not None or ns.compare is not None or (not sweep_options and _same_loss(paths)):
-        if len(paths) > 1 or sweep_options:
-            _fail("the paper report reads one directory and takes no --baseline, --metric or --x: pass the one "
-                  "experiment directory, or drop --paper, --tolerance and --compare for a sweep report.")
-        import json
 
-        from lmlab.report.paper import REPORT_JSON, write_report
-
-        report = write_report(paths[0], ns.tolerance, compare=ns.compare)
-        print(f"[lmlab] report: {report}")
-        stability = json.loads((report.parent / REPORT_JSON).read_text()).get("stability")
-        if stability:
-            print(f"[lmlab] stability against {stability['compare']}: {stability['agree']} of "
-                  f"{stability['decided']} decided rows agree")
-        return
+def _report(cfg: DictConfig) -> None:
+    """``lmlab report <dir> [<dir> ...] [key=value ...]``: one of ``ANALYSES`` on the directories."""
+    paths = [Path(str(p)).expanduser() for p in cfg.paths or []]
+    if not paths:
+        raise UserError(f"lmlab report needs a directory: write {COMMANDS['report'].usage}.")
     for p in paths:
-        if not sweep.is_sweep_dir(p):
-            _fail(f"{p} is not a sweep directory (no multirun.yaml, summary.csv or job folders): pass the "
-                  "directory that `lmlab train -m` printed as its sweep.")
-    try:
-        baseline = sweep.parse_baseline(" ".join(ns.baseline)) if ns.baseline else None
-        report = sweep.write_report(paths, baseline, ns.metric or None, ns.x)
-    except UserError as e:
-        _fail(str(e))
-    out = report.sweeps[0]
-    unfinished = sum(j.status != "done" for j in report.jobs)
-    print(f"[lmlab] report: {out / 'report.md'} and {out / 'report.csv'} ({len(report.jobs)} jobs, {len(report.arms)} "
-          f"arms, {unfinished} not finished){f', {len(report.plots)} plots' if report.plots else ''}")
+        if not p.is_dir():
+            raise UserError(f"{p} is not a directory: pass the sweep or experiment directory of the runs.")
+    given = [k for k in REPORT_SETTINGS if cfg.get(k) not in (None, [], {})]
+    name = cfg.analysis or _analysis_of(cfg, given, paths)
+    if name not in ANALYSES:
+        raise UserError(f"analysis={name} is not an analysis of lmlab report: choose one of {', '.join(ANALYSES)}.")
+    unread = [k for k in given if k not in ANALYSES[name].settings]
+    if unread:
+        raise UserError(f"the {name} report takes no {', '.join(unread)}, which would not take effect: drop "
+                        f"{', '.join(unread)}, or choose the analysis that reads it (analysis=<name>).")
+    ANALYSES[name].run(cfg, paths)
 
 
-EXPORT_USAGE = "lmlab export run=<run dir> [out=<dir>]"
+def _report_flags(args: list[str]) -> list[str]:
+    """The report's flags (``--baseline k=v``, ``--metric a b``, ``--x k``, ``--paper``, ``--tolerance t``,
+    ``--compare dir``) as the overrides they stand for."""
+    out, baseline, metrics, i = [], [], [], 0
+    while i < len(args):
+        flag = args[i]
+        values = []
+        while i + 1 < len(args) and not args[i + 1].startswith("-") and (flag == "--metric" or not values) \
+                and flag in ("--baseline", "--metric", "--x", "--tolerance", "--compare"):
+            values.append(args[i + 1])
+            i += 1
+        i += 1
+        if flag in ("--baseline", "--metric", "--x", "--tolerance", "--compare") and not values:
+            raise UserError(f"{flag} needs a value: write e.g. {flag} <value>, or the override "
+                            f"{flag[2:]}=<value>.")
+        if flag == "--baseline":
+            for pair in values[0].split():
+                key, sep, value = pair.partition("=")
+                if not (key and sep and value):
+                    raise UserError(f"--baseline {values[0]!r} is not key=value: write the swept setting of the "
+                                    "baseline arm, e.g. --baseline selection=random.")
+                baseline.append(f"{key}:{_quoted(value)}")
+        elif flag == "--metric":
+            metrics += values
+        elif flag == "--x":
+            out.append(f"x={_quoted(values[0])}")
+        elif flag == "--tolerance":
+            out.append(f"tolerance={values[0]}")
+        elif flag == "--compare":
+            out.append(f"compare={_quoted(values[0])}")
+        elif flag == "--paper":
+            out.append("analysis=paper")
+        else:
+            out.append(flag)
+    if baseline:
+        out.append(f"baseline={{{','.join(baseline)}}}")
+    if metrics:
+        out.append(f"metric=[{','.join(map(_quoted, metrics))}]")
+    return out
 
 
-def _export(args: list[str]) -> None:
+def _quoted(value: str) -> str:
+    quote = next((q for q in ("'", '"') if q not in value), None)
+    if quote is None:
+        raise UserError(f"{value!r} holds both kinds of quotes: rename it, or write the override by hand.")
+    return f"{quote}{value}{quote}"
+
+
+def _export(cfg: DictConfig) -> None:
     """``lmlab export run=<run dir> [out=<dir>]``: the run as a Hugging Face ``transformers`` checkpoint
     (default ``<run dir>/hf``)."""
-    if any(a in ("-h", "--help") for a in args):
-        print(f"usage: {EXPORT_USAGE}\n\nWrites the finished run's model as a Hugging Face transformers checkpoint "
-              "(config.json, model.safetensors, the tokenizer files) that computes the same logits; out defaults "
-              "to <run dir>/hf.")
-        return
-    given: dict[str, str] = {}
-    for a in args:
-        key, sep, value = a.partition("=")
-        if not sep or key not in ("run", "out") or not value or key in given:
-            _fail(f"unexpected argument {a!r}: write {EXPORT_USAGE}.")
-        given[key] = value
-    if "run" not in given:
-        _fail("lmlab export needs run=<run dir>: pass the directory of a finished run.")
+    if cfg.run is None:
+        raise UserError("lmlab export needs run=<run dir>: pass the directory of a finished run.")
     from lmlab.export import describe, export_run
 
-    try:
-        out = export_run(given["run"], given.get("out"))
-    except Exception as e:
-        if user_error(e) is None:
-            raise
-        _fail(str(user_error(e)))
+    out = export_run(str(cfg.run), None if cfg.out is None else str(cfg.out))
     print(f"[lmlab] export: {out} ({describe(out)})")
 
 
+# ----- the command table -----
+
+
+@dataclass(frozen=True)
+class Command:
+    """One ``lmlab`` command: its config (``conf/<name>.yaml``) and its function."""
+    run: Callable[[DictConfig], object]
+    summary: str                        # its line in `lmlab --help`
+    usage: str
+    help: str                           # `lmlab <name> --help` ({groups}: the config groups)
+    job: bool = False                   # a Hydra job (hydra.main: a run directory, -m) or composed once and run here
+    sweeps: bool = False                # -m writes a sweep directory and its summary
+    positional: str | None = None       # the list setting that takes the bare arguments
+    flags: Callable[[list[str]], list[str]] | None = None  # its flags as the overrides they stand for
+
+
+COMMANDS = {
+    "train": Command(_train, "pretrain one recipe, then run its evaluations (add -m to sweep)",
+                     "lmlab train [-m] [group=option ...] [key=value ...]", TRAIN_HELP, job=True, sweeps=True),
+    "eval": Command(_eval, "run evaluations on a finished run: lmlab eval run=<run dir> eval=probe",
+                    "lmlab eval run=<run dir> [eval=<evaluator> | eval='[a,b]']", EVAL_HELP, job=True),
+    "select": Command(_select, "run only the data-selection stage: lmlab select selection=color_filter data=planted",
+                      "lmlab select selection=<method> [data=<source>] [key=value ...]", SELECT_HELP, job=True),
+    "report": Command(_report, "statistics of sweeps over seeds, the same-loss paper report, or one run's lineage",
+                      "lmlab report <dir>... [analysis=sweep|paper|lineage] [key=value ...]", REPORT_HELP,
+                      positional="paths", flags=_report_flags),
+    "export": Command(_export, "write a finished run as a Hugging Face checkpoint",
+                      "lmlab export run=<run dir> [out=<dir>]", EXPORT_HELP),
+}
+
+
 def _quote_run_dirs(args: list[str]) -> list[str]:
-    """Run directories hold '=' and ',' (``run_name``): the value of a setting that takes a run directory
-    (``RUN_KEYS``; not a list or a sweep function such as ``choice(...)``), and any value with '=' or ',' that is
+    """Run directories hold '=' and ',' (``run_name``): the value of a setting that takes a directory
+    (``DIR_KEYS``; not a list or a sweep function such as ``choice(...)``), and any value with '=' or ',' that is
     an existing directory, is quoted for Hydra, so that the path is passed back exactly as lmlab printed it."""
     out = []
     for a in args:
         key, sep, value = a.partition("=")
         quote = next((q for q in ("'", '"') if q not in value), None)
         if sep and value not in ("", "null") and not a.startswith("-") and value[0] not in "'\"[" and quote and (
-                key.lstrip("+") in RUN_KEYS and not re.match(r"\w+\(", value) or any(c in value for c in "=,")
+                key.lstrip("+") in DIR_KEYS and not re.match(r"\w+\(", value) or any(c in value for c in "=,")
                 and Path(value).expanduser().is_dir()):
             a = f"{key}={quote}{value}{quote}"
         out.append(a)
     return out
 
 
+def _main_help() -> str:
+    width = max(map(len, COMMANDS)) + 2
+    lines = [f"  {name:<{width}} {c.summary}" for name, c in COMMANDS.items()]
+    return MAIN_HELP.format(commands="\n".join(lines), groups=_groups_text())
+
+
 def main(argv: list[str] | None = None) -> None:
     argv = list(sys.argv[1:] if argv is None else argv)
     if not argv or argv[0] in ("-h", "--help", "help"):
-        print(MAIN_HELP.format(groups=_groups_text()))
+        print(_main_help())
         return
-    command, args = argv[0], argv[1:]
-    if command == "report":
-        _report(args)
-        return
-    if command == "export":
-        _export(args)
-        return
-    apps = {"train": (_train, "train", TRAIN_HELP), "eval": (_eval, "eval", EVAL_HELP),
-            "select": (_select, "select", SELECT_HELP)}
-    if command not in apps:
-        _fail(f"unknown command {command!r}: use one of {', '.join([*apps, 'report', 'export'])} (lmlab --help).")
-    task, config_name, help_text = apps[command]
-    args = _quote_run_dirs(args)
+    name, args = argv[0], argv[1:]
+    if name not in COMMANDS:
+        _fail(f"unknown command {name!r}: use one of {', '.join(COMMANDS)} (lmlab --help).")
+    command = COMMANDS[name]
     if "-h" in args or "--help" in args:
-        print(help_text.format(groups=_groups_text()))
+        print(f"usage: {command.usage}\n\n{command.help.format(groups=_groups_text())}")
         return
-    overrides = _raw_overrides(args)
-    passthrough = any(a in args for a in ("--cfg", "-c", "--info", "-p", "--package", "--hydra-help"))
-    jobs, first = [overrides], None
-    if not passthrough and not os.environ.get("LOCAL_RANK"):  # DDP child ranks were checked by rank 0
-        try:
-            jobs, first = _preflight(config_name, overrides)
-        except UserError as e:
-            _fail(str(e))
-    sweep = command == "train" and ("-m" in args or "--multirun" in args)
-    sweep_dir = _sweep_dir(config_name, jobs[0], overrides, first) if sweep else None
-    global _new_folder
-    _new_folder = _first_new_folder(Path(str(first.out_dir)) / str(first.name) / run_name(overrides)) \
-        if first is not None and not sweep and "name" in first else None
-    extra = [f"hydra.sweep.dir='{sweep_dir}'", _job_names(overrides)] if sweep_dir else []
-    flags, rest = _flags_first(args)
-    _run_hydra(task, config_name, [*flags, *rest, *extra])
-    if sweep_dir is not None and not passthrough:
-        from lmlab.report.summary import gather
-
-        rows = gather(sweep_dir)
-        failed = [r for r in rows if r["status"] != "done"]
-        if failed:
-            _fail(f"{len(failed)} of {len(rows)} jobs did not finish: see the summary above, "
-                  "fix the cause and rerun the same command to run only those.")
+    with _refusals():
+        args = _quote_run_dirs(command.flags(args) if command.flags else args)
+        (_start_jobs if command.job else _run_here)(name, args)
 
 
 if __name__ == "__main__":

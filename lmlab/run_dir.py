@@ -143,6 +143,25 @@ def run_name(overrides: list[str] | ListConfig, first: list[str] | ListConfig = 
     return name[:NAME_LIMIT - len(digest) + 1].rsplit(",", 1)[0] + digest  # whole items only
 
 
+def sweep_jobs(overrides: list) -> list[list[str]]:
+    """The jobs of a ``-m`` command as Hydra's basic sweeper lists them: one per combination of the swept values
+    (``a=1,2``, ``range(...)``, ``choice(...)``), a later override of a key replacing an earlier one.
+    ``overrides``: parsed by Hydra's ``OverridesParser``. A sweep that is not a list of values (``interval(a,b)``,
+    for a sweeper that optimises) is refused."""
+    import itertools
+
+    axes: dict[str, list[str]] = {}
+    for o in overrides:
+        key = o.get_key_element()
+        if o.is_discrete_sweep():
+            axes[key] = [f"{key}={v}" for v in o.sweep_string_iterator()]
+        elif o.is_sweep_override():
+            raise UserError(f"{o.input_line} is not a list of values: write the values with commas, e.g. key=a,b.")
+        else:
+            axes[key] = [f"{key}={o.get_value_element_as_str()}"]
+    return [list(job) for job in itertools.product(*axes.values())]
+
+
 # ----- status -----
 
 def mark_done(run_dir: str | os.PathLike) -> None:

@@ -93,15 +93,15 @@ def _planned(sweep: Path) -> list[dict[str, str]]:
     if not path.is_file():
         return []
     try:
-        from hydra._internal.core_plugins.basic_sweeper import BasicSweeper
         from hydra.core.override_parser.overrides_parser import OverridesParser
+
+        from lmlab.run_dir import sweep_jobs
 
         hydra = OmegaConf.load(path).hydra
         task = [str(o) for o in hydra.overrides.task]
         given = {o.split("=", 1)[0] for o in task}  # the command line wins over the sweep a config declares
         params = [f"{k}={v}" for k, v in (hydra.sweeper.get("params") or {}).items() if k not in given]
-        batches = BasicSweeper.split_arguments(OverridesParser.create().parse_overrides([*params, *task]), None)
-        return [_settings(job) for batch in batches for job in batch]
+        return [_settings(job) for job in sweep_jobs(OverridesParser.create().parse_overrides([*params, *task]))]
     except Exception:  # another sweeper, or a file this version cannot read: list the jobs found only
         return []
 

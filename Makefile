@@ -3,12 +3,12 @@ PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
 PIP := $(PY) -m pip
-# Without a GPU, install the CPU build of PyTorch (seconds, not GB). Where this machine keeps a local
-# CPU wheel (/opt/wheels) pip finds it; elsewhere the PyTorch CPU index is added.
+# Without a GPU, install the CPU build of PyTorch (seconds, not GB) from PyTorch's CPU index; TORCH_INDEX= keeps
+# pip to the indexes it is configured with (a mirror, or PIP_FIND_LINKS naming a folder of wheels).
 TORCH_CPU ?= torch==2.13.0
-TORCH_INDEX ?= $(if $(wildcard /opt/wheels/torch-*),,--extra-index-url https://download.pytorch.org/whl/cpu)
+TORCH_INDEX ?= --extra-index-url https://download.pytorch.org/whl/cpu
 
-.PHONY: install demo test bench lint clean reproduce-paper docs docs-check mutate
+.PHONY: install demo test bench gpu-check lint clean reproduce-paper docs docs-check mutate
 
 $(VENV)/.installed: pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -36,6 +36,11 @@ docs: install
 docs-check: install
 	$(PY) scripts/render_docs.py --check
 	$(PY) scripts/walkthrough.py --check
+
+# On any machine with a CUDA GPU: the GPU benchmark and the CLI on the GPU (scripts/gpu_check.sh; PARTS="bench cli
+# paper" picks the parts), logged to gpu_check_out/gpu_check.log
+gpu-check: install
+	PYTHON=$(PY) bash scripts/gpu_check.sh $(PARTS)
 
 # CPU speed benchmarks (docs/benchmarks.md)
 bench: install

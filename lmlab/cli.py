@@ -795,6 +795,10 @@ def _paper(cfg: DictConfig, paths: list[Path]) -> None:
     if len(paths) > 1:
         raise UserError("the paper report reads one directory: pass the one experiment directory, or "
                         "analysis=sweep for a sweep report.")
+    if cfg.tolerance is not None and (isinstance(cfg.tolerance, bool) or not isinstance(cfg.tolerance, (int, float))
+                                      or cfg.tolerance < 0):
+        raise UserError(f"tolerance expects a number of nats at least 0, got {cfg.tolerance!r}: pass e.g. "
+                        "tolerance=0.05.")
     if cfg.compare is not None and not Path(str(cfg.compare)).is_dir():
         raise UserError(f"{cfg.compare} is not a directory: compare takes the directory of another rerun of the "
                         "paper.")

@@ -147,13 +147,16 @@ def sweep_jobs(overrides: list) -> list[list[str]]:
     """The jobs of a ``-m`` command as Hydra's basic sweeper lists them: one per combination of the swept values
     (``a=1,2``, ``range(...)``, ``choice(...)``), a later override of a key replacing an earlier one.
     ``overrides``: parsed by Hydra's ``OverridesParser``. A sweep that is not a list of values (``interval(a,b)``,
-    for a sweeper that optimises) is refused."""
+    for a sweeper that optimises; ``glob(...)``, whose options only the running config loader knows) is
+    refused."""
     import itertools
+
+    from hydra.core.override_parser.types import ValueType
 
     axes: dict[str, list[str]] = {}
     for o in overrides:
         key = o.get_key_element()
-        if o.is_discrete_sweep():
+        if o.is_discrete_sweep() and o.value_type != ValueType.GLOB_CHOICE_SWEEP:
             axes[key] = [f"{key}={v}" for v in o.sweep_string_iterator()]
         elif o.is_sweep_override():
             raise UserError(f"{o.input_line} is not a list of values: write the values with commas, e.g. key=a,b.")

@@ -278,3 +278,120 @@ def test_small_model_reaches_the_exact_optimum(lmlab, objective, steps, batch):
     assert code == 0, out
     metrics = json.loads((_only_run(lmlab.runs) / "results.json").read_text())["metrics"]
     assert 0 <= metrics["perplexity/gap"] < 0.05, metrics
+
+
+# ----- the command table: every command a config and a function -----
+
+def _fake_sweep(root: Path) -> Path:
+    """A finished sweep over optim.lr and seed, as `lmlab train -m` leaves it, with val/loss chosen by hand."""
+    sweep = root / "sweep-optim.lr=0.001,0.003,seed=0,1"
+    for (lr, seed), loss in {("0.001", 0): 2.0, ("0.001", 1): 2.2, ("0.003", 0): 1.9, ("0.003", 1): 2.0}.items():
+        job = sweep / f"optim.lr={lr},seed={seed}"
+        (job / ".hydra").mkdir(parents=True)
+        OmegaConf.save(OmegaConf.create([f"optim.lr={lr}", f"seed={seed}"]), job / ".hydra" / "overrides.yaml")
+        (job / "results.json").write_text(json.dumps({"status": "done", "metrics": {"val/loss": loss}}))
+        (job / "DONE").write_text("2026-01-01T00:00:00\n")
+    return sweep
+
+
+def test_report_settings_are_overrides_and_the_flags_stand_for_them(lmlab, tmp_path):
+    sweep = _fake_sweep(tmp_path)
+    code, out = lmlab("report", str(sweep), "baseline={optim.lr:0.001}", "metric=[val/loss]", "x=optim.lr")
+    assert code == 0, out
+    rows = {r["arm"]: r for r in csv.DictReader((sweep / "report.csv").open())}
+    # the arm lr=0.003 minus the baseline lr=0.001, seed by seed: (1.9 - 2.0 + 2.0 - 2.2) / 2
+    assert float(rows["optim.lr=0.003"]["diff_mean"]) == pytest.approx(-0.15, abs=1e-12)
+    assert rows["optim.lr=0.003"]["baseline"] == "optim.lr=0.001" and int(rows["optim.lr=0.003"]["pairs"]) == 2
+    written = {name: (sweep / name).read_bytes() for name in ("report.csv", "report.md")}
+    for name in written:
+        (sweep / name).unlink()
+    code, out = lmlab("report", str(sweep), "--baseline", "optim.lr=0.001", "--metric", "val/loss", "--x", "optim.lr")
+    assert code == 0, out
+    assert {name: (sweep / name).read_bytes() for name in written} == written
+
+
+@pytest.mark.parametrize("args,expect", [
+    (["analysis=paper", "baseline={optim.lr:0.001}"], "the paper report takes no baseline"),
+    (["--paper", "--baseline", "optim.lr=0.001"], "the paper report takes no baseline"),
+    (["analysis=nosuch"], "analysis=nosuch is not an analysis of lmlab report: choose one of sweep, paper, lineage"),
+    (["no_such=1"], "no_such is not a setting of lmlab report"),
+    (["data=pcfg"], "data is not a setting of lmlab report"),
+    (["metric=val/loss"], "metric expects a list"),
+    (["--no-such-flag"], "lmlab report takes no flag --no-such-flag"),
+    (["x=optim.lr,seed"], "takes one value per setting"),
+    (["analysis=paper", "tolerance=abc"], "tolerance expects a number"),
+])
+def test_report_refuses_what_would_not_take_effect(lmlab, tmp_path, args, expect):
+    sweep = _fake_sweep(tmp_path)
+    code, out = lmlab("report", str(sweep), *args)
+    assert code == 2 and expect in out, out
+    assert len([line for line in out.splitlines() if line.startswith("lmlab: error:")]) == 1
+    assert not (sweep / "report.md").exists()
+
+
+def test_every_command_has_a_config_help_and_a_composed_config(lmlab, tmp_path):
+    from lmlab.cli import COMMANDS
+
+    code, out = lmlab("--help")
+    assert code == 0 and all(f"  {name} " in out for name in COMMANDS)
+    for name, command in COMMANDS.items():
+        assert (ROOT / "lmlab" / "conf" / f"{name}.yaml").is_file(), name
+        code, out = lmlab(name, "--help")
+        assert code == 0 and out.startswith(f"usage: {command.usage}"), out
+    code, out = lmlab("export", "--cfg", "job", f"run={tmp_path}")
+    assert code == 0 and OmegaConf.create(out) == {"run": str(tmp_path), "out": None}, out
+    code, out = lmlab("report", str(tmp_path), "metric=[val/loss]", "--cfg", "job")
+    assert code == 0 and OmegaConf.create(out).paths == [str(tmp_path)] and "baseline: null" in out, out
+
+
+def test_python_dash_m_lmlab_is_the_command(tmp_path, cache_dir):
+    env = {**os.environ, "LMLAB_CACHE": str(cache_dir)}
+    proc = subprocess.run([sys.executable, "-m", "lmlab", "--help"], cwd=tmp_path, env=env, capture_output=True,
+                          text=True)
+    assert proc.returncode == 0 and "export" in proc.stdout and "report" in proc.stdout, proc.stderr[-2000:]
+    proc = subprocess.run([sys.executable, "-m", "lmlab", "export", "format=gguf"], cwd=tmp_path, env=env,
+                          capture_output=True, text=True)
+    assert proc.returncode == 2 and proc.stderr.startswith("lmlab: error: format is not a setting of lmlab export")
+
+
+def test_lmlab_uses_hydras_public_api_only():
+    private = [str(p.relative_to(ROOT)) for p in (ROOT / "lmlab").rglob("*.py") if "hydra._internal" in p.read_text()]
+    assert private == []
+
+
+@pytest.mark.parametrize("overrides", [[], ["a=1"], ["a=1,2", "b=x,y,z"], ["a=1,2", "c=3", "a=4,5,6"],
+                                       ["+c=range(0,3)", "d=choice(p,q)", "~e"], ["e=[1,2]", "f='x,y'", "g=1,2"],
+                                       ["++h=glob(*)"]])
+def test_sweep_jobs_are_the_basic_sweepers(overrides):
+    from hydra._internal.core_plugins.basic_sweeper import BasicSweeper  # the reference; lmlab itself avoids it
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+    from hydra.errors import HydraException
+
+    from lmlab.errors import UserError
+    from lmlab.run_dir import sweep_jobs
+
+    parsed = OverridesParser.create().parse_overrides(overrides)
+    try:
+        expected = [job for batch in BasicSweeper.split_arguments(parsed, None) for job in batch]
+    except HydraException:  # a sweep that is not a list of values: lmlab refuses it in one sentence
+        with pytest.raises(UserError, match="is not a list of values"):
+            sweep_jobs(parsed)
+        return
+    assert sweep_jobs(parsed) == expected
+
+
+def test_a_hydra_job_sees_the_command_as_typed(tmp_path, monkeypatch):
+    """hydra.main reads the overrides from sys.argv; the job sees the command line as typed again (Lightning
+    reruns it for the other ranks of a multi-device job), and so does the caller afterwards."""
+    from lmlab import cli
+
+    typed = ["lmlab", "eval", f"run={tmp_path}", "eval=perplexity"]
+    monkeypatch.setattr(sys, "argv", list(typed))
+    seen = {}
+
+    def task(cfg):
+        seen.update(argv=list(sys.argv), run=cfg.run, evals=list(cfg.eval))
+
+    cli._hydra_main("eval", task, [f"run='{tmp_path}'", "eval=perplexity"])
+    assert seen == {"argv": typed, "run": str(tmp_path), "evals": ["perplexity"]}
+    assert sys.argv == typed

@@ -143,11 +143,12 @@ command, as the run's next evaluation record evals/<n>.json; its results.json is
 {groups}
 """
 
-REPORT_HELP = """Writes report.md, report.csv and PNG plots of the runs in the directories (conf/report.yaml):
+REPORT_HELP = """One analysis of finished runs (conf/report.yaml); the sweep and paper reports write report.md (with
+report.csv or report.json, and PNG plots) into the first directory:
   analysis=sweep    sweep directories (they hold multirun.yaml and one folder per job): per arm (the jobs
                     sharing every swept setting but the seed) the mean, sd and 95% t-interval of each metric,
                     and the paired per-seed difference to a baseline arm
-                      baseline={{selection:random}}   the baseline arm (one or more swept settings)
+                      baseline={{selection:random}}     the baseline arm (one or more swept settings)
                       metric=[val/loss,probe/acc]     the metrics (default: every metric that differs)
                       x=optim.lr                      a numeric swept setting: each metric plotted against it
   analysis=paper    the same-loss experiment directory (conf/experiment/same_loss/): the claim-by-claim report
@@ -495,11 +496,6 @@ def _has_key(cfg: DictConfig, key: str) -> bool:
 # ----- the one handler of a user's mistakes -----
 
 
-def _fail(message: str) -> None:
-    print(f"lmlab: error: {message}", file=sys.stderr)
-    sys.exit(2)
-
-
 @contextmanager
 def _refusals(run_dir: Path | None = None):
     """A mistake the user can fix (a ``UserError``, or one behind a wrapper such as Hydra's ``instantiate``),
@@ -517,7 +513,8 @@ def _refusals(run_dir: Path | None = None):
 
         if run_dir is not None and not isinstance(user, (RunHeld, RunStopped)):
             _remove_refused(run_dir)
-        _fail(str(user))
+        print(f"lmlab: error: {user}", file=sys.stderr)
+        sys.exit(2)
 
 
 # ----- the Hydra jobs: train, eval, select -----
@@ -1004,13 +1001,13 @@ def main(argv: list[str] | None = None) -> None:
         print(_main_help())
         return
     name, args = argv[0], argv[1:]
-    if name not in COMMANDS:
-        _fail(f"unknown command {name!r}: use one of {', '.join(COMMANDS)} (lmlab --help).")
-    command = COMMANDS[name]
-    if "-h" in args or "--help" in args:
-        print(f"usage: {command.usage}\n\n{command.help.format(groups=_groups_text())}")
-        return
     with _refusals():
+        if name not in COMMANDS:
+            raise UserError(f"unknown command {name!r}: use one of {', '.join(COMMANDS)} (lmlab --help).")
+        command = COMMANDS[name]
+        if "-h" in args or "--help" in args:
+            print(f"usage: {command.usage}\n\n{command.help.format(groups=_groups_text())}")
+            return
         args = _quote_run_dirs(command.flags(args) if command.flags else args)
         (_start_jobs if command.job else _run_here)(name, args)
 

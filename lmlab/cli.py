@@ -705,7 +705,7 @@ def _remove_refused(run_dir: Path) -> None:
 def _start_jobs(name: str, args: list[str]) -> None:
     """A Hydra command: preflight every job, then run them under ``hydra.main`` (with ``-m``, a sweep into its
     own directory, and a non-zero exit when a job did not finish)."""
-    overrides = _flags_first(args)[1]
+    flags, overrides = _flags_first(args)
     passthrough = any(a in args for a in PASSTHROUGH)
     jobs, first = [overrides], None
     if not passthrough and not os.environ.get("LOCAL_RANK"):  # DDP child ranks were checked by rank 0
@@ -716,8 +716,7 @@ def _start_jobs(name: str, args: list[str]) -> None:
     _new_folder = _first_new_folder(Path(str(first.out_dir)) / str(first.name) / run_name(overrides)) \
         if first is not None and not sweep and "name" in first else None
     extra = [f"hydra.sweep.dir='{sweep_dir}'", _job_names(overrides)] if sweep_dir else []
-    flags, rest = _flags_first(args)
-    _hydra_main(name, COMMANDS[name].run, [*flags, *rest, *extra])
+    _hydra_main(name, COMMANDS[name].run, [*flags, *overrides, *extra])
     if sweep_dir is not None and not passthrough:
         from lmlab.report.summary import gather
 

@@ -48,7 +48,7 @@ if [[ $PARTS == *cli* ]]; then
     model.activation_checkpointing=true max_steps=300 "eval=[perplexity]"
   step "every model, trainer=gpu, 50 steps" 150 "${LM[@]}" -m trainer=gpu \
     model=mamba,mamba2,mom,hyena,transnormer,moe,lstm max_steps=50 val_every=25 "eval=[perplexity]"
-  for f in $(find "$WORK/runs" -name metrics.csv | head -3); do echo "--- $f"; tail -3 "$f"; done
+  for f in $(find "$WORK/runs" -name metrics.csv 2>/dev/null | head -3); do echo "--- $f"; tail -3 "$f"; done
 fi
 if [[ $PARTS == *paper* ]]; then
   step "reproduce-paper gpu profile, dry run" 120 "$PY" scripts/reproduce_paper.py --profile gpu \

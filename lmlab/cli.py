@@ -157,6 +157,7 @@ report.csv or report.json, and PNG plots) into the first directory:
   analysis=lineage  one run's directory: its chain of init_from parents
 analysis=null (the default) chooses from the directories: one run's, lineage; same-loss experiments, paper.
 The flags --baseline k=v, --metric a b, --x k, --paper, --tolerance t and --compare dir stand for these overrides.
+Quote a value with a comma for the shell: baseline='{{selection:random,seed:0}}'.
 """
 
 EXPORT_HELP = """Writes the finished run's model as a Hugging Face transformers checkpoint (config.json,

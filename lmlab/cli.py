@@ -27,7 +27,7 @@ from omegaconf import DictConfig, ListConfig, OmegaConf, open_dict, read_write
 
 from lmlab.errors import UserError, user_error
 from lmlab.run_dir import run_name
-from lmlab.settings import check_config
+from lmlab.settings import check_config, check_moved
 
 CONF = "lmlab.conf"
 HYDRA_OWN = ("hydra.", "hydra/", "+hydra", "++hydra", "~hydra")  # Hydra's own settings and groups: Hydra checks them
@@ -182,6 +182,7 @@ def _preflight(config_name: str, overrides: list[str], here: bool = True) -> tup
     from hydra import compose, initialize_config_module
     from hydra._internal.core_plugins.basic_sweeper import BasicSweeper
 
+    check_moved(overrides)
     groups = config_groups()
     parser = OverridesParser.create()
     try:

@@ -44,7 +44,7 @@ Sparsity = Annotated[float, Ge(0), Lt(1)]  # the share of each masked matrix hel
 
 __all__ = ["Positive", "NonNegative", "PositiveFloat", "NonNegativeFloat", "Fraction", "PositiveFraction", "Sparsity",
            "Literal", "Optional", "Configured", "declared", "keyless", "plain",
-           "RunSettings", "EXTERNAL", "check_config", "check_node"]
+           "RunSettings", "EXTERNAL", "MOVED", "check_moved", "check_config", "check_node"]
 
 
 @dataclasses.dataclass
@@ -126,6 +126,20 @@ class Configured:
         """Every setting but the keyless ones, as plain values: what the cache key is made of."""
         return {f.name: plain(getattr(self.settings, f.name)) for f in dataclasses.fields(self.settings)
                 if f.metadata.get(KEY, True)}
+
+
+# settings that moved to another key: the old key -> (the new key, why)
+MOVED = {"model.sparsity": ("sparsity", "sparse pretraining is a treatment of training, not a setting of the model")}
+
+
+def check_moved(overrides: list[str]) -> None:
+    """Refuse an override (``key=value``, ``+key=value``, ``~key``) of a setting that moved, naming its new key."""
+    for override in overrides:
+        key, _, value = override.partition("=")
+        key = key.lstrip("+~")
+        if key in MOVED:
+            new, why = MOVED[key]
+            raise UserError(f"{key} is now {new} ({why}): pass {new}={value or '<value>'} instead.")
 
 
 # targets lmlab does not own: the ranges of the settings lmlab's YAMLs give them

@@ -91,7 +91,9 @@ class _SettingsSignature:
     """``inspect.signature`` of a ``Configured`` class: the fields of its ``Settings``."""
 
     def __get__(self, obj: Any, owner: type) -> inspect.Signature:
-        return inspect.signature(owner.Settings)
+        sig = inspect.signature(owner.Settings)
+        keyword = inspect.Parameter.KEYWORD_ONLY  # as the constructor takes them
+        return sig.replace(parameters=[p.replace(kind=keyword) for p in sig.parameters.values()])
 
 
 class Configured:

@@ -24,8 +24,8 @@ def small(target: str, train_size: int = 200, **kw) -> dict:
 
 def test_weights_give_their_share_within_sampling_error():
     n = 4000
-    m = MixtureSource(sources={"a": {**small(PCFG), "weight": 0.75}, "b": {**small(PCFG, grammar_seed=1), "weight": 0.25}},
-                      train_size=n)
+    m = MixtureSource(sources={"a": {**small(PCFG), "weight": 0.75},
+                               "b": {**small(PCFG, grammar_seed=1), "weight": 0.25}}, train_size=n)
     train = m.build()["train"]
     share = Counter(train["source"])["a"] / n
     assert len(train) == n and m.probabilities == pytest.approx({"a": 0.75, "b": 0.25})

@@ -71,8 +71,8 @@ def test_per_source_random_equals_each_source_selected_alone(tmp_path):
 
 
 def test_per_source_keeps_each_weighted_source_where_pooled_selection_drops_one(tmp_path):
-    m = MixtureSource(sources={"a": {**small(), "weight": 0.75}, "b": {**small(grammar_seed=1, seed=1), "weight": 0.25}},
-                      train_size=400)
+    m = MixtureSource(sources={"a": {**small(), "weight": 0.75},
+                               "b": {**small(grammar_seed=1, seed=1), "weight": 0.25}}, train_size=400)
     pool = m.build()["train"].add_column("row", list(range(400)))
     n = {s: int((np.asarray(pool["source"]) == s).sum()) for s in "ab"}
     assert 0 < n["b"] < 0.4 * 400

@@ -32,7 +32,7 @@ from numbers import Integral, Real
 import numpy as np
 from datasets import Dataset, DatasetDict, Features, Sequence, Value
 
-from lmlab.data.source import SPLITS, Source
+from lmlab.data.source import SPLITS, Sampled, Source
 from lmlab.errors import UserError
 from lmlab.settings import NonNegative, Positive, PositiveFloat, declared
 from lmlab.vocab import BOS_ID, EOS_ID, N_SPECIAL, word_ids
@@ -61,19 +61,14 @@ class HMMSource(Source):
     """Sentences of a random HMM with the hidden state at ``label_position`` as the downstream label."""
 
     @declared
-    class Settings(Source.Settings):
+    class Settings(Sampled):
         hidden_states: Positive = 10
         vocab_size: Positive = 30
         length: Positive = 12
         alpha_transition: PositiveFloat = 0.4
         alpha_emission: PositiveFloat = 0.4
         hmm_seed: NonNegative = 0
-        seed: NonNegative = 0
         label_position: NonNegative = 6
-        train_size: Positive = 20000
-        validation_size: Positive = 500
-        test_size: NonNegative = 1000
-        downstream_size: NonNegative = 2000
 
     def setup(self) -> None:
         s = self.settings

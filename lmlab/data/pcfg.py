@@ -42,9 +42,9 @@ import torch
 from datasets import Dataset, DatasetDict, Features, Sequence, Value
 
 from lmlab.data.grammar import GrammarShape, parse_grammar
-from lmlab.data.source import SPLITS, Source
+from lmlab.data.source import SPLITS, Sampled, Source
 from lmlab.errors import UserError
-from lmlab.settings import NonNegative, Optional, Positive, declared
+from lmlab.settings import NonNegative, Optional, declared
 from lmlab.threads import one_thread
 from lmlab.vocab import BOS_ID, EOS_ID, N_SPECIAL, word_ids
 
@@ -66,7 +66,7 @@ class PCFGSource(Source):
     """
 
     @declared
-    class Settings(Source.Settings, GrammarShape):
+    class Settings(Sampled, GrammarShape):
         """``grammar``: a rule file, or ``None`` to generate a grammar of the shape (the fields of
         ``lmlab.data.grammar.GrammarShape``: levels, nonterminals_per_level, vocab_size, ...) from
         ``grammar_seed``; ``seed`` draws the sentences; ``*_size``: sentences per split; ``train_labels``: label
@@ -75,11 +75,6 @@ class PCFGSource(Source):
 
         grammar: Optional[str] = None
         grammar_seed: NonNegative = 0
-        seed: NonNegative = 0
-        train_size: Positive = 20000
-        validation_size: Positive = 500
-        test_size: NonNegative = 1000
-        downstream_size: NonNegative = 2000
         train_labels: Optional[NonNegative] = None
 
     def setup(self) -> None:

@@ -30,9 +30,9 @@ from datasets import Dataset, DatasetDict, Features, Sequence, Value
 
 from lmlab.data.grammar import GrammarShape
 from lmlab.data.pcfg import PCFGSource, to_rows
-from lmlab.data.source import SPLITS, TARGET_SPLIT, TARGET_STREAM, Source
+from lmlab.data.source import SPLITS, TARGET_SPLIT, TARGET_STREAM, Sampled, Source
 from lmlab.errors import UserError
-from lmlab.settings import Fraction, NonNegative, Positive, declared
+from lmlab.settings import Fraction, NonNegative, declared
 
 TARGET, DISTRACTOR, DUPLICATE, JUNK = 0, 1, 2, 3
 ORIGINS = {TARGET: "target", DISTRACTOR: "distractor", DUPLICATE: "duplicate", JUNK: "junk"}
@@ -42,7 +42,7 @@ class PlantedSource(Source):
     """Target-grammar sentences planted in a pool of distractor-grammar sentences, duplicates and junk."""
 
     @declared
-    class Settings(Source.Settings, GrammarShape):
+    class Settings(Sampled, GrammarShape):
         """The grammar shape of target and distractors (the fields of ``lmlab.data.grammar.GrammarShape``);
         ``grammar_seed`` draws the target grammar, each of ``distractor_seeds`` one distractor grammar; the shares
         and sizes: see the module docstring."""
@@ -53,11 +53,6 @@ class PlantedSource(Source):
         duplicate_share: Fraction = 0.1
         junk_share: Fraction = 0.15
         duplicate_sources: NonNegative = 20
-        seed: NonNegative = 0
-        train_size: Positive = 20000
-        validation_size: Positive = 500
-        test_size: NonNegative = 1000
-        downstream_size: NonNegative = 2000
         target_size: NonNegative = 500
 
     def setup(self) -> None:

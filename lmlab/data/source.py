@@ -28,7 +28,7 @@ import numpy as np
 from datasets import DatasetDict, load_from_disk
 
 from lmlab.io import atomic_dir, config_hash, discard_if_damaged
-from lmlab.settings import Configured, declared, keyless
+from lmlab.settings import Configured, NonNegative, Positive, declared, keyless
 
 SPLITS = ("train", "validation", "test", "downstream")
 TARGET_SPLIT = "target"  # optional: the selection stage's target set (see module docstring)
@@ -95,3 +95,14 @@ class Source(Configured, ABC):
         t-th word (BOS/EOS excluded), zero on special tokens."""
         return None
 
+
+@declared
+class Sampled(Source.Settings):
+    """The settings of a source that samples its rows: ``seed`` draws them, ``<split>_size`` rows per split
+    (each split its own random stream)."""
+
+    seed: NonNegative = 0
+    train_size: Positive = 20000
+    validation_size: Positive = 500
+    test_size: NonNegative = 1000
+    downstream_size: NonNegative = 2000

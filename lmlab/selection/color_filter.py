@@ -28,7 +28,7 @@ from datasets import Dataset
 
 from lmlab.errors import UserError
 from lmlab.selection.base import Selector, chunk_scores
-from lmlab.selection.reference import AuxLM, need_target, pool_sample, pool_vocab, row_nll
+from lmlab.selection.reference import AuxLM, Reference, need_target, pool_sample, pool_vocab, row_nll
 from lmlab.settings import NonNegative, Optional, Positive, PositiveFloat, declared
 
 
@@ -42,18 +42,13 @@ class ColorFilter(Selector):
     fraction_fix = "lower selection.tau"  # it keeps 1 / tau of the pool
 
     @declared
-    class Settings(Selector.Settings):
+    class Settings(Reference):
         tau: Annotated[float, Ge(1)] = 4.0
         prior_rows: Optional[Positive] = 4000
         prior_steps: NonNegative = 300
         finetune_steps: NonNegative = 150
         finetune_lr: PositiveFloat = 1e-3
-        d_model: Positive = 64
-        n_layers: Positive = 2
         n_heads: Positive = 4
-        batch_size: Positive = 64
-        lr: PositiveFloat = 3e-3
-        seed: NonNegative = 0
 
     def setup(self) -> None:
         s = self.settings

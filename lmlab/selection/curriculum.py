@@ -54,8 +54,8 @@ from datasets import Dataset
 
 from lmlab.errors import UserError
 from lmlab.selection.base import Selection, Selector, chunk_scores, column
-from lmlab.selection.reference import AuxLM, need_target, pool_sample, pool_vocab, row_nll
-from lmlab.settings import NonNegative, NonNegativeFloat, Optional, Positive, PositiveFloat, PositiveFraction, declared
+from lmlab.selection.reference import AuxLM, Reference, need_target, pool_sample, pool_vocab, row_nll
+from lmlab.settings import NonNegative, NonNegativeFloat, Optional, Positive, PositiveFraction, declared
 
 KEYS = ("length", "reference_loss", "random")
 
@@ -153,7 +153,7 @@ class Curriculum(Selector):
     per_group = False  # the stages are prefixes of one order over the whole pool
 
     @declared
-    class Settings(Selector.Settings):
+    class Settings(Reference):
         key: str = "reference_loss"
         reverse: bool = False
         start: PositiveFraction = 0.05
@@ -165,11 +165,6 @@ class Curriculum(Selector):
         reference_data: str = "target"
         reference_rows: Optional[Positive] = 4000
         reference_steps: NonNegative = 200
-        d_model: Positive = 64
-        n_layers: Positive = 2
-        batch_size: Positive = 64
-        lr: PositiveFloat = 3e-3
-        seed: NonNegative = 0
 
     def setup(self) -> None:
         s = self.settings

@@ -31,8 +31,8 @@ from datasets import Dataset
 
 from lmlab.errors import UserError
 from lmlab.selection.base import Selector, chunk_scores
-from lmlab.selection.reference import AuxLM, load_reference, need_target, pool_sample, pool_vocab, row_nll
-from lmlab.settings import NonNegative, Optional, Positive, PositiveFloat, PositiveFraction, declared
+from lmlab.selection.reference import AuxLM, Trained, load_reference, need_target, pool_sample, pool_vocab, row_nll
+from lmlab.settings import NonNegative, Optional, Positive, PositiveFraction, declared
 
 
 def difference_scores(teacher_nll: np.ndarray, ref_nll: np.ndarray) -> np.ndarray:
@@ -44,7 +44,7 @@ class MiniPLM(Selector):
     on_shards = "chunked"
 
     @declared
-    class Settings(Selector.Settings):
+    class Settings(Trained):
         fraction: PositiveFraction = 0.25
         teacher: Optional[str] = None
         teacher_d_model: Positive = 96
@@ -54,9 +54,6 @@ class MiniPLM(Selector):
         ref_d_model: Positive = 32
         ref_layers: Positive = 1
         ref_steps: NonNegative = 200
-        batch_size: Positive = 64
-        lr: PositiveFloat = 3e-3
-        seed: NonNegative = 0
 
     def setup(self) -> None:
         s = self.settings

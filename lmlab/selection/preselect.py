@@ -43,6 +43,7 @@ from lmlab.run_dir import RESULTS, read_results
 from lmlab.selection.base import Selection, Selector, chunk_scores
 from lmlab.selection.reference import (
     AuxLM,
+    Reference,
     load_reference,
     need_target,
     pool_sample,
@@ -106,7 +107,7 @@ class PreSelect(Selector):
     on_shards = "chunked"
 
     @declared
-    class Settings(Selector.Settings):
+    class Settings(Reference):
         fraction: PositiveFraction = 0.25
         runs: Optional[list[str]] = None
         metric: str = "probe/acc"
@@ -116,14 +117,9 @@ class PreSelect(Selector):
         prior_steps: NonNegative = 200
         family_steps: list[NonNegative] = (0, 5, 10, 20, 40, 80, 160)
         finetune_lr: PositiveFloat = 1e-3
-        d_model: Positive = 64
-        n_layers: Positive = 2
-        batch_size: Positive = 64
-        lr: PositiveFloat = 3e-3
         epoch: Positive = 10
         classifier_lr: PositiveFloat = 0.1
         word_ngrams: Positive = 2
-        seed: NonNegative = 0
 
     def setup(self) -> None:
         s = self.settings

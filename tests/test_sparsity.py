@@ -217,3 +217,19 @@ def test_sparse_run_checkpoints_resumes_and_loads(lmlab):
     code, out = lmlab("eval", f"run={run}", "eval=finetune", "eval.finetune.epochs=1")
     assert code == 0, out
     assert "finetune/acc" in json.loads((run / "evals" / "1.json").read_text())["metrics"]
+
+
+def test_a_run_recorded_with_model_sparsity_reads_as_the_training_setting(tmp_path):
+    """Runs recorded while sparsity was a model key: their config reads with the run's sparsity and a model node
+    that builds (model.pt holds the densified weights)."""
+    from hydra.utils import instantiate
+    from omegaconf import OmegaConf
+
+    from lmlab.run_dir import CONFIG, read_config
+
+    model = {"_target_": "lmlab.models.transformer.Transformer", "d_model": 16, "n_layers": 1, "n_heads": 2}
+    OmegaConf.save({"seed": 0, "model": {**model, "sparsity": 0.75}}, tmp_path / CONFIG)
+    cfg = read_config(tmp_path)
+    assert cfg.sparsity == 0.75 and "sparsity" not in cfg.model
+    built = instantiate(cfg.model, vocab_size=20, attention="causal")
+    assert isinstance(built, Transformer) and not is_sparse(built)

@@ -34,7 +34,7 @@ from omegaconf import DictConfig, ListConfig, OmegaConf, open_dict, read_write
 
 from lmlab.errors import UserError, user_error
 from lmlab.run_dir import run_name, sweep_jobs
-from lmlab.settings import check_config
+from lmlab.settings import check_config, check_moved
 
 CONF = "lmlab.conf"
 HYDRA_OWN = ("hydra.", "hydra/", "+hydra", "++hydra", "~hydra")  # Hydra's own settings and groups: Hydra checks them
@@ -215,6 +215,7 @@ def _preflight(config_name: str, overrides: list[str], here: bool = True) -> tup
     """``preflight``, and the first job's composed config."""
     from hydra import initialize_config_module
 
+    check_moved(overrides)
     jobs = _jobs(overrides)
     first = None
     with initialize_config_module(config_module=CONF, version_base="1.3"):

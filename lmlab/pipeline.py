@@ -195,7 +195,8 @@ def _train(cfg: DictConfig, run_dir: Path, command: str) -> dict[str, Any]:
                              source=source, by=selection_by(source))
     splits["train"] = selection.dataset
     dm = DataModule(source, splits, batch_size=cfg.batch_size, seed=cfg.seed, doc_mask=source.doc_mask)
-    module = LMModule(model, objective, instantiate(cfg.optim), instantiate(cfg.schedule), compile=cfg.compile)
+    module = LMModule(model, objective, instantiate(cfg.optim), instantiate(cfg.schedule), compile=cfg.compile,
+                      sparsity=cfg.get("sparsity", 0.0))
 
     ckpt_dir = run_dir / CHECKPOINTS
     last = ckpt_dir / LAST_CHECKPOINT

@@ -341,6 +341,7 @@ def read_config(run_dir: str | os.PathLike) -> DictConfig:
     if not isinstance(values, dict):
         raise UserError(f"{path} holds no config: point at a run directory that `lmlab train` wrote.")
     check_targets(values, path)
+    _moved(values)
     _as_recorded(values)
     return OmegaConf.create(values)
 
@@ -360,6 +361,14 @@ def _names_txt(paths: Any) -> bool:
         if any(f.lower().endswith(".txt") for f in found):
             return True
     return False
+
+
+def _moved(values: dict) -> None:
+    """Settings that moved since a run was recorded: a model's ``sparsity`` is the run's ``sparsity`` (training
+    put the masks on and took them off: ``model.pt`` holds the dense weights)."""
+    model = values.get("model")
+    if isinstance(model, dict) and "sparsity" in model:
+        values.setdefault("sparsity", model.pop("sparsity"))
 
 
 def _as_recorded(node: Any) -> None:

@@ -5,6 +5,13 @@ A setting's range is part of the type annotation of the constructor parameter it
     def __init__(self, train_size: Positive = 20000, mask_prob: Probability = 0.15,
                  norm: Literal["rmsnorm", "layernorm"] = "rmsnorm") -> None: ...
 
+A recipe whose settings also name what it builds (a data source, a selector: their cache key) declares them once,
+as the fields of a frozen dataclass ``Settings`` on a ``Configured`` class. Its constructor takes exactly those
+fields (``inspect.signature`` shows them), records them as ``self.settings`` and as attributes of the same names,
+then calls ``setup()``; ``config`` is every field but the ``keyless`` ones (settings that change how the data is
+read or stored, not what it is), as plain values: the content of the cache key. Nothing repeats a setting, so
+none can be left out of the key.
+
 ``check_config`` walks a composed config before anything is built: every node with a ``_target_`` is checked
 against its target's annotations with pydantic (its ``TypeAdapter``), the run's own top-level keys against
 ``RunSettings``, and targets lmlab does not own (torch optimisers, Lightning's Trainer) against ``EXTERNAL``. A
@@ -16,11 +23,13 @@ from __future__ import annotations
 
 import dataclasses
 import inspect
+import os
 import typing
+from collections.abc import Mapping
 from functools import lru_cache
-from typing import Annotated, Any, Literal, Optional
+from typing import Annotated, Any, ClassVar, Literal, Optional
 
-from annotated_types import Ge, Gt, Le
+from annotated_types import Ge, Gt, Le, Lt
 from pydantic import ConfigDict, TypeAdapter, ValidationError
 
 from lmlab.errors import UserError
@@ -31,10 +40,11 @@ PositiveFloat = Annotated[float, Gt(0)]  # learning rates, temperatures, scales
 NonNegativeFloat = Annotated[float, Ge(0)]  # weights of extra losses, weight decay
 Fraction = Annotated[float, Ge(0), Le(1)]  # probabilities, shares, dropout
 PositiveFraction = Annotated[float, Gt(0), Le(1)]  # shares of rows kept (none kept is no data)
+Sparsity = Annotated[float, Ge(0), Lt(1)]  # the share of each masked matrix held at zero (all of it is no model)
 
-__all__ = ["Positive", "NonNegative", "PositiveFloat", "NonNegativeFloat", "Fraction", "PositiveFraction", "Literal",
-           "Optional",
-           "RunSettings", "EXTERNAL", "check_config", "check_node"]
+__all__ = ["Positive", "NonNegative", "PositiveFloat", "NonNegativeFloat", "Fraction", "PositiveFraction", "Sparsity",
+           "Literal", "Optional", "Configured", "declared", "keyless", "plain",
+           "RunSettings", "EXTERNAL", "MOVED", "check_moved", "check_config", "check_node"]
 
 
 @dataclasses.dataclass
@@ -47,6 +57,91 @@ class RunSettings:
     val_every: Positive = 250
     checkpoint_every: Positive = 250
     eval_every: Optional[Positive] = None
+    sparsity: Sparsity = 0.0
+
+
+# ----- settings declared once: a recipe's constructor, attributes and cache key -----
+
+declared = dataclasses.dataclass(frozen=True, kw_only=True)  # the decorator of every ``Settings`` class
+KEY = "cache_key"  # field metadata: False for a keyless setting
+
+
+def keyless(default: Any) -> Any:
+    """A setting left out of the cache key: it changes how the data is read, served or stored, not what it is
+    (``data.doc_mask``, the streaming thresholds of ``data=text``, the batch size of a generator)."""
+    return dataclasses.field(default=default, metadata={KEY: False})
+
+
+def plain(value: Any) -> Any:
+    """``value`` as plain JSON-able data: Hydra's containers, tuples and paths made lists, dicts and strings."""
+    from omegaconf import DictConfig, ListConfig, OmegaConf
+
+    if isinstance(value, (DictConfig, ListConfig)):
+        value = OmegaConf.to_container(value, resolve=True)
+    if isinstance(value, Mapping):
+        return {str(k): plain(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [plain(v) for v in value]
+    if isinstance(value, os.PathLike):
+        return os.fspath(value)
+    return value
+
+
+class _SettingsSignature:
+    """``inspect.signature`` of a ``Configured`` class: the fields of its ``Settings``."""
+
+    def __get__(self, obj: Any, owner: type) -> inspect.Signature:
+        sig = inspect.signature(owner.Settings)
+        keyword = inspect.Parameter.KEYWORD_ONLY  # as the constructor takes them
+        return sig.replace(parameters=[p.replace(kind=keyword) for p in sig.parameters.values()])
+
+
+class Configured:
+    """A recipe built from its declared ``Settings`` (see the module docstring). A subclass declares
+
+        @declared
+        class Settings(<the base's Settings>):
+            seed: NonNegative = 0
+            ...
+
+    and derives what it needs from them in ``setup`` (checks across settings, models, files)."""
+
+    @declared
+    class Settings:
+        pass
+
+    settings: Any  # the instance's own Settings
+    __signature__: ClassVar = _SettingsSignature()
+
+    def __init__(self, **values: Any) -> None:
+        self.settings = type(self).Settings(**values)
+        for field in dataclasses.fields(self.settings):
+            if not isinstance(inspect.getattr_static(type(self), field.name, None), property):
+                setattr(self, field.name, getattr(self.settings, field.name))
+        self.setup()
+
+    def setup(self) -> None:
+        """Check and derive what the settings imply (called once, by the constructor)."""
+
+    @property
+    def config(self) -> dict[str, Any]:
+        """Every setting but the keyless ones, as plain values: what the cache key is made of."""
+        return {f.name: plain(getattr(self.settings, f.name)) for f in dataclasses.fields(self.settings)
+                if f.metadata.get(KEY, True)}
+
+
+# settings that moved to another key: the old key -> (the new key, why)
+MOVED = {"model.sparsity": ("sparsity", "sparse pretraining is a treatment of training, not a setting of the model")}
+
+
+def check_moved(overrides: list[str]) -> None:
+    """Refuse an override (``key=value``, ``+key=value``, ``~key``) of a setting that moved, naming its new key."""
+    for override in overrides:
+        key, _, value = override.partition("=")
+        key = key.lstrip("+~")
+        if key in MOVED:
+            new, why = MOVED[key]
+            raise UserError(f"{key} is now {new} ({why}): pass {new}={value or '<value>'} instead.")
 
 
 # targets lmlab does not own: the ranges of the settings lmlab's YAMLs give them
@@ -74,6 +169,8 @@ def _declared(target: str) -> dict[str, TypeAdapter]:
             obj = get_method(target)
         except Exception:  # not importable here: Hydra reports it when it instantiates
             return {}
+        if inspect.isclass(obj) and issubclass(obj, Configured):
+            obj = obj.Settings
         func = obj.__init__ if inspect.isclass(obj) and not dataclasses.is_dataclass(obj) else obj
         try:
             hints = typing.get_type_hints(func, include_extras=True)

@@ -86,7 +86,7 @@ def test_shards_round_trip_pcfg_with_labels(tmp_path):
     out = write_shards(source, tmp_path / "shards", cache_dir=tmp_path / "cache", rows_per_shard=128)
     index = json.loads((out / INDEX).read_text())
     assert index["dtype"] == "uint16" and [s["rows"] for s in index["splits"]["train"]["shards"]] == [128] * 3 + [116]
-    shards = ShardSource(str(out))
+    shards = ShardSource(path=str(out))
     assert shards.vocab_size == source.vocab_size and shards.tasks == source.tasks
     got, ref = shards.load(None), source.load(tmp_path / "cache")
     rows = got["train"]
@@ -107,18 +107,18 @@ def test_shards_round_trip_pcfg_with_labels(tmp_path):
 
 def test_shards_from_texts_and_errors(tmp_path):
     out = write_shards(["ACGT" * 10, "GGCC" * 5], tmp_path / "dna", tokenizer=DNA(), block_size=9)
-    rows = ShardSource(str(out)).load(None)["train"]
+    rows = ShardSource(path=str(out)).load(None)["train"]
     ids, lengths = DNA().encode_flat(["ACGT" * 10, "GGCC" * 5])
     assert rows[:]["input_ids"] == pack_stream(ids, lengths, 9).tolist()
     assert json.loads((out / INDEX).read_text())["splits"]["train"]["lengths"] is None  # fixed-size blocks
     big = write_shards({"train": [[1, 70000, 2]]}, tmp_path / "big")
     assert json.loads((big / INDEX).read_text())["dtype"] == "uint32"
-    assert ShardSource(str(big)).load(None)["train"][0]["input_ids"] == [1, 70000, 2]
+    assert ShardSource(path=str(big)).load(None)["train"][0]["input_ids"] == [1, 70000, 2]
     (tmp_path / "big" / "train-00000.bin").write_bytes(b"\0")
     with pytest.raises(UserError, match="truncated"):
-        ShardSource(str(big))
+        ShardSource(path=str(big))
     with pytest.raises(UserError, match="no shard index"):
-        ShardSource(str(tmp_path))
+        ShardSource(path=str(tmp_path))
     with pytest.raises(UserError, match="data.path"):
         ShardSource()
 

@@ -115,7 +115,7 @@ def test_the_streamed_path_reads_the_same_documents(tmp_path, documents, count, 
     assert f"{len(docs)} documents from 3 files (.txt: one document per {documents})" in printed
     if documents != "line":  # each document's blocks lie in one split
         seen = {}
-        shards = ShardSource(str(out)).load(None)
+        shards = ShardSource(path=str(out)).load(None)
         for split in ("train", "validation", "test"):
             rows = shards[split][:]["input_ids"] if split == "train" else shards[split]["input_ids"]
             seen[split] = markers(source.decode(np.asarray(rows).ravel().tolist()))
@@ -161,8 +161,8 @@ def test_the_setting_is_checked_and_refused_where_it_cannot_apply(tmp_path):
     assert data_config().documents is None
     default, line = TextSource(paths=str(tmp_path / "a.jsonl")), TextSource()  # null: file; the sample: line
     assert default.documents == "file" and line.documents == "line"
-    # line per document and files without .txt keep the cache keys they had before the setting existed
-    assert "documents" not in default.config and "documents" not in line.config
+    # the cache key holds the setting as given (null for both), beside the paths that resolve it
+    assert default.config["documents"] is None and line.config["documents"] is None
     write_corpus(tmp_path, n_files=1)
     keys = {TextSource(paths=str(tmp_path / "part0.txt"), documents=d).cache_key() for d in ("file", "paragraph")}
     assert len(keys) == 2

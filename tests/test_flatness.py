@@ -327,7 +327,6 @@ def _conf_model(name: str, vocab_size: int, attention: str, **kw):
 
     cfg = yaml.safe_load((Path(__file__).parents[1] / "conf" / "model" / f"{name}.yaml").read_text())
     cls = get_class(cfg.pop("_target_"))
-    cfg.pop("sparsity", None)
     cfg.update({"d_model": 16, "n_layers": 1, **TINY_MODELS.get(name, {}), **kw})
     torch.manual_seed(0)
     return cls(vocab_size, attention, **cfg)

@@ -24,8 +24,8 @@ def small(target: str, train_size: int = 200, **kw) -> dict:
 
 def test_weights_give_their_share_within_sampling_error():
     n = 4000
-    m = MixtureSource({"a": {**small(PCFG), "weight": 0.75}, "b": {**small(PCFG, grammar_seed=1), "weight": 0.25}},
-                      train_size=n)
+    m = MixtureSource(sources={"a": {**small(PCFG), "weight": 0.75},
+                               "b": {**small(PCFG, grammar_seed=1), "weight": 0.25}}, train_size=n)
     train = m.build()["train"]
     share = Counter(train["source"])["a"] / n
     assert len(train) == n and m.probabilities == pytest.approx({"a": 0.75, "b": 0.25})
@@ -39,7 +39,7 @@ ROOT3 = math.sqrt(3)
                                           (0.5, [ROOT3 / (1 + ROOT3), 1 / (1 + ROOT3)])])
 def test_temperature_sampling_over_the_sizes(alpha, expect):
     assert mixture_probabilities([1, 1], [300, 100], alpha) == pytest.approx(expect)
-    m = MixtureSource({"a": small(PCFG, 300), "b": small(HMM, 100)}, temperature=alpha)
+    m = MixtureSource(sources={"a": small(PCFG, 300), "b": small(HMM, 100)}, temperature=alpha)
     train = m.build()["train"]
     assert [m.probabilities["a"], m.probabilities["b"]] == pytest.approx(expect)
     assert len(train) == 400  # default train_size: the sum of the sources' training rows
@@ -52,14 +52,14 @@ def test_weights_multiply_the_temperature_and_none_means_weights_alone():
 
 def test_two_builds_give_identical_rows_and_the_cache_restores_the_proportions(tmp_path):
     sources = {"a": {**small(PCFG), "weight": 2}, "b": small(HMM)}
-    first = MixtureSource(sources, train_size=300, seed=3).build()
-    second = MixtureSource(sources, train_size=300, seed=3).build()
+    first = MixtureSource(sources=sources, train_size=300, seed=3).build()
+    second = MixtureSource(sources=sources, train_size=300, seed=3).build()
     for split in first:
         assert first[split].to_list() == second[split].to_list()
-    other = MixtureSource(sources, train_size=300, seed=4).build()
+    other = MixtureSource(sources=sources, train_size=300, seed=4).build()
     assert other["train"]["input_ids"] != first["train"]["input_ids"]
-    MixtureSource(sources, train_size=300, seed=3).load(tmp_path)
-    fresh = MixtureSource(sources, train_size=300, seed=3)  # reads the cache entry
+    MixtureSource(sources=sources, train_size=300, seed=3).load(tmp_path)
+    fresh = MixtureSource(sources=sources, train_size=300, seed=3)  # reads the cache entry
     loaded = fresh.load(tmp_path)
     assert loaded["train"].to_list() == first["train"].to_list()
     assert fresh.probabilities == pytest.approx({"a": 2 / 3, "b": 1 / 3})
@@ -67,7 +67,7 @@ def test_two_builds_give_identical_rows_and_the_cache_restores_the_proportions(t
 
 
 def test_splits_vocabulary_and_task_columns():
-    m = MixtureSource({"a": small(PCFG, vocab_size=20), "b": small(HMM, vocab_size=40)})
+    m = MixtureSource(sources={"a": small(PCFG, vocab_size=20), "b": small(HMM, vocab_size=40)})
     splits = m.build()
     assert m.vocab_size == 44  # the larger source's: 40 words + 4 special ids
     assert set(m.tasks) == {"a_task_a", "a_task_b", "a_task_c", "b_task_z"}
@@ -80,7 +80,7 @@ def test_splits_vocabulary_and_task_columns():
 
 
 def test_sequence_nll_is_the_mixture_optimum():
-    m = MixtureSource({"a": {**small(PCFG), "weight": 3}, "b": small(HMM, vocab_size=40)})
+    m = MixtureSource(sources={"a": {**small(PCFG), "weight": 3}, "b": small(HMM, vocab_size=40)})
     val = m.build()["validation"]
     rows = val["input_ids"]
     got = m.sequence_nll(rows)
@@ -92,7 +92,7 @@ def test_sequence_nll_is_the_mixture_optimum():
         want = -np.log(0.75 * np.exp(-nll_a) + 0.25 * np.exp(-b))
     assert np.isfinite(got).all() and got == pytest.approx(want)
     # one source: the mixture's optimum is that source's
-    one = MixtureSource({"a": small(PCFG)})
+    one = MixtureSource(sources={"a": small(PCFG)})
     one_rows = one.build()["validation"]["input_ids"]
     assert one.sequence_nll(one_rows) == pytest.approx(one.sources["a"].sequence_nll(one_rows))
 
@@ -118,7 +118,7 @@ def test_user_errors(kwargs, expect):
 
 def test_text_sources_with_one_fixed_tokenizer_mix():
     byte = {"_target_": "lmlab.data.tokenizers.Byte"}
-    m = MixtureSource({"t": {"_target_": TEXT, "tokenizer": byte, "seed": 0},
+    m = MixtureSource(sources={"t": {"_target_": TEXT, "tokenizer": byte, "seed": 0},
                        "u": {"_target_": TEXT, "tokenizer": byte, "seed": 1}})
     assert m.vocab_size == m.sources["t"].vocab_size
 
@@ -164,7 +164,7 @@ def test_a_selection_over_a_mixture_reports_what_it_kept_of_each_source(tmp_path
     from lmlab.selection.base import selection_stats
     from lmlab.selection.random import RandomSelection
 
-    m = MixtureSource({"a": small(PCFG), "b": small(HMM, vocab_size=20)})
+    m = MixtureSource(sources={"a": small(PCFG), "b": small(HMM, vocab_size=20)})
     pool = m.build()["train"]
     chosen = RandomSelection(fraction=0.3).run(pool, None, tmp_path, m.cache_key())
     stats = selection_stats(pool, chosen.dataset)

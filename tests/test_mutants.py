@@ -174,7 +174,7 @@ def test_streamed_splits_follow_unequal_fractions(tmp_path):
     source = TextSource(paths=str(write_jsonl(tmp_path / "c.jsonl", docs)), tokenizer=Byte(), block_size=16,
                         validation_fraction=val, test_fraction=test)
     out = prepare_shards(source, tmp_path / "s", rows_per_shard=50, batch_bytes=700)
-    splits = ShardSource(str(out)).load(None)
+    splits = ShardSource(path=str(out)).load(None)
     want = {name: [d for d in docs if _split_by_hash(d, 0, val, test) == name] for name in ("validation", "test")}
     assert len(want["validation"]) > 3 * len(want["test"]) > 0  # about 180 and 30 of 600
     for name in ("validation", "test"):

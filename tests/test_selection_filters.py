@@ -160,7 +160,7 @@ def test_duplicates_equal_the_all_pairs_answer_across_chunks(monkeypatch, thresh
 def test_dedup_over_shards_reads_them_in_chunks(monkeypatch, tmp_path):
     rows = duplicate_pool(seed=1)
     out = write_shards({"train": rows}, tmp_path / "shards", rows_per_shard=64)
-    pool = ShardSource(str(out)).load(None)["train"]
+    pool = ShardSource(path=str(out)).load(None)["train"]
 
     def refuse(self):
         raise AssertionError("dedup loaded the shard pool into memory")

@@ -71,8 +71,8 @@ def test_per_source_random_equals_each_source_selected_alone(tmp_path):
 
 
 def test_per_source_keeps_each_weighted_source_where_pooled_selection_drops_one(tmp_path):
-    m = MixtureSource({"a": {**small(), "weight": 0.75}, "b": {**small(grammar_seed=1, seed=1), "weight": 0.25}},
-                      train_size=400)
+    m = MixtureSource(sources={"a": {**small(), "weight": 0.75},
+                               "b": {**small(grammar_seed=1, seed=1), "weight": 0.25}}, train_size=400)
     pool = m.build()["train"].add_column("row", list(range(400)))
     n = {s: int((np.asarray(pool["source"]) == s).sum()) for s in "ab"}
     assert 0 < n["b"] < 0.4 * 400
@@ -100,7 +100,7 @@ def test_per_source_over_shards_keeps_the_rows_it_keeps_in_memory(make, kept, in
     codes = [0 if i % 3 else 1 for i in range(90)]  # shards hold integer labels: sources 0 and 1
     pool = pool_of(rows, codes)
     out = write_shards({"train": pool}, tmp_path / "shards", rows_per_shard=32)
-    shards = ShardSource(str(out)).load(None)["train"]
+    shards = ShardSource(path=str(out)).load(None)["train"]
     on_shards = make().run(shards, None, tmp_path / "s", "k", by="source")
     in_memory = make().run(pool, None, tmp_path / "m", "k", by="source")
     assert on_shards.dataset[:]["row"] == in_memory.dataset["row"]
@@ -130,8 +130,8 @@ def test_the_curriculum_refuses_per_source_selection(tmp_path):
 
 def test_the_setting_validates_and_keys_the_selection_not_the_rows(tmp_path):
     with pytest.raises(UserError, match="data.select_per_source is 'maybe'; make it true or false"):
-        MixtureSource({"a": small()}, select_per_source="maybe")
-    off, on = MixtureSource({"a": small()}), MixtureSource({"a": small()}, select_per_source=True)
+        MixtureSource(sources={"a": small()}, select_per_source="maybe")
+    off, on = MixtureSource(sources={"a": small()}), MixtureSource(sources={"a": small()}, select_per_source=True)
     assert not off.select_per_source and on.select_per_source
     assert off.cache_key() == on.cache_key()  # the same rows: one data cache entry
     pool = pool_of(random_rows(20), ["a", "b"] * 10)

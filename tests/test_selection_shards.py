@@ -59,7 +59,7 @@ def small_chunks(monkeypatch):
 
 def test_shard_view_serves_like_a_dataset(shards):
     out, _, memory = shards
-    pool = ShardSource(str(out)).load(None)["train"]
+    pool = ShardSource(path=str(out)).load(None)["train"]
     assert len(pool.entry["shards"]) == 5
     view = pool.select([5, 300, 5, 599, 128]).select([4, 0, 1])  # a view of a view composes
     assert len(view) == 3 and view.index.tolist() == [128, 5, 300]
@@ -90,7 +90,7 @@ def test_every_method_trains_on_shards(lmlab, shards, cache_dir, small_chunks, m
     if method == "none":
         return
     cls = (ROOT / "lmlab" / "conf" / "selection" / f"{method}.yaml").read_text().split("_target_:")[1].split()[0]
-    key = ShardSource(str(out)).cache_key()  # this data's entries: the cache is shared with other tests
+    key = ShardSource(path=str(out)).cache_key()  # this data's entries: the cache is shared with other tests
     entries = [p for p in (cache_dir / "selection").iterdir()
                if p.name.startswith(f"{key}-{cls.rsplit('.', 1)[1]}-")]
     assert len(entries) == 1
@@ -113,7 +113,7 @@ def test_every_method_trains_on_shards(lmlab, shards, cache_dir, small_chunks, m
 ], ids=["color_filter", "quality", "curriculum"])
 def test_chunked_selection_over_shards_equals_in_memory(shards, small_chunks, make, tmp_path):
     out, source, memory = shards
-    shard_source = ShardSource(str(out))
+    shard_source = ShardSource(path=str(out))
     splits = shard_source.load(None)
     assert isinstance(splits["train"], ShardRows) and len(splits["target"]) == 60
     on_shards = make().run(splits["train"], splits["target"], tmp_path / "a", "k", source=shard_source)
@@ -144,7 +144,7 @@ class KeepFirst(Selector):  # a materialising selector (the default ``on_shards`
 
 def test_materialising_selection_refuses_a_large_shard_pool(shards, monkeypatch, tmp_path):
     out = shards[0]
-    pool = ShardSource(str(out)).load(None)["train"]
+    pool = ShardSource(path=str(out)).load(None)["train"]
     assert Rephrase.on_shards == "materialise"
     monkeypatch.setenv("LMLAB_SELECT_MAX_ROWS", "599")
     with pytest.raises(UserError, match="above the limit of 599.*LMLAB_SELECT_MAX_ROWS"):
@@ -159,7 +159,7 @@ def test_curriculum_over_shards_keeps_its_stages_and_batches_resume(shards, smal
     the batch order over the shard view is a function of (seed, step, stage record): resuming at any step
     draws the same batches."""
     out = shards[0]
-    source = ShardSource(str(out))
+    source = ShardSource(path=str(out))
     splits = source.load(None)
     selection = Curriculum(key="length").run(splits["train"], None, tmp_path, "k", source=source)
     view = selection.dataset

@@ -2,13 +2,15 @@
 
 Known answers: each masked matrix holds exactly round(sparsity * n) zeros, the same ones, after AdamW steps with
 weight decay; the dense copy's first forward equals the sparse model's; the sparse-ideal FLOPs are the dense
-count less 6 per masked weight; sparsity 0 builds the very same model; a resumed sparse run takes its masks
-from the checkpoint; a sparse run's model.pt loads as a plain model (zeros in place) with the sparse logits.
+count less 6 per masked weight; sparsity is a setting of training (no model takes it); a resumed sparse run
+takes its masks from the checkpoint; a sparse run's model.pt loads as a plain model (zeros in place) with the
+sparse logits; an old-syntax ``model.sparsity`` is refused with the new key.
 """
 
 from __future__ import annotations
 
 import copy
+import functools
 import json
 from pathlib import Path
 
@@ -28,9 +30,9 @@ from tests.conftest import TINY
 CAUSAL = Attention("causal")
 
 
-def tiny(sparsity: float = 0.75, seed: int = 0, **kwargs) -> Transformer:
+def tiny(seed: int = 0, **kwargs) -> Transformer:
     torch.manual_seed(seed)
-    return Transformer(vocab_size=20, d_model=16, n_layers=2, n_heads=2, sparsity=sparsity, **kwargs)
+    return Transformer(vocab_size=20, d_model=16, n_layers=2, n_heads=2, **kwargs)
 
 
 def ids(seed: int = 1) -> torch.Tensor:
@@ -48,7 +50,7 @@ def test_draw_mask_has_exactly_round_sparsity_n_zeros():
 @pytest.mark.parametrize("fused", [False, True])
 def test_masked_weights_stay_exactly_zero_under_adamw_weight_decay(fused):
     model = tiny()
-    sparsify(model, model.sparsity, seed=0)
+    sparsify(model, 0.75, seed=0)
     before = {k: v.clone() for k, v in masks(model).items()}
     assert len(before) == 8  # qkv, out, up, down in each of 2 blocks; not the embedding, head or norms
     assert not parametrize.is_parametrized(model.head) and not parametrize.is_parametrized(model.embed)
@@ -82,7 +84,7 @@ def test_masks_are_seeded_per_matrix_and_leave_the_global_stream_alone():
     assert not any(torch.equal(ma[k], mc[k]) for k in ma)
     assert not torch.equal(ma["blocks.0.mlp.up"], ma["blocks.1.mlp.up"])  # one mask per matrix
     # the sparse model starts from the dense model's initialisation, masked
-    dense = tiny(sparsity=0.0)
+    dense = tiny()
     for name, module, _ in a.sparse_targets():
         plain = dict(dense.named_modules())[name].weight
         assert torch.equal(module.weight, plain * ma[name])
@@ -96,7 +98,7 @@ def test_dense_copy_starts_from_the_sparse_function_and_trains_every_weight():
         sparse_logits = model.logits(model(ids(), CAUSAL))
     dense = densify(copy.deepcopy(model))
     assert not is_sparse(dense) and is_sparse(model)
-    assert set(dense.state_dict()) == set(tiny(0.0).state_dict())  # plain keys: a dense model's
+    assert set(dense.state_dict()) == set(tiny().state_dict())  # plain keys: a dense model's
     with torch.no_grad():
         first = dense.logits(dense(ids(), CAUSAL))
     torch.testing.assert_close(first, sparse_logits, atol=1e-6, rtol=0)
@@ -111,34 +113,46 @@ def test_sparse_flops_are_the_dense_count_less_six_per_masked_weight():
     model = tiny()  # per block: qkv 48x16, out 16x16, up 64x16, down 16x64; 75% of each masked
     per_block = round(0.75 * 768) + round(0.75 * 256) + 2 * round(0.75 * 1024)
     assert per_block == 2304
-    assert model.sparse_flops_per_token(10) == model.flops_per_token(10) - 6.0 * 2 * 2304
-    assert tiny(0.0).sparse_flops_per_token(10) == tiny(0.0).flops_per_token(10)
+    assert model.sparse_flops_per_token(10, 0.75) == model.flops_per_token(10) - 6.0 * 2 * 2304
+    assert model.sparse_flops_per_token(10, 0.0) == model.flops_per_token(10)
     # a mixture of experts: each expert's matrices count for the top_k / n_experts of tokens that use them
     torch.manual_seed(0)
-    moe = MoETransformer(vocab_size=20, d_model=16, n_layers=1, n_heads=2, n_experts=4, top_k=1, sparsity=0.5)
+    moe = MoETransformer(vocab_size=20, d_model=16, n_layers=1, n_heads=2, n_experts=4, top_k=1)
     attn = round(0.5 * 768) + round(0.5 * 256)
     experts = 4 * (round(0.5 * 1024) * 2) / 4
     router = round(0.5 * 4 * 16)
-    assert moe.sparse_flops_per_token(10) == pytest.approx(moe.flops_per_token(10) - 6.0 * (attn + experts + router))
+    expected = moe.flops_per_token(10) - 6.0 * (attn + experts + router)
+    assert moe.sparse_flops_per_token(10, 0.5) == pytest.approx(expected)
 
 
-def test_sparsity_zero_builds_the_same_model_and_bad_values_are_refused():
-    a, b = tiny(0.0), tiny(0.0)
-    torch.manual_seed(0)
-    plain = Transformer(vocab_size=20, d_model=16, n_layers=2, n_heads=2)
-    assert list(a.state_dict()) == list(plain.state_dict())
-    assert all(torch.equal(a.state_dict()[k], plain.state_dict()[k]) for k in plain.state_dict())
-    assert [n for n, _ in a.named_parameters()] == [n for n, _ in plain.named_parameters()]
-    assert not is_sparse(b) and b.sparsity == 0.0
-    with pytest.raises(UserError, match="model.sparsity=1.0 must be at least 0 and below 1"):
-        tiny(1.0)
+def test_sparsity_is_a_setting_of_training_and_bad_values_are_refused():
+    from lmlab.objectives.clm import CLM
+    from lmlab.training.module import LMModule
+
+    with pytest.raises(TypeError, match="sparsity"):  # no model takes it
+        Transformer(vocab_size=20, d_model=16, n_layers=2, n_heads=2, sparsity=0.5)
+    make = functools.partial(LMModule, objective=CLM(), optimizer=torch.optim.AdamW, schedule=None)
+    module = make(tiny(), sparsity=0.5)
+    assert module.sparsity == 0.5 and not is_sparse(module.model)
+    module.configure_model()  # as fit starts: the masks go on
+    assert is_sparse(module.model) and len(masks(module.model)) == 8
+    module.on_fit_end()
+    assert not is_sparse(module.model)
+    dense = make(tiny())
+    dense.configure_model()
+    assert dense.sparsity == 0.0 and not is_sparse(dense.model)
+    with pytest.raises(UserError, match="sparsity=1.0 must be at least 0 and below 1"):
+        make(tiny(), sparsity=1.0)
     with pytest.raises(UserError, match="model LSTM has no weight matrices in its blocks to mask"):
-        LSTM(vocab_size=20, d_model=16, sparsity=0.5)
+        make(LSTM(vocab_size=20, d_model=16), sparsity=0.5)
 
 
-def test_every_model_config_takes_sparsity(lmlab):
-    code, out = lmlab("train", "model.sparsity=1.5")
-    assert code == 2 and "model.sparsity must be less than 1" in out
+def test_sparsity_is_checked_and_the_old_key_names_the_new_one(lmlab):
+    code, out = lmlab("train", "sparsity=1.5")
+    assert code == 2 and "sparsity must be less than 1" in out
+    code, out = lmlab("train", "model.sparsity=0.5")
+    assert code == 2, out
+    assert "lmlab: error: model.sparsity is now sparsity" in out and "pass sparsity=0.5 instead." in out
 
 
 def _run(root: Path) -> Path:
@@ -153,7 +167,7 @@ def test_sparse_run_checkpoints_resumes_and_loads(lmlab):
     model's logits; ``lmlab eval run=... eval=finetune`` fine-tunes it."""
     from lmlab.run_dir import load_backbone, run_name
 
-    args = ["train", *TINY, "model.sparsity=0.75", "max_steps=4", "val_every=2", "checkpoint_every=2",
+    args = ["train", *TINY, "sparsity=0.75", "max_steps=4", "val_every=2", "checkpoint_every=2",
             "batch_size=16", "logger=none", "eval=[perplexity]", "model.d_model=32"]
     code, out = lmlab(*args)
     assert code == 0, out
@@ -172,7 +186,7 @@ def test_sparse_run_checkpoints_resumes_and_loads(lmlab):
 
     # load_backbone: a plain model; its logits are the sparse model's (rebuilt from the checkpoint, masks on)
     model = load_backbone(run)
-    assert not is_sparse(model) and model.sparsity == 0.75
+    assert not is_sparse(model)
     sparse = copy.deepcopy(model)
     sparsify(sparse, 0.75, seed=123)
     sparse.load_state_dict({k[len("model."):]: v for k, v in ckpt.items() if k.startswith("model.")})
@@ -203,3 +217,19 @@ def test_sparse_run_checkpoints_resumes_and_loads(lmlab):
     code, out = lmlab("eval", f"run={run}", "eval=finetune", "eval.finetune.epochs=1")
     assert code == 0, out
     assert "finetune/acc" in json.loads((run / "evals" / "1.json").read_text())["metrics"]
+
+
+def test_a_run_recorded_with_model_sparsity_reads_as_the_training_setting(tmp_path):
+    """Runs recorded while sparsity was a model key: their config reads with the run's sparsity and a model node
+    that builds (model.pt holds the densified weights)."""
+    from hydra.utils import instantiate
+    from omegaconf import OmegaConf
+
+    from lmlab.run_dir import CONFIG, read_config
+
+    model = {"_target_": "lmlab.models.transformer.Transformer", "d_model": 16, "n_layers": 1, "n_heads": 2}
+    OmegaConf.save({"seed": 0, "model": {**model, "sparsity": 0.75}}, tmp_path / CONFIG)
+    cfg = read_config(tmp_path)
+    assert cfg.sparsity == 0.75 and "sparsity" not in cfg.model
+    built = instantiate(cfg.model, vocab_size=20, attention="causal")
+    assert isinstance(built, Transformer) and not is_sparse(built)

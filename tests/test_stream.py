@@ -29,7 +29,7 @@ def source(path, tokenizer=None, block_size=16, **kw) -> TextSource:
 
 
 def rows_of(out: Path, split: str) -> np.ndarray:
-    rows = ShardSource(str(out)).load(None)[split]
+    rows = ShardSource(path=str(out)).load(None)[split]
     return np.array(rows[:]["input_ids"] if split == "train" else rows["input_ids"], dtype=np.int64)
 
 
@@ -60,7 +60,7 @@ def test_streamed_rows_equal_the_in_memory_packing(tmp_path):
     assert shards[:-1] == [50] * (len(shards) - 1) and 0 < shards[-1] <= 50 and len(shards) > 3
     assert index["splits"]["downstream"]["rows"] == 0 and not (out / PROGRESS).exists()
     assert index["prepared"]["documents"] == len(docs)
-    assert ShardSource(str(out)).vocab_size == Byte().vocab_size
+    assert ShardSource(path=str(out)).vocab_size == Byte().vocab_size
 
 
 def test_formats_give_the_same_rows(tmp_path):

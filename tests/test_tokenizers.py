@@ -275,7 +275,7 @@ def test_a_text_mixture_shares_one_tokenizer_file(tmp_path):
         return {"_target_": "lmlab.data.text.TextSource", "paths": str(parts[name]), "tokenizer": tokenizer,
                 "block_size": 16}
 
-    mix = MixtureSource({"a": source("a", shared), "b": source("b", dict(shared))}, train_size=200)
+    mix = MixtureSource(sources={"a": source("a", shared), "b": source("b", dict(shared))}, train_size=200)
     splits = mix.load(tmp_path / "cache")
     train = splits["train"]
     assert set(train["source"]) == {"a", "b"} and mix.vocab_size == mix.sources["a"].vocab_size
@@ -284,10 +284,10 @@ def test_a_text_mixture_shares_one_tokenizer_file(tmp_path):
         text = tok.decode(row)
         assert (text.upper() == text) == (origin == "b")  # b's rows decode to b's upper-case text
     with pytest.raises(UserError, match="share one token space"):
-        MixtureSource({"a": source("a", {"_target_": "lmlab.data.tokenizers.BPE", "vocab_size": 300}),
+        MixtureSource(sources={"a": source("a", {"_target_": "lmlab.data.tokenizers.BPE", "vocab_size": 300}),
                        "b": source("b", {"_target_": "lmlab.data.tokenizers.BPE", "vocab_size": 300})})
     (tmp_path / "other").mkdir()
     _trained([d.upper() for d in DOCS]).save(tmp_path / "other")
     other = {"_target_": "lmlab.data.tokenizers.File", "path": str(tmp_path / "other")}
     with pytest.raises(UserError, match="share one token space"):
-        MixtureSource({"a": source("a", shared), "b": source("b", other)})
+        MixtureSource(sources={"a": source("a", shared), "b": source("b", other)})

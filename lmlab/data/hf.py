@@ -30,13 +30,11 @@ from typing import Any
 
 import datasets
 from datasets import DatasetDict, Value, load_dataset, load_from_disk
-from omegaconf import DictConfig, ListConfig, OmegaConf
 
-from lmlab.data.text import TextSource, _fingerprint
-from lmlab.data.tokenizers import Tokenizer
+from lmlab.data.text import Packing, TextSource, _fingerprint
 from lmlab.errors import UserError
 from lmlab.io import config_hash
-from lmlab.settings import Fraction, NonNegative, Optional, Positive
+from lmlab.settings import Optional, Positive, declared, plain
 
 PACKAGED = {"json", "csv", "text", "parquet", "arrow", "webdataset", "imagefolder", "audiofolder"}
 
@@ -62,12 +60,19 @@ def _detail(error: BaseException) -> str:
 class HFSource(TextSource):
     """Documents from ``datasets.load_dataset`` (or ``load_from_disk``), tokenized and packed like data=text."""
 
-    def __init__(self, name: str | None = None, config: str | None = None, split: str = "train",
-                 data_files: Any = None, revision: str | None = None, text_field: str = "text",
-                 streaming: bool = False, max_documents: Optional[Positive] = None, tokenizer: Tokenizer | None = None,
-                 block_size: Positive = 64, validation_fraction: Fraction = 0.05,
-                 test_fraction: Fraction = 0.05, seed: NonNegative = 0, labels_csv: str | None = None,
-                 labels_test_fraction: Fraction = 0.2) -> None:
+    @declared
+    class Settings(Packing):
+        name: Optional[str] = None
+        config: Optional[str] = None
+        split: str = "train"
+        data_files: Any = None
+        revision: Optional[str] = None
+        streaming: bool = False
+        max_documents: Optional[Positive] = None
+
+    def setup(self) -> None:
+        s = self.settings
+        name, max_documents = s.name, s.max_documents
         if not isinstance(name, str) or not name:
             raise UserError("data=hf needs data.name: a Hugging Face dataset (data.name=roneneldan/TinyStories), "
                             "a local dataset directory, or a loader such as json with data.data_files.")
@@ -75,20 +80,18 @@ class HFSource(TextSource):
                                           or max_documents < 1):
             raise UserError(f"data.max_documents must be a positive integer or null, got {max_documents!r}: "
                             "fix data.max_documents.")
-        super().__init__(paths=None, text_field=text_field, tokenizer=tokenizer, block_size=block_size,
-                         validation_fraction=validation_fraction, test_fraction=test_fraction, seed=seed,
-                         labels_csv=labels_csv, labels_test_fraction=labels_test_fraction)
-        if isinstance(data_files, (DictConfig, ListConfig)):
-            data_files = OmegaConf.to_container(data_files, resolve=True)
+        self.setup_packing()
+        text = TextSource.Settings()  # what data=text reads and streams by default (self.files stays empty)
+        self.documents, self.tokenizer_sample_bytes = "line", text.tokenizer_sample_bytes
+        self.stream_above_bytes = text.stream_above_bytes
+        data_files = plain(s.data_files)
         if data_files is not None and not isinstance(data_files, (str, list, dict)):
             raise UserError(f"data.data_files must be a path, a list of paths or a split -> paths map, got "
                             f"{data_files!r}: fix data.data_files.")
         self.files = []  # documents come from load_dataset, not from local text files
-        self.dataset_name, self.subset, self.split, self.revision = name, config, split, revision
-        self.data_files, self.streaming, self.max_documents = data_files, bool(streaming), max_documents
-        base = {k: v for k, v in self.config.items() if k != "paths"}
-        self.config = {"name": name, "config": config, "split": split, "data_files": data_files,
-                       "revision": revision, "streaming": bool(streaming), "max_documents": max_documents, **base}
+        self.dataset_name, self.subset, self.split, self.revision = name, s.config, s.split, s.revision
+        self.data_files, self.streaming, self.max_documents = data_files, bool(s.streaming), max_documents
+        self.setup_labels()
         for entry in self._data_file_entries():
             local = os.path.join(name, entry) if os.path.isdir(os.path.expanduser(name)) else entry
             if "://" not in entry and not _local_files(local):

@@ -32,9 +32,9 @@ from numbers import Integral, Real
 import numpy as np
 from datasets import Dataset, DatasetDict, Features, Sequence, Value
 
-from lmlab.data.source import SPLITS, Source
+from lmlab.data.source import SPLITS, Sampled, Source
 from lmlab.errors import UserError
-from lmlab.settings import NonNegative, Positive, PositiveFloat
+from lmlab.settings import NonNegative, Positive, PositiveFloat, declared
 from lmlab.vocab import BOS_ID, EOS_ID, N_SPECIAL, word_ids
 
 
@@ -60,32 +60,34 @@ def _categorical(rng: np.random.Generator, probs: np.ndarray) -> np.ndarray:
 class HMMSource(Source):
     """Sentences of a random HMM with the hidden state at ``label_position`` as the downstream label."""
 
-    def __init__(self, hidden_states: Positive = 10, vocab_size: Positive = 30, length: Positive = 12,
-                 alpha_transition: PositiveFloat = 0.4, alpha_emission: PositiveFloat = 0.4, hmm_seed: NonNegative = 0,
-                 seed: NonNegative = 0, label_position: NonNegative = 6, train_size: Positive = 20000,
-                 validation_size: Positive = 500, test_size: NonNegative = 1000,
-                 downstream_size: NonNegative = 2000) -> None:
-        super().__init__(hidden_states=hidden_states, vocab_size=vocab_size, length=length,
-                         alpha_transition=alpha_transition, alpha_emission=alpha_emission,
-                         hmm_seed=hmm_seed, seed=seed, label_position=label_position,
-                         train_size=train_size, validation_size=validation_size, test_size=test_size,
-                         downstream_size=downstream_size)
-        self.hidden_states = _positive_int("hidden_states", hidden_states)
-        self.n_words = _positive_int("vocab_size", vocab_size)
-        self.length = _positive_int("length", length)
-        self.alpha_transition = _positive_float("alpha_transition", alpha_transition)
-        self.alpha_emission = _positive_float("alpha_emission", alpha_emission)
-        for name, value in (("hmm_seed", hmm_seed), ("seed", seed)):
+    @declared
+    class Settings(Sampled):
+        hidden_states: Positive = 10
+        vocab_size: Positive = 30
+        length: Positive = 12
+        alpha_transition: PositiveFloat = 0.4
+        alpha_emission: PositiveFloat = 0.4
+        hmm_seed: NonNegative = 0
+        label_position: NonNegative = 6
+
+    def setup(self) -> None:
+        s = self.settings
+        self.hidden_states = _positive_int("hidden_states", s.hidden_states)
+        self.n_words = _positive_int("vocab_size", s.vocab_size)
+        self.length = _positive_int("length", s.length)
+        self.alpha_transition = _positive_float("alpha_transition", s.alpha_transition)
+        self.alpha_emission = _positive_float("alpha_emission", s.alpha_emission)
+        for name, value in (("hmm_seed", s.hmm_seed), ("seed", s.seed)):
             if isinstance(value, bool) or not isinstance(value, Integral) or value < 0:
                 raise UserError(f"data.{name} must be a non-negative integer, got {value!r}: set data.{name}=0.")
-        self.hmm_seed, self.seed = int(hmm_seed), int(seed)
-        if isinstance(label_position, bool) or not isinstance(label_position, Integral) \
-                or not 1 <= label_position <= self.length:
+        self.hmm_seed, self.seed = int(s.hmm_seed), int(s.seed)
+        position = s.label_position
+        if isinstance(position, bool) or not isinstance(position, Integral) or not 1 <= position <= self.length:
             raise UserError(f"data.label_position must be a word position of the sentence, got "
-                            f"{label_position!r}: set it between 1 and data.length={self.length}.")
-        self.label_position = int(label_position)
+                            f"{position!r}: set it between 1 and data.length={self.length}.")
+        self.label_position = int(position)
         self.sizes = {split: _positive_int(f"{split}_size", size) for split, size in
-                      zip(SPLITS, (train_size, validation_size, test_size, downstream_size))}
+                      zip(SPLITS, (s.train_size, s.validation_size, s.test_size, s.downstream_size))}
         self.tasks = {"task_z": self.hidden_states}
 
         rng = np.random.default_rng(self.hmm_seed)

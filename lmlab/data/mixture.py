@@ -55,7 +55,7 @@ from lmlab.data.source import SPLITS, Source
 from lmlab.data.tokenizers import Tokenizer
 from lmlab.errors import UserError
 from lmlab.io import config_hash, write_json
-from lmlab.settings import NonNegative, NonNegativeFloat, Positive
+from lmlab.settings import NonNegative, NonNegativeFloat, Positive, declared, keyless, plain
 
 SOURCE_COLUMN = "source"
 MIXTURE_FILE = "mixture.json"  # in the cache entry: the sources' training sizes and probabilities
@@ -64,15 +64,6 @@ MIXTURE_FILE = "mixture.json"  # in the cache entry: the sources' training sizes
 # every other default_rng(seed) in a run (a random selection's scores, say), and rows of one source would be
 # the ones such a selection keeps. A constant no other stream uses keeps them apart.
 STREAM = 0x6D6978  # "mix"
-
-
-def _plain(value: Any) -> Any:
-    """A Hydra node (``DictConfig``) as plain dicts and lists; other values unchanged."""
-    from omegaconf import DictConfig, ListConfig, OmegaConf
-
-    if isinstance(value, (DictConfig, ListConfig)):
-        return OmegaConf.to_container(value, resolve=True)
-    return value
 
 
 def _instantiate(config: dict[str, Any]) -> Source:
@@ -94,14 +85,23 @@ def mixture_probabilities(weights: list[float], sizes: list[int], temperature: f
 class MixtureSource(Source):
     """Rows of several sources in weighted proportions, with a ``source`` column (see the module docstring)."""
 
-    def __init__(self, sources: Mapping[str, Any], temperature: Optional[NonNegativeFloat] = None,
-                 train_size: Optional[Positive] = None, seed: NonNegative = 0,
-                 select_per_source: bool = False) -> None:
+    @declared
+    class Settings(Source.Settings):
         """``sources``: name -> data config with an optional ``weight``; ``temperature``: the exponent alpha
         over the sources' training sizes, or ``None`` for the weights alone; ``train_size``: mixture training
         rows (``None``: the sum of the sources'); ``seed``: the draw of the rows; ``select_per_source``: the
-        selection stage selects within each source's rows separately (module docstring)."""
-        sources = _plain(sources)
+        selection stage selects within each source's rows separately (module docstring: it changes the
+        selection, whose cache key names it, not the rows)."""
+
+        sources: Mapping[str, Any]
+        temperature: Optional[NonNegativeFloat] = None
+        train_size: Optional[Positive] = None
+        seed: NonNegative = 0
+        select_per_source: bool = keyless(False)
+
+    def setup(self) -> None:
+        s = self.settings
+        sources, temperature, train_size = plain(s.sources), s.temperature, s.train_size
         if not isinstance(sources, Mapping) or not sources:
             raise UserError("data.sources is empty: name at least one source, e.g. data.sources.a={_target_: "
                             "lmlab.data.pcfg.PCFGSource}.")
@@ -123,15 +123,11 @@ class MixtureSource(Source):
         if train_size is not None and (isinstance(train_size, bool) or not isinstance(train_size, int)
                                        or train_size <= 0):
             raise UserError(f"data.train_size is {train_size!r}; make it a whole number > 0 or null.")
-        if not isinstance(select_per_source, bool):
-            raise UserError(f"data.select_per_source is {select_per_source!r}; make it true or false.")
+        if not isinstance(s.select_per_source, bool):
+            raise UserError(f"data.select_per_source is {s.select_per_source!r}; make it true or false.")
         if temperature is None:
             mixture_probabilities(list(weights.values()), [1] * len(weights), None)  # refuses all-zero weights
-        super().__init__(sources={n: {**c, "weight": weights[n]} for n, c in configs.items()},
-                         temperature=temperature, train_size=train_size, seed=seed,
-                         select_per_source=select_per_source)
         self.weights = weights
-        self.select_per_source = select_per_source
         self.sources: dict[str, Source] = {name: _instantiate(cfg) for name, cfg in configs.items()}
         self._check_token_space()
         self.columns = {f"{name}_{task}": (name, task) for name, s in self.sources.items() for task in s.tasks}
@@ -163,8 +159,7 @@ class MixtureSource(Source):
         # the sources' own keys (a text source's key follows its files), not only their configs
         keys = {name: s.cache_key() for name, s in self.sources.items()}
         # select_per_source changes the selection (whose cache key names it), not the rows
-        cfg = {**{k: v for k, v in self.config.items() if k != "select_per_source"}, "source_keys": keys,
-               "streams": STREAM}
+        cfg = {**self.config, "source_keys": keys, "streams": STREAM}
         return f"{type(self).__module__}.{type(self).__name__}-{config_hash(cfg)}"
 
     # ------------------------------------------------------------------ build
@@ -197,8 +192,8 @@ class MixtureSource(Source):
         names = list(self.sources)
         self.sizes = sizes
         p = self._probabilities()
-        n = int(self.config["train_size"] or sum(sizes.values()))
-        seed = int(self.config["seed"])
+        n = int(self.settings.train_size or sum(sizes.values()))
+        seed = int(self.settings.seed)
         choice = np.random.default_rng([seed, STREAM]).choice(len(names), size=n, p=[p[k] for k in names])
         # each source's rows in the order of its own seeded permutations, one per pass over it
         orders: list[list[int]] = []
@@ -222,7 +217,7 @@ class MixtureSource(Source):
     def _probabilities(self) -> dict[str, float]:
         names = list(self.sources)
         p = mixture_probabilities([self.weights[k] for k in names], [self.sizes[k] for k in names],
-                                  self.config["temperature"])
+                                  self.settings.temperature)
         self.probabilities = {k: float(v) for k, v in zip(names, p)}
         return self.probabilities
 

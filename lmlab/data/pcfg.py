@@ -34,18 +34,17 @@ Variant implemented here:
 from __future__ import annotations
 
 import hashlib
-from dataclasses import asdict
+from dataclasses import fields
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 import torch
 from datasets import Dataset, DatasetDict, Features, Sequence, Value
 
 from lmlab.data.grammar import GrammarShape, parse_grammar
-from lmlab.data.source import SPLITS, Source
+from lmlab.data.source import SPLITS, Sampled, Source
 from lmlab.errors import UserError
-from lmlab.settings import NonNegative, Optional, Positive
+from lmlab.settings import NonNegative, Optional, declared
 from lmlab.threads import one_thread
 from lmlab.vocab import BOS_ID, EOS_ID, N_SPECIAL, word_ids
 
@@ -66,32 +65,31 @@ class PCFGSource(Source):
     property is ``N_SPECIAL`` + the number of words of the grammar in use.
     """
 
-    def __init__(self, grammar: str | None = None, grammar_seed: NonNegative = 0, seed: NonNegative = 0,
-                 train_size: Positive = 20000,
-                 validation_size: Positive = 500, test_size: NonNegative = 1000, downstream_size: NonNegative = 2000,
-                 train_labels: Optional[NonNegative] = None, **shape: Any) -> None:
-        """``grammar``: a rule file, or ``None`` to generate a grammar of ``shape`` (the fields of
+    @declared
+    class Settings(Sampled, GrammarShape):
+        """``grammar``: a rule file, or ``None`` to generate a grammar of the shape (the fields of
         ``lmlab.data.grammar.GrammarShape``: levels, nonterminals_per_level, vocab_size, ...) from
         ``grammar_seed``; ``seed`` draws the sentences; ``*_size``: sentences per split; ``train_labels``: label
         only the first that many train sentences (the rest get -1; null: all), since only a training objective
         that reads labels (the adversarial one) needs them and parsing a million sentences takes a while."""
-        self.shape = GrammarShape(**shape)
-        labels = {} if train_labels is None else {"train_labels": int(train_labels)}  # unset: the same cache key
-        super().__init__(grammar=None if grammar is None else str(grammar), **asdict(self.shape),
-                         grammar_seed=grammar_seed, seed=seed, train_size=train_size,
-                         validation_size=validation_size, test_size=test_size, downstream_size=downstream_size,
-                         **labels)
-        self.train_labels = train_labels
+
+        grammar: Optional[str] = None
+        grammar_seed: NonNegative = 0
+        train_labels: Optional[NonNegative] = None
+
+    def setup(self) -> None:
+        s = self.settings
+        self.shape = GrammarShape(**{f.name: getattr(s, f.name) for f in fields(GrammarShape)})
         for split in SPLITS:
-            size = self.config[f"{split}_size"]
+            size = getattr(s, f"{split}_size")
             if not isinstance(size, int) or size < 0:
                 raise UserError(f"data.{split}_size is {size!r}; make it a non-negative integer.")
         self._file_digest = ""
-        if grammar is not None:
-            self.grammar = parse_grammar(grammar)
-            self._file_digest = hashlib.sha256(Path(grammar).expanduser().read_bytes()).hexdigest()[:8]
+        if s.grammar is not None:
+            self.grammar = parse_grammar(s.grammar)
+            self._file_digest = hashlib.sha256(Path(s.grammar).expanduser().read_bytes()).hexdigest()[:8]
         else:
-            self.grammar = self.shape.generate(grammar_seed)
+            self.grammar = self.shape.generate(s.grammar_seed)
         self._prepare()
         g = self.grammar
         self.tasks = {"task_a": len(g.start_children), "task_b": g.n_nt, "task_c": g.n_nt}
@@ -299,7 +297,8 @@ class PCFGSource(Source):
     # ------------------------------------------------------------------ build
 
     def build(self) -> DatasetDict:
-        seed = int(self.config["seed"])
-        return DatasetDict({split: self.labelled_split(self.config[f"{split}_size"], np.random.default_rng([seed, k]),
+        seed = int(self.settings.seed)
+        return DatasetDict({split: self.labelled_split(getattr(self.settings, f"{split}_size"),
+                                                       np.random.default_rng([seed, k]),
                                                        self.train_labels if split == "train" else None)
                             for k, split in enumerate(SPLITS)})

@@ -23,17 +23,16 @@ Pool rows carry the task columns with ``-1`` (no labels are computed for the poo
 
 from __future__ import annotations
 
-from dataclasses import asdict
-from typing import Any
+from dataclasses import fields
 
 import numpy as np
 from datasets import Dataset, DatasetDict, Features, Sequence, Value
 
 from lmlab.data.grammar import GrammarShape
 from lmlab.data.pcfg import PCFGSource, to_rows
-from lmlab.data.source import SPLITS, TARGET_SPLIT, TARGET_STREAM, Source
+from lmlab.data.source import SPLITS, TARGET_SPLIT, TARGET_STREAM, Sampled, Source
 from lmlab.errors import UserError
-from lmlab.settings import Fraction, NonNegative, Positive
+from lmlab.settings import Fraction, NonNegative, declared
 
 TARGET, DISTRACTOR, DUPLICATE, JUNK = 0, 1, 2, 3
 ORIGINS = {TARGET: "target", DISTRACTOR: "distractor", DUPLICATE: "duplicate", JUNK: "junk"}
@@ -42,24 +41,26 @@ ORIGINS = {TARGET: "target", DISTRACTOR: "distractor", DUPLICATE: "duplicate", J
 class PlantedSource(Source):
     """Target-grammar sentences planted in a pool of distractor-grammar sentences, duplicates and junk."""
 
-    def __init__(self, grammar_seed: NonNegative = 0, distractor_seeds: tuple[int, ...] | list[int] = (1, 2),
-                 target_share: Fraction = 0.25, duplicate_share: Fraction = 0.1, junk_share: Fraction = 0.15,
-                 duplicate_sources: NonNegative = 20, seed: NonNegative = 0, train_size: Positive = 20000,
-                 validation_size: Positive = 500,
-                 test_size: NonNegative = 1000, downstream_size: NonNegative = 2000, target_size: NonNegative = 500,
-                 **shape: Any) -> None:
-        """``shape``: the grammar shape of target and distractors (the fields of
-        ``lmlab.data.grammar.GrammarShape``); ``grammar_seed`` draws the target grammar, each of
-        ``distractor_seeds`` one distractor grammar; the shares and sizes: see the module docstring."""
-        distractor_seeds = [int(s) for s in distractor_seeds]
-        shape = asdict(GrammarShape(**shape))
-        super().__init__(
-            **shape, grammar_seed=grammar_seed, distractor_seeds=distractor_seeds, target_share=target_share,
-            duplicate_share=duplicate_share, junk_share=junk_share, duplicate_sources=duplicate_sources, seed=seed,
-            train_size=train_size, validation_size=validation_size, test_size=test_size,
-            downstream_size=downstream_size, target_size=target_size,
-        )
-        shares = {"target_share": target_share, "duplicate_share": duplicate_share, "junk_share": junk_share}
+    @declared
+    class Settings(Sampled, GrammarShape):
+        """The grammar shape of target and distractors (the fields of ``lmlab.data.grammar.GrammarShape``);
+        ``grammar_seed`` draws the target grammar, each of ``distractor_seeds`` one distractor grammar; the shares
+        and sizes: see the module docstring."""
+
+        grammar_seed: NonNegative = 0
+        distractor_seeds: tuple[NonNegative, ...] = (1, 2)
+        target_share: Fraction = 0.25
+        duplicate_share: Fraction = 0.1
+        junk_share: Fraction = 0.15
+        duplicate_sources: NonNegative = 20
+        target_size: NonNegative = 500
+
+    def setup(self) -> None:
+        s = self.settings
+        grammar_seed, target_size = s.grammar_seed, s.target_size
+        distractor_seeds = [int(d) for d in s.distractor_seeds]
+        shape = {f.name: getattr(s, f.name) for f in fields(GrammarShape)}
+        shares = {"target_share": s.target_share, "duplicate_share": s.duplicate_share, "junk_share": s.junk_share}
         for key, value in shares.items():
             if not isinstance(value, (int, float)) or not 0 <= value <= 1:
                 raise UserError(f"data.{key} is {value!r}; make it a number in [0, 1].")
@@ -73,9 +74,10 @@ class PlantedSource(Source):
         if not distractor_seeds and sum(shares.values()) < 1 - 1e-9:
             raise UserError("data.distractor_seeds is empty but the shares leave room for distractors; "
                             "add a distractor seed or make the shares sum to 1.")
-        self.target = PCFGSource(**shape, grammar_seed=grammar_seed, seed=seed, train_size=0,
-                                 validation_size=validation_size, test_size=test_size, downstream_size=downstream_size)
-        self.distractors = [self.target.shape.generate(s) for s in distractor_seeds]  # grammars
+        self.target = PCFGSource(**shape, grammar_seed=grammar_seed, seed=s.seed, train_size=0,
+                                 validation_size=s.validation_size, test_size=s.test_size,
+                                 downstream_size=s.downstream_size)
+        self.distractors = [self.target.shape.generate(d) for d in distractor_seeds]  # grammars
         self.tasks = dict(self.target.tasks)
 
     @property
@@ -91,9 +93,9 @@ class PlantedSource(Source):
 
     def pool_counts(self, n: int) -> dict[int, int]:
         """How many pool rows of each origin a pool of ``n`` rows holds (distractors take the rest)."""
-        c = self.config
-        counts = {TARGET: int(round(c["target_share"] * n)), DUPLICATE: int(round(c["duplicate_share"] * n)),
-                  JUNK: int(round(c["junk_share"] * n))}
+        s = self.settings
+        counts = {TARGET: int(round(s.target_share * n)), DUPLICATE: int(round(s.duplicate_share * n)),
+                  JUNK: int(round(s.junk_share * n))}
         counts[DISTRACTOR] = n - sum(counts.values())
         if counts[DISTRACTOR] < 0:  # rounding: take it from the junk
             counts[JUNK] += counts[DISTRACTOR]
@@ -133,7 +135,7 @@ class PlantedSource(Source):
         if counts[DUPLICATE]:
             if not rows:
                 raise UserError("data.duplicate_share needs other pool rows to copy: lower it.")
-            sources = rng.choice(len(rows), size=min(int(self.config["duplicate_sources"]), len(rows)),
+            sources = rng.choice(len(rows), size=min(int(self.settings.duplicate_sources), len(rows)),
                                  replace=False)
             picks = sources[rng.integers(len(sources), size=counts[DUPLICATE])]
             rows.extend(list(rows[i]) for i in picks)
@@ -143,8 +145,8 @@ class PlantedSource(Source):
 
     def build(self) -> DatasetDict:
         splits = self.target.build()  # validation / test / downstream of the target (train is empty)
-        rng = np.random.default_rng([int(self.config["seed"]), len(SPLITS)])  # its own stream
-        rows, origin = self.pool(int(self.config["train_size"]), rng)
+        rng = np.random.default_rng([int(self.settings.seed), len(SPLITS)])  # its own stream
+        rows, origin = self.pool(int(self.settings.train_size), rng)
         features = Features({"input_ids": Sequence(Value("int64")), **{t: Value("int64") for t in self.tasks},
                              "origin": Value("int64")})
         minus = [-1] * len(rows)
@@ -155,5 +157,5 @@ class PlantedSource(Source):
 
     def target_split(self) -> Dataset:
         """``target_size`` target-grammar sentences from their own stream, labelled (see module docstring)."""
-        rng = np.random.default_rng([int(self.config["seed"]), TARGET_STREAM])
-        return self.target.labelled_split(int(self.config["target_size"]), rng)
+        rng = np.random.default_rng([int(self.settings.seed), TARGET_STREAM])
+        return self.target.labelled_split(int(self.settings.target_size), rng)

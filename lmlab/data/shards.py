@@ -51,6 +51,7 @@ from lmlab.data.source import SPLITS, TARGET_SPLIT, Source
 from lmlab.data.tokenizers import Byte, Tokenizer
 from lmlab.errors import UserError
 from lmlab.io import config_hash, write_json
+from lmlab.settings import Optional, declared
 from lmlab.vocab import PAD_ID
 
 FORMAT = "lmlab-shards/1"
@@ -275,7 +276,12 @@ def _features(columns: list[str]) -> Features:
 class ShardSource(Source):
     """A directory written by ``write_shards``: train memory-mapped, the small splits in memory."""
 
-    def __init__(self, path: str | None = None) -> None:
+    @declared
+    class Settings(Source.Settings):
+        path: Optional[str] = None
+
+    def setup(self) -> None:
+        path = self.settings.path
         if path is None:
             raise UserError("data=shards needs data.path, a directory written by lmlab.data.shards.write_shards "
                             "(python -m lmlab.data.prepare OUT_DIR data=...).")
@@ -295,7 +301,6 @@ class ShardSource(Source):
                 expected = s["rows"] * entry["width"] * np.dtype(self.index["dtype"]).itemsize
                 if not file.is_file() or file.stat().st_size != expected:
                     raise UserError(f"the shard {str(file)!r} is missing or truncated: rewrite the shards.")
-        super().__init__(path=str(directory.resolve()))
         self.directory = directory.resolve()
         self.tasks = {k: int(v) for k, v in self.index.get("tasks", {}).items()}
 
@@ -305,7 +310,8 @@ class ShardSource(Source):
 
     def cache_key(self) -> str:
         stat = (self.directory / INDEX).stat()
-        digest = config_hash({"config": self.config, "index": [stat.st_size, stat.st_mtime_ns]})
+        digest = config_hash({"config": self.config, "directory": str(self.directory),
+                              "index": [stat.st_size, stat.st_mtime_ns]})
         return f"{type(self).__module__}.{type(self).__name__}-{digest}"
 
     def build(self) -> DatasetDict:

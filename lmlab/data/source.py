@@ -1,8 +1,9 @@
 """The data-source contract, shared by every source (synthetic grammars, HMMs, local text).
 
-A source is cheap to construct (nothing is generated or read in ``__init__`` beyond what is needed to
+A source is cheap to construct (nothing is generated or read in ``setup`` beyond what is needed to
 know ``vocab_size``); ``load(cache_dir)`` builds the splits once and caches them on disk under a key
-derived from the source's own config, so every job of a sweep reuses the same data.
+derived from the source's own settings (``lmlab.settings.Configured``: a frozen dataclass ``Settings``, declared
+once, is its constructor, its ranges and its cache key), so every job of a sweep reuses the same data.
 
 Token ids: 0 = PAD, 1 = BOS, 2 = EOS, 3 = MASK; a source's own tokens start at ``N_SPECIAL``.
 Rows of every split have ``input_ids`` (a list of ints, exactly what the model reads: synthetic sources
@@ -19,42 +20,34 @@ selection stage falls back to ``validation``, see ``lmlab.pipeline.selection_tar
 
 from __future__ import annotations
 
-import functools
-import inspect
 import os
 from abc import ABC, abstractmethod
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 from datasets import DatasetDict, load_from_disk
 
 from lmlab.io import atomic_dir, config_hash, discard_if_damaged
+from lmlab.settings import Configured, NonNegative, Positive, declared, keyless
 
 SPLITS = ("train", "validation", "test", "downstream")
 TARGET_SPLIT = "target"  # optional: the selection stage's target set (see module docstring)
 TARGET_STREAM = len(SPLITS) + 1  # random stream index of a generated target split
 
 
-class Source(ABC):
-    """Base class of data sources. Subclasses implement ``build`` and, where they can, the exact optima.
+class Source(Configured, ABC):
+    """Base class of data sources. Subclasses declare their ``Settings`` (extending ``Source.Settings``), derive
+    what they need in ``setup``, and implement ``build`` and, where they can, the exact optima.
 
     ``tasks`` maps a label column to its number of classes (empty when the source has no labels).
     """
 
+    @declared
+    class Settings(Configured.Settings):
+        # ``data.doc_mask`` (``lmlab.data.datamodule``): read by the loader, not the data (the rows are the same)
+        doc_mask: bool = keyless(False)
+
     tasks: dict[str, int] = {}
-    doc_mask: bool = False  # ``data.doc_mask`` (``lmlab.data.datamodule``): read by the loader, not the data
-
-    def __init_subclass__(cls, **kwargs) -> None:
-        """Every source takes ``doc_mask`` (keyword only) without declaring it; it is recorded, not part of the
-        cache key (the rows are the same either way)."""
-        super().__init_subclass__(**kwargs)
-        if "__init__" in cls.__dict__:
-            cls.__init__ = _accepting_doc_mask(cls.__dict__["__init__"])
-
-    def __init__(self, **config: Any) -> None:
-        # Everything that determines the data goes into the cache key.
-        self.config = config
 
     @property
     @abstractmethod
@@ -103,19 +96,13 @@ class Source(ABC):
         return None
 
 
-def _accepting_doc_mask(init):
-    """Wrap a source's ``__init__`` so that it takes ``doc_mask`` (keyword only, default False) and records it."""
+@declared
+class Sampled(Source.Settings):
+    """The settings of a source that samples its rows: ``seed`` draws them, ``<split>_size`` rows per split
+    (each split its own random stream)."""
 
-    @functools.wraps(init)
-    def __init__(self, *args, doc_mask: bool = False, **kwargs):
-        init(self, *args, **kwargs)
-        self.doc_mask = bool(doc_mask)
-
-    sig = inspect.signature(init)
-    params = [p for p in sig.parameters.values() if p.kind is not inspect.Parameter.VAR_KEYWORD]
-    extra = [p for p in sig.parameters.values() if p.kind is inspect.Parameter.VAR_KEYWORD]
-    if "doc_mask" not in sig.parameters:
-        params.append(inspect.Parameter("doc_mask", inspect.Parameter.KEYWORD_ONLY, default=False, annotation=bool))
-    __init__.__signature__ = sig.replace(parameters=params + extra)
-    __init__.__annotations__ = {**getattr(init, "__annotations__", {}), "doc_mask": bool}
-    return __init__
+    seed: NonNegative = 0
+    train_size: Positive = 20000
+    validation_size: Positive = 500
+    test_size: NonNegative = 1000
+    downstream_size: NonNegative = 2000

@@ -661,7 +661,7 @@ def prepare_locked(source: Any, cache_dir: Path) -> Any:
     with open(directory.parent / f"{directory.name}.lock", "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
         prepare_shards(source, directory, rows_per_shard=rows_per_shard, progress=sys.stderr.isatty())
-    return ShardSource(str(directory)).load(None)
+    return ShardSource(path=str(directory)).load(None)
 
 
 def stream_directory(source: Any, cache_dir: str | os.PathLike) -> tuple[Path, int]:

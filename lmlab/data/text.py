@@ -72,7 +72,7 @@ from lmlab.data.source import Source
 from lmlab.data.tokenizers import BPE, TOKENIZER_FILE, File, Tokenizer
 from lmlab.errors import UserError
 from lmlab.io import config_hash
-from lmlab.settings import Fraction, NonNegative, Optional, Positive
+from lmlab.settings import Fraction, NonNegative, Optional, Positive, declared, keyless
 from lmlab.vocab import BOS_ID, EOS_ID
 
 SAMPLE_CORPUS = Tokenizer.sample  # lmlab/data/sample/tiny_corpus.txt
@@ -165,15 +165,36 @@ def _fingerprint(path: Path) -> list:
     return [str(path), stat.st_size, stat.st_mtime_ns]
 
 
+@declared
+class Packing(Source.Settings):
+    """The settings of every tokenized, packed text source (``data=text``, ``data=hf``): see the module
+    docstring."""
+
+    text_field: str = "text"
+    tokenizer: Optional[Tokenizer] = None
+    block_size: Positive = 64
+    validation_fraction: Fraction = 0.05
+    test_fraction: Fraction = 0.05
+    seed: NonNegative = 0
+    labels_csv: Optional[str] = None
+    labels_test_fraction: Fraction = 0.2
+
+
 class TextSource(Source):
     """Local text files, tokenized (``lmlab.data.tokenizers``) and packed into fixed-length blocks."""
 
-    def __init__(self, paths: str | list[str] | None = None, text_field: str = "text",
-                 tokenizer: Tokenizer | None = None, block_size: Positive = 64, validation_fraction: Fraction = 0.05,
-                 test_fraction: Fraction = 0.05, seed: NonNegative = 0, labels_csv: str | None = None,
-                 labels_test_fraction: Fraction = 0.2, tokenizer_sample_bytes: Positive = 100_000_000,
-                 stream_above_bytes: Optional[NonNegative] = STREAM_ABOVE_BYTES,
-                 documents: Optional[Literal["file", "paragraph", "line"]] = None) -> None:
+    @declared
+    class Settings(Packing):
+        paths: str | list[str] | None = None
+        documents: Optional[Literal["file", "paragraph", "line"]] = None
+        # streaming (lmlab.data.stream): whether and how the files are streamed into shards, not what the rows
+        # are; the prepared shards' own key (``stream_key``) holds the tokenizer sample
+        tokenizer_sample_bytes: Positive = keyless(100_000_000)
+        stream_above_bytes: Optional[NonNegative] = keyless(STREAM_ABOVE_BYTES)
+
+    def setup(self) -> None:
+        s = self.settings
+        paths, documents = s.paths, s.documents
         if paths is None:
             entries = None
         elif isinstance(paths, (str, os.PathLike)):
@@ -184,55 +205,58 @@ class TextSource(Source):
             raise UserError(f"data.paths must be a path, a glob or a list of them, got {paths!r}: fix data.paths.")
         if entries == []:
             raise UserError("data.paths is an empty list: name at least one file, or null for the sample corpus.")
-        labels = None if labels_csv is None else os.fspath(labels_csv)
         if documents is not None and documents not in DOCUMENTS:
             raise UserError(f"data.documents must be one of {', '.join(DOCUMENTS)} (or null), got {documents!r}: "
                             "fix data.documents.")
         # a .txt file is one document unless set; the bundled samples hold one document per line
         self.documents = documents or ("line" if entries is None else "file")
-        self.tokenizer = as_tokenizer(tokenizer)  # trained (bpe) by build() or load()
-        super().__init__(paths=entries, text_field=text_field, tokenizer=self.tokenizer.config,
-                         block_size=block_size, validation_fraction=validation_fraction,
-                         test_fraction=test_fraction, seed=seed, labels_csv=labels,
-                         labels_test_fraction=labels_test_fraction)
-        if isinstance(block_size, bool) or not isinstance(block_size, Integral) or block_size < 2:
-            raise UserError(f"data.block_size must be an integer of at least 2, got {block_size!r}: "
-                            "fix data.block_size.")
-        self.block_size = int(block_size)
-        for name, value in (("validation_fraction", validation_fraction), ("test_fraction", test_fraction),
-                            ("labels_test_fraction", labels_test_fraction)):
-            if isinstance(value, bool) or not isinstance(value, Real) or not 0 <= value < 1:
-                raise UserError(f"data.{name} must lie in [0, 1), got {value!r}: fix data.{name}.")
-        if validation_fraction + test_fraction >= 1:
-            raise UserError("data.validation_fraction + data.test_fraction leave no training documents: "
-                            "make their sum smaller than 1.")
-        self.fractions = {"validation": float(validation_fraction), "test": float(test_fraction)}
-        self.labels_test_fraction = float(labels_test_fraction)
-        if isinstance(seed, bool) or not isinstance(seed, Integral) or seed < 0:
-            raise UserError(f"data.seed must be a non-negative integer, got {seed!r}: fix data.seed.")
-        self.seed = int(seed)
-        if not isinstance(text_field, str) or not text_field:
-            raise UserError(f"data.text_field must be a column name, got {text_field!r}: fix data.text_field.")
-        self.text_field = text_field
-        # streaming settings (lmlab.data.stream): not in self.config, so the in-memory cache key is unchanged
-        for name, value, least in (("tokenizer_sample_bytes", tokenizer_sample_bytes, 1),
-                                   ("stream_above_bytes", stream_above_bytes, 0)):
+        self.setup_packing()
+        for name, least in (("tokenizer_sample_bytes", 1), ("stream_above_bytes", 0)):
+            value = getattr(s, name)
             if value is not None and (isinstance(value, bool) or not isinstance(value, Integral) or value < least):
                 raise UserError(f"data.{name} must be an integer of at least {least}, got {value!r}: "
                                 f"fix data.{name}.")
-        if tokenizer_sample_bytes is None:
+        if s.tokenizer_sample_bytes is None:
             raise UserError("data.tokenizer_sample_bytes must be an integer of at least 1, got None: "
                             "fix data.tokenizer_sample_bytes.")
-        self.tokenizer_sample_bytes = int(tokenizer_sample_bytes)
-        self.stream_above_bytes = None if stream_above_bytes is None else int(stream_above_bytes)
+        self.tokenizer_sample_bytes = int(s.tokenizer_sample_bytes)
+        self.stream_above_bytes = None if s.stream_above_bytes is None else int(s.stream_above_bytes)
 
         self.files = _resolve([str(self.tokenizer.sample)] if entries is None else entries)
         txt = any(FORMATS[p.suffix.lower()] == "text" for p in self.files)
         if documents is not None and not txt:
             raise UserError(f"data.documents={documents} applies to .txt files and data.paths holds none (each "
                             "record of the other formats is one document): drop data.documents.")
-        if txt and self.documents != "line":  # line per document keeps the cache key it had before the setting
-            self.config["documents"] = self.documents
+        self.setup_labels()
+
+    def setup_packing(self) -> None:
+        """Check and derive the ``Packing`` settings, all but the labels (``setup_labels``)."""
+        s = self.settings
+        self.tokenizer = as_tokenizer(s.tokenizer)  # trained (bpe) by build() or load()
+        block_size = s.block_size
+        if isinstance(block_size, bool) or not isinstance(block_size, Integral) or block_size < 2:
+            raise UserError(f"data.block_size must be an integer of at least 2, got {block_size!r}: "
+                            "fix data.block_size.")
+        self.block_size = int(block_size)
+        for name in ("validation_fraction", "test_fraction", "labels_test_fraction"):
+            value = getattr(s, name)
+            if isinstance(value, bool) or not isinstance(value, Real) or not 0 <= value < 1:
+                raise UserError(f"data.{name} must lie in [0, 1), got {value!r}: fix data.{name}.")
+        if s.validation_fraction + s.test_fraction >= 1:
+            raise UserError("data.validation_fraction + data.test_fraction leave no training documents: "
+                            "make their sum smaller than 1.")
+        self.fractions = {"validation": float(s.validation_fraction), "test": float(s.test_fraction)}
+        self.labels_test_fraction = float(s.labels_test_fraction)
+        seed = s.seed
+        if isinstance(seed, bool) or not isinstance(seed, Integral) or seed < 0:
+            raise UserError(f"data.seed must be a non-negative integer, got {seed!r}: fix data.seed.")
+        self.seed = int(seed)
+        if not isinstance(s.text_field, str) or not s.text_field:
+            raise UserError(f"data.text_field must be a column name, got {s.text_field!r}: fix data.text_field.")
+
+    def setup_labels(self) -> None:
+        """Read the labels CSV (``labels_csv``), if any: the ``label`` task and its names."""
+        labels = None if self.settings.labels_csv is None else os.fspath(self.settings.labels_csv)
         self.labels_csv = None
         if labels is not None:
             path = Path(os.path.expanduser(labels))
@@ -251,6 +275,11 @@ class TextSource(Source):
             self._n_labelled_test(len(labels))
         self.doc_splits: dict[str, np.ndarray] = {}  # document indices of each split, after build()
         self.label_splits: dict[str, np.ndarray] = {}  # CSV row indices of test and downstream, after build()
+
+    @property
+    def config(self) -> dict[str, Any]:
+        """The settings, the tokenizer as its own config (``Tokenizer.config``: a default tokenizer included)."""
+        return {**super().config, "tokenizer": self.tokenizer.config}
 
     def _n_labelled_test(self, n: int) -> int:
         """How many of the ``n`` labelled rows go to ``test`` (at least one when the fraction is positive)."""

@@ -10,9 +10,9 @@ exist, tied to the embedding or not), ``logits``, parameter counts, ``device``, 
 checkpointing) and, for models whose blocks decode one token at a time, ``init_state``/``step``. A model
 file holds its blocks, its initialisation, its ``forward`` and ``flops_per_token``.
 
-Every backbone also takes ``sparsity`` (``lmlab.models.sparsity``, SPDF: fixed random masks on the block
-matrices during pretraining), recorded here for all models alike; ``sparse_targets`` names the matrices it
-masks and ``sparse_flops_per_token`` the FLOPs a sparse kernel would need.
+For sparse pretraining (``lmlab.models.sparsity``, SPDF: fixed random masks on the block matrices, a treatment
+that training applies), ``sparse_targets`` names the matrices a sparsity masks and ``sparse_flops_per_token`` the
+FLOPs a sparse kernel would need.
 """
 
 from __future__ import annotations
@@ -23,7 +23,7 @@ from torch.utils.checkpoint import checkpoint
 
 from lmlab.attention import CAUSAL
 from lmlab.errors import UserError
-from lmlab.models.sparsity import accepting_sparsity, masked_entries_per_token
+from lmlab.models.sparsity import masked_entries_per_token
 
 
 class Backbone(nn.Module):
@@ -48,15 +48,6 @@ class Backbone(nn.Module):
     """
 
     supported_attention: tuple[str, ...] = (CAUSAL,)
-    sparsity: float = 0.0  # set from the constructor argument ``sparsity`` (see ``__init_subclass__``)
-
-    def __init_subclass__(cls, **kwargs) -> None:
-        """Every architecture takes ``sparsity`` (``lmlab.models.sparsity``: the share of each block matrix
-        held at zero during pretraining; 0, the default, changes nothing) without declaring it: its ``__init__``
-        is wrapped to accept and record it once the model is built."""
-        super().__init_subclass__(**kwargs)
-        if "__init__" in cls.__dict__:
-            cls.__init__ = accepting_sparsity(cls.__dict__["__init__"])
 
     def __init__(self, vocab_size: int, d_model: int, attention: str = CAUSAL,
                  activation_checkpointing: bool = False) -> None:
@@ -107,7 +98,7 @@ class Backbone(nn.Module):
         return sum(p.numel() for p in {id(p): p for p in self.parameters()}.values() if id(p) not in skip)
 
     def sparse_targets(self) -> list[tuple[str, nn.Linear, float]]:
-        """The weight matrices that ``sparsity`` masks, as ``(name, module, uses)``: ``uses`` is the share of
+        """The weight matrices that a training ``sparsity`` masks, as ``(name, module, uses)``: ``uses`` is the share of
         tokens that multiply the matrix, as ``flops_per_token`` counts it (1 for a matrix every token passes
         through). By default every ``nn.Linear`` under ``self.blocks`` (never the embedding or the LM head); a
         model overrides this where its blocks live elsewhere or a token uses only some of them."""
@@ -116,12 +107,12 @@ class Backbone(nn.Module):
             return []
         return [(f"blocks.{name}", m, 1.0) for name, m in blocks.named_modules() if isinstance(m, nn.Linear)]
 
-    def sparse_flops_per_token(self, seq_len: int) -> float:
-        """``flops_per_token`` less 6 FLOPs for every masked weight a token multiplies (forward, input
-        gradient and weight gradient: 2 each): the sparse-ideal training FLOPs, the pretraining budget as SPDF
-        counts it. Equal to ``flops_per_token`` for a dense model. Dense kernels multiply the zeros anyway: the
+    def sparse_flops_per_token(self, seq_len: int, sparsity: float) -> float:
+        """``flops_per_token`` less 6 FLOPs for every weight a token multiplies that ``sparsity`` masks (forward,
+        input gradient and weight gradient: 2 each): the sparse-ideal training FLOPs, the pretraining budget as
+        SPDF counts it. Equal to ``flops_per_token`` at sparsity 0. Dense kernels multiply the zeros anyway: the
         executed FLOPs, and the time a step takes, are ``flops_per_token``."""
-        return self.flops_per_token(seq_len) - 6.0 * masked_entries_per_token(self)
+        return self.flops_per_token(seq_len) - 6.0 * masked_entries_per_token(self, sparsity)
 
     def run_blocks(self, blocks, x: torch.Tensor, *args) -> torch.Tensor:
         """``x = block(x, *args)`` for each of ``blocks`` in turn (modules or any callables).

@@ -7,9 +7,12 @@ convolutions and the recurrent/SSM parameters stay dense. Training keeps the mas
 pretraining the masks are removed and the model is an ordinary dense model whose masked entries hold zeros, so
 a fine-tune (``eval=finetune``) starts from exactly the sparse model's function and may move every weight.
 
-Which matrices count as "the blocks" is each backbone's ``sparse_targets()`` (``lmlab.models.base``): every
-``nn.Linear`` under ``self.blocks`` unless the model says otherwise (a mixture of experts, for instance, states
-how often a token uses each expert's matrices, for the FLOP count).
+Sparsity is a treatment of training, not a setting of any model: ``lmlab train sparsity=0.75`` (the top-level
+``sparsity`` of ``conf/train.yaml``, 0 by default) has ``lmlab.training.module.LMModule`` put the masks on when
+fit starts and take them off when it ends. Which matrices count as "the blocks" is each backbone's
+``sparse_targets()`` (``lmlab.models.base``): every ``nn.Linear`` under ``self.blocks`` unless the model says
+otherwise (a mixture of experts, for instance, states how often a token uses each expert's matrices, for the FLOP
+count); a model with none refuses a sparsity above 0 (``check_sparsity``).
 
 The masks are masked parametrizations (``torch.nn.utils.parametrize``): the module's ``weight`` becomes
 ``original * mask``, recomputed wherever it is read, so gradients reach only the kept entries. The masked
@@ -29,18 +32,11 @@ gradient, 2 for the weight gradient).
 
 from __future__ import annotations
 
-import functools
-import inspect
-from typing import Annotated
-
 import torch
-from annotated_types import Ge, Lt
 from torch import nn
 from torch.nn.utils import parametrize
 
 from lmlab.errors import UserError
-
-Sparsity = Annotated[float, Ge(0), Lt(1)]  # the share of each masked matrix held at zero
 
 
 class Mask(nn.Module):
@@ -110,42 +106,20 @@ def densify(model: nn.Module) -> nn.Module:
     return model
 
 
-def masked_entries_per_token(model: nn.Module) -> float:
-    """The masked entries a token multiplies: ``round(sparsity * n)`` for each target matrix, times the share
-    of tokens that use it (``sparse_targets``). Follows ``model.sparsity``, so it holds with or without the
-    masks in place (a finished run's dense model describes its pretraining)."""
-    s = float(getattr(model, "sparsity", 0.0) or 0.0)
-    if not s:
+def masked_entries_per_token(model: nn.Module, sparsity: float) -> float:
+    """The masked entries a token multiplies at ``sparsity``: ``round(sparsity * n)`` for each target matrix,
+    times the share of tokens that use it (``sparse_targets``). It holds with or without the masks in place."""
+    if not sparsity:
         return 0.0
-    return float(sum(round(s * module.weight.numel()) * uses for _, module, uses in model.sparse_targets()))
-
-
-def accepting_sparsity(init):
-    """Wrap a backbone's ``__init__`` so that it takes ``sparsity`` (keyword only, ``Sparsity``, default 0): the
-    model is built as before, then ``self.sparsity`` is recorded (and checked: a model with no matrices to mask
-    refuses a sparsity above 0). The signature and annotations gain ``sparsity``, so the settings check sees its
-    range. Only the outermost constructor of a subclass chain receives it (``super().__init__`` is not given it)."""
-
-    @functools.wraps(init)
-    def __init__(self, *args, sparsity: float = 0.0, **kwargs):
-        init(self, *args, **kwargs)
-        self.sparsity = check_sparsity(self, sparsity)
-
-    sig = inspect.signature(init)
-    params = [p for p in sig.parameters.values() if p.kind is not inspect.Parameter.VAR_KEYWORD]
-    extra = [p for p in sig.parameters.values() if p.kind is inspect.Parameter.VAR_KEYWORD]
-    if "sparsity" not in sig.parameters:
-        params.append(inspect.Parameter("sparsity", inspect.Parameter.KEYWORD_ONLY, default=0.0, annotation=Sparsity))
-    __init__.__signature__ = sig.replace(parameters=params + extra)
-    __init__.__annotations__ = {**getattr(init, "__annotations__", {}), "sparsity": Sparsity}
-    return __init__
+    return float(sum(round(sparsity * module.weight.numel()) * uses for _, module, uses in model.sparse_targets()))
 
 
 def check_sparsity(model: nn.Module, sparsity: float) -> float:
+    """``sparsity`` as a float, refused (one sentence) outside [0, 1) or above 0 for a model with nothing to mask."""
     sparsity = float(sparsity or 0.0)
     if not 0.0 <= sparsity < 1.0:
-        raise UserError(f"model.sparsity={sparsity} must be at least 0 and below 1: pass e.g. model.sparsity=0.75.")
+        raise UserError(f"sparsity={sparsity} must be at least 0 and below 1: pass e.g. sparsity=0.75.")
     if sparsity and not model.sparse_targets():
         raise UserError(f"model {type(model).__name__} has no weight matrices in its blocks to mask: use "
-                        "model.sparsity=0 or another model.")
+                        "sparsity=0 or another model.")
     return sparsity

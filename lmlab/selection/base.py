@@ -55,6 +55,7 @@ from datasets import Dataset, concatenate_datasets, load_from_disk
 
 from lmlab.errors import UserError
 from lmlab.io import atomic_dir, config_hash, discard_if_damaged, write_json
+from lmlab.settings import Configured
 
 REPORT = "selection_report.json"
 STATS = "selection.json"
@@ -106,17 +107,15 @@ class Selection:
     cache_path: Path | None = None
 
 
-class Selector:
-    """Keeps every row. Subclasses override ``score`` (higher is better) and set ``fraction``."""
+class Selector(Configured):
+    """Keeps every row. Subclasses declare their ``Settings`` (``lmlab.settings.Configured``: the constructor,
+    the ranges and the cache key), override ``score`` (higher is better) and set ``fraction``."""
 
     fraction: float = 1.0
     on_shards: str = "materialise"  # how ``run`` reads a shard pool: "chunked" or "materialise" (module docstring)
     fraction_fix: str = "raise selection.fraction"  # the fix named when ``select`` would keep no rows
     source: Any = None  # the data source, set by ``run`` when the caller passes it
     per_group: bool = True  # False: the method orders the whole pool and refuses ``run(by=...)``
-
-    def __init__(self, **config: Any) -> None:
-        self.config = config
 
     @property
     def passes_through(self) -> bool:
@@ -153,8 +152,7 @@ class Selector:
             self.source = source
         if self.passes_through:
             return Selection(pool, stats=selection_stats(pool, pool))
-        key = f"{data_key}-{type(self).__name__}-{config_hash(self.config)}" + (f"-by_{by}" if by else "")
-        path = Path(cache_dir) / "selection" / key
+        path = Path(cache_dir) / "selection" / self.cache_key(data_key, by)
         discard_if_damaged(path, f"selection of {type(self).__name__}")
         if not ((path / SELECTED / "dataset_info.json").exists() or (path / INDICES).exists()):
             with atomic_dir(path) as tmp:
@@ -170,6 +168,11 @@ class Selector:
                 if out.report is not None:
                     write_json(tmp / REPORT, out.report)
         return read_selection(path, pool)
+
+    def cache_key(self, data_key: str, by: str | None = None) -> str:
+        """The name of the selection's cache entry: the data's key, the method and its settings (``config``), and
+        the column it selects within."""
+        return f"{data_key}-{type(self).__name__}-{config_hash(self.config)}" + (f"-by_{by}" if by else "")
 
     def select_by(self, pool: Any, target: Dataset | None, workdir: Path, by: str) -> Selection:
         """``select`` within each group of rows sharing a value of the column ``by`` (in sorted order of the

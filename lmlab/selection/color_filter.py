@@ -28,8 +28,8 @@ from datasets import Dataset
 
 from lmlab.errors import UserError
 from lmlab.selection.base import Selector, chunk_scores
-from lmlab.selection.reference import AuxLM, need_target, pool_sample, pool_vocab, row_nll
-from lmlab.settings import NonNegative, Optional, Positive, PositiveFloat
+from lmlab.selection.reference import AuxLM, Reference, need_target, pool_sample, pool_vocab, row_nll
+from lmlab.settings import NonNegative, Optional, Positive, PositiveFloat, declared
 
 
 def color_scores(prior_nll: np.ndarray, cond_nll: np.ndarray) -> np.ndarray:
@@ -41,25 +41,29 @@ class ColorFilter(Selector):
     on_shards = "chunked"
     fraction_fix = "lower selection.tau"  # it keeps 1 / tau of the pool
 
-    def __init__(self, tau: Annotated[float, Ge(1)] = 4.0, prior_rows: Optional[Positive] = 4000,
-                 prior_steps: NonNegative = 300, finetune_steps: NonNegative = 150, finetune_lr: PositiveFloat = 1e-3,
-                 d_model: Positive = 64, n_layers: Positive = 2, n_heads: Positive = 4, batch_size: Positive = 64,
-                 lr: PositiveFloat = 3e-3, seed: NonNegative = 0) -> None:
-        if not isinstance(tau, (int, float)) or tau < 1:
-            raise UserError(f"selection.tau is {tau!r}; make it a number >= 1 (keep 1/tau of the pool).")
-        super().__init__(tau=tau, prior_rows=prior_rows, prior_steps=prior_steps, finetune_steps=finetune_steps,
-                         finetune_lr=finetune_lr, d_model=d_model, n_layers=n_layers, n_heads=n_heads,
-                         batch_size=batch_size, lr=lr, seed=seed)
-        self.fraction = 1.0 / tau
-        self.prior = AuxLM(d_model=d_model, n_layers=n_layers, n_heads=n_heads, steps=prior_steps,
-                           batch_size=batch_size, lr=lr)
-        self.finetune = AuxLM(d_model=d_model, n_layers=n_layers, n_heads=n_heads, steps=finetune_steps,
-                              batch_size=batch_size, lr=finetune_lr, warmup=0.1)
+    @declared
+    class Settings(Reference):
+        tau: Annotated[float, Ge(1)] = 4.0
+        prior_rows: Optional[Positive] = 4000
+        prior_steps: NonNegative = 300
+        finetune_steps: NonNegative = 150
+        finetune_lr: PositiveFloat = 1e-3
+        n_heads: Positive = 4
+
+    def setup(self) -> None:
+        s = self.settings
+        if not isinstance(s.tau, (int, float)) or s.tau < 1:
+            raise UserError(f"selection.tau is {s.tau!r}; make it a number >= 1 (keep 1/tau of the pool).")
+        self.fraction = 1.0 / s.tau
+        self.prior = AuxLM(d_model=s.d_model, n_layers=s.n_layers, n_heads=s.n_heads, steps=s.prior_steps,
+                           batch_size=s.batch_size, lr=s.lr)
+        self.finetune = AuxLM(d_model=s.d_model, n_layers=s.n_layers, n_heads=s.n_heads, steps=s.finetune_steps,
+                              batch_size=s.batch_size, lr=s.finetune_lr, warmup=0.1)
 
     def score(self, pool: Dataset, target: Dataset | None, workdir: Path) -> np.ndarray:
         target_rows = need_target(target, "color_filter")
         vocab = pool_vocab(self.source, pool, target_rows)
-        seed = int(self.config["seed"])
-        prior = self.prior.train(pool_sample(pool, self.config["prior_rows"], seed), vocab, seed)
+        seed = int(self.seed)
+        prior = self.prior.train(pool_sample(pool, self.prior_rows, seed), vocab, seed)
         cond = self.finetune.train(target_rows, vocab, seed + 1, init=prior)
         return chunk_scores(pool, lambda rows: color_scores(row_nll(prior, rows), row_nll(cond, rows)))

@@ -54,8 +54,8 @@ from datasets import Dataset
 
 from lmlab.errors import UserError
 from lmlab.selection.base import Selection, Selector, chunk_scores, column
-from lmlab.selection.reference import AuxLM, need_target, pool_sample, pool_vocab, row_nll
-from lmlab.settings import NonNegative, NonNegativeFloat, Optional, Positive, PositiveFloat, PositiveFraction
+from lmlab.selection.reference import AuxLM, Reference, need_target, pool_sample, pool_vocab, row_nll
+from lmlab.settings import NonNegative, NonNegativeFloat, Optional, Positive, PositiveFraction, declared
 
 KEYS = ("length", "reference_loss", "random")
 
@@ -152,50 +152,55 @@ class Curriculum(Selector):
     on_shards = "chunked"
     per_group = False  # the stages are prefixes of one order over the whole pool
 
-    def __init__(self, key: str = "reference_loss", reverse: bool = False, start: PositiveFraction = 0.05,
-                 step: PositiveFraction = 0.05, patience: NonNegative = 1, threshold: NonNegativeFloat = 0.0,
-                 every: Optional[Positive] = None, fraction: PositiveFraction = 1.0,
-                 reference_data: str = "target", reference_rows: Optional[Positive] = 4000,
-                 reference_steps: NonNegative = 200,
-                 d_model: Positive = 64, n_layers: Positive = 2, batch_size: Positive = 64, lr: PositiveFloat = 3e-3,
-                 seed: NonNegative = 0) -> None:
-        if key not in KEYS:
-            raise UserError(f"selection.key is {key!r}; choose one of {', '.join(KEYS)}.")
-        if reference_data not in ("target", "pool"):
-            raise UserError(f"selection.reference_data is {reference_data!r}; choose target or pool.")
-        for name, value in (("start", start), ("step", step), ("fraction", fraction)):
+    @declared
+    class Settings(Reference):
+        key: str = "reference_loss"
+        reverse: bool = False
+        start: PositiveFraction = 0.05
+        step: PositiveFraction = 0.05
+        patience: NonNegative = 1
+        threshold: NonNegativeFloat = 0.0
+        every: Optional[Positive] = None
+        fraction: PositiveFraction = 1.0
+        reference_data: str = "target"
+        reference_rows: Optional[Positive] = 4000
+        reference_steps: NonNegative = 200
+
+    def setup(self) -> None:
+        s = self.settings
+        if s.key not in KEYS:
+            raise UserError(f"selection.key is {s.key!r}; choose one of {', '.join(KEYS)}.")
+        if s.reference_data not in ("target", "pool"):
+            raise UserError(f"selection.reference_data is {s.reference_data!r}; choose target or pool.")
+        for name in ("start", "step", "fraction"):
+            value = getattr(s, name)
             if not isinstance(value, (int, float)) or not 0 < value <= 1:
                 raise UserError(f"selection.{name} is {value!r}; make it a number in (0, 1].")
-        if not isinstance(patience, int) or patience < 1:
-            raise UserError(f"selection.patience is {patience!r}; make it a positive whole number.")
-        if every is not None and (not isinstance(every, int) or every < 1):
-            raise UserError(f"selection.every is {every!r}; make it a positive whole number or null.")
-        super().__init__(key=key, reverse=reverse, start=start, step=step, patience=patience, threshold=threshold,
-                         every=every, fraction=fraction, reference_data=reference_data, reference_rows=reference_rows,
-                         reference_steps=reference_steps, d_model=d_model, n_layers=n_layers,
-                         batch_size=batch_size, lr=lr, seed=seed)
-        self.fraction = fraction
-        self.reference = AuxLM(d_model=d_model, n_layers=n_layers, steps=reference_steps, batch_size=batch_size,
-                               lr=lr)
+        if not isinstance(s.patience, int) or s.patience < 1:
+            raise UserError(f"selection.patience is {s.patience!r}; make it a positive whole number.")
+        if s.every is not None and (not isinstance(s.every, int) or s.every < 1):
+            raise UserError(f"selection.every is {s.every!r}; make it a positive whole number or null.")
+        self.reference = AuxLM(d_model=s.d_model, n_layers=s.n_layers, steps=s.reference_steps,
+                               batch_size=s.batch_size, lr=s.lr)
 
     def difficulty(self, pool: Dataset, target: Dataset | None) -> np.ndarray:
-        c = self.config
-        if c["key"] == "length":
+        c = self.settings
+        if c.key == "length":
             return chunk_scores(pool, lambda rows: [len(r) for r in rows])
-        if c["key"] == "random":
-            return np.random.default_rng(c["seed"]).random(len(pool))
-        seed = int(c["seed"])
-        if c["reference_data"] == "target":
+        if c.key == "random":
+            return np.random.default_rng(c.seed).random(len(pool))
+        seed = int(c.seed)
+        if c.reference_data == "target":
             train = need_target(target, "curriculum with key=reference_loss and reference_data=target")
         else:
-            train = pool_sample(pool, c["reference_rows"], seed)
+            train = pool_sample(pool, c.reference_rows, seed)
         model = self.reference.train(train, pool_vocab(self.source, pool, train), seed)
         return chunk_scores(pool, lambda rows: row_nll(model, rows))
 
     def score(self, pool: Dataset, target: Dataset | None, workdir: Path) -> np.ndarray:
         """Higher = easier (released first)."""
         d = self.difficulty(pool, target)
-        return d if self.config["reverse"] else -d
+        return d if self.reverse else -d
 
     def select(self, pool: Dataset, target: Dataset | None, workdir: Path) -> Selection:
         scores = self.score(pool, target, workdir)
@@ -204,7 +209,7 @@ class Curriculum(Selector):
             raise UserError(f"selection curriculum keeps no rows of the {len(pool)}-row pool: raise "
                             "selection.fraction.")
         order = np.argsort(-scores, kind="stable")[:keep]  # easiest first
-        first = order[: stage_rows(keep, self.config["start"])]
+        first = order[: stage_rows(keep, self.start)]
         report = None
         if "origin" in pool.column_names:
             origin = column(pool, "origin")
@@ -214,12 +219,12 @@ class Curriculum(Selector):
     def training_callbacks(self, datamodule, selection: Selection | None = None) -> list:
         """The stage release; it adds ``served_precision`` and ``served_rows`` to ``selection.report``."""
         n = len(datamodule.splits["train"])
-        c = self.config
-        stages = datamodule.use_stages(stage_rows(n, c["start"]))
+        c = self.settings
+        stages = datamodule.use_stages(stage_rows(n, c.start))
         report: dict = {}
         if selection is not None:
             if selection.report is None:
                 selection.report = report
             report = selection.report
-        return [CurriculumCallback(stages, datamodule, n, c["step"], c["patience"], c["threshold"], c["every"],
+        return [CurriculumCallback(stages, datamodule, n, c.step, c.patience, c.threshold, c.every,
                                    report=report)]

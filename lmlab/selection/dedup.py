@@ -50,7 +50,7 @@ from datasets import Dataset
 
 from lmlab.errors import UserError
 from lmlab.selection.base import Selection, Selector, pool_chunks
-from lmlab.settings import Fraction, NonNegative, Positive, PositiveFraction
+from lmlab.settings import Fraction, NonNegative, Positive, PositiveFraction, declared
 from lmlab.vocab import N_SPECIAL
 
 MERSENNE = np.uint64((1 << 61) - 1)
@@ -244,21 +244,30 @@ class Dedup(Selector):
 
     on_shards = "chunked"
 
-    def __init__(self, threshold: PositiveFraction = 0.8, num_perm: Positive = 128, ngram: Positive = 3,
-                 exact: bool = True, near: bool = True, recall_weight: Fraction = 0.99, seed: NonNegative = 1) -> None:
+    @declared
+    class Settings(Selector.Settings):
+        threshold: PositiveFraction = 0.8
+        num_perm: Positive = 128
+        ngram: Positive = 3
+        exact: bool = True
+        near: bool = True
+        recall_weight: Fraction = 0.99
+        seed: NonNegative = 1
+
+    def setup(self) -> None:
+        threshold, recall_weight = self.threshold, self.recall_weight
         if isinstance(threshold, bool) or not isinstance(threshold, Real) or not 0 < threshold <= 1:
             raise UserError(f"selection.threshold must lie in (0, 1], got {threshold!r}: e.g. selection.threshold=0.8.")
-        for name, value in (("num_perm", num_perm), ("ngram", ngram)):
+        for name in ("num_perm", "ngram"):
+            value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, Integral) or value < 1:
                 raise UserError(f"selection.{name} must be a positive integer, got {value!r}: fix selection.{name}.")
         if isinstance(recall_weight, bool) or not isinstance(recall_weight, Real) or not 0 < recall_weight < 1:
             raise UserError(f"selection.recall_weight must lie in (0, 1), got {recall_weight!r}: e.g. 0.99.")
-        if not exact and not near:
+        if not self.exact and not self.near:
             raise UserError("selection=dedup with exact=false and near=false removes nothing: enable one of them.")
-        super().__init__(threshold=float(threshold), num_perm=int(num_perm), ngram=int(ngram), exact=bool(exact),
-                         near=bool(near), recall_weight=float(recall_weight), seed=int(seed))
-        self.threshold, self.num_perm, self.ngram = float(threshold), int(num_perm), int(ngram)
-        self.exact, self.near, self.seed = bool(exact), bool(near), int(seed)
+        self.threshold, self.num_perm, self.ngram = float(threshold), int(self.num_perm), int(self.ngram)
+        self.exact, self.near, self.seed = bool(self.exact), bool(self.near), int(self.seed)
         self.recall_weight = float(recall_weight)
 
     def select(self, pool: Dataset, target: Dataset | None, workdir: Path) -> Selection:

@@ -31,8 +31,8 @@ from datasets import Dataset
 
 from lmlab.errors import UserError
 from lmlab.selection.base import Selector, chunk_scores
-from lmlab.selection.reference import AuxLM, load_reference, need_target, pool_sample, pool_vocab, row_nll
-from lmlab.settings import NonNegative, Optional, Positive, PositiveFloat, PositiveFraction
+from lmlab.selection.reference import AuxLM, Trained, load_reference, need_target, pool_sample, pool_vocab, row_nll
+from lmlab.settings import NonNegative, Optional, Positive, PositiveFraction, declared
 
 
 def difference_scores(teacher_nll: np.ndarray, ref_nll: np.ndarray) -> np.ndarray:
@@ -43,34 +43,39 @@ def difference_scores(teacher_nll: np.ndarray, ref_nll: np.ndarray) -> np.ndarra
 class MiniPLM(Selector):
     on_shards = "chunked"
 
-    def __init__(self, fraction: PositiveFraction = 0.25, teacher: str | None = None, teacher_d_model: Positive = 96,
-                 teacher_layers: Positive = 3, teacher_steps: NonNegative = 200, ref_rows: Optional[Positive] = 4000,
-                 ref_d_model: Positive = 32, ref_layers: Positive = 1, ref_steps: NonNegative = 200,
-                 batch_size: Positive = 64, lr: PositiveFloat = 3e-3, seed: NonNegative = 0) -> None:
-        if not isinstance(fraction, (int, float)) or not 0 < fraction <= 1:
-            raise UserError(f"selection.fraction is {fraction!r}; make it a number in (0, 1].")
-        super().__init__(fraction=fraction, teacher=None if teacher is None else str(teacher),
-                         teacher_d_model=teacher_d_model, teacher_layers=teacher_layers,
-                         teacher_steps=teacher_steps, ref_rows=ref_rows, ref_d_model=ref_d_model,
-                         ref_layers=ref_layers, ref_steps=ref_steps, batch_size=batch_size, lr=lr, seed=seed)
-        if teacher is not None and not Path(str(teacher)).expanduser().is_dir():
-            raise UserError(f"the teacher run {teacher} does not exist: set selection.teacher to a finished "
+    @declared
+    class Settings(Trained):
+        fraction: PositiveFraction = 0.25
+        teacher: Optional[str] = None
+        teacher_d_model: Positive = 96
+        teacher_layers: Positive = 3
+        teacher_steps: NonNegative = 200
+        ref_rows: Optional[Positive] = 4000
+        ref_d_model: Positive = 32
+        ref_layers: Positive = 1
+        ref_steps: NonNegative = 200
+
+    def setup(self) -> None:
+        s = self.settings
+        if not isinstance(s.fraction, (int, float)) or not 0 < s.fraction <= 1:
+            raise UserError(f"selection.fraction is {s.fraction!r}; make it a number in (0, 1].")
+        self.teacher = None if s.teacher is None else str(s.teacher)
+        if self.teacher is not None and not Path(self.teacher).expanduser().is_dir():
+            raise UserError(f"the teacher run {self.teacher} does not exist: set selection.teacher to a finished "
                             "lmlab run directory, or to null to train a teacher on the target.")
-        self.fraction = fraction
-        self.teacher_lm = AuxLM(d_model=teacher_d_model, n_layers=teacher_layers, steps=teacher_steps,
-                                batch_size=batch_size, lr=lr)
-        self.ref_lm = AuxLM(d_model=ref_d_model, n_layers=ref_layers, steps=ref_steps, batch_size=batch_size,
-                            lr=lr)
+        self.teacher_lm = AuxLM(d_model=s.teacher_d_model, n_layers=s.teacher_layers, steps=s.teacher_steps,
+                                batch_size=s.batch_size, lr=s.lr)
+        self.ref_lm = AuxLM(d_model=s.ref_d_model, n_layers=s.ref_layers, steps=s.ref_steps, batch_size=s.batch_size,
+                            lr=s.lr)
 
     def score(self, pool: Dataset, target: Dataset | None, workdir: Path) -> np.ndarray:
-        c = self.config
-        seed = int(c["seed"])
-        if c["teacher"] is None:
+        seed = int(self.seed)
+        if self.teacher is None:
             target_rows = need_target(target, "miniplm with teacher=null")
             vocab = pool_vocab(self.source, pool, target_rows)
             teacher = self.teacher_lm.train(target_rows, vocab, seed + 7)
         else:
             vocab = pool_vocab(self.source, pool)
-            teacher = load_reference(c["teacher"], vocab, "teacher")
-        ref = self.ref_lm.train(pool_sample(pool, c["ref_rows"], seed), vocab, seed)
+            teacher = load_reference(self.teacher, vocab, "teacher")
+        ref = self.ref_lm.train(pool_sample(pool, self.ref_rows, seed), vocab, seed)
         return chunk_scores(pool, lambda rows: difference_scores(row_nll(teacher, rows), row_nll(ref, rows)))

@@ -43,6 +43,7 @@ from lmlab.run_dir import RESULTS, read_results
 from lmlab.selection.base import Selection, Selector, chunk_scores
 from lmlab.selection.reference import (
     AuxLM,
+    Reference,
     load_reference,
     need_target,
     pool_sample,
@@ -50,7 +51,7 @@ from lmlab.selection.reference import (
     row_nll,
     rows_of,
 )
-from lmlab.settings import NonNegative, Optional, Positive, PositiveFloat, PositiveFraction
+from lmlab.settings import NonNegative, Optional, Positive, PositiveFloat, PositiveFraction, declared
 
 
 def predictive_strength(losses: np.ndarray, bench: np.ndarray) -> np.ndarray:
@@ -105,53 +106,58 @@ def positive_probability(model, texts: list[str]) -> np.ndarray:
 class PreSelect(Selector):
     on_shards = "chunked"
 
-    def __init__(self, fraction: PositiveFraction = 0.25, runs: list[str] | None = None, metric: str = "probe/acc",
-                 score_rows: Positive = 6000, min_positives: Positive = 200, prior_rows: Optional[Positive] = 4000,
-                 prior_steps: NonNegative = 200, family_steps: list[int] = (0, 5, 10, 20, 40, 80, 160),
-                 finetune_lr: PositiveFloat = 1e-3, d_model: Positive = 64, n_layers: Positive = 2,
-                 batch_size: Positive = 64, lr: PositiveFloat = 3e-3, epoch: Positive = 10,
-                 classifier_lr: PositiveFloat = 0.1, word_ngrams: Positive = 2, seed: NonNegative = 0) -> None:
-        if not isinstance(fraction, (int, float)) or not 0 < fraction <= 1:
-            raise UserError(f"selection.fraction is {fraction!r}; make it a number in (0, 1].")
-        runs = None if runs is None else [str(r) for r in runs]
-        family_steps = sorted({int(s) for s in family_steps})
-        super().__init__(fraction=fraction, runs=runs, metric=metric, score_rows=score_rows,
-                         min_positives=min_positives, prior_rows=prior_rows, prior_steps=prior_steps,
-                         family_steps=family_steps, finetune_lr=finetune_lr, d_model=d_model, n_layers=n_layers,
-                         batch_size=batch_size, lr=lr, epoch=epoch, classifier_lr=classifier_lr,
-                         word_ngrams=word_ngrams, seed=seed)
-        if runs is not None:
-            for run in runs:
-                if not (Path(run).expanduser() / RESULTS).exists():
-                    raise UserError(f"the PreSelect family run {run} does not exist or is not finished (no "
-                                    f"{RESULTS}): list finished lmlab run directories in selection.runs.")
-        self.fraction = fraction
-        self.prior = AuxLM(d_model=d_model, n_layers=n_layers, steps=prior_steps, batch_size=batch_size, lr=lr)
-        self.tune = AuxLM(d_model=d_model, n_layers=n_layers, batch_size=batch_size, lr=finetune_lr, warmup=0.0)
+    @declared
+    class Settings(Reference):
+        fraction: PositiveFraction = 0.25
+        runs: Optional[list[str]] = None
+        metric: str = "probe/acc"
+        score_rows: Positive = 6000
+        min_positives: Positive = 200
+        prior_rows: Optional[Positive] = 4000
+        prior_steps: NonNegative = 200
+        family_steps: list[NonNegative] = (0, 5, 10, 20, 40, 80, 160)
+        finetune_lr: PositiveFloat = 1e-3
+        epoch: Positive = 10
+        classifier_lr: PositiveFloat = 0.1
+        word_ngrams: Positive = 2
+
+    def setup(self) -> None:
+        s = self.settings
+        if not isinstance(s.fraction, (int, float)) or not 0 < s.fraction <= 1:
+            raise UserError(f"selection.fraction is {s.fraction!r}; make it a number in (0, 1].")
+        self.runs = None if s.runs is None else [str(r) for r in s.runs]
+        self.family_steps = sorted({int(step) for step in s.family_steps})
+        for run in self.runs or []:
+            if not (Path(run).expanduser() / RESULTS).exists():
+                raise UserError(f"the PreSelect family run {run} does not exist or is not finished (no "
+                                f"{RESULTS}): list finished lmlab run directories in selection.runs.")
+        self.prior = AuxLM(d_model=s.d_model, n_layers=s.n_layers, steps=s.prior_steps, batch_size=s.batch_size,
+                           lr=s.lr)
+        self.tune = AuxLM(d_model=s.d_model, n_layers=s.n_layers, batch_size=s.batch_size, lr=s.finetune_lr,
+                          warmup=0.0)
 
     def family(self, pool, target: Dataset | None, vocab: int) -> tuple[list, np.ndarray, dict]:
         """The models, their downstream scores (see module docstring) and what to report about them."""
-        c = self.config
-        if c["runs"] is not None:
+        if self.runs is not None:
             models, bench = [], []
-            for run in c["runs"]:
+            for run in self.runs:
                 metrics = read_results(Path(run).expanduser()).get("metrics", {})
-                if c["metric"] not in metrics:
-                    raise UserError(f"the PreSelect family run {run} has no metric {c['metric']!r}: set "
+                if self.metric not in metrics:
+                    raise UserError(f"the PreSelect family run {run} has no metric {self.metric!r}: set "
                                     "selection.metric to a metric all runs report.")
                 models.append(load_reference(run, vocab, "PreSelect family"))
-                bench.append(float(metrics[c["metric"]]))
+                bench.append(float(metrics[self.metric]))
             return models, np.asarray(bench), {}
         target_rows = need_target(target, "preselect with runs=null")
         if len(target_rows) < 2:
             raise UserError("selection preselect needs at least two target rows: enlarge the target split.")
-        perm = np.random.default_rng(c["seed"]).permutation(len(target_rows))
+        perm = np.random.default_rng(self.seed).permutation(len(target_rows))
         half = len(perm) // 2
         tune_rows = [target_rows[i] for i in perm[:half]]
         held = [target_rows[i] for i in perm[half:]]
-        seed = int(c["seed"])
-        prior = self.prior.train(pool_sample(pool, c["prior_rows"], seed), vocab, seed)
-        steps = c["family_steps"]
+        seed = int(self.seed)
+        prior = self.prior.train(pool_sample(pool, self.prior_rows, seed), vocab, seed)
+        steps = self.family_steps
         models = self.tune.train(tune_rows, vocab, seed + 1, init=prior, steps=max(steps),
                                  checkpoints=tuple(steps)) if max(steps) > 0 else [prior]
         bench = np.asarray([-row_nll(m, held).mean() for m in models])
@@ -163,23 +169,23 @@ class PreSelect(Selector):
 
     def scored(self, pool: Dataset, target: Dataset | None, workdir: Path) -> tuple[np.ndarray, dict]:
         """The classifier's score of every pool row, and the report (family, positives, mean strength)."""
-        c = self.config
+        c = self.settings
         vocab = pool_vocab(self.source, pool, rows_of(target) if target is not None else [])
         models, bench, report = self.family(pool, target, vocab)
-        sample = np.sort(np.random.default_rng([c["seed"], 1]).permutation(len(pool))[: c["score_rows"]])
+        sample = np.sort(np.random.default_rng([c.seed, 1]).permutation(len(pool))[: c.score_rows])
         docs = [list(r) for r in pool.with_format(None)[sample.tolist()]["input_ids"]]
         losses = np.stack([row_nll(m, docs, reduce="sum") for m in models])
         strength = predictive_strength(losses, bench)
         order = np.argsort(-strength, kind="stable")
-        n_pos = max(int((strength >= 1.0).sum()), min(int(c["min_positives"]), len(docs) // 2))
+        n_pos = max(int((strength >= 1.0).sum()), min(int(c.min_positives), len(docs) // 2))
         pos, neg = order[:n_pos], order[::-1][:n_pos]
         if n_pos == 0 or strength.max() <= strength.min():
             raise UserError("PreSelect found no rows whose losses predict the family's scores better than "
                             "others: use a more varied family (runs or family_steps) or more score_rows.")
         texts = [as_words(docs[i]) for i in np.concatenate([pos, neg])]
         labels = [1] * len(pos) + [0] * len(neg)
-        classifier = train_classifier(texts, labels, workdir, int(c["epoch"]), float(c["classifier_lr"]),
-                                      int(c["word_ngrams"]), int(c["seed"]))
+        classifier = train_classifier(texts, labels, workdir, int(c.epoch), float(c.classifier_lr),
+                                      int(c.word_ngrams), int(c.seed))
         report = {**report, "family_scores": bench.tolist(), "positives": int(len(pos)),
                   "strength_mean": float(strength.mean())}
         return chunk_scores(pool, lambda rows: positive_probability(classifier, [as_words(r) for r in rows])), report

@@ -44,6 +44,7 @@ import re
 import string
 from collections import Counter
 from collections.abc import Mapping
+from dataclasses import fields
 from pathlib import Path
 from typing import Any
 
@@ -52,7 +53,7 @@ from datasets import Dataset
 
 from lmlab.errors import UserError
 from lmlab.selection.base import Selection, Selector, pool_chunks
-from lmlab.settings import Fraction, NonNegative, NonNegativeFloat, Optional, Positive, PositiveFloat
+from lmlab.settings import Fraction, NonNegative, NonNegativeFloat, Optional, Positive, PositiveFloat, declared
 from lmlab.vocab import N_SPECIAL
 
 STOP_WORDS = frozenset({"the", "be", "to", "of", "and", "that", "have", "with"})
@@ -128,35 +129,36 @@ class Quality(Selector):
 
     on_shards = "chunked"
 
-    def __init__(self, min_tokens: Optional[NonNegative] = 1, max_tokens: Optional[Positive] = None,
-                 max_top_token_fraction: Optional[Fraction] = 0.5,
-                 max_top_ngram_fraction: Mapping | str | None = "gopher",
-                 max_dup_ngram_fraction: Mapping | str | None = "gopher",
-                 min_unique_token_ratio: Optional[Fraction] = 0.2,
-                 min_mean_word_length: Optional[NonNegativeFloat] = 3.0,
-                 max_mean_word_length: Optional[PositiveFloat] = 10.0,
-                 max_symbol_word_ratio: Optional[NonNegativeFloat] = 0.1,
-                 max_bullet_line_fraction: Optional[Fraction] = 0.9,
-                 max_ellipsis_line_fraction: Optional[Fraction] = 0.3,
-                 min_alpha_word_fraction: Optional[Fraction] = 0.8,
-                 min_stop_words: Optional[NonNegative] = 2, text_rules: bool = True) -> None:
-        top = GOPHER_TOP_NGRAM if max_top_ngram_fraction == "gopher" else _thresholds(max_top_ngram_fraction,
-                                                                                       "max_top_ngram_fraction")
-        dup = GOPHER_DUP_NGRAM if max_dup_ngram_fraction == "gopher" else _thresholds(max_dup_ngram_fraction,
-                                                                                       "max_dup_ngram_fraction")
-        scalars = dict(min_tokens=min_tokens, max_tokens=max_tokens, max_top_token_fraction=max_top_token_fraction,
-                       min_unique_token_ratio=min_unique_token_ratio, min_mean_word_length=min_mean_word_length,
-                       max_mean_word_length=max_mean_word_length, max_symbol_word_ratio=max_symbol_word_ratio,
-                       max_bullet_line_fraction=max_bullet_line_fraction,
-                       max_ellipsis_line_fraction=max_ellipsis_line_fraction,
-                       min_alpha_word_fraction=min_alpha_word_fraction, min_stop_words=min_stop_words)
-        for name, value in scalars.items():
+    @declared
+    class Settings(Selector.Settings):
+        min_tokens: Optional[NonNegative] = 1
+        max_tokens: Optional[Positive] = None
+        max_top_token_fraction: Optional[Fraction] = 0.5
+        max_top_ngram_fraction: Mapping | str | None = "gopher"
+        max_dup_ngram_fraction: Mapping | str | None = "gopher"
+        min_unique_token_ratio: Optional[Fraction] = 0.2
+        min_mean_word_length: Optional[NonNegativeFloat] = 3.0
+        max_mean_word_length: Optional[PositiveFloat] = 10.0
+        max_symbol_word_ratio: Optional[NonNegativeFloat] = 0.1
+        max_bullet_line_fraction: Optional[Fraction] = 0.9
+        max_ellipsis_line_fraction: Optional[Fraction] = 0.3
+        min_alpha_word_fraction: Optional[Fraction] = 0.8
+        min_stop_words: Optional[NonNegative] = 2
+        text_rules: bool = True
+
+    def setup(self) -> None:
+        s = self.settings
+        self.top = GOPHER_TOP_NGRAM if s.max_top_ngram_fraction == "gopher" else \
+            _thresholds(s.max_top_ngram_fraction, "max_top_ngram_fraction")
+        self.dup = GOPHER_DUP_NGRAM if s.max_dup_ngram_fraction == "gopher" else \
+            _thresholds(s.max_dup_ngram_fraction, "max_dup_ngram_fraction")
+        # the scalar rules, each a threshold or null (the n-gram rules map n to a threshold)
+        self.rules = {f.name: getattr(s, f.name) for f in fields(s)
+                      if f.name not in ("max_top_ngram_fraction", "max_dup_ngram_fraction", "text_rules")}
+        for name, value in self.rules.items():
             if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float))):
                 raise UserError(f"selection.{name} must be a number or null, got {value!r}: fix selection.{name}.")
-        super().__init__(**scalars, max_top_ngram_fraction={str(k): v for k, v in top.items()},
-                         max_dup_ngram_fraction={str(k): v for k, v in dup.items()}, text_rules=bool(text_rules))
-        self.rules = scalars
-        self.top, self.dup, self.text_rules = top, dup, bool(text_rules)
+        self.text_rules = bool(s.text_rules)
 
     def token_failures(self, row: list[int]) -> list[str]:
         """The names of the token rules this row fails."""

@@ -11,17 +11,21 @@ from datasets import Dataset
 
 from lmlab.errors import UserError
 from lmlab.selection.base import Selector
-from lmlab.settings import NonNegative, PositiveFraction
+from lmlab.settings import NonNegative, PositiveFraction, declared
 
 
 class RandomSelection(Selector):
     on_shards = "chunked"
 
-    def __init__(self, fraction: PositiveFraction = 0.5, seed: NonNegative = 0) -> None:
-        if not 0.0 < fraction <= 1.0:
-            raise UserError(f"selection.fraction must lie in (0, 1], got {fraction}: set e.g. selection.fraction=0.5.")
-        super().__init__(fraction=fraction, seed=seed)
-        self.fraction, self.seed = fraction, seed
+    @declared
+    class Settings(Selector.Settings):
+        fraction: PositiveFraction = 0.5
+        seed: NonNegative = 0
+
+    def setup(self) -> None:
+        if not 0.0 < self.fraction <= 1.0:
+            raise UserError(f"selection.fraction must lie in (0, 1], got {self.fraction}: set e.g. "
+                            "selection.fraction=0.5.")
 
     def score(self, pool: Dataset, target: Dataset | None, workdir: Path) -> np.ndarray:
         return np.random.default_rng(self.seed).random(len(pool))

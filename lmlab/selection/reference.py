@@ -34,6 +34,7 @@ from lmlab.optim import decay_groups
 from lmlab.readout import model_device
 from lmlab.run_dir import DONE, MODEL, holds_model, load_backbone, model_args
 from lmlab.schedule import cosine
+from lmlab.settings import Configured, NonNegative, Positive, PositiveFloat, declared
 from lmlab.threads import one_thread
 
 
@@ -72,6 +73,24 @@ def pool_vocab(source, pool, *row_lists: list[list[int]]) -> int:
     tops = [max((max(r) for r in rows if r), default=None) for rows in
             [*(rows for _, rows in pool_chunks(pool)), *row_lists]]  # one per chunk: bounded memory
     return 1 + max((t for t in tops if t is not None), default=3)
+
+
+@declared
+class Trained(Configured.Settings):
+    """The settings of a selector that trains small causal transformers (``AuxLM``): their batch size and learning
+    rate, and the seed of their data and initialisation."""
+
+    batch_size: Positive = 64
+    lr: PositiveFloat = 3e-3
+    seed: NonNegative = 0
+
+
+@declared
+class Reference(Trained):
+    """``Trained`` with one width and depth for every model the selector trains."""
+
+    d_model: Positive = 64
+    n_layers: Positive = 2
 
 
 @dataclass

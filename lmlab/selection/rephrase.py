@@ -46,7 +46,7 @@ from lmlab.attention import CAUSAL, Attention
 from lmlab.errors import UserError
 from lmlab.run_dir import MODEL, holds_model, load_backbone, model_args
 from lmlab.selection.base import Selection, Selector
-from lmlab.settings import Fraction, NonNegative, Positive, PositiveFloat
+from lmlab.settings import Fraction, NonNegative, Optional, Positive, PositiveFloat, declared, keyless
 from lmlab.vocab import BOS_ID, EOS_ID, MASK_ID, N_SPECIAL, PAD_ID
 
 SYSTEM = ("A chat between a curious user and an artificial intelligence assistant. The assistant gives helpful, "
@@ -199,32 +199,47 @@ class HFGenerator:
 class Rephrase(Selector):
     """All real rows plus rephrased rows, ``ratio`` of the mix being synthetic (see the module docstring)."""
 
-    def __init__(self, generator: str | None = None, ratio: float = 0.5, style: str = "medium",
-                 prefix: Fraction = 0.5, temperature: PositiveFloat = 1.0, max_new_tokens: Positive = 64,
-                 batch_size: Positive = 64, seed: NonNegative = 0) -> None:
-        if not generator:
+    @declared
+    class Settings(Selector.Settings):
+        generator: Optional[str] = None
+        ratio: float = 0.5
+        style: str = "medium"
+        prefix: Fraction = 0.5
+        temperature: PositiveFloat = 1.0
+        max_new_tokens: Positive = 64
+        batch_size: Positive = keyless(64)  # rows generated at once: the same rows either way
+        seed: NonNegative = 0
+
+    def setup(self) -> None:
+        s = self.settings
+        if not s.generator:
             raise UserError("selection=rephrase needs selection.generator: an lmlab run directory (trained with "
                             "objective=clm) or a local Hugging Face model directory.")
-        generator = os.fspath(generator)
+        generator = os.fspath(s.generator)
         kind = generator_kind(generator)
+        ratio, prefix = s.ratio, s.prefix
         if isinstance(ratio, bool) or not isinstance(ratio, Real) or not 0 <= ratio < 1:
             raise UserError(f"selection.ratio (the synthetic share of the mix) must lie in [0, 1), got {ratio!r}: "
                             "e.g. selection.ratio=0.5 for the paper's 1:1.")
-        if style not in STYLES:
-            raise UserError(f"unknown selection.style {style!r}: choose one of {', '.join(STYLES)}.")
+        if s.style not in STYLES:
+            raise UserError(f"unknown selection.style {s.style!r}: choose one of {', '.join(STYLES)}.")
         if isinstance(prefix, bool) or not isinstance(prefix, Real) or not 0 <= prefix < 1:
             raise UserError(f"selection.prefix must lie in [0, 1), got {prefix!r}: e.g. selection.prefix=0.5.")
-        for name, value in (("max_new_tokens", max_new_tokens), ("batch_size", batch_size)):
+        for name in ("max_new_tokens", "batch_size"):
+            value = getattr(s, name)
             if isinstance(value, bool) or not isinstance(value, Integral) or value < 1:
                 raise UserError(f"selection.{name} must be a positive integer, got {value!r}.")
         root = Path(os.path.expanduser(generator)).resolve()
-        weights = [root / MODEL] if kind == "run" else [root / f for f in HF_WEIGHTS if (root / f).exists()]
-        super().__init__(generator=str(root), generator_files=[_fingerprint(w) for w in weights], ratio=float(ratio),
-                         style=style, prefix=float(prefix), temperature=float(temperature),
-                         max_new_tokens=int(max_new_tokens), seed=int(seed))
-        self.generator, self.kind, self.ratio, self.style = str(root), kind, float(ratio), style
-        self.prefix, self.temperature = float(prefix), float(temperature)
-        self.max_new_tokens, self.batch_size, self.seed = int(max_new_tokens), int(batch_size), int(seed)
+        self.weights = [root / MODEL] if kind == "run" else [root / f for f in HF_WEIGHTS if (root / f).exists()]
+        self.generator, self.kind, self.ratio, self.style = str(root), kind, float(ratio), s.style
+        self.prefix, self.temperature = float(prefix), float(s.temperature)
+        self.max_new_tokens, self.batch_size, self.seed = int(s.max_new_tokens), int(s.batch_size), int(s.seed)
+
+    @property
+    def config(self) -> dict[str, Any]:
+        """The settings, the generator as its resolved directory and the size and time of its weight files."""
+        files = [_fingerprint(w) for w in self.weights]
+        return {**super().config, "generator": self.generator, "generator_files": files}
 
     def make_generator(self):
         if self.kind == "run":

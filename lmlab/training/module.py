@@ -12,7 +12,7 @@ from lightning.pytorch.plugins.io import TorchCheckpointIO
 from lmlab.errors import UserError
 from lmlab.io import torch_save
 from lmlab.models.base import Backbone
-from lmlab.models.sparsity import densify, is_sparse, sparsify
+from lmlab.models.sparsity import check_sparsity, densify, is_sparse, sparsify
 from lmlab.objectives.base import Objective
 from lmlab.optim import decay_groups
 from lmlab.run_dir import previous_checkpoint
@@ -49,7 +49,8 @@ class LMModule(L.LightningModule):
     """``objective`` may be an ``nn.Module`` with parameters of its own: they are trained and checkpointed
     with the model's.
 
-    A model built with ``sparsity`` > 0 (SPDF, ``lmlab.models.sparsity``) trains under fixed masks: they are
+    With ``sparsity`` > 0 (``lmlab train sparsity=...``; SPDF, ``lmlab.models.sparsity``) the model trains under
+    fixed masks on its ``sparse_targets()``: they are
     put on in ``configure_model`` (before Lightning restores a checkpoint, which then brings back the run's own
     masks, and before the optimiser is built) and taken off in ``on_fit_end``, so that what follows training
     (``model.pt``, the evaluations, ``eval=finetune``'s copies) sees a plain dense model with zeros in place.
@@ -57,9 +58,10 @@ class LMModule(L.LightningModule):
     sparse-ideal count is logged beside it as ``train/sparse_flops_per_token``."""
 
     def __init__(self, model: Backbone, objective: Objective, optimizer: Callable, schedule: Callable,
-                 compile: bool = False) -> None:
+                 compile: bool = False, sparsity: float = 0.0) -> None:
         super().__init__()
         self.model, self.objective = model, objective
+        self.sparsity = check_sparsity(model, sparsity)
         self.make_optimizer, self.schedule = optimizer, schedule
         self.forward_model = torch.compile(model) if compile else model
         # objectives with a dense loss (next-token prediction) are pure tensor code from the batch to the loss:
@@ -86,13 +88,13 @@ class LMModule(L.LightningModule):
     def sparse_flops_per_token(self, seq_len: int) -> float:
         """As ``flops_per_token`` with the masked weights' FLOPs left out (``Backbone.sparse_flops_per_token``):
         the pretraining budget as SPDF counts it."""
-        return self.model.sparse_flops_per_token(seq_len) + self.objective.extra_flops_per_token(seq_len)
+        return self.model.sparse_flops_per_token(seq_len, self.sparsity) + self.objective.extra_flops_per_token(seq_len)
 
     def configure_model(self) -> None:
-        """Put on the sparsity masks (``model.sparsity`` > 0), drawn from the run's seed; a checkpoint being
-        resumed then replaces them with its own."""
-        if self.model.sparsity and not is_sparse(self.model):
-            sparsify(self.model, self.model.sparsity, seed=torch.initial_seed())
+        """Put on the sparsity masks (``sparsity`` > 0), drawn from the run's seed; a checkpoint being resumed then
+        replaces them with its own."""
+        if self.sparsity and not is_sparse(self.model):
+            sparsify(self.model, self.sparsity, seed=torch.initial_seed())
 
     def on_fit_end(self) -> None:
         """Take the masks off: a plain dense model, zeros in place, for ``model.pt`` and the evaluations."""
@@ -107,7 +109,7 @@ class LMModule(L.LightningModule):
     def on_train_batch_end(self, outputs, batch, batch_idx: int) -> None:
         if self.throughput is not None:
             metrics = self.throughput.step(self._batch_tokens, self._seq_len)
-            if metrics and self.model.sparsity:
+            if metrics and self.sparsity:
                 metrics["train/sparse_flops_per_token"] = self.sparse_flops_per_token(self._seq_len)
             if metrics and self._logs_this_step():
                 self.log_dict(metrics, on_step=True, on_epoch=False, prog_bar=False)

@@ -37,7 +37,10 @@ per text; ``decode(ids)`` -> text, special ids dropped; ``byte_lengths()`` -> th
 stands for (0 for the special ids; bits per byte); ``save(directory)`` / ``load(directory)`` for the
 trained state (``tokenizer.json`` in a cache entry); ``config``, which goes into the cache key of a source;
 ``sample``, the bundled corpus a text source reads when ``data.paths`` is null; ``token_bytes()`` -> each ordinary
-token id and the bytes it stands for (special tokens left out), for matching two vocabularies.
+token id and the bytes it stands for (special tokens left out), for matching two vocabularies; ``to_hf()`` -> the
+same ids as a ``transformers`` fast tokenizer (the trained BPE as it is; the byte tokenizer as a merge-free
+byte-level BPE; an alphabet as a merge-free BPE over its letters behind a normaliser doing what its table does),
+and ``Tokenizer.from_hf(directory)`` -> a checkpoint's ``tokenizer.json`` as a ``File`` tokenizer.
 """
 
 from __future__ import annotations
@@ -55,7 +58,7 @@ import numpy as np
 
 from lmlab.errors import UserError
 from lmlab.settings import Optional, Positive
-from lmlab.vocab import N_SPECIAL
+from lmlab.vocab import BOS_ID, N_SPECIAL
 
 SAMPLES = Path(__file__).resolve().parent / "sample"
 SPECIAL_TOKENS = ["[PAD]", "[BOS]", "[EOS]", "[MASK]"]
@@ -129,6 +132,56 @@ class Tokenizer(ABC):
                 lengths[i] = len(b)
         return lengths
 
+    # ----- the transformers format -----
+
+    def hf_backend(self):
+        """A ``tokenizers.Tokenizer`` (before its special tokens) whose ids for any text equal this tokenizer's;
+        a UserError for a tokenizer without one."""
+        raise UserError(f"the run's tokenizer {self!r} has no Hugging Face counterpart: export a run trained with "
+                        "data/tokenizer=bpe, byte, dna or protein.")
+
+    def to_hf(self, model_max_length: int | None = None):
+        """This tokenizer as a ``transformers`` fast tokenizer with the same ids: ``[PAD] [BOS] [EOS] [MASK]`` =
+        0..3 as the pad, bos, eos and mask tokens, ``[BOS]`` prepended when special tokens are added (as lmlab's
+        rows start), special-token strings in a text encoded as plain text."""
+        from tokenizers import AddedToken, processors
+        from transformers import PreTrainedTokenizerFast
+
+        backend = self.hf_backend()
+        backend.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in SPECIAL_TOKENS])
+        bos = SPECIAL_TOKENS[BOS_ID]
+        backend.post_processor = processors.TemplateProcessing(single=f"{bos} $A", pair=f"{bos} $A {bos} $B",
+                                                               special_tokens=[(bos, BOS_ID)])
+        if [backend.token_to_id(t) for t in SPECIAL_TOKENS] != list(range(N_SPECIAL)):
+            raise RuntimeError(f"{self!r} converted to a tokenizer whose special ids are not 0..{N_SPECIAL - 1}")
+        kwargs = {} if model_max_length is None else {"model_max_length": model_max_length}
+        return PreTrainedTokenizerFast(tokenizer_object=backend, pad_token="[PAD]", bos_token="[BOS]",
+                                       eos_token="[EOS]", mask_token="[MASK]", add_bos_token=True,
+                                       add_eos_token=False, split_special_tokens=True, padding_side="right",
+                                       **kwargs)
+
+    @staticmethod
+    def from_hf(directory: str | os.PathLike, vocab_size: int | None = None) -> File:
+        """The tokenizer of a ``transformers`` checkpoint directory (its fast tokenizer's ``tokenizer.json``) as a
+        fixed lmlab tokenizer (``File``) with ``vocab_size`` ids; the file must hold ``[PAD] [BOS] [EOS] [MASK]``
+        as ids 0..3 (as ``to_hf`` writes them), else a UserError naming the fix."""
+        from tokenizers import Tokenizer as HFTokenizer
+
+        path = Path(directory).expanduser() / TOKENIZER_FILE
+        if not path.is_file():
+            raise UserError(f"{str(directory)!r} holds no {TOKENIZER_FILE}: save the checkpoint's fast tokenizer there "
+                            "(tokenizer.save_pretrained), as `lmlab export` does.")
+        try:
+            model = HFTokenizer.from_file(str(path))
+        except Exception:  # not a tokenizers file
+            raise UserError(f"cannot read {str(path)!r} as a Hugging Face tokenizer.json: save the checkpoint's fast "
+                            "tokenizer there (tokenizer.save_pretrained).") from None
+        if [model.token_to_id(t) for t in SPECIAL_TOKENS] != list(range(N_SPECIAL)):
+            raise UserError(f"the tokenizer {str(path)!r} does not hold {' '.join(SPECIAL_TOKENS)} as ids "
+                            f"0..{N_SPECIAL - 1}, which lmlab's rows use: import a checkpoint whose tokenizer has "
+                            "them there (`lmlab export` writes such tokenizers).")
+        return File(str(path), vocab_size)
+
     def save(self, directory: str | os.PathLike) -> None:
         """Write the trained state into ``directory`` (a fixed vocabulary writes a marker naming itself)."""
         (Path(directory) / TOKENIZER_FILE).write_text(json.dumps({"lmlab_tokenizer": self.name}) + "\n")
@@ -162,6 +215,18 @@ class Byte(Tokenizer):
 
     def token_bytes(self) -> dict[int, bytes]:
         return {N_SPECIAL + b: bytes([b]) for b in range(256)}
+
+    def hf_backend(self):
+        """A merge-free byte-level BPE: id = ``N_SPECIAL`` + byte."""
+        from tokenizers import Tokenizer as HFTokenizer
+        from tokenizers import decoders, models, pre_tokenizers
+
+        vocab = {t: i for i, t in enumerate(SPECIAL_TOKENS)}
+        vocab.update({c: N_SPECIAL + b for c, b in byte_level_alphabet().items()})
+        backend = HFTokenizer(models.BPE(vocab=vocab, merges=[]))
+        backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
+        backend.decoder = decoders.ByteLevel()
+        return backend
 
 
 class Chars(Tokenizer):
@@ -216,6 +281,23 @@ class Chars(Tokenizer):
     def token_bytes(self) -> dict[int, bytes]:
         """Each letter's id and the letter (the upper-case form the alphabet names)."""
         return {N_SPECIAL + i: c.encode() for i, c in enumerate(self.alphabet)}
+
+    def hf_backend(self):
+        """A merge-free BPE over the alphabet behind a normaliser that does what the table does: keep ASCII
+        letters only, alphabet letters of either case as themselves, other letters as the unknown one."""
+        from tokenizers import Regex, decoders, models, normalizers
+        from tokenizers import Tokenizer as HFTokenizer
+
+        vocab = {t: i for i, t in enumerate(SPECIAL_TOKENS)}
+        vocab.update({c: N_SPECIAL + i for i, c in enumerate(self.alphabet)})
+        backend = HFTokenizer(models.BPE(vocab=vocab, merges=[]))
+        backend.normalizer = normalizers.Sequence([
+            normalizers.Replace(Regex("[^A-Za-z]"), ""),
+            *(normalizers.Replace(c.lower(), c) for c in self.alphabet),
+            normalizers.Replace(Regex(f"[^{self.alphabet}]"), self.unknown),
+        ])
+        backend.decoder = decoders.Fuse()
+        return backend
 
 
 class DNA(Chars):
@@ -300,6 +382,12 @@ class BPE(Tokenizer):
 
     def save(self, directory: str | os.PathLike) -> None:
         self._model().save(str(Path(directory) / TOKENIZER_FILE))
+
+    def hf_backend(self):
+        """The trained model itself (a copy)."""
+        from tokenizers import Tokenizer as HFTokenizer
+
+        return HFTokenizer.from_str(self._model().to_str())
 
     def load(self, directory: str | os.PathLike) -> None:
         from tokenizers import Tokenizer as HFTokenizer

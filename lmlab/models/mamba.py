@@ -34,6 +34,7 @@ from lmlab.errors import UserError
 from lmlab.models.base import Backbone
 from lmlab.models.layers import MLP, CausalDepthwiseConv1d, MLPKind, NormKind, make_norm, short_conv
 from lmlab.models.scan import IMPLS, selective_scan
+from lmlab.models.spec import HF_SPECIAL_IDS, HFAdapter, ModelSpec, Unmappable
 from lmlab.settings import Optional, Positive, PositiveFloat
 
 # ----- the Mamba-1 mixer -----
@@ -193,3 +194,93 @@ class Mamba(MixerBackbone):
 
         super().__init__(vocab_size, attention, d_model, n_layers, make_mixer, norm=norm,
                          tie_embeddings=tie_embeddings, activation_checkpointing=activation_checkpointing)
+
+
+# ----- the specs: blocks, adapter targets and the Hugging Face mapping (transformers' Mamba classes) -----
+
+def mixer_state_to_hf(model: MixerBackbone, mixer_keys: dict[str, str]) -> dict[str, torch.Tensor]:
+    """The state dict of ``transformers``' Mamba/Mamba-2 causal LMs (``backbone.layers.<i>.mixer.<name>``) from a
+    mixer backbone's, ``mixer_keys`` mapping transformers' mixer names to lmlab's."""
+    if _norm_kind(model) != "rmsnorm":
+        raise Unmappable(f"the run's {type(model).__name__} has norm={_norm_kind(model)}")
+    w = {"backbone.embeddings.weight": model.embed.weight, "backbone.norm_f.weight": model.norm.weight,
+         "lm_head.weight": model.embed.weight if model.tie_embeddings else model.head.weight}
+    for i, block in enumerate(model.blocks):
+        if block.mlp is not None:
+            raise Unmappable(f"the run's {type(model).__name__} has an MLP in its blocks")
+        w[f"backbone.layers.{i}.norm.weight"] = block.norm.weight
+        mixer = dict(block.mixer.named_parameters())
+        for theirs, ours in mixer_keys.items():
+            w[f"backbone.layers.{i}.mixer.{theirs}"] = mixer[ours]
+    return w
+
+
+def mixer_state_from_hf(config, state: dict[str, torch.Tensor], mixer_keys: dict[str, str]) -> dict[str, torch.Tensor]:
+    """The inverse of ``mixer_state_to_hf``."""
+    from lmlab.models.layers import RMSNorm
+
+    if config.layer_norm_epsilon != RMSNorm(1).eps:
+        raise UserError(f"the {type(config).__name__} checkpoint has layer_norm_epsilon={config.layer_norm_epsilon} "
+                        "and lmlab's RMSNorm 1e-6: import a checkpoint with layer_norm_epsilon=1e-6.")
+    tied = bool(getattr(config, "tie_word_embeddings", True))
+    s = {"embed.weight": state["backbone.embeddings.weight"], "norm.weight": state["backbone.norm_f.weight"]}
+    for i in range(config.num_hidden_layers):
+        s[f"blocks.{i}.norm.weight"] = state[f"backbone.layers.{i}.norm.weight"]
+        for theirs, ours in mixer_keys.items():
+            s[f"blocks.{i}.mixer.{ours}"] = state[f"backbone.layers.{i}.mixer.{theirs}"]
+    s["head.weight"] = s["embed.weight"] if tied else state["lm_head.weight"]
+    return s
+
+
+def _norm_kind(model: MixerBackbone) -> str:
+    from lmlab.models.layers import RMSNorm
+
+    return "rmsnorm" if isinstance(model.norm, RMSNorm) else "layernorm" if isinstance(model.norm, nn.LayerNorm) \
+        else type(model.norm).__name__
+
+
+def check_mixer_config(config, **wanted) -> None:
+    """Refuse a ``transformers`` Mamba config whose settings lmlab's mixers do not compute (``wanted``: the
+    setting and the value they need)."""
+    for key, value in wanted.items():
+        if getattr(config, key, value) != value:
+            raise UserError(f"the {type(config).__name__} checkpoint has {key}={getattr(config, key)}, which lmlab's "
+                            f"{type(config).__name__.removesuffix('Config')} does not compute: import one with "
+                            f"{key}={value}.")
+
+
+MAMBA_KEYS = {"in_proj.weight": "in_proj.weight", "out_proj.weight": "out_proj.weight",
+              "conv1d.weight": "conv.conv.weight", "conv1d.bias": "conv.conv.bias", "x_proj.weight": "x_proj.weight",
+              "dt_proj.weight": "dt_proj.weight", "dt_proj.bias": "dt_proj.bias", "A_log": "A_log", "D": "D"}
+
+
+def _mamba_to_hf(model: Mamba, context: int):
+    from transformers import MambaConfig
+
+    mixer = model.blocks[0].mixer
+    w = mixer_state_to_hf(model, MAMBA_KEYS)
+    config = MambaConfig(vocab_size=model.vocab_size, hidden_size=model.d_model, state_size=mixer.d_state,
+                         num_hidden_layers=model.n_layers, layer_norm_epsilon=model.norm.eps,
+                         expand=mixer.d_inner // model.d_model, conv_kernel=mixer.conv.kernel, use_bias=False,
+                         use_conv_bias=True, hidden_act="silu", residual_in_fp32=True, time_step_rank=mixer.dt_rank,
+                         tie_word_embeddings=model.tie_embeddings, use_mambapy=False,
+                         architectures=["MambaForCausalLM"], **HF_SPECIAL_IDS)
+    return config, w
+
+
+def _mamba_from_hf(config, state: dict[str, torch.Tensor]):
+    check_mixer_config(config, use_bias=False, use_conv_bias=True, hidden_act="silu")
+    if config.intermediate_size != config.expand * config.hidden_size:
+        raise UserError(f"the MambaConfig checkpoint has intermediate_size={config.intermediate_size}, not expand * "
+                        "hidden_size as lmlab's Mamba: import one where they agree.")
+    kwargs = dict(d_model=config.hidden_size, n_layers=config.num_hidden_layers, d_state=config.state_size,
+                  expand=config.expand, d_conv=config.conv_kernel, dt_rank=config.time_step_rank, norm="rmsnorm",
+                  tie_embeddings=bool(getattr(config, "tie_word_embeddings", True)))
+    return kwargs, mixer_state_from_hf(config, state, MAMBA_KEYS)
+
+
+Mamba.spec = ModelSpec(
+    block=MixerBlock,
+    lora=("in_proj", "x_proj", "dt_proj", "out_proj"), ia3=("in_proj", "out_proj"), ia3_feedforward=("out_proj",),
+    hf=HFAdapter(("MambaForCausalLM",), _mamba_to_hf, _mamba_from_hf, "model=mamba with norm=rmsnorm"),
+)

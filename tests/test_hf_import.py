@@ -1,0 +1,142 @@
+"""Hugging Face import (``init_from.hf``, the models' ``HFAdapter.from_hf``): export -> import gives the same
+logits for every architecture export supports, and a checkpoint built by ``transformers`` itself continues
+pretraining through ``lmlab train data=text init_from.hf=<dir>`` with the checkpoint recorded as the parent."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from hydra.utils import get_class, instantiate
+from omegaconf import OmegaConf
+
+from lmlab.attention import CAUSAL, Attention
+from lmlab.errors import UserError
+from lmlab.models.spec import hf_adapter
+from lmlab.vocab import BOS_ID
+from tests.conftest import FAST
+
+VOCAB = 40
+TRANSFORMER = {"_target_": "lmlab.models.transformer.Transformer", "d_model": 16, "n_layers": 2, "n_heads": 2}
+MAMBA = {"_target_": "lmlab.models.mamba.Mamba", "d_model": 16, "n_layers": 2}
+CONFIGS = {  # tiny shapes; weights moved away from their initial values (norms, biases, Δ, A, D)
+    "GPT2LMHeadModel": {**TRANSFORMER, "norm": "layernorm", "positions": "learned", "max_len": 16},
+    "ArceeForCausalLM": {**TRANSFORMER, "rope_base": 500.0},
+    "LlamaForCausalLM": {**TRANSFORMER, "mlp": "swiglu", "tie_embeddings": False, "d_ff": 24},
+    "MambaForCausalLM": MAMBA,
+    "Mamba2ForCausalLM": {**MAMBA, "_target_": "lmlab.models.mamba2.Mamba2", "chunk_size": 4,
+                          "tie_embeddings": False},
+}
+
+
+def _stressed(cfg: dict) -> torch.nn.Module:
+    torch.manual_seed(0)
+    model = instantiate(OmegaConf.create(cfg), vocab_size=VOCAB, attention=CAUSAL).eval()
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith(("norm.weight", "norm1.weight", "norm2.weight", ".D")):
+                p.copy_(1 + 0.3 * torch.randn_like(p))
+            elif name.endswith(("dt_proj.bias", "dt_bias", "A_log")):
+                p.copy_(0.5 * torch.randn_like(p))
+            elif name.endswith("bias"):
+                p.copy_(0.3 * torch.randn_like(p))
+    return model
+
+
+def _logits(model: torch.nn.Module, ids: torch.Tensor) -> torch.Tensor:
+    with torch.no_grad():
+        return model.logits(model(ids, Attention(CAUSAL)))
+
+
+@pytest.mark.parametrize("architecture", list(CONFIGS))
+def test_export_then_import_gives_the_same_logits(architecture, tmp_path):
+    """lmlab -> transformers checkpoint on disk -> lmlab: every setting and every weight comes back (logits equal
+    to 1e-6), through the model's own adapter both ways."""
+    from transformers import AutoModelForCausalLM
+
+    from lmlab.export import hf_model
+
+    model = _stressed(CONFIGS[architecture])
+    hf = hf_model(model, 16)
+    assert type(hf).__name__ == architecture
+    hf.save_pretrained(tmp_path)
+    loaded = AutoModelForCausalLM.from_pretrained(tmp_path, local_files_only=True)
+    kwargs, state = hf_adapter(type(model)).from_hf(loaded.config, loaded.state_dict())
+    back = get_class(CONFIGS[architecture]["_target_"])(VOCAB, CAUSAL, **kwargs)
+    back.load_state_dict(state, strict=True)
+    back.eval()
+    ids = torch.randint(4, VOCAB, (2, 12), generator=torch.Generator().manual_seed(1))
+    ids[:, 0] = BOS_ID
+    ours, again = _logits(model, ids), _logits(back, ids)
+    assert ours.abs().max() > 0.1  # the logits carry signal
+    assert (ours - again).abs().max() <= 1e-6
+    theirs = loaded(input_ids=ids).logits
+    assert (ours - theirs).abs().max() <= 1e-4 * (1 + ours.abs().max())
+
+
+def test_a_checkpoint_the_model_does_not_compute_is_refused_in_one_sentence(tmp_path):
+    from transformers import LlamaConfig
+
+    config = LlamaConfig(vocab_size=VOCAB, hidden_size=16, intermediate_size=24, num_hidden_layers=1,
+                         num_attention_heads=4, num_key_value_heads=2, architectures=["LlamaForCausalLM"])
+    with pytest.raises(UserError, match=r"the LlamaForCausalLM checkpoint has num_key_value_heads=2 \(grouped-query "
+                                        r"attention\), which lmlab's Transformer does not compute"):
+        hf_adapter(get_class(TRANSFORMER["_target_"])).from_hf(config, {})
+
+
+# ----- a checkpoint built by transformers itself, continued by `lmlab train` -----
+
+def _transformers_checkpoint(path, sample_text: str) -> None:
+    """A Llama of random weights and a fast BPE tokenizer (trained on ``sample_text`` with lmlab's four special
+    tokens first), each saved by transformers' save_pretrained."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+
+    backend = Tokenizer(models.BPE())
+    backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    backend.decoder = decoders.ByteLevel()
+    backend.train_from_iterator(sample_text.splitlines(), trainers.BpeTrainer(
+        vocab_size=300, special_tokens=["[PAD]", "[BOS]", "[EOS]", "[MASK]"],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False))
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=backend, pad_token="[PAD]", bos_token="[BOS]",
+                                        eos_token="[EOS]", mask_token="[MASK]")
+    tokenizer.save_pretrained(path)
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=320, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=4, max_position_embeddings=128,
+                         rms_norm_eps=1e-6, tie_word_embeddings=False, bos_token_id=1, eos_token_id=2,
+                         pad_token_id=0)
+    LlamaForCausalLM(config).save_pretrained(path)
+
+
+def test_a_transformers_checkpoint_continues_pretraining(tmp_path, cache_dir):
+    from transformers import AutoModelForCausalLM
+
+    from lmlab import run_dir
+    from lmlab.cli import main
+    from lmlab.data.tokenizers import SAMPLES
+
+    ckpt = tmp_path / "llama"
+    _transformers_checkpoint(ckpt, (SAMPLES / "tiny_corpus.txt").read_text())
+    out = tmp_path / "runs"
+    try:
+        main(["train", f"out_dir={out}", *FAST, "data=text", "data.block_size=32", "eval=[perplexity]",
+              f"init_from.hf={ckpt}"])
+    except SystemExit as e:
+        raise AssertionError(f"training failed with exit code {e.code}") from e
+    (done,) = out.rglob("DONE")
+    run = done.parent
+    parent = run_dir.read_parent(run)
+    assert parent["hf"] == str(ckpt.resolve()) and parent["architecture"] == "LlamaForCausalLM"
+    assert json.loads((run / "results.json").read_text())["init_from"] == parent
+    cfg = run_dir.read_config(run)
+    assert (cfg.model.d_model, cfg.model.n_layers, cfg.model.mlp, cfg.model.tie_embeddings) == (32, 2, "swiglu", False)
+    assert cfg.data.tokenizer.path == str(ckpt.resolve() / "tokenizer.json")
+    assert run_dir.model_args(run)["vocab_size"] == 320
+    # the run started from the checkpoint's weights and trained them: close to it after 4 steps, not equal
+    hf = AutoModelForCausalLM.from_pretrained(ckpt)
+    trained = run_dir.load_backbone(run)
+    start = hf.model.layers[0].mlp.gate_proj.weight
+    now = trained.blocks[0].mlp.gate.weight
+    assert not torch.equal(start, now) and (start - now).abs().max() < 0.05

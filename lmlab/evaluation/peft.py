@@ -33,7 +33,8 @@ targets) are the model's own: its spec (``lmlab.models.spec.ModelSpec``: ``lora`
 names them beside its code. The Transformer's are ``qkv, out, up, gate, down`` for LoRA and ``qkv, down`` for
 (IA)^3 with ``down`` as its feed-forward layer (the paper's choice: the MLP's inner activations); a mixture of
 experts adds no router, an LSTM offers its embedding alone (``torch.nn.LSTM`` is no layer peft supports). The
-LM head is never a default target (the pooled features do not pass through it). A full dotted name
+LM head is never a default target (the pooled features do not pass through it). A module that declares no spec
+gets every linear layer but the LM head and routers, by full name. A full dotted name
 (``blocks.0.attn.qkv``) is also a valid entry of ``target_modules``.
 
 Returns ``peft/acc`` (mean test accuracy over seeds), ``peft/acc_std``, ``peft/acc_ci95`` (95% t-interval
@@ -54,14 +55,21 @@ from torch import nn
 
 from lmlab.errors import UserError
 from lmlab.evaluation.common import DownstreamEvaluator, summarize, tune_and_score
-from lmlab.models.spec import spec_of
+from lmlab.models.spec import ModelSpec
 from lmlab.readout import feature_dim, model_device
 from lmlab.settings import Fraction, NonNegativeFloat, Positive, PositiveFloat
 
+NEVER = ("head", "router")  # the LM head (not read by pooled features) and routers (a discrete choice)
+
+
 def default_targets(model, method: str) -> tuple[list[str], list[str]]:
-    """The default ``(target_modules, feedforward_modules)`` of ``method`` for ``model``: its spec's."""
-    spec = spec_of(model)
-    return (list(spec.lora), []) if method == "lora" else (list(spec.ia3), list(spec.ia3_feedforward))
+    """The default ``(target_modules, feedforward_modules)`` of ``method`` for ``model``: its spec's; a module
+    that declares no spec gets every linear layer but the LM head and routers, by full name."""
+    spec = type(model).__dict__.get("spec")
+    if isinstance(spec, ModelSpec):
+        return (list(spec.lora), []) if method == "lora" else (list(spec.ia3), list(spec.ia3_feedforward))
+    return [name for name, m in model.named_modules()
+            if isinstance(m, nn.Linear) and not set(name.split(".")) & set(NEVER)], []
 
 
 def adapt(model: nn.Module, method: str = "lora", target_modules: list[str] | None = None,

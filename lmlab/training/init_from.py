@@ -52,6 +52,7 @@ from omegaconf import DictConfig, OmegaConf, open_dict
 
 from lmlab.errors import UserError
 from lmlab.models.grow import EMBED, HEAD, deepen, n_blocks, residual_outputs, revocab, solar_layers, untie
+from lmlab.models.spec import hf_adapter, importers, spec_of
 from lmlab.run_dir import (
     load_backbone,
     model_args,
@@ -62,7 +63,6 @@ from lmlab.run_dir import (
     status,
     write_parent,
 )
-from lmlab.models.spec import hf_adapter, importers, spec_of
 from lmlab.settings import NonNegative
 from lmlab.vocab import N_SPECIAL
 
@@ -351,8 +351,9 @@ def _checkpoint(directory: Path) -> tuple[Any, dict[str, torch.Tensor]]:
     from transformers import AutoModelForCausalLM
     from transformers.utils import logging as hf_logging
 
-    verbosity = hf_logging.get_verbosity()
+    verbosity, bars = hf_logging.get_verbosity(), hf_logging.is_progress_bar_enabled()
     hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()
     try:
         hf = AutoModelForCausalLM.from_pretrained(directory, local_files_only=True, dtype=torch.float32)
     except (OSError, ValueError) as e:
@@ -360,6 +361,8 @@ def _checkpoint(directory: Path) -> tuple[Any, dict[str, torch.Tensor]]:
                         "directory written by save_pretrained.") from None
     finally:
         hf_logging.set_verbosity(verbosity)
+        if bars:
+            hf_logging.enable_progress_bar()
     return hf.config, {k: v.detach() for k, v in hf.state_dict().items()}
 
 
@@ -385,7 +388,7 @@ def hf_settings(cfg: DictConfig) -> DictConfig:
         return cfg
     where = f"init_from.hf={init.hf}"
     if init.run is not None:
-        raise UserError(f"init_from.run and init_from.hf are both set: start from one of them (set the other to null).")
+        raise UserError("init_from.run and init_from.hf are both set: start from one of them (set the other to null).")
     if init.reset or init.layers is not None or init.depth != "duplicate":
         raise UserError("init_from.reset, init_from.depth and init_from.layers apply to init_from.run: drop them "
                         "with init_from.hf.")

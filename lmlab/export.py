@@ -1,7 +1,8 @@
 """``lmlab export``: a finished run as a Hugging Face ``transformers`` checkpoint that computes the same function.
 
-``export_run(run_dir, out_dir)`` builds the run's backbone (``lmlab.run_dir.load_backbone``), renames and
-reshapes its weights for the ``transformers`` class whose forward pass is the same arithmetic, and writes
+``export_run(run_dir, out_dir)`` builds the run's backbone (``lmlab.run_dir.load_backbone``), has the model's
+own Hugging Face adapter (its spec's ``HFAdapter.to_hf``, ``lmlab.models.spec``, declared in the model's module)
+rename and reshape its weights for the ``transformers`` class whose forward pass is the same arithmetic, and writes
 ``config.json``, ``generation_config.json`` and ``model.safetensors`` (``save_pretrained``), the tokenizer
 files, and ``lmlab_export.json`` (the run, the class, the check below). What exports:
 
@@ -19,8 +20,8 @@ mamba ``norm=rmsnorm``                                    ``MambaForCausalLM``  
 mamba2 ``norm=rmsnorm ngroups=1``                         ``Mamba2ForCausalLM`` one gated-norm group
 ========================================================  ===================  ============================
 
-The conventions that make these exact: lmlab's rotary embedding is the "rotate half" layout with base 10000
-(Llama's ``default`` rope), RMSNorm is ``x * rsqrt(mean(x^2) + 1e-6) * weight`` computed in float32, GELU is
+The conventions that make these exact: lmlab's rotary embedding is the "rotate half" layout (Llama's
+``default`` rope, its base ``model.rope_base`` as ``rope_theta``), RMSNorm is ``x * rsqrt(mean(x^2) + 1e-6) * weight`` computed in float32, GELU is
 the exact erf form (``transformers``' ``"gelu"``, not ``"gelu_new"``), ``nn.LayerNorm`` has eps 1e-5 (GPT-2's
 ``layer_norm_epsilon``), lmlab's linear layers have no biases (GPT-2's are set to zero), the fused ``qkv``
 projection holds q, k, v one after the other with heads in order inside each, and the Mamba mixers split
@@ -33,7 +34,9 @@ lmlab's parameters and costs lmlab's FLOPs. Everything else (other models, other
 combinations, runs trained with bidirectional or prefix attention) is refused with one sentence naming what
 exports.
 
-The tokenizer is a ``transformers`` fast tokenizer whose ids equal lmlab's: the trained byte-level BPE as
+The same adapters read these checkpoints back (``from_hf``: ``init_from.hf``, ``lmlab.training.init_from``).
+
+The tokenizer is a ``transformers`` fast tokenizer whose ids equal lmlab's (``Tokenizer.to_hf``): the trained byte-level BPE as
 it is; the byte tokenizer as a merge-free byte-level BPE (id = 4 + byte); a character alphabet (DNA,
 protein) as a merge-free BPE over its letters behind a normaliser that does what lmlab's table does (drop
 what is not an ASCII letter, upper-case, map other letters to the unknown one). ``[PAD] [BOS] [EOS] [MASK]``

@@ -21,8 +21,8 @@ mamba2 ``norm=rmsnorm ngroups=1``                         ``Mamba2ForCausalLM`` 
 ========================================================  ===================  ============================
 
 The conventions that make these exact: lmlab's rotary embedding is the "rotate half" layout (Llama's
-``default`` rope, its base ``model.rope_base`` as ``rope_theta``), RMSNorm is ``x * rsqrt(mean(x^2) + 1e-6) * weight`` computed in float32, GELU is
-the exact erf form (``transformers``' ``"gelu"``, not ``"gelu_new"``), ``nn.LayerNorm`` has eps 1e-5 (GPT-2's
+``default`` rope, ``model.rope_base`` as ``rope_theta``), RMSNorm is ``x * rsqrt(mean(x^2) + 1e-6) * weight``
+computed in float32, GELU is the exact erf form (``transformers``' ``"gelu"``, not ``"gelu_new"``), ``nn.LayerNorm`` has eps 1e-5 (GPT-2's
 ``layer_norm_epsilon``), lmlab's linear layers have no biases (GPT-2's are set to zero), the fused ``qkv``
 projection holds q, k, v one after the other with heads in order inside each, and the Mamba mixers split
 their input projections in the same order as ``transformers`` (Mamba: ``x, z``; Mamba-2: ``z, xBC, dt``).
@@ -36,8 +36,8 @@ exports.
 
 The same adapters read these checkpoints back (``from_hf``: ``init_from.hf``, ``lmlab.training.init_from``).
 
-The tokenizer is a ``transformers`` fast tokenizer whose ids equal lmlab's (``Tokenizer.to_hf``): the trained byte-level BPE as
-it is; the byte tokenizer as a merge-free byte-level BPE (id = 4 + byte); a character alphabet (DNA,
+The tokenizer is a ``transformers`` fast tokenizer whose ids equal lmlab's (``Tokenizer.to_hf``): the trained
+byte-level BPE as it is; the byte tokenizer as a merge-free byte-level BPE (id = 4 + byte); a character alphabet (DNA,
 protein) as a merge-free BPE over its letters behind a normaliser that does what lmlab's table does (drop
 what is not an ASCII letter, upper-case, map other letters to the unknown one). ``[PAD] [BOS] [EOS] [MASK]``
 are ids 0..3 and the tokenizer's pad, bos, eos and mask tokens; encoding with special tokens prepends

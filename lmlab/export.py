@@ -20,19 +20,18 @@ mamba ``norm=rmsnorm``                                    ``MambaForCausalLM``  
 mamba2 ``norm=rmsnorm ngroups=1``                         ``Mamba2ForCausalLM`` one gated-norm group
 ========================================================  ===================  ============================
 
-The conventions that make these exact: lmlab's rotary embedding is the "rotate half" layout (Llama's
-``default`` rope, ``model.rope_base`` as ``rope_theta``), RMSNorm is ``x * rsqrt(mean(x^2) + 1e-6) * weight``
-computed in float32, GELU is the exact erf form (``transformers``' ``"gelu"``, not ``"gelu_new"``),
-``nn.LayerNorm`` has eps 1e-5 (GPT-2's ``layer_norm_epsilon``), lmlab's linear layers have no biases (GPT-2's
-are set to zero), the fused ``qkv`` projection holds q, k, v one after the other with heads in order inside
-each, and the Mamba mixers split their input projections in the same order as ``transformers`` (Mamba: ``x, z``; Mamba-2: ``z, xBC, dt``).
-Mamba-2's gated RMSNorm normalises over all ``expand * d_model`` channels, which ``transformers`` does with
-``n_groups=1`` only. The default model's non-gated MLP goes to Arcee (Llama's blocks with
-``down(act(up(x)))``, ``transformers`` >= 4.53) rather than to Llama with an up projection of zero weights and
-unit bias (``act(gate(x)) * 1``): the same function, without a dead matrix, so the checkpoint holds exactly
-lmlab's parameters and costs lmlab's FLOPs. Everything else (other models, other norm/position/MLP
-combinations, runs trained with bidirectional or prefix attention) is refused with one sentence naming what
-exports.
+The conventions that make these exact: lmlab's rotary embedding is the "rotate half" layout (Llama's ``default``
+rope, ``model.rope_base`` as ``rope_theta``), RMSNorm is ``x * rsqrt(mean(x^2) + 1e-6) * weight`` computed in
+float32, GELU is the exact erf form (``transformers``' ``"gelu"``, not ``"gelu_new"``), ``nn.LayerNorm`` has eps
+1e-5 (GPT-2's ``layer_norm_epsilon``), lmlab's linear layers have no biases (GPT-2's are set to zero), the fused
+``qkv`` projection holds q, k, v one after the other with heads in order inside each, and the Mamba mixers split
+their input projections in the same order as ``transformers`` (Mamba: ``x, z``; Mamba-2: ``z, xBC, dt``). Mamba-2's
+gated RMSNorm normalises over all ``expand * d_model`` channels, which ``transformers`` does with ``n_groups=1``
+only. The default model's non-gated MLP goes to Arcee (Llama's blocks with ``down(act(up(x)))``, ``transformers``
+>= 4.53) rather than to Llama with an up projection of zero weights and unit bias (``act(gate(x)) * 1``): the same
+function, without a dead matrix, so the checkpoint holds exactly lmlab's parameters and costs lmlab's FLOPs.
+Everything else (other models, other norm/position/MLP combinations, runs trained with bidirectional or prefix
+attention) is refused with one sentence naming what exports.
 
 The same adapters read these checkpoints back (``from_hf``: ``init_from.hf``, ``lmlab.training.init_from``).
 

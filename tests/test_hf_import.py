@@ -140,3 +140,18 @@ def test_a_transformers_checkpoint_continues_pretraining(tmp_path, cache_dir):
     start = hf.model.layers[0].mlp.gate_proj.weight
     now = trained.blocks[0].mlp.gate.weight
     assert not torch.equal(start, now) and (start - now).abs().max() < 0.05
+
+
+def test_an_architecture_override_the_checkpoint_fixes_is_refused(tmp_path, lmlab):
+    from lmlab.data.tokenizers import SAMPLES
+
+    ckpt = tmp_path / "llama"
+    _transformers_checkpoint(ckpt, (SAMPLES / "tiny_corpus.txt").read_text())
+    code, out = lmlab("train", *FAST, "data=text", f"init_from.hf={ckpt}", "model.d_model=64")
+    assert code == 2, out
+    assert (f"init_from.hf={ckpt.resolve()} fixes the model's architecture (d_model=32), so model.d_model=64 would "
+            "not take effect: drop the override.") in out
+    assert "Traceback" not in out and not list(lmlab.runs.rglob("results.json"))
+    code, out = lmlab("train", *FAST, "data=text", f"init_from.hf={ckpt}", "model=mamba")
+    assert code == 2 and "holds a LlamaForCausalLM, which model=mamba does not import: choose model=transformer." \
+        in out, out

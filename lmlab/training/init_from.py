@@ -406,6 +406,12 @@ def hf_settings(cfg: DictConfig) -> DictConfig:
         raise UserError(f"{where} holds a {architecture}, which model={cls.__module__.rsplit('.', 1)[-1]} does not "
                         f"import: {hint}.")
     kwargs, _ = adapter.from_hf(*_checkpoint(init.hf))
+    clash = sorted(k for k in _model_overrides() if k in kwargs and cfg.model.get(k) != kwargs[k])
+    if clash:
+        keys = " ".join(f"model.{k}={cfg.model.get(k)}" for k in clash)
+        theirs = " ".join(f"{k}={kwargs[k]}" for k in clash)
+        raise UserError(f"{where} fixes the model's architecture ({theirs}), so {keys} would not take effect: drop "
+                        "the override.")
     data = cfg.get("data")
     tok = data.get("tokenizer") if data is not None else None
     if tok is None:
@@ -423,6 +429,16 @@ def hf_settings(cfg: DictConfig) -> DictConfig:
         out.data.tokenizer = OmegaConf.create({"_target_": _path(File), "path": str(init.hf / "tokenizer.json"),
                                                "vocab_size": int(config.vocab_size)})
     return out
+
+
+def _model_overrides() -> set[str]:
+    """The ``model.<key>`` settings the command line of this job sets (none outside a Hydra job)."""
+    from hydra.core.hydra_config import HydraConfig
+
+    if not HydraConfig.initialized():
+        return set()
+    keys = (o.split("=", 1)[0].lstrip("+~") for o in HydraConfig.get().overrides.task)
+    return {k.removeprefix("model.") for k in keys if k.startswith("model.")}
 
 
 def _path(cls: type) -> str:

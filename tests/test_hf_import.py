@@ -87,59 +87,113 @@ def test_a_checkpoint_the_model_does_not_compute_is_refused_in_one_sentence(tmp_
 
 # ----- a checkpoint built by transformers itself, continued by `lmlab train` -----
 
-def _transformers_checkpoint(path, sample_text: str) -> None:
-    """A Llama of random weights and a fast BPE tokenizer (trained on ``sample_text`` with lmlab's four special
-    tokens first), each saved by transformers' save_pretrained."""
+def _transformers_checkpoint(path, sample_text: str, layout: str = "lmlab") -> None:
+    """Random weights and a fast BPE tokenizer trained on ``sample_text``, each saved by transformers'
+    save_pretrained. ``layout="lmlab"``: a Llama whose tokenizer has lmlab's four special tokens as ids 0..3;
+    ``"gpt2"``: a Mamba whose tokenizer has GPT-2's one ``<|endoftext|>`` (id 0) as its BOS and EOS token."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+    from transformers import LlamaConfig, LlamaForCausalLM, MambaConfig, MambaForCausalLM, PreTrainedTokenizerFast
 
+    specials = ["[PAD]", "[BOS]", "[EOS]", "[MASK]"] if layout == "lmlab" else ["<|endoftext|>"]
     backend = Tokenizer(models.BPE())
     backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     backend.decoder = decoders.ByteLevel()
     backend.train_from_iterator(sample_text.splitlines(), trainers.BpeTrainer(
-        vocab_size=300, special_tokens=["[PAD]", "[BOS]", "[EOS]", "[MASK]"],
-        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False))
-    tokenizer = PreTrainedTokenizerFast(tokenizer_object=backend, pad_token="[PAD]", bos_token="[BOS]",
-                                        eos_token="[EOS]", mask_token="[MASK]")
-    tokenizer.save_pretrained(path)
+        vocab_size=300, special_tokens=specials, initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False))
+    if layout == "lmlab":
+        roles = dict(pad_token="[PAD]", bos_token="[BOS]", eos_token="[EOS]", mask_token="[MASK]")
+    else:
+        roles = dict(bos_token="<|endoftext|>", eos_token="<|endoftext|>")
+    PreTrainedTokenizerFast(tokenizer_object=backend, **roles).save_pretrained(path)
     torch.manual_seed(0)
-    config = LlamaConfig(vocab_size=320, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                         num_attention_heads=4, num_key_value_heads=4, max_position_embeddings=128,
-                         rms_norm_eps=1e-6, tie_word_embeddings=False, bos_token_id=1, eos_token_id=2,
-                         pad_token_id=0)
-    LlamaForCausalLM(config).save_pretrained(path)
+    if layout == "lmlab":
+        config = LlamaConfig(vocab_size=320, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                             num_attention_heads=4, num_key_value_heads=4, max_position_embeddings=128,
+                             rms_norm_eps=1e-6, tie_word_embeddings=False, bos_token_id=1, eos_token_id=2,
+                             pad_token_id=0)
+        LlamaForCausalLM(config).save_pretrained(path)
+    else:
+        config = MambaConfig(vocab_size=300, hidden_size=32, state_size=8, num_hidden_layers=2, expand=2,
+                             conv_kernel=4, time_step_rank=2, layer_norm_epsilon=1e-6, use_bias=False,
+                             use_conv_bias=True, bos_token_id=0, eos_token_id=0, pad_token_id=0)
+        MambaForCausalLM(config).save_pretrained(path)
 
 
-def test_a_transformers_checkpoint_continues_pretraining(tmp_path, cache_dir):
+@pytest.mark.parametrize(("layout", "model", "vocab"), [("lmlab", "transformer", 320), ("gpt2", "mamba", 304)])
+def test_a_transformers_checkpoint_continues_pretraining(layout, model, vocab, tmp_path, cache_dir):
+    """``lmlab train data=text init_from.hf=<dir>``: the run builds the checkpoint's model, reads the text with its
+    tokenizer (GPT-2's layout: lmlab's special tokens as 4 new ids first), starts from its weights, trains, and
+    records the checkpoint as its parent."""
     from transformers import AutoModelForCausalLM
 
     from lmlab import run_dir
     from lmlab.cli import main
     from lmlab.data.tokenizers import SAMPLES
 
-    ckpt = tmp_path / "llama"
-    _transformers_checkpoint(ckpt, (SAMPLES / "tiny_corpus.txt").read_text())
+    ckpt = tmp_path / "ckpt"
+    _transformers_checkpoint(ckpt, (SAMPLES / "tiny_corpus.txt").read_text(), layout)
     out = tmp_path / "runs"
     try:
         main(["train", f"out_dir={out}", *FAST, "data=text", "data.block_size=32", "eval=[perplexity]",
-              f"init_from.hf={ckpt}"])
+              f"model={model}", f"init_from.hf={ckpt}"])
     except SystemExit as e:
         raise AssertionError(f"training failed with exit code {e.code}") from e
     (done,) = out.rglob("DONE")
     run = done.parent
     parent = run_dir.read_parent(run)
-    assert parent["hf"] == str(ckpt.resolve()) and parent["architecture"] == "LlamaForCausalLM"
-    assert json.loads((run / "results.json").read_text())["init_from"] == parent
-    cfg = run_dir.read_config(run)
-    assert (cfg.model.d_model, cfg.model.n_layers, cfg.model.mlp, cfg.model.tie_embeddings) == (32, 2, "swiglu", False)
-    assert cfg.data.tokenizer.path == str(ckpt.resolve() / "tokenizer.json")
-    assert run_dir.model_args(run)["vocab_size"] == 320
-    # the run started from the checkpoint's weights and trained them: close to it after 4 steps, not equal
     hf = AutoModelForCausalLM.from_pretrained(ckpt)
+    assert parent["hf"] == str(ckpt.resolve()) and parent["architecture"] == type(hf).__name__
+    assert json.loads((run / "results.json").read_text())["init_from"] == parent
+    assert run_dir.model_args(run)["vocab_size"] == vocab
+    cfg = run_dir.read_config(run)
     trained = run_dir.load_backbone(run)
-    start = hf.model.layers[0].mlp.gate_proj.weight
-    now = trained.blocks[0].mlp.gate.weight
+    if layout == "lmlab":
+        assert (cfg.model.d_model, cfg.model.n_layers, cfg.model.mlp, cfg.model.tie_embeddings) == \
+            (32, 2, "swiglu", False)
+        assert cfg.data.tokenizer.path == str(ckpt.resolve() / "tokenizer.json")
+        start, now = hf.model.layers[0].mlp.gate_proj.weight, trained.blocks[0].mlp.gate.weight
+    else:
+        assert (cfg.model.d_model, cfg.model.n_layers, cfg.model.d_state, cfg.model.dt_rank) == (32, 2, 8, 2)
+        assert "hf_tokenizers" in cfg.data.tokenizer.path
+        assert parent["operators"][1] == ("vocabulary: ids shifted by 4 for lmlab's special tokens ([PAD] from the "
+                                          "mean row, [BOS] from id 0, [EOS] from id 0, [MASK] from the mean row)")
+        start, now = hf.backbone.layers[0].mixer.in_proj.weight, trained.blocks[0].mixer.in_proj.weight
+    # the run started from the checkpoint's weights and trained them: close to them after 4 steps, not equal
     assert not torch.equal(start, now) and (start - now).abs().max() < 0.05
+
+
+def test_a_tokenizer_in_another_layout_is_shifted_and_the_model_with_it(tmp_path):
+    """GPT-2's layout: lmlab's ids are the checkpoint's plus 4, and the imported model's logits over the old ids
+    are the checkpoint's logits, exactly; the new special rows copy the rows of the same roles."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from lmlab.data.tokenizers import SAMPLES
+    from lmlab.training.init_from import hf_settings, import_hf
+
+    ckpt = tmp_path / "ckpt"
+    text = (SAMPLES / "tiny_corpus.txt").read_text()
+    _transformers_checkpoint(ckpt, text, "gpt2")
+    cfg = OmegaConf.create({"model": MAMBA, "cache_dir": str(tmp_path / "cache"), "init_from": {"hf": str(ckpt)},
+                            "data": {"tokenizer": {"_target_": "lmlab.data.tokenizers.BPE"}}})
+    cfg = hf_settings(cfg)
+    ours = instantiate(cfg.data.tokenizer)
+    theirs = AutoTokenizer.from_pretrained(ckpt)
+    sample = [text.splitlines()[0][:60], "unseen wörds 🙂 [EOS]"]
+    assert ours.encode(sample) == [[i + 4 for i in theirs(t)["input_ids"]] for t in sample]
+    # as everywhere in lmlab, a special token's string inside a text is text
+    assert 4 not in ours.encode(["a <|endoftext|> b"])[0] and 0 in theirs("a <|endoftext|> b")["input_ids"]
+    model = instantiate(cfg.model, vocab_size=ours.vocab_size, attention=CAUSAL).eval()
+    assert model.vocab_size == 304
+    record = import_hf(ckpt, model)
+    assert record["operators"][0] == "import: MambaForCausalLM -> Mamba"
+    hf = AutoModelForCausalLM.from_pretrained(ckpt).eval()
+    ids = torch.tensor([theirs(sample[0])["input_ids"][:12]])
+    logits = _logits(model, ids + 4)
+    assert (logits[..., 4:] - hf(input_ids=ids).logits).abs().max() <= 1e-4
+    embed = model.embed.weight
+    assert torch.equal(embed[1], embed[4]) and torch.equal(embed[2], embed[4])  # [BOS], [EOS] <- <|endoftext|>
+    assert torch.allclose(embed[0], hf.backbone.embeddings.weight.mean(0))  # [PAD]: no pad token named
 
 
 def test_an_architecture_override_the_checkpoint_fixes_is_refused(tmp_path, lmlab):

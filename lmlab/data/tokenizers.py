@@ -161,25 +161,20 @@ class Tokenizer(ABC):
                                        **kwargs)
 
     @staticmethod
-    def from_hf(directory: str | os.PathLike, vocab_size: int | None = None) -> File:
+    def from_hf(directory: str | os.PathLike, vocab_size: int, store: str | os.PathLike) -> File:
         """The tokenizer of a ``transformers`` checkpoint directory (its fast tokenizer's ``tokenizer.json``) as a
-        fixed lmlab tokenizer (``File``) with ``vocab_size`` ids; the file must hold ``[PAD] [BOS] [EOS] [MASK]``
-        as ids 0..3 (as ``to_hf`` writes them), else a UserError naming the fix."""
-        from tokenizers import Tokenizer as HFTokenizer
+        fixed lmlab tokenizer (``File``) with ``vocab_size`` ids. A file that holds ``[PAD] [BOS] [EOS] [MASK]``
+        as ids 0..3 (as ``to_hf`` writes it) is read as it is; any other gets them as new ids 0..3 before its own
+        ids, all shifted by ``N_SPECIAL`` (``hf_layout``), written to ``store/<sha256>/tokenizer.json``."""
+        path, backend, shift = _hf_tokenizer(directory)
+        if shift:
+            raw = path.read_bytes()
+            path = Path(store).expanduser() / hashlib.sha256(raw).hexdigest()[:16] / TOKENIZER_FILE
+            if not path.is_file():
+                from lmlab.io import write_text
 
-        path = Path(directory).expanduser() / TOKENIZER_FILE
-        if not path.is_file():
-            raise UserError(f"{str(directory)!r} holds no {TOKENIZER_FILE}: save the checkpoint's fast tokenizer there "
-                            "(tokenizer.save_pretrained), as `lmlab export` does.")
-        try:
-            model = HFTokenizer.from_file(str(path))
-        except Exception:  # not a tokenizers file
-            raise UserError(f"cannot read {str(path)!r} as a Hugging Face tokenizer.json: save the checkpoint's fast "
-                            "tokenizer there (tokenizer.save_pretrained).") from None
-        if [model.token_to_id(t) for t in SPECIAL_TOKENS] != list(range(N_SPECIAL)):
-            raise UserError(f"the tokenizer {str(path)!r} does not hold {' '.join(SPECIAL_TOKENS)} as ids "
-                            f"0..{N_SPECIAL - 1}, which lmlab's rows use: import a checkpoint whose tokenizer has "
-                            "them there (`lmlab export` writes such tokenizers).")
+                path.parent.mkdir(parents=True, exist_ok=True)
+                write_text(path, _shifted(json.loads(raw), path))
         return File(str(path), vocab_size)
 
     def save(self, directory: str | os.PathLike) -> None:
@@ -486,6 +481,75 @@ class File(BPE):
 
     def __repr__(self) -> str:
         return f"File(path={str(self.path)!r})"
+
+
+# ----- checkpoints of other tokenizers (``Tokenizer.from_hf``) -----
+
+HF_ROLES = ("pad_token", "bos_token", "eos_token", "mask_token")  # the roles of [PAD] [BOS] [EOS] [MASK]
+
+
+def _hf_tokenizer(directory: str | os.PathLike):
+    """(the checkpoint's tokenizer.json, it read by ``tokenizers``, whether its ids are shifted by N_SPECIAL)."""
+    from tokenizers import Tokenizer as HFTokenizer
+
+    path = Path(directory).expanduser() / TOKENIZER_FILE
+    if not path.is_file():
+        raise UserError(f"{str(directory)!r} holds no {TOKENIZER_FILE}: save the checkpoint's fast tokenizer there "
+                        "(tokenizer.save_pretrained), as `lmlab export` does.")
+    try:
+        backend = HFTokenizer.from_file(str(path))
+    except Exception:  # not a tokenizers file
+        raise UserError(f"cannot read {str(path)!r} as a Hugging Face tokenizer.json: save the checkpoint's fast "
+                        "tokenizer there (tokenizer.save_pretrained).") from None
+    return path, backend, [backend.token_to_id(t) for t in SPECIAL_TOKENS] != list(range(N_SPECIAL))
+
+
+def hf_layout(directory: str | os.PathLike) -> tuple[int, dict[int, int | None]]:
+    """How lmlab's ids relate to those of the checkpoint's tokenizer: ``(shift, rows)``. ``shift`` is 0 for a
+    tokenizer in lmlab's layout (``[PAD] [BOS] [EOS] [MASK]`` = 0..3), else ``N_SPECIAL`` (lmlab id = its id +
+    ``N_SPECIAL``); ``rows`` gives each new special id the checkpoint's id of the token in the same role
+    (``tokenizer_config.json``'s ``pad_token``, ``bos_token``, ...; GPT-2's ``<|endoftext|>`` for BOS and EOS), or
+    None where it names none: the rows of the embedding and LM head that the new ids start from."""
+    _, backend, shift = _hf_tokenizer(directory)
+    if not shift:
+        return 0, {}
+    settings = Path(directory).expanduser() / "tokenizer_config.json"
+    config = json.loads(settings.read_text()) if settings.is_file() else {}
+    rows: dict[int, int | None] = {}
+    for i, role in enumerate(HF_ROLES):
+        token = config.get(role)
+        token = token.get("content") if isinstance(token, dict) else token
+        rows[i] = backend.token_to_id(token) if isinstance(token, str) else None
+    return N_SPECIAL, rows
+
+
+def _shifted(spec: dict[str, Any], where: Path) -> str:
+    """A tokenizer.json (parsed) with every id moved up by ``N_SPECIAL`` and lmlab's special tokens at 0..3 (in the
+    model's vocabulary too: ``tokenizers`` gives an added token outside it the next free id), its post-processor,
+    padding and truncation dropped (lmlab adds BOS and EOS itself)."""
+    model = spec.get("model") or {}
+    kind = model.get("type")
+    taken = set(SPECIAL_TOKENS) & ({t["content"] for t in spec.get("added_tokens", [])} |
+                                   set(model["vocab"] if isinstance(model.get("vocab"), dict) else
+                                       (p for p, _ in model.get("vocab") or [])))
+    if taken or kind not in ("BPE", "WordPiece", "WordLevel", "Unigram"):
+        why = f"it holds {', '.join(sorted(taken))} at other ids" if taken else f"its model is {kind}"
+        raise UserError(f"lmlab cannot give the tokenizer of {where.name} its special ids ({why}): import a "
+                        "checkpoint whose tokenizer is a BPE, WordPiece, WordLevel or Unigram model.")
+    if kind == "Unigram":
+        model["vocab"] = [[t, 0.0] for t in SPECIAL_TOKENS] + model["vocab"]
+        if model.get("unk_id") is not None:
+            model["unk_id"] += N_SPECIAL
+    else:
+        model["vocab"] = {**{t: i for i, t in enumerate(SPECIAL_TOKENS)},
+                          **{t: i + N_SPECIAL for t, i in model["vocab"].items()}}
+    for token in spec.get("added_tokens", []):
+        token["id"] += N_SPECIAL
+    spec["added_tokens"] = [{"id": i, "content": t, "single_word": False, "lstrip": False, "rstrip": False,
+                             "normalized": False, "special": True} for i, t in enumerate(SPECIAL_TOKENS)] + \
+        spec.get("added_tokens", [])
+    spec["post_processor"] = spec["padding"] = spec["truncation"] = None
+    return json.dumps(spec, ensure_ascii=False)
 
 
 def write_sample_tokenizer() -> None:

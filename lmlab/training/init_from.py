@@ -32,11 +32,16 @@ adapter (its spec, ``lmlab.models.spec``: GPT-2, Arcee and Llama for ``model=tra
 ``model=mamba``, Mamba-2 for ``model=mamba2``) turns the checkpoint's config into the run's architecture settings
 (``model.*``: ``hf_settings`` writes them into the run's config before anything is built, so the run directory
 records the model it trains) and its weights into the model's; the text data read the checkpoint's tokenizer
-(``data.tokenizer`` becomes ``Tokenizer.from_hf(<dir>)``, a fixed ``File`` tokenizer, whose vocabulary is the
-checkpoint's ``vocab_size``). Settings the checkpoint does not fix (dropout, activation checkpointing, a Mamba's
-scan implementation) stay the run's. ``parent.json`` records the checkpoint as the parent. A checkpoint the model
-does not compute exactly (another activation, grouped-query attention, biases, another norm eps) is refused in
-one sentence, as is a tokenizer without lmlab's ``[PAD] [BOS] [EOS] [MASK]`` at ids 0..3.
+(``data.tokenizer`` becomes ``Tokenizer.from_hf(<dir>)``, a fixed ``File`` tokenizer). A tokenizer in lmlab's
+layout (``[PAD] [BOS] [EOS] [MASK]`` = ids 0..3, as ``lmlab export`` writes it) keeps its ids and the model the
+checkpoint's vocabulary; any other (GPT-2's, say) gets lmlab's four special tokens as new ids 0..3 before its own
+ids, which move up by 4 (the shifted ``tokenizer.json`` lies in ``<cache_dir>/hf_tokenizers/``), and the
+embedding and LM head gain four rows, each a copy of the row of the token the checkpoint's
+``tokenizer_config.json`` gives the same role (``bos_token`` for ``[BOS]``, ...), or the mean row where it names
+none. Settings the checkpoint does not fix (dropout, activation checkpointing, a Mamba's scan implementation)
+stay the run's; a ``model.*`` override of one it fixes is refused. ``parent.json`` records the checkpoint as the
+parent. A checkpoint the model does not compute exactly (another activation, grouped-query attention, biases,
+another norm eps) is refused in one sentence.
 
 A resumed run (one that holds a checkpoint) does not initialise again: its weights come from the checkpoint,
 and its ``parent.json`` from its first start is kept.
@@ -69,6 +74,7 @@ from lmlab.vocab import N_SPECIAL
 # model settings that may differ from the parent's (the others must be equal)
 MAY_CHANGE = ("d_model", "n_layers", "n_heads", "d_ff", "tie_embeddings", "dropout", "activation_checkpointing",
               "sparsity", "max_len")
+HF_TOKENIZERS = "hf_tokenizers"  # in cache_dir: imported tokenizers given lmlab's special ids (init_from.hf)
 PARENT_METRICS = ("val/loss", "perplexity/loss", "perplexity/gap", "train/steps")
 
 
@@ -380,7 +386,7 @@ def hf_settings(cfg: DictConfig) -> DictConfig:
     config is written, so the run records what it trains."""
     from hydra.utils import get_class
 
-    from lmlab.data.tokenizers import BPE, File, Tokenizer
+    from lmlab.data.tokenizers import BPE, File, Tokenizer, hf_layout
 
     node = cfg.get("init_from")
     init = InitFrom.from_config(node) if node is not None else None
@@ -421,14 +427,22 @@ def hf_settings(cfg: DictConfig) -> DictConfig:
     if chosen not in (_path(BPE), _path(File)) or (chosen == _path(File) and tok.get("path") is not None):
         raise UserError(f"{where} reads text with the checkpoint's tokenizer, not data.tokenizer ({chosen}): drop the "
                         "data/tokenizer override.")
-    Tokenizer.from_hf(init.hf, int(config.vocab_size))  # refuses a tokenizer without lmlab's special ids
+    shift, _ = hf_layout(init.hf)
+    vocab = int(config.vocab_size) + shift
+    tokenizer = Tokenizer.from_hf(init.hf, vocab, Path(str(cfg.cache_dir)).expanduser() / HF_TOKENIZERS)
     out = cfg.copy()
     with open_dict(out):
         for key, value in kwargs.items():
             out.model[key] = value
-        out.data.tokenizer = OmegaConf.create({"_target_": _path(File), "path": str(init.hf / "tokenizer.json"),
-                                               "vocab_size": int(config.vocab_size)})
+        out.data.tokenizer = OmegaConf.create({"_target_": _path(File), "path": str(tokenizer.path),
+                                               "vocab_size": vocab})
     return out
+
+
+def _shift_rows(weight: torch.Tensor, shift: int, rows: dict[int, int | None]) -> torch.Tensor:
+    """``weight`` (V, d) with ``shift`` rows before it: row i a copy of ``weight[rows[i]]``, or the mean row."""
+    first = torch.stack([weight[rows[i]] if rows.get(i) is not None else weight.mean(0) for i in range(shift)])
+    return torch.cat([first, weight])
 
 
 def _model_overrides() -> set[str]:
@@ -452,14 +466,26 @@ def _name(data) -> str:
 def import_hf(directory: Path, model: torch.nn.Module) -> dict[str, Any]:
     """Fill ``model`` (built from the settings ``hf_settings`` wrote) with the checkpoint's weights, by its
     adapter; the record ``parent.json`` keeps."""
+    from lmlab.data.tokenizers import SPECIAL_TOKENS, hf_layout
+
     config, state = _checkpoint(directory)
     architecture = _architecture(directory, config)
     _, state = hf_adapter(model).from_hf(config, state)
+    operators = [f"import: {architecture} -> {type(model).__name__}"]
+    shift, rows = hf_layout(directory)
+    if shift:  # lmlab's special tokens are new ids before the checkpoint's: their rows start from the same roles'
+        for key in (EMBED, HEAD):
+            state[key] = _shift_rows(state[key], shift, rows)
+        if getattr(model, "tie_embeddings", False):
+            state[HEAD] = state[EMBED]
+        named = ", ".join(f"{SPECIAL_TOKENS[i]} from " + (f"id {j}" if j is not None else "the mean row")
+                          for i, j in rows.items())
+        operators.append(f"vocabulary: ids shifted by {shift} for lmlab's special tokens ({named})")
     own = model.state_dict()
     if set(state) != set(own) or any(own[k].shape != state[k].shape for k in own):
         raise UserError(f"the weights of init_from.hf={directory} do not fit this run's model: leave the model's "
                         "architecture settings to the checkpoint (drop the model.* overrides).")
     model.load_state_dict({k: v.to(own[k].dtype) for k, v in state.items()})
     return {"run": str(directory), "hf": str(directory), "architecture": architecture, "command": None,
-            "status": "imported", "operators": [f"import: {architecture} -> {type(model).__name__}"], "metrics": {},
+            "status": "imported", "operators": operators, "metrics": {},
             "settings": {"hf": str(directory)}}

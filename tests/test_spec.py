@@ -123,7 +123,7 @@ def test_a_model_added_by_the_docs_alone_exports_imports_adapts_and_shards(tmp_p
     Byte().to_hf(32).save_pretrained(ckpt)
     # imports into the same class through init_from.hf
     cfg = OmegaConf.create({"model": model_cfg, "data": {"tokenizer": {"_target_": "lmlab.data.tokenizers.BPE"}},
-                            "init_from": {"hf": str(ckpt)}})
+                            "init_from": {"hf": str(ckpt)}, "cache_dir": str(tmp_path / "cache")})
     cfg = hf_settings(cfg)
     assert cfg.data.tokenizer.path == str(ckpt / "tokenizer.json")
     back = instantiate(cfg.model, vocab_size=vocab, attention=CAUSAL).eval()

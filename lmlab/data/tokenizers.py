@@ -40,7 +40,8 @@ trained state (``tokenizer.json`` in a cache entry); ``config``, which goes into
 token id and the bytes it stands for (special tokens left out), for matching two vocabularies; ``to_hf()`` -> the
 same ids as a ``transformers`` fast tokenizer (the trained BPE as it is; the byte tokenizer as a merge-free
 byte-level BPE; an alphabet as a merge-free BPE over its letters behind a normaliser doing what its table does),
-and ``Tokenizer.from_hf(directory)`` -> a checkpoint's ``tokenizer.json`` as a ``File`` tokenizer.
+and ``Tokenizer.from_hf(directory, vocab_size, store)`` -> a checkpoint's ``tokenizer.json`` as a ``File`` tokenizer
+(one in another layout than lmlab's gets ``[PAD] [BOS] [EOS] [MASK]`` as new ids 0..3: ``hf_layout``).
 """
 
 from __future__ import annotations

@@ -41,6 +41,11 @@ NORMS: dict[str, type[nn.Module]] = {"rmsnorm": RMSNorm, "layernorm": nn.LayerNo
 NormKind = Literal[tuple(NORMS)]  # the ``norm`` setting of a model: one of NORMS (checked before any work)
 
 
+def norm_kind(norm: nn.Module) -> str:
+    """The ``NORMS`` name of a norm layer (its class name for another kind)."""
+    return next((name for name, cls in NORMS.items() if type(norm) is cls), type(norm).__name__)
+
+
 def make_norm(name: str, dim: int) -> nn.Module:
     """A norm layer by name (a key of ``NORMS``)."""
     if name not in NORMS:

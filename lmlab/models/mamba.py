@@ -32,7 +32,7 @@ from torch import nn
 from lmlab.attention import CAUSAL, Attention
 from lmlab.errors import UserError
 from lmlab.models.base import Backbone
-from lmlab.models.layers import MLP, CausalDepthwiseConv1d, MLPKind, NormKind, make_norm, short_conv
+from lmlab.models.layers import MLP, CausalDepthwiseConv1d, MLPKind, NormKind, make_norm, norm_kind, short_conv
 from lmlab.models.scan import IMPLS, selective_scan
 from lmlab.models.spec import HF_SPECIAL_IDS, HFAdapter, ModelSpec, Unmappable
 from lmlab.settings import Optional, Positive, PositiveFloat
@@ -201,8 +201,8 @@ class Mamba(MixerBackbone):
 def mixer_state_to_hf(model: MixerBackbone, mixer_keys: dict[str, str]) -> dict[str, torch.Tensor]:
     """The state dict of ``transformers``' Mamba/Mamba-2 causal LMs (``backbone.layers.<i>.mixer.<name>``) from a
     mixer backbone's, ``mixer_keys`` mapping transformers' mixer names to lmlab's."""
-    if _norm_kind(model) != "rmsnorm":
-        raise Unmappable(f"the run's {type(model).__name__} has norm={_norm_kind(model)}")
+    if norm_kind(model.norm) != "rmsnorm":
+        raise Unmappable(f"the run's {type(model).__name__} has norm={norm_kind(model.norm)}")
     w = {"backbone.embeddings.weight": model.embed.weight, "backbone.norm_f.weight": model.norm.weight,
          "lm_head.weight": model.embed.weight if model.tie_embeddings else model.head.weight}
     for i, block in enumerate(model.blocks):
@@ -230,13 +230,6 @@ def mixer_state_from_hf(config, state: dict[str, torch.Tensor], mixer_keys: dict
             s[f"blocks.{i}.mixer.{ours}"] = state[f"backbone.layers.{i}.mixer.{theirs}"]
     s["head.weight"] = s["embed.weight"] if tied else state["lm_head.weight"]
     return s
-
-
-def _norm_kind(model: MixerBackbone) -> str:
-    from lmlab.models.layers import RMSNorm
-
-    return "rmsnorm" if isinstance(model.norm, RMSNorm) else "layernorm" if isinstance(model.norm, nn.LayerNorm) \
-        else type(model.norm).__name__
 
 
 def check_mixer_config(config, **wanted) -> None:

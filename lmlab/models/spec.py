@@ -84,8 +84,9 @@ def hf_adapter(model: nn.Module | type) -> HFAdapter:
     spec = spec_of(model)
     if spec.hf is None:
         cls = model if isinstance(model, type) else type(model)
+        mapped = ", ".join(c.__module__.rsplit(".", 1)[-1] for c in declared_models() if c.spec.hf is not None)
         raise UserError(f"model {cls.__name__} has no Hugging Face mapping: give its spec an HFAdapter "
-                        "(lmlab/models/spec.py) or use a model that has one (transformer, mamba, mamba2).")
+                        f"(lmlab/models/spec.py) or use a model that has one ({mapped}).")
     return spec.hf
 
 

@@ -26,7 +26,7 @@ from torch import nn
 from lmlab.attention import BIDIRECTIONAL, CAUSAL, PREFIX, Attention
 from lmlab.errors import UserError
 from lmlab.models.base import Backbone
-from lmlab.models.layers import MLP, MLPKind, NormKind, Rotary, make_norm
+from lmlab.models.layers import MLP, MLPKind, NormKind, Rotary, make_norm, norm_kind
 from lmlab.models.spec import HF_SPECIAL_IDS, HFAdapter, ModelSpec, Unmappable
 from lmlab.settings import Fraction, NonNegative, Positive
 
@@ -230,16 +230,6 @@ HF_EXPORTS = ("model=transformer with norm=rmsnorm positions=rotary (mlp=gelu or
               "positions=learned mlp=gelu")
 
 
-def _norm_kind(norm: nn.Module) -> str:
-    from lmlab.models.layers import RMSNorm
-
-    if isinstance(norm, RMSNorm):
-        return "rmsnorm"
-    if isinstance(norm, nn.LayerNorm):
-        return "layernorm"
-    return type(norm).__name__
-
-
 def rope_theta(config) -> float | None:
     """The rotary base of a ``transformers`` config (``rope_parameters`` in transformers 5, ``rope_theta``
     before), or None when its rope is not the plain one."""
@@ -254,7 +244,7 @@ def _to_hf(model: Transformer, context: int):
     """lmlab -> GPT-2 (layernorm, learned positions, gelu), Arcee (rmsnorm, rotary, gelu) or Llama (swiglu)."""
     from transformers import ArceeConfig, GPT2Config, LlamaConfig
 
-    norm, mlp = _norm_kind(model.norm), model.blocks[0].mlp.kind
+    norm, mlp = norm_kind(model.norm), model.blocks[0].mlp.kind
     setting = (norm, model.positions, mlp)
     d, L, H, F_ = model.d_model, model.n_layers, model.n_heads, model.d_ff
     w: dict[str, torch.Tensor] = {}

@@ -57,7 +57,7 @@ from omegaconf import DictConfig, OmegaConf, open_dict
 
 from lmlab.errors import UserError
 from lmlab.models.grow import EMBED, HEAD, deepen, n_blocks, residual_outputs, revocab, solar_layers, untie
-from lmlab.models.spec import hf_adapter, importers, spec_of
+from lmlab.models.spec import declared_models, hf_adapter, importers, spec_of
 from lmlab.run_dir import (
     load_backbone,
     model_args,
@@ -407,8 +407,8 @@ def hf_settings(cfg: DictConfig) -> DictConfig:
     adapter = hf_adapter(cls)
     if architecture not in adapter.architectures:
         fit = [c.__module__.rsplit(".", 1)[-1] for c in importers(architecture)]
-        hint = f"choose model={fit[0]}" if fit else "import a checkpoint of a class lmlab reads (GPT-2, Arcee, " \
-                                                      "Llama, Mamba, Mamba-2)"
+        known = sorted({a for c in declared_models() if c.spec.hf is not None for a in c.spec.hf.architectures})
+        hint = f"choose model={fit[0]}" if fit else f"import a checkpoint of a class lmlab reads ({', '.join(known)})"
         raise UserError(f"{where} holds a {architecture}, which model={cls.__module__.rsplit('.', 1)[-1]} does not "
                         f"import: {hint}.")
     kwargs, _ = adapter.from_hf(*_checkpoint(init.hf))

@@ -16,19 +16,21 @@ transformer ``norm=rmsnorm positions=rotary mlp=swiglu``  ``LlamaForCausalLM``  
                                                                                 ``qkv`` rows
 transformer ``norm=layernorm positions=learned mlp=gelu`` ``GPT2LMHeadModel``   ``Conv1D`` weights are the
                                                                                 transposes; biases zero
-mamba ``norm=rmsnorm``                                    ``MambaForCausalLM``  ``layer_norm_epsilon`` 1e-6
+mamba ``norm=rmsnorm``                                    ``MambaForCausalLM``  ``layer_norm_epsilon`` the
+                                                                                norms' eps
 mamba2 ``norm=rmsnorm ngroups=1``                         ``Mamba2ForCausalLM`` one gated-norm group
 ========================================================  ===================  ============================
 
 The conventions that make these exact: lmlab's rotary embedding is the "rotate half" layout (Llama's ``default``
-rope, ``model.rope_base`` as ``rope_theta``), RMSNorm is ``x * rsqrt(mean(x^2) + 1e-6) * weight`` computed in
-float32, GELU is the exact erf form (``transformers``' ``"gelu"``, not ``"gelu_new"``), ``nn.LayerNorm`` has eps
-1e-5 (GPT-2's ``layer_norm_epsilon``), lmlab's linear layers have no biases (GPT-2's are set to zero), the fused
-``qkv`` projection holds q, k, v one after the other with heads in order inside each, and the Mamba mixers split
-their input projections in the same order as ``transformers`` (Mamba: ``x, z``; Mamba-2: ``z, xBC, dt``). Mamba-2's
-gated RMSNorm normalises over all ``expand * d_model`` channels, which ``transformers`` does with ``n_groups=1``
-only. The default model's non-gated MLP goes to Arcee (Llama's blocks with ``down(act(up(x)))``, ``transformers``
->= 4.53) rather than to Llama with an up projection of zero weights and unit bias (``act(gate(x)) * 1``): the same
+rope, ``model.rope_base`` as ``rope_theta``), RMSNorm is ``x * rsqrt(mean(x^2) + eps) * weight`` computed in
+float32 (``eps`` = ``model.norm_eps``, 1e-6 by default, as ``rms_norm_eps`` or ``layer_norm_epsilon``), GELU is the
+exact erf form (``transformers``' ``"gelu"``, not ``"gelu_new"``), ``nn.LayerNorm``'s eps (1e-5 by default) is
+GPT-2's ``layer_norm_epsilon``, lmlab's linear layers have no biases (GPT-2's are set to zero), the fused ``qkv``
+projection holds q, k, v one after the other with heads in order inside each, and the Mamba mixers split their
+input projections in the same order as ``transformers`` (Mamba: ``x, z``; Mamba-2: ``z, xBC, dt``). Mamba-2's gated
+RMSNorm normalises over all ``expand * d_model`` channels, which ``transformers`` does with ``n_groups=1`` only.
+The default model's non-gated MLP goes to Arcee (Llama's blocks with ``down(act(up(x)))``, ``transformers`` >=
+4.53) rather than to Llama with an up projection of zero weights and unit bias (``act(gate(x)) * 1``): the same
 function, without a dead matrix, so the checkpoint holds exactly lmlab's parameters and costs lmlab's FLOPs.
 Everything else (other models, other norm/position/MLP combinations, runs trained with bidirectional or prefix
 attention) is refused with one sentence naming what exports.

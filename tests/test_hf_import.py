@@ -21,12 +21,12 @@ VOCAB = 40
 TRANSFORMER = {"_target_": "lmlab.models.transformer.Transformer", "d_model": 16, "n_layers": 2, "n_heads": 2}
 MAMBA = {"_target_": "lmlab.models.mamba.Mamba", "d_model": 16, "n_layers": 2}
 CONFIGS = {  # tiny shapes; weights moved away from their initial values (norms, biases, Δ, A, D)
-    "GPT2LMHeadModel": {**TRANSFORMER, "norm": "layernorm", "positions": "learned", "max_len": 16},
-    "ArceeForCausalLM": {**TRANSFORMER, "rope_base": 500.0},
+    "GPT2LMHeadModel": {**TRANSFORMER, "norm": "layernorm", "positions": "learned", "max_len": 16, "norm_eps": 1e-6},
+    "ArceeForCausalLM": {**TRANSFORMER, "rope_base": 500.0, "norm_eps": 1e-5},
     "LlamaForCausalLM": {**TRANSFORMER, "mlp": "swiglu", "tie_embeddings": False, "d_ff": 24},
-    "MambaForCausalLM": MAMBA,
+    "MambaForCausalLM": {**MAMBA, "norm_eps": 1e-5},
     "Mamba2ForCausalLM": {**MAMBA, "_target_": "lmlab.models.mamba2.Mamba2", "chunk_size": 4,
-                          "tie_embeddings": False},
+                          "tie_embeddings": False, "norm_eps": 1e-5},
 }
 
 
@@ -110,12 +110,12 @@ def _transformers_checkpoint(path, sample_text: str, layout: str = "lmlab") -> N
     if layout == "lmlab":
         config = LlamaConfig(vocab_size=320, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
                              num_attention_heads=4, num_key_value_heads=4, max_position_embeddings=128,
-                             rms_norm_eps=1e-6, tie_word_embeddings=False, bos_token_id=1, eos_token_id=2,
+                             rms_norm_eps=1e-5, tie_word_embeddings=False, bos_token_id=1, eos_token_id=2,
                              pad_token_id=0)
         LlamaForCausalLM(config).save_pretrained(path)
     else:
         config = MambaConfig(vocab_size=300, hidden_size=32, state_size=8, num_hidden_layers=2, expand=2,
-                             conv_kernel=4, time_step_rank=2, layer_norm_epsilon=1e-6, use_bias=False,
+                             conv_kernel=4, time_step_rank=2, layer_norm_epsilon=1e-5, use_bias=False,
                              use_conv_bias=True, bos_token_id=0, eos_token_id=0, pad_token_id=0)
         MambaForCausalLM(config).save_pretrained(path)
 
@@ -149,12 +149,13 @@ def test_a_transformers_checkpoint_continues_pretraining(layout, model, vocab, t
     cfg = run_dir.read_config(run)
     trained = run_dir.load_backbone(run)
     if layout == "lmlab":
-        assert (cfg.model.d_model, cfg.model.n_layers, cfg.model.mlp, cfg.model.tie_embeddings) == \
-            (32, 2, "swiglu", False)
+        assert (cfg.model.d_model, cfg.model.n_layers, cfg.model.mlp, cfg.model.tie_embeddings, cfg.model.norm_eps) \
+            == (32, 2, "swiglu", False, 1e-5)
         assert cfg.data.tokenizer.path == str(ckpt.resolve() / "tokenizer.json")
         start, now = hf.model.layers[0].mlp.gate_proj.weight, trained.blocks[0].mlp.gate.weight
     else:
-        assert (cfg.model.d_model, cfg.model.n_layers, cfg.model.d_state, cfg.model.dt_rank) == (32, 2, 8, 2)
+        assert (cfg.model.d_model, cfg.model.n_layers, cfg.model.d_state, cfg.model.dt_rank, cfg.model.norm_eps) == \
+            (32, 2, 8, 2, 1e-5)
         assert "hf_tokenizers" in cfg.data.tokenizer.path
         assert parent["operators"][1] == ("vocabulary: ids shifted by 4 for lmlab's special tokens ([PAD] from the "
                                           "mean row, [BOS] from id 0, [EOS] from id 0, [MASK] from the mean row)")

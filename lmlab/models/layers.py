@@ -46,11 +46,11 @@ def norm_kind(norm: nn.Module) -> str:
     return next((name for name, cls in NORMS.items() if type(norm) is cls), type(norm).__name__)
 
 
-def make_norm(name: str, dim: int) -> nn.Module:
-    """A norm layer by name (a key of ``NORMS``)."""
+def make_norm(name: str, dim: int, eps: float | None = None) -> nn.Module:
+    """A norm layer by name (a key of ``NORMS``), with its own default eps unless ``eps`` is given."""
     if name not in NORMS:
         raise UserError(f"unknown norm {name!r}: choose one of {', '.join(NORMS)}.")
-    return NORMS[name](dim)
+    return NORMS[name](dim) if eps is None else NORMS[name](dim, eps=eps)
 
 
 MLPS = ("gelu", "swiglu")

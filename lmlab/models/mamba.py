@@ -106,11 +106,12 @@ class MambaMixer(nn.Module):
 class MixerBlock(nn.Module):
     """``x + mixer(norm(x))``, then ``x + mlp(norm(x))`` when the block has an MLP."""
 
-    def __init__(self, mixer: nn.Module, d_model: int, norm: str, d_ff: int, mlp: str) -> None:
+    def __init__(self, mixer: nn.Module, d_model: int, norm: str, d_ff: int, mlp: str,
+                 norm_eps: float | None = None) -> None:
         super().__init__()
-        self.norm = make_norm(norm, d_model)
+        self.norm = make_norm(norm, d_model, norm_eps)
         self.mixer = mixer
-        self.norm2 = make_norm(norm, d_model) if d_ff else None
+        self.norm2 = make_norm(norm, d_model, norm_eps) if d_ff else None
         self.mlp = MLP(d_model, d_ff, mlp) if d_ff else None
 
     def forward(self, x: torch.Tensor, padding: torch.Tensor | None) -> torch.Tensor:
@@ -139,11 +140,12 @@ class MixerBackbone(Backbone):
 
     def __init__(self, vocab_size: int, attention: str, d_model: int, n_layers: int, make_mixer,
                  norm: NormKind = "rmsnorm", d_ff: int = 0, mlp: MLPKind = "swiglu", tie_embeddings: bool = True,
-                 activation_checkpointing: bool = False) -> None:
+                 activation_checkpointing: bool = False, norm_eps: float | None = None) -> None:
         super().__init__(vocab_size, d_model, attention, activation_checkpointing)
         self.n_layers = n_layers
-        self.blocks = nn.ModuleList(MixerBlock(make_mixer(), d_model, norm, d_ff, mlp) for _ in range(n_layers))
-        self.add_head(make_norm(norm, d_model), tie_embeddings)
+        self.blocks = nn.ModuleList(MixerBlock(make_mixer(), d_model, norm, d_ff, mlp, norm_eps)
+                                    for _ in range(n_layers))
+        self.add_head(make_norm(norm, d_model, norm_eps), tie_embeddings)
         nn.init.normal_(self.embed.weight, std=0.02)
         for m in self.modules():
             if isinstance(m, nn.Linear):
@@ -180,20 +182,23 @@ class Mamba(MixerBackbone):
     Args: ``d_model``, ``n_layers``, ``d_state`` (N), ``expand`` (E), ``d_conv``, ``dt_rank`` (null:
     ceil(d_model / 16)), ``dt_min``/``dt_max`` (Δ initialisation range), ``impl`` (auto, chunked or
     sequential), ``chunk_size`` (time steps per block of the chunked scan; null: automatic), ``norm``,
-    ``tie_embeddings``, ``activation_checkpointing`` (recompute each block in the backward pass while training).
+    ``norm_eps`` (null: the norm's own, 1e-6 for RMSNorm), ``tie_embeddings``, ``activation_checkpointing``
+    (recompute each block in the backward pass while training).
     """
 
     def __init__(self, vocab_size: int, attention: str = CAUSAL, d_model: Positive = 64, n_layers: Positive = 2,
                  d_state: Positive = 16, expand: Positive = 2, d_conv: Positive = 4, dt_rank: Optional[Positive] = None,
                  dt_min: PositiveFloat = 1e-3, dt_max: PositiveFloat = 1e-1, impl: str = "auto",
-                 chunk_size: Optional[Positive] = None, norm: NormKind = "rmsnorm", tie_embeddings: bool = True,
+                 chunk_size: Optional[Positive] = None, norm: NormKind = "rmsnorm",
+                 norm_eps: Optional[PositiveFloat] = None, tie_embeddings: bool = True,
                  activation_checkpointing: bool = False) -> None:
         def make_mixer():
             return MambaMixer(d_model, d_state, expand, d_conv, dt_rank, dt_min, dt_max, impl=impl,
                               chunk_size=chunk_size)
 
         super().__init__(vocab_size, attention, d_model, n_layers, make_mixer, norm=norm,
-                         tie_embeddings=tie_embeddings, activation_checkpointing=activation_checkpointing)
+                         tie_embeddings=tie_embeddings, activation_checkpointing=activation_checkpointing,
+                         norm_eps=norm_eps)
 
 
 # ----- the specs: blocks, adapter targets and the Hugging Face mapping (transformers' Mamba classes) -----
@@ -217,11 +222,6 @@ def mixer_state_to_hf(model: MixerBackbone, mixer_keys: dict[str, str]) -> dict[
 
 def mixer_state_from_hf(config, state: dict[str, torch.Tensor], mixer_keys: dict[str, str]) -> dict[str, torch.Tensor]:
     """The inverse of ``mixer_state_to_hf``."""
-    from lmlab.models.layers import RMSNorm
-
-    if config.layer_norm_epsilon != RMSNorm(1).eps:
-        raise UserError(f"the {type(config).__name__} checkpoint has layer_norm_epsilon={config.layer_norm_epsilon} "
-                        "and lmlab's RMSNorm 1e-6: import a checkpoint with layer_norm_epsilon=1e-6.")
     tied = bool(getattr(config, "tie_word_embeddings", True))
     s = {"embed.weight": state["backbone.embeddings.weight"], "norm.weight": state["backbone.norm_f.weight"]}
     for i in range(config.num_hidden_layers):
@@ -268,6 +268,7 @@ def _mamba_from_hf(config, state: dict[str, torch.Tensor]):
                         "hidden_size as lmlab's Mamba: import one where they agree.")
     kwargs = dict(d_model=config.hidden_size, n_layers=config.num_hidden_layers, d_state=config.state_size,
                   expand=config.expand, d_conv=config.conv_kernel, dt_rank=config.time_step_rank, norm="rmsnorm",
+                  norm_eps=float(config.layer_norm_epsilon),
                   tie_embeddings=bool(getattr(config, "tie_word_embeddings", True)))
     return kwargs, mixer_state_from_hf(config, state, MAMBA_KEYS)
 

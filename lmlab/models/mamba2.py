@@ -30,7 +30,7 @@ from lmlab.models.layers import CausalDepthwiseConv1d, GatedRMSNorm, NormKind, s
 from lmlab.models.mamba import MixerBackbone, MixerBlock, check_mixer_config, mixer_state_from_hf, mixer_state_to_hf
 from lmlab.models.scan import IMPLS, ssd, ssd_sequential
 from lmlab.models.spec import HF_SPECIAL_IDS, HFAdapter, ModelSpec, Unmappable
-from lmlab.settings import Positive
+from lmlab.settings import Optional, Positive, PositiveFloat
 
 
 class Mamba2Mixer(nn.Module):
@@ -39,7 +39,8 @@ class Mamba2Mixer(nn.Module):
 
     def __init__(self, d_model: int, d_state: Positive = 16, headdim: int = 16, expand: Positive = 2, ngroups: int = 1,
                  d_conv: Positive = 4, chunk_size: Positive = 64, dt_min: float = 1e-3, dt_max: float = 1e-1,
-                 dt_floor: float = 1e-4, A_init_range: tuple = (1, 16), impl: str = "auto") -> None:
+                 dt_floor: float = 1e-4, A_init_range: tuple = (1, 16), impl: str = "auto",
+                 norm_eps: float | None = None) -> None:
         super().__init__()
         if impl not in IMPLS:
             raise UserError(f"unknown mamba2 impl {impl!r}: choose one of {', '.join(IMPLS)}.")
@@ -58,7 +59,8 @@ class Mamba2Mixer(nn.Module):
         self.dt_bias = nn.Parameter(dt + torch.log(-torch.expm1(-dt)))
         self.A_log = nn.Parameter(torch.log(torch.empty(H).uniform_(*A_init_range)))
         self.D = nn.Parameter(torch.ones(H))
-        self.norm = GatedRMSNorm(E, norm_before_gate=False)
+        self.norm = GatedRMSNorm(E, norm_before_gate=False) if norm_eps is None else \
+            GatedRMSNorm(E, norm_before_gate=False, eps=norm_eps)
         self.out_proj = nn.Linear(E, d_model, bias=False)
         self.out_proj.is_residual_proj = True
 
@@ -107,7 +109,8 @@ class Mamba2(MixerBackbone):
     """Mamba-2 language model: ``n_layers`` residual Mamba-2 blocks (no MLP), RMSNorm, tied head.
 
     Args: ``d_model``, ``n_layers``, ``d_state`` (N), ``headdim`` (P), ``expand``, ``ngroups``, ``d_conv``,
-    ``chunk_size`` (SSD chunk), ``impl`` (auto, chunked or sequential), ``norm``, ``tie_embeddings``,
+    ``chunk_size`` (SSD chunk), ``impl`` (auto, chunked or sequential), ``norm``, ``norm_eps`` (null: 1e-6, the
+    gated norm's too), ``tie_embeddings``,
     ``activation_checkpointing`` (recompute each block in the backward pass while training).
     The released defaults are d_state 128, headdim 64; lmlab's YAML shrinks them for small models.
     """
@@ -116,12 +119,15 @@ class Mamba2(MixerBackbone):
                  d_state: Positive = 16, headdim: Positive = 16, expand: Positive = 2, ngroups: Positive = 1,
                  d_conv: Positive = 4,
                  chunk_size: Positive = 64, impl: str = "auto", norm: NormKind = "rmsnorm",
-                 tie_embeddings: bool = True, activation_checkpointing: bool = False) -> None:
+                 norm_eps: Optional[PositiveFloat] = None, tie_embeddings: bool = True,
+                 activation_checkpointing: bool = False) -> None:
         def make_mixer():
-            return Mamba2Mixer(d_model, d_state, headdim, expand, ngroups, d_conv, chunk_size, impl=impl)
+            return Mamba2Mixer(d_model, d_state, headdim, expand, ngroups, d_conv, chunk_size, impl=impl,
+                               norm_eps=norm_eps)
 
         super().__init__(vocab_size, attention, d_model, n_layers, make_mixer, norm=norm,
-                         tie_embeddings=tie_embeddings, activation_checkpointing=activation_checkpointing)
+                         tie_embeddings=tie_embeddings, activation_checkpointing=activation_checkpointing,
+                         norm_eps=norm_eps)
 
 
 # ----- the spec: blocks, adapter targets and the Hugging Face mapping (transformers' Mamba2ForCausalLM) -----
@@ -161,7 +167,7 @@ def _from_hf(config, state: dict[str, torch.Tensor]):
                         "not expand * hidden_size as lmlab's Mamba2: import one where they agree.")
     kwargs = dict(d_model=config.hidden_size, n_layers=config.num_hidden_layers, d_state=config.state_size,
                   headdim=config.head_dim, expand=config.expand, ngroups=1, d_conv=config.conv_kernel,
-                  chunk_size=config.chunk_size, norm="rmsnorm",
+                  chunk_size=config.chunk_size, norm="rmsnorm", norm_eps=float(config.layer_norm_epsilon),
                   tie_embeddings=bool(getattr(config, "tie_word_embeddings", True)))
     return kwargs, mixer_state_from_hf(config, state, MAMBA2_KEYS)
 

@@ -28,7 +28,7 @@ from lmlab.errors import UserError
 from lmlab.models.base import Backbone
 from lmlab.models.layers import MLP, MLPKind, NormKind, Rotary, make_norm, norm_kind
 from lmlab.models.spec import HF_SPECIAL_IDS, HFAdapter, ModelSpec, Unmappable
-from lmlab.settings import Fraction, NonNegative, Positive
+from lmlab.settings import Fraction, NonNegative, Positive, PositiveFloat
 
 POSITIONS = ("rotary", "learned")
 
@@ -96,11 +96,11 @@ class Block(nn.Module):
     """``x + attn(norm(x))`` then ``x + mlp(norm(x))``."""
 
     def __init__(self, d_model: int, n_heads: int, d_ff: int, norm: str, mlp: str, dropout: float,
-                 rotary: Rotary | None, ffn: nn.Module | None = None) -> None:
+                 rotary: Rotary | None, ffn: nn.Module | None = None, norm_eps: float | None = None) -> None:
         super().__init__()
-        self.norm1 = make_norm(norm, d_model)
+        self.norm1 = make_norm(norm, d_model, norm_eps)
         self.attn = SelfAttention(d_model, n_heads, dropout, rotary)
-        self.norm2 = make_norm(norm, d_model)
+        self.norm2 = make_norm(norm, d_model, norm_eps)
         # ``ffn`` replaces the dense MLP (a mixture of experts, say); it maps (B, T, d) -> (B, T, d)
         self.mlp = ffn if ffn is not None else MLP(d_model, d_ff, mlp, dropout)
 
@@ -121,7 +121,8 @@ class Transformer(Backbone):
     ``mlp`` (gelu or swiglu), ``dropout`` (attention, residual and embedding dropout),
     ``tie_embeddings`` (the LM head reuses the token embedding), ``activation_checkpointing``
     (recompute each block in the backward pass while training), ``rope_base`` (the rotary base, 10000 as in
-    RoFormer; rotary positions only), ``sinks`` (the first positions every query keeps under sliding-window
+    RoFormer; rotary positions only), ``norm_eps`` (the norms' eps; null: RMSNorm's 1e-6, LayerNorm's 1e-5),
+    ``sinks`` (the first positions every query keeps under sliding-window
     attention, see the module docstring; full attention, as in training, never reads it).
     ``ffn_factory(layer_index)``, for
     subclasses (not a config key), builds each block's feed-forward module in place of the dense MLP.
@@ -139,6 +140,7 @@ class Transformer(Backbone):
                  positions: str = "rotary", max_len: Positive = 512, dropout: Fraction = 0.0,
                  tie_embeddings: bool = True, activation_checkpointing: bool = False,
                  mlp: MLPKind = "gelu", rope_base: float = 10000.0, sinks: NonNegative = 4,
+                 norm_eps: Optional[PositiveFloat] = None,
                  ffn_factory: Callable[[int], nn.Module] | None = None) -> None:
         super().__init__(vocab_size, d_model, attention, activation_checkpointing)
         if head_dim is not None:
@@ -168,10 +170,10 @@ class Transformer(Backbone):
         # one Rotary module shared by all blocks (its tables are non-persistent buffers)
         self.blocks = nn.ModuleList(
             Block(d_model, n_heads, self.d_ff, norm, mlp, dropout, rotary,
-                  ffn=ffn_factory(i) if ffn_factory is not None else None)
+                  ffn=ffn_factory(i) if ffn_factory is not None else None, norm_eps=norm_eps)
             for i in range(n_layers)
         )
-        self.add_head(make_norm(norm, d_model), tie_embeddings)
+        self.add_head(make_norm(norm, d_model, norm_eps), tie_embeddings)
         self._init_weights()
 
     def _init_weights(self) -> None:
@@ -300,8 +302,6 @@ def _to_hf(model: Transformer, context: int):
 def _from_hf(config, state: dict[str, torch.Tensor]):
     """GPT-2, Arcee or Llama -> lmlab's Transformer: the inverse of ``_to_hf``, for the checkpoints that
     lmlab's Transformer computes exactly (the others are refused in one sentence naming the setting)."""
-    from lmlab.models.layers import RMSNorm
-
     kind = (getattr(config, "architectures", None) or ["?"])[0]
     tied = bool(getattr(config, "tie_word_embeddings", True))
 
@@ -315,8 +315,6 @@ def _from_hf(config, state: dict[str, torch.Tensor]):
         F_ = config.n_inner or 4 * d
         if config.activation_function != "gelu":
             raise refuse(f"activation_function={config.activation_function} (lmlab's GELU is the exact 'gelu')")
-        if config.layer_norm_epsilon != nn.LayerNorm(1).eps:
-            raise refuse(f"layer_norm_epsilon={config.layer_norm_epsilon} (lmlab's LayerNorm has 1e-5)")
         if config.scale_attn_by_inverse_layer_idx or not config.scale_attn_weights:
             raise refuse("an attention scale other than 1/sqrt(head_dim)")
         biases = [k for k, v in state.items() if k.endswith("bias") and ".ln_" not in k and "ln_f" not in k
@@ -325,7 +323,7 @@ def _from_hf(config, state: dict[str, torch.Tensor]):
             raise refuse(f"non-zero linear biases ({biases[0]}) where lmlab's layers have none")
         kwargs = dict(d_model=d, n_layers=L, n_heads=H, head_dim=None, d_ff=F_, norm="layernorm",
                       positions="learned", max_len=config.n_positions, mlp="gelu", rope_base=10000.0,
-                      tie_embeddings=tied)
+                      norm_eps=float(config.layer_norm_epsilon), tie_embeddings=tied)
         s["embed.weight"], s["pos_embed.weight"] = state["transformer.wte.weight"], state["transformer.wpe.weight"]
         for i in range(L):
             p, q = f"transformer.h.{i}.", f"blocks.{i}."
@@ -345,8 +343,6 @@ def _from_hf(config, state: dict[str, torch.Tensor]):
             raise refuse(f"num_key_value_heads={config.num_key_value_heads} (grouped-query attention)")
         if getattr(config, "head_dim", None) not in (None, d // H) or d % H:
             raise refuse(f"head_dim={getattr(config, 'head_dim', None)} other than hidden_size / num_attention_heads")
-        if config.rms_norm_eps != RMSNorm(1).eps:
-            raise refuse(f"rms_norm_eps={config.rms_norm_eps} (lmlab's RMSNorm has 1e-6)")
         if getattr(config, "attention_bias", False) or getattr(config, "mlp_bias", False):
             raise refuse("biases in its attention or MLP layers")
         theta = rope_theta(config)
@@ -354,7 +350,8 @@ def _from_hf(config, state: dict[str, torch.Tensor]):
             raise refuse("a scaled or non-default rotary embedding")
         kwargs = dict(d_model=d, n_layers=L, n_heads=H, head_dim=None, d_ff=config.intermediate_size,
                       norm="rmsnorm", positions="rotary", max_len=config.max_position_embeddings,
-                      mlp="swiglu" if act == "silu" else "gelu", rope_base=theta, tie_embeddings=tied)
+                      mlp="swiglu" if act == "silu" else "gelu", rope_base=theta,
+                      norm_eps=float(config.rms_norm_eps), tie_embeddings=tied)
         s["embed.weight"] = state["model.embed_tokens.weight"]
         for i in range(L):
             p, q = f"model.layers.{i}.", f"blocks.{i}."

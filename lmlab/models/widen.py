@@ -40,7 +40,6 @@ from torch import nn
 
 from lmlab.errors import UserError
 from lmlab.models.spec import spec_of
-from lmlab.models.transformer import Transformer
 
 
 def _tile(weight: torch.Tensor, k: int, rows: bool, cols: bool) -> torch.Tensor:
@@ -69,9 +68,10 @@ def widen(model: nn.Module, d_model: int) -> nn.Module:
     return how(model, d_model)
 
 
-def tile_transformer(model: Transformer, d_model: int) -> Transformer:
-    """A Transformer of width ``d_model`` (an integer multiple of ``model.d_model``) that computes the
-    same logits as ``model`` for every input and attention pattern (see the module docstring)."""
+def tile_transformer(model: nn.Module, d_model: int) -> nn.Module:
+    """A Transformer (of ``model``'s own class, ``lmlab.models.transformer.Transformer`` or a subclass with its
+    constructor) of width ``d_model`` (an integer multiple of ``model.d_model``) that computes the same logits as
+    ``model`` for every input and attention pattern (see the module docstring)."""
     d = model.d_model
     if d_model < d or d_model % d:
         raise UserError(f"cannot widen d_model={d} to {d_model}: set embed_width to a multiple of every "
@@ -81,7 +81,7 @@ def tile_transformer(model: Transformer, d_model: int) -> Transformer:
     norm = "layernorm" if isinstance(model.norm, nn.LayerNorm) else "rmsnorm"
     mlp = first.mlp.kind if first is not None else "gelu"
     dropout = first.mlp.dropout.p if first is not None else 0.0
-    wide = Transformer(model.vocab_size, model.attention_kind, d_model=d_model, n_layers=model.n_layers,
+    wide = type(model)(model.vocab_size, model.attention_kind, d_model=d_model, n_layers=model.n_layers,
                        n_heads=k * model.n_heads, d_ff=k * model.d_ff, norm=norm, positions=model.positions,
                        max_len=model.max_len, dropout=dropout, tie_embeddings=False,
                        activation_checkpointing=model.activation_checkpointing, mlp=mlp,

@@ -5,6 +5,7 @@ pretraining through ``lmlab train data=text init_from.hf=<dir>`` with the checkp
 from __future__ import annotations
 
 import json
+import re
 
 import pytest
 import torch
@@ -210,3 +211,38 @@ def test_an_architecture_override_the_checkpoint_fixes_is_refused(tmp_path, lmla
     code, out = lmlab("train", *FAST, "data=text", f"init_from.hf={ckpt}", "model=mamba")
     assert code == 2 and "holds a LlamaForCausalLM, which model=mamba does not import: choose model=transformer." \
         in out, out
+
+
+def test_import_settings_that_cannot_work_are_refused_in_one_sentence(tmp_path):
+    from lmlab.data.tokenizers import SAMPLES
+    from lmlab.training.init_from import hf_settings
+
+    ckpt = tmp_path / "ckpt"
+    _transformers_checkpoint(ckpt, (SAMPLES / "tiny_corpus.txt").read_text())
+
+    def settings(**changes):
+        cfg = OmegaConf.create({"model": TRANSFORMER, "cache_dir": str(tmp_path / "cache"),
+                                "init_from": {"hf": str(ckpt)},
+                                "data": {"_target_": "lmlab.data.text.TextSource",
+                                         "tokenizer": {"_target_": "lmlab.data.tokenizers.BPE"}}})
+        for key, value in changes.items():
+            OmegaConf.update(cfg, key, value, merge=False)
+        return hf_settings(cfg)
+
+    assert settings().model.d_model == 32  # the checkpoint's, not the YAML's 16
+    cases = {
+        "init_from.hf": (str(tmp_path / "nowhere"), "is not a directory: point it at a local transformers checkpoint"),
+        "init_from.run": (str(tmp_path), "init_from.run and init_from.hf are both set: start from one of them"),
+        "init_from.reset": (["head"], "init_from.reset, init_from.depth and init_from.layers apply to init_from.run"),
+        "data": ({"_target_": "lmlab.data.pcfg.PCFGSource"}, "and data=PCFGSource has no tokenizer: use data=text"),
+        "data.tokenizer": ({"_target_": "lmlab.data.tokenizers.Byte"},
+                           "not data.tokenizer (lmlab.data.tokenizers.Byte)"),
+        "model._target_": ("lmlab.models.mamba.Mamba", "holds a LlamaForCausalLM, which model=mamba does not import: "
+                                                       "choose model=transformer."),
+    }
+    for key, (value, message) in cases.items():
+        with pytest.raises(UserError, match=re.escape(message)):
+            settings(**{key: value})
+    (ckpt / "tokenizer.json").unlink()
+    with pytest.raises(UserError, match=r"holds no tokenizer.json: save the checkpoint's fast tokenizer there"):
+        settings()

@@ -1,7 +1,8 @@
 """``lmlab export``: a finished run as a Hugging Face ``transformers`` checkpoint that computes the same function.
 
-``export_run(run_dir, out_dir)`` builds the run's backbone (``lmlab.run_dir.load_backbone``), renames and
-reshapes its weights for the ``transformers`` class whose forward pass is the same arithmetic, and writes
+``export_run(run_dir, out_dir)`` builds the run's backbone (``lmlab.run_dir.load_backbone``), has the model's
+own Hugging Face adapter (its spec's ``HFAdapter.to_hf``, ``lmlab.models.spec``, declared in the model's module)
+rename and reshape its weights for the ``transformers`` class whose forward pass is the same arithmetic, and writes
 ``config.json``, ``generation_config.json`` and ``model.safetensors`` (``save_pretrained``), the tokenizer
 files, and ``lmlab_export.json`` (the run, the class, the check below). What exports:
 
@@ -15,26 +16,29 @@ transformer ``norm=rmsnorm positions=rotary mlp=swiglu``  ``LlamaForCausalLM``  
                                                                                 ``qkv`` rows
 transformer ``norm=layernorm positions=learned mlp=gelu`` ``GPT2LMHeadModel``   ``Conv1D`` weights are the
                                                                                 transposes; biases zero
-mamba ``norm=rmsnorm``                                    ``MambaForCausalLM``  ``layer_norm_epsilon`` 1e-6
+mamba ``norm=rmsnorm``                                    ``MambaForCausalLM``  ``layer_norm_epsilon`` the
+                                                                                norms' eps
 mamba2 ``norm=rmsnorm ngroups=1``                         ``Mamba2ForCausalLM`` one gated-norm group
 ========================================================  ===================  ============================
 
-The conventions that make these exact: lmlab's rotary embedding is the "rotate half" layout with base 10000
-(Llama's ``default`` rope), RMSNorm is ``x * rsqrt(mean(x^2) + 1e-6) * weight`` computed in float32, GELU is
-the exact erf form (``transformers``' ``"gelu"``, not ``"gelu_new"``), ``nn.LayerNorm`` has eps 1e-5 (GPT-2's
-``layer_norm_epsilon``), lmlab's linear layers have no biases (GPT-2's are set to zero), the fused ``qkv``
-projection holds q, k, v one after the other with heads in order inside each, and the Mamba mixers split
-their input projections in the same order as ``transformers`` (Mamba: ``x, z``; Mamba-2: ``z, xBC, dt``).
-Mamba-2's gated RMSNorm normalises over all ``expand * d_model`` channels, which ``transformers`` does with
-``n_groups=1`` only. The default model's non-gated MLP goes to Arcee (Llama's blocks with
-``down(act(up(x)))``, ``transformers`` >= 4.53) rather than to Llama with an up projection of zero weights and
-unit bias (``act(gate(x)) * 1``): the same function, without a dead matrix, so the checkpoint holds exactly
-lmlab's parameters and costs lmlab's FLOPs. Everything else (other models, other norm/position/MLP
-combinations, runs trained with bidirectional or prefix attention) is refused with one sentence naming what
-exports.
+The conventions that make these exact: lmlab's rotary embedding is the "rotate half" layout (Llama's ``default``
+rope, ``model.rope_base`` as ``rope_theta``), RMSNorm is ``x * rsqrt(mean(x^2) + eps) * weight`` computed in
+float32 (``eps`` = ``model.norm_eps``, 1e-6 by default, as ``rms_norm_eps`` or ``layer_norm_epsilon``), GELU is the
+exact erf form (``transformers``' ``"gelu"``, not ``"gelu_new"``), ``nn.LayerNorm``'s eps (1e-5 by default) is
+GPT-2's ``layer_norm_epsilon``, lmlab's linear layers have no biases (GPT-2's are set to zero), the fused ``qkv``
+projection holds q, k, v one after the other with heads in order inside each, and the Mamba mixers split their
+input projections in the same order as ``transformers`` (Mamba: ``x, z``; Mamba-2: ``z, xBC, dt``). Mamba-2's gated
+RMSNorm normalises over all ``expand * d_model`` channels, which ``transformers`` does with ``n_groups=1`` only.
+The default model's non-gated MLP goes to Arcee (Llama's blocks with ``down(act(up(x)))``, ``transformers`` >=
+4.53) rather than to Llama with an up projection of zero weights and unit bias (``act(gate(x)) * 1``): the same
+function, without a dead matrix, so the checkpoint holds exactly lmlab's parameters and costs lmlab's FLOPs.
+Everything else (other models, other norm/position/MLP combinations, runs trained with bidirectional or prefix
+attention) is refused with one sentence naming what exports.
 
-The tokenizer is a ``transformers`` fast tokenizer whose ids equal lmlab's: the trained byte-level BPE as
-it is; the byte tokenizer as a merge-free byte-level BPE (id = 4 + byte); a character alphabet (DNA,
+The same adapters read these checkpoints back (``from_hf``: ``init_from.hf``, ``lmlab.training.init_from``).
+
+The tokenizer is a ``transformers`` fast tokenizer whose ids equal lmlab's (``Tokenizer.to_hf``): the trained
+byte-level BPE as it is; the byte tokenizer as a merge-free byte-level BPE (id = 4 + byte); a character alphabet (DNA,
 protein) as a merge-free BPE over its letters behind a normaliser that does what lmlab's table does (drop
 what is not an ASCII letter, upper-case, map other letters to the unknown one). ``[PAD] [BOS] [EOS] [MASK]``
 are ids 0..3 and the tokenizer's pad, bos, eos and mask tokens; encoding with special tokens prepends
@@ -68,159 +72,36 @@ from omegaconf import OmegaConf
 from torch import nn
 
 from lmlab.attention import CAUSAL, Attention
-from lmlab.data.tokenizers import BPE, SPECIAL_TOKENS, TOKENIZER_FILE, Byte, Chars
+from lmlab.data.tokenizers import TOKENIZER_FILE
 from lmlab.data.tokenizers import Tokenizer as LmlabTokenizer
 from lmlab.errors import UserError
 from lmlab.io import atomic_dir, write_json
-from lmlab.models.layers import RMSNorm
-from lmlab.models.mamba import Mamba
-from lmlab.models.mamba2 import Mamba2
-from lmlab.models.transformer import Transformer
+from lmlab.models.spec import Unmappable, declared_models, spec_of
 from lmlab.run_dir import load_backbone, model_args, read_config
-from lmlab.vocab import BOS_ID, EOS_ID, N_SPECIAL, PAD_ID
+from lmlab.vocab import BOS_ID, N_SPECIAL, PAD_ID
 
 EXPORT_DIR = "hf"  # the default output folder, inside the run directory
 RECORD = "lmlab_export.json"  # what was exported, from where, and the check's result
-EXPORTABLE = ("model=transformer with norm=rmsnorm positions=rotary (mlp=gelu or swiglu) or norm=layernorm "
-              "positions=learned mlp=gelu, model=mamba with norm=rmsnorm and model=mamba2 with norm=rmsnorm "
-              "ngroups=1, all trained with causal attention (objective=clm)")
-ROPE_BASE = 10000.0  # lmlab.models.layers.Rotary's default base, which Transformer uses
 PROBE_TEXT = ("The quick brown fox jumps over the lazy dog. ACGT acgtn RYKM 12345 \t [BOS] [EOS]\n"
               "Ünïcödé, 中文, emoji 🙂; MKTAYIAKQR*-x")
 TOLERANCE = 1e-4  # the self-check's bound on |logit difference|, relative to 1 + max |logit|
+
+
+def _exportable() -> str:
+    """What exports, from the models' specs: each adapter's phrase, and the attention every export needs."""
+    phrases = [cls.spec.hf.exports for cls in declared_models() if cls.spec.hf is not None]
+    listed = ", ".join(phrases[:-1]) + " and " + phrases[-1] if len(phrases) > 1 else "".join(phrases)
+    return f"{listed}, all trained with causal attention (objective=clm)"
+
+
+EXPORTABLE = _exportable()
 
 
 def _refuse(reason: str) -> UserError:
     return UserError(f"{reason}, which lmlab cannot export exactly: only {EXPORTABLE} export.")
 
 
-# ----- the model: lmlab weights under transformers names -----
-
-def _norm_kind(norm: nn.Module) -> str:
-    if isinstance(norm, RMSNorm):
-        return "rmsnorm"
-    if isinstance(norm, nn.LayerNorm):
-        return "layernorm"
-    return type(norm).__name__
-
-
-def _transformer(model: Transformer, context: int) -> tuple[Any, dict[str, torch.Tensor]]:
-    from transformers import ArceeConfig, ArceeForCausalLM, GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
-
-    norm, mlp = _norm_kind(model.norm), model.blocks[0].mlp.kind
-    setting = (norm, model.positions, mlp)
-    d, L, H, F = model.d_model, model.n_layers, model.n_heads, model.d_ff
-    special = {"bos_token_id": BOS_ID, "eos_token_id": EOS_ID, "pad_token_id": PAD_ID}
-    w: dict[str, torch.Tensor] = {}
-    if setting == ("layernorm", "learned", "gelu"):
-        config = GPT2Config(vocab_size=model.vocab_size, n_positions=context, n_embd=d, n_layer=L, n_head=H,
-                            n_inner=F, activation_function="gelu", layer_norm_epsilon=model.norm.eps,
-                            resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0, scale_attn_weights=True,
-                            scale_attn_by_inverse_layer_idx=False, reorder_and_upcast_attn=False,
-                            tie_word_embeddings=model.tie_embeddings, **special)
-        hf = GPT2LMHeadModel(config)
-        w["transformer.wte.weight"] = model.embed.weight
-        w["transformer.wpe.weight"] = model.pos_embed.weight[:context]  # the positions it was trained on
-        for i, block in enumerate(model.blocks):
-            p = f"transformer.h.{i}."
-            if not (block.norm1.eps == block.norm2.eps == model.norm.eps):
-                raise _refuse("the run's layer norms have different eps")
-            w[p + "ln_1.weight"], w[p + "ln_1.bias"] = block.norm1.weight, block.norm1.bias
-            w[p + "ln_2.weight"], w[p + "ln_2.bias"] = block.norm2.weight, block.norm2.bias
-            # GPT-2's Conv1D computes x @ W + b: its weights are the transposes of nn.Linear's
-            w[p + "attn.c_attn.weight"], w[p + "attn.c_attn.bias"] = block.attn.qkv.weight.T, torch.zeros(3 * d)
-            w[p + "attn.c_proj.weight"], w[p + "attn.c_proj.bias"] = block.attn.out.weight.T, torch.zeros(d)
-            w[p + "mlp.c_fc.weight"], w[p + "mlp.c_fc.bias"] = block.mlp.up.weight.T, torch.zeros(F)
-            w[p + "mlp.c_proj.weight"], w[p + "mlp.c_proj.bias"] = block.mlp.down.weight.T, torch.zeros(d)
-        w["transformer.ln_f.weight"], w["transformer.ln_f.bias"] = model.norm.weight, model.norm.bias
-    elif setting in (("rmsnorm", "rotary", "gelu"), ("rmsnorm", "rotary", "swiglu")):
-        common = dict(vocab_size=model.vocab_size, hidden_size=d, intermediate_size=F, num_hidden_layers=L,
-                      num_attention_heads=H, num_key_value_heads=H, head_dim=d // H,
-                      max_position_embeddings=context, rms_norm_eps=model.norm.eps,
-                      rope_theta=ROPE_BASE, attention_bias=False,
-                      attention_dropout=0.0, mlp_bias=False, tie_word_embeddings=model.tie_embeddings, **special)
-        if mlp == "gelu":  # Arcee is Llama with the non-gated MLP down(act(up(x)))
-            hf = ArceeForCausalLM(ArceeConfig(hidden_act="gelu", **common))
-        else:
-            hf = LlamaForCausalLM(LlamaConfig(hidden_act="silu", **common))
-        w["model.embed_tokens.weight"] = model.embed.weight
-        for i, block in enumerate(model.blocks):
-            p = f"model.layers.{i}."
-            if block.attn.rotary is None or not torch.equal(block.attn.rotary.inv_freq, _rope_inv_freq(d // H)):
-                raise _refuse("the run's rotary embedding has another base than 10000")
-            q, k, v = block.attn.qkv.weight.chunk(3, dim=0)
-            w[p + "self_attn.q_proj.weight"], w[p + "self_attn.k_proj.weight"] = q, k
-            w[p + "self_attn.v_proj.weight"], w[p + "self_attn.o_proj.weight"] = v, block.attn.out.weight
-            w[p + "input_layernorm.weight"] = block.norm1.weight
-            w[p + "post_attention_layernorm.weight"] = block.norm2.weight
-            w[p + "mlp.up_proj.weight"], w[p + "mlp.down_proj.weight"] = block.mlp.up.weight, block.mlp.down.weight
-            if mlp == "swiglu":
-                w[p + "mlp.gate_proj.weight"] = block.mlp.gate.weight
-        w["model.norm.weight"] = model.norm.weight
-    else:
-        raise _refuse(f"the run's transformer has norm={norm} positions={model.positions} mlp={mlp}")
-    return hf, w
-
-
-def _rope_inv_freq(head_dim: int) -> torch.Tensor:
-    return 1.0 / ROPE_BASE ** (torch.arange(0, head_dim, 2, dtype=torch.float32) / head_dim)
-
-
-def _mamba(model: Mamba, context: int) -> tuple[Any, dict[str, torch.Tensor]]:
-    from transformers import MambaConfig, MambaForCausalLM
-
-    mixer = model.blocks[0].mixer
-    E, N, R, k = mixer.d_inner, mixer.d_state, mixer.dt_rank, mixer.conv.kernel
-    if E % model.d_model:
-        raise _refuse(f"the run's mamba has an inner width {E} that is not a multiple of d_model")
-    config = MambaConfig(vocab_size=model.vocab_size, hidden_size=model.d_model, state_size=N,
-                         num_hidden_layers=model.n_layers, layer_norm_epsilon=model.norm.eps,
-                         expand=E // model.d_model, conv_kernel=k, use_bias=False, use_conv_bias=True,
-                         hidden_act="silu", residual_in_fp32=True, time_step_rank=R,
-                         tie_word_embeddings=model.tie_embeddings, use_mambapy=False,
-                         bos_token_id=BOS_ID, eos_token_id=EOS_ID, pad_token_id=PAD_ID)
-    hf = MambaForCausalLM(config)
-    w = {"backbone.embeddings.weight": model.embed.weight, "backbone.norm_f.weight": model.norm.weight}
-    for i, block in enumerate(model.blocks):
-        p, m = f"backbone.layers.{i}.", block.mixer
-        w[p + "norm.weight"] = block.norm.weight
-        w[p + "mixer.in_proj.weight"], w[p + "mixer.out_proj.weight"] = m.in_proj.weight, m.out_proj.weight
-        w[p + "mixer.conv1d.weight"], w[p + "mixer.conv1d.bias"] = m.conv.conv.weight, m.conv.conv.bias
-        w[p + "mixer.x_proj.weight"] = m.x_proj.weight
-        w[p + "mixer.dt_proj.weight"], w[p + "mixer.dt_proj.bias"] = m.dt_proj.weight, m.dt_proj.bias
-        w[p + "mixer.A_log"], w[p + "mixer.D"] = m.A_log, m.D
-    return hf, w
-
-
-def _mamba2(model: Mamba2, context: int) -> tuple[Any, dict[str, torch.Tensor]]:
-    from transformers import Mamba2Config, Mamba2ForCausalLM
-
-    mixer = model.blocks[0].mixer
-    if mixer.ngroups != 1:
-        raise _refuse(f"the run's mamba2 has ngroups={mixer.ngroups} with one gated norm over all channels")
-    E = mixer.d_inner
-    if E % model.d_model:
-        raise _refuse(f"the run's mamba2 has an inner width {E} that is not a multiple of d_model")
-    config = Mamba2Config(vocab_size=model.vocab_size, hidden_size=model.d_model, num_heads=mixer.n_heads,
-                          head_dim=mixer.headdim, state_size=mixer.d_state, num_hidden_layers=model.n_layers,
-                          layer_norm_epsilon=model.norm.eps, expand=E // model.d_model, n_groups=1,
-                          conv_kernel=mixer.conv.kernel, use_bias=False, use_conv_bias=True, hidden_act="silu",
-                          residual_in_fp32=True, time_step_limit=(0.0, float("inf")),
-                          chunk_size=mixer.chunk_size, tie_word_embeddings=model.tie_embeddings,
-                          bos_token_id=BOS_ID, eos_token_id=EOS_ID, pad_token_id=PAD_ID)
-    hf = Mamba2ForCausalLM(config)
-    w = {"backbone.embeddings.weight": model.embed.weight, "backbone.norm_f.weight": model.norm.weight}
-    for i, block in enumerate(model.blocks):
-        p, m = f"backbone.layers.{i}.", block.mixer
-        if m.norm.eps != model.norm.eps:
-            raise _refuse("the run's mamba2 has a gated norm eps other than its RMSNorm eps")
-        w[p + "norm.weight"] = block.norm.weight
-        w[p + "mixer.in_proj.weight"], w[p + "mixer.out_proj.weight"] = m.in_proj.weight, m.out_proj.weight
-        w[p + "mixer.conv1d.weight"], w[p + "mixer.conv1d.bias"] = m.conv.conv.weight, m.conv.conv.bias
-        w[p + "mixer.dt_bias"], w[p + "mixer.A_log"], w[p + "mixer.D"] = m.dt_bias, m.A_log, m.D
-        w[p + "mixer.norm.weight"] = m.norm.weight
-    return hf, w
-
+# ----- the model: lmlab weights under transformers names, by the model's own adapter -----
 
 def context_length(model: nn.Module, block_size: int | None) -> int:
     """The number of positions a checkpoint advertises: the length of the rows the model was trained on
@@ -235,23 +116,24 @@ def context_length(model: nn.Module, block_size: int | None) -> int:
 def hf_model(model: nn.Module, context: int | None = None) -> Any:
     """The ``transformers`` causal LM (float32, eval mode) that computes what the lmlab backbone ``model``
     computes (``model.logits(model(ids, causal attention))``) on up to ``context`` positions (default
-    ``context_length(model, None)``); a ``UserError`` for a model that does not export."""
+    ``context_length(model, None)``), built by the model's Hugging Face adapter (its spec); a ``UserError``
+    for a model that does not export."""
+    import transformers
+
     name = type(model).__name__
-    if type(model) not in (Transformer, Mamba, Mamba2):
+    adapter = spec_of(model).hf
+    if adapter is None:
         raise _refuse(f"the run's model is {name}")
     if model.attention_kind != CAUSAL:
         raise _refuse(f"the run's {name} was trained with {model.attention_kind} attention")
-    if type(model) is not Transformer and _norm_kind(model.norm) != "rmsnorm":
-        raise _refuse(f"the run's {name} has norm={_norm_kind(model.norm)}")
-    build = {Transformer: _transformer, Mamba: _mamba, Mamba2: _mamba2}[type(model)]
-    hf, weights = build(model, context_length(model, None) if context is None else context)
-    if model.tie_embeddings:
-        weights["lm_head.weight"] = model.embed.weight
-    else:
-        weights["lm_head.weight"] = model.head.weight
+    try:
+        config, weights = adapter.to_hf(model, context_length(model, None) if context is None else context)
+    except Unmappable as e:
+        raise _refuse(e.reason) from None
+    hf = getattr(transformers, config.architectures[0])(config)
     expected = set(hf.state_dict())
     if set(weights) != expected:  # a mapping that misses or invents a weight is a bug here, not the user's
-        raise RuntimeError(f"lmlab.export maps {name} to {type(hf).__name__} incompletely: missing "
+        raise RuntimeError(f"the adapter of {name} maps it to {type(hf).__name__} incompletely: missing "
                            f"{sorted(expected - set(weights))}, unknown {sorted(set(weights) - expected)}")
     hf.load_state_dict({k: v.detach().float().contiguous() for k, v in weights.items()}, strict=True)
     if model.tie_embeddings:
@@ -261,69 +143,9 @@ def hf_model(model: nn.Module, context: int | None = None) -> Any:
 
 # ----- the tokenizer: lmlab ids as a tokenizers model -----
 
-def _byte_chars() -> list[str]:
-    """The printable character that byte-level BPE (GPT-2) writes for each byte value 0..255: printable
-    Latin-1 bytes stand for themselves, the others for 256, 257, ... in byte order."""
-    keep = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
-    chars, extra = [], 0
-    for b in range(256):
-        if b in keep:
-            chars.append(chr(b))
-        else:
-            chars.append(chr(256 + extra))
-            extra += 1
-    return chars
-
-
-def _backend(tokenizer: LmlabTokenizer):
-    """A ``tokenizers.Tokenizer`` whose ids for any text equal ``tokenizer``'s."""
-    from tokenizers import AddedToken, Regex, decoders, models, normalizers, pre_tokenizers, processors
-    from tokenizers import Tokenizer as HFTokenizer
-
-    if isinstance(tokenizer, BPE):
-        backend = HFTokenizer.from_str(tokenizer._model().to_str())
-    elif isinstance(tokenizer, Byte):
-        vocab = {t: i for i, t in enumerate(SPECIAL_TOKENS)}
-        vocab.update({c: N_SPECIAL + b for b, c in enumerate(_byte_chars())})
-        backend = HFTokenizer(models.BPE(vocab=vocab, merges=[]))
-        backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
-        backend.decoder = decoders.ByteLevel()
-    elif isinstance(tokenizer, Chars):
-        alphabet, unknown = tokenizer.alphabet, tokenizer.unknown
-        vocab = {t: i for i, t in enumerate(SPECIAL_TOKENS)}
-        vocab.update({c: N_SPECIAL + i for i, c in enumerate(alphabet)})
-        backend = HFTokenizer(models.BPE(vocab=vocab, merges=[]))
-        # lmlab's table: keep ASCII letters only, alphabet letters of either case as themselves, other
-        # letters as the unknown one
-        backend.normalizer = normalizers.Sequence([
-            normalizers.Replace(Regex("[^A-Za-z]"), ""),
-            *(normalizers.Replace(c.lower(), c) for c in alphabet),
-            normalizers.Replace(Regex(f"[^{alphabet}]"), unknown),
-        ])
-        backend.decoder = decoders.Fuse()
-    else:
-        raise UserError(f"the run's tokenizer {tokenizer!r} has no Hugging Face counterpart: export a run "
-                        "trained with data/tokenizer=bpe, byte, dna or protein.")
-    backend.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in SPECIAL_TOKENS])
-    bos = SPECIAL_TOKENS[BOS_ID]  # "[BOS]" before the text when special tokens are added, as lmlab's rows start
-    backend.post_processor = processors.TemplateProcessing(single=f"{bos} $A", pair=f"{bos} $A {bos} $B",
-                                                           special_tokens=[(bos, BOS_ID)])
-    return backend
-
-
 def hf_tokenizer(tokenizer: LmlabTokenizer, model_max_length: int | None = None):
-    """A ``transformers`` fast tokenizer with ``tokenizer``'s ids: ``[PAD] [BOS] [EOS] [MASK]`` = 0..3 as the
-    pad, bos, eos and mask tokens, ``[BOS]`` prepended when special tokens are added, special-token strings
-    in a text encoded as plain text."""
-    from transformers import PreTrainedTokenizerFast
-
-    backend = _backend(tokenizer)
-    if [backend.token_to_id(t) for t in SPECIAL_TOKENS] != [PAD_ID, BOS_ID, EOS_ID, 3]:
-        raise RuntimeError(f"lmlab.export built a tokenizer whose special ids are not 0..{N_SPECIAL - 1}")
-    kwargs = {} if model_max_length is None else {"model_max_length": model_max_length}
-    return PreTrainedTokenizerFast(tokenizer_object=backend, pad_token="[PAD]", bos_token="[BOS]",
-                                   eos_token="[EOS]", mask_token="[MASK]", add_bos_token=True, add_eos_token=False,
-                                   split_special_tokens=True, padding_side="right", **kwargs)
+    """A ``transformers`` fast tokenizer with ``tokenizer``'s ids (``Tokenizer.to_hf``)."""
+    return tokenizer.to_hf(model_max_length)
 
 
 def run_tokenizer(run_dir: str | os.PathLike) -> LmlabTokenizer | None:

@@ -53,7 +53,7 @@ from lmlab.run_dir import (
 )
 from lmlab.selection.base import Selection
 from lmlab.training.callbacks import Diverged, DivergenceGuard, EvaluateEvery, LastValidation, LossWindow, SaveOnTerm
-from lmlab.training.init_from import start_from
+from lmlab.training.init_from import hf_settings, start_from
 from lmlab.training.module import AtomicCheckpointIO, LMModule
 
 
@@ -177,6 +177,7 @@ def require_accelerator(cfg: DictConfig) -> None:
 def _train(cfg: DictConfig, run_dir: Path, command: str) -> dict[str, Any]:
     quiet(cfg)
     require_accelerator(cfg)
+    cfg = hf_settings(cfg)  # init_from.hf: the checkpoint's model and tokenizer, recorded as this run's
     started = time.time()
     rank0 = is_rank_zero()
     if rank0:

@@ -37,7 +37,11 @@ per text; ``decode(ids)`` -> text, special ids dropped; ``byte_lengths()`` -> th
 stands for (0 for the special ids; bits per byte); ``save(directory)`` / ``load(directory)`` for the
 trained state (``tokenizer.json`` in a cache entry); ``config``, which goes into the cache key of a source;
 ``sample``, the bundled corpus a text source reads when ``data.paths`` is null; ``token_bytes()`` -> each ordinary
-token id and the bytes it stands for (special tokens left out), for matching two vocabularies.
+token id and the bytes it stands for (special tokens left out), for matching two vocabularies; ``to_hf()`` -> the
+same ids as a ``transformers`` fast tokenizer (the trained BPE as it is; the byte tokenizer as a merge-free
+byte-level BPE; an alphabet as a merge-free BPE over its letters behind a normaliser doing what its table does),
+and ``Tokenizer.from_hf(directory, vocab_size, store)`` -> a checkpoint's ``tokenizer.json`` as a ``File`` tokenizer
+(one in another layout than lmlab's gets ``[PAD] [BOS] [EOS] [MASK]`` as new ids 0..3: ``hf_layout``).
 """
 
 from __future__ import annotations
@@ -55,7 +59,7 @@ import numpy as np
 
 from lmlab.errors import UserError
 from lmlab.settings import Optional, Positive
-from lmlab.vocab import N_SPECIAL
+from lmlab.vocab import BOS_ID, N_SPECIAL
 
 SAMPLES = Path(__file__).resolve().parent / "sample"
 SPECIAL_TOKENS = ["[PAD]", "[BOS]", "[EOS]", "[MASK]"]
@@ -129,6 +133,51 @@ class Tokenizer(ABC):
                 lengths[i] = len(b)
         return lengths
 
+    # ----- the transformers format -----
+
+    def hf_backend(self):
+        """A ``tokenizers.Tokenizer`` (before its special tokens) whose ids for any text equal this tokenizer's;
+        a UserError for a tokenizer without one."""
+        raise UserError(f"the run's tokenizer {self!r} has no Hugging Face counterpart: export a run trained with "
+                        "data/tokenizer=bpe, byte, dna or protein.")
+
+    def to_hf(self, model_max_length: int | None = None):
+        """This tokenizer as a ``transformers`` fast tokenizer with the same ids: ``[PAD] [BOS] [EOS] [MASK]`` =
+        0..3 as the pad, bos, eos and mask tokens, ``[BOS]`` prepended when special tokens are added (as lmlab's
+        rows start), special-token strings in a text encoded as plain text."""
+        from tokenizers import AddedToken, processors
+        from transformers import PreTrainedTokenizerFast
+
+        backend = self.hf_backend()
+        backend.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in SPECIAL_TOKENS])
+        bos = SPECIAL_TOKENS[BOS_ID]
+        backend.post_processor = processors.TemplateProcessing(single=f"{bos} $A", pair=f"{bos} $A {bos} $B",
+                                                               special_tokens=[(bos, BOS_ID)])
+        if [backend.token_to_id(t) for t in SPECIAL_TOKENS] != list(range(N_SPECIAL)):
+            raise RuntimeError(f"{self!r} converted to a tokenizer whose special ids are not 0..{N_SPECIAL - 1}")
+        kwargs = {} if model_max_length is None else {"model_max_length": model_max_length}
+        return PreTrainedTokenizerFast(tokenizer_object=backend, pad_token="[PAD]", bos_token="[BOS]",
+                                       eos_token="[EOS]", mask_token="[MASK]", add_bos_token=True,
+                                       add_eos_token=False, split_special_tokens=True, padding_side="right",
+                                       **kwargs)
+
+    @staticmethod
+    def from_hf(directory: str | os.PathLike, vocab_size: int, store: str | os.PathLike) -> File:
+        """The tokenizer of a ``transformers`` checkpoint directory (its fast tokenizer's ``tokenizer.json``) as a
+        fixed lmlab tokenizer (``File``) with ``vocab_size`` ids. A file that holds ``[PAD] [BOS] [EOS] [MASK]``
+        as ids 0..3 (as ``to_hf`` writes it) is read as it is; any other gets them as new ids 0..3 before its own
+        ids, all shifted by ``N_SPECIAL`` (``hf_layout``), written to ``store/<sha256>/tokenizer.json``."""
+        path, backend, shift = _hf_tokenizer(directory)
+        if shift:
+            raw = path.read_bytes()
+            path = Path(store).expanduser() / hashlib.sha256(raw).hexdigest()[:16] / TOKENIZER_FILE
+            if not path.is_file():
+                from lmlab.io import write_text
+
+                path.parent.mkdir(parents=True, exist_ok=True)
+                write_text(path, _shifted(json.loads(raw), path))
+        return File(str(path), vocab_size)
+
     def save(self, directory: str | os.PathLike) -> None:
         """Write the trained state into ``directory`` (a fixed vocabulary writes a marker naming itself)."""
         (Path(directory) / TOKENIZER_FILE).write_text(json.dumps({"lmlab_tokenizer": self.name}) + "\n")
@@ -162,6 +211,18 @@ class Byte(Tokenizer):
 
     def token_bytes(self) -> dict[int, bytes]:
         return {N_SPECIAL + b: bytes([b]) for b in range(256)}
+
+    def hf_backend(self):
+        """A merge-free byte-level BPE: id = ``N_SPECIAL`` + byte."""
+        from tokenizers import Tokenizer as HFTokenizer
+        from tokenizers import decoders, models, pre_tokenizers
+
+        vocab = {t: i for i, t in enumerate(SPECIAL_TOKENS)}
+        vocab.update({c: N_SPECIAL + b for c, b in byte_level_alphabet().items()})
+        backend = HFTokenizer(models.BPE(vocab=vocab, merges=[]))
+        backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
+        backend.decoder = decoders.ByteLevel()
+        return backend
 
 
 class Chars(Tokenizer):
@@ -216,6 +277,23 @@ class Chars(Tokenizer):
     def token_bytes(self) -> dict[int, bytes]:
         """Each letter's id and the letter (the upper-case form the alphabet names)."""
         return {N_SPECIAL + i: c.encode() for i, c in enumerate(self.alphabet)}
+
+    def hf_backend(self):
+        """A merge-free BPE over the alphabet behind a normaliser that does what the table does: keep ASCII
+        letters only, alphabet letters of either case as themselves, other letters as the unknown one."""
+        from tokenizers import Regex, decoders, models, normalizers
+        from tokenizers import Tokenizer as HFTokenizer
+
+        vocab = {t: i for i, t in enumerate(SPECIAL_TOKENS)}
+        vocab.update({c: N_SPECIAL + i for i, c in enumerate(self.alphabet)})
+        backend = HFTokenizer(models.BPE(vocab=vocab, merges=[]))
+        backend.normalizer = normalizers.Sequence([
+            normalizers.Replace(Regex("[^A-Za-z]"), ""),
+            *(normalizers.Replace(c.lower(), c) for c in self.alphabet),
+            normalizers.Replace(Regex(f"[^{self.alphabet}]"), self.unknown),
+        ])
+        backend.decoder = decoders.Fuse()
+        return backend
 
 
 class DNA(Chars):
@@ -300,6 +378,12 @@ class BPE(Tokenizer):
 
     def save(self, directory: str | os.PathLike) -> None:
         self._model().save(str(Path(directory) / TOKENIZER_FILE))
+
+    def hf_backend(self):
+        """The trained model itself (a copy)."""
+        from tokenizers import Tokenizer as HFTokenizer
+
+        return HFTokenizer.from_str(self._model().to_str())
 
     def load(self, directory: str | os.PathLike) -> None:
         from tokenizers import Tokenizer as HFTokenizer
@@ -398,6 +482,75 @@ class File(BPE):
 
     def __repr__(self) -> str:
         return f"File(path={str(self.path)!r})"
+
+
+# ----- checkpoints of other tokenizers (``Tokenizer.from_hf``) -----
+
+HF_ROLES = ("pad_token", "bos_token", "eos_token", "mask_token")  # the roles of [PAD] [BOS] [EOS] [MASK]
+
+
+def _hf_tokenizer(directory: str | os.PathLike):
+    """(the checkpoint's tokenizer.json, it read by ``tokenizers``, whether its ids are shifted by N_SPECIAL)."""
+    from tokenizers import Tokenizer as HFTokenizer
+
+    path = Path(directory).expanduser() / TOKENIZER_FILE
+    if not path.is_file():
+        raise UserError(f"{str(directory)!r} holds no {TOKENIZER_FILE}: save the checkpoint's fast tokenizer there "
+                        "(tokenizer.save_pretrained), as `lmlab export` does.")
+    try:
+        backend = HFTokenizer.from_file(str(path))
+    except Exception:  # not a tokenizers file
+        raise UserError(f"cannot read {str(path)!r} as a Hugging Face tokenizer.json: save the checkpoint's fast "
+                        "tokenizer there (tokenizer.save_pretrained).") from None
+    return path, backend, [backend.token_to_id(t) for t in SPECIAL_TOKENS] != list(range(N_SPECIAL))
+
+
+def hf_layout(directory: str | os.PathLike) -> tuple[int, dict[int, int | None]]:
+    """How lmlab's ids relate to those of the checkpoint's tokenizer: ``(shift, rows)``. ``shift`` is 0 for a
+    tokenizer in lmlab's layout (``[PAD] [BOS] [EOS] [MASK]`` = 0..3), else ``N_SPECIAL`` (lmlab id = its id +
+    ``N_SPECIAL``); ``rows`` gives each new special id the checkpoint's id of the token in the same role
+    (``tokenizer_config.json``'s ``pad_token``, ``bos_token``, ...; GPT-2's ``<|endoftext|>`` for BOS and EOS), or
+    None where it names none: the rows of the embedding and LM head that the new ids start from."""
+    _, backend, shift = _hf_tokenizer(directory)
+    if not shift:
+        return 0, {}
+    settings = Path(directory).expanduser() / "tokenizer_config.json"
+    config = json.loads(settings.read_text()) if settings.is_file() else {}
+    rows: dict[int, int | None] = {}
+    for i, role in enumerate(HF_ROLES):
+        token = config.get(role)
+        token = token.get("content") if isinstance(token, dict) else token
+        rows[i] = backend.token_to_id(token) if isinstance(token, str) else None
+    return N_SPECIAL, rows
+
+
+def _shifted(spec: dict[str, Any], where: Path) -> str:
+    """A tokenizer.json (parsed) with every id moved up by ``N_SPECIAL`` and lmlab's special tokens at 0..3 (in the
+    model's vocabulary too: ``tokenizers`` gives an added token outside it the next free id), its post-processor,
+    padding and truncation dropped (lmlab adds BOS and EOS itself)."""
+    model = spec.get("model") or {}
+    kind = model.get("type")
+    taken = set(SPECIAL_TOKENS) & ({t["content"] for t in spec.get("added_tokens", [])} |
+                                   set(model["vocab"] if isinstance(model.get("vocab"), dict) else
+                                       (p for p, _ in model.get("vocab") or [])))
+    if taken or kind not in ("BPE", "WordPiece", "WordLevel", "Unigram"):
+        why = f"it holds {', '.join(sorted(taken))} at other ids" if taken else f"its model is {kind}"
+        raise UserError(f"lmlab cannot give the tokenizer of {where.name} its special ids ({why}): import a "
+                        "checkpoint whose tokenizer is a BPE, WordPiece, WordLevel or Unigram model.")
+    if kind == "Unigram":
+        model["vocab"] = [[t, 0.0] for t in SPECIAL_TOKENS] + model["vocab"]
+        if model.get("unk_id") is not None:
+            model["unk_id"] += N_SPECIAL
+    else:
+        model["vocab"] = {**{t: i for i, t in enumerate(SPECIAL_TOKENS)},
+                          **{t: i + N_SPECIAL for t, i in model["vocab"].items()}}
+    for token in spec.get("added_tokens", []):
+        token["id"] += N_SPECIAL
+    spec["added_tokens"] = [{"id": i, "content": t, "single_word": False, "lstrip": False, "rstrip": False,
+                             "normalized": False, "special": True} for i, t in enumerate(SPECIAL_TOKENS)] + \
+        spec.get("added_tokens", [])
+    spec["post_processor"] = spec["padding"] = spec["truncation"] = None
+    return json.dumps(spec, ensure_ascii=False)
 
 
 def write_sample_tokenizer() -> None:

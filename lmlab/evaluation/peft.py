@@ -28,26 +28,13 @@ Prompt tuning is not offered: peft's prompt learning wraps a Transformers-style 
 ``inputs_embeds`` with the virtual tokens prepended, and lmlab's backbones read token ids (and an attention
 record), so it would need a second forward path in every model rather than peft alone.
 
-Default targets per model (``target_modules: null``; ``feedforward_modules: null`` is the default ones among
-the targets):
-
-=============== =========================================== ============================ ==================
-model           lora                                        ia3                          ia3 feed-forward
-=============== =========================================== ============================ ==================
-transformer/moe qkv, out, up, gate, down (not the router)   qkv, down                    down
-hat             qkv, out, up, gate, down, q, kv, cross      qkv, kv, down                down
-transnormer     qkvu, out, l1, l2, down                     qkvu, down                   down
-hyena           in_proj, out_proj, up, gate, down           in_proj, down                down
-mamba           in_proj, x_proj, dt_proj, out_proj          in_proj, out_proj            out_proj
-mamba2          in_proj, out_proj                           in_proj, out_proj            out_proj
-mom             q_proj, kv_proj, g_proj, o_proj, up, gate,  q_proj, kv_proj, down        down
-                down (not the router)
-lstm            embed (its only layer peft supports:        none (``method=ia3`` is refused)
-                ``torch.nn.LSTM`` is not)
-=============== =========================================== ============================ ==================
-
-The LM head is never a default target (the pooled features do not pass through it). A model this table does
-not know gets every linear layer but the LM head and routers, by full name. A full dotted name
+Default targets (``target_modules: null``; ``feedforward_modules: null`` is the default ones among the
+targets) are the model's own: its spec (``lmlab.models.spec.ModelSpec``: ``lora``, ``ia3``, ``ia3_feedforward``)
+names them beside its code. The Transformer's are ``qkv, out, up, gate, down`` for LoRA and ``qkv, down`` for
+(IA)^3 with ``down`` as its feed-forward layer (the paper's choice: the MLP's inner activations); a mixture of
+experts adds no router, an LSTM offers its embedding alone (``torch.nn.LSTM`` is no layer peft supports). The
+LM head is never a default target (the pooled features do not pass through it). A module that declares no spec
+gets every linear layer but the LM head and routers, by full name. A full dotted name
 (``blocks.0.attn.qkv``) is also a valid entry of ``target_modules``.
 
 Returns ``peft/acc`` (mean test accuracy over seeds), ``peft/acc_std``, ``peft/acc_ci95`` (95% t-interval
@@ -68,31 +55,19 @@ from torch import nn
 
 from lmlab.errors import UserError
 from lmlab.evaluation.common import DownstreamEvaluator, summarize, tune_and_score
+from lmlab.models.spec import ModelSpec
 from lmlab.readout import feature_dim, model_device
 from lmlab.settings import Fraction, NonNegativeFloat, Positive, PositiveFloat
 
-# model class -> (LoRA targets, (IA)^3 targets, (IA)^3 feed-forward targets)
-DEFAULT_TARGETS: dict[str, tuple[list[str], list[str], list[str]]] = {
-    "Transformer": (["qkv", "out", "up", "gate", "down"], ["qkv", "down"], ["down"]),
-    "MoETransformer": (["qkv", "out", "up", "gate", "down"], ["qkv", "down"], ["down"]),
-    "HAT": (["qkv", "out", "up", "gate", "down", "q", "kv", "cross"], ["qkv", "kv", "down"], ["down"]),
-    "TransNormer": (["qkvu", "out", "l1", "l2", "down"], ["qkvu", "down"], ["down"]),
-    "Hyena": (["in_proj", "out_proj", "up", "gate", "down"], ["in_proj", "down"], ["down"]),
-    "Mamba": (["in_proj", "x_proj", "dt_proj", "out_proj"], ["in_proj", "out_proj"], ["out_proj"]),
-    "Mamba2": (["in_proj", "out_proj"], ["in_proj", "out_proj"], ["out_proj"]),
-    "MoM": (["q_proj", "kv_proj", "g_proj", "o_proj", "up", "gate", "down"], ["q_proj", "kv_proj", "down"],
-            ["down"]),
-    "LSTM": (["embed"], [], []),
-}
 NEVER = ("head", "router")  # the LM head (not read by pooled features) and routers (a discrete choice)
 
 
 def default_targets(model, method: str) -> tuple[list[str], list[str]]:
-    """The default ``(target_modules, feedforward_modules)`` of ``method`` for ``model`` (see the table)."""
-    known = DEFAULT_TARGETS.get(type(model).__name__)
-    if known is not None:
-        lora, ia3, ff = known
-        return (list(lora), []) if method == "lora" else (list(ia3), list(ff))
+    """The default ``(target_modules, feedforward_modules)`` of ``method`` for ``model``: its spec's; a module
+    that declares no spec gets every linear layer but the LM head and routers, by full name."""
+    spec = type(model).__dict__.get("spec")
+    if isinstance(spec, ModelSpec):
+        return (list(spec.lora), []) if method == "lora" else (list(spec.ia3), list(spec.ia3_feedforward))
     return [name for name, m in model.named_modules()
             if isinstance(m, nn.Linear) and not set(name.split(".")) & set(NEVER)], []
 

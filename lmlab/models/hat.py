@@ -49,6 +49,7 @@ from lmlab.attention import CAUSAL, Attention
 from lmlab.errors import UserError
 from lmlab.models.base import Backbone
 from lmlab.models.layers import MLPKind, NormKind, Rotary, make_norm
+from lmlab.models.spec import ModelSpec
 from lmlab.models.transformer import Block
 from lmlab.settings import Fraction, Optional, Positive, PositiveFloat
 from lmlab.vocab import N_SPECIAL, PAD_ID
@@ -148,6 +149,9 @@ class HAT(Backbone):
     (N(0, 0.02), residual projections scaled down)."""
 
     supported_attention = (CAUSAL,)
+
+    spec = ModelSpec(block=Block, lora=("qkv", "out", "up", "gate", "down", "q", "kv", "cross"),
+                     ia3=("qkv", "kv", "down"), ia3_feedforward=("down",))
 
     def __init__(self, vocab_size: int, attention: str = CAUSAL, d_model: Positive = 64, d_word: Positive = 128,
                  n_layers: Positive = 2, n_heads: Positive = 4, d_ff: Optional[Positive] = None,

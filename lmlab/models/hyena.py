@@ -41,6 +41,7 @@ from lmlab.errors import UserError
 from lmlab.models.base import Backbone
 from lmlab.models.layers import MLP, CausalDepthwiseConv1d, MLPKind, NormKind, make_norm
 from lmlab.models.scan import fft_causal_conv
+from lmlab.models.spec import ModelSpec
 from lmlab.settings import Fraction, NonNegative, Optional, Positive, PositiveFloat
 
 
@@ -131,6 +132,9 @@ class Hyena(Backbone):
     residual projections scaled by ``1/sqrt(2 n_layers)``; the filter FFN keeps PyTorch's default init."""
 
     supported_attention = (CAUSAL,)
+
+    spec = ModelSpec(block=HyenaBlock, lora=("in_proj", "out_proj", "up", "gate", "down"), ia3=("in_proj", "down"),
+                     ia3_feedforward=("down",))
 
     def __init__(self, vocab_size: int, attention: str = CAUSAL, d_model: Positive = 64, n_layers: Positive = 2,
                  d_ff: Optional[Positive] = None, order: Positive = 2, l_max: Positive = 1024,

@@ -41,11 +41,16 @@ NORMS: dict[str, type[nn.Module]] = {"rmsnorm": RMSNorm, "layernorm": nn.LayerNo
 NormKind = Literal[tuple(NORMS)]  # the ``norm`` setting of a model: one of NORMS (checked before any work)
 
 
-def make_norm(name: str, dim: int) -> nn.Module:
-    """A norm layer by name (a key of ``NORMS``)."""
+def norm_kind(norm: nn.Module) -> str:
+    """The ``NORMS`` name of a norm layer (its class name for another kind)."""
+    return next((name for name, cls in NORMS.items() if type(norm) is cls), type(norm).__name__)
+
+
+def make_norm(name: str, dim: int, eps: float | None = None) -> nn.Module:
+    """A norm layer by name (a key of ``NORMS``), with its own default eps unless ``eps`` is given."""
     if name not in NORMS:
         raise UserError(f"unknown norm {name!r}: choose one of {', '.join(NORMS)}.")
-    return NORMS[name](dim)
+    return NORMS[name](dim) if eps is None else NORMS[name](dim, eps=eps)
 
 
 MLPS = ("gelu", "swiglu")

@@ -32,6 +32,7 @@ from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
 from lmlab.attention import BIDIRECTIONAL, CAUSAL, Attention
 from lmlab.errors import UserError
 from lmlab.models.base import Backbone
+from lmlab.models.spec import ModelSpec
 from lmlab.settings import Fraction, Positive
 
 
@@ -42,6 +43,9 @@ class LSTM(Backbone):
     (U(-1/sqrt(h), 1/sqrt(h))) with the forget-gate bias at 1 (Jozefowicz et al. 2015); embeddings N(0, 0.02)."""
 
     supported_attention = (CAUSAL, BIDIRECTIONAL)
+
+    # one unit (no blocks); peft adapts the embedding only: torch.nn.LSTM is no layer peft supports
+    spec = ModelSpec(lora=("embed",))
 
     def __init__(self, vocab_size: int, attention: str = CAUSAL, d_model: Positive = 64, n_layers: Positive = 2,
                  dropout: Fraction = 0.0, tie_embeddings: bool = True, activation_checkpointing: bool = False) -> None:

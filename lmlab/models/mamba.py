@@ -32,8 +32,9 @@ from torch import nn
 from lmlab.attention import CAUSAL, Attention
 from lmlab.errors import UserError
 from lmlab.models.base import Backbone
-from lmlab.models.layers import MLP, CausalDepthwiseConv1d, MLPKind, NormKind, make_norm, short_conv
+from lmlab.models.layers import MLP, CausalDepthwiseConv1d, MLPKind, NormKind, make_norm, norm_kind, short_conv
 from lmlab.models.scan import IMPLS, selective_scan
+from lmlab.models.spec import HF_SPECIAL_IDS, HFAdapter, ModelSpec, Unmappable
 from lmlab.settings import Optional, Positive, PositiveFloat
 
 # ----- the Mamba-1 mixer -----
@@ -105,11 +106,12 @@ class MambaMixer(nn.Module):
 class MixerBlock(nn.Module):
     """``x + mixer(norm(x))``, then ``x + mlp(norm(x))`` when the block has an MLP."""
 
-    def __init__(self, mixer: nn.Module, d_model: int, norm: str, d_ff: int, mlp: str) -> None:
+    def __init__(self, mixer: nn.Module, d_model: int, norm: str, d_ff: int, mlp: str,
+                 norm_eps: float | None = None) -> None:
         super().__init__()
-        self.norm = make_norm(norm, d_model)
+        self.norm = make_norm(norm, d_model, norm_eps)
         self.mixer = mixer
-        self.norm2 = make_norm(norm, d_model) if d_ff else None
+        self.norm2 = make_norm(norm, d_model, norm_eps) if d_ff else None
         self.mlp = MLP(d_model, d_ff, mlp) if d_ff else None
 
     def forward(self, x: torch.Tensor, padding: torch.Tensor | None) -> torch.Tensor:
@@ -138,11 +140,12 @@ class MixerBackbone(Backbone):
 
     def __init__(self, vocab_size: int, attention: str, d_model: int, n_layers: int, make_mixer,
                  norm: NormKind = "rmsnorm", d_ff: int = 0, mlp: MLPKind = "swiglu", tie_embeddings: bool = True,
-                 activation_checkpointing: bool = False) -> None:
+                 activation_checkpointing: bool = False, norm_eps: float | None = None) -> None:
         super().__init__(vocab_size, d_model, attention, activation_checkpointing)
         self.n_layers = n_layers
-        self.blocks = nn.ModuleList(MixerBlock(make_mixer(), d_model, norm, d_ff, mlp) for _ in range(n_layers))
-        self.add_head(make_norm(norm, d_model), tie_embeddings)
+        self.blocks = nn.ModuleList(MixerBlock(make_mixer(), d_model, norm, d_ff, mlp, norm_eps)
+                                    for _ in range(n_layers))
+        self.add_head(make_norm(norm, d_model, norm_eps), tie_embeddings)
         nn.init.normal_(self.embed.weight, std=0.02)
         for m in self.modules():
             if isinstance(m, nn.Linear):
@@ -179,17 +182,99 @@ class Mamba(MixerBackbone):
     Args: ``d_model``, ``n_layers``, ``d_state`` (N), ``expand`` (E), ``d_conv``, ``dt_rank`` (null:
     ceil(d_model / 16)), ``dt_min``/``dt_max`` (Δ initialisation range), ``impl`` (auto, chunked or
     sequential), ``chunk_size`` (time steps per block of the chunked scan; null: automatic), ``norm``,
-    ``tie_embeddings``, ``activation_checkpointing`` (recompute each block in the backward pass while training).
+    ``norm_eps`` (null: the norm's own, 1e-6 for RMSNorm), ``tie_embeddings``, ``activation_checkpointing``
+    (recompute each block in the backward pass while training).
     """
 
     def __init__(self, vocab_size: int, attention: str = CAUSAL, d_model: Positive = 64, n_layers: Positive = 2,
                  d_state: Positive = 16, expand: Positive = 2, d_conv: Positive = 4, dt_rank: Optional[Positive] = None,
                  dt_min: PositiveFloat = 1e-3, dt_max: PositiveFloat = 1e-1, impl: str = "auto",
-                 chunk_size: Optional[Positive] = None, norm: NormKind = "rmsnorm", tie_embeddings: bool = True,
+                 chunk_size: Optional[Positive] = None, norm: NormKind = "rmsnorm",
+                 norm_eps: Optional[PositiveFloat] = None, tie_embeddings: bool = True,
                  activation_checkpointing: bool = False) -> None:
         def make_mixer():
             return MambaMixer(d_model, d_state, expand, d_conv, dt_rank, dt_min, dt_max, impl=impl,
                               chunk_size=chunk_size)
 
         super().__init__(vocab_size, attention, d_model, n_layers, make_mixer, norm=norm,
-                         tie_embeddings=tie_embeddings, activation_checkpointing=activation_checkpointing)
+                         tie_embeddings=tie_embeddings, activation_checkpointing=activation_checkpointing,
+                         norm_eps=norm_eps)
+
+
+# ----- the specs: blocks, adapter targets and the Hugging Face mapping (transformers' Mamba classes) -----
+
+def mixer_state_to_hf(model: MixerBackbone, mixer_keys: dict[str, str]) -> dict[str, torch.Tensor]:
+    """The state dict of ``transformers``' Mamba/Mamba-2 causal LMs (``backbone.layers.<i>.mixer.<name>``) from a
+    mixer backbone's, ``mixer_keys`` mapping transformers' mixer names to lmlab's."""
+    if norm_kind(model.norm) != "rmsnorm":
+        raise Unmappable(f"the run's {type(model).__name__} has norm={norm_kind(model.norm)}")
+    w = {"backbone.embeddings.weight": model.embed.weight, "backbone.norm_f.weight": model.norm.weight,
+         "lm_head.weight": model.embed.weight if model.tie_embeddings else model.head.weight}
+    for i, block in enumerate(model.blocks):
+        if block.mlp is not None:
+            raise Unmappable(f"the run's {type(model).__name__} has an MLP in its blocks")
+        w[f"backbone.layers.{i}.norm.weight"] = block.norm.weight
+        mixer = dict(block.mixer.named_parameters())
+        for theirs, ours in mixer_keys.items():
+            w[f"backbone.layers.{i}.mixer.{theirs}"] = mixer[ours]
+    return w
+
+
+def mixer_state_from_hf(config, state: dict[str, torch.Tensor], mixer_keys: dict[str, str]) -> dict[str, torch.Tensor]:
+    """The inverse of ``mixer_state_to_hf``."""
+    tied = bool(getattr(config, "tie_word_embeddings", True))
+    s = {"embed.weight": state["backbone.embeddings.weight"], "norm.weight": state["backbone.norm_f.weight"]}
+    for i in range(config.num_hidden_layers):
+        s[f"blocks.{i}.norm.weight"] = state[f"backbone.layers.{i}.norm.weight"]
+        for theirs, ours in mixer_keys.items():
+            s[f"blocks.{i}.mixer.{ours}"] = state[f"backbone.layers.{i}.mixer.{theirs}"]
+    s["head.weight"] = s["embed.weight"] if tied else state["lm_head.weight"]
+    return s
+
+
+def check_mixer_config(config, **wanted) -> None:
+    """Refuse a ``transformers`` Mamba config whose settings lmlab's mixers do not compute (``wanted``: the
+    setting and the value they need)."""
+    for key, value in wanted.items():
+        if getattr(config, key, value) != value:
+            raise UserError(f"the {type(config).__name__} checkpoint has {key}={getattr(config, key)}, which lmlab's "
+                            f"{type(config).__name__.removesuffix('Config')} does not compute: import one with "
+                            f"{key}={value}.")
+
+
+MAMBA_KEYS = {"in_proj.weight": "in_proj.weight", "out_proj.weight": "out_proj.weight",
+              "conv1d.weight": "conv.conv.weight", "conv1d.bias": "conv.conv.bias", "x_proj.weight": "x_proj.weight",
+              "dt_proj.weight": "dt_proj.weight", "dt_proj.bias": "dt_proj.bias", "A_log": "A_log", "D": "D"}
+
+
+def _mamba_to_hf(model: Mamba, context: int):
+    from transformers import MambaConfig
+
+    mixer = model.blocks[0].mixer
+    w = mixer_state_to_hf(model, MAMBA_KEYS)
+    config = MambaConfig(vocab_size=model.vocab_size, hidden_size=model.d_model, state_size=mixer.d_state,
+                         num_hidden_layers=model.n_layers, layer_norm_epsilon=model.norm.eps,
+                         expand=mixer.d_inner // model.d_model, conv_kernel=mixer.conv.kernel, use_bias=False,
+                         use_conv_bias=True, hidden_act="silu", residual_in_fp32=True, time_step_rank=mixer.dt_rank,
+                         tie_word_embeddings=model.tie_embeddings, use_mambapy=False,
+                         architectures=["MambaForCausalLM"], **HF_SPECIAL_IDS)
+    return config, w
+
+
+def _mamba_from_hf(config, state: dict[str, torch.Tensor]):
+    check_mixer_config(config, use_bias=False, use_conv_bias=True, hidden_act="silu")
+    if config.intermediate_size != config.expand * config.hidden_size:
+        raise UserError(f"the MambaConfig checkpoint has intermediate_size={config.intermediate_size}, not expand * "
+                        "hidden_size as lmlab's Mamba: import one where they agree.")
+    kwargs = dict(d_model=config.hidden_size, n_layers=config.num_hidden_layers, d_state=config.state_size,
+                  expand=config.expand, d_conv=config.conv_kernel, dt_rank=config.time_step_rank, norm="rmsnorm",
+                  norm_eps=float(config.layer_norm_epsilon),
+                  tie_embeddings=bool(getattr(config, "tie_word_embeddings", True)))
+    return kwargs, mixer_state_from_hf(config, state, MAMBA_KEYS)
+
+
+Mamba.spec = ModelSpec(
+    block=MixerBlock,
+    lora=("in_proj", "x_proj", "dt_proj", "out_proj"), ia3=("in_proj", "out_proj"), ia3_feedforward=("out_proj",),
+    hf=HFAdapter(("MambaForCausalLM",), _mamba_to_hf, _mamba_from_hf, "model=mamba with norm=rmsnorm"),
+)

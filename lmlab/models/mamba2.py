@@ -27,9 +27,10 @@ from torch import nn
 from lmlab.attention import CAUSAL
 from lmlab.errors import UserError
 from lmlab.models.layers import CausalDepthwiseConv1d, GatedRMSNorm, NormKind, short_conv
-from lmlab.models.mamba import MixerBackbone
+from lmlab.models.mamba import MixerBackbone, MixerBlock, check_mixer_config, mixer_state_from_hf, mixer_state_to_hf
 from lmlab.models.scan import IMPLS, ssd, ssd_sequential
-from lmlab.settings import Positive
+from lmlab.models.spec import HF_SPECIAL_IDS, HFAdapter, ModelSpec, Unmappable
+from lmlab.settings import Optional, Positive, PositiveFloat
 
 
 class Mamba2Mixer(nn.Module):
@@ -38,7 +39,8 @@ class Mamba2Mixer(nn.Module):
 
     def __init__(self, d_model: int, d_state: Positive = 16, headdim: int = 16, expand: Positive = 2, ngroups: int = 1,
                  d_conv: Positive = 4, chunk_size: Positive = 64, dt_min: float = 1e-3, dt_max: float = 1e-1,
-                 dt_floor: float = 1e-4, A_init_range: tuple = (1, 16), impl: str = "auto") -> None:
+                 dt_floor: float = 1e-4, A_init_range: tuple = (1, 16), impl: str = "auto",
+                 norm_eps: float | None = None) -> None:
         super().__init__()
         if impl not in IMPLS:
             raise UserError(f"unknown mamba2 impl {impl!r}: choose one of {', '.join(IMPLS)}.")
@@ -57,7 +59,8 @@ class Mamba2Mixer(nn.Module):
         self.dt_bias = nn.Parameter(dt + torch.log(-torch.expm1(-dt)))
         self.A_log = nn.Parameter(torch.log(torch.empty(H).uniform_(*A_init_range)))
         self.D = nn.Parameter(torch.ones(H))
-        self.norm = GatedRMSNorm(E, norm_before_gate=False)
+        self.norm = GatedRMSNorm(E, norm_before_gate=False) if norm_eps is None else \
+            GatedRMSNorm(E, norm_before_gate=False, eps=norm_eps)
         self.out_proj = nn.Linear(E, d_model, bias=False)
         self.out_proj.is_residual_proj = True
 
@@ -106,7 +109,8 @@ class Mamba2(MixerBackbone):
     """Mamba-2 language model: ``n_layers`` residual Mamba-2 blocks (no MLP), RMSNorm, tied head.
 
     Args: ``d_model``, ``n_layers``, ``d_state`` (N), ``headdim`` (P), ``expand``, ``ngroups``, ``d_conv``,
-    ``chunk_size`` (SSD chunk), ``impl`` (auto, chunked or sequential), ``norm``, ``tie_embeddings``,
+    ``chunk_size`` (SSD chunk), ``impl`` (auto, chunked or sequential), ``norm``, ``norm_eps`` (null: 1e-6, the
+    gated norm's too), ``tie_embeddings``,
     ``activation_checkpointing`` (recompute each block in the backward pass while training).
     The released defaults are d_state 128, headdim 64; lmlab's YAML shrinks them for small models.
     """
@@ -115,9 +119,61 @@ class Mamba2(MixerBackbone):
                  d_state: Positive = 16, headdim: Positive = 16, expand: Positive = 2, ngroups: Positive = 1,
                  d_conv: Positive = 4,
                  chunk_size: Positive = 64, impl: str = "auto", norm: NormKind = "rmsnorm",
-                 tie_embeddings: bool = True, activation_checkpointing: bool = False) -> None:
+                 norm_eps: Optional[PositiveFloat] = None, tie_embeddings: bool = True,
+                 activation_checkpointing: bool = False) -> None:
         def make_mixer():
-            return Mamba2Mixer(d_model, d_state, headdim, expand, ngroups, d_conv, chunk_size, impl=impl)
+            return Mamba2Mixer(d_model, d_state, headdim, expand, ngroups, d_conv, chunk_size, impl=impl,
+                               norm_eps=norm_eps)
 
         super().__init__(vocab_size, attention, d_model, n_layers, make_mixer, norm=norm,
-                         tie_embeddings=tie_embeddings, activation_checkpointing=activation_checkpointing)
+                         tie_embeddings=tie_embeddings, activation_checkpointing=activation_checkpointing,
+                         norm_eps=norm_eps)
+
+
+# ----- the spec: blocks, adapter targets and the Hugging Face mapping (transformers' Mamba2ForCausalLM) -----
+
+MAMBA2_KEYS = {"in_proj.weight": "in_proj.weight", "out_proj.weight": "out_proj.weight",
+               "conv1d.weight": "conv.conv.weight", "conv1d.bias": "conv.conv.bias", "dt_bias": "dt_bias",
+               "A_log": "A_log", "D": "D", "norm.weight": "norm.weight"}
+
+
+def _to_hf(model: Mamba2, context: int):
+    from transformers import Mamba2Config
+
+    mixer = model.blocks[0].mixer
+    w = mixer_state_to_hf(model, MAMBA2_KEYS)
+    if mixer.ngroups != 1:
+        raise Unmappable(f"the run's mamba2 has ngroups={mixer.ngroups} with one gated norm over all channels")
+    if any(block.mixer.norm.eps != model.norm.eps for block in model.blocks):
+        raise Unmappable("the run's mamba2 has a gated norm eps other than its RMSNorm eps")
+    config = Mamba2Config(vocab_size=model.vocab_size, hidden_size=model.d_model, num_heads=mixer.n_heads,
+                          head_dim=mixer.headdim, state_size=mixer.d_state, num_hidden_layers=model.n_layers,
+                          layer_norm_epsilon=model.norm.eps, expand=mixer.d_inner // model.d_model, n_groups=1,
+                          conv_kernel=mixer.conv.kernel, use_bias=False, use_conv_bias=True, hidden_act="silu",
+                          residual_in_fp32=True, time_step_limit=(0.0, float("inf")),
+                          chunk_size=mixer.chunk_size, tie_word_embeddings=model.tie_embeddings,
+                          architectures=["Mamba2ForCausalLM"], **HF_SPECIAL_IDS)
+    return config, w
+
+
+def _from_hf(config, state: dict[str, torch.Tensor]):
+    check_mixer_config(config, use_bias=False, use_conv_bias=True, hidden_act="silu", n_groups=1)
+    limit = tuple(float(t) for t in getattr(config, "time_step_limit", (0.0, float("inf"))))
+    if limit != (0.0, float("inf")):
+        raise UserError(f"the Mamba2Config checkpoint has time_step_limit={limit}, which lmlab's Mamba2 does not "
+                        "compute: import one with time_step_limit=(0.0, inf).")
+    if config.num_heads * config.head_dim != config.expand * config.hidden_size:
+        raise UserError(f"the Mamba2Config checkpoint has num_heads * head_dim = {config.num_heads * config.head_dim}, "
+                        "not expand * hidden_size as lmlab's Mamba2: import one where they agree.")
+    kwargs = dict(d_model=config.hidden_size, n_layers=config.num_hidden_layers, d_state=config.state_size,
+                  headdim=config.head_dim, expand=config.expand, ngroups=1, d_conv=config.conv_kernel,
+                  chunk_size=config.chunk_size, norm="rmsnorm", norm_eps=float(config.layer_norm_epsilon),
+                  tie_embeddings=bool(getattr(config, "tie_word_embeddings", True)))
+    return kwargs, mixer_state_from_hf(config, state, MAMBA2_KEYS)
+
+
+Mamba2.spec = ModelSpec(
+    block=MixerBlock,
+    lora=("in_proj", "out_proj"), ia3=("in_proj", "out_proj"), ia3_feedforward=("out_proj",),
+    hf=HFAdapter(("Mamba2ForCausalLM",), _to_hf, _from_hf, "model=mamba2 with norm=rmsnorm ngroups=1"),
+)

@@ -37,7 +37,8 @@ from torch import nn
 from lmlab.attention import BIDIRECTIONAL, CAUSAL, PREFIX, Attention
 from lmlab.errors import UserError
 from lmlab.models.layers import MLP, MLPKind
-from lmlab.models.transformer import Transformer
+from lmlab.models.spec import ModelSpec
+from lmlab.models.transformer import Block, Transformer
 from lmlab.settings import Fraction, NonNegativeFloat, Optional, Positive, PositiveFloat
 
 
@@ -101,6 +102,11 @@ class MoETransformer(Transformer):
     ``activation_checkpointing`` the balancing loss keeps its value and gradient: see ``Backbone.run_blocks``)."""
 
     supported_attention = (CAUSAL, BIDIRECTIONAL, PREFIX)
+
+    # the Transformer's blocks and targets (the routers are never adapted); other weights than the Transformer's
+    # (no Hugging Face mapping) and no widening
+    spec = ModelSpec(block=Block, lora=("qkv", "out", "up", "gate", "down"), ia3=("qkv", "down"),
+                     ia3_feedforward=("down",))
 
     def __init__(self, vocab_size: int, attention: str = CAUSAL, d_model: Positive = 64, n_layers: Positive = 2,
                  n_heads: Positive = 4, d_ff: Optional[Positive] = None, n_experts: Positive = 4, top_k: Positive = 2,

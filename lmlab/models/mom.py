@@ -45,13 +45,14 @@ from torch import nn
 from lmlab.attention import CAUSAL, Attention
 from lmlab.errors import UserError
 from lmlab.models.layers import CausalDepthwiseConv1d, GatedRMSNorm, NormKind, short_conv
-from lmlab.models.mamba import MixerBackbone
+from lmlab.models.mamba import MixerBackbone, MixerBlock
 from lmlab.models.scan import (
     chunk_gated_delta_rule,
     fla_chunk_gated_delta_rule,
     gated_delta_rule,
     reference_scan_active,
 )
+from lmlab.models.spec import ModelSpec
 from lmlab.settings import NonNegativeFloat, Optional, Positive, PositiveFloat
 
 IMPLS = ("auto", "chunked", "recurrent")
@@ -222,6 +223,9 @@ class MoM(MixerBackbone):
     (recompute each block in the backward pass while training; the balancing loss keeps its value and
     gradient, see ``Backbone.run_blocks``).
     """
+
+    spec = ModelSpec(block=MixerBlock, lora=("q_proj", "kv_proj", "g_proj", "o_proj", "up", "gate", "down"),
+                     ia3=("q_proj", "kv_proj", "down"), ia3_feedforward=("down",))
 
     def __init__(self, vocab_size: int, attention: str = CAUSAL, d_model: Positive = 64, n_layers: Positive = 2,
                  n_heads: Positive = 2, head_dim: Positive = 32, expand_v: PositiveFloat = 1.0,

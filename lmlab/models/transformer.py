@@ -26,8 +26,9 @@ from torch import nn
 from lmlab.attention import BIDIRECTIONAL, CAUSAL, PREFIX, Attention
 from lmlab.errors import UserError
 from lmlab.models.base import Backbone
-from lmlab.models.layers import MLP, MLPKind, NormKind, Rotary, make_norm
-from lmlab.settings import Fraction, NonNegative, Positive
+from lmlab.models.layers import MLP, MLPKind, NormKind, Rotary, make_norm, norm_kind
+from lmlab.models.spec import HF_SPECIAL_IDS, HFAdapter, ModelSpec, Unmappable
+from lmlab.settings import Fraction, NonNegative, Positive, PositiveFloat
 
 POSITIONS = ("rotary", "learned")
 
@@ -95,11 +96,11 @@ class Block(nn.Module):
     """``x + attn(norm(x))`` then ``x + mlp(norm(x))``."""
 
     def __init__(self, d_model: int, n_heads: int, d_ff: int, norm: str, mlp: str, dropout: float,
-                 rotary: Rotary | None, ffn: nn.Module | None = None) -> None:
+                 rotary: Rotary | None, ffn: nn.Module | None = None, norm_eps: float | None = None) -> None:
         super().__init__()
-        self.norm1 = make_norm(norm, d_model)
+        self.norm1 = make_norm(norm, d_model, norm_eps)
         self.attn = SelfAttention(d_model, n_heads, dropout, rotary)
-        self.norm2 = make_norm(norm, d_model)
+        self.norm2 = make_norm(norm, d_model, norm_eps)
         # ``ffn`` replaces the dense MLP (a mixture of experts, say); it maps (B, T, d) -> (B, T, d)
         self.mlp = ffn if ffn is not None else MLP(d_model, d_ff, mlp, dropout)
 
@@ -120,7 +121,8 @@ class Transformer(Backbone):
     ``mlp`` (gelu or swiglu), ``dropout`` (attention, residual and embedding dropout),
     ``tie_embeddings`` (the LM head reuses the token embedding), ``activation_checkpointing``
     (recompute each block in the backward pass while training), ``rope_base`` (the rotary base, 10000 as in
-    RoFormer; rotary positions only), ``sinks`` (the first positions every query keeps under sliding-window
+    RoFormer; rotary positions only), ``norm_eps`` (the norms' eps; null: RMSNorm's 1e-6, LayerNorm's 1e-5),
+    ``sinks`` (the first positions every query keeps under sliding-window
     attention, see the module docstring; full attention, as in training, never reads it).
     ``ffn_factory(layer_index)``, for
     subclasses (not a config key), builds each block's feed-forward module in place of the dense MLP.
@@ -138,6 +140,7 @@ class Transformer(Backbone):
                  positions: str = "rotary", max_len: Positive = 512, dropout: Fraction = 0.0,
                  tie_embeddings: bool = True, activation_checkpointing: bool = False,
                  mlp: MLPKind = "gelu", rope_base: float = 10000.0, sinks: NonNegative = 4,
+                 norm_eps: Optional[PositiveFloat] = None,
                  ffn_factory: Callable[[int], nn.Module] | None = None) -> None:
         super().__init__(vocab_size, d_model, attention, activation_checkpointing)
         if head_dim is not None:
@@ -167,10 +170,10 @@ class Transformer(Backbone):
         # one Rotary module shared by all blocks (its tables are non-persistent buffers)
         self.blocks = nn.ModuleList(
             Block(d_model, n_heads, self.d_ff, norm, mlp, dropout, rotary,
-                  ffn=ffn_factory(i) if ffn_factory is not None else None)
+                  ffn=ffn_factory(i) if ffn_factory is not None else None, norm_eps=norm_eps)
             for i in range(n_layers)
         )
-        self.add_head(make_norm(norm, d_model), tie_embeddings)
+        self.add_head(make_norm(norm, d_model, norm_eps), tie_embeddings)
         self._init_weights()
 
     def _init_weights(self) -> None:
@@ -221,3 +224,162 @@ class Transformer(Backbone):
         """
         return float(6 * self.non_embedding_parameters() + 6 * self.d_model * self.vocab_size
                      + 12 * self.n_layers * self.d_model * seq_len)
+
+
+# ----- the model's spec: blocks, adapter targets, widening, and the Hugging Face mapping -----
+
+HF_EXPORTS = ("model=transformer with norm=rmsnorm positions=rotary (mlp=gelu or swiglu) or norm=layernorm "
+              "positions=learned mlp=gelu")
+
+
+def rope_theta(config) -> float | None:
+    """The rotary base of a ``transformers`` config (``rope_parameters`` in transformers 5, ``rope_theta``
+    before), or None when its rope is not the plain one."""
+    params = getattr(config, "rope_parameters", None) or {}
+    if params.get("rope_type", "default") != "default" or getattr(config, "rope_scaling", None) not in (None, params):
+        return None
+    theta = params.get("rope_theta", getattr(config, "rope_theta", None))
+    return None if theta is None else float(theta)
+
+
+def _to_hf(model: Transformer, context: int):
+    """lmlab -> GPT-2 (layernorm, learned positions, gelu), Arcee (rmsnorm, rotary, gelu) or Llama (swiglu)."""
+    from transformers import ArceeConfig, GPT2Config, LlamaConfig
+
+    norm, mlp = norm_kind(model.norm), model.blocks[0].mlp.kind
+    setting = (norm, model.positions, mlp)
+    d, L, H, F_ = model.d_model, model.n_layers, model.n_heads, model.d_ff
+    w: dict[str, torch.Tensor] = {}
+    if setting == ("layernorm", "learned", "gelu"):
+        config = GPT2Config(vocab_size=model.vocab_size, n_positions=context, n_embd=d, n_layer=L, n_head=H,
+                            n_inner=F_, activation_function="gelu", layer_norm_epsilon=model.norm.eps,
+                            resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0, scale_attn_weights=True,
+                            scale_attn_by_inverse_layer_idx=False, reorder_and_upcast_attn=False,
+                            tie_word_embeddings=model.tie_embeddings, architectures=["GPT2LMHeadModel"],
+                            **HF_SPECIAL_IDS)
+        w["transformer.wte.weight"] = model.embed.weight
+        w["transformer.wpe.weight"] = model.pos_embed.weight[:context]  # the positions it was trained on
+        for i, block in enumerate(model.blocks):
+            p = f"transformer.h.{i}."
+            if not (block.norm1.eps == block.norm2.eps == model.norm.eps):
+                raise Unmappable("the run's layer norms have different eps")
+            w[p + "ln_1.weight"], w[p + "ln_1.bias"] = block.norm1.weight, block.norm1.bias
+            w[p + "ln_2.weight"], w[p + "ln_2.bias"] = block.norm2.weight, block.norm2.bias
+            # GPT-2's Conv1D computes x @ W + b: its weights are the transposes of nn.Linear's
+            w[p + "attn.c_attn.weight"], w[p + "attn.c_attn.bias"] = block.attn.qkv.weight.T, torch.zeros(3 * d)
+            w[p + "attn.c_proj.weight"], w[p + "attn.c_proj.bias"] = block.attn.out.weight.T, torch.zeros(d)
+            w[p + "mlp.c_fc.weight"], w[p + "mlp.c_fc.bias"] = block.mlp.up.weight.T, torch.zeros(F_)
+            w[p + "mlp.c_proj.weight"], w[p + "mlp.c_proj.bias"] = block.mlp.down.weight.T, torch.zeros(d)
+        w["transformer.ln_f.weight"], w["transformer.ln_f.bias"] = model.norm.weight, model.norm.bias
+    elif setting in (("rmsnorm", "rotary", "gelu"), ("rmsnorm", "rotary", "swiglu")):
+        common = dict(vocab_size=model.vocab_size, hidden_size=d, intermediate_size=F_, num_hidden_layers=L,
+                      num_attention_heads=H, num_key_value_heads=H, head_dim=d // H,
+                      max_position_embeddings=context, rms_norm_eps=model.norm.eps, rope_theta=model.rope_base,
+                      attention_bias=False, attention_dropout=0.0, mlp_bias=False,
+                      tie_word_embeddings=model.tie_embeddings, **HF_SPECIAL_IDS)
+        if mlp == "gelu":  # Arcee is Llama with the non-gated MLP down(act(up(x)))
+            config = ArceeConfig(hidden_act="gelu", architectures=["ArceeForCausalLM"], **common)
+        else:
+            config = LlamaConfig(hidden_act="silu", architectures=["LlamaForCausalLM"], **common)
+        w["model.embed_tokens.weight"] = model.embed.weight
+        for i, block in enumerate(model.blocks):
+            p = f"model.layers.{i}."
+            q, k, v = block.attn.qkv.weight.chunk(3, dim=0)
+            w[p + "self_attn.q_proj.weight"], w[p + "self_attn.k_proj.weight"] = q, k
+            w[p + "self_attn.v_proj.weight"], w[p + "self_attn.o_proj.weight"] = v, block.attn.out.weight
+            w[p + "input_layernorm.weight"] = block.norm1.weight
+            w[p + "post_attention_layernorm.weight"] = block.norm2.weight
+            w[p + "mlp.up_proj.weight"], w[p + "mlp.down_proj.weight"] = block.mlp.up.weight, block.mlp.down.weight
+            if mlp == "swiglu":
+                w[p + "mlp.gate_proj.weight"] = block.mlp.gate.weight
+        w["model.norm.weight"] = model.norm.weight
+    else:
+        raise Unmappable(f"the run's transformer has norm={norm} positions={model.positions} mlp={mlp}")
+    w["lm_head.weight"] = model.embed.weight if model.tie_embeddings else model.head.weight
+    return config, w
+
+
+def _from_hf(config, state: dict[str, torch.Tensor]):
+    """GPT-2, Arcee or Llama -> lmlab's Transformer: the inverse of ``_to_hf``, for the checkpoints that
+    lmlab's Transformer computes exactly (the others are refused in one sentence naming the setting)."""
+    kind = (getattr(config, "architectures", None) or ["?"])[0]
+    tied = bool(getattr(config, "tie_word_embeddings", True))
+
+    def refuse(what: str) -> UserError:
+        return UserError(f"the {kind} checkpoint has {what}, which lmlab's Transformer does not compute: import a "
+                         "checkpoint without it (lmlab export writes such checkpoints).")
+
+    s: dict[str, torch.Tensor] = {}
+    if kind == "GPT2LMHeadModel":
+        d, L, H = config.n_embd, config.n_layer, config.n_head
+        F_ = config.n_inner or 4 * d
+        if config.activation_function != "gelu":
+            raise refuse(f"activation_function={config.activation_function} (lmlab's GELU is the exact 'gelu')")
+        if config.scale_attn_by_inverse_layer_idx or not config.scale_attn_weights:
+            raise refuse("an attention scale other than 1/sqrt(head_dim)")
+        biases = [k for k, v in state.items() if k.endswith("bias") and ".ln_" not in k and "ln_f" not in k
+                  and v.dim() == 1 and bool(v.any())]
+        if biases:
+            raise refuse(f"non-zero linear biases ({biases[0]}) where lmlab's layers have none")
+        kwargs = dict(d_model=d, n_layers=L, n_heads=H, head_dim=None, d_ff=F_, norm="layernorm",
+                      positions="learned", max_len=config.n_positions, mlp="gelu", rope_base=10000.0,
+                      norm_eps=float(config.layer_norm_epsilon), tie_embeddings=tied)
+        s["embed.weight"], s["pos_embed.weight"] = state["transformer.wte.weight"], state["transformer.wpe.weight"]
+        for i in range(L):
+            p, q = f"transformer.h.{i}.", f"blocks.{i}."
+            for a, b in (("ln_1", "norm1"), ("ln_2", "norm2")):
+                s[q + b + ".weight"], s[q + b + ".bias"] = state[p + a + ".weight"], state[p + a + ".bias"]
+            s[q + "attn.qkv.weight"] = state[p + "attn.c_attn.weight"].T
+            s[q + "attn.out.weight"] = state[p + "attn.c_proj.weight"].T
+            s[q + "mlp.up.weight"] = state[p + "mlp.c_fc.weight"].T
+            s[q + "mlp.down.weight"] = state[p + "mlp.c_proj.weight"].T
+        s["norm.weight"], s["norm.bias"] = state["transformer.ln_f.weight"], state["transformer.ln_f.bias"]
+    elif kind in ("LlamaForCausalLM", "ArceeForCausalLM"):
+        d, L, H = config.hidden_size, config.num_hidden_layers, config.num_attention_heads
+        act = "silu" if kind == "LlamaForCausalLM" else "gelu"
+        if config.hidden_act != act:
+            raise refuse(f"hidden_act={config.hidden_act} (lmlab's {'SwiGLU' if act == 'silu' else 'MLP'} uses {act})")
+        if (config.num_key_value_heads or H) != H:
+            raise refuse(f"num_key_value_heads={config.num_key_value_heads} (grouped-query attention)")
+        if getattr(config, "head_dim", None) not in (None, d // H) or d % H:
+            raise refuse(f"head_dim={getattr(config, 'head_dim', None)} other than hidden_size / num_attention_heads")
+        if getattr(config, "attention_bias", False) or getattr(config, "mlp_bias", False):
+            raise refuse("biases in its attention or MLP layers")
+        theta = rope_theta(config)
+        if theta is None or not theta > 1.0:
+            raise refuse("a scaled or non-default rotary embedding")
+        kwargs = dict(d_model=d, n_layers=L, n_heads=H, head_dim=None, d_ff=config.intermediate_size,
+                      norm="rmsnorm", positions="rotary", max_len=config.max_position_embeddings,
+                      mlp="swiglu" if act == "silu" else "gelu", rope_base=theta,
+                      norm_eps=float(config.rms_norm_eps), tie_embeddings=tied)
+        s["embed.weight"] = state["model.embed_tokens.weight"]
+        for i in range(L):
+            p, q = f"model.layers.{i}.", f"blocks.{i}."
+            s[q + "attn.qkv.weight"] = torch.cat([state[p + f"self_attn.{x}_proj.weight"] for x in "qkv"])
+            s[q + "attn.out.weight"] = state[p + "self_attn.o_proj.weight"]
+            s[q + "norm1.weight"] = state[p + "input_layernorm.weight"]
+            s[q + "norm2.weight"] = state[p + "post_attention_layernorm.weight"]
+            s[q + "mlp.up.weight"], s[q + "mlp.down.weight"] = state[p + "mlp.up_proj.weight"], \
+                state[p + "mlp.down_proj.weight"]
+            if act == "silu":
+                s[q + "mlp.gate.weight"] = state[p + "mlp.gate_proj.weight"]
+        s["norm.weight"] = state["model.norm.weight"]
+    else:
+        raise UserError(f"lmlab's Transformer imports GPT2LMHeadModel, LlamaForCausalLM and ArceeForCausalLM "
+                        f"checkpoints, not {kind}: choose the model that imports it.")
+    s["head.weight"] = s["embed.weight"] if tied else state["lm_head.weight"]
+    return kwargs, s
+
+
+def _widen(model: Transformer, d_model: int) -> Transformer:
+    from lmlab.models.widen import tile_transformer
+
+    return tile_transformer(model, d_model)
+
+
+Transformer.spec = ModelSpec(
+    block=Block,
+    lora=("qkv", "out", "up", "gate", "down"), ia3=("qkv", "down"), ia3_feedforward=("down",),
+    widen=_widen,
+    hf=HFAdapter(("GPT2LMHeadModel", "LlamaForCausalLM", "ArceeForCausalLM"), _to_hf, _from_hf, HF_EXPORTS),
+)

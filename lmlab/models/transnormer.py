@@ -41,6 +41,7 @@ from lmlab.errors import UserError
 from lmlab.models.base import Backbone
 from lmlab.models.layers import GLU, SimpleRMSNorm
 from lmlab.models.scan import lightning_attention
+from lmlab.models.spec import ModelSpec
 from lmlab.settings import Fraction, Optional, Positive
 
 DECAYS = ("alibi_layerwise", "paper")
@@ -142,6 +143,9 @@ class TransNormer(Backbone):
     token at a time with the recurrent state and equal ``forward``."""
 
     supported_attention = (CAUSAL,)
+
+    spec = ModelSpec(block=TNLBlock, lora=("qkvu", "out", "l1", "l2", "down"), ia3=("qkvu", "down"),
+                     ia3_feedforward=("down",))
 
     def __init__(self, vocab_size: int, attention: str = CAUSAL, d_model: Positive = 64, n_layers: Positive = 2,
                  n_heads: Positive = 4, d_ff: Optional[Positive] = None, decay: str = "alibi_layerwise",

@@ -1,12 +1,14 @@
-"""Function-preserving widening of a Transformer: embed a small model into a wider architecture.
+"""Function-preserving widening: embed a small model into a wider architecture (the Transformer's construction).
 
 Liu, Xie, Li, Ma, "Same Pre-training Loss, Better Downstream: Implicit Bias Matters for Language Models",
 ICML 2023, arXiv 2210.14199: the trace of the Hessian depends on the parameterisation, so models of
 different widths are compared only after embedding the smaller one into the larger architecture without
-changing its function ("tile the weights, divide by the width ratio"). This is our construction for
-``lmlab.models.transformer.Transformer``; the paper gives no code for it.
+changing its function ("tile the weights, divide by the width ratio").
 
-``widen(model, d_model)`` with an integer ratio ``k = d_model / model.d_model`` returns a new Transformer
+``widen(model, d_model)`` widens any model whose spec (``lmlab.models.spec``) declares how; the others are
+refused in one sentence. ``tile_transformer`` is our construction for ``lmlab.models.transformer.Transformer``
+(the paper gives no code for it): with an integer ratio ``k = d_model / model.d_model`` it returns a new
+Transformer
 whose residual stream is the original one tiled ``k`` times, ``x' = [x, x, .., x]``:
 
 * token (and learned position) embeddings: columns tiled, not divided (a lookup sums nothing);
@@ -37,7 +39,7 @@ import torch
 from torch import nn
 
 from lmlab.errors import UserError
-from lmlab.models.transformer import Transformer
+from lmlab.models.spec import spec_of
 
 
 def _tile(weight: torch.Tensor, k: int, rows: bool, cols: bool) -> torch.Tensor:
@@ -56,12 +58,20 @@ def _tile_qkv(weight: torch.Tensor, k: int, d: int) -> torch.Tensor:
     return torch.cat([_tile(w, k, rows=True, cols=True) for w in (q, kk, v)]) / k
 
 
-def widen(model: Transformer, d_model: int) -> Transformer:
-    """A Transformer of width ``d_model`` (an integer multiple of ``model.d_model``) that computes the
-    same logits as ``model`` for every input and attention pattern (see the module docstring)."""
-    if type(model) is not Transformer:  # subclasses (a mixture of experts, say) have other blocks
-        raise UserError(f"widening needs a plain Transformer, got {type(model).__name__}: unset "
-                        "eval.flatness.embed_width or use model=transformer.")
+def widen(model: nn.Module, d_model: int) -> nn.Module:
+    """A model of width ``d_model`` that computes the same logits as ``model``, by the construction its spec
+    declares; a model that declares none is refused in one sentence."""
+    how = spec_of(model).widen
+    if how is None:
+        raise UserError(f"model {type(model).__name__} declares no widening in its spec: unset "
+                        "eval.flatness.embed_width or use a model that widens (model=transformer).")
+    return how(model, d_model)
+
+
+def tile_transformer(model: nn.Module, d_model: int) -> nn.Module:
+    """A Transformer (of ``model``'s own class, ``lmlab.models.transformer.Transformer`` or a subclass with its
+    constructor) of width ``d_model`` (an integer multiple of ``model.d_model``) that computes the same logits as
+    ``model`` for every input and attention pattern (see the module docstring)."""
     d = model.d_model
     if d_model < d or d_model % d:
         raise UserError(f"cannot widen d_model={d} to {d_model}: set embed_width to a multiple of every "
@@ -71,7 +81,7 @@ def widen(model: Transformer, d_model: int) -> Transformer:
     norm = "layernorm" if isinstance(model.norm, nn.LayerNorm) else "rmsnorm"
     mlp = first.mlp.kind if first is not None else "gelu"
     dropout = first.mlp.dropout.p if first is not None else 0.0
-    wide = Transformer(model.vocab_size, model.attention_kind, d_model=d_model, n_layers=model.n_layers,
+    wide = type(model)(model.vocab_size, model.attention_kind, d_model=d_model, n_layers=model.n_layers,
                        n_heads=k * model.n_heads, d_ff=k * model.d_ff, norm=norm, positions=model.positions,
                        max_len=model.max_len, dropout=dropout, tie_embeddings=False,
                        activation_checkpointing=model.activation_checkpointing, mlp=mlp,

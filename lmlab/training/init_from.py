@@ -1,4 +1,5 @@
-"""``init_from.run=<run dir>``: start a run from a finished run's weights, with a fresh optimiser and schedule.
+"""``init_from.run=<run dir>``: start a run from a finished run's weights, with a fresh optimiser and schedule;
+``init_from.hf=<checkpoint dir>``: start it from a local Hugging Face ``transformers`` checkpoint.
 
 The new run builds its own model from its own config (its data's vocabulary, its objective's attention);
 ``InitFrom.apply`` then fills it from the parent's ``model.pt`` (``lmlab.run_dir.load_backbone``), composing
@@ -25,6 +26,23 @@ the growth operators of ``lmlab.models.grow`` where the two models differ:
 With equal model settings and vocabulary the copy is exact. Any other difference (another architecture,
 another norm or MLP, a non-integer width ratio, fewer layers) is refused in one sentence naming what can change.
 
+**Import** (``init_from.hf``): a directory written by ``save_pretrained`` (``config.json``, the weights, and the
+fast tokenizer's ``tokenizer.json``, as ``lmlab export`` writes them; read offline). The model's Hugging Face
+adapter (its spec, ``lmlab.models.spec``: GPT-2, Arcee and Llama for ``model=transformer``, Mamba for
+``model=mamba``, Mamba-2 for ``model=mamba2``) turns the checkpoint's config into the run's architecture settings
+(``model.*``: ``hf_settings`` writes them into the run's config before anything is built, so the run directory
+records the model it trains) and its weights into the model's; the text data read the checkpoint's tokenizer
+(``data.tokenizer`` becomes ``Tokenizer.from_hf(<dir>)``, a fixed ``File`` tokenizer). A tokenizer in lmlab's
+layout (``[PAD] [BOS] [EOS] [MASK]`` = ids 0..3, as ``lmlab export`` writes it) keeps its ids and the model the
+checkpoint's vocabulary; any other (GPT-2's, say) gets lmlab's four special tokens as new ids 0..3 before its own
+ids, which move up by 4 (the shifted ``tokenizer.json`` lies in ``<cache_dir>/hf_tokenizers/``), and the
+embedding and LM head gain four rows, each a copy of the row of the token the checkpoint's
+``tokenizer_config.json`` gives the same role (``bos_token`` for ``[BOS]``, ...), or the mean row where it names
+none. Settings the checkpoint does not fix (dropout, activation checkpointing, a Mamba's scan implementation)
+stay the run's; a ``model.*`` override of one it fixes is refused. ``parent.json`` records the checkpoint as the
+parent. A checkpoint the model does not compute exactly (another activation, grouped-query attention, biases,
+another norm eps) is refused in one sentence.
+
 A resumed run (one that holds a checkpoint) does not initialise again: its weights come from the checkpoint,
 and its ``parent.json`` from its first start is kept.
 """
@@ -35,10 +53,11 @@ from pathlib import Path
 from typing import Any, Literal, Optional
 
 import torch
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig, OmegaConf, open_dict
 
 from lmlab.errors import UserError
 from lmlab.models.grow import EMBED, HEAD, deepen, n_blocks, residual_outputs, revocab, solar_layers, untie
+from lmlab.models.spec import declared_models, hf_adapter, importers, spec_of
 from lmlab.run_dir import (
     load_backbone,
     model_args,
@@ -55,6 +74,7 @@ from lmlab.vocab import N_SPECIAL
 # model settings that may differ from the parent's (the others must be equal)
 MAY_CHANGE = ("d_model", "n_layers", "n_heads", "d_ff", "tie_embeddings", "dropout", "activation_checkpointing",
               "sparsity", "max_len")
+HF_TOKENIZERS = "hf_tokenizers"  # in cache_dir: imported tokenizers given lmlab's special ids (init_from.hf)
 PARENT_METRICS = ("val/loss", "perplexity/loss", "perplexity/gap", "train/steps")
 
 
@@ -65,12 +85,14 @@ class InitFrom:
     they fit (``embeddings``: token embedding and LM head; ``head``: the LM head alone); ``depth``: how new
     layers start (``duplicate``: copies of the parent's; ``zero``: copies whose residual outputs are zero);
     ``layers``: the parent layer of every layer of the new model (null: SOLAR's map); ``map_shared_tokens``:
-    copy the embedding and head rows of tokens both vocabularies share."""
+    copy the embedding and head rows of tokens both vocabularies share; ``hf``: a local ``transformers``
+    checkpoint directory to import instead of a parent run."""
 
     def __init__(self, run: Optional[str] = None, reset: list[Literal["embeddings", "head"]] = (),
                  depth: Literal["duplicate", "zero"] = "duplicate", layers: Optional[list[NonNegative]] = None,
-                 map_shared_tokens: bool = True) -> None:
+                 map_shared_tokens: bool = True, hf: Optional[str] = None) -> None:
         self.run = None if run in (None, "") else Path(str(run)).expanduser().resolve()
+        self.hf = None if hf in (None, "") else Path(str(hf)).expanduser().resolve()
         self.reset = [str(r) for r in (reset or [])]
         self.depth = str(depth)
         self.layers = None if layers is None else [int(i) for i in layers]
@@ -174,13 +196,12 @@ class InitFrom:
         return self.record(operators)
 
     def _widen(self, parent: torch.nn.Module, model: torch.nn.Module) -> torch.nn.Module:
-        from lmlab.models.transformer import Transformer
         from lmlab.models.widen import widen
 
         d, d_new = parent.d_model, model.d_model
-        if type(parent) is not Transformer:
-            raise UserError(f"widening is defined for model=transformer, and the parent is a "
-                            f"{type(parent).__name__}: keep model.d_model={d}.")
+        if spec_of(parent).widen is None:
+            raise UserError(f"the parent's {type(parent).__name__} declares no widening (its spec), so it cannot "
+                            f"grow wider: keep model.d_model={d}.")
         if d_new < d or d_new % d:
             raise UserError(f"model.d_model={d_new} is not an integer multiple of the parent's d_model={d}: set it "
                             f"to {2 * d} (or another multiple of {d}), or keep {d}.")
@@ -261,11 +282,17 @@ def start_from(cfg: DictConfig, run_dir: Path, model: torch.nn.Module, source, a
     or, for a run that resumes from its checkpoint, return the ``parent.json`` of its first start. None when
     ``init_from.run`` is unset."""
     node = cfg.get("init_from")
-    if node is None or not node.get("run"):
+    if node is None or not (node.get("run") or node.get("hf")):
         return None
     if resuming:
         return read_parent(run_dir)
     init = InitFrom.from_config(node)
+    if init.hf is not None:
+        record = import_hf(init.hf, model)
+        if write:
+            write_parent(run_dir, record)
+            print(f"[lmlab] init_from {init.hf}: {'; '.join(record['operators'])}")
+        return record
     if init.run == Path(run_dir).resolve():
         raise UserError(f"init_from.run={init.run} is this run's own directory: point it at another, finished run.")
     record = init.apply(model, attention, cfg.model, getattr(source, "tokenizer", None))
@@ -306,3 +333,159 @@ def _parent_tokenizer(run: Path, pcfg: DictConfig):
                         "init_from.reset=[embeddings] init_from.map_shared_tokens=false.")
     source.restore_state(entry)
     return source.tokenizer
+
+
+# ----- a Hugging Face checkpoint as the parent (init_from.hf) -----
+
+def _checkpoint_config(directory: Path):
+    """The ``transformers`` config of the checkpoint ``directory`` (read offline), or a UserError naming the fix."""
+    from transformers import AutoConfig
+
+    if not (directory / "config.json").is_file():
+        raise UserError(f"init_from.hf={directory} holds no config.json: point it at a directory written by a "
+                        "transformers model's save_pretrained (or `lmlab export`).")
+    try:
+        return AutoConfig.from_pretrained(directory, local_files_only=True)
+    except (ValueError, KeyError, OSError) as e:
+        raise UserError(f"init_from.hf={directory} holds a config.json transformers cannot read ({e}): point it at "
+                        "a transformers checkpoint directory.") from None
+
+
+def _checkpoint(directory: Path) -> tuple[Any, dict[str, torch.Tensor]]:
+    """The checkpoint's config and float32 state dict, read offline by ``transformers`` itself (any of its
+    weight formats, sharded or not)."""
+    from transformers import AutoModelForCausalLM
+    from transformers.utils import logging as hf_logging
+
+    verbosity, bars = hf_logging.get_verbosity(), hf_logging.is_progress_bar_enabled()
+    hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()
+    try:
+        hf = AutoModelForCausalLM.from_pretrained(directory, local_files_only=True, dtype=torch.float32)
+    except (OSError, ValueError) as e:
+        raise UserError(f"transformers cannot load the checkpoint init_from.hf={directory} ({e}): point it at a "
+                        "directory written by save_pretrained.") from None
+    finally:
+        hf_logging.set_verbosity(verbosity)
+        if bars:
+            hf_logging.enable_progress_bar()
+    return hf.config, {k: v.detach() for k, v in hf.state_dict().items()}
+
+
+def _architecture(directory: Path, config) -> str:
+    names = getattr(config, "architectures", None) or []
+    if len(names) != 1:
+        raise UserError(f"init_from.hf={directory} names {len(names)} architectures in its config.json: import a "
+                        "causal LM checkpoint saved by save_pretrained (one architecture).")
+    return str(names[0])
+
+
+def hf_settings(cfg: DictConfig) -> DictConfig:
+    """``cfg`` with ``init_from.hf``'s architecture in ``model`` and its tokenizer in ``data.tokenizer`` (see the
+    module docstring); ``cfg`` itself when ``init_from.hf`` is unset. The pipeline calls it before the run's
+    config is written, so the run records what it trains."""
+    from hydra.utils import get_class
+
+    from lmlab.data.tokenizers import BPE, File, Tokenizer, hf_layout
+
+    node = cfg.get("init_from")
+    init = InitFrom.from_config(node) if node is not None else None
+    if init is None or init.hf is None:
+        return cfg
+    where = f"init_from.hf={init.hf}"
+    if init.run is not None:
+        raise UserError("init_from.run and init_from.hf are both set: start from one of them (set the other to null).")
+    if init.reset or init.layers is not None or init.depth != "duplicate":
+        raise UserError("init_from.reset, init_from.depth and init_from.layers apply to init_from.run: drop them "
+                        "with init_from.hf.")
+    if not init.hf.is_dir():
+        raise UserError(f"{where} is not a directory: point it at a local transformers checkpoint directory.")
+    config = _checkpoint_config(init.hf)
+    architecture = _architecture(init.hf, config)
+    target = str(cfg.model.get("_target_"))
+    cls = get_class(target)
+    adapter = hf_adapter(cls)
+    if architecture not in adapter.architectures:
+        fit = [c.__module__.rsplit(".", 1)[-1] for c in importers(architecture)]
+        known = sorted({a for c in declared_models() if c.spec.hf is not None for a in c.spec.hf.architectures})
+        hint = f"choose model={fit[0]}" if fit else f"import a checkpoint of a class lmlab reads ({', '.join(known)})"
+        raise UserError(f"{where} holds a {architecture}, which model={cls.__module__.rsplit('.', 1)[-1]} does not "
+                        f"import: {hint}.")
+    kwargs, _ = adapter.from_hf(*_checkpoint(init.hf))
+    clash = sorted(k for k in _model_overrides() if k in kwargs and cfg.model.get(k) != kwargs[k])
+    if clash:
+        keys = " ".join(f"model.{k}={cfg.model.get(k)}" for k in clash)
+        theirs = " ".join(f"{k}={kwargs[k]}" for k in clash)
+        raise UserError(f"{where} fixes the model's architecture ({theirs}), so {keys} would not take effect: drop "
+                        "the override.")
+    data = cfg.get("data")
+    tok = data.get("tokenizer") if data is not None else None
+    if tok is None:
+        raise UserError(f"{where} trains on text read with the checkpoint's tokenizer, and data={_name(data)} has no "
+                        "tokenizer: use data=text (or another text source).")
+    chosen = str(tok.get("_target_", ""))
+    if chosen not in (_path(BPE), _path(File)) or (chosen == _path(File) and tok.get("path") is not None):
+        raise UserError(f"{where} reads text with the checkpoint's tokenizer, not data.tokenizer ({chosen}): drop the "
+                        "data/tokenizer override.")
+    shift, _ = hf_layout(init.hf)
+    vocab = int(config.vocab_size) + shift
+    tokenizer = Tokenizer.from_hf(init.hf, vocab, Path(str(cfg.cache_dir)).expanduser() / HF_TOKENIZERS)
+    out = cfg.copy()
+    with open_dict(out):
+        for key, value in kwargs.items():
+            out.model[key] = value
+        out.data.tokenizer = OmegaConf.create({"_target_": _path(File), "path": str(tokenizer.path),
+                                               "vocab_size": vocab})
+    return out
+
+
+def _shift_rows(weight: torch.Tensor, shift: int, rows: dict[int, int | None]) -> torch.Tensor:
+    """``weight`` (V, d) with ``shift`` rows before it: row i a copy of ``weight[rows[i]]``, or the mean row."""
+    first = torch.stack([weight[rows[i]] if rows.get(i) is not None else weight.mean(0) for i in range(shift)])
+    return torch.cat([first, weight])
+
+
+def _model_overrides() -> set[str]:
+    """The ``model.<key>`` settings the command line of this job sets (none outside a Hydra job)."""
+    from hydra.core.hydra_config import HydraConfig
+
+    if not HydraConfig.initialized():
+        return set()
+    keys = (o.split("=", 1)[0].lstrip("+~") for o in HydraConfig.get().overrides.task)
+    return {k.removeprefix("model.") for k in keys if k.startswith("model.")}
+
+
+def _path(cls: type) -> str:
+    return f"{cls.__module__}.{cls.__qualname__}"
+
+
+def _name(data) -> str:
+    return str((data or {}).get("_target_", "none")).rsplit(".", 1)[-1]
+
+
+def import_hf(directory: Path, model: torch.nn.Module) -> dict[str, Any]:
+    """Fill ``model`` (built from the settings ``hf_settings`` wrote) with the checkpoint's weights, by its
+    adapter; the record ``parent.json`` keeps."""
+    from lmlab.data.tokenizers import SPECIAL_TOKENS, hf_layout
+
+    config, state = _checkpoint(directory)
+    architecture = _architecture(directory, config)
+    _, state = hf_adapter(model).from_hf(config, state)
+    operators = [f"import: {architecture} -> {type(model).__name__}"]
+    shift, rows = hf_layout(directory)
+    if shift:  # lmlab's special tokens are new ids before the checkpoint's: their rows start from the same roles'
+        for key in (EMBED, HEAD):
+            state[key] = _shift_rows(state[key], shift, rows)
+        if getattr(model, "tie_embeddings", False):
+            state[HEAD] = state[EMBED]
+        named = ", ".join(f"{SPECIAL_TOKENS[i]} from " + (f"id {j}" if j is not None else "the mean row")
+                          for i, j in rows.items())
+        operators.append(f"vocabulary: ids shifted by {shift} for lmlab's special tokens ({named})")
+    own = model.state_dict()
+    if set(state) != set(own) or any(own[k].shape != state[k].shape for k in own):
+        raise UserError(f"the weights of init_from.hf={directory} do not fit this run's model: leave the model's "
+                        "architecture settings to the checkpoint (drop the model.* overrides).")
+    model.load_state_dict({k: v.to(own[k].dtype) for k, v in state.items()})
+    return {"run": str(directory), "hf": str(directory), "architecture": architecture, "command": None,
+            "status": "imported", "operators": operators, "metrics": {},
+            "settings": {"hf": str(directory)}}

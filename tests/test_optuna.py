@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import os
 import signal
+import sqlite3
 import subprocess
 import sys
 from pathlib import Path
@@ -205,6 +206,7 @@ REFUSED = [
     (["hydra/sweeper/sampler=grid"], "optim.lr is an interval"),
     (["optim.weight_decay=tag(log,interval(0,0.1))"], "change its ends"),
     (["optim.weight_decay=tag(loq,interval(0,0.1))"], "unknown tag 'loq'"),
+    (["optim.lr=1e-3"], "nothing to search"),  # of a key given twice the last counts: no search space is left
 ]
 
 
@@ -226,3 +228,16 @@ def test_a_rerun_that_optimises_other_metrics_is_refused(lmlab):
     assert code == 2 and "optimises ['val/loss'] (minimize), not ['perplexity/gap']" in out, out
     code, out = lmlab("train", *search, "hydra.sweeper.direction=maximize")
     assert code == 2 and "not ['val/loss'] (maximize)" in out, out
+
+
+def test_a_study_stored_by_an_older_optuna_is_refused_with_the_upgrade_command(lmlab):
+    """A search started under optuna 2.10 (schema v2.6.0.a) is not opened, nor its trials run again: the refusal
+    names Optuna's upgrade command. (The study is made here by today's Optuna and its recorded schema set back.)"""
+    search = ["-m", "hydra/sweeper=optuna", "optim.lr=tag(log,interval(1e-4,1e-1))", "hydra.sweeper.n_trials=0"]
+    code, out = lmlab("train", *search)
+    assert code == 0, out
+    (db,) = lmlab.runs.rglob("optuna.db")
+    with sqlite3.connect(db) as c:
+        c.execute("update alembic_version set version_num = 'v2.6.0.a'")
+    code, out = lmlab("train", *search)
+    assert code == 2 and f"upgrade it with `optuna storage upgrade --storage sqlite:///{db.resolve()}`" in out, out

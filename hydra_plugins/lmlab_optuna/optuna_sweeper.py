@@ -321,6 +321,10 @@ class OptunaSweeper(Sweeper):
 
         self.sweep_dir.mkdir(parents=True, exist_ok=True)
         storage = self.storage or f"sqlite:///{self.sweep_dir.resolve() / DB}"
+        tables = optuna.storages.RDBStorage(storage, skip_compatibility_check=True)
+        if tables.get_current_version() != tables.get_head_version():  # a study of an older Optuna (e.g. 2.10)
+            raise UserError(f"the study in {storage} was stored by an older Optuna: upgrade it with `optuna storage "
+                            f"upgrade --storage {storage}`, then rerun the command.")
         study = optuna.create_study(storage=storage, study_name=self.study_name, sampler=sampler,
                                     directions=directions, load_if_exists=True)
         stored = [d.name.lower() for d in study.directions]
@@ -338,6 +342,9 @@ class OptunaSweeper(Sweeper):
         metrics, directions = self._objectives()
         given = [f"{k}={v}" for k, v in (self.params or {}).items()]
         space, fixed = search_space([*given, *arguments])
+        if not space:
+            raise UserError("hydra/sweeper=optuna has nothing to search: give a setting a search space, e.g. "
+                            "'optim.lr=tag(log,interval(1e-4,1e-1))'.")
         sampler, n_trials = self._sampler(space)
         study = self._study(sampler, metrics, directions)
         trials = study.get_trials(deepcopy=False)

@@ -300,8 +300,8 @@ class OptunaSweeper(Sweeper):
         if not metrics or len(set(metrics)) != len(metrics):
             raise UserError(f"hydra.sweeper.metrics={metrics} needs distinct metrics: list each once.")
         if len(directions) != len(metrics) or not set(directions) <= {"minimize", "maximize"}:
-            raise UserError(f"hydra.sweeper.direction={directions} does not match the {len(metrics)} metric(s) "
-                            f"{metrics}: give one minimize or maximize per metric.")
+            raise UserError(f"hydra.sweeper.direction={directions} does not fit the metrics {metrics}: give one "
+                            "minimize or maximize per metric.")
         return metrics, directions
 
     def _sampler(self, space: Dict[str, Any]) -> Tuple[Any, int]:

@@ -676,12 +676,15 @@ def _report(args: list[str]) -> None:
                         help="the metrics to report (default: every metric that differs between jobs)")
     parser.add_argument("--x", default=None, metavar="KEY",
                         help="a numeric swept setting: plot each metric against it, one line per other arm")
+    parser.add_argument("--scaling", action="store_true",
+                        help="scaling-law fits of the sweep's runs (lmlab.report.scaling; --compare key=a,b: the "
+                        "compute multiplier between two recipes, --metric: the loss fitted)")
     parser.add_argument("--paper", action="store_true", help="the same-loss paper report, whatever the jobs' name")
     parser.add_argument("--tolerance", type=float, default=None,
                         help="paper report: largest gap to the optimum (nats) that counts as the same loss")
     parser.add_argument("--compare", default=None, metavar="DIR",
                         help="paper report: another rerun's directory (e.g. other seeds); adds whether each decided "
-                        "verdict agrees between the two")
+                        "verdict agrees between the two. With --scaling: key=a,b, the two recipes to compare")
     ns = parser.parse_args(args)
     paths = [Path(p) for p in ns.paths]
     for p in paths:
@@ -696,6 +699,15 @@ def _report(args: list[str]) -> None:
             how = f"  init_from: {'; '.join(run_dir.read_parent(chain[depth - 1]).get('operators', ['?']))}" \
                 if depth else ""
             print(f"{'  ' * depth}{'<- ' if depth else ''}{run}  [{run_dir.status(run)}]  {command}{how}")
+        return
+    if ns.scaling:
+        from lmlab.report import scaling
+
+        try:
+            out = scaling.write_report(paths, ns.compare, ns.metric[0] if ns.metric else None)
+        except UserError as e:
+            _fail(str(e))
+        print(f"[lmlab] scaling report: {out}")
         return
     from lmlab.report import sweep
 

@@ -73,4 +73,4 @@ def wsd(step: int, total: int, warmup: Fraction = 0.01, decay: Fraction = 0.2,
     start = total - n_decay
     if step < start:
         return 1.0
-    return decay_shape(min(1.0, (step - start) / n_decay), shape, min_ratio)
+    return decay_shape(min(1.0, (step - start) / n_decay) if n_decay else 1.0, shape, min_ratio)

@@ -27,6 +27,8 @@ def test_wsd_warmup_stable_and_each_decay_shape():
 
 def test_wsd_without_warmup_or_decay_is_constant():
     assert [schedule.wsd(s, 50, warmup=0.0, decay=0.0) for s in range(50)] == [1.0] * 50
+    # a run too short for one decay step (int(0.2 * 4) = 0) trains at the base rate; the step after it is the end
+    assert [schedule.wsd(s, 4, warmup=0.0, decay=0.2, min_ratio=0.1) for s in range(5)] == [1.0] * 4 + [0.1]
 
 
 def test_wsd_refuses_a_warmup_and_decay_longer_than_the_run_and_an_unknown_shape():

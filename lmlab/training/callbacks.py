@@ -1,9 +1,10 @@
 """Callbacks of the training loop: the progress bar, the divergence guard, the training loss over the last
-steps, and evaluations along the way."""
+steps, evaluations along the way, and the kept checkpoints of a trajectory."""
 
 from __future__ import annotations
 
 import sys
+from pathlib import Path
 from typing import Any, Callable
 
 import lightning as L
@@ -150,3 +151,81 @@ class EvaluateEvery(L.Callback):
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         self.history = list(state_dict.get("history", []))
+
+
+KEPT = "step-{step}.ckpt"  # in the run's checkpoints folder: the kept checkpoint of a step
+
+
+def kept_checkpoint(run_dir: str | Path, step: int) -> Path:
+    from lmlab.run_dir import CHECKPOINTS
+
+    return Path(run_dir) / CHECKPOINTS / KEPT.format(step=step)
+
+
+def planned_steps(max_steps: int, steps: list[int] | None = None, log: int | None = None,
+                  every: int | None = None) -> list[int]:
+    """The steps whose checkpoints a run keeps: the listed ``steps`` (those within the run), ``log`` log-spaced
+    steps from 1 to ``max_steps`` (round(max_steps^(i / (log - 1))), i = 0 .. log - 1, duplicates merged, as
+    Pythia's early log-spaced checkpoints), and every ``every``-th step; sorted, each once."""
+    planned = {int(s) for s in (steps or []) if 0 <= int(s) <= max_steps}
+    if log:
+        planned |= {1, max_steps} if log > 1 else {max_steps}
+        if log > 1:
+            planned |= {int(round(max_steps ** (i / (log - 1)))) for i in range(log)}
+    if every:
+        planned |= set(range(every, max_steps + 1, every))
+    return sorted(planned)
+
+
+class KeepCheckpoints(L.Callback):
+    """Keeps the full resumable checkpoint of each planned step (``planned_steps``) as
+    ``<run dir>/checkpoints/step-<n>.ckpt``, for evaluations along a trajectory and cooldown branches.
+
+    The plan is a function of the settings and ``max_steps`` only, so a run killed and resumed keeps exactly the
+    planned steps: a step replayed after a resume whose checkpoint is already on disk, whole, is not written again
+    (training is deterministic in the step, so it would be the same state), and a checkpoint cut short by a kill
+    is written again when its step is replayed. Step 0 (the initial weights) is kept when listed."""
+
+    def __init__(self, steps: list[int] | None = None, log: int | None = None, every: int | None = None) -> None:
+        from lmlab.errors import UserError
+
+        for name, value in (("log", log), ("every", every)):
+            if value is not None and (isinstance(value, bool) or int(value) != value or value < 1):
+                raise UserError(f"callbacks.trajectory.{name}={value!r} must be a positive integer: fix it or set "
+                                "it to null.")
+        if not (steps or log or every):
+            raise UserError("the kept checkpoints need a plan: set steps (a list), log (how many log-spaced steps) "
+                            "or every (a step interval).")
+        self.listed, self.log_count, self.interval = list(steps or []), log, every
+        self.planned: set[int] = set()
+
+    def setup(self, trainer, pl_module, stage: str) -> None:
+        self.planned = set(planned_steps(int(trainer.max_steps), self.listed, self.log_count, self.interval))
+
+    def _keep(self, trainer) -> None:
+        step = trainer.global_step
+        if step not in self.planned:
+            return
+        from lmlab.io import zip_intact
+
+        path = kept_checkpoint(trainer.default_root_dir, step)
+        # decided on rank 0 for every rank: saving is collective
+        if not trainer.strategy.broadcast(not (path.exists() and zip_intact(path))):
+            return
+        if trainer.is_global_zero:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            path.unlink(missing_ok=True)  # a damaged one: replaced, not kept as the "previous" of the new one
+        trainer.save_checkpoint(path)
+
+    def on_train_start(self, trainer, pl_module) -> None:
+        self._keep(trainer)  # step 0, or a resumed step already kept (then nothing is written)
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        self._keep(trainer)
+
+
+def kept_steps(run_dir: str | Path) -> list[int]:
+    """The steps of the checkpoints a run kept (``checkpoints/step-<n>.ckpt``), sorted."""
+    folder = kept_checkpoint(run_dir, 0).parent
+    names = (p.name for p in folder.glob(KEPT.format(step="*"))) if folder.is_dir() else ()
+    return sorted(int(n[len("step-"):-len(".ckpt")]) for n in names if n[len("step-"):-len(".ckpt")].isdigit())

@@ -11,9 +11,10 @@ and the training module calls it with the trainer's ``max_steps`` as ``total``.
 from __future__ import annotations
 
 import math
+from typing import Optional
 
 from lmlab.errors import UserError
-from lmlab.settings import Fraction, Literal
+from lmlab.settings import Fraction, Literal, NonNegative
 
 
 def _phase(step: int, total: int, warmup: float) -> tuple[float | None, float]:
@@ -58,16 +59,24 @@ def decay_shape(progress: float, shape: str, min_ratio: float) -> float:
 
 
 def wsd(step: int, total: int, warmup: Fraction = 0.01, decay: Fraction = 0.2,
-        shape: DecayShape = "1-sqrt", min_ratio: Fraction = 0.0) -> float:
-    """Warmup-stable-decay: linear warmup over the first int(warmup * total) steps, the base rate, then a decay
-    of ``shape`` to ``min_ratio`` over the last int(decay * total) steps (the multiplier at step
-    total - n_decay + i is the shape at progress i / n_decay)."""
+        shape: DecayShape = "1-sqrt", min_ratio: Fraction = 0.0, warmup_steps: Optional[NonNegative] = None,
+        decay_steps: Optional[NonNegative] = None) -> float:
+    """Warmup-stable-decay: linear warmup over the first n_warmup steps, the base rate, then a decay of ``shape``
+    to ``min_ratio`` over the last n_decay steps (the multiplier at step total - n_decay + i is the shape at
+    progress i / n_decay). n_warmup = ``warmup_steps``, else int(warmup * total); n_decay = ``decay_steps``,
+    else int(decay * total). Steps in absolute numbers keep a cooldown branch, whose total is its branching
+    step plus its decay, on its parent's warmup."""
     if shape not in DECAY_SHAPES:
         raise UserError(f"schedule.shape={shape!r} is not a decay shape: use one of {', '.join(DECAY_SHAPES)}.")
     if warmup + decay > 1:
         raise UserError(f"schedule.warmup={warmup} and schedule.decay={decay} add up to more than the run: lower "
                         "one so that warmup + decay <= 1.")
-    n_warm, n_decay = int(warmup * total), int(decay * total)
+    n_warm = int(warmup * total) if warmup_steps is None else int(warmup_steps)
+    n_decay = int(decay * total) if decay_steps is None else int(decay_steps)
+    if n_warm + n_decay > total:
+        raise UserError(f"the schedule's warmup ({n_warm} steps) and decay ({n_decay} steps) add up to more than the "
+                        f"run's {total} steps: lower schedule.warmup_steps or schedule.decay_steps, or raise "
+                        "max_steps.")
     if step < n_warm:
         return (step + 1) / n_warm
     start = total - n_decay

@@ -36,6 +36,17 @@ def test_wsd_refuses_a_warmup_and_decay_longer_than_the_run_and_an_unknown_shape
         schedule.wsd(0, 100, warmup=0.5, decay=0.6)
     with pytest.raises(UserError, match="not a decay shape"):
         schedule.wsd(0, 100, shape="sqrt")
+    with pytest.raises(UserError, match="add up to more than the run's 100 steps"):
+        schedule.wsd(0, 100, warmup_steps=30, decay_steps=71)
+
+
+def test_wsd_steps_in_absolute_numbers_win_over_the_fractions():
+    # a branch of 60 steps decaying over its last 20, warmed up over 10 as its parent was
+    lr = [schedule.wsd(s, 60, warmup=0.5, decay=0.5, shape="linear", warmup_steps=10, decay_steps=20)
+          for s in range(61)]
+    assert lr[:10] == pytest.approx([(s + 1) / 10 for s in range(10)])
+    assert lr[10:40] == [1.0] * 30
+    assert lr[40:] == pytest.approx([1 - i / 20 for i in range(21)])
 
 
 def test_wsd_from_the_command_line_ends_at_min_ratio(lmlab):

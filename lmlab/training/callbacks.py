@@ -11,6 +11,7 @@ import lightning as L
 import torch
 from lightning.pytorch.callbacks import RichProgressBar, TQDMProgressBar
 from lightning.pytorch.utilities.exceptions import SIGTERMException
+from omegaconf import OmegaConf
 
 
 def progress_bar(refresh_rate: int = 50) -> L.Callback:
@@ -229,3 +230,47 @@ def kept_steps(run_dir: str | Path) -> list[int]:
     folder = kept_checkpoint(run_dir, 0).parent
     names = (p.name for p in folder.glob(KEPT.format(step="*"))) if folder.is_dir() else ()
     return sorted(int(n[len("step-"):-len(".ckpt")]) for n in names if n[len("step-"):-len(".ckpt")].isdigit())
+
+
+def start_branch(cfg, run_dir: str | Path) -> Path | None:
+    """A cooldown branch (``branch.run``, ``branch.step``): the run starts from the parent's kept checkpoint of
+    that step (``callbacks=trajectory`` kept it), weights, optimiser state, step and data order included, written
+    as this run's ``last.ckpt`` so that training resumes from it with this run's ``max_steps`` and schedule
+    (``schedule=wsd`` with ``decay_steps``: only the decay). Returns the parent's checkpoint, or None when the run
+    is no branch or already holds its own checkpoint (an interrupted branch resumes from that)."""
+    from lmlab.errors import UserError
+    from lmlab.io import torch_save, zip_intact
+    from lmlab.run_dir import CHECKPOINTS, CONFIG, LAST_CHECKPOINT, previous_checkpoint, read_config
+
+    node = cfg.get("branch")
+    if node is None or not node.get("run"):
+        return None
+    last = Path(run_dir) / CHECKPOINTS / LAST_CHECKPOINT
+    if last.exists() or previous_checkpoint(last).exists():
+        return None
+    parent, step = Path(str(node.run)).expanduser(), node.get("step")
+    if isinstance(step, bool) or not isinstance(step, int) or step < 0:
+        raise UserError(f"branch.step={step!r} must be the step of one of the parent's kept checkpoints: set it.")
+    if parent.resolve() == Path(run_dir).resolve():
+        raise UserError(f"branch.run={parent} is this run's own directory: point it at the parent run.")
+    source = kept_checkpoint(parent, step)
+    if not source.exists():
+        kept = kept_steps(parent)
+        raise UserError(f"the run {parent} kept no checkpoint of step {step} (it kept {kept or 'none'}): branch at a "
+                        "kept step, or train the parent with callbacks=trajectory keeping that step.")
+    if not zip_intact(source):
+        raise UserError(f"{source} is damaged: branch at another kept step of {parent}.")
+    if step >= int(cfg.max_steps):
+        raise UserError(f"branch.step={step} is not before max_steps={cfg.max_steps}: a branch trains on from its "
+                        "step, so set max_steps to the step plus the decay.")
+    if (parent / CONFIG).exists():
+        theirs = read_config(parent)
+        def plain(value):
+            return OmegaConf.to_container(value, resolve=True) if OmegaConf.is_config(value) else value
+
+        for key in ("model", "objective", "data", "optim", "batch_size", "seed"):
+            if plain(theirs.get(key)) != plain(cfg.get(key)):
+                raise UserError(f"the branch's {key} differs from its parent's ({parent}): a cooldown branch "
+                                f"continues the same training, so leave {key} as the parent set it.")
+    torch_save(torch.load(source, map_location="cpu", weights_only=True), last)
+    return source

@@ -703,6 +703,9 @@ def _report(args: list[str]) -> None:
     if ns.scaling:
         from lmlab.report import scaling
 
+        if ns.baseline or ns.x or ns.paper or ns.tolerance is not None or len(ns.metric) > 1:
+            _fail("the scaling report takes --compare key=a,b and one --metric only: drop --baseline, --x, --paper "
+                  "and --tolerance, or drop --scaling.")
         try:
             out = scaling.write_report(paths, ns.compare, ns.metric[0] if ns.metric else None)
         except UserError as e:

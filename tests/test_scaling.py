@@ -61,6 +61,10 @@ def test_parametric_fit_is_exact_on_noise_free_points_with_e_free_or_pinned():
         assert p.pinned_e == (pinned is not None)
         assert (p.E, p.alpha, p.beta) == pytest.approx((E, ALPHA, BETA), rel=1e-3)
         assert (p.A, p.B) == pytest.approx((A, B), rel=2e-2)
+        assert scaling.at_bounds(p) == []
+    # two sizes and three budgets cannot determine five parameters on points that are not from the law's form
+    N, D = (v.ravel() for v in np.meshgrid([1e6, 1e7], [1e8, 1e9, 1e10]))
+    assert scaling.at_bounds(scaling.fit_parametric(N, D, [3.3, 3.2, 3.15, 3.0, 2.98, 2.76])) != []
 
 
 def test_pinned_e_is_refused_above_a_loss():

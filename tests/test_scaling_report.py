@@ -61,11 +61,13 @@ def test_points_read_sizes_and_tokens_from_the_records(sweep):
         assert p.k > 6  # the transformer's own count adds the head and attention to 6 N
 
 
-def test_scaling_report_fits_the_law_and_the_multiplier(sweep, lmlab):
+def test_scaling_report_fits_the_law_and_the_multiplier(sweep, lmlab, monkeypatch):
+    monkeypatch.setattr(scaling, "RESAMPLES", 20)  # noise-free points: every resample refits the same law
     code, out = lmlab("report", str(sweep), "--scaling", "--compare", "objective=clm,mlm")
     assert code == 0, out
     md = (sweep / "report.md").read_text()
     assert (sweep / "scaling.png").stat().st_size > 0
+    assert "(20 resamples)" in md
     # noise-free points: approach 3 finds the law, with E free and pinned to the recorded optimum
     rows = re.findall(r"\| E (free|pinned) \| ([\d.]+)[^|]*\|[^|]*\|[^|]*\| ([\d.]+) [^|]*\| ([\d.]+) ", md)
     assert len(rows) == 4, md  # two recipes x (E free, E pinned)
@@ -81,6 +83,8 @@ def test_scaling_report_refuses_a_compare_that_is_not_two_recipes(sweep, lmlab):
     assert code == 2 and "key=a,b" in out, out
     code, out = lmlab("report", str(sweep), "--scaling", "--compare", "objective=clm,emo")
     assert code == 2 and "objective=emo" in out, out
+    code, out = lmlab("report", str(sweep), "--scaling", "--x", "max_steps")  # would not take effect: refused
+    assert code == 2 and "drop --baseline, --x" in out, out
 
 
 def test_tokens_per_row_of_each_kind_of_data():

@@ -14,7 +14,9 @@ Compute-Optimal Large Language Models" (Chinchilla), arXiv 2203.15556, section 3
   minimise the sum of Huber losses (delta 1e-3) of log L_hat - log L with log L_hat = LSE(a - alpha log N,
   b - beta log D, e) (A = exp a, B = exp b, E = exp e), by L-BFGS from a grid of starts (the paper's grid:
   alpha, beta in {0, 0.5, .., 2}, e in {-1, -.5, .., 1}, a, b in {0, 5, .., 25}; L-BFGS runs from the
-  ``starts`` best points of the grid, the paper runs it from all of them). E may be pinned to a known value
+  ``starts`` best points of the grid, the paper runs it from all of them; the parameters are bounded,
+  ``BOUNDS``, so that a ladder too small to pin them down ends at a bound instead of overflowing; exponents
+  stay positive). E may be pinned to a known value
   (the exact optimum of a synthetic source) instead of fitted. Intervals: the percentile bootstrap over the
   points (resample the points with replacement, refit; each refit starts from the full fit and from the best
   points of the grid on the resample). The compute-optimal allocation under C = k N D is N_opt = G (C/k)^a
@@ -234,12 +236,18 @@ def _grid_values(grid, x, y, logl, e_fixed) -> np.ndarray:
     return np.where(absr <= HUBER_DELTA, 0.5 * r * r, HUBER_DELTA * (absr - 0.5 * HUBER_DELTA)).sum(axis=1)
 
 
+BOUNDS = {"a": (-30.0, 60.0), "b": (-30.0, 60.0), "e": (-10.0, 5.0), "alpha": (1e-4, 4.0), "beta": (1e-4, 4.0)}
+
+
 def _minimise(x, y, logl, e_fixed, starts: np.ndarray) -> np.ndarray:
     from scipy.optimize import minimize
 
+    keys = ("a", "b", "e", "alpha", "beta") if e_fixed is None else ("a", "b", "alpha", "beta")
+    bounds = [BOUNDS[k] for k in keys]
     best, best_value = None, math.inf
     for s in starts:
-        res = minimize(_objective, s, args=(x, y, logl, e_fixed), jac=True, method="L-BFGS-B",
+        s = np.clip(s, [b[0] for b in bounds], [b[1] for b in bounds])
+        res = minimize(_objective, s, args=(x, y, logl, e_fixed), jac=True, method="L-BFGS-B", bounds=bounds,
                        options={"maxiter": 2000, "ftol": 1e-15, "gtol": 1e-10})
         if np.all(np.isfinite(res.x)) and res.fun < best_value:
             best, best_value = res.x, res.fun
@@ -257,6 +265,15 @@ def _to_law(theta, e_fixed) -> Parametric:
 def _theta(law: Parametric) -> np.ndarray:
     head = [math.log(law.A), math.log(law.B)] + ([] if law.pinned_e else [math.log(law.E)])
     return np.asarray(head + [law.alpha, law.beta])
+
+
+def at_bounds(law: Parametric, tol: float = 1e-6) -> list[str]:
+    """The parameters of a fit that ended at a bound of the search (``BOUNDS``): the points do not determine
+    them."""
+    values = {"a": math.log(law.A), "b": math.log(law.B), "alpha": law.alpha, "beta": law.beta}
+    if not law.pinned_e:
+        values["e"] = math.log(law.E)
+    return [k for k, v in values.items() if min(abs(v - BOUNDS[k][0]), abs(v - BOUNDS[k][1])) <= tol * max(1, abs(v))]
 
 
 def fit_parametric(N, D, L, E: float | None = None, starts: int = 8, init: Parametric | None = None) -> Parametric:
@@ -550,7 +567,7 @@ def _downstream_metrics(points: list[Point]) -> dict[str, tuple[float, float | N
     return out
 
 
-def fit_recipe(recipe: str, points: list[Point], resamples: int = RESAMPLES, seed: int = 0) -> RecipeFits:
+def fit_recipe(recipe: str, points: list[Point], resamples: int, seed: int = 0) -> RecipeFits:
     """Every approach on one recipe's points; an approach the points cannot support is noted, not fitted."""
     N, D, L, k = (np.array([getattr(p, a) for p in points]) for a in ("N", "D", "loss", "k"))
     out = RecipeFits(recipe, points, _optimum(points))
@@ -559,18 +576,22 @@ def fit_recipe(recipe: str, points: list[Point], resamples: int = RESAMPLES, see
             continue
         try:
             out.fits[label] = bootstrap_parametric(N, D, L, E=pinned, resamples=resamples, seed=seed)
+            bounded = at_bounds(out.fits[label].law)
+            if bounded:
+                out.notes.append(f"approach 3 ({label}) ended at the bound of the search in {', '.join(bounded)}: "
+                                 "these runs do not determine the law; add sizes and budgets.")
         except UserError as e:
-            out.notes.append(f"approach 3 ({label}): {e}")
+            out.notes.append(f"approach 3 ({label}) not fitted: {e}")
     for name, fit in (("envelope", envelope), ("isoflop", isoflop)):
         try:
             setattr(out, name, fit(N, D, L, k))
         except UserError as e:
-            out.notes.append(f"approach {1 if name == 'envelope' else 2}: {e}")
+            out.notes.append(f"approach {1 if name == 'envelope' else 2} not fitted: {e}")
     for metric, (floor, ceiling) in _downstream_metrics(points).items():
         try:
             out.downstream[metric] = fit_downstream(L, [p.metrics[metric] for p in points], floor, ceiling)
         except UserError as e:
-            out.notes.append(f"{metric}: {e}")
+            out.notes.append(f"{metric} against loss not fitted: {e}")
     return out
 
 
@@ -613,7 +634,7 @@ def to_markdown(sweeps, recipes: list[RecipeFits], compare, multiplier: Multipli
         for metric, d in r.downstream.items():
             md.append(f"- {metric} against loss: floor {_g(d.floor, 3)}, ceiling {_g(d.ceiling, 3)} "
                       f"({'exact' if d.fixed_ceiling else 'fitted'}), k {_g(d.k, 3)}, L0 {_g(d.L0, 4)}")
-        md += [f"- not fitted: {n}" for n in r.notes]
+        md += [f"- {n}" for n in r.notes]
         md.append("")
     if multiplier is not None:
         b, a = compare[1][1], compare[1][0]
@@ -657,8 +678,7 @@ def plot_fits(recipes: list[RecipeFits], out: Path) -> Path:
     return path
 
 
-def write_report(sweeps, compare: str | None = None, metric: str | None = None, resamples: int = RESAMPLES
-                 ) -> Path:
+def write_report(sweeps, compare: str | None = None, metric: str | None = None) -> Path:
     """``lmlab report --scaling``: fit the finished runs of ``sweeps`` (per recipe with ``compare`` = "key=a,b")
     and write ``report.md`` and ``scaling.png`` into the first sweep directory."""
     from lmlab.io import write_text
@@ -667,7 +687,7 @@ def write_report(sweeps, compare: str | None = None, metric: str | None = None, 
     pair = parse_compare(compare)
     points = load_points(sweeps, pair, metric)
     names = pair[1] if pair else [""]
-    recipes = [fit_recipe(n, [p for p in points if p.recipe == n], resamples, seed=i) for i, n in enumerate(names)]
+    recipes = [fit_recipe(n, [p for p in points if p.recipe == n], RESAMPLES, seed=i) for i, n in enumerate(names)]
     multiplier = None
     if pair is not None and all("E free" in r.fits for r in recipes):
         ks = [float(np.exp(np.mean(np.log([p.k for p in r.points])))) for r in recipes]

@@ -154,9 +154,14 @@ report.csv or report.json, and PNG plots) into the first directory:
   analysis=paper    the same-loss experiment directory (conf/experiment/same_loss/): the claim-by-claim report
                       tolerance=0.05                  the largest gap to the optimum (nats) that is the same loss
                       compare=<dir>                   another rerun: whether each decided verdict agrees
+  analysis=scaling  sweeps of model sizes x budgets (experiment=ladder): Chinchilla fits and, with compare,
+                    the compute multiplier between two recipes (docs/scaling.md)
+                      metric=[val/loss]               the loss fitted (default: perplexity/loss, else val/loss)
+                      compare=objective=clm,mlm       the two recipes, one swept setting and its two values
   analysis=lineage  one run's directory: its chain of init_from parents
 analysis=null (the default) chooses from the directories: one run's, lineage; same-loss experiments, paper.
-The flags --baseline k=v, --metric a b, --x k, --paper, --tolerance t and --compare dir stand for these overrides.
+The flags --baseline k=v, --metric a b, --x k, --paper, --scaling, --tolerance t and --compare v stand for these
+overrides.
 Quote a value with a comma for the shell: baseline='{{selection:random,seed:0}}'.
 """
 
@@ -829,6 +834,16 @@ def _sweep_report(cfg: DictConfig, paths: list[Path]) -> None:
           f"arms, {unfinished} not finished){f', {len(report.plots)} plots' if report.plots else ''}")
 
 
+def _scaling(cfg: DictConfig, paths: list[Path]) -> None:
+    """Sweeps of sizes x budgets: scaling-law fits and compute multipliers (``lmlab.report.scaling``)."""
+    from lmlab.report import scaling
+
+    if len(cfg.metric or []) > 1:
+        raise UserError("the scaling report fits one loss: pass one metric, e.g. metric=[val/loss].")
+    out = scaling.write_report(paths, cfg.compare, cfg.metric[0] if cfg.metric else None)
+    print(f"[lmlab] scaling report: {out}")
+
+
 @dataclass(frozen=True)
 class Analysis:
     run: Callable[[DictConfig, list[Path]], None]
@@ -838,6 +853,7 @@ class Analysis:
 # the analyses of `lmlab report`, chosen with analysis=<name> (``_analysis_of`` chooses when it is null)
 ANALYSES = {"sweep": Analysis(_sweep_report, ("baseline", "metric", "x")),
             "paper": Analysis(_paper, ("tolerance", "compare")),
+            "scaling": Analysis(_scaling, ("metric", "compare")),
             "lineage": Analysis(_lineage, ())}
 REPORT_SETTINGS = ("baseline", "metric", "x", "tolerance", "compare")
 
@@ -914,8 +930,8 @@ def _report_flags(args: list[str]) -> list[str]:
             out.append(f"tolerance={values[0]}")
         elif flag == "--compare":
             out.append(f"compare={_quoted(values[0])}")
-        elif flag == "--paper":
-            out.append("analysis=paper")
+        elif flag in ("--paper", "--scaling"):
+            out.append(f"analysis={flag[2:]}")
         else:
             out.append(flag)
     if baseline:

@@ -52,7 +52,15 @@ from lmlab.run_dir import (
     write_results,
 )
 from lmlab.selection.base import Selection
-from lmlab.training.callbacks import Diverged, DivergenceGuard, EvaluateEvery, LastValidation, LossWindow, SaveOnTerm
+from lmlab.training.callbacks import (
+    Diverged,
+    DivergenceGuard,
+    EvaluateEvery,
+    LastValidation,
+    LossWindow,
+    SaveOnTerm,
+    start_branch,
+)
 from lmlab.training.init_from import hf_settings, start_from
 from lmlab.training.module import AtomicCheckpointIO, LMModule
 
@@ -187,6 +195,7 @@ def _train(cfg: DictConfig, run_dir: Path, command: str) -> dict[str, Any]:
         clear_failed(run_dir)
         write_config(run_dir, cfg)
         write_command(run_dir, command)
+        start_branch(cfg, run_dir)  # a cooldown branch: its parent's kept checkpoint becomes its last.ckpt
     L.seed_everything(cfg.seed, workers=True, verbose=False)
 
     objective, source, model, evaluators, splits = build(cfg)

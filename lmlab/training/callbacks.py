@@ -1,15 +1,17 @@
 """Callbacks of the training loop: the progress bar, the divergence guard, the training loss over the last
-steps, and evaluations along the way."""
+steps, evaluations along the way, and the kept checkpoints of a trajectory."""
 
 from __future__ import annotations
 
 import sys
+from pathlib import Path
 from typing import Any, Callable
 
 import lightning as L
 import torch
 from lightning.pytorch.callbacks import RichProgressBar, TQDMProgressBar
 from lightning.pytorch.utilities.exceptions import SIGTERMException
+from omegaconf import OmegaConf
 
 
 def progress_bar(refresh_rate: int = 50) -> L.Callback:
@@ -150,3 +152,125 @@ class EvaluateEvery(L.Callback):
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         self.history = list(state_dict.get("history", []))
+
+
+KEPT = "step-{step}.ckpt"  # in the run's checkpoints folder: the kept checkpoint of a step
+
+
+def kept_checkpoint(run_dir: str | Path, step: int) -> Path:
+    from lmlab.run_dir import CHECKPOINTS
+
+    return Path(run_dir) / CHECKPOINTS / KEPT.format(step=step)
+
+
+def planned_steps(max_steps: int, steps: list[int] | None = None, log: int | None = None,
+                  every: int | None = None) -> list[int]:
+    """The steps whose checkpoints a run keeps: the listed ``steps`` (those within the run), ``log`` log-spaced
+    steps from 1 to ``max_steps`` (round(max_steps^(i / (log - 1))), i = 0 .. log - 1, duplicates merged, as
+    Pythia's early log-spaced checkpoints), and every ``every``-th step; sorted, each once."""
+    planned = {int(s) for s in (steps or []) if 0 <= int(s) <= max_steps}
+    if log:
+        planned |= {1, max_steps} if log > 1 else {max_steps}
+        if log > 1:
+            planned |= {int(round(max_steps ** (i / (log - 1)))) for i in range(log)}
+    if every:
+        planned |= set(range(every, max_steps + 1, every))
+    return sorted(planned)
+
+
+class KeepCheckpoints(L.Callback):
+    """Keeps the full resumable checkpoint of each planned step (``planned_steps``) as
+    ``<run dir>/checkpoints/step-<n>.ckpt``, for evaluations along a trajectory and cooldown branches.
+
+    The plan is a function of the settings and ``max_steps`` only, so a run killed and resumed keeps exactly the
+    planned steps: a step replayed after a resume whose checkpoint is already on disk, whole, is not written again
+    (training is deterministic in the step, so it would be the same state), and a checkpoint cut short by a kill
+    is written again when its step is replayed. Step 0 (the initial weights) is kept when listed."""
+
+    def __init__(self, steps: list[int] | None = None, log: int | None = None, every: int | None = None) -> None:
+        from lmlab.errors import UserError
+
+        for name, value in (("log", log), ("every", every)):
+            if value is not None and (isinstance(value, bool) or int(value) != value or value < 1):
+                raise UserError(f"callbacks.trajectory.{name}={value!r} must be a positive integer: fix it or set "
+                                "it to null.")
+        if not (steps or log or every):
+            raise UserError("the kept checkpoints need a plan: set steps (a list), log (how many log-spaced steps) "
+                            "or every (a step interval).")
+        self.listed, self.log_count, self.interval = list(steps or []), log, every
+        self.planned: set[int] = set()
+
+    def setup(self, trainer, pl_module, stage: str) -> None:
+        self.planned = set(planned_steps(int(trainer.max_steps), self.listed, self.log_count, self.interval))
+
+    def _keep(self, trainer) -> None:
+        step = trainer.global_step
+        if step not in self.planned:
+            return
+        from lmlab.io import zip_intact
+
+        path = kept_checkpoint(trainer.default_root_dir, step)
+        # decided on rank 0 for every rank: saving is collective
+        if not trainer.strategy.broadcast(not (path.exists() and zip_intact(path))):
+            return
+        if trainer.is_global_zero:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            path.unlink(missing_ok=True)  # a damaged one: replaced, not kept as the "previous" of the new one
+        trainer.save_checkpoint(path)
+
+    def on_train_start(self, trainer, pl_module) -> None:
+        self._keep(trainer)  # step 0, or a resumed step already kept (then nothing is written)
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        self._keep(trainer)
+
+
+def kept_steps(run_dir: str | Path) -> list[int]:
+    """The steps of the checkpoints a run kept (``checkpoints/step-<n>.ckpt``), sorted."""
+    folder = kept_checkpoint(run_dir, 0).parent
+    names = (p.name for p in folder.glob(KEPT.format(step="*"))) if folder.is_dir() else ()
+    return sorted(int(n[len("step-"):-len(".ckpt")]) for n in names if n[len("step-"):-len(".ckpt")].isdigit())
+
+
+def start_branch(cfg, run_dir: str | Path) -> Path | None:
+    """A cooldown branch (``branch.run``, ``branch.step``): the run starts from the parent's kept checkpoint of
+    that step (``callbacks=trajectory`` kept it), weights, optimiser state, step and data order included, written
+    as this run's ``last.ckpt`` so that training resumes from it with this run's ``max_steps`` and schedule
+    (``schedule=wsd`` with ``decay_steps``: only the decay). Returns the parent's checkpoint, or None when the run
+    is no branch or already holds its own checkpoint (an interrupted branch resumes from that)."""
+    from lmlab.errors import UserError
+    from lmlab.io import torch_save, zip_intact
+    from lmlab.run_dir import CHECKPOINTS, CONFIG, LAST_CHECKPOINT, previous_checkpoint, read_config
+
+    node = cfg.get("branch")
+    if node is None or not node.get("run"):
+        return None
+    last = Path(run_dir) / CHECKPOINTS / LAST_CHECKPOINT
+    if last.exists() or previous_checkpoint(last).exists():
+        return None
+    parent, step = Path(str(node.run)).expanduser(), node.get("step")
+    if isinstance(step, bool) or not isinstance(step, int) or step < 0:
+        raise UserError(f"branch.step={step!r} must be the step of one of the parent's kept checkpoints: set it.")
+    if parent.resolve() == Path(run_dir).resolve():
+        raise UserError(f"branch.run={parent} is this run's own directory: point it at the parent run.")
+    source = kept_checkpoint(parent, step)
+    if not source.exists():
+        kept = kept_steps(parent)
+        raise UserError(f"the run {parent} kept no checkpoint of step {step} (it kept {kept or 'none'}): branch at a "
+                        "kept step, or train the parent with callbacks=trajectory keeping that step.")
+    if not zip_intact(source):
+        raise UserError(f"{source} is damaged: branch at another kept step of {parent}.")
+    if step >= int(cfg.max_steps):
+        raise UserError(f"branch.step={step} is not before max_steps={cfg.max_steps}: a branch trains on from its "
+                        "step, so set max_steps to the step plus the decay.")
+    if (parent / CONFIG).exists():
+        theirs = read_config(parent)
+        def plain(value):
+            return OmegaConf.to_container(value, resolve=True) if OmegaConf.is_config(value) else value
+
+        for key in ("model", "objective", "data", "optim", "batch_size", "seed"):
+            if plain(theirs.get(key)) != plain(cfg.get(key)):
+                raise UserError(f"the branch's {key} differs from its parent's ({parent}): a cooldown branch "
+                                f"continues the same training, so leave {key} as the parent set it.")
+    torch_save(torch.load(source, map_location="cpu", weights_only=True), last)
+    return source

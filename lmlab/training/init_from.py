@@ -73,7 +73,7 @@ from lmlab.vocab import N_SPECIAL
 
 # model settings that may differ from the parent's (the others must be equal)
 MAY_CHANGE = ("d_model", "n_layers", "n_heads", "d_ff", "tie_embeddings", "dropout", "activation_checkpointing",
-              "sparsity", "max_len")
+              "max_len")
 HF_TOKENIZERS = "hf_tokenizers"  # in cache_dir: imported tokenizers given lmlab's special ids (init_from.hf)
 PARENT_METRICS = ("val/loss", "perplexity/loss", "perplexity/gap", "train/steps")
 

@@ -783,10 +783,12 @@ def _lineage(cfg: DictConfig, paths: list[Path]) -> None:
         raise UserError(f"the lineage report reads one run's directory (it holds {run_dir.CONFIG}): pass one.")
     chain = run_dir.lineage(paths[0])
     for depth, run in enumerate(chain):
+        record = run_dir.read_parent(chain[depth - 1]) if depth else {}
         command = (run / run_dir.COMMAND).read_text().strip() if (run / run_dir.COMMAND).exists() else "?"
-        how = f"  init_from: {'; '.join(run_dir.read_parent(chain[depth - 1]).get('operators', ['?']))}" \
-            if depth else ""
-        print(f"{'  ' * depth}{'<- ' if depth else ''}{run}  [{run_dir.status(run)}]  {command}{how}")
+        how = f"  init_from: {'; '.join(record.get('operators', ['?']))}" if depth else ""
+        # an imported transformers checkpoint (init_from.hf) is not a run: it has no status of its own
+        state = f"transformers checkpoint, {record.get('architecture')}" if record.get("hf") else run_dir.status(run)
+        print(f"{'  ' * depth}{'<- ' if depth else ''}{run}  [{state}]  {command}{how}")
 
 
 def _paper(cfg: DictConfig, paths: list[Path]) -> None:

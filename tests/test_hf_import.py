@@ -165,6 +165,24 @@ def test_a_transformers_checkpoint_continues_pretraining(layout, model, vocab, t
     assert not torch.equal(start, now) and (start - now).abs().max() < 0.05
 
 
+
+def test_the_lineage_of_an_imported_run_names_the_checkpoint(tmp_path, capsys):
+    """``lmlab report <run>`` on a run continued from a transformers checkpoint: the checkpoint is its parent,
+    shown as a checkpoint (it is not a run, so it has no run status)."""
+    from lmlab import run_dir
+    from lmlab.cli import main
+
+    run, ckpt = tmp_path / "run", tmp_path / "ckpt"
+    ckpt.mkdir()
+    run_dir.write_parent(run, {"run": str(ckpt), "hf": str(ckpt), "architecture": "LlamaForCausalLM",
+                               "status": "imported", "operators": ["import: LlamaForCausalLM -> Transformer"]})
+    (run / run_dir.CONFIG).write_text("seed: 0\n")
+    main(["report", str(run)])
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[1] == (f"  <- {ckpt}  [transformers checkpoint, LlamaForCausalLM]  ?  init_from: import: "
+                        "LlamaForCausalLM -> Transformer"), lines
+
+
 def test_a_tokenizer_in_another_layout_is_shifted_and_the_model_with_it(tmp_path):
     """GPT-2's layout: lmlab's ids are the checkpoint's plus 4, and the imported model's logits over the old ids
     are the checkpoint's logits, exactly; the new special rows copy the rows of the same roles."""

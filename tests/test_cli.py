@@ -313,7 +313,8 @@ def test_report_settings_are_overrides_and_the_flags_stand_for_them(lmlab, tmp_p
 @pytest.mark.parametrize("args,expect", [
     (["analysis=paper", "baseline={optim.lr:0.001}"], "the paper report takes no baseline"),
     (["--paper", "--baseline", "optim.lr=0.001"], "the paper report takes no baseline"),
-    (["analysis=nosuch"], "analysis=nosuch is not an analysis of lmlab report: choose one of sweep, paper, scaling, lineage"),
+    (["analysis=nosuch"], "analysis=nosuch is not an analysis of lmlab report: choose one of sweep, paper, "
+                          "scaling, lineage"),
     (["no_such=1"], "no_such is not a setting of lmlab report"),
     (["data=pcfg"], "data is not a setting of lmlab report"),
     (["metric=val/loss"], "metric expects a list"),

@@ -140,3 +140,17 @@ def test_downstream_sigmoid_is_recovered_with_a_given_or_a_fitted_ceiling():
     assert (free.k, free.L0, free.ceiling) == pytest.approx((4.0, 2.4, 0.9), rel=1e-4)
     assert not free.fixed_ceiling
     assert np.all(free(np.linspace(0, 10, 50)) <= 0.9 + 1e-9)  # bounded by its ceiling
+
+
+def test_the_extrapolation_check_predicts_the_held_out_largest_model_from_the_law():
+    """Fitted without the largest size, the law of noise-free points predicts that size's losses (the truth);
+    with fewer than three sizes there is nothing to extrapolate from, and it says so."""
+    N, D = ladder()
+    points = [scaling.Point("", f"{n:g},{d:g}", n, d, 6.0, float(law(n, d)), {}) for n, d in zip(N, D)]
+    held = scaling.extrapolation(points)
+    assert sorted(p.D for p, _ in held) == sorted(D[N == N.max()])
+    for p, predicted in held:
+        assert predicted == pytest.approx(law(p.N, p.D), rel=1e-4)
+    two = [p for p in points if p.N in sorted(set(N))[:3]]
+    with pytest.raises(UserError, match="three model sizes"):
+        scaling.extrapolation([p for p in two if p.N != sorted(set(N))[1]])

@@ -542,6 +542,7 @@ class RecipeFits:
     envelope: Allocation | None = None
     isoflop: Allocation | None = None
     downstream: dict[str, Downstream] = field(default_factory=dict)
+    holdout: list[tuple[Point, float]] = field(default_factory=list)  # (run of the largest model, its prediction)
     notes: list[str] = field(default_factory=list)
 
 
@@ -567,6 +568,17 @@ def _downstream_metrics(points: list[Point]) -> dict[str, tuple[float, float | N
     return out
 
 
+def extrapolation(points: list[Point]) -> list[tuple[Point, float]]:
+    """The extrapolation check: approach 3 (E free) fitted without the runs of the largest model, and its
+    prediction of each of those runs' loss, ``[(run, predicted loss)]``."""
+    largest = max(p.N for p in points)
+    rest = [p for p in points if p.N < largest]
+    if len({p.N for p in rest}) < 2:
+        raise UserError("it needs runs of three model sizes or more")
+    law = fit_parametric(*(np.array([getattr(p, a) for p in rest]) for a in ("N", "D", "loss")))
+    return [(p, float(law.loss(p.N, p.D))) for p in points if p.N == largest]
+
+
 def fit_recipe(recipe: str, points: list[Point], resamples: int, seed: int = 0) -> RecipeFits:
     """Every approach on one recipe's points; an approach the points cannot support is noted, not fitted."""
     N, D, L, k = (np.array([getattr(p, a) for p in points]) for a in ("N", "D", "loss", "k"))
@@ -582,6 +594,10 @@ def fit_recipe(recipe: str, points: list[Point], resamples: int, seed: int = 0) 
                                  "these runs do not determine the law; add sizes and budgets.")
         except UserError as e:
             out.notes.append(f"approach 3 ({label}) not fitted: {e}")
+    try:
+        out.holdout = extrapolation(points)
+    except UserError as e:
+        out.notes.append(f"extrapolation check not made: {e}")
     for name, fit in (("envelope", envelope), ("isoflop", isoflop)):
         try:
             setattr(out, name, fit(N, D, L, k))
@@ -625,6 +641,15 @@ def to_markdown(sweeps, recipes: list[RecipeFits], compare, multiplier: Multipli
                 md.append(f"| {label} | {e} | " + " | ".join(_iv(iv[q]) for q in ("A", "B", "alpha", "beta", "a"))
                           + " |")
             md.append("")
+        if r.optimum is not None and "E free" in r.fits:
+            md += [f"E free minus the exact optimum: {_g(r.fits['E free'].law.E - r.optimum, 3)} nats.", ""]
+        if r.holdout:
+            md += [f"Extrapolation check: approach 3 (E free) fitted without the largest model (N = "
+                   f"{_g(r.holdout[0][0].N)}) predicts its runs:", "", "| job | D | loss | predicted | error |",
+                   "|---|---|---|---|---|"]
+            md += [f"| {p.job} | {_g(p.D)} | {_g(p.loss, 5)} | {_g(pred, 5)} | {_g(pred - p.loss, 3)} |"
+                   for p, pred in sorted(r.holdout, key=lambda h: h[0].D)]
+            md += ["", f"Largest error: {_g(max(abs(pred - p.loss) for p, pred in r.holdout), 3)} nats.", ""]
         for label, alloc in (("approach 1 (envelope)", r.envelope), ("approach 2 (isoFLOP)", r.isoflop)):
             if alloc is not None:
                 md.append(f"- {label}: N_opt ~ C^{_g(alloc.n_law.exponent, 3)} (± {_g(alloc.n_law.half, 2)}), "

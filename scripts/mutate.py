@@ -13,7 +13,7 @@ the file is mutated. The kill rate per module is printed at the end:
 are reported apart and left out of the rate of non-equivalent mutants. docs/testing.md has the figures.
 
     python scripts/mutate.py stats                # one module
-    python scripts/mutate.py                      # all of them (`make mutate`)
+    python scripts/mutate.py                      # all of them but those marked default=False (`make mutate`)
     python scripts/mutate.py --list               # the modules, their functions and tests
 """
 
@@ -40,6 +40,7 @@ class Module:
     tests: tuple[str, ...]                 # pytest node ids or files: the only tests that check it
     functions: tuple[str, ...] = ()        # mangled-name globs of the functions mutated (empty: all)
     what: str = ""
+    default: bool = True                   # False: run only when named (its survivors are not reviewed)
 
     @property
     def dotted(self) -> str:
@@ -62,33 +63,48 @@ MODULES: dict[str, Module] = {
                      "tests/test_zeroshot.py::test_ece_bins_are_closed_on_the_right_and_one_bin_is_the_overall_gap",
                      "tests/test_zeroshot.py::test_ece_of_perfectly_calibrated_predictions_is_near_zero"),
                     what="t quantiles and intervals, paired tests, equivalence, Holm, OLS, calibration error"),
-    "grammar": Module("lmlab/data/grammar.py", ("tests/test_pcfg.py",),
+    "grammar": Module("lmlab/data/grammar.py",
+                      ("tests/test_pcfg.py", "tests/test_mutation_kills.py",
+                       *(f"tests/test_parse.py::{t}" for t in (
+                           "test_viterbi_attaches_the_prepositional_phrase_by_hand",
+                           "test_viterbi_follows_unary_chains",
+                           "test_viterbi_equals_a_brute_force_search_on_the_default_grammar",
+                           "test_gold_trees_score_one_against_themselves"))),
+                      ("x__merge", "xǁGrammarǁfrom_rules", "x_parse_grammar", "xǁGrammarǁsample",
+                       "xǁGrammarǁviterbi_spans", "xǁGrammarǁ_close_unary"),
                       what="grammar files and generated grammars: rules, probabilities, sampling"),
-    "pcfg": Module("lmlab/data/pcfg.py", ("tests/test_pcfg.py",),
+    "pcfg": Module("lmlab/data/pcfg.py", ("tests/test_pcfg.py", "tests/test_mutation_kills.py"),
                    tuple(PCFG + f for f in ("_emissions", "_inside", "_close", "_outside", "_unclose",
                                             "_argmax_or_minus1", "labels", "_rows_to_words", "sequence_nll",
                                             "single_mask_conditionals")),
                    what="inside-outside: exact sequence NLL, single-mask conditionals, labels"),
-    "hmm": Module("lmlab/data/hmm.py", ("tests/test_hmm.py",),
+    "hmm": Module("lmlab/data/hmm.py", ("tests/test_hmm.py", "tests/test_mutation_kills.py"),
                   tuple(HMM + f for f in ("_words", "_forward_backward", "_by_length", "sequence_nll",
                                           "single_mask_conditionals", "posterior")),
                   what="forward-backward: exact sequence NLL, single-mask conditionals, posteriors"),
     "callbacks": Module("lmlab/training/callbacks.py",
-                        ("tests/test_faults.py::test_divergence_is_a_status_not_a_success",
-                         "tests/test_faults.py::test_a_diverged_job_in_a_sweep_is_marked_and_the_others_finish"),
-                        ("xǁDivergedǁ*", "xǁDivergenceGuardǁ*"),
-                        what="the divergence guard"),
+                        ("tests/test_mutation_kills.py",
+                         "tests/test_stats_callback.py::test_divergence_guard_passes_a_skipped_update",
+                         "tests/test_endrun.py::test_loss_window_is_the_mean_of_the_last_steps_and_survives_a_checkpoint"),
+                        ("xǁDivergedǁ*", "xǁDivergenceGuardǁ*", "xǁLossWindowǁ*", "xǁSaveOnTermǁ*",
+                         "xǁEvaluateEveryǁ*"),
+                        what="the divergence guard, and the loss window and evaluation history a resume restores"),
     "dedup": Module("lmlab/selection/dedup.py",
-                    tuple(f"tests/test_selection_filters.py::{t}" for t in (
+                    (*(f"tests/test_selection_filters.py::{t}" for t in (
                         "test_shingles_and_jaccard_known_answers", "test_minhash_estimates_jaccard",
                         "test_lsh_params_favour_recall", "test_exact_duplicates_keep_first",
                         "test_near_duplicates_found_unrelated_kept",
                         "test_duplicates_equal_the_all_pairs_answer_across_chunks",
                         "test_dedup_over_shards_reads_them_in_chunks", "test_dedup_selector_reports_and_caches")),
+                        "tests/test_mutants.py::test_dedup_at_threshold_one_removes_a_pair_of_equal_shingle_sets",
+                        "tests/test_mutation_kills.py"),
+                    ("x__splitmix64", "x_shingle_hashes", "x_permutations", "x_minhash_signatures", "x_lsh_params",
+                     "x_jaccard", "x_band_keys", "x_bucket_pairs", "x__find", "x__confirm", "x_duplicates",
+                     "xǁDedupǁselect"),
                     what="MinHash-LSH near-duplicate removal"),
     "export": Module("lmlab/export.py", ("tests/test_export.py",),
                      ("x__norm_kind", "x__transformer", "x__rope_inv_freq", "x__mamba", "x__mamba2"),
-                     what="the weight mapping onto transformers' classes"),
+                     what="the weight mapping onto transformers' classes", default=False),
     "paper": Module("lmlab/report/paper.py", ("tests/test_paper_report.py", "tests/test_mutation_kills.py"),
                     ("x_exclusion", "x__parent_exclusion", "x_run_exclusion", "x_make_row", "x__direction",
                      "x_decide", "x_base_verdict", "x__verdict_cell"),
@@ -236,11 +252,16 @@ def main(argv: list[str] | None = None) -> int:
         ap.error(f"unknown module(s) {unknown}; choose from {list(MODULES)}")
     if args.list:
         for name, mod in MODULES.items():
-            print(f"{name:10s} {mod.path}: {mod.what}\n{'':10s} functions: {', '.join(mod.functions) or 'all'}\n"
+            when = "" if mod.default else " (run only when named)"
+            print(f"{name:10s} {mod.path}: {mod.what}{when}\n{'':10s} functions: {', '.join(mod.functions) or 'all'}\n"
                   f"{'':10s} tests: {' '.join(mod.tests)}")
         return 0
     out = []
-    for name in args.modules or list(MODULES):
+    names = args.modules or [name for name, mod in MODULES.items() if mod.default]
+    for name in sorted(set(MODULES) - set(names)) if not args.modules else []:
+        print(f"{MODULES[name].path}: not run by default (its survivors are not reviewed); "
+              f"`python scripts/mutate.py {name}` runs it", flush=True)
+    for name in names:
         r = run(name, MODULES[name], args.workdir, args.max_children, again=not args.results_only)
         out.append(r)
         print(f"{r['module']}: {r['killed']}/{r['mutants']} killed ({100 * r['rate']:.1f}%), "

@@ -4,10 +4,12 @@ value comes from scipy or a hand formula, not from lmlab."""
 
 from __future__ import annotations
 
+import json
 import math
 
 import numpy as np
 import pytest
+import torch
 from scipy import stats as sps
 
 from lmlab.stats import (
@@ -205,3 +207,290 @@ def test_hmm_nll_of_a_batch_that_starts_with_a_sentence_of_another_length():
     assert np.isinf(nll[0]) and nll[1] == pytest.approx(-math.log(px), rel=1e-12)
     with pytest.raises(ValueError, match=f"token id {3 + N_SPECIAL} is outside this HMM's vocabulary"):
         src.sequence_nll([[BOS_ID, 3 + N_SPECIAL, EOS_ID]])  # the first id past the vocabulary
+
+
+def _hmm_with_a_word_it_never_emits():
+    """A 2-state, 3-word HMM of length 3 whose word 2 has emission probability 0 in every state."""
+    from lmlab.data.hmm import HMMSource
+
+    src = HMMSource(hidden_states=2, vocab_size=3, length=3, label_position=2, hmm_seed=4, train_size=10,
+                    validation_size=5, test_size=5, downstream_size=5)
+    src.emission[:, 2] = 0.0
+    src.emission /= src.emission.sum(axis=1, keepdims=True)
+    return src
+
+
+def _hmm_joint(src, x):
+    """P(x, z) for every hidden path z of the sentence x (enumeration), and the paths."""
+    import itertools
+
+    paths = list(itertools.product(range(src.hidden_states), repeat=len(x)))
+    joint = [src.initial[z[0]] * src.emission[z[0], x[0]]
+             * np.prod([src.transition[z[t - 1], z[t]] * src.emission[z[t], x[t]] for t in range(1, len(x))])
+             for z in paths]
+    return np.array(joint), np.array(paths)
+
+
+def test_hmm_sentences_it_cannot_emit_are_quiet_and_exact():
+    """P(x) = 0: NLL inf, posteriors 0, and the single-mask conditionals where x_-t is impossible 0, all
+    without numpy warnings; the other sentences and positions equal the enumeration over hidden paths."""
+    import itertools
+    import warnings
+
+    from lmlab.vocab import BOS_ID, EOS_ID, N_SPECIAL
+
+    src = _hmm_with_a_word_it_never_emits()
+    xs = list(itertools.product(range(3), repeat=3))
+    px = {x: _hmm_joint(src, x)[0].sum() for x in xs}
+    assert sorted(x for x in xs if px[x] == 0) == [x for x in xs if 2 in x]
+    rows = [[BOS_ID, *(w + N_SPECIAL for w in x), EOS_ID] for x in xs]
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        nll = src.sequence_nll(rows)
+        conds = src.single_mask_conditionals(rows)
+        posts = [src.posterior(rows, k) for k in (1, 2, 3)]
+    with np.errstate(divide="ignore"):
+        np.testing.assert_allclose(nll, [-np.log(px[x]) for x in xs], rtol=1e-12)
+    for i, x in enumerate(xs):
+        joint, paths = _hmm_joint(src, x)
+        for k in (1, 2, 3):
+            want = [joint[paths[:, k - 1] == z].sum() / px[x] if px[x] else 0.0 for z in range(2)]
+            np.testing.assert_allclose(posts[k - 1][i], want, rtol=1e-12, atol=1e-15)
+        if 2 in x[:-1]:
+            continue  # an impossible word before the last: see the conditionals of possible prefixes below
+        for t in range(3):
+            p = np.array([px[x[:t] + (w,) + x[t + 1:]] for w in range(3)])
+            want = p / p.sum() if p.sum() else p
+            np.testing.assert_allclose(conds[i][t, N_SPECIAL:], want, rtol=1e-12, atol=1e-15)
+            assert not conds[i][t, :N_SPECIAL].any()
+
+
+def test_hmm_an_empty_row_and_a_position_outside_the_sentence():
+    from lmlab.vocab import BOS_ID, EOS_ID, N_SPECIAL
+
+    src = _hmm_with_a_word_it_never_emits()
+    rows = [[BOS_ID, EOS_ID], [BOS_ID, N_SPECIAL, N_SPECIAL + 1, N_SPECIAL, EOS_ID]]
+    assert np.isinf(src.sequence_nll(rows)[0]) and np.isfinite(src.sequence_nll(rows)[1])
+    conds = src.single_mask_conditionals(rows)
+    assert conds[0].shape == (0, src.vocab_size) and conds[1].shape == (3, src.vocab_size)
+    with pytest.raises(ValueError, match="^position 4 is outside a sentence of 3 words$"):
+        src.posterior(rows[1:], 4)
+
+
+# ----- lmlab/training/callbacks.py: the divergence guard and what a resumed run carries -----
+
+
+class _Trainer:
+    """The trainer attributes the callbacks read, and a record of the checkpoints asked for."""
+
+    def __init__(self, step=0, max_steps=10, global_zero=True, logger=None):
+        self.global_step, self.max_steps, self.is_global_zero, self.logger = step, max_steps, global_zero, logger
+        self.saved = []
+
+    def save_checkpoint(self, path):
+        self.saved.append(path)
+
+
+def _weights(value: float) -> torch.nn.Module:
+    layer = torch.nn.Linear(2, 2)
+    with torch.no_grad():
+        layer.bias.fill_(value)
+    return layer
+
+
+def test_the_guard_reads_the_loss_every_few_steps_and_the_weights_at_checkpoint_steps():
+    from lmlab.training.callbacks import Diverged, DivergenceGuard
+
+    guard = DivergenceGuard(every=3, checkpoint_every=4)
+    nan, one = {"loss": torch.tensor(float("nan"))}, {"loss": torch.tensor(1.0)}
+    finite, broken = _weights(0.0), _weights(float("nan"))
+    for step in (1, 2, 5, 7):  # neither a reading step, a checkpoint step nor the last: not read
+        guard.on_train_batch_end(_Trainer(step), broken, nan, None, 0)
+    for step, outputs, weights in ((3, one, broken), (6, one, broken), (9, one, broken),  # weights: not read
+                                   (4, one, finite), (8, one, finite), (10, one, broken)):
+        guard.on_train_batch_end(_Trainer(step), weights, outputs, None, 0)
+    for step, outputs, weights, loss in ((3, nan, finite, "nan"), (6, nan, finite, "nan"), (4, nan, finite, "nan"),
+                                         (4, one, broken, "1.0"), (8, {}, broken, "nan"),
+                                         (10, nan, finite, "nan"), (11, nan, finite, "nan")):
+        with pytest.raises(Diverged, match=rf"^training diverged at step {step} \(loss {loss}\)$") as info:
+            guard.on_train_batch_end(_Trainer(step), weights, outputs, None, 0)
+        assert info.value.step == step and (math.isnan(info.value.loss) if loss == "nan" else info.value.loss == 1.0)
+    with pytest.raises(Diverged) as info:  # a loss handed over as a tensor, several values: their mean
+        guard.on_train_batch_end(_Trainer(3), finite, torch.tensor([1.0, float("inf"), 2.0]), None, 0)
+    assert info.value.loss == math.inf
+    with pytest.raises(Diverged, match="loss 2.0"):
+        guard.on_train_batch_end(_Trainer(4), broken, torch.tensor([1.0, 3.0]), None, 0)
+
+
+def test_the_guard_without_checkpoints_or_a_step_budget_and_with_every_below_one():
+    from lmlab.training.callbacks import Diverged, DivergenceGuard
+
+    nan = {"loss": torch.tensor(float("nan"))}
+    never = DivergenceGuard(every=5)  # no checkpoints: weights never read
+    never.on_train_batch_end(_Trainer(4), _weights(float("nan")), {"loss": torch.tensor(1.0)}, None, 0)
+    never.on_train_batch_end(_Trainer(4), _weights(0.0), nan, None, 0)
+    with pytest.raises(Diverged):
+        never.on_train_batch_end(_Trainer(5), _weights(0.0), nan, None, 0)
+    for max_steps in (None, 0, -1):  # no step budget: every step is read
+        with pytest.raises(Diverged):
+            never.on_train_batch_end(_Trainer(4, max_steps=max_steps), _weights(0.0), nan, None, 0)
+    with pytest.raises(Diverged):
+        DivergenceGuard(every=0).on_train_batch_end(_Trainer(7, max_steps=100), _weights(0.0), nan, None, 0)
+    with pytest.raises(Diverged):
+        DivergenceGuard(every=-2).on_train_batch_end(_Trainer(7, max_steps=100), _weights(0.0), nan, None, 0)
+
+
+def test_the_loss_window_skips_skipped_updates_and_ignores_a_state_of_another_window():
+    from lmlab.training.callbacks import LOSS_WINDOW, LossWindow
+
+    assert LOSS_WINDOW == 50 and LossWindow().window == 50 and LossWindow(window=0).window == 1
+    window = LossWindow(window=3)
+    for loss in (4.0, None, 2.0):
+        window.on_train_batch_end(None, None, {"loss": None if loss is None else torch.tensor(loss)}, None, 0)
+    window.on_train_batch_end(None, None, {}, None, 0)
+    assert window.count == 2 and window.steps() == 2 and window.mean() == 3.0
+    window.on_train_batch_end(None, None, torch.tensor([6.0, 8.0]), None, 0)  # a tensor: its mean
+    assert window.steps() == 3 and window.mean() == pytest.approx((4.0 + 2.0 + 7.0) / 3)
+    state = window.state_dict()
+    assert state["count"] == 3 and state["losses"].tolist() == [4.0, 2.0, 7.0]
+    other = LossWindow(window=4)
+    other.load_state_dict(state)  # another window's ring: not taken
+    assert other.count == 0 and math.isnan(other.mean())
+    again = LossWindow(window=3)
+    again.load_state_dict({"losses": torch.tensor([1.0, 2.0, 3.0])})  # no count: none seen
+    assert again.count == 0 and again.steps() == 0
+    again.load_state_dict(state)
+    state["losses"][0] = 100.0  # the loaded ring is a copy
+    again.on_train_batch_end(None, None, {"loss": torch.tensor(1.0)}, None, 0)
+    assert again.count == 4 and again.mean() == pytest.approx((2.0 + 7.0 + 1.0) / 3)
+    again.load_state_dict({})
+    assert again.count == 4
+
+
+def test_a_termination_signal_saves_the_resumable_checkpoint_and_nothing_else_does():
+    from lightning.pytorch.utilities.exceptions import SIGTERMException
+
+    from lmlab.training.callbacks import SaveOnTerm
+
+    trainer, save = _Trainer(5), SaveOnTerm("runs/x/last.ckpt")
+    save.on_exception(trainer, None, RuntimeError("boom"))
+    assert trainer.saved == []
+    save.on_exception(trainer, None, SIGTERMException())
+    assert trainer.saved == ["runs/x/last.ckpt"]
+
+
+def test_evaluations_along_run_once_a_step_on_rank_zero_and_their_history_survives_a_resume():
+    from lmlab.training.callbacks import EvaluateEvery
+
+    class Logger:
+        def __init__(self):
+            self.logged = []
+
+        def log_metrics(self, metrics, step):
+            self.logged.append((metrics, step))
+
+    module = torch.nn.Module()
+    module.model = torch.nn.Linear(2, 2)
+    seen = []
+
+    def evaluate(m):
+        seen.append(m.model.training)
+        m.model.eval()
+        return {"acc": 0.5 + len(seen)}
+
+    along, logger = EvaluateEvery(evaluate, every=2), Logger()
+    along.on_train_start(_Trainer(0, logger=logger), module)
+    along.on_train_batch_end(_Trainer(1, logger=logger), module, None, None, 0)  # not a multiple of 2
+    along.on_train_batch_end(_Trainer(2, logger=logger), module, None, None, 0)
+    along.on_train_batch_end(_Trainer(2, logger=logger), module, None, None, 0)  # step 2 again: not rerun
+    along.on_train_batch_end(_Trainer(4, global_zero=False), module, None, None, 0)  # another rank
+    assert along.history == [{"step": 0, "acc": 1.5}, {"step": 2, "acc": 2.5}]
+    assert logger.logged == [({"along/acc": 1.5}, 0), ({"along/acc": 2.5}, 2)]
+    assert seen == [True, True] and module.model.training  # the model's mode is given back
+    resumed = EvaluateEvery(evaluate, every=2)
+    resumed.load_state_dict(along.state_dict())
+    resumed.on_train_start(_Trainer(2), module)  # resumed at step 2: already evaluated there
+    resumed.on_train_start(_Trainer(3), module)  # resumed between evaluations: nothing
+    assert resumed.history == along.history and len(seen) == 2
+    resumed.on_train_batch_end(_Trainer(4), module, None, None, 0)  # no logger
+    assert [h["step"] for h in resumed.history] == [0, 2, 4] and along.history[-1]["step"] == 2
+    assert resumed.state_dict() == {"history": resumed.history}
+    empty = EvaluateEvery(evaluate, every=2)
+    empty.load_state_dict({})
+    assert empty.history == []
+    module.model.eval()
+    empty.on_train_start(_Trainer(0), module)
+    assert seen[-1] is False and not module.model.training
+
+
+def test_which_runs_count_at_the_edges_of_the_tolerance_and_the_plateau():
+    from lmlab.report.paper import GAP, Settings, exclusion
+
+    s = Settings(tolerance=0.5, plateau=0.25)
+    assert exclusion("failed", {GAP: 0.1}, [], s) == "status failed"
+    for metrics in ({}, {GAP: math.nan}, {GAP: True}, {GAP: "0.1"}):
+        assert exclusion("done", metrics, [], s) == f"no {GAP}"
+    assert exclusion("done", {GAP: 0.5}, [], s) == ""  # at the tolerance: counts
+    assert exclusion("done", {GAP: 0.5000001}, [], s) == "gap 0.5 > tolerance 0.5"
+    assert exclusion("done", {GAP: 0.75}, [], Settings(tolerance=0.625)) == "gap 0.75 > tolerance 0.625"
+
+    def hist(*gaps):
+        return [{"step": i} if g is None else {"step": i, GAP: g} for i, g in enumerate(gaps)]
+
+    assert exclusion("done", {GAP: 0.25}, hist(0.5, 0.25), s) == ""  # changed by exactly the plateau
+    assert exclusion("done", {GAP: 0.25}, hist(0.25, 0.5), s) == ""
+    moved = "not converged: gap changed by 0.375 between its last two evaluations (plateau 0.25)"
+    assert exclusion("done", {GAP: 0.125}, hist(0.5, 0.125), s) == moved
+    assert exclusion("done", {GAP: 0.5}, hist(0.125, 0.5), s) == moved  # by its size, either way
+    assert exclusion("done", {GAP: 0.125}, hist(0.5, math.nan, None, 0.125), s) == moved  # the last two finite
+    assert exclusion("done", {GAP: 0.125}, hist(0.125, 0.5, 0.125), s) == moved
+    assert exclusion("done", {GAP: 0.125}, hist(0.5, 0.125), s, plateau=False) == ""
+    assert exclusion("done", {GAP: 0.125}, hist(None, 0.125), s) == ""  # one finite gap: nothing to compare
+
+
+def _paper_run(tmp_path, claim="continue", status="done", history=2, parent=None):
+    from lmlab.report.paper import GAP, Run
+
+    return Run(tmp_path / "run", status, claim, "pcfg", 0, metrics={GAP: 0.1},
+               history=[{"step": i, GAP: 0.1 + 0.2 * (i % 2)} for i in range(history)], parent=parent)
+
+
+def _parent(tmp_path, name, results, done=False):
+    parent = tmp_path / name
+    parent.mkdir()
+    if results is not None:
+        (parent / "results.json").write_text(results if isinstance(results, str) else json.dumps(results))
+    if done:
+        (parent / "DONE").write_text("now\n")
+    return parent
+
+
+def test_a_phase_2_run_counts_with_two_evaluations_and_a_parent_that_counts(tmp_path):
+    from lmlab.report.paper import GAP, Settings, run_exclusion
+
+    s = Settings(tolerance=0.5, plateau=0.01)
+    good = {"status": "done", "metrics": {GAP: 0.1}, "history": [{"step": 1, GAP: 0.1}, {"step": 2, GAP: 0.1}]}
+    done = _parent(tmp_path, "done", good)  # status done in results.json, no DONE marker
+    marked = _parent(tmp_path, "marked", {**good, "status": "interrupted"}, done=True)  # DONE marker wins
+    stopped = _parent(tmp_path, "stopped", {**good, "status": "interrupted"})
+    far = _parent(tmp_path, "far", {**good, "metrics": {GAP: 0.75}}, done=True)
+    moving = _parent(tmp_path, "moving", {**good, "history": [{"step": 1, GAP: 0.3}, {"step": 2, GAP: 0.1}]})
+    empty = _parent(tmp_path, "empty", {"status": "done", "metrics": None, "history": None})
+    broken = _parent(tmp_path, "broken", "{not json")
+    missing = _parent(tmp_path, "missing", None)
+    assert run_exclusion(_paper_run(tmp_path, parent=done), s) == ""  # its own wobbling history: not held to it
+    assert run_exclusion(_paper_run(tmp_path, parent=marked), s) == ""
+    assert run_exclusion(_paper_run(tmp_path, parent=stopped), s) == "parent does not count: status interrupted"
+    assert run_exclusion(_paper_run(tmp_path, parent=far), s) == "parent does not count: gap 0.75 > tolerance 0.5"
+    assert run_exclusion(_paper_run(tmp_path, parent=moving), s).startswith(
+        "parent does not count: not converged: gap changed by 0.2 ")
+    assert run_exclusion(_paper_run(tmp_path, parent=empty), s) == f"parent does not count: no {GAP}"
+    assert run_exclusion(_paper_run(tmp_path, parent=broken), s) == f"parent {broken} not readable (JSONDecodeError)"
+    assert run_exclusion(_paper_run(tmp_path, parent=missing), s) == \
+        f"parent {missing} not readable (FileNotFoundError)"
+    assert run_exclusion(_paper_run(tmp_path), s) == "no cfg.init_from.run: not a phase-2 run"
+    assert run_exclusion(_paper_run(tmp_path, history=1, parent=done), s) == "fewer than 2 evaluations in its history"
+    assert run_exclusion(_paper_run(tmp_path, status="diverged", parent=done), s) == "status diverged"
+    # a run of another claim is held to the plateau rule and needs no parent
+    assert run_exclusion(_paper_run(tmp_path, claim="size", history=2), s).startswith("not converged")
+    assert run_exclusion(_paper_run(tmp_path, claim="size", history=1), s) == ""

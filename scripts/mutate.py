@@ -119,6 +119,10 @@ _BINS = ("for confidences in [0, 1] the bin index is at most n_bins - 1 already:
          "change nothing")
 _BISECT = ("200 halvings narrow the bracket far below one float's spacing: the bracket's start and growth, one more "
            "halving, or which side an exact tie falls (probability 0) land on the same quantile")
+_EMPTY_GROUP = ("the word array of the 0-word group is never read: sequence_nll skips other lengths, "
+                "single_mask_conditionals skips n = 0, posterior refuses it")
+_WORD_DTYPE = "token ids are Python ints (int64 without the dtype); an empty row's array is only measured"
+_ZERO_BY_ZERO = "the divisor is a sum of the non-negative numerators: only 0 / 0 (invalid) occurs, never divide"
 EQUIVALENT: dict[str, str] = {
     **{f"lmlab.stats.x_expected_calibration_error__mutmut_{i}": _DTYPE for i in (5, 7, 13, 15, 31, 33)},
     **{f"lmlab.stats.x_expected_calibration_error__mutmut_{i}": _NEG for i in (9, 17)},
@@ -140,6 +144,9 @@ EQUIVALENT: dict[str, str] = {
     "lmlab.stats.x_mean_interval__mutmut_9": _NEG,
     **{f"lmlab.stats.x_t_quantile__mutmut_{i}": _BISECT for i in (8, 13, 16, 18, 27)},
     "lmlab.stats.xǁOLSFitǁinterval__mutmut_2": "a fit from ols() has a NaN se where df = 0: `or` and `and` agree",
+    **{f"lmlab.data.hmm.xǁHMMSourceǁ_by_length__mutmut_{i}": _EMPTY_GROUP for i in (12, 15, 17, 18)},
+    **{f"lmlab.data.hmm.xǁHMMSourceǁ_words__mutmut_{i}": _WORD_DTYPE for i in (5, 7)},
+    **{f"lmlab.data.hmm.xǁHMMSourceǁsingle_mask_conditionals__mutmut_{i}": _ZERO_BY_ZERO for i in (19, 21)},
 }
 
 KILLED = {1, 3, 24, -24, 36, 152, 255}      # mutmut's codes for a failing test run and for a timeout

@@ -494,3 +494,86 @@ def test_a_phase_2_run_counts_with_two_evaluations_and_a_parent_that_counts(tmp_
     # a run of another claim is held to the plateau rule and needs no parent
     assert run_exclusion(_paper_run(tmp_path, claim="size", history=2), s).startswith("not converged")
     assert run_exclusion(_paper_run(tmp_path, claim="size", history=1), s) == ""
+
+
+# ----- lmlab/selection/dedup.py: the hashes, as documented, from a pure-Python reference -----
+
+_M64 = (1 << 64) - 1
+
+
+def _splitmix64_ref(x: int) -> int:
+    """SplitMix64's output for the state x (Steele, Lea & Flood 2014; Vigna's splitmix64.c)."""
+    z = (x + 0x9E3779B97F4A7C15) & _M64
+    z = ((z ^ (z >> 30)) * 0xBF58476D1CE4E5B9) & _M64
+    z = ((z ^ (z >> 27)) * 0x94D049BB133111EB) & _M64
+    return z ^ (z >> 31)
+
+
+def _shingles_ref(words: list[int], ngram: int) -> list[int]:
+    n = min(ngram, len(words))
+    out = set()
+    for i in range(len(words) - n + 1):
+        h = 0
+        for w in words[i:i + n]:
+            h = _splitmix64_ref((h * 1_000_003 + w) & _M64)
+        out.add(h & 0xFFFFFFFF)
+    return sorted(out)
+
+
+def test_dedup_hashes_follow_the_documented_formulas():
+    from lmlab.selection.dedup import (
+        MAX_HASH,
+        MERSENNE,
+        _splitmix64,
+        band_keys,
+        minhash_signatures,
+        permutations,
+        shingle_hashes,
+    )
+    from lmlab.vocab import BOS_ID, EOS_ID
+
+    assert _splitmix64_ref(0) == 0xE220A8397B1DCDAF  # SplitMix64's first output from seed 0, as published
+    xs = [0, 1, 12345, (1 << 63) + 7, _M64]
+    assert _splitmix64(np.array(xs, dtype=np.uint64)).tolist() == [_splitmix64_ref(x) for x in xs]
+    assert int(MERSENNE) == (1 << 61) - 1 and int(MAX_HASH) == (1 << 32) - 1
+    rows = [[BOS_ID, 5, 6, 7, 6, 5, 6, 7, EOS_ID], [9, 8], [BOS_ID, EOS_ID], [5, 6, 7]]
+    shingles = [shingle_hashes(r, 3) for r in rows]
+    for row, got in zip(rows, shingles):
+        words = [w for w in row if w >= 4]
+        assert got.tolist() == (_shingles_ref(words, 3) if words else []) and got.dtype == np.uint64
+    a, b = permutations(6, seed=3)
+    assert (a >= 1).all() and (a < MERSENNE).all() and (b < MERSENNE).all() and len(set(a.tolist())) == 6
+    assert (permutations(6, seed=3)[0] == a).all() and not (permutations(6, seed=4)[0] == a).all()
+    for chunk in (1, 3, 1 << 16):  # rows grouped by their number of shingles: the same signatures
+        sig = minhash_signatures(shingles, 6, seed=3, chunk=chunk)
+        for i, s in enumerate(shingles):
+            want = [min(((int(ai) * int(x) + int(bi)) & _M64) % ((1 << 61) - 1) & 0xFFFFFFFF for x in s.tolist())
+                    if len(s) else (1 << 32) - 1 for ai, bi in zip(a.tolist(), b.tolist())]
+            assert sig[i].tolist() == want
+    assert minhash_signatures([np.zeros(0, dtype=np.uint64)] * 2, 4).tolist() == [[(1 << 32) - 1] * 4] * 2
+    assert minhash_signatures([], 4).shape == (0, 4)
+    keys = band_keys(sig, bands=2, r=3)
+    assert keys.shape == (2, len(rows)) and keys.flags["C_CONTIGUOUS"]
+    for band in range(2):
+        for i in range(len(rows)):
+            k = 0
+            for v in sig[i, band * 3:band * 3 + 3].tolist():
+                k = _splitmix64_ref((k * 1_000_003 + v) & _M64)
+            assert int(keys[band, i]) == k
+
+
+def test_lsh_buckets_give_all_pairs_of_small_buckets_and_the_first_row_pairs_of_large_ones():
+    from lmlab.selection.dedup import SMALL_BUCKET, bucket_pairs
+
+    assert SMALL_BUCKET == 32
+    rows = np.array([2, 5, 7, 9, 11])
+    keys = np.array([4, 1, 4, 3, 4], dtype=np.uint64)  # one bucket of three rows, two alone
+    assert sorted(map(tuple, bucket_pairs(rows, keys).tolist())) == [(2, 7), (2, 11), (7, 11)]
+    assert bucket_pairs(rows, np.arange(5, dtype=np.uint64)).shape == (0, 2)
+    for size in (SMALL_BUCKET, SMALL_BUCKET + 1):
+        rows = np.arange(10, 10 + size)
+        pairs = sorted(map(tuple, bucket_pairs(rows, np.full(size, 7, dtype=np.uint64)).tolist()))
+        if size == SMALL_BUCKET:
+            assert len(pairs) == size * (size - 1) // 2 and pairs[-1] == (10 + size - 2, 10 + size - 1)
+        else:
+            assert pairs == [(10, 10 + j) for j in range(1, size)]

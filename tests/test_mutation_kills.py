@@ -577,3 +577,58 @@ def test_lsh_buckets_give_all_pairs_of_small_buckets_and_the_first_row_pairs_of_
             assert len(pairs) == size * (size - 1) // 2 and pairs[-1] == (10 + size - 2, 10 + size - 1)
         else:
             assert pairs == [(10, 10 + j) for j in range(1, size)]
+
+
+# ----- lmlab/data/pcfg.py: every sentence up to 5 words, possible or not, against the enumeration -----
+
+
+@pytest.fixture(scope="module")
+def tiny_pcfg(tmp_path_factory):
+    from lmlab.data.pcfg import PCFGSource
+    from tests.test_pcfg import TINY, TINY_RULES, brute_force, write_rules
+
+    path = write_rules(tmp_path_factory.mktemp("g") / "tiny.txt", TINY_RULES)
+    return PCFGSource(grammar=str(path), **TINY), brute_force(TINY_RULES)
+
+
+def test_pcfg_optima_and_labels_of_impossible_sentences_too(tiny_pcfg):
+    import itertools
+
+    from lmlab.vocab import N_SPECIAL
+    from tests.test_pcfg import _check_label, to_row
+
+    src, inside = tiny_pcfg
+    g, p = src.grammar, inside["S"]
+    xs = [s for n in range(1, 6) for s in itertools.product(g.words, repeat=n)]
+    assert 0 < sum(s in p for s in xs) < len(xs)  # possible and impossible ones
+    rows = [to_row(src, s) for s in xs]
+    with np.errstate(divide="ignore"):
+        np.testing.assert_allclose(src.sequence_nll(rows), [-np.log(p.get(s, 0.0)) for s in xs], rtol=1e-10)
+    for s, cond in zip(xs, src.single_mask_conditionals(rows)):
+        assert not cond[:, :N_SPECIAL].any()
+        for t in range(len(s)):
+            joint = np.array([p.get(s[:t] + (w,) + s[t + 1:], 0.0) for w in g.words])
+            want = joint / joint.sum() if joint.sum() else joint
+            np.testing.assert_allclose(cond[t, N_SPECIAL:], want, rtol=1e-9, atol=1e-12)
+    labels = src.labels([np.array([g.words.index(w) for w in s]) for s in xs])
+    assert (labels["task_a"] == -1).sum() > (np.array([len(s) for s in xs]) <= 4).sum()  # impossible ones: -1
+    for j, s in enumerate(xs):
+        if len(s) <= 4:
+            assert [labels[t][j] for t in ("task_a", "task_b", "task_c")] == [-1, -1, -1]
+            continue
+        _check_label(labels["task_a"][j], [inside[g.nonterminals[c]].get(s, 0.0) for c in g.start_children])
+        _check_label(labels["task_b"][j], [inside[nt].get(s[:4], 0.0) for nt in g.nonterminals])
+        _check_label(labels["task_c"][j], [inside[nt].get(s[:2], 0.0) for nt in g.nonterminals])
+
+
+def test_pcfg_rows_without_words_and_with_a_word_outside_the_grammar(tiny_pcfg):
+    from lmlab.vocab import BOS_ID, EOS_ID, N_SPECIAL
+
+    src, _ = tiny_pcfg
+    assert np.isinf(src.sequence_nll([[BOS_ID, EOS_ID]])[0])
+    (cond,) = src.single_mask_conditionals([[BOS_ID, EOS_ID]])
+    assert cond.shape == (0, src.vocab_size)
+    outside = N_SPECIAL + src.grammar.n_words
+    with pytest.raises(ValueError, match=rf"^token id {outside} is outside the vocabulary \({src.vocab_size}\)$"):
+        src.sequence_nll([[BOS_ID, N_SPECIAL, outside, EOS_ID]])
+    src.sequence_nll([[BOS_ID, N_SPECIAL, outside - 1, EOS_ID]])  # the last word of the grammar

@@ -632,3 +632,46 @@ def test_pcfg_rows_without_words_and_with_a_word_outside_the_grammar(tiny_pcfg):
     with pytest.raises(ValueError, match=rf"^token id {outside} is outside the vocabulary \({src.vocab_size}\)$"):
         src.sequence_nll([[BOS_ID, N_SPECIAL, outside, EOS_ID]])
     src.sequence_nll([[BOS_ID, N_SPECIAL, outside - 1, EOS_ID]])  # the last word of the grammar
+
+
+def test_a_row_from_hand_made_pairs_against_scipy():
+    from lmlab.report.paper import CONFOUNDED, INCONCLUSIVE, MISSING, Pair, Settings, make_row
+
+    def pair(seed, a, b, ga=0.1, gb=0.1):
+        return Pair(seed, [a], [ga], [b], [gb], [(a, 1, ga), (b, 0, gb)])
+
+    s = Settings(margin=0.02)
+    a, b = [0.9, 0.8, 0.85, 0.95], [0.8, 0.78, 0.7, 0.9]
+    pairs = [pair(k, a[k], b[k], 0.1 + 0.001 * k, 0.1 - 0.001 * k) for k in range(4)]
+    pairs.append(pair(9, math.nan, 0.5))  # a missing metric: the seed is left out
+    row = make_row("algorithm", "pcfg x", "pcfg", "task_a", "task A", "what", "acc_adv:a-b", +1, pairs, s,
+                   unit=" pts", scale=100.0, note="hand")
+    d = 100 * (np.array(a) - np.array(b))
+    gd = np.array([0.002 * k for k in range(4)])
+    assert row.paper == "+6.8 pts (Table 1, task A: 89.9% vs 83.1%)" and not row.extension
+    assert (row.n, row.seeds, row.unit, row.note) == (4, [0, 1, 2, 3], " pts", "hand")
+    assert row.mean == pytest.approx(d.mean()) and row.sd == pytest.approx(d.std(ddof=1))
+    assert row.ci == pytest.approx(sps.t.ppf(0.975, 3) * d.std(ddof=1) / 2)
+    assert row.p == pytest.approx(sps.ttest_1samp(d, 0).pvalue)
+    assert row.mde == pytest.approx((sps.t.ppf(0.975, 3) + sps.t.ppf(0.8, 3)) * d.std(ddof=1) / 2)
+    assert row.gap_diff == pytest.approx(gd.mean()) and row.gap_ci == pytest.approx(
+        sps.t.ppf(0.975, 3) * gd.std(ddof=1) / 2)
+    assert row.matched and row.verdict == "" and math.isnan(row.adjusted)
+    # gap differences past the margin: loss-confounded, with the arm coefficient of y ~ 1 + arm + gap
+    wide = [pair(k, a[k], b[k], 0.1 + 0.01 * k, 0.1 - 0.01 * k) for k in range(4)]
+    row = make_row("size", "pcfg x", "pcfg", "task_b", "task B", "what", "acc:x", +1, wide, s)
+    ys = np.array([v for k in range(4) for v in (a[k], b[k])])
+    x = np.array([[1.0, arm, g] for k in range(4) for arm, g in ((1, 0.1 + 0.01 * k), (0, 0.1 - 0.01 * k))])
+    coef, *_ = np.linalg.lstsq(x, ys, rcond=None)
+    assert not row.matched and row.verdict == CONFOUNDED and row.adjusted == pytest.approx(coef[1])
+    assert row.adjusted_ci > 0 and row.paper.startswith("+6.9 pts at equal loss")
+    # not claimed by the paper: an extension
+    row = make_row("size", "pcfg x", "pcfg", "task_c", "task C", "what", "acc:x", +1, pairs[:2], s, extension=False)
+    assert row.extension and row.paper == "not claimed (extension)"
+    one = make_row("size", "d", "pcfg", "task_b", "B", "w", "acc:x", +1, [pair(3, 0.5, 0.25, 0.1, 0.05)], s, note="n")
+    assert (one.verdict, one.note, one.n, one.gap_diff, one.mean) == (INCONCLUSIVE, "n; 1 pair, need 2", 1, 0.05, 0.25)
+    assert math.isnan(one.p) and math.isnan(one.mde)
+    none = make_row("size", "d", "pcfg", "task_b", "B", "w", "acc:x", +1, [], s)
+    assert (none.verdict, none.note, none.n) == (INCONCLUSIVE, "no counted pair", 0)
+    gone = make_row("size", "d", "pcfg", "task_b", "B", "w", "acc:x", +1, [pair(1, 0.5, math.nan)], s, note="n")
+    assert (gone.verdict, gone.note, gone.seeds) == (MISSING, "n; a metric is missing", [])

@@ -147,6 +147,13 @@ EQUIVALENT: dict[str, str] = {
     **{f"lmlab.data.hmm.xǁHMMSourceǁ_by_length__mutmut_{i}": _EMPTY_GROUP for i in (12, 15, 17, 18)},
     **{f"lmlab.data.hmm.xǁHMMSourceǁ_words__mutmut_{i}": _WORD_DTYPE for i in (5, 7)},
     **{f"lmlab.data.hmm.xǁHMMSourceǁsingle_mask_conditionals__mutmut_{i}": _ZERO_BY_ZERO for i in (19, 21)},
+    "lmlab.training.callbacks.xǁDivergenceGuardǁon_train_batch_end__mutmut_16":
+        "step 0 is a multiple of every, so it is read either way: only steps >= 1 tell `or 0` from `or 1`",
+    **{k: 'float("NAN") is float("nan")' for k in (
+        "lmlab.training.callbacks.xǁDivergenceGuardǁon_train_batch_end__mutmut_43",
+        "lmlab.training.callbacks.xǁLossWindowǁ__init____mutmut_15",
+        "lmlab.training.callbacks.xǁLossWindowǁmean__mutmut_6")},
+    "lmlab.training.callbacks.xǁLossWindowǁmean__mutmut_2": "torch's mean of no values is NaN too",
 }
 
 KILLED = {1, 3, 24, -24, 36, 152, 255}      # mutmut's codes for a failing test run and for a timeout

@@ -675,3 +675,26 @@ def test_a_row_from_hand_made_pairs_against_scipy():
     assert (none.verdict, none.note, none.n) == (INCONCLUSIVE, "no counted pair", 0)
     gone = make_row("size", "d", "pcfg", "task_b", "B", "w", "acc:x", +1, [pair(1, 0.5, math.nan)], s, note="n")
     assert (gone.verdict, gone.note, gone.seeds) == (MISSING, "n; a metric is missing", [])
+
+
+def test_the_loss_window_follows_the_device_of_the_loss():
+    """The meta device stands in for an accelerator: the ring moves to the loss's device (a copy across devices
+    per step would fail there, as it would cost a host sync on a GPU)."""
+    from lmlab.training.callbacks import LossWindow
+
+    window = LossWindow(window=3)
+    window.on_train_batch_end(None, None, {"loss": torch.tensor(2.0, device="meta")}, None, 0)
+    assert window.losses.device.type == "meta" and window.count == 1
+    window.on_train_batch_end(None, None, {"loss": torch.tensor(3.0, device="meta")}, None, 0)
+    assert window.losses.device.type == "meta" and window.count == 2
+
+
+def test_evaluations_along_resumed_at_a_later_multiple_evaluate_at_the_start():
+    from lmlab.training.callbacks import EvaluateEvery
+
+    module = torch.nn.Module()
+    module.model = torch.nn.Linear(2, 2)
+    along = EvaluateEvery(lambda m: {"acc": 1.0}, every=2)
+    along.load_state_dict({"history": [{"step": 0, "acc": 0.5}, {"step": 2, "acc": 0.75}]})
+    along.on_train_start(_Trainer(4), module)
+    assert [h["step"] for h in along.history] == [0, 2, 4]

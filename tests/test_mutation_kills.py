@@ -698,3 +698,33 @@ def test_evaluations_along_resumed_at_a_later_multiple_evaluate_at_the_start():
     along.load_state_dict({"history": [{"step": 0, "acc": 0.5}, {"step": 2, "acc": 0.75}]})
     along.on_train_start(_Trainer(4), module)
     assert [h["step"] for h in along.history] == [0, 2, 4]
+
+
+# ----- lmlab/data/grammar.py -----
+
+
+def test_sampling_a_grammar_whose_derivations_never_end_is_refused(tmp_path):
+    from lmlab.data.grammar import parse_grammar
+    from lmlab.errors import UserError
+
+    path = tmp_path / "cycle.txt"
+    path.write_text("S A 1.0\nA S 0.5\nA B 0.5\nB A 1.0\n")  # unary rules only: no word is ever reached
+    with pytest.raises(UserError, match=r"^The grammar's derivations do not terminate; give every recursion a way"):
+        parse_grammar(path).sample(2, np.random.default_rng(0))
+    assert parse_grammar(path).sample(0, np.random.default_rng(0)) == []
+
+
+def test_holm_runs_over_the_claimed_rows_with_matched_loss_only():
+    from lmlab.report.paper import CONFOUNDED, INCONCLUSIVE, NOT_REPRODUCED, REPRODUCED, base_verdict, decide
+
+    rows = decide([_row(mean=0.1, p=0.02, extension=False), _row(mean=-0.1, p=0.024, extension=False),
+                   _row(mean=0.1, p=0.03, extension=False, verdict=CONFOUNDED),  # not in the family
+                   _row(mean=0.1, p=math.nan, extension=False), _row(mean=0.1, p=0.03),
+                   _row(mean=0.1, p=0.03, verdict=CONFOUNDED), _row(mean=-0.1, p=0.01, sign=-1, extension=False)])
+    # the family 0.01, 0.02, 0.024: Holm 0.03, 0.04, 0.04 (with the confounded 0.03 in it, 0.02 would be 0.06)
+    assert [r.p_holm for r in rows[:2]] == pytest.approx([0.04, 0.04]) and rows[-1].p_holm == pytest.approx(0.03)
+    assert all(math.isnan(r.p_holm) for r in rows[2:6])
+    assert [r.verdict for r in rows] == [REPRODUCED, NOT_REPRODUCED, CONFOUNDED, INCONCLUSIVE,
+                                         "extension: reproduced", "extension: loss-confounded", REPRODUCED]
+    assert [base_verdict(r.verdict) for r in rows[4:6]] == [REPRODUCED, CONFOUNDED]
+    assert base_verdict("reproduced") == REPRODUCED and base_verdict("extension:x") == "extension:x"

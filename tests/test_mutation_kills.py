@@ -728,3 +728,52 @@ def test_holm_runs_over_the_claimed_rows_with_matched_loss_only():
                                          "extension: reproduced", "extension: loss-confounded", REPRODUCED]
     assert [base_verdict(r.verdict) for r in rows[4:6]] == [REPRODUCED, CONFOUNDED]
     assert base_verdict("reproduced") == REPRODUCED and base_verdict("extension:x") == "extension:x"
+
+
+def _dedup_pool(rows):
+    from datasets import Dataset, Features, Sequence, Value
+
+    features = Features({"input_ids": Sequence(Value("int32")), "label": Value("int64")})
+    return Dataset.from_dict({"input_ids": rows, "label": list(range(len(rows)))}, features=features)
+
+
+def test_dedup_confirms_every_pair_of_a_batch_after_one_already_joined():
+    from lmlab.selection.dedup import _confirm
+
+    same, near = [1, *range(10, 30), 2], [1, *range(10, 29), 99, 2]  # 3-shingles: Jaccard 17 / 19 (0.89)
+    pool = _dedup_pool([same, list(same), list(same), near])
+    parent, rejected = np.arange(4), set()
+    # (1, 2) is joined by the time it is reached (both under 0); the pair after it still counts
+    _confirm(pool, np.array([[0, 1], [0, 2], [1, 2], [2, 3]]), parent, rejected, 0.85, 3)
+    assert parent.tolist() == [0, 0, 0, 0] and rejected == set()
+    parent = np.arange(4)
+    _confirm(pool, np.array([[0, 3], [1, 3]]), parent, rejected, 0.95, 3)
+    assert parent.tolist() == [0, 1, 2, 3] and rejected == {(0, 3), (1, 3)}
+
+
+def test_the_dedup_selector_passes_on_each_of_its_settings():
+    from lmlab.selection.dedup import Dedup, duplicates
+
+    rng = np.random.default_rng(0)
+    rows = []
+    for _ in range(30):  # 30 pairs at 3-shingle Jaccard 7 / 13, one substitution apart, and 3 exact copies
+        row = rng.integers(10, 5000, 12).tolist()
+        other = list(row)
+        other[6] = int(rng.integers(5000, 6000))
+        rows += [[1, *row, 2], [1, *other, 2]]
+    rows += [list(rows[0]), list(rows[3]), list(rows[3])]
+    pool = _dedup_pool(rows)
+    found = {}
+    for seed in (1, 2):  # with 16 permutations which pairs become candidates depends on the seed
+        kw = dict(threshold=0.5, num_perm=16, recall_weight=0.5, seed=seed)
+        exact, near = duplicates(pool, **kw)
+        report = Dedup(**kw).select(pool, None, None).report
+        assert report == {"pool_rows": 63, "kept_rows": 63 - 3 - int(near.sum()), "removed_exact": 3,
+                          "removed_near": int(near.sum())} and exact.sum() == 3
+        found[seed] = int(near.sum())
+    assert found[1] != found[2]
+    only_exact = Dedup(near=False).select(pool, None, None)
+    assert only_exact.report == {"pool_rows": 63, "kept_rows": 60, "removed_exact": 3, "removed_near": 0}
+    only_near = Dedup(exact=False, threshold=0.9).select(pool, None, None)  # the copies: Jaccard 1
+    assert only_near.report == {"pool_rows": 63, "kept_rows": 60, "removed_exact": 0, "removed_near": 3}
+    assert only_near.scores.dtype == np.float64 and only_near.scores.tolist() == [1.0] * 60 + [0.0] * 3

@@ -154,6 +154,11 @@ EQUIVALENT: dict[str, str] = {
         "lmlab.training.callbacks.xǁLossWindowǁ__init____mutmut_15",
         "lmlab.training.callbacks.xǁLossWindowǁmean__mutmut_6")},
     "lmlab.training.callbacks.xǁLossWindowǁmean__mutmut_2": "torch's mean of no values is NaN too",
+    "lmlab.selection.dedup.x__confirm__mutmut_2": ("`or` only reads more pairs: a rejected pair is checked again with "
+                                                   "the same answer, a joined one is skipped in the loop"),
+    "lmlab.selection.dedup.x__confirm__mutmut_53": ("`rejected` only spares rechecking a pair: without it the same "
+                                                    "pair is rejected again"),
+    "lmlab.selection.dedup.xǁDedupǁselect__mutmut_41": "astype(None) is astype(float64)",
 }
 
 KILLED = {1, 3, 24, -24, 36, 152, 255}      # mutmut's codes for a failing test run and for a timeout

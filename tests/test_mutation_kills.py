@@ -777,3 +777,15 @@ def test_the_dedup_selector_passes_on_each_of_its_settings():
     only_near = Dedup(exact=False, threshold=0.9).select(pool, None, None)  # the copies: Jaccard 1
     assert only_near.report == {"pool_rows": 63, "kept_rows": 60, "removed_exact": 0, "removed_near": 3}
     assert only_near.scores.dtype == np.float64 and only_near.scores.tolist() == [1.0] * 60 + [0.0] * 3
+
+
+def test_lsh_bucket_pairs_keep_pool_order_within_interleaved_buckets():
+    from lmlab.selection.dedup import SMALL_BUCKET, bucket_pairs
+
+    rows = np.arange(100, 100 + 3 * (SMALL_BUCKET + 8))
+    keys = (np.arange(len(rows)) % 3).astype(np.uint64)  # three large buckets, interleaved in pool order
+    pairs = bucket_pairs(rows, keys)
+    want = [(int(rows[k]), int(r)) for k in range(3) for r in rows[k + 3::3]]  # each bucket's first row first
+    assert sorted(map(tuple, pairs.tolist())) == sorted(want)
+    small = bucket_pairs(rows[:12], keys[:12])  # buckets of 4: every pair, the smaller row first
+    assert (small[:, 0] < small[:, 1]).all() and len(small) == 3 * 6

@@ -789,3 +789,28 @@ def test_lsh_bucket_pairs_keep_pool_order_within_interleaved_buckets():
     assert sorted(map(tuple, pairs.tolist())) == sorted(want)
     small = bucket_pairs(rows[:12], keys[:12])  # buckets of 4: every pair, the smaller row first
     assert (small[:, 0] < small[:, 1]).all() and len(small) == 3 * 6
+
+
+def test_pcfg_one_word_sentences_and_impossible_ones_are_exact_and_quiet(tmp_path):
+    import warnings
+
+    from lmlab.data.pcfg import PCFGSource
+    from lmlab.vocab import BOS_ID, EOS_ID, N_SPECIAL
+    from tests.test_pcfg import TINY, write_rules
+
+    # S -> A (0.5) -> x | y, or S -> B C (0.5) -> "x y": P(x) = 0.3, P(y) = 0.2, P(x y) = 0.5, no unary chain
+    rules = [("S", ("A",), 0.5), ("S", ("B", "C"), 0.5), ("A", ("x",), 0.6), ("A", ("y",), 0.4),
+             ("B", ("x",), 1.0), ("C", ("y",), 1.0)]
+    src = PCFGSource(grammar=str(write_rules(tmp_path / "g.txt", rules)), **TINY)
+    x, y = (N_SPECIAL + src.grammar.words.index(w) for w in "xy")
+    rows = [[BOS_ID, x, EOS_ID], [BOS_ID, y, EOS_ID], [BOS_ID, x, y, EOS_ID], [BOS_ID, y, x, EOS_ID]]
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        nll = src.sequence_nll(rows)
+        conds = src.single_mask_conditionals(rows)
+    np.testing.assert_allclose(nll[:3], -np.log([0.3, 0.2, 0.5]), rtol=1e-12)
+    assert nll[3] == np.inf
+    for cond in conds[:2]:  # p(x_1 = w) over the one-word sentences: 0.3 : 0.2
+        np.testing.assert_allclose(cond[0, [x, y]], [0.6, 0.4], rtol=1e-12)
+    np.testing.assert_allclose(conds[2][:, [x, y]], [[1.0, 0.0], [0.0, 1.0]], atol=1e-15)  # only "x y" has 2 words
+    assert not conds[3].any()  # "y _" and "_ x": no sentence of the grammar

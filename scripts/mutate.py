@@ -123,6 +123,9 @@ _EMPTY_GROUP = ("the word array of the 0-word group is never read: sequence_nll 
                 "single_mask_conditionals skips n = 0, posterior refuses it")
 _WORD_DTYPE = "token ids are Python ints (int64 without the dtype); an empty row's array is only measured"
 _ZERO_BY_ZERO = "the divisor is a sum of the non-negative numerators: only 0 / 0 (invalid) occurs, never divide"
+_NO_UNARY = "without unary rules the closure K is the identity matrix: x @ K is x"
+_INT_DTYPE = ("integer arrays and lists of Python ints become int64 (torch.long) without the dtype; the empty list of "
+              "start children is never used as an index")
 EQUIVALENT: dict[str, str] = {
     **{f"lmlab.stats.x_expected_calibration_error__mutmut_{i}": _DTYPE for i in (5, 7, 13, 15, 31, 33)},
     **{f"lmlab.stats.x_expected_calibration_error__mutmut_{i}": _NEG for i in (9, 17)},
@@ -159,6 +162,17 @@ EQUIVALENT: dict[str, str] = {
     "lmlab.selection.dedup.x__confirm__mutmut_53": ("`rejected` only spares rechecking a pair: without it the same "
                                                     "pair is rejected again"),
     "lmlab.selection.dedup.xǁDedupǁselect__mutmut_41": "astype(None) is astype(float64)",
+    **{f"lmlab.data.pcfg.xǁPCFGSourceǁ{f}__mutmut_{i}": _NO_UNARY for f, i in (("_close", 2), ("_unclose", 2))},
+    **{f"lmlab.data.pcfg.xǁPCFGSourceǁ{f}__mutmut_{i}": _INT_DTYPE for f, i in (
+        ("_emissions", 3), ("_emissions", 5), ("labels", 5), ("labels", 8), ("labels", 13), ("labels", 15))},
+    **{f"lmlab.data.pcfg.xǁPCFGSourceǁ_rows_to_words__mutmut_{i}": _WORD_DTYPE for i in (5, 7)},
+    **{f"lmlab.data.pcfg.xǁPCFGSourceǁ_argmax_or_minus1__mutmut_{i}": "the values are (batch, candidates): dim 1 "
+       "is dim -1" for i in (3, 12)},
+    "lmlab.data.pcfg.xǁPCFGSourceǁ_inside__mutmut_27": "a slice's end past the array's end is clipped: the same s cells",
+    "lmlab.data.pcfg.xǁPCFGSourceǁ_inside__mutmut_42": "the left/right gathers of the whole span are never read",
+    "lmlab.data.pcfg.xǁPCFGSourceǁ_outside__mutmut_2": "lefts[0] and lefts[1] have the same batch size",
+    "lmlab.data.pcfg.xǁPCFGSourceǁ_outside__mutmut_16": ("the outside scores are only read normalised per position "
+                                                        "(single_mask_conditionals): a constant factor cancels"),
 }
 
 KILLED = {1, 3, 24, -24, 36, 152, 255}      # mutmut's codes for a failing test run and for a timeout

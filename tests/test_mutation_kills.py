@@ -800,17 +800,38 @@ def test_pcfg_one_word_sentences_and_impossible_ones_are_exact_and_quiet(tmp_pat
 
     # S -> A (0.5) -> x | y, or S -> B C (0.5) -> "x y": P(x) = 0.3, P(y) = 0.2, P(x y) = 0.5, no unary chain
     rules = [("S", ("A",), 0.5), ("S", ("B", "C"), 0.5), ("A", ("x",), 0.6), ("A", ("y",), 0.4),
-             ("B", ("x",), 1.0), ("C", ("y",), 1.0)]
+             ("B", ("x",), 1.0), ("C", ("y",), 1.0), ("C", ("z",), 0.0)]  # z: a word of probability 0
     src = PCFGSource(grammar=str(write_rules(tmp_path / "g.txt", rules)), **TINY)
     x, y = (N_SPECIAL + src.grammar.words.index(w) for w in "xy")
-    rows = [[BOS_ID, x, EOS_ID], [BOS_ID, y, EOS_ID], [BOS_ID, x, y, EOS_ID], [BOS_ID, y, x, EOS_ID]]
+    z = N_SPECIAL + src.grammar.words.index("z")
+    rows = [[BOS_ID, x, EOS_ID], [BOS_ID, y, EOS_ID], [BOS_ID, x, y, EOS_ID], [BOS_ID, y, x, EOS_ID],
+            [BOS_ID, z, EOS_ID], [BOS_ID, x, z, EOS_ID]]
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         nll = src.sequence_nll(rows)
         conds = src.single_mask_conditionals(rows)
     np.testing.assert_allclose(nll[:3], -np.log([0.3, 0.2, 0.5]), rtol=1e-12)
-    assert nll[3] == np.inf
+    assert (nll[3:] == np.inf).all()
     for cond in conds[:2]:  # p(x_1 = w) over the one-word sentences: 0.3 : 0.2
         np.testing.assert_allclose(cond[0, [x, y]], [0.6, 0.4], rtol=1e-12)
     np.testing.assert_allclose(conds[2][:, [x, y]], [[1.0, 0.0], [0.0, 1.0]], atol=1e-15)  # only "x y" has 2 words
     assert not conds[3].any()  # "y _" and "_ x": no sentence of the grammar
+    np.testing.assert_allclose(conds[4][0, [x, y, z]], [0.6, 0.4, 0.0], rtol=1e-12)
+    np.testing.assert_allclose(conds[5][:, [x, y, z]], [[0.0, 0.0, 0.0], [0.0, 1.0, 0.0]], atol=1e-15)  # "_ z": none
+
+
+def test_pcfg_a_sentence_whose_probability_is_below_the_smallest_float(tmp_path):
+    """a^120 with P(a | A) = 0.001: P = 0.999^119 * 0.001 * 0.001^120 (about 1e-363, below float64's range),
+    exact only because each position's emissions are rescaled."""
+    from lmlab.data.pcfg import PCFGSource
+    from lmlab.vocab import BOS_ID, EOS_ID, N_SPECIAL
+    from tests.test_pcfg import TINY, write_rules
+
+    rules = [("S", ("A", "S"), 0.999), ("S", ("A",), 0.001), ("A", ("a",), 0.001), ("A", ("b",), 0.999)]
+    src = PCFGSource(grammar=str(write_rules(tmp_path / "g.txt", rules)), **TINY)
+    a, b = (N_SPECIAL + src.grammar.words.index(w) for w in "ab")
+    n = 120
+    (nll,) = src.sequence_nll([[BOS_ID, *[a] * n, EOS_ID]])
+    assert nll == pytest.approx(-((n - 1) * math.log(0.999) + math.log(0.001) + n * math.log(0.001)), rel=1e-12)
+    (cond,) = src.single_mask_conditionals([[BOS_ID, *[a] * n, EOS_ID]])
+    np.testing.assert_allclose(cond[:, [a, b]], np.tile([0.001, 0.999], (n, 1)), rtol=1e-9)

@@ -168,7 +168,7 @@ EQUIVALENT: dict[str, str] = {
     **{f"lmlab.data.pcfg.xǁPCFGSourceǁ_rows_to_words__mutmut_{i}": _WORD_DTYPE for i in (5, 7)},
     **{f"lmlab.data.pcfg.xǁPCFGSourceǁ_argmax_or_minus1__mutmut_{i}": "the values are (batch, candidates): dim 1 "
        "is dim -1" for i in (3, 12)},
-    "lmlab.data.pcfg.xǁPCFGSourceǁ_inside__mutmut_27": "a slice's end past the array's end is clipped: the same s cells",
+    "lmlab.data.pcfg.xǁPCFGSourceǁ_inside__mutmut_27": "a slice end past the array end is clipped: the same s cells",
     "lmlab.data.pcfg.xǁPCFGSourceǁ_inside__mutmut_42": "the left/right gathers of the whole span are never read",
     "lmlab.data.pcfg.xǁPCFGSourceǁ_outside__mutmut_2": "lefts[0] and lefts[1] have the same batch size",
     "lmlab.data.pcfg.xǁPCFGSourceǁ_outside__mutmut_16": ("the outside scores are only read normalised per position "

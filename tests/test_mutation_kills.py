@@ -835,3 +835,14 @@ def test_pcfg_a_sentence_whose_probability_is_below_the_smallest_float(tmp_path)
     assert nll == pytest.approx(-((n - 1) * math.log(0.999) + math.log(0.001) + n * math.log(0.001)), rel=1e-12)
     (cond,) = src.single_mask_conditionals([[BOS_ID, *[a] * n, EOS_ID]])
     np.testing.assert_allclose(cond[:, [a, b]], np.tile([0.001, 0.999], (n, 1)), rtol=1e-9)
+
+
+def test_the_viterbi_tree_of_a_one_word_sentence_has_no_constituent_of_two_words(tmp_path):
+    from lmlab.data.grammar import parse_grammar
+
+    path = tmp_path / "g.txt"
+    path.write_text("S A 0.5\nS B C 0.5\nA x 0.6\nA y 0.4\nB x 1.0\nC y 1.0\n")
+    g = parse_grammar(path)
+    x, y = g.words.index("x"), g.words.index("y")
+    assert g.viterbi_spans([x]) == set() and g.viterbi_spans([y]) == set()
+    assert g.viterbi_spans([x, y]) == {(0, 2)} and g.viterbi_spans([y, x]) is None and g.viterbi_spans([]) is None

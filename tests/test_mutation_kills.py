@@ -846,3 +846,32 @@ def test_the_viterbi_tree_of_a_one_word_sentence_has_no_constituent_of_two_words
     x, y = g.words.index("x"), g.words.index("y")
     assert g.viterbi_spans([x]) == set() and g.viterbi_spans([y]) == set()
     assert g.viterbi_spans([x, y]) == {(0, 2)} and g.viterbi_spans([y, x]) is None and g.viterbi_spans([]) is None
+
+
+def test_a_viterbi_tie_between_a_binary_rule_and_a_unary_chain_goes_to_the_binary_rule_listed_first(tmp_path):
+    from lmlab.data.grammar import parse_grammar
+
+    # "x y y": S -> B D -> x (y y) and S -> X -> E C -> (x y) y, both of probability 0.5 exactly
+    path = tmp_path / "g.txt"
+    path.write_text("S B D 0.5\nS X 0.5\nX E C 1.0\nE B C 1.0\nD C C 1.0\nB x 1.0\nC y 1.0\n")
+    g = parse_grammar(path)
+    x, y = g.words.index("x"), g.words.index("y")
+    assert g.viterbi_spans([x, y, y]) == {(0, 3), (1, 3)}
+
+
+def test_a_rule_file_notice_and_error_in_full(tmp_path, capsys):
+    from lmlab.data.grammar import parse_grammar
+    from lmlab.errors import UserError
+
+    path = tmp_path / "g.txt"
+    path.write_text("S A B 0.5\nS a 0.5004\nA a 1.0\nB b 0.5\nB a 0.5\n")  # S sums to 1.0004, A and B to 1
+    parse_grammar(path)
+    assert capsys.readouterr().out == f"[lmlab] grammar {path}: renormalised rule probabilities of S (+4.00e-04).\n"
+    path.write_text("S A B 0.5\nS a 0.4996\nA a 1.0\nB b 1.0\n")
+    parse_grammar(path)
+    assert capsys.readouterr().out == f"[lmlab] grammar {path}: renormalised rule probabilities of S (-4.00e-04).\n"
+    path.write_text("S A Q 1.0\nA a 1.0\n")
+    with pytest.raises(UserError) as err:
+        parse_grammar(path)
+    assert str(err.value) == (f"Line 1 of grammar file {path} has binary child 'Q' that is not a nonterminal; give it "
+                              "rules of its own or fix the name.")

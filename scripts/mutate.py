@@ -126,6 +126,11 @@ _ZERO_BY_ZERO = "the divisor is a sum of the non-negative numerators: only 0 / 0
 _NO_UNARY = "without unary rules the closure K is the identity matrix: x @ K is x"
 _INT_DTYPE = ("integer arrays and lists of Python ints become int64 (torch.long) without the dtype; the empty list of "
               "start children is never used as an index")
+_CHART = "a chart one cell larger, or a span loop one longer (no start fits it), is never read past the sentence"
+_MARKS = ("split points are >= 1 and children/rules >= 0, so only the sign of the -1 marks is read: -2, `<= 0` or "
+          "`< 1` read the same")
+_SPAN_ONE = ("the traceback stops at a one-word cell either way (a unary rule there adds no constituent of two or "
+             "more words)")
 EQUIVALENT: dict[str, str] = {
     **{f"lmlab.stats.x_expected_calibration_error__mutmut_{i}": _DTYPE for i in (5, 7, 13, 15, 31, 33)},
     **{f"lmlab.stats.x_expected_calibration_error__mutmut_{i}": _NEG for i in (9, 17)},
@@ -171,6 +176,13 @@ EQUIVALENT: dict[str, str] = {
     "lmlab.data.pcfg.xǁPCFGSourceǁ_inside__mutmut_27": "a slice end past the array end is clipped: the same s cells",
     "lmlab.data.pcfg.xǁPCFGSourceǁ_inside__mutmut_42": "the left/right gathers of the whole span are never read",
     "lmlab.data.pcfg.xǁPCFGSourceǁ_outside__mutmut_2": "lefts[0] and lefts[1] have the same batch size",
+    **{f"lmlab.data.grammar.xǁGrammarǁviterbi_spans__mutmut_{i}": _CHART for i in (16, 18, 28, 30, 41, 43, 81)},
+    **{f"lmlab.data.grammar.xǁGrammarǁviterbi_spans__mutmut_{i}": _INT_DTYPE for i in (23, 26, 36, 39)},
+    **{f"lmlab.data.grammar.xǁGrammarǁviterbi_spans__mutmut_{i}": _MARKS for i in (32, 45, 138, 139, 143, 144)},
+    "lmlab.data.grammar.xǁGrammarǁ_close_unary__mutmut_21": _MARKS,
+    **{f"lmlab.data.grammar.xǁGrammarǁviterbi_spans__mutmut_{i}": _SPAN_ONE for i in (133, 134, 140, 141)},
+    "lmlab.data.grammar.x_parse_grammar__mutmut_53": ("no sum near 1 lies exactly SUM_TOLERANCE from 1 in float64 "
+                                                      "(differences there are multiples of 2^-53, 1e-3 is not)"),
     "lmlab.data.pcfg.xǁPCFGSourceǁ_outside__mutmut_16": ("the outside scores are only read normalised per position "
                                                         "(single_mask_conditionals): a constant factor cancels"),
 }

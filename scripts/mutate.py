@@ -181,6 +181,13 @@ EQUIVALENT: dict[str, str] = {
     **{f"lmlab.data.grammar.xǁGrammarǁviterbi_spans__mutmut_{i}": _MARKS for i in (32, 45, 138, 139, 143, 144)},
     "lmlab.data.grammar.xǁGrammarǁ_close_unary__mutmut_21": _MARKS,
     **{f"lmlab.data.grammar.xǁGrammarǁviterbi_spans__mutmut_{i}": _SPAN_ONE for i in (133, 134, 140, 141)},
+    "lmlab.data.grammar.x__merge__mutmut_24": _NEG,
+    **{f"lmlab.data.grammar.x__merge__mutmut_{i}": "a list of Python floats is float64" for i in (26, 28)},
+    **{f"lmlab.data.grammar.xǁGrammarǁsample__mutmut_{i}": _INT_DTYPE for i in (8, 11)},
+    **{f"lmlab.data.grammar.xǁGrammarǁsample__mutmut_{i}": ("a + u lands exactly on a cumulative boundary (u = 0) or "
+       "rounds up to a + 1 with probability about 2^-53 a draw") for i in (28, 37)},
+    "lmlab.data.grammar.xǁGrammarǁsample__mutmut_89": "every sentence has a word, so every id occurs in the count",
+    "lmlab.data.grammar.x_parse_grammar__mutmut_77": "parse_grammar sets start_children itself right after",
     "lmlab.data.grammar.x_parse_grammar__mutmut_53": ("no sum near 1 lies exactly SUM_TOLERANCE from 1 in float64 "
                                                       "(differences there are multiples of 2^-53, 1e-3 is not)"),
     "lmlab.data.pcfg.xǁPCFGSourceǁ_outside__mutmut_16": ("the outside scores are only read normalised per position "

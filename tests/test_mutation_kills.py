@@ -875,3 +875,27 @@ def test_a_rule_file_notice_and_error_in_full(tmp_path, capsys):
         parse_grammar(path)
     assert str(err.value) == (f"Line 1 of grammar file {path} has binary child 'Q' that is not a nonterminal; give it "
                               "rules of its own or fix the name.")
+
+
+def test_start_children_of_a_rule_file_and_of_a_generated_grammar(tmp_path):
+    from lmlab.data.grammar import GrammarShape, parse_grammar
+
+    path = tmp_path / "g.txt"
+    path.write_text("S A 0.5\nS B C 0.5\nA x 0.6\nA C 0.4\nB x 1.0\nC y 1.0\n")
+    g = parse_grammar(path)
+    assert g.start_children == [g.nonterminals.index("A")]
+    assert GrammarShape(start_symbols=3).generate(0).start_children == [1, 2, 3]
+
+
+def test_sampling_stops_a_frontier_past_its_limit(tmp_path, monkeypatch):
+    from lmlab.data import grammar
+    from lmlab.errors import UserError
+
+    path = tmp_path / "g.txt"
+    path.write_text("S A A 1.0\nA a 1.0\n")  # every sentence "a a": a frontier of 2 symbols a sentence
+    g = grammar.parse_grammar(path)
+    monkeypatch.setattr(grammar, "_MAX_FRONTIER", 8)
+    assert [s.tolist() for s in g.sample(4, np.random.default_rng(0))] == [[0, 0]] * 4  # 8 symbols: allowed
+    with pytest.raises(UserError) as err:
+        g.sample(5, np.random.default_rng(0))
+    assert str(err.value) == "The grammar generates unboundedly long sentences; make its recursion subcritical."

@@ -870,6 +870,10 @@ def test_a_rule_file_notice_and_error_in_full(tmp_path, capsys):
     path.write_text("S A B 0.5\nS a 0.4996\nA a 1.0\nB b 1.0\n")
     parse_grammar(path)
     assert capsys.readouterr().out == f"[lmlab] grammar {path}: renormalised rule probabilities of S (-4.00e-04).\n"
+    path.write_text("S A B 0.5\nS a 0.5004\nA a 1.0\nB b 0.5\nB a 0.4998\n")  # two of them
+    parse_grammar(path)
+    assert capsys.readouterr().out == (f"[lmlab] grammar {path}: renormalised rule probabilities of S (+4.00e-04), "
+                                       "B (-2.00e-04).\n")
     path.write_text("S A Q 1.0\nA a 1.0\n")
     with pytest.raises(UserError) as err:
         parse_grammar(path)

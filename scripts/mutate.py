@@ -167,6 +167,7 @@ EQUIVALENT: dict[str, str] = {
     "lmlab.selection.dedup.x__confirm__mutmut_53": ("`rejected` only spares rechecking a pair: without it the same "
                                                     "pair is rejected again"),
     "lmlab.selection.dedup.xǁDedupǁselect__mutmut_41": "astype(None) is astype(float64)",
+    "lmlab.selection.dedup.x_bucket_pairs__mutmut_7": 'numpy reads the sort kind case-insensitively: "STABLE"',
     **{f"lmlab.data.pcfg.xǁPCFGSourceǁ{f}__mutmut_{i}": _NO_UNARY for f, i in (("_close", 2), ("_unclose", 2))},
     **{f"lmlab.data.pcfg.xǁPCFGSourceǁ{f}__mutmut_{i}": _INT_DTYPE for f, i in (
         ("_emissions", 3), ("_emissions", 5), ("labels", 5), ("labels", 8), ("labels", 13), ("labels", 15))},

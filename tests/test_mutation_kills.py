@@ -772,7 +772,7 @@ def test_the_dedup_selector_passes_on_each_of_its_settings():
                           "removed_near": int(near.sum())} and exact.sum() == 3
         found[seed] = int(near.sum())
     assert found[1] != found[2]
-    only_exact = Dedup(near=False).select(pool, None, None)
+    only_exact = Dedup(near=False, threshold=0.5, num_perm=16, recall_weight=0.5, seed=1).select(pool, None, None)
     assert only_exact.report == {"pool_rows": 63, "kept_rows": 60, "removed_exact": 3, "removed_near": 0}
     only_near = Dedup(exact=False, threshold=0.9).select(pool, None, None)  # the copies: Jaccard 1
     assert only_near.report == {"pool_rows": 63, "kept_rows": 60, "removed_exact": 0, "removed_near": 3}

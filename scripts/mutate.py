@@ -188,6 +188,8 @@ EQUIVALENT: dict[str, str] = {
     **{f"lmlab.data.grammar.xǁGrammarǁsample__mutmut_{i}": ("a + u lands exactly on a cumulative boundary (u = 0) or "
        "rounds up to a + 1 with probability about 2^-53 a draw") for i in (28, 37)},
     "lmlab.data.grammar.xǁGrammarǁsample__mutmut_89": "every sentence has a word, so every id occurs in the count",
+    "lmlab.data.grammar.x_parse_grammar__mutmut_65": ("no float64 sum near 1 lies exactly 1e-6 from it (differences "
+                                                      "there are multiples of 2^-53)"),
     "lmlab.data.grammar.x_parse_grammar__mutmut_77": "parse_grammar sets start_children itself right after",
     "lmlab.data.grammar.x_parse_grammar__mutmut_53": ("no sum near 1 lies exactly SUM_TOLERANCE from 1 in float64 "
                                                       "(differences there are multiples of 2^-53, 1e-3 is not)"),

@@ -1,6 +1,9 @@
-"""Known answers at the edges that ``make mutate`` (scripts/mutate.py) found unchecked: a margin of exactly 0,
-two values, ties, a fit with one residual degree of freedom, nested inputs, the error sentences. Each expected
-value comes from scipy or a hand formula, not from lmlab."""
+"""Known answers at the edges that ``make mutate`` (scripts/mutate.py) found unchecked, for each module it mutates:
+the statistics (a margin of exactly 0, two values, ties, one residual degree of freedom, nested inputs, the error
+sentences), the HMM and the PCFG (impossible sentences, empty rows, one-word sentences, probabilities below float64's
+range), grammars (Viterbi ties and one-word trees, start children, the sampler's limits, the notices), the divergence
+guard and what a resume restores, dedup's hashes, buckets and settings, and the report's verdicts. Each expected
+value comes from scipy, a hand formula, an enumeration or a pure-Python reference, not from lmlab."""
 
 from __future__ import annotations
 

@@ -906,3 +906,11 @@ def test_sampling_stops_a_frontier_past_its_limit(tmp_path, monkeypatch):
     with pytest.raises(UserError) as err:
         g.sample(5, np.random.default_rng(0))
     assert str(err.value) == "The grammar generates unboundedly long sentences; make its recursion subcritical."
+
+
+def test_the_verdict_cell_counts_pairs_only_for_an_inconclusive_row_of_fewer_than_two():
+    from lmlab.report.paper import INCONCLUSIVE, MISSING, _verdict_cell
+
+    assert _verdict_cell(_row(verdict=MISSING, n=0)) == "**n/a**"
+    assert _verdict_cell(_row(verdict=INCONCLUSIVE, n=2)) == "**inconclusive**"
+    assert _verdict_cell(_row(verdict="extension: inconclusive", n=1)) == "**extension: inconclusive** (1 pair)"

@@ -667,7 +667,15 @@ def test_a_row_from_hand_made_pairs_against_scipy():
     x = np.array([[1.0, arm, g] for k in range(4) for arm, g in ((1, 0.1 + 0.01 * k), (0, 0.1 - 0.01 * k))])
     coef, *_ = np.linalg.lstsq(x, ys, rcond=None)
     assert not row.matched and row.verdict == CONFOUNDED and row.adjusted == pytest.approx(coef[1])
-    assert row.adjusted_ci > 0 and row.paper.startswith("+6.9 pts at equal loss")
+    assert row.adjusted_ci > 0 and row.paper.startswith("+6.9 pts at equal loss") and row.unit == ""
+    for pr in wide:  # an observation without a value or a gap is left out of the fit
+        pr.obs += [(math.nan, 1, 0.1), (0.5, 0, math.nan)]
+    again = make_row("size", "pcfg x", "pcfg", "task_b", "task B", "what", "acc:x", +1, wide, s)
+    assert again.adjusted == pytest.approx(coef[1]) and again.adjusted_ci == pytest.approx(row.adjusted_ci)
+    trace = make_row("size", "pcfg x", "pcfg", "task_b", "- (pre-training loss)", "what", "trace:x", -1, pairs, s)
+    assert trace.paper == "-7.2 (Tr(H) 19.8 -> 12.6)" and not trace.extension  # trace rows: no task in the key
+    two = make_row("size", "pcfg x", "pcfg", "task_b", "task B", "what", "acc:x", +1, pairs[:2], s)
+    assert two.n == 2 and two.note == "" and two.p == pytest.approx(sps.ttest_1samp(d[:2], 0).pvalue)
     # not claimed by the paper: an extension
     row = make_row("size", "pcfg x", "pcfg", "task_c", "task C", "what", "acc:x", +1, pairs[:2], s, extension=False)
     assert row.extension and row.paper == "not claimed (extension)"

@@ -184,6 +184,8 @@ EQUIVALENT: dict[str, str] = {
     **{f"lmlab.data.grammar.xǁGrammarǁviterbi_spans__mutmut_{i}": _SPAN_ONE for i in (133, 134, 140, 141)},
     **{f"lmlab.report.paper.x__parent_exclusion__mutmut_{i}": ("the else branch is the parent's status itself: "
        "\"done\" where the first test would have said so") for i in (16, 17)},
+    "lmlab.report.paper.x_make_row__mutmut_117": ("a constant column of 2 is an intercept too: the arm coefficient "
+                                                  "and its interval are the same"),
     "lmlab.report.paper.x_decide__mutmut_23": ("a claimed row the Holm loop leaves without a verdict has a NaN p, for "
                                                "which _direction is INCONCLUSIVE too"),
     "lmlab.data.grammar.x__merge__mutmut_24": _NEG,

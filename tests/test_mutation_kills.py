@@ -1,13 +1,18 @@
-"""Known answers at the edges that ``make mutate`` (scripts/mutate.py) found unchecked: a margin of exactly 0,
-two values, ties, a fit with one residual degree of freedom, nested inputs, the error sentences. Each expected
-value comes from scipy or a hand formula, not from lmlab."""
+"""Known answers at the edges that ``make mutate`` (scripts/mutate.py) found unchecked, for each module it mutates:
+the statistics (a margin of exactly 0, two values, ties, one residual degree of freedom, nested inputs, the error
+sentences), the HMM and the PCFG (impossible sentences, empty rows, one-word sentences, probabilities below float64's
+range), grammars (Viterbi ties and one-word trees, start children, the sampler's limits, the notices), the divergence
+guard and what a resume restores, dedup's hashes, buckets and settings, and the report's verdicts. Each expected
+value comes from scipy, a hand formula, an enumeration or a pure-Python reference, not from lmlab."""
 
 from __future__ import annotations
 
+import json
 import math
 
 import numpy as np
 import pytest
+import torch
 from scipy import stats as sps
 
 from lmlab.stats import (
@@ -205,3 +210,715 @@ def test_hmm_nll_of_a_batch_that_starts_with_a_sentence_of_another_length():
     assert np.isinf(nll[0]) and nll[1] == pytest.approx(-math.log(px), rel=1e-12)
     with pytest.raises(ValueError, match=f"token id {3 + N_SPECIAL} is outside this HMM's vocabulary"):
         src.sequence_nll([[BOS_ID, 3 + N_SPECIAL, EOS_ID]])  # the first id past the vocabulary
+
+
+def _hmm_with_a_word_it_never_emits():
+    """A 2-state, 3-word HMM of length 3 whose word 2 has emission probability 0 in every state."""
+    from lmlab.data.hmm import HMMSource
+
+    src = HMMSource(hidden_states=2, vocab_size=3, length=3, label_position=2, hmm_seed=4, train_size=10,
+                    validation_size=5, test_size=5, downstream_size=5)
+    src.emission[:, 2] = 0.0
+    src.emission /= src.emission.sum(axis=1, keepdims=True)
+    return src
+
+
+def _hmm_joint(src, x):
+    """P(x, z) for every hidden path z of the sentence x (enumeration), and the paths."""
+    import itertools
+
+    paths = list(itertools.product(range(src.hidden_states), repeat=len(x)))
+    joint = [src.initial[z[0]] * src.emission[z[0], x[0]]
+             * np.prod([src.transition[z[t - 1], z[t]] * src.emission[z[t], x[t]] for t in range(1, len(x))])
+             for z in paths]
+    return np.array(joint), np.array(paths)
+
+
+def test_hmm_sentences_it_cannot_emit_are_quiet_and_exact():
+    """P(x) = 0: NLL inf, posteriors 0, and the single-mask conditionals where x_-t is impossible 0, all
+    without numpy warnings; the other sentences and positions equal the enumeration over hidden paths."""
+    import itertools
+    import warnings
+
+    from lmlab.vocab import BOS_ID, EOS_ID, N_SPECIAL
+
+    src = _hmm_with_a_word_it_never_emits()
+    xs = list(itertools.product(range(3), repeat=3))
+    px = {x: _hmm_joint(src, x)[0].sum() for x in xs}
+    assert sorted(x for x in xs if px[x] == 0) == [x for x in xs if 2 in x]
+    rows = [[BOS_ID, *(w + N_SPECIAL for w in x), EOS_ID] for x in xs]
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        nll = src.sequence_nll(rows)
+        conds = src.single_mask_conditionals(rows)
+        posts = [src.posterior(rows, k) for k in (1, 2, 3)]
+    with np.errstate(divide="ignore"):
+        np.testing.assert_allclose(nll, [-np.log(px[x]) for x in xs], rtol=1e-12)
+    for i, x in enumerate(xs):
+        joint, paths = _hmm_joint(src, x)
+        for k in (1, 2, 3):
+            want = [joint[paths[:, k - 1] == z].sum() / px[x] if px[x] else 0.0 for z in range(2)]
+            np.testing.assert_allclose(posts[k - 1][i], want, rtol=1e-12, atol=1e-15)
+        if 2 in x[:-1]:
+            continue  # an impossible word before the last: see the conditionals of possible prefixes below
+        for t in range(3):
+            p = np.array([px[x[:t] + (w,) + x[t + 1:]] for w in range(3)])
+            want = p / p.sum() if p.sum() else p
+            np.testing.assert_allclose(conds[i][t, N_SPECIAL:], want, rtol=1e-12, atol=1e-15)
+            assert not conds[i][t, :N_SPECIAL].any()
+
+
+def test_hmm_an_empty_row_and_a_position_outside_the_sentence():
+    from lmlab.vocab import BOS_ID, EOS_ID, N_SPECIAL
+
+    src = _hmm_with_a_word_it_never_emits()
+    rows = [[BOS_ID, EOS_ID], [BOS_ID, N_SPECIAL, N_SPECIAL + 1, N_SPECIAL, EOS_ID]]
+    assert np.isinf(src.sequence_nll(rows)[0]) and np.isfinite(src.sequence_nll(rows)[1])
+    conds = src.single_mask_conditionals(rows)
+    assert conds[0].shape == (0, src.vocab_size) and conds[1].shape == (3, src.vocab_size)
+    with pytest.raises(ValueError, match="^position 4 is outside a sentence of 3 words$"):
+        src.posterior(rows[1:], 4)
+
+
+# ----- lmlab/training/callbacks.py: the divergence guard and what a resumed run carries -----
+
+
+class _Trainer:
+    """The trainer attributes the callbacks read, and a record of the checkpoints asked for."""
+
+    def __init__(self, step=0, max_steps=10, global_zero=True, logger=None):
+        self.global_step, self.max_steps, self.is_global_zero, self.logger = step, max_steps, global_zero, logger
+        self.saved = []
+
+    def save_checkpoint(self, path):
+        self.saved.append(path)
+
+
+def _weights(value: float) -> torch.nn.Module:
+    layer = torch.nn.Linear(2, 2)
+    with torch.no_grad():
+        layer.bias.fill_(value)
+    return layer
+
+
+def test_the_guard_reads_the_loss_every_few_steps_and_the_weights_at_checkpoint_steps():
+    from lmlab.training.callbacks import Diverged, DivergenceGuard
+
+    guard = DivergenceGuard(every=3, checkpoint_every=4)
+    nan, one = {"loss": torch.tensor(float("nan"))}, {"loss": torch.tensor(1.0)}
+    finite, broken = _weights(0.0), _weights(float("nan"))
+    for step in (1, 2, 5, 7):  # neither a reading step, a checkpoint step nor the last: not read
+        guard.on_train_batch_end(_Trainer(step), broken, nan, None, 0)
+    for step, outputs, weights in ((3, one, broken), (6, one, broken), (9, one, broken),  # weights: not read
+                                   (4, one, finite), (8, one, finite), (10, one, broken)):
+        guard.on_train_batch_end(_Trainer(step), weights, outputs, None, 0)
+    for step, outputs, weights, loss in ((3, nan, finite, "nan"), (6, nan, finite, "nan"), (4, nan, finite, "nan"),
+                                         (4, one, broken, "1.0"), (8, {}, broken, "nan"),
+                                         (10, nan, finite, "nan"), (11, nan, finite, "nan")):
+        with pytest.raises(Diverged, match=rf"^training diverged at step {step} \(loss {loss}\)$") as info:
+            guard.on_train_batch_end(_Trainer(step), weights, outputs, None, 0)
+        assert info.value.step == step and (math.isnan(info.value.loss) if loss == "nan" else info.value.loss == 1.0)
+    with pytest.raises(Diverged) as info:  # a loss handed over as a tensor, several values: their mean
+        guard.on_train_batch_end(_Trainer(3), finite, torch.tensor([1.0, float("inf"), 2.0]), None, 0)
+    assert info.value.loss == math.inf
+    with pytest.raises(Diverged, match="loss 2.0"):
+        guard.on_train_batch_end(_Trainer(4), broken, torch.tensor([1.0, 3.0]), None, 0)
+
+
+def test_the_guard_without_checkpoints_or_a_step_budget_and_with_every_below_one():
+    from lmlab.training.callbacks import Diverged, DivergenceGuard
+
+    nan = {"loss": torch.tensor(float("nan"))}
+    never = DivergenceGuard(every=5)  # no checkpoints: weights never read
+    never.on_train_batch_end(_Trainer(4), _weights(float("nan")), {"loss": torch.tensor(1.0)}, None, 0)
+    never.on_train_batch_end(_Trainer(4), _weights(0.0), nan, None, 0)
+    with pytest.raises(Diverged):
+        never.on_train_batch_end(_Trainer(5), _weights(0.0), nan, None, 0)
+    for max_steps in (None, 0, -1):  # no step budget: every step is read
+        with pytest.raises(Diverged):
+            never.on_train_batch_end(_Trainer(4, max_steps=max_steps), _weights(0.0), nan, None, 0)
+    with pytest.raises(Diverged):
+        DivergenceGuard(every=0).on_train_batch_end(_Trainer(7, max_steps=100), _weights(0.0), nan, None, 0)
+    with pytest.raises(Diverged):
+        DivergenceGuard(every=-2).on_train_batch_end(_Trainer(7, max_steps=100), _weights(0.0), nan, None, 0)
+
+
+def test_the_loss_window_skips_skipped_updates_and_ignores_a_state_of_another_window():
+    from lmlab.training.callbacks import LOSS_WINDOW, LossWindow
+
+    assert LOSS_WINDOW == 50 and LossWindow().window == 50 and LossWindow(window=0).window == 1
+    window = LossWindow(window=3)
+    for loss in (4.0, None, 2.0):
+        window.on_train_batch_end(None, None, {"loss": None if loss is None else torch.tensor(loss)}, None, 0)
+    window.on_train_batch_end(None, None, {}, None, 0)
+    assert window.count == 2 and window.steps() == 2 and window.mean() == 3.0
+    window.on_train_batch_end(None, None, torch.tensor([6.0, 8.0]), None, 0)  # a tensor: its mean
+    assert window.steps() == 3 and window.mean() == pytest.approx((4.0 + 2.0 + 7.0) / 3)
+    state = window.state_dict()
+    assert state["count"] == 3 and state["losses"].tolist() == [4.0, 2.0, 7.0]
+    other = LossWindow(window=4)
+    other.load_state_dict(state)  # another window's ring: not taken
+    assert other.count == 0 and math.isnan(other.mean())
+    again = LossWindow(window=3)
+    again.load_state_dict({"losses": torch.tensor([1.0, 2.0, 3.0])})  # no count: none seen
+    assert again.count == 0 and again.steps() == 0
+    again.load_state_dict(state)
+    state["losses"][0] = 100.0  # the loaded ring is a copy
+    again.on_train_batch_end(None, None, {"loss": torch.tensor(1.0)}, None, 0)
+    assert again.count == 4 and again.mean() == pytest.approx((2.0 + 7.0 + 1.0) / 3)
+    again.load_state_dict({})
+    assert again.count == 4
+
+
+def test_a_termination_signal_saves_the_resumable_checkpoint_and_nothing_else_does():
+    from lightning.pytorch.utilities.exceptions import SIGTERMException
+
+    from lmlab.training.callbacks import SaveOnTerm
+
+    trainer, save = _Trainer(5), SaveOnTerm("runs/x/last.ckpt")
+    save.on_exception(trainer, None, RuntimeError("boom"))
+    assert trainer.saved == []
+    save.on_exception(trainer, None, SIGTERMException())
+    assert trainer.saved == ["runs/x/last.ckpt"]
+
+
+def test_evaluations_along_run_once_a_step_on_rank_zero_and_their_history_survives_a_resume():
+    from lmlab.training.callbacks import EvaluateEvery
+
+    class Logger:
+        def __init__(self):
+            self.logged = []
+
+        def log_metrics(self, metrics, step):
+            self.logged.append((metrics, step))
+
+    module = torch.nn.Module()
+    module.model = torch.nn.Linear(2, 2)
+    seen = []
+
+    def evaluate(m):
+        seen.append(m.model.training)
+        m.model.eval()
+        return {"acc": 0.5 + len(seen)}
+
+    along, logger = EvaluateEvery(evaluate, every=2), Logger()
+    along.on_train_start(_Trainer(0, logger=logger), module)
+    along.on_train_batch_end(_Trainer(1, logger=logger), module, None, None, 0)  # not a multiple of 2
+    along.on_train_batch_end(_Trainer(2, logger=logger), module, None, None, 0)
+    along.on_train_batch_end(_Trainer(2, logger=logger), module, None, None, 0)  # step 2 again: not rerun
+    along.on_train_batch_end(_Trainer(4, global_zero=False), module, None, None, 0)  # another rank
+    assert along.history == [{"step": 0, "acc": 1.5}, {"step": 2, "acc": 2.5}]
+    assert logger.logged == [({"along/acc": 1.5}, 0), ({"along/acc": 2.5}, 2)]
+    assert seen == [True, True] and module.model.training  # the model's mode is given back
+    resumed = EvaluateEvery(evaluate, every=2)
+    resumed.load_state_dict(along.state_dict())
+    resumed.on_train_start(_Trainer(2), module)  # resumed at step 2: already evaluated there
+    resumed.on_train_start(_Trainer(3), module)  # resumed between evaluations: nothing
+    assert resumed.history == along.history and len(seen) == 2
+    resumed.on_train_batch_end(_Trainer(4), module, None, None, 0)  # no logger
+    assert [h["step"] for h in resumed.history] == [0, 2, 4] and along.history[-1]["step"] == 2
+    assert resumed.state_dict() == {"history": resumed.history}
+    empty = EvaluateEvery(evaluate, every=2)
+    empty.load_state_dict({})
+    assert empty.history == []
+    module.model.eval()
+    empty.on_train_start(_Trainer(0), module)
+    assert seen[-1] is False and not module.model.training
+
+
+def test_which_runs_count_at_the_edges_of_the_tolerance_and_the_plateau():
+    from lmlab.report.paper import GAP, Settings, exclusion
+
+    s = Settings(tolerance=0.5, plateau=0.25)
+    assert exclusion("failed", {GAP: 0.1}, [], s) == "status failed"
+    for metrics in ({}, {GAP: math.nan}, {GAP: True}, {GAP: "0.1"}):
+        assert exclusion("done", metrics, [], s) == f"no {GAP}"
+    assert exclusion("done", {GAP: 0.5}, [], s) == ""  # at the tolerance: counts
+    assert exclusion("done", {GAP: 0.5000001}, [], s) == "gap 0.5 > tolerance 0.5"
+    assert exclusion("done", {GAP: 0.75}, [], Settings(tolerance=0.625)) == "gap 0.75 > tolerance 0.625"
+
+    def hist(*gaps):
+        return [{"step": i} if g is None else {"step": i, GAP: g} for i, g in enumerate(gaps)]
+
+    assert exclusion("done", {GAP: 0.25}, hist(0.5, 0.25), s) == ""  # changed by exactly the plateau
+    assert exclusion("done", {GAP: 0.25}, hist(0.25, 0.5), s) == ""
+    moved = "not converged: gap changed by 0.375 between its last two evaluations (plateau 0.25)"
+    assert exclusion("done", {GAP: 0.125}, hist(0.5, 0.125), s) == moved
+    assert exclusion("done", {GAP: 0.5}, hist(0.125, 0.5), s) == moved  # by its size, either way
+    assert exclusion("done", {GAP: 0.125}, hist(0.5, math.nan, None, 0.125), s) == moved  # the last two finite
+    assert exclusion("done", {GAP: 0.125}, hist(0.125, 0.5, 0.125), s) == moved
+    assert exclusion("done", {GAP: 0.125}, hist(0.5, 0.125), s, plateau=False) == ""
+    assert exclusion("done", {GAP: 0.125}, hist(None, 0.125), s) == ""  # one finite gap: nothing to compare
+
+
+def _paper_run(tmp_path, claim="continue", status="done", history=2, parent=None):
+    from lmlab.report.paper import GAP, Run
+
+    return Run(tmp_path / "run", status, claim, "pcfg", 0, metrics={GAP: 0.1},
+               history=[{"step": i, GAP: 0.1 + 0.2 * (i % 2)} for i in range(history)], parent=parent)
+
+
+def _parent(tmp_path, name, results, done=False):
+    parent = tmp_path / name
+    parent.mkdir()
+    if results is not None:
+        (parent / "results.json").write_text(results if isinstance(results, str) else json.dumps(results))
+    if done:
+        (parent / "DONE").write_text("now\n")
+    return parent
+
+
+def test_a_phase_2_run_counts_with_two_evaluations_and_a_parent_that_counts(tmp_path):
+    from lmlab.report.paper import GAP, Settings, run_exclusion
+
+    s = Settings(tolerance=0.5, plateau=0.01)
+    good = {"status": "done", "metrics": {GAP: 0.1}, "history": [{"step": 1, GAP: 0.1}, {"step": 2, GAP: 0.1}]}
+    done = _parent(tmp_path, "done", good)  # status done in results.json, no DONE marker
+    marked = _parent(tmp_path, "marked", {**good, "status": "interrupted"}, done=True)  # DONE marker wins
+    stopped = _parent(tmp_path, "stopped", {**good, "status": "interrupted"})
+    far = _parent(tmp_path, "far", {**good, "metrics": {GAP: 0.75}}, done=True)
+    moving = _parent(tmp_path, "moving", {**good, "history": [{"step": 1, GAP: 0.3}, {"step": 2, GAP: 0.1}]})
+    empty = _parent(tmp_path, "empty", {"status": "done", "metrics": None, "history": None})
+    broken = _parent(tmp_path, "broken", "{not json")
+    missing = _parent(tmp_path, "missing", None)
+    assert run_exclusion(_paper_run(tmp_path, parent=done), s) == ""  # its own wobbling history: not held to it
+    assert run_exclusion(_paper_run(tmp_path, parent=marked), s) == ""
+    assert run_exclusion(_paper_run(tmp_path, parent=stopped), s) == "parent does not count: status interrupted"
+    assert run_exclusion(_paper_run(tmp_path, parent=far), s) == "parent does not count: gap 0.75 > tolerance 0.5"
+    assert run_exclusion(_paper_run(tmp_path, parent=moving), s).startswith(
+        "parent does not count: not converged: gap changed by 0.2 ")
+    assert run_exclusion(_paper_run(tmp_path, parent=empty), s) == f"parent does not count: no {GAP}"
+    assert run_exclusion(_paper_run(tmp_path, parent=broken), s) == f"parent {broken} not readable (JSONDecodeError)"
+    assert run_exclusion(_paper_run(tmp_path, parent=missing), s) == \
+        f"parent {missing} not readable (FileNotFoundError)"
+    assert run_exclusion(_paper_run(tmp_path), s) == "no cfg.init_from.run: not a phase-2 run"
+    assert run_exclusion(_paper_run(tmp_path, history=1, parent=done), s) == "fewer than 2 evaluations in its history"
+    assert run_exclusion(_paper_run(tmp_path, status="diverged", parent=done), s) == "status diverged"
+    # a run of another claim is held to the plateau rule and needs no parent
+    assert run_exclusion(_paper_run(tmp_path, claim="size", history=2), s).startswith("not converged")
+    assert run_exclusion(_paper_run(tmp_path, claim="size", history=1), s) == ""
+
+
+# ----- lmlab/selection/dedup.py: the hashes, as documented, from a pure-Python reference -----
+
+_M64 = (1 << 64) - 1
+
+
+def _splitmix64_ref(x: int) -> int:
+    """SplitMix64's output for the state x (Steele, Lea & Flood 2014; Vigna's splitmix64.c)."""
+    z = (x + 0x9E3779B97F4A7C15) & _M64
+    z = ((z ^ (z >> 30)) * 0xBF58476D1CE4E5B9) & _M64
+    z = ((z ^ (z >> 27)) * 0x94D049BB133111EB) & _M64
+    return z ^ (z >> 31)
+
+
+def _shingles_ref(words: list[int], ngram: int) -> list[int]:
+    n = min(ngram, len(words))
+    out = set()
+    for i in range(len(words) - n + 1):
+        h = 0
+        for w in words[i:i + n]:
+            h = _splitmix64_ref((h * 1_000_003 + w) & _M64)
+        out.add(h & 0xFFFFFFFF)
+    return sorted(out)
+
+
+def test_dedup_hashes_follow_the_documented_formulas():
+    from lmlab.selection.dedup import (
+        MAX_HASH,
+        MERSENNE,
+        _splitmix64,
+        band_keys,
+        minhash_signatures,
+        permutations,
+        shingle_hashes,
+    )
+    from lmlab.vocab import BOS_ID, EOS_ID
+
+    assert _splitmix64_ref(0) == 0xE220A8397B1DCDAF  # SplitMix64's first output from seed 0, as published
+    xs = [0, 1, 12345, (1 << 63) + 7, _M64]
+    assert _splitmix64(np.array(xs, dtype=np.uint64)).tolist() == [_splitmix64_ref(x) for x in xs]
+    assert int(MERSENNE) == (1 << 61) - 1 and int(MAX_HASH) == (1 << 32) - 1
+    rows = [[BOS_ID, 5, 6, 7, 6, 5, 6, 7, EOS_ID], [9, 8], [BOS_ID, EOS_ID], [5, 6, 7]]
+    shingles = [shingle_hashes(r, 3) for r in rows]
+    for row, got in zip(rows, shingles):
+        words = [w for w in row if w >= 4]
+        assert got.tolist() == (_shingles_ref(words, 3) if words else []) and got.dtype == np.uint64
+    a, b = permutations(6, seed=3)
+    assert (a >= 1).all() and (a < MERSENNE).all() and (b < MERSENNE).all() and len(set(a.tolist())) == 6
+    assert (permutations(6, seed=3)[0] == a).all() and not (permutations(6, seed=4)[0] == a).all()
+    for chunk in (1, 3, 1 << 16):  # rows grouped by their number of shingles: the same signatures
+        sig = minhash_signatures(shingles, 6, seed=3, chunk=chunk)
+        for i, s in enumerate(shingles):
+            want = [min(((int(ai) * int(x) + int(bi)) & _M64) % ((1 << 61) - 1) & 0xFFFFFFFF for x in s.tolist())
+                    if len(s) else (1 << 32) - 1 for ai, bi in zip(a.tolist(), b.tolist())]
+            assert sig[i].tolist() == want
+    assert minhash_signatures([np.zeros(0, dtype=np.uint64)] * 2, 4).tolist() == [[(1 << 32) - 1] * 4] * 2
+    assert minhash_signatures([], 4).shape == (0, 4)
+    keys = band_keys(sig, bands=2, r=3)
+    assert keys.shape == (2, len(rows)) and keys.flags["C_CONTIGUOUS"]
+    for band in range(2):
+        for i in range(len(rows)):
+            k = 0
+            for v in sig[i, band * 3:band * 3 + 3].tolist():
+                k = _splitmix64_ref((k * 1_000_003 + v) & _M64)
+            assert int(keys[band, i]) == k
+
+
+def test_lsh_buckets_give_all_pairs_of_small_buckets_and_the_first_row_pairs_of_large_ones():
+    from lmlab.selection.dedup import SMALL_BUCKET, bucket_pairs
+
+    assert SMALL_BUCKET == 32
+    rows = np.array([2, 5, 7, 9, 11])
+    keys = np.array([4, 1, 4, 3, 4], dtype=np.uint64)  # one bucket of three rows, two alone
+    assert sorted(map(tuple, bucket_pairs(rows, keys).tolist())) == [(2, 7), (2, 11), (7, 11)]
+    assert bucket_pairs(rows, np.arange(5, dtype=np.uint64)).shape == (0, 2)
+    for size in (SMALL_BUCKET, SMALL_BUCKET + 1):
+        rows = np.arange(10, 10 + size)
+        pairs = sorted(map(tuple, bucket_pairs(rows, np.full(size, 7, dtype=np.uint64)).tolist()))
+        if size == SMALL_BUCKET:
+            assert len(pairs) == size * (size - 1) // 2 and pairs[-1] == (10 + size - 2, 10 + size - 1)
+        else:
+            assert pairs == [(10, 10 + j) for j in range(1, size)]
+
+
+# ----- lmlab/data/pcfg.py: every sentence up to 5 words, possible or not, against the enumeration -----
+
+
+@pytest.fixture(scope="module")
+def tiny_pcfg(tmp_path_factory):
+    from lmlab.data.pcfg import PCFGSource
+    from tests.test_pcfg import TINY, TINY_RULES, brute_force, write_rules
+
+    path = write_rules(tmp_path_factory.mktemp("g") / "tiny.txt", TINY_RULES)
+    return PCFGSource(grammar=str(path), **TINY), brute_force(TINY_RULES)
+
+
+def test_pcfg_optima_and_labels_of_impossible_sentences_too(tiny_pcfg):
+    import itertools
+
+    from lmlab.vocab import N_SPECIAL
+    from tests.test_pcfg import _check_label, to_row
+
+    src, inside = tiny_pcfg
+    g, p = src.grammar, inside["S"]
+    xs = [s for n in range(1, 6) for s in itertools.product(g.words, repeat=n)]
+    assert 0 < sum(s in p for s in xs) < len(xs)  # possible and impossible ones
+    rows = [to_row(src, s) for s in xs]
+    with np.errstate(divide="ignore"):
+        np.testing.assert_allclose(src.sequence_nll(rows), [-np.log(p.get(s, 0.0)) for s in xs], rtol=1e-10)
+    for s, cond in zip(xs, src.single_mask_conditionals(rows)):
+        assert not cond[:, :N_SPECIAL].any()
+        for t in range(len(s)):
+            joint = np.array([p.get(s[:t] + (w,) + s[t + 1:], 0.0) for w in g.words])
+            want = joint / joint.sum() if joint.sum() else joint
+            np.testing.assert_allclose(cond[t, N_SPECIAL:], want, rtol=1e-9, atol=1e-12)
+    labels = src.labels([np.array([g.words.index(w) for w in s]) for s in xs])
+    assert (labels["task_a"] == -1).sum() > (np.array([len(s) for s in xs]) <= 4).sum()  # impossible ones: -1
+    for j, s in enumerate(xs):
+        if len(s) <= 4:
+            assert [labels[t][j] for t in ("task_a", "task_b", "task_c")] == [-1, -1, -1]
+            continue
+        _check_label(labels["task_a"][j], [inside[g.nonterminals[c]].get(s, 0.0) for c in g.start_children])
+        _check_label(labels["task_b"][j], [inside[nt].get(s[:4], 0.0) for nt in g.nonterminals])
+        _check_label(labels["task_c"][j], [inside[nt].get(s[:2], 0.0) for nt in g.nonterminals])
+
+
+def test_pcfg_rows_without_words_and_with_a_word_outside_the_grammar(tiny_pcfg):
+    from lmlab.vocab import BOS_ID, EOS_ID, N_SPECIAL
+
+    src, _ = tiny_pcfg
+    assert np.isinf(src.sequence_nll([[BOS_ID, EOS_ID]])[0])
+    (cond,) = src.single_mask_conditionals([[BOS_ID, EOS_ID]])
+    assert cond.shape == (0, src.vocab_size)
+    outside = N_SPECIAL + src.grammar.n_words
+    with pytest.raises(ValueError, match=rf"^token id {outside} is outside the vocabulary \({src.vocab_size}\)$"):
+        src.sequence_nll([[BOS_ID, N_SPECIAL, outside, EOS_ID]])
+    src.sequence_nll([[BOS_ID, N_SPECIAL, outside - 1, EOS_ID]])  # the last word of the grammar
+
+
+def test_a_row_from_hand_made_pairs_against_scipy():
+    from lmlab.report.paper import CONFOUNDED, INCONCLUSIVE, MISSING, Pair, Settings, make_row
+
+    def pair(seed, a, b, ga=0.1, gb=0.1):
+        return Pair(seed, [a], [ga], [b], [gb], [(a, 1, ga), (b, 0, gb)])
+
+    s = Settings(margin=0.02)
+    a, b = [0.9, 0.8, 0.85, 0.95], [0.8, 0.78, 0.7, 0.9]
+    pairs = [pair(k, a[k], b[k], 0.1 + 0.001 * k, 0.1 - 0.001 * k) for k in range(4)]
+    pairs.append(pair(9, math.nan, 0.5))  # a missing metric: the seed is left out
+    row = make_row("algorithm", "pcfg x", "pcfg", "task_a", "task A", "what", "acc_adv:a-b", +1, pairs, s,
+                   unit=" pts", scale=100.0, note="hand")
+    d = 100 * (np.array(a) - np.array(b))
+    gd = np.array([0.002 * k for k in range(4)])
+    assert row.paper == "+6.8 pts (Table 1, task A: 89.9% vs 83.1%)" and not row.extension
+    assert (row.n, row.seeds, row.unit, row.note) == (4, [0, 1, 2, 3], " pts", "hand")
+    assert row.mean == pytest.approx(d.mean()) and row.sd == pytest.approx(d.std(ddof=1))
+    assert row.ci == pytest.approx(sps.t.ppf(0.975, 3) * d.std(ddof=1) / 2)
+    assert row.p == pytest.approx(sps.ttest_1samp(d, 0).pvalue)
+    assert row.mde == pytest.approx((sps.t.ppf(0.975, 3) + sps.t.ppf(0.8, 3)) * d.std(ddof=1) / 2)
+    assert row.gap_diff == pytest.approx(gd.mean()) and row.gap_ci == pytest.approx(
+        sps.t.ppf(0.975, 3) * gd.std(ddof=1) / 2)
+    assert row.matched and row.verdict == "" and math.isnan(row.adjusted)
+    # gap differences past the margin: loss-confounded, with the arm coefficient of y ~ 1 + arm + gap
+    wide = [pair(k, a[k], b[k], 0.1 + 0.01 * k, 0.1 - 0.01 * k) for k in range(4)]
+    row = make_row("size", "pcfg x", "pcfg", "task_b", "task B", "what", "acc:x", +1, wide, s)
+    ys = np.array([v for k in range(4) for v in (a[k], b[k])])
+    x = np.array([[1.0, arm, g] for k in range(4) for arm, g in ((1, 0.1 + 0.01 * k), (0, 0.1 - 0.01 * k))])
+    coef, *_ = np.linalg.lstsq(x, ys, rcond=None)
+    assert not row.matched and row.verdict == CONFOUNDED and row.adjusted == pytest.approx(coef[1])
+    assert row.adjusted_ci > 0 and row.paper.startswith("+6.9 pts at equal loss") and row.unit == ""
+    for pr in wide:  # an observation without a value or a gap is left out of the fit
+        pr.obs += [(math.nan, 1, 0.1), (0.5, 0, math.nan)]
+    again = make_row("size", "pcfg x", "pcfg", "task_b", "task B", "what", "acc:x", +1, wide, s)
+    assert again.adjusted == pytest.approx(coef[1]) and again.adjusted_ci == pytest.approx(row.adjusted_ci)
+    trace = make_row("size", "pcfg x", "pcfg", "task_b", "- (pre-training loss)", "what", "trace:x", -1, pairs, s)
+    assert trace.paper == "-7.2 (Tr(H) 19.8 -> 12.6)" and not trace.extension  # trace rows: no task in the key
+    two = make_row("size", "pcfg x", "pcfg", "task_b", "task B", "what", "acc:x", +1, pairs[:2], s)
+    assert two.n == 2 and two.note == "" and two.p == pytest.approx(sps.ttest_1samp(d[:2], 0).pvalue)
+    # not claimed by the paper: an extension
+    row = make_row("size", "pcfg x", "pcfg", "task_c", "task C", "what", "acc:x", +1, pairs[:2], s, extension=False)
+    assert row.extension and row.paper == "not claimed (extension)"
+    one = make_row("size", "d", "pcfg", "task_b", "B", "w", "acc:x", +1, [pair(3, 0.5, 0.25, 0.1, 0.05)], s, note="n")
+    assert (one.verdict, one.note, one.n, one.gap_diff, one.mean) == (INCONCLUSIVE, "n; 1 pair, need 2", 1, 0.05, 0.25)
+    assert math.isnan(one.p) and math.isnan(one.mde)
+    none = make_row("size", "d", "pcfg", "task_b", "B", "w", "acc:x", +1, [], s)
+    assert (none.verdict, none.note, none.n) == (INCONCLUSIVE, "no counted pair", 0)
+    gone = make_row("size", "d", "pcfg", "task_b", "B", "w", "acc:x", +1, [pair(1, 0.5, math.nan)], s, note="n")
+    assert (gone.verdict, gone.note, gone.seeds) == (MISSING, "n; a metric is missing", [])
+
+
+def test_the_loss_window_follows_the_device_of_the_loss():
+    """The meta device stands in for an accelerator: the ring moves to the loss's device (a copy across devices
+    per step would fail there, as it would cost a host sync on a GPU)."""
+    from lmlab.training.callbacks import LossWindow
+
+    window = LossWindow(window=3)
+    window.on_train_batch_end(None, None, {"loss": torch.tensor(2.0, device="meta")}, None, 0)
+    assert window.losses.device.type == "meta" and window.count == 1
+    window.on_train_batch_end(None, None, {"loss": torch.tensor(3.0, device="meta")}, None, 0)
+    assert window.losses.device.type == "meta" and window.count == 2
+
+
+def test_evaluations_along_resumed_at_a_later_multiple_evaluate_at_the_start():
+    from lmlab.training.callbacks import EvaluateEvery
+
+    module = torch.nn.Module()
+    module.model = torch.nn.Linear(2, 2)
+    along = EvaluateEvery(lambda m: {"acc": 1.0}, every=2)
+    along.load_state_dict({"history": [{"step": 0, "acc": 0.5}, {"step": 2, "acc": 0.75}]})
+    along.on_train_start(_Trainer(4), module)
+    assert [h["step"] for h in along.history] == [0, 2, 4]
+
+
+# ----- lmlab/data/grammar.py -----
+
+
+def test_sampling_a_grammar_whose_derivations_never_end_is_refused(tmp_path):
+    from lmlab.data.grammar import parse_grammar
+    from lmlab.errors import UserError
+
+    path = tmp_path / "cycle.txt"
+    path.write_text("S A 1.0\nA S 0.5\nA B 0.5\nB A 1.0\n")  # unary rules only: no word is ever reached
+    with pytest.raises(UserError, match=r"^The grammar's derivations do not terminate; give every recursion a way"):
+        parse_grammar(path).sample(2, np.random.default_rng(0))
+    assert parse_grammar(path).sample(0, np.random.default_rng(0)) == []
+
+
+def test_holm_runs_over_the_claimed_rows_with_matched_loss_only():
+    from lmlab.report.paper import CONFOUNDED, INCONCLUSIVE, NOT_REPRODUCED, REPRODUCED, base_verdict, decide
+
+    rows = decide([_row(mean=0.1, p=0.02, extension=False), _row(mean=-0.1, p=0.024, extension=False),
+                   _row(mean=0.1, p=0.03, extension=False, verdict=CONFOUNDED),  # not in the family
+                   _row(mean=0.1, p=math.nan, extension=False), _row(mean=0.1, p=0.03),
+                   _row(mean=0.1, p=0.03, verdict=CONFOUNDED), _row(mean=-0.1, p=0.01, sign=-1, extension=False)])
+    # the family 0.01, 0.02, 0.024: Holm 0.03, 0.04, 0.04 (with the confounded 0.03 in it, 0.02 would be 0.06)
+    assert [r.p_holm for r in rows[:2]] == pytest.approx([0.04, 0.04]) and rows[-1].p_holm == pytest.approx(0.03)
+    assert all(math.isnan(r.p_holm) for r in rows[2:6])
+    assert [r.verdict for r in rows] == [REPRODUCED, NOT_REPRODUCED, CONFOUNDED, INCONCLUSIVE,
+                                         "extension: reproduced", "extension: loss-confounded", REPRODUCED]
+    assert [base_verdict(r.verdict) for r in rows[4:6]] == [REPRODUCED, CONFOUNDED]
+    assert base_verdict("reproduced") == REPRODUCED and base_verdict("extension:x") == "extension:x"
+
+
+def _dedup_pool(rows):
+    from datasets import Dataset, Features, Sequence, Value
+
+    features = Features({"input_ids": Sequence(Value("int32")), "label": Value("int64")})
+    return Dataset.from_dict({"input_ids": rows, "label": list(range(len(rows)))}, features=features)
+
+
+def test_dedup_confirms_every_pair_of_a_batch_after_one_already_joined():
+    from lmlab.selection.dedup import _confirm
+
+    same, near = [1, *range(10, 30), 2], [1, *range(10, 29), 99, 2]  # 3-shingles: Jaccard 17 / 19 (0.89)
+    pool = _dedup_pool([same, list(same), list(same), near])
+    parent, rejected = np.arange(4), set()
+    # (1, 2) is joined by the time it is reached (both under 0); the pair after it still counts
+    _confirm(pool, np.array([[0, 1], [0, 2], [1, 2], [2, 3]]), parent, rejected, 0.85, 3)
+    assert parent.tolist() == [0, 0, 0, 0] and rejected == set()
+    parent = np.arange(4)
+    _confirm(pool, np.array([[0, 3], [1, 3]]), parent, rejected, 0.95, 3)
+    assert parent.tolist() == [0, 1, 2, 3] and rejected == {(0, 3), (1, 3)}
+
+
+def test_the_dedup_selector_passes_on_each_of_its_settings():
+    from lmlab.selection.dedup import Dedup, duplicates
+
+    rng = np.random.default_rng(0)
+    rows = []
+    for _ in range(30):  # 30 pairs at 3-shingle Jaccard 7 / 13, one substitution apart, and 3 exact copies
+        row = rng.integers(10, 5000, 12).tolist()
+        other = list(row)
+        other[6] = int(rng.integers(5000, 6000))
+        rows += [[1, *row, 2], [1, *other, 2]]
+    rows += [list(rows[0]), list(rows[3]), list(rows[3])]
+    pool = _dedup_pool(rows)
+    found = {}
+    for seed in (1, 2):  # with 16 permutations which pairs become candidates depends on the seed
+        kw = dict(threshold=0.5, num_perm=16, recall_weight=0.5, seed=seed)
+        exact, near = duplicates(pool, **kw)
+        report = Dedup(**kw).select(pool, None, None).report
+        assert report == {"pool_rows": 63, "kept_rows": 63 - 3 - int(near.sum()), "removed_exact": 3,
+                          "removed_near": int(near.sum())} and exact.sum() == 3
+        found[seed] = int(near.sum())
+    assert found[1] != found[2]
+    only_exact = Dedup(near=False, threshold=0.5, num_perm=16, recall_weight=0.5, seed=1).select(pool, None, None)
+    assert only_exact.report == {"pool_rows": 63, "kept_rows": 60, "removed_exact": 3, "removed_near": 0}
+    only_near = Dedup(exact=False, threshold=0.9).select(pool, None, None)  # the copies: Jaccard 1
+    assert only_near.report == {"pool_rows": 63, "kept_rows": 60, "removed_exact": 0, "removed_near": 3}
+    assert only_near.scores.dtype == np.float64 and only_near.scores.tolist() == [1.0] * 60 + [0.0] * 3
+
+
+def test_lsh_bucket_pairs_keep_pool_order_within_interleaved_buckets():
+    from lmlab.selection.dedup import SMALL_BUCKET, bucket_pairs
+
+    rows = np.arange(100, 100 + 3 * (SMALL_BUCKET + 8))
+    keys = (np.arange(len(rows)) % 3).astype(np.uint64)  # three large buckets, interleaved in pool order
+    pairs = bucket_pairs(rows, keys)
+    want = [(int(rows[k]), int(r)) for k in range(3) for r in rows[k + 3::3]]  # each bucket's first row first
+    assert sorted(map(tuple, pairs.tolist())) == sorted(want)
+    small = bucket_pairs(rows[:12], keys[:12])  # buckets of 4: every pair, the smaller row first
+    assert (small[:, 0] < small[:, 1]).all() and len(small) == 3 * 6
+
+
+def test_pcfg_one_word_sentences_and_impossible_ones_are_exact_and_quiet(tmp_path):
+    import warnings
+
+    from lmlab.data.pcfg import PCFGSource
+    from lmlab.vocab import BOS_ID, EOS_ID, N_SPECIAL
+    from tests.test_pcfg import TINY, write_rules
+
+    # S -> A (0.5) -> x | y, or S -> B C (0.5) -> "x y": P(x) = 0.3, P(y) = 0.2, P(x y) = 0.5, no unary chain
+    rules = [("S", ("A",), 0.5), ("S", ("B", "C"), 0.5), ("A", ("x",), 0.6), ("A", ("y",), 0.4),
+             ("B", ("x",), 1.0), ("C", ("y",), 1.0), ("C", ("z",), 0.0)]  # z: a word of probability 0
+    src = PCFGSource(grammar=str(write_rules(tmp_path / "g.txt", rules)), **TINY)
+    x, y = (N_SPECIAL + src.grammar.words.index(w) for w in "xy")
+    z = N_SPECIAL + src.grammar.words.index("z")
+    rows = [[BOS_ID, x, EOS_ID], [BOS_ID, y, EOS_ID], [BOS_ID, x, y, EOS_ID], [BOS_ID, y, x, EOS_ID],
+            [BOS_ID, z, EOS_ID], [BOS_ID, x, z, EOS_ID]]
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        nll = src.sequence_nll(rows)
+        conds = src.single_mask_conditionals(rows)
+    np.testing.assert_allclose(nll[:3], -np.log([0.3, 0.2, 0.5]), rtol=1e-12)
+    assert (nll[3:] == np.inf).all()
+    for cond in conds[:2]:  # p(x_1 = w) over the one-word sentences: 0.3 : 0.2
+        np.testing.assert_allclose(cond[0, [x, y]], [0.6, 0.4], rtol=1e-12)
+    np.testing.assert_allclose(conds[2][:, [x, y]], [[1.0, 0.0], [0.0, 1.0]], atol=1e-15)  # only "x y" has 2 words
+    assert not conds[3].any()  # "y _" and "_ x": no sentence of the grammar
+    np.testing.assert_allclose(conds[4][0, [x, y, z]], [0.6, 0.4, 0.0], rtol=1e-12)
+    np.testing.assert_allclose(conds[5][:, [x, y, z]], [[0.0, 0.0, 0.0], [0.0, 1.0, 0.0]], atol=1e-15)  # "_ z": none
+
+
+def test_pcfg_a_sentence_whose_probability_is_below_the_smallest_float(tmp_path):
+    """a^120 with P(a | A) = 0.001: P = 0.999^119 * 0.001 * 0.001^120 (about 1e-363, below float64's range),
+    exact only because each position's emissions are rescaled."""
+    from lmlab.data.pcfg import PCFGSource
+    from lmlab.vocab import BOS_ID, EOS_ID, N_SPECIAL
+    from tests.test_pcfg import TINY, write_rules
+
+    rules = [("S", ("A", "S"), 0.999), ("S", ("A",), 0.001), ("A", ("a",), 0.001), ("A", ("b",), 0.999)]
+    src = PCFGSource(grammar=str(write_rules(tmp_path / "g.txt", rules)), **TINY)
+    a, b = (N_SPECIAL + src.grammar.words.index(w) for w in "ab")
+    n = 120
+    (nll,) = src.sequence_nll([[BOS_ID, *[a] * n, EOS_ID]])
+    assert nll == pytest.approx(-((n - 1) * math.log(0.999) + math.log(0.001) + n * math.log(0.001)), rel=1e-12)
+    (cond,) = src.single_mask_conditionals([[BOS_ID, *[a] * n, EOS_ID]])
+    np.testing.assert_allclose(cond[:, [a, b]], np.tile([0.001, 0.999], (n, 1)), rtol=1e-9)
+
+
+def test_the_viterbi_tree_of_a_one_word_sentence_has_no_constituent_of_two_words(tmp_path):
+    from lmlab.data.grammar import parse_grammar
+
+    path = tmp_path / "g.txt"
+    path.write_text("S A 0.5\nS B C 0.5\nA x 0.6\nA y 0.4\nB x 1.0\nC y 1.0\n")
+    g = parse_grammar(path)
+    x, y = g.words.index("x"), g.words.index("y")
+    assert g.viterbi_spans([x]) == set() and g.viterbi_spans([y]) == set()
+    assert g.viterbi_spans([x, y]) == {(0, 2)} and g.viterbi_spans([y, x]) is None and g.viterbi_spans([]) is None
+
+
+def test_a_viterbi_tie_between_a_binary_rule_and_a_unary_chain_goes_to_the_binary_rule_listed_first(tmp_path):
+    from lmlab.data.grammar import parse_grammar
+
+    # "x y y": S -> B D -> x (y y) and S -> X -> E C -> (x y) y, both of probability 0.5 exactly
+    path = tmp_path / "g.txt"
+    path.write_text("S B D 0.5\nS X 0.5\nX E C 1.0\nE B C 1.0\nD C C 1.0\nB x 1.0\nC y 1.0\n")
+    g = parse_grammar(path)
+    x, y = g.words.index("x"), g.words.index("y")
+    assert g.viterbi_spans([x, y, y]) == {(0, 3), (1, 3)}
+
+
+def test_a_rule_file_notice_and_error_in_full(tmp_path, capsys):
+    from lmlab.data.grammar import parse_grammar
+    from lmlab.errors import UserError
+
+    path = tmp_path / "g.txt"
+    path.write_text("S A B 0.5\nS a 0.5004\nA a 1.0\nB b 0.5\nB a 0.5\n")  # S sums to 1.0004, A and B to 1
+    parse_grammar(path)
+    assert capsys.readouterr().out == f"[lmlab] grammar {path}: renormalised rule probabilities of S (+4.00e-04).\n"
+    path.write_text("S A B 0.5\nS a 0.4996\nA a 1.0\nB b 1.0\n")
+    parse_grammar(path)
+    assert capsys.readouterr().out == f"[lmlab] grammar {path}: renormalised rule probabilities of S (-4.00e-04).\n"
+    path.write_text("S A B 0.5\nS a 0.5004\nA a 1.0\nB b 0.5\nB a 0.4998\n")  # two of them
+    parse_grammar(path)
+    assert capsys.readouterr().out == (f"[lmlab] grammar {path}: renormalised rule probabilities of S (+4.00e-04), "
+                                       "B (-2.00e-04).\n")
+    path.write_text("S A Q 1.0\nA a 1.0\n")
+    with pytest.raises(UserError) as err:
+        parse_grammar(path)
+    assert str(err.value) == (f"Line 1 of grammar file {path} has binary child 'Q' that is not a nonterminal; give it "
+                              "rules of its own or fix the name.")
+
+
+def test_start_children_of_a_rule_file_and_of_a_generated_grammar(tmp_path):
+    from lmlab.data.grammar import GrammarShape, parse_grammar
+
+    path = tmp_path / "g.txt"
+    path.write_text("S A 0.5\nS B C 0.5\nA x 0.6\nA C 0.4\nB x 1.0\nC y 1.0\n")
+    g = parse_grammar(path)
+    assert g.start_children == [g.nonterminals.index("A")]
+    assert GrammarShape(start_symbols=3).generate(0).start_children == [1, 2, 3]
+
+
+def test_sampling_stops_a_frontier_past_its_limit(tmp_path, monkeypatch):
+    from lmlab.data import grammar
+    from lmlab.errors import UserError
+
+    path = tmp_path / "g.txt"
+    path.write_text("S A A 1.0\nA a 1.0\n")  # every sentence "a a": a frontier of 2 symbols a sentence
+    g = grammar.parse_grammar(path)
+    monkeypatch.setattr(grammar, "_MAX_FRONTIER", 8)
+    assert [s.tolist() for s in g.sample(4, np.random.default_rng(0))] == [[0, 0]] * 4  # 8 symbols: allowed
+    with pytest.raises(UserError) as err:
+        g.sample(5, np.random.default_rng(0))
+    assert str(err.value) == "The grammar generates unboundedly long sentences; make its recursion subcritical."
+
+
+def test_the_verdict_cell_counts_pairs_only_for_an_inconclusive_row_of_fewer_than_two():
+    from lmlab.report.paper import INCONCLUSIVE, MISSING, _verdict_cell
+
+    assert _verdict_cell(_row(verdict=MISSING, n=0)) == "**n/a**"
+    assert _verdict_cell(_row(verdict=INCONCLUSIVE, n=2)) == "**inconclusive**"
+    assert _verdict_cell(_row(verdict="extension: inconclusive", n=1)) == "**extension: inconclusive** (1 pair)"

@@ -427,8 +427,10 @@ def _lmlab_class(target: Any) -> bool:
 
 def allowed_target(target: Any) -> bool:
     """Whether a recorded config may name ``target``: a class defined in lmlab, or a target that lmlab's own
-    configs name (its functions such as the schedules, and the third-party classes of ``conf_targets``)."""
-    return isinstance(target, str) and (target in conf_targets() or _lmlab_class(target))
+    configs name (its functions such as the schedules, and the third-party classes of ``conf_targets``), and
+    ``GET_CLASS`` (runs recorded with ``trainer=fsdp`` before its wrap policy came from the model's spec name their
+    block class with it; ``check_targets`` allows it for lmlab's own classes only)."""
+    return isinstance(target, str) and (target in conf_targets() or target == GET_CLASS or _lmlab_class(target))
 
 
 def check_targets(config: Any, path: str | os.PathLike) -> None:

@@ -67,7 +67,7 @@ class ImplicitFilter(nn.Module):
         bands = (emb_dim - 1) // 2
         t = torch.arange(l_max, dtype=torch.float32)
         t_norm = t / max(l_max - 1, 1)
-        f = torch.linspace(1e-4, bands - 1, bands)
+        f = torch.linspace(1e-4, bands - 1, bands, device=t.device)  # (the device of t: meta in a dry build)
         angle = 2 * math.pi * t[:, None] / l_max * f[None]
         self.register_buffer("z", torch.cat([t_norm[:, None], torch.cos(angle), -torch.sin(angle)], -1),
                              persistent=False)  # (l_max, emb_dim)

@@ -284,7 +284,10 @@ def _train(cfg: DictConfig, run_dir: Path, command: str) -> dict[str, Any]:
     eval_started = time.time()
     metrics.update(run_evaluations(evaluators, module, dm, run_dir))
     if any(isinstance(c, EMA) for c in callbacks):  # the EMA's weights, as written beside model.pt
-        averaged = torch.load(run_dir / EMA_MODEL, map_location="cpu", weights_only=True)
+        averaged = ema_weights(run_dir)
+        if averaged is None:  # fit ended without a step the EMA saw (a checkpoint at max_steps without its state)
+            raise UserError(f"the run ended without its {EMA_MODEL}: delete {run_dir / CHECKPOINTS} and "
+                            f"{run_dir / FIT}, then rerun the same command to train it again.")
         metrics.update(_evaluate_weights(averaged, EMA_PREFIX, run_dir / EMA_MODEL, evaluators, module, dm, run_dir))
     history = along.history if along is not None else []
     if along is not None:
@@ -459,10 +462,9 @@ def evaluate(cfg: DictConfig, command: str = "lmlab eval") -> dict[str, Any]:
     record: dict[str, Any] = {"eval": OmegaConf.to_container(cfg.eval, resolve=True), "command": command}
     if steps is None:
         metrics = run_evaluations(evaluators, module, dm, run_dir)
-        ema = run_dir / EMA_MODEL
-        if ema.exists():
-            variant = torch.load(ema, map_location="cpu", weights_only=True)
-            metrics.update(_evaluate_weights(variant, EMA_PREFIX, ema, evaluators, module, dm, run_dir))
+        ema = ema_weights(run_dir)
+        if ema is not None:
+            metrics.update(_evaluate_weights(ema, EMA_PREFIX, run_dir / EMA_MODEL, evaluators, module, dm, run_dir))
         if average:
             window = list(points)[-average:]
             variant = average_weights([_point_weights(run_dir, points, s)[0] for s in window])
@@ -541,13 +543,25 @@ def _point_weights(run_dir: Path, points: dict[int, Path], step: int):
 
     path = points[step]
     if path.name == MODEL:
-        ema = run_dir / EMA_MODEL
-        return load_weights(run_dir), (torch.load(ema, map_location="cpu", weights_only=True) if ema.exists()
-                                       else None)
+        return load_weights(run_dir), ema_weights(run_dir)
     if not zip_intact(path):
         raise UserError(f"{path} is damaged: leave step {step} out of checkpoints= (or rerun the training to keep it "
                         "again).")
     return checkpoint_weights(path)
+
+
+def ema_weights(run_dir: Path) -> dict[str, torch.Tensor] | None:
+    """The EMA's weights that training wrote beside ``model.pt`` (``callbacks=ema``), tensors only; None for a run
+    without them."""
+    from lmlab.io import zip_intact
+
+    path = run_dir / EMA_MODEL
+    if not path.exists():
+        return None
+    if not zip_intact(path):
+        raise UserError(f"{path} is damaged: delete it and {run_dir / DONE}, then rerun the run's `lmlab train` "
+                        "command, which resumes from its last checkpoint and writes it again.")
+    return torch.load(path, map_location="cpu", weights_only=True)
 
 
 def _evaluate_weights(weights: dict, prefix: str, source: Path, evaluators: dict, module: LMModule,

@@ -67,9 +67,13 @@ def test_the_ema_is_the_average_of_the_weights_after_each_step(tmp_path, cache_d
     assert metrics["ema/perplexity/loss"] != pytest.approx(metrics["perplexity/loss"], abs=1e-3)
 
 
-def test_the_ema_survives_a_kill_and_resume(tmp_path, cache_dir):
+def test_the_ema_survives_a_kill_and_resume(lmlab, tmp_path, cache_dir):
     args = [*COMMON, "max_steps=8", "callbacks=ema"]
     reference = train_run(tmp_path / "whole", *args)
+    code, out = lmlab("eval", f"run={reference}", "eval=perplexity", "checkpoints=all")  # it kept no checkpoints
+    assert code == 2 and out.strip().splitlines()[-1] == (
+        f"lmlab: error: the run {reference} kept no checkpoints along its training, only its final model (step 8): "
+        "train it with callbacks=trajectory, or leave out checkpoints=."), out
     ledger = tmp_path / "steps"
     command = [LMLAB, "train", f"out_dir={tmp_path / 'killed'}", *args, pause_at(6, ledger)]
     env = {**os.environ, "LMLAB_CACHE": str(cache_dir)}

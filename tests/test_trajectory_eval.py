@@ -149,3 +149,25 @@ def test_average_weights_is_the_mean_of_the_state_dicts():
     assert mean["b"].dtype == torch.float16
     assert torch.allclose(mean["b"].float(), sum(s["b"].float() for s in states) / 3, atol=1e-3)
     assert mean["count"].item() == 2  # not floating point: the last one's
+
+
+def test_a_sparse_runs_checkpoints_are_read_as_its_dense_weights(lmlab, tmp_path):
+    """A sparse run's checkpoints hold each masked matrix as a parametrization (original, mask): its row is that
+    of original * mask, as model.pt holds it."""
+    run = train_run(tmp_path, *TINY, "batch_size=16", "model.d_model=32", "logger=none", "eval=[perplexity]",
+                    "max_steps=4", "checkpoint_every=2", "val_every=4", "sparsity=0.5", "callbacks=trajectory",
+                    "callbacks.trajectory.log=null", "callbacks.trajectory.steps=[2]")
+    raw = model_weights(kept_checkpoint(run, 2))
+    masked = sorted(k.removesuffix(".parametrizations.weight.original") for k in raw if k.endswith(".original"))
+    assert masked  # the checkpoint holds masked matrices
+    dense = {k: v for k, v in raw.items() if ".parametrizations." not in k}
+    for module in masked:
+        original = raw[f"{module}.parametrizations.weight.original"]
+        mask = raw[f"{module}.parametrizations.weight.0.mask"]
+        assert 0 < int(mask.sum()) < mask.numel()
+        dense[f"{module}.weight"] = original * mask
+    code, out = lmlab("eval", f"run={run}", "eval=perplexity", "checkpoints=all")
+    assert code == 0, out
+    rows = {r["step"]: r for r in _latest(run)["trajectory"]}
+    assert sorted(rows) == [2, 4]
+    assert rows[2]["perplexity/loss"] == pytest.approx(hand_loss(run, dense), abs=1e-6)

@@ -454,7 +454,7 @@ def evaluate(cfg: DictConfig, command: str = "lmlab eval") -> dict[str, Any]:
     if cfg.get("checkpoints") is not None or average:  # refused before any data is generated
         points = trajectory_points(run_dir)
         steps = chosen_steps(run_dir, points, cfg.get("checkpoints"))
-        if steps is None and average > len(points):
+        if average > len(points):
             raise UserError(f"average_last={average} asks for more weights than the run has ({len(points)}: the "
                             f"kept steps {', '.join(map(str, points))}): lower average_last.")
     run_cfg, module, dm, evaluators = rebuild(run_dir, cfg.eval)
@@ -587,6 +587,7 @@ def evaluate_trajectory(run_dir: Path, cfg: DictConfig, points: dict[int, Path],
         per_step = int(cfg.batch_size) * row_tokens(cfg.data)
     except UserError:
         per_step = None
+        print("[lmlab] the run's data records no row length: the trajectory's tokens are left empty.")
     order = list(points)
     loaded = functools.lru_cache(maxsize=average + 1)(functools.partial(_point_weights, run_dir, points))
     rows = []

@@ -139,6 +139,10 @@ planted data, the method's report) and DONE.
 
 EVAL_HELP = """Runs evaluations on a finished run (it must hold model.pt) and writes them, with their settings and
 command, as the run's next evaluation record evals/<n>.json; its results.json is left as training wrote it.
+A run trained with callbacks=ema is evaluated with its averaged weights too (metrics under ema/).
+  checkpoints=all        each kept checkpoint (callbacks=trajectory) and the final model: one row per step in
+                         the run's trajectory.csv and trajectory.json (checkpoints=[100,1000]: those kept steps)
+  average_last=3         also the mean of the weights of the last 3 kept checkpoints (metrics under avg3/)
 
 {groups}
 """
@@ -452,12 +456,16 @@ def _dry_trainer(cfg: DictConfig) -> None:
                     default_root_dir=tmp)
 
 
+EVAL_KEYS = ("run", "eval", "checkpoints", "average_last")  # the top-level settings of lmlab eval (conf/eval.yaml)
+
+
 def _check_eval_override(o, base: DictConfig) -> None:
-    """``lmlab eval`` rebuilds the run from its recorded config: only ``run``, the ``eval`` group and the
-    evaluators' own settings take effect; any other override is refused, naming the settings that do."""
+    """``lmlab eval`` rebuilds the run from its recorded config: only its own settings (``EVAL_KEYS``: ``run``, the
+    ``eval`` group, ``checkpoints``, ``average_last``) and the evaluators' own settings take effect; any other
+    override is refused, naming the settings that do."""
     key = o.key_or_group.lstrip("+~")
     evaluators = base.get("eval") or {}
-    if key in ("run", "eval") or (key.startswith("eval.") and (o.is_delete() or _has_key(base, key))):
+    if key in EVAL_KEYS or (key.startswith("eval.") and (o.is_delete() or _has_key(base, key))):
         return
     settings = [f"eval.{name}.{k}" for name, node in evaluators.items() if isinstance(node, DictConfig)
                 for k in node if not str(k).startswith("_")]
@@ -470,7 +478,8 @@ def _check_eval_override(o, base: DictConfig) -> None:
     leaf = key.rsplit(".", 1)[-1]
     same = [k for k in settings if k.rsplit(".", 1)[-1] == leaf]
     fix = f"use {' or '.join(same)} instead" if same else \
-        f"set run=, eval= or an evaluator's own settings ({', '.join(settings[:3]) or 'eval.<name>.<setting>'}, ...)"
+        f"set {', '.join(f'{k}=' for k in EVAL_KEYS)} or an evaluator's own settings " \
+        f"({', '.join(settings[:3]) or 'eval.<name>.<setting>'}, ...)"
     raise UserError(f"lmlab eval evaluates the run with the config it was trained with, so {key} would not take "
                     f"effect: {fix}.")
 

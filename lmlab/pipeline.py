@@ -35,6 +35,7 @@ from lmlab.run_dir import (
     CHECKPOINTS,
     DONE,
     LAST_CHECKPOINT,
+    MODEL,
     RESULTS,
     clear_failed,
     hold,
@@ -53,12 +54,18 @@ from lmlab.run_dir import (
 )
 from lmlab.selection.base import Selection
 from lmlab.training.callbacks import (
+    EMA,
+    EMA_MODEL,
     Diverged,
     DivergenceGuard,
     EvaluateEvery,
     LastValidation,
     LossWindow,
     SaveOnTerm,
+    average_weights,
+    checkpoint_weights,
+    kept_checkpoint,
+    kept_steps,
     start_branch,
 )
 from lmlab.training.init_from import hf_settings, start_from
@@ -276,6 +283,12 @@ def _train(cfg: DictConfig, run_dir: Path, command: str) -> dict[str, Any]:
     }
     eval_started = time.time()
     metrics.update(run_evaluations(evaluators, module, dm, run_dir))
+    if any(isinstance(c, EMA) for c in callbacks):  # the EMA's weights, as written beside model.pt
+        averaged = ema_weights(run_dir)
+        if averaged is None:  # fit ended without a step the EMA saw (a checkpoint at max_steps without its state)
+            raise UserError(f"the run ended without its {EMA_MODEL}: delete {run_dir / CHECKPOINTS} and "
+                            f"{run_dir / FIT}, then rerun the same command to train it again.")
+        metrics.update(_evaluate_weights(averaged, EMA_PREFIX, run_dir / EMA_MODEL, evaluators, module, dm, run_dir))
     history = along.history if along is not None else []
     if along is not None:
         history = [h for h in history if h["step"] != trainer.global_step]
@@ -424,19 +437,190 @@ def evaluate(cfg: DictConfig, command: str = "lmlab eval") -> dict[str, Any]:
     """``lmlab eval run=<dir> eval=...``: evaluations on a finished run, without retraining. The run's own
     records are read first (a damaged ``results.json`` or ``model.pt`` is refused before any evaluation runs);
     the result is written as the run's next evaluation record (``evals/<n>.json``: the evaluation settings, the
-    command, the time and the metrics), beside ``results.json``, which it never changes."""
+    command, the time and the metrics), beside ``results.json``, which it never changes.
+
+    The trained weights are evaluated, and beside them the run's weight averages: its EMA (``model_ema.pt``,
+    metrics under ``ema/``) and, with ``average_last=k``, the mean of the weights of its last k points (kept
+    checkpoints and the final model, under ``avg<k>/``). With ``checkpoints`` (``all``, or a list of kept
+    steps), each chosen step is evaluated instead (``evaluate_trajectory``)."""
     from lmlab.run_dir import write_evaluation
 
     quiet()
     run_dir = Path(cfg.run).expanduser()
     if (run_dir / RESULTS).exists():
         read_results(run_dir)
-    _, module, dm, evaluators = rebuild(run_dir, cfg.eval)
+    average = averaged_count(cfg.get("average_last"))
+    points = steps = None
+    if cfg.get("checkpoints") is not None or average:  # refused before any data is generated
+        points = trajectory_points(run_dir)
+        steps = chosen_steps(run_dir, points, cfg.get("checkpoints"))
+        if average > len(points):
+            raise UserError(f"average_last={average} asks for more weights than the run has ({len(points)}: the "
+                            f"kept steps {', '.join(map(str, points))}): lower average_last.")
+    run_cfg, module, dm, evaluators = rebuild(run_dir, cfg.eval)
     started = time.time()
-    metrics = run_evaluations(evaluators, module, dm, run_dir)
-    record = {"eval": OmegaConf.to_container(cfg.eval, resolve=True), "command": command,
-              "time": time.strftime("%Y-%m-%dT%H:%M:%S", time.localtime(started)),
-              "seconds": time.time() - started, "metrics": metrics, "versions": versions()}
+    record: dict[str, Any] = {"eval": OmegaConf.to_container(cfg.eval, resolve=True), "command": command}
+    if steps is None:
+        metrics = run_evaluations(evaluators, module, dm, run_dir)
+        ema = ema_weights(run_dir)
+        if ema is not None:
+            metrics.update(_evaluate_weights(ema, EMA_PREFIX, run_dir / EMA_MODEL, evaluators, module, dm, run_dir))
+        if average:
+            window = list(points)[-average:]
+            variant = average_weights([_point_weights(run_dir, points, s)[0] for s in window])
+            metrics.update(_evaluate_weights(variant, f"avg{average}/", run_dir, evaluators, module, dm, run_dir))
+            record["average_last"] = {"k": average, "steps": window}
+    else:
+        rows = evaluate_trajectory(run_dir, run_cfg, points, steps, average, evaluators, module, dm)
+        final = max(points)
+        metrics = next(({k: v for k, v in r.items() if "/" in k} for r in rows if r["step"] == final), {})
+        record.update(checkpoints=steps, average_last=average or None, trajectory=rows)
+        table = write_trajectory(run_dir, rows)
+        print(f"[lmlab] trajectory of {len(rows)} steps: {table}")
+    record.update(time=time.strftime("%Y-%m-%dT%H:%M:%S", time.localtime(started)),
+                  seconds=time.time() - started, metrics=metrics, versions=versions())
     path = write_evaluation(run_dir, record)
     print(f"[lmlab] evaluation record: {path}")
     return {"metrics": metrics, "record": str(path)}
+
+
+# ----- evaluations along a trajectory (kept checkpoints) and of weight averages -----
+
+EMA_PREFIX = "ema/"  # the metrics of the EMA's weights (callbacks=ema)
+TRAJECTORY = "trajectory"  # trajectory.csv and trajectory.json in the run directory: the last per-step evaluation
+
+
+def averaged_count(value: Any) -> int:
+    """``average_last``: 0 (none) or the positive number of last points whose weights are averaged."""
+    if value is None:
+        return 0
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise UserError(f"average_last={value!r} must be a positive number of last kept checkpoints (e.g. 3), or "
+                        "null.")
+    return value
+
+
+def trajectory_points(run_dir: Path) -> dict[int, Path]:
+    """``{step: weights file}`` of a finished run, by step: each kept checkpoint (``callbacks=trajectory``:
+    ``checkpoints/step-<n>.ckpt``) and the final model (``model.pt``, at the run's ``train/steps``), which stands
+    for the final step even where a checkpoint of that step was kept too."""
+    final = read_results(run_dir).get("metrics", {}).get("train/steps")
+    if isinstance(final, bool) or not isinstance(final, (int, float)):
+        raise UserError(f"{run_dir / RESULTS} records no train/steps, so the step of its final model is unknown: "
+                        "evaluate a run that `lmlab train` finished.")
+    points = {s: kept_checkpoint(run_dir, s) for s in kept_steps(run_dir)}
+    points[int(final)] = run_dir / MODEL
+    return dict(sorted(points.items()))
+
+
+def chosen_steps(run_dir: Path, points: dict[int, Path], checkpoints: Any) -> list[int] | None:
+    """The steps ``checkpoints`` chooses among ``points``: None (the final model alone), ``all`` (every kept
+    step and the final one), or a list of steps, each kept or the final one."""
+    if checkpoints is None:
+        return None
+    if OmegaConf.is_config(checkpoints):
+        checkpoints = OmegaConf.to_container(checkpoints, resolve=True)
+    kept = ", ".join(map(str, points))
+    if checkpoints == "all":
+        if len(points) == 1:
+            raise UserError(f"the run {run_dir} kept no checkpoints along its training, only its final model (step "
+                            f"{kept}): train it with callbacks=trajectory, or leave out checkpoints=.")
+        return list(points)
+    steps = checkpoints if isinstance(checkpoints, list) else [checkpoints]
+    if not steps or any(isinstance(s, bool) or not isinstance(s, int) for s in steps):
+        raise UserError(f"checkpoints={checkpoints!r} must be all or a list of steps the run kept ({kept}).")
+    missing = [s for s in steps if s not in points]
+    if missing:
+        raise UserError(f"the run {run_dir} kept no checkpoint of step {', '.join(map(str, missing))}: choose among "
+                        f"its kept steps {kept} (or checkpoints=all).")
+    return sorted(set(steps))
+
+
+def _point_weights(run_dir: Path, points: dict[int, Path], step: int):
+    """``(weights, EMA weights or None)`` at one of ``points``: the final model's from ``model.pt`` (and
+    ``model_ema.pt``), a kept step's from its checkpoint (read as tensors only; a damaged one is refused)."""
+    from lmlab.io import zip_intact
+
+    path = points[step]
+    if path.name == MODEL:
+        return load_weights(run_dir), ema_weights(run_dir)
+    if not zip_intact(path):
+        raise UserError(f"{path} is damaged: leave step {step} out of checkpoints= (or rerun the training to keep it "
+                        "again).")
+    return checkpoint_weights(path)
+
+
+def ema_weights(run_dir: Path) -> dict[str, torch.Tensor] | None:
+    """The EMA's weights that training wrote beside ``model.pt`` (``callbacks=ema``), tensors only; None for a run
+    without them."""
+    from lmlab.io import zip_intact
+
+    path = run_dir / EMA_MODEL
+    if not path.exists():
+        return None
+    if not zip_intact(path):
+        raise UserError(f"{path} is damaged: delete it and {run_dir / DONE}, then rerun the run's `lmlab train` "
+                        "command, which resumes from its last checkpoint and writes it again.")
+    return torch.load(path, map_location="cpu", weights_only=True)
+
+
+def _evaluate_weights(weights: dict, prefix: str, source: Path, evaluators: dict, module: LMModule,
+                      dm: DataModule, run_dir: Path) -> dict[str, float]:
+    """The evaluations of ``weights`` (loaded into the module's model), their keys under ``prefix``."""
+    try:
+        module.model.load_state_dict(weights)
+    except RuntimeError as e:
+        raise UserError(f"the weights in {source} do not fit the model of the run {run_dir}: evaluate a run "
+                        "trained with this version of lmlab.") from e
+    return {f"{prefix}{k}": v for k, v in run_evaluations(evaluators, module, dm, run_dir).items()}
+
+
+def evaluate_trajectory(run_dir: Path, cfg: DictConfig, points: dict[int, Path], steps: list[int], average: int,
+                        evaluators: dict, module: LMModule, dm: DataModule) -> list[dict[str, Any]]:
+    """One row per chosen step: ``step``, ``tokens`` (step x batch size x row tokens, as the scaling fits count
+    D; None where the data records no row length), the evaluations of the weights at that step, of its EMA where
+    the run kept one (``ema/``), and with ``average > 0`` of the mean of the weights of the last ``average``
+    points up to that step (``avg<k>/``, on the rows that have that many points before them)."""
+    from lmlab.report.scaling import row_tokens
+
+    try:
+        per_step = int(cfg.batch_size) * row_tokens(cfg.data)
+    except UserError:
+        per_step = None
+        print("[lmlab] the run's data records no row length: the trajectory's tokens are left empty.")
+    order = list(points)
+    loaded = functools.lru_cache(maxsize=average + 1)(functools.partial(_point_weights, run_dir, points))
+    rows = []
+    for step in steps:
+        print(f"[lmlab] step {step}")
+        weights, ema = loaded(step)
+        row: dict[str, Any] = {"step": step, "tokens": None if per_step is None else step * per_step}
+        row.update(_evaluate_weights(weights, "", points[step], evaluators, module, dm, run_dir))
+        if ema is not None:
+            source = run_dir / EMA_MODEL if points[step].name == MODEL else points[step]
+            row.update(_evaluate_weights(ema, EMA_PREFIX, source, evaluators, module, dm, run_dir))
+        at = order.index(step)
+        if average and at + 1 >= average:
+            window = [loaded(s)[0] for s in order[at + 1 - average: at + 1]]
+            row.update(_evaluate_weights(average_weights(window), f"avg{average}/", points[step], evaluators,
+                                         module, dm, run_dir))
+        rows.append(row)
+    return rows
+
+
+def write_trajectory(run_dir: Path, rows: list[dict[str, Any]]) -> Path:
+    """``trajectory.csv`` (one row per step: step, tokens, every metric; empty where a row lacks one) and
+    ``trajectory.json`` (the same rows), each written atomically. Returns the CSV's path."""
+    import csv
+    import io
+
+    from lmlab.io import write_text
+
+    columns = list(dict.fromkeys(k for r in rows for k in r))
+    text = io.StringIO()
+    writer = csv.DictWriter(text, fieldnames=columns, restval="", lineterminator="\n")
+    writer.writeheader()
+    writer.writerows({k: ("" if v is None else v) for k, v in r.items()} for r in rows)
+    write_json(run_dir / f"{TRAJECTORY}.json", {"rows": rows})
+    write_text(run_dir / f"{TRAJECTORY}.csv", text.getvalue())
+    return run_dir / f"{TRAJECTORY}.csv"

@@ -18,6 +18,9 @@ finds its jobs again) and holds:
 * ``fit.json`` (``lmlab.pipeline.FIT``): the fit metrics (``train/loss`` over the last steps, ``val/loss`` at the
   last step), written when fit ends, so a run stopped after it finishes its evaluations with the same numbers;
 * ``results.json`` (``RESULTS``): metrics, history, timings, versions and config, as training wrote them;
+* ``model_ema.pt`` (``lmlab.training.callbacks.EMA_MODEL``), for a run trained with ``callbacks=ema``: the moving
+  average of its weights, a ``state_dict`` as ``MODEL`` is; ``trajectory.csv`` and ``trajectory.json``
+  (``lmlab.pipeline.TRAJECTORY``): the rows of the latest ``lmlab eval checkpoints=...``, one per step;
 * ``evals/<n>.json`` (``EVALS``), one per ``lmlab eval`` on the finished run (``write_evaluation``, numbered
   from 1 in the order they were written): its evaluation settings, command, time and metrics. An evaluation
   never rewrites ``results.json``; ``read_evaluations`` reads them back in order;

@@ -1,14 +1,21 @@
 """Callbacks of the training loop: the progress bar, the divergence guard, the training loss over the last
-steps, evaluations along the way, and the kept checkpoints of a trajectory."""
+steps, evaluations along the way, the kept checkpoints of a trajectory, and weight averages.
+
+Weight averages are evaluated beside the trained weights: an exponential moving average of the weights during
+training (``EMA``; Polyak and Juditsky 1992 averaging in its exponential form, as studied for language-model
+pretraining by Sanyal et al. 2023, "Early Weight Averaging meets High Learning Rates for LLM Pre-training"), and
+at evaluation time the uniform average of the last k kept checkpoints (``average_weights``: LAWA, Kaddour 2022,
+"Stop Wasting My Time! Saving Days of ImageNet and BERT Training with Latest Weight Averaging")."""
 
 from __future__ import annotations
 
 import sys
 from pathlib import Path
-from typing import Any, Callable
+from typing import Annotated, Any, Callable
 
 import lightning as L
 import torch
+from annotated_types import Ge, Lt
 from lightning.pytorch.callbacks import RichProgressBar, TQDMProgressBar
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 from omegaconf import OmegaConf
@@ -274,3 +281,126 @@ def start_branch(cfg, run_dir: str | Path) -> Path | None:
                                 f"continues the same training, so leave {key} as the parent set it.")
     torch_save(torch.load(source, map_location="cpu", weights_only=True), last)
     return source
+
+
+# ----- weight averages -----
+
+EMA_MODEL = "model_ema.pt"  # in the run directory, beside model.pt: the EMA's weights as a state_dict
+Decay = Annotated[float, Ge(0), Lt(1)]
+
+
+class EMA(L.Callback):
+    """An exponential moving average of the model's weights: ``ema_0`` = the weights when training starts (step 0,
+    or a branch's first step), then after each optimiser step t ``ema_t = decay * ema_(t-1) + (1 - decay) * w_t``
+    (kept in float32; a skipped update, which does not advance the step, is not averaged in). The average is part
+    of every checkpoint (``state_dict``: it is brought up to the checkpoint's step before it is saved, whichever
+    order the callbacks run in), so a resumed run averages as an uninterrupted one and each kept checkpoint holds
+    the average at its step. When fit ends it is written as ``model_ema.pt`` (``EMA_MODEL``): the model's
+    ``state_dict`` with the averaged parameters in place of the trained ones (buffers as trained).
+
+    The model's parameters are averaged (an objective's own head is not), on every rank alike; a sparse run
+    (``sparsity`` > 0) and FSDP (sharded parameters) are refused."""
+
+    def __init__(self, decay: Decay = 0.99) -> None:
+        from lmlab.errors import UserError
+
+        if isinstance(decay, bool) or not 0 <= decay < 1:
+            raise UserError(f"callbacks.ema.decay={decay!r} must lie in [0, 1): e.g. 0.99 (an average over about 100 "
+                            "steps).")
+        self.decay = float(decay)
+        self.weights: dict[str, torch.Tensor] | None = None  # by parameter name, tied names each
+        self.step: int | None = None  # the step ``weights`` average up to
+
+    def setup(self, trainer, pl_module, stage: str) -> None:
+        from lmlab.errors import UserError
+
+        if getattr(pl_module, "sparsity", 0):
+            raise UserError(f"callbacks.ema averages dense weights and this run trains with sparsity="
+                            f"{pl_module.sparsity}: drop callbacks.ema or set sparsity=0.")
+        if "fsdp" in type(trainer.strategy).__name__.lower():
+            raise UserError("callbacks.ema averages whole parameters and FSDP shards them: use trainer=ddp or "
+                            "trainer=gpu with callbacks.ema.")
+
+    def update(self, trainer, pl_module) -> None:
+        """Average in the weights of the trainer's current step (once per step; the first call starts the average)."""
+        step = trainer.global_step
+        params = pl_module.model.named_parameters(remove_duplicate=False)
+        with torch.no_grad():
+            if self.weights is None:
+                self.weights = {n: p.detach().float().clone() for n, p in params}
+            elif step != self.step:
+                for name, p in params:
+                    average = self.weights[name]
+                    if average.device != p.device:
+                        average = self.weights[name] = average.to(p.device)
+                    average.mul_(self.decay).add_(p.detach().float(), alpha=1 - self.decay)
+        self.step = step
+
+    def on_train_start(self, trainer, pl_module) -> None:
+        self.update(trainer, pl_module)
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        self.update(trainer, pl_module)
+
+    def on_save_checkpoint(self, trainer, pl_module, checkpoint: dict[str, Any]) -> None:
+        # a checkpoint written by a callback that ran before this one at this step holds this step's average too
+        if trainer.state.fn == "fit":
+            self.update(trainer, pl_module)
+            checkpoint.setdefault("callbacks", {})[self.state_key] = self.state_dict()
+
+    def on_fit_end(self, trainer, pl_module) -> None:
+        if self.weights is not None and trainer.is_global_zero:
+            from lmlab.io import torch_save
+
+            torch_save(self.averaged(pl_module.model), Path(trainer.default_root_dir) / EMA_MODEL)
+
+    def averaged(self, model: torch.nn.Module) -> dict[str, torch.Tensor]:
+        """``model``'s ``state_dict`` on the CPU with the averaged parameters in place of its own."""
+        state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
+        for name, average in (self.weights or {}).items():
+            state[name] = average.detach().cpu().to(state[name].dtype)
+        return state
+
+    def state_dict(self) -> dict[str, Any]:
+        weights = {k: v.detach().cpu() for k, v in (self.weights or {}).items()}
+        return {"decay": self.decay, "step": self.step, "weights": weights}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        if state_dict.get("weights"):
+            self.weights = {k: v.clone() for k, v in state_dict["weights"].items()}
+            self.step = state_dict.get("step")
+
+
+def checkpoint_weights(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor] | None]:
+    """``(model weights, EMA weights or None)`` of one of lmlab's Lightning checkpoints, read as tensors only
+    (``weights_only``): the model's entries of its ``state_dict`` under the names ``model.pt`` uses (a sparse
+    run's masked matrices as ``original * mask``, as ``densify`` leaves them), and, where the run averaged its
+    weights (``EMA``), the same with the averaged parameters in place."""
+    checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+    prefix, masked = "model.", ".parametrizations.weight."
+    own = {k[len(prefix):]: v for k, v in checkpoint["state_dict"].items() if k.startswith(prefix)}
+    state = {}
+    for key, value in own.items():
+        if key.endswith(masked + "original"):
+            module = key[: -len(masked + "original")]
+            state[f"{module}.weight"] = value * own[f"{module}{masked}0.mask"]
+        elif masked not in key:
+            state[key] = value
+    ema = (checkpoint.get("callbacks") or {}).get(EMA.__qualname__)
+    if not ema or not ema.get("weights"):
+        return state, None
+    return state, {**state, **{k: v.to(state[k].dtype) for k, v in ema["weights"].items()}}
+
+
+def average_weights(states: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
+    """The uniform average of ``states`` (``state_dict``s of one model): each floating-point tensor the mean of
+    its values (computed in float64, returned in its dtype), any other (integer counters) the last one's."""
+    if not states:
+        raise ValueError("no weights to average")
+    out = {}
+    for key, last in states[-1].items():
+        if last.is_floating_point():
+            out[key] = (sum(s[key].double() for s in states) / len(states)).to(last.dtype)
+        else:
+            out[key] = last
+    return out

@@ -18,6 +18,7 @@ Run ``python -m lmlab.evaluation.coordcheck --out DIR`` for the table (``coordch
 from __future__ import annotations
 
 import argparse
+import sys
 from pathlib import Path
 
 import torch
@@ -137,7 +138,7 @@ def main(argv: list[str] | None = None) -> None:
     settings = {k: getattr(args, k) for k in SETTINGS}
     results = {(m, p): coord_check(m, p, widths, **settings)
                for m in args.models.split(",") for p in args.parametrizations.split(",")}
-    command = "python -m lmlab.evaluation.coordcheck " + " ".join(argv if argv is not None else __import__("sys").argv[1:])
+    command = "python -m lmlab.evaluation.coordcheck " + " ".join(sys.argv[1:] if argv is None else argv)
     rows = [f"Output RMS spread across widths {widths} (largest / smallest, after {args.steps} steps; "
             f"{', '.join(f'{k}={v}' for k, v in settings.items())}). Command: `{command}`", ""]
     layers = list(next(iter(next(iter(results.values())).values())))

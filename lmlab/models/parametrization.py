@@ -37,7 +37,6 @@ import math
 from dataclasses import dataclass
 from typing import Literal, Optional
 
-
 from lmlab.errors import UserError
 
 PARAMETRIZATIONS = ("sp", "mup", "completep")

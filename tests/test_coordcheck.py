@@ -25,7 +25,7 @@ def test_sizes_are_the_rms_of_each_layers_output():
     sizes = coord_sizes("transformer", "sp", 32, steps=0, n_layers=1, vocab_size=20, seq_len=6, batch_size=2)
     assert set(sizes) == {"embed", "block0", "logits"} and all(len(v) == 1 for v in sizes.values())
     # rebuild the same model and held batch by hand
-    from lmlab.attention import CAUSAL, Attention
+    from lmlab.attention import CAUSAL
     from lmlab.models.transformer import Transformer
 
     torch.manual_seed(0)

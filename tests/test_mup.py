@@ -3,6 +3,7 @@ Programs V, Table 8; CompleteP with alpha = 1) against hand computations, and th
 
 from __future__ import annotations
 
+import copy
 import json
 import math
 from functools import partial
@@ -102,10 +103,11 @@ def test_mup_multipliers_by_hand():
                    top_k=1, tie_embeddings=False)
     m = 4.0
     assert model.output_mult == 1 / m
-    hidden = {n for n, p in model.named_parameters() if hasattr(p, "lr_mult")}
+    mults = model.lr_multipliers()
+    hidden = set(mults)
     expected = {n for n, _ in model.named_parameters() if n.startswith("blocks.") and n.endswith("weight")
                 and ".norm" not in n and ".router." not in n}
-    assert hidden == expected and all(p.lr_mult == 1 / m for n, p in model.named_parameters() if n in hidden)
+    assert hidden == expected and set(mults.values()) == {1 / m}
     w = dict(model.named_parameters())
     # initialisation: hidden std 0.02 / sqrt(m) (residual ones 0.02 / sqrt(2 L) / sqrt(m)); embedding, head,
     # router unchanged
@@ -162,6 +164,22 @@ def test_optimizer_groups_carry_the_multipliers_through_a_schedule():
     assert sorted({g["lr"] for g in opt.param_groups}) == [1e-3 / 8, 1e-3 / 2]
 
 
+def test_copies_keep_the_multipliers_and_a_renaming_wrapper_is_refused():
+    model = _build("transformer", d_model=64, parametrization="mup", base_width=32)
+    groups = decay_groups(copy.deepcopy(model))
+    assert [g.get("lr_mult") for g in groups] == [None, None, 0.5]
+    assert len(groups[2]["params"]) == len(model.lr_multipliers()) == 2 * 4  # qkv, out, up, down per block
+
+    class Renamed(nn.Module):  # a wrapper that holds the model's parameters under other names
+        def __init__(self):
+            super().__init__()
+            self.inner = nn.ParameterDict({k.replace(".", "_"): p for k, p in model.named_parameters()})
+            self.lr_multipliers = model.lr_multipliers
+
+    with pytest.raises(UserError, match="find no parameter of that name"):
+        decay_groups(Renamed())
+
+
 def test_completep_scales_the_residual_branches_by_depth():
     model = _build("transformer", d_model=32, n_layers=8, parametrization="completep", base_width=16, base_depth=2)
     block = model.blocks[0]
@@ -173,7 +191,7 @@ def test_completep_scales_the_residual_branches_by_depth():
     outs = torch.cat([b.attn.out.weight.flatten() for b in model.blocks])
     assert outs.std().item() == pytest.approx(0.02 / 2 / math.sqrt(2), rel=0.05)
     # alpha = 1: the hidden weights' rate depends on the width only
-    assert block.attn.qkv.weight.lr_mult == 0.5
+    assert model.lr_multipliers()["blocks.0.attn.qkv.weight"] == 0.5
 
 
 @pytest.mark.parametrize("kw, phrase", [
@@ -207,4 +225,4 @@ def test_a_mup_run_trains_with_the_scaled_groups(tmp_path):
     assert all(math.isfinite(v) for v in metrics.values() if isinstance(v, float))
     model = load_backbone(run)  # a recorded run rebuilds its multipliers
     assert model.parametrization.kind == "mup" and model.output_mult == 0.5
-    assert model.blocks[0].attn.qkv.weight.lr_mult == 0.5
+    assert model.lr_multipliers()["blocks.0.attn.qkv.weight"] == 0.5

@@ -77,6 +77,11 @@ class Backbone(nn.Module):
         if tie_embeddings:
             self.head.weight = self.embed.weight
 
+    def lr_multipliers(self) -> dict[str, float]:
+        """Learning-rate multipliers by parameter name (``lmlab.models.parametrization``; ``lmlab.optim.decay_groups``
+        puts them into the optimiser's groups); a parameter not named trains at the optimiser's rate."""
+        return {}
+
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """(..., d_model) hidden states -> (..., vocab_size), times ``output_mult`` where it is not 1."""
         logits = self.head(hidden)

@@ -27,8 +27,8 @@ Three parameterisations, chosen by ``model.parametrization`` (the Transformer an
 At ``d_model == base_width`` (and ``n_layers == base_depth``) every multiplier is exactly one and the
 model computes exactly the standard parameterisation's function from the same initial weights.
 
-Per-parameter learning-rate multipliers are attributes ``lr_mult`` of the parameters (set by the model);
-``lmlab.optim.decay_groups`` puts them into the optimiser's groups, where schedules multiply each group's rate.
+A model names its per-parameter learning-rate multipliers (``Backbone.lr_multipliers``); ``lmlab.optim.decay_groups``
+puts them into the optimiser's groups, where schedules multiply each group's rate.
 """
 
 from __future__ import annotations

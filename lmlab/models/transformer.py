@@ -202,17 +202,26 @@ class Transformer(Backbone):
         self.output_mult = par.output_mult
         self._init_weights()
 
+    def _hidden(self) -> dict[str, nn.Linear]:
+        """The hidden (matrix-like) weights of muP by parameter name: the blocks' linear layers, readouts (a
+        router, ``is_readout``) excepted."""
+        return {f"blocks.{name}.weight": m for name, m in self.blocks.named_modules()
+                if isinstance(m, nn.Linear) and not getattr(m, "is_readout", False)}
+
+    def lr_multipliers(self) -> dict[str, float]:
+        """The hidden weights' learning-rate multiplier under mup and completep away from the base shape."""
+        par = self.parametrization
+        return {} if par.standard else {name: par.hidden_lr for name in self._hidden()}
+
     def _init_weights(self) -> None:
         par = self.parametrization
         resid_std = 0.02 / math.sqrt(2 * par.residual_depth(self.n_layers))
-        hidden = {id(m) for m in self.blocks.modules()
-                  if isinstance(m, nn.Linear) and not getattr(m, "is_readout", False)}
+        hidden = set() if par.standard else {id(m) for m in self._hidden().values()}
         for m in self.modules():
             if isinstance(m, (nn.Linear, nn.Embedding)):
                 std = resid_std if getattr(m, "is_residual_proj", False) else 0.02
-                if id(m) in hidden and not par.standard:
+                if id(m) in hidden:
                     std *= par.hidden_init
-                    m.weight.lr_mult = par.hidden_lr  # read by lmlab.optim.decay_groups
                 nn.init.normal_(m.weight, mean=0.0, std=std)
                 if getattr(m, "bias", None) is not None:
                     nn.init.zeros_(m.bias)

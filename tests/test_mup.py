@@ -226,3 +226,18 @@ def test_a_mup_run_trains_with_the_scaled_groups(tmp_path):
     model = load_backbone(run)  # a recorded run rebuilds its multipliers
     assert model.parametrization.kind == "mup" and model.output_mult == 0.5
     assert model.lr_multipliers()["blocks.0.attn.qkv.weight"] == 0.5
+
+
+def test_the_attention_statistics_see_the_scores_muP_computes():
+    from lmlab.training.stats import attention_stats
+
+    model = _build("transformer", d_model=64, parametrization="mup", base_width=16)
+    attn, seen = model.blocks[0].attn, {}
+    attn.inspect = lambda q, k, mask, causal: seen.update(stats=attention_stats(q, k, mask, causal))
+    x = torch.randn(1, 6, 64) * 30
+    attn(x, None, True)
+    q, k, _ = attn.qkv(x).view(1, 6, 3, 4, 16).permute(2, 0, 3, 1, 4)
+    q, k = attn.rotary(torch.stack([q, k], 0).permute(1, 3, 0, 2, 4)).permute(2, 0, 3, 1, 4)
+    scores = (q @ k.transpose(-1, -2)) * (math.sqrt(4) / 16)
+    top = scores.masked_fill(torch.ones(6, 6, dtype=torch.bool).triu(1), float("-inf")).amax()
+    torch.testing.assert_close(seen["stats"][1], top)

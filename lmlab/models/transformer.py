@@ -66,8 +66,9 @@ class SelfAttention(nn.Module):
         else:
             q, k, v = qkv.permute(2, 0, 3, 1, 4)
         if stream is None or self.rotary is None:
-            if self.inspect is not None:
-                self.inspect(q, k, mask, is_causal)
+            if self.inspect is not None:  # queries as the kernel's default 1/sqrt(head_dim) scale would see them
+                self.inspect(q if self.scale is None else q * (self.scale * math.sqrt(self.head_dim)), k, mask,
+                             is_causal)
             y = F.scaled_dot_product_attention(
                 q, k, v, attn_mask=mask, is_causal=is_causal,
                 dropout_p=self.dropout if self.training else 0.0, scale=self.scale,

@@ -48,6 +48,8 @@ class Backbone(nn.Module):
     """
 
     supported_attention: tuple[str, ...] = (CAUSAL,)
+    # the factor on the logits (``lmlab.models.parametrization``: muP's output multiplier); 1 leaves them as is
+    output_mult: float = 1.0
 
     def __init__(self, vocab_size: int, d_model: int, attention: str = CAUSAL,
                  activation_checkpointing: bool = False) -> None:
@@ -75,9 +77,15 @@ class Backbone(nn.Module):
         if tie_embeddings:
             self.head.weight = self.embed.weight
 
+    def lr_multipliers(self) -> dict[str, float]:
+        """Learning-rate multipliers by parameter name (``lmlab.models.parametrization``; ``lmlab.optim.decay_groups``
+        puts them into the optimiser's groups); a parameter not named trains at the optimiser's rate."""
+        return {}
+
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        """(..., d_model) hidden states -> (..., vocab_size)."""
-        return self.head(hidden)
+        """(..., d_model) hidden states -> (..., vocab_size), times ``output_mult`` where it is not 1."""
+        logits = self.head(hidden)
+        return logits if self.output_mult == 1.0 else logits * self.output_mult
 
     @property
     def device(self) -> torch.device:

@@ -71,6 +71,8 @@ class MoEMLP(nn.Module):
         super().__init__()
         self.n_experts, self.top_k, self.capacity_factor = n_experts, top_k, capacity_factor
         self.router = nn.Linear(d_model, n_experts, bias=False)
+        self.router.is_readout = True  # an output weight (fan-out fixed) under muP, not a hidden one
+        self.router_mult = 1.0  # the factor on the router's scores (muP's output multiplier), set by the model
         self.experts = nn.ModuleList(MLP(d_model, d_ff, mlp, dropout) for _ in range(n_experts))
         self.aux: torch.Tensor | None = None
 
@@ -82,7 +84,10 @@ class MoEMLP(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         shape = x.shape
         flat = x.reshape(-1, shape[-1])
-        probs = F.softmax(self.router(flat).float(), dim=-1)
+        scores = self.router(flat)
+        if self.router_mult != 1.0:
+            scores = scores * self.router_mult
+        probs = F.softmax(scores.float(), dim=-1)
         experts, gates, keep = route(probs, self.top_k, self.capacity(flat.shape[0]))
         self.aux = balance_loss(probs, experts)
         out = torch.zeros_like(flat)
@@ -98,7 +103,9 @@ class MoEMLP(nn.Module):
 class MoETransformer(Transformer):
     """``Transformer`` whose blocks use ``MoEMLP``. Extra args: ``n_experts``, ``top_k``,
     ``capacity_factor`` (``null`` = no token is dropped), ``aux_loss_coef`` (Switch's alpha, 0.01);
-    ``d_ff`` is each expert's hidden size. Every other argument is the Transformer's (with
+    ``d_ff`` is each expert's hidden size. Under ``parametrization=mup`` or ``completep`` the experts are hidden
+    weights and the router an output weight (initialisation and learning rate kept, scores times
+    ``base_width / d_model``). Every other argument is the Transformer's (with
     ``activation_checkpointing`` the balancing loss keeps its value and gradient: see ``Backbone.run_blocks``)."""
 
     supported_attention = (CAUSAL, BIDIRECTIONAL, PREFIX)
@@ -125,6 +132,8 @@ class MoETransformer(Transformer):
                                                       mlp, dropout),
                          **kwargs)
         self.n_experts, self.top_k, self.aux_loss_coef = n_experts, top_k, aux_loss_coef
+        for block in self.blocks:  # the router is a readout: muP multiplies its scores as the logits
+            block.mlp.router_mult = self.output_mult
 
     def forward(self, input_ids: torch.Tensor, attention: Attention) -> torch.Tensor:
         hidden = super().forward(input_ids, attention)

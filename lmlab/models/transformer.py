@@ -27,6 +27,7 @@ from lmlab.attention import BIDIRECTIONAL, CAUSAL, PREFIX, Attention
 from lmlab.errors import UserError
 from lmlab.models.base import Backbone
 from lmlab.models.layers import MLP, MLPKind, NormKind, Rotary, make_norm, norm_kind
+from lmlab.models.parametrization import Parametrization, ParametrizationKind
 from lmlab.models.spec import HF_SPECIAL_IDS, HFAdapter, ModelSpec, Unmappable
 from lmlab.settings import Fraction, NonNegative, Positive, PositiveFloat
 
@@ -34,11 +35,14 @@ POSITIONS = ("rotary", "learned")
 
 
 class SelfAttention(nn.Module):
-    """Multi-head self-attention through ``F.scaled_dot_product_attention``."""
+    """Multi-head self-attention through ``F.scaled_dot_product_attention``; scores scaled by ``scale``
+    (``None``: ``1/sqrt(head_dim)``)."""
 
-    def __init__(self, d_model: int, n_heads: int, dropout: float, rotary: Rotary | None) -> None:
+    def __init__(self, d_model: int, n_heads: int, dropout: float, rotary: Rotary | None,
+                 scale: float | None = None) -> None:
         super().__init__()
         self.n_heads, self.head_dim = n_heads, d_model // n_heads
+        self.scale = scale
         self.qkv = nn.Linear(d_model, 3 * d_model, bias=False)
         self.out = nn.Linear(d_model, d_model, bias=False)
         self.out.is_residual_proj = True
@@ -62,11 +66,12 @@ class SelfAttention(nn.Module):
         else:
             q, k, v = qkv.permute(2, 0, 3, 1, 4)
         if stream is None or self.rotary is None:
-            if self.inspect is not None:
-                self.inspect(q, k, mask, is_causal)
+            if self.inspect is not None:  # queries as the kernel's default 1/sqrt(head_dim) scale would see them
+                self.inspect(q if self.scale is None else q * (self.scale * math.sqrt(self.head_dim)), k, mask,
+                             is_causal)
             y = F.scaled_dot_product_attention(
                 q, k, v, attn_mask=mask, is_causal=is_causal,
-                dropout_p=self.dropout if self.training else 0.0,
+                dropout_p=self.dropout if self.training else 0.0, scale=self.scale,
             )
         return self.resid_dropout(self.out(y.transpose(1, 2).reshape(B, T, D)))
 
@@ -84,7 +89,7 @@ class SelfAttention(nn.Module):
         q_slot = self.rotary.rotate_at(qk[:, :, 0], slot).transpose(1, 2)
         i = torch.arange(T, device=qkv.device)
         near = (i[:, None] - i[None, :]) < window
-        scale = 1.0 / math.sqrt(self.head_dim)
+        scale = 1.0 / math.sqrt(self.head_dim) if self.scale is None else self.scale
         s_near = (q @ k.transpose(-1, -2)).float().mul(scale).masked_fill(~(allowed & near), float("-inf"))
         s_sink = (q_slot @ k[:, :, :sinks].transpose(-1, -2)).float().mul(scale)
         s_sink = s_sink.masked_fill(~(allowed[..., :sinks] & ~near[:, :sinks]), float("-inf"))
@@ -93,19 +98,25 @@ class SelfAttention(nn.Module):
 
 
 class Block(nn.Module):
-    """``x + attn(norm(x))`` then ``x + mlp(norm(x))``."""
+    """``x + attn(norm(x))`` then ``x + mlp(norm(x))``; each branch multiplied by ``branch_mult`` where it is
+    not 1 (CompleteP)."""
 
     def __init__(self, d_model: int, n_heads: int, d_ff: int, norm: str, mlp: str, dropout: float,
-                 rotary: Rotary | None, ffn: nn.Module | None = None, norm_eps: float | None = None) -> None:
+                 rotary: Rotary | None, ffn: nn.Module | None = None, norm_eps: float | None = None,
+                 attn_scale: float | None = None, branch_mult: float = 1.0) -> None:
         super().__init__()
+        self.branch_mult = branch_mult
         self.norm1 = make_norm(norm, d_model, norm_eps)
-        self.attn = SelfAttention(d_model, n_heads, dropout, rotary)
+        self.attn = SelfAttention(d_model, n_heads, dropout, rotary, attn_scale)
         self.norm2 = make_norm(norm, d_model, norm_eps)
         # ``ffn`` replaces the dense MLP (a mixture of experts, say); it maps (B, T, d) -> (B, T, d)
         self.mlp = ffn if ffn is not None else MLP(d_model, d_ff, mlp, dropout)
 
     def forward(self, x: torch.Tensor, mask: torch.Tensor | None, is_causal: bool,
                 stream: tuple[int, int] | None = None) -> torch.Tensor:
+        if self.branch_mult != 1.0:
+            x = x + self.branch_mult * self.attn(self.norm1(x), mask, is_causal, stream)
+            return x + self.branch_mult * self.mlp(self.norm2(x))
         x = x + self.attn(self.norm1(x), mask, is_causal, stream)
         return x + self.mlp(self.norm2(x))
 
@@ -123,12 +134,17 @@ class Transformer(Backbone):
     (recompute each block in the backward pass while training), ``rope_base`` (the rotary base, 10000 as in
     RoFormer; rotary positions only), ``norm_eps`` (the norms' eps; null: RMSNorm's 1e-6, LayerNorm's 1e-5),
     ``sinks`` (the first positions every query keeps under sliding-window
-    attention, see the module docstring; full attention, as in training, never reads it).
+    attention, see the module docstring; full attention, as in training, never reads it),
+    ``parametrization`` (sp, mup or completep; ``lmlab.models.parametrization``) with ``base_width`` (mup,
+    completep) and ``base_depth`` (completep).
     ``ffn_factory(layer_index)``, for
     subclasses (not a config key), builds each block's feed-forward module in place of the dense MLP.
 
     Initialisation (GPT-2): every weight N(0, 0.02), the residual output projections (attention out,
-    MLP down) N(0, 0.02 / sqrt(2 * n_layers)), norms at one.
+    MLP down) N(0, 0.02 / sqrt(2 * n_layers)), norms at one. Under mup and completep the hidden weights (the
+    blocks' matrices, readouts such as a router excepted) have these deviations divided by ``sqrt(d_model /
+    base_width)`` and learning rate multiplier ``base_width / d_model``; the logits are multiplied by
+    ``base_width / d_model``.
     """
 
     supported_attention = (CAUSAL, BIDIRECTIONAL, PREFIX)
@@ -140,9 +156,11 @@ class Transformer(Backbone):
                  positions: str = "rotary", max_len: Positive = 512, dropout: Fraction = 0.0,
                  tie_embeddings: bool = True, activation_checkpointing: bool = False,
                  mlp: MLPKind = "gelu", rope_base: float = 10000.0, sinks: NonNegative = 4,
-                 norm_eps: Optional[PositiveFloat] = None,
+                 norm_eps: Optional[PositiveFloat] = None, parametrization: ParametrizationKind = "sp",
+                 base_width: Optional[Positive] = None, base_depth: Optional[Positive] = None,
                  ffn_factory: Callable[[int], nn.Module] | None = None) -> None:
         super().__init__(vocab_size, d_model, attention, activation_checkpointing)
+        self.parametrization = Parametrization.of(parametrization, d_model, n_layers, base_width, base_depth)
         if head_dim is not None:
             if d_model % head_dim:
                 raise UserError(f"d_model={d_model} is not a multiple of head_dim={head_dim}: change one of them "
@@ -160,6 +178,13 @@ class Transformer(Backbone):
             raise UserError(f"model.rope_base={rope_base} only applies to rotary positions and model.positions is "
                             f"{positions}: drop model.rope_base or set model.positions=rotary.")
         self.n_layers, self.n_heads = n_layers, n_heads
+        par = self.parametrization
+        if not par.standard and head_dim is None and base_width % n_heads:
+            raise UserError(f"model.base_width={base_width} is not a multiple of n_heads={n_heads}: change one of "
+                            "them (or set model.head_dim).")
+        # the head size at the base width: unchanged with head_dim fixed, base_width / n_heads otherwise
+        base_head_dim = d_model // n_heads if head_dim is not None or par.standard else base_width // n_heads
+        attn_scale = par.attention_scale(d_model // n_heads, base_head_dim)
         self.rope_base, self.sinks = float(rope_base), int(sinks)
         self.d_ff = d_ff or 4 * d_model
         self.positions, self.max_len = positions, max_len
@@ -170,17 +195,34 @@ class Transformer(Backbone):
         # one Rotary module shared by all blocks (its tables are non-persistent buffers)
         self.blocks = nn.ModuleList(
             Block(d_model, n_heads, self.d_ff, norm, mlp, dropout, rotary,
-                  ffn=ffn_factory(i) if ffn_factory is not None else None, norm_eps=norm_eps)
+                  ffn=ffn_factory(i) if ffn_factory is not None else None, norm_eps=norm_eps,
+                  attn_scale=attn_scale, branch_mult=par.branch_mult)
             for i in range(n_layers)
         )
         self.add_head(make_norm(norm, d_model, norm_eps), tie_embeddings)
+        self.output_mult = par.output_mult
         self._init_weights()
 
+    def _hidden(self) -> dict[str, nn.Linear]:
+        """The hidden (matrix-like) weights of muP by parameter name: the blocks' linear layers, readouts (a
+        router, ``is_readout``) excepted."""
+        return {f"blocks.{name}.weight": m for name, m in self.blocks.named_modules()
+                if isinstance(m, nn.Linear) and not getattr(m, "is_readout", False)}
+
+    def lr_multipliers(self) -> dict[str, float]:
+        """The hidden weights' learning-rate multiplier under mup and completep away from the base shape."""
+        par = self.parametrization
+        return {} if par.standard else {name: par.hidden_lr for name in self._hidden()}
+
     def _init_weights(self) -> None:
-        resid_std = 0.02 / math.sqrt(2 * self.n_layers)
+        par = self.parametrization
+        resid_std = 0.02 / math.sqrt(2 * par.residual_depth(self.n_layers))
+        hidden = set() if par.standard else {id(m) for m in self._hidden().values()}
         for m in self.modules():
             if isinstance(m, (nn.Linear, nn.Embedding)):
                 std = resid_std if getattr(m, "is_residual_proj", False) else 0.02
+                if id(m) in hidden:
+                    std *= par.hidden_init
                 nn.init.normal_(m.weight, mean=0.0, std=std)
                 if getattr(m, "bias", None) is not None:
                     nn.init.zeros_(m.bias)
@@ -246,6 +288,9 @@ def _to_hf(model: Transformer, context: int):
     """lmlab -> GPT-2 (layernorm, learned positions, gelu), Arcee (rmsnorm, rotary, gelu) or Llama (swiglu)."""
     from transformers import ArceeConfig, GPT2Config, LlamaConfig
 
+    if not model.parametrization.standard:
+        raise Unmappable(f"the run's model has parametrization={model.parametrization.kind} away from its base shape "
+                         "(attention scale, logit or branch multipliers)")
     norm, mlp = norm_kind(model.norm), model.blocks[0].mlp.kind
     setting = (norm, model.positions, mlp)
     d, L, H, F_ = model.d_model, model.n_layers, model.n_heads, model.d_ff
@@ -374,6 +419,9 @@ def _from_hf(config, state: dict[str, torch.Tensor]):
 def _widen(model: Transformer, d_model: int) -> Transformer:
     from lmlab.models.widen import tile_transformer
 
+    if model.parametrization.kind != "sp":
+        raise UserError(f"widening preserves the function of a model in the standard parameterisation, not "
+                        f"parametrization={model.parametrization.kind}: widen a model with parametrization=sp.")
     return tile_transformer(model, d_model)
 
 

@@ -30,7 +30,7 @@ from lmlab.data.datamodule import StepBatches, collate
 from lmlab.errors import UserError
 from lmlab.models.transformer import Transformer
 from lmlab.objectives.clm import CLM
-from lmlab.optim import decay_groups
+from lmlab.optim import decay_groups, scale_lr
 from lmlab.readout import model_device
 from lmlab.run_dir import DONE, MODEL, holds_model, load_backbone, model_args
 from lmlab.schedule import cosine
@@ -122,7 +122,8 @@ class AuxLM:
         model = copy.deepcopy(init) if init is not None else self.build(vocab_size, seed)
         model.train()
         objective = CLM()
-        opt = torch.optim.AdamW(decay_groups(model), lr=self.lr, betas=(0.9, 0.95), weight_decay=self.weight_decay)
+        opt = scale_lr(torch.optim.AdamW(decay_groups(model), lr=self.lr, betas=(0.9, 0.95),
+                                         weight_decay=self.weight_decay))
         sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: cosine(s, max(steps, 1), warmup=self.warmup))
         order = StepBatches(len(rows), self.batch_size, seed)
         saved = []

@@ -14,7 +14,7 @@ from lmlab.io import torch_save
 from lmlab.models.base import Backbone
 from lmlab.models.sparsity import check_sparsity, densify, is_sparse, sparsify
 from lmlab.objectives.base import Objective
-from lmlab.optim import decay_groups
+from lmlab.optim import decay_groups, scale_lr
 from lmlab.run_dir import previous_checkpoint
 from lmlab.training.throughput import Throughput, matmul_precision, peak_flops
 from lmlab.vocab import PAD_ID
@@ -35,14 +35,15 @@ def fast_optimizer_kwargs(factory: Callable, params: list[torch.Tensor], precisi
 
 
 def make_optimizer(factory: Callable, groups: list[dict], precision: str | None = None):
-    """``factory(groups)`` with the fast kernel where this PyTorch has one for these parameters' device."""
+    """``factory(groups)`` with the fast kernel where this PyTorch has one for these parameters' device, each
+    group's learning rate times its ``lr_mult`` (``lmlab.optim.scale_lr``)."""
     kwargs = fast_optimizer_kwargs(factory, [p for g in groups for p in g["params"]], precision)
     if kwargs:
         try:
-            return factory(groups, **kwargs)
+            return scale_lr(factory(groups, **kwargs))
         except (RuntimeError, ValueError, TypeError):  # no fused kernel for this device or dtype
             pass
-    return factory(groups)
+    return scale_lr(factory(groups))
 
 
 class LMModule(L.LightningModule):

@@ -158,8 +158,10 @@ class MaskClassifier(DownstreamEvaluator):
         y_test = torch.as_tensor(test_y)
         out = {f"{self.name}/zeroshot_acc": float((zero.argmax(-1) == y_test).double().mean()),
                f"{self.name}/zeroshot_ece": head_calibration(zero, y_test)}
-        weight = model.head.weight.detach()
-        bias = None if model.head.bias is None else model.head.bias.detach()
+        # the head as the logits apply it (times the output multiplier of muP), so the tuned copy starts zero-shot
+        mult = getattr(model, "output_mult", 1.0)
+        weight = model.head.weight.detach() if mult == 1.0 else model.head.weight.detach() * mult
+        bias = None if model.head.bias is None else model.head.bias.detach() * mult
         with one_thread(h_train.device.type == "cpu"):  # the head's matmuls are tiny
             fits = [self._fit(weight, bias, verb, h_train, torch.as_tensor(train_y), h_test, y_test, seed)
                     for seed in range(self.seeds)]

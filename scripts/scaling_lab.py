@@ -74,7 +74,10 @@ def ladder(workdir: Path, name: str, overrides: list[str], compare: str | None) 
     body = report.split("\n", 1)[1].replace("![scaling](scaling.png)",
                                             f"![scaling](scaling-results/{name}/scaling.png)")
     body = body.replace("\n## ", "\n### ")
-    return (f"Commands: `{command}` ({wall / 60:.1f} min for the runs not already finished), then "
+    runs = sum(json.loads(r.read_text())["timings"]["total_s"] for r in sweep.parent.rglob("results.json")
+               if r.parent.parent == sweep.parent or r.parent.parent == sweep)
+    return (f"Commands: `{command}` (the runs' own times add up to {runs / 60:.1f} min; this call "
+            f"{wall / 60:.1f} min, finished runs skipped), then "
             f"`lmlab {' '.join(report_args[:1] + [f'runs/{name}/{sweep.name}'] + report_args[2:])}` "
             f"({wall_report:.0f} s). The report as written: [scaling-results/{name}/report.md]"
             f"(scaling-results/{name}/report.md).\n{body}")

@@ -79,12 +79,16 @@ def main(argv: list[str] | None = None) -> int:
                    f"model.d_model={WIDTHS[0]}", "optim.lr=tag(log,interval(1e-4,1e-1))",
                    f"hydra.sweeper.n_trials={TRIALS}", f"hydra.sweeper.metric={METRIC}", seed],
     }
-    walls = {k: lmlab(work, *c) for k, c in commands.items()}
+    for c in commands.values():
+        lmlab(work, *c)
     (found,) = (work / "runs" / "mutransfer-search").rglob("optimization_results.yaml")
     rate = float(yaml.safe_load(found.read_text())["best_params"]["optim.lr"])
     transfer = ["train", "experiment=mutransfer", "name=mutransfer-transfer", f"model.d_model={WIDTHS[-1]}",
                 f"optim.lr={rate}", seed]
-    walls["transfer"] = lmlab(work, *transfer)
+    lmlab(work, *transfer)
+    # the runs' own times (a rerun skips finished runs, so its wall time says nothing)
+    walls = {k: sum(json.loads(r.read_text())["timings"]["total_s"]
+                    for r in (work / "runs" / f"mutransfer-{k}").rglob("results.json")) for k in commands}
     grids = {k: losses(work, f"mutransfer-{k}") for k in ("mup", "sp")}
     transferred = next(iter(losses(work, "mutransfer-transfer").values()))
     big = grids["mup"][WIDTHS[-1], best(grids["mup"], WIDTHS[-1])]
@@ -97,15 +101,21 @@ def main(argv: list[str] | None = None) -> int:
         "run, so a best rate one point away from another is within that noise; what one seed cannot say is "
         "whether the optimum moves by less than a grid step.", "",
         f"## The grid: `{METRIC}` after 300 steps, 8 rates x2 apart", "",
-        f"muP (base width {WIDTHS[0]}): `lmlab {' '.join(commands['mup'])}` ({walls['mup'] / 60:.1f} min)", "",
+        f"muP (base width {WIDTHS[0]}): `lmlab {' '.join(commands['mup'])}` (its runs' own times: "
+        f"{walls['mup'] / 60:.1f} min)", "",
         *table(grids["mup"]), "",
-        f"Standard parameterisation: `lmlab {' '.join(commands['sp'])}` ({walls['sp'] / 60:.1f} min)", "",
+        f"Standard parameterisation: `lmlab {' '.join(commands['sp'])}` (its runs' own times: "
+        f"{walls['sp'] / 60:.1f} min)", "",
         *table(grids["sp"]), "",
         "Grid index of the best rate at widths " + ", ".join(map(str, WIDTHS)) + ": muP "
         f"{moves['mup']} (moves by {max(moves['mup']) - min(moves['mup'])} points), standard "
-        f"{moves['sp']} (moves by {max(moves['sp']) - min(moves['sp'])} points).", "",
+        f"{moves['sp']} (moves by {max(moves['sp']) - min(moves['sp'])} points). Grid points within 0.01 nats of "
+        "each width's best (how flat the optimum is): " + "; ".join(
+            f"{k} {w}: {[RATES.index(r) for r in RATES if g[w, r] - g[w, best(g, w)] <= 0.01]}"
+            for k, g in grids.items() for w in WIDTHS) + ".", "",
         "## Tune small, train large", "",
-        f"`lmlab {' '.join(commands['search'])}` ({walls['search'] / 60:.1f} min, {TRIALS} trials) finds "
+        f"`lmlab {' '.join(commands['search'])}` ({TRIALS} trials, their own times {walls['search'] / 60:.1f} min) "
+        "finds "
         f"optim.lr = {rate:.4g} at width {WIDTHS[0]}; `lmlab {' '.join(transfer[:-2])} optim.lr=<that rate> {seed}` "
         f"gives {transferred:.4f} at width {WIDTHS[-1]}, against {big:.4f} at the best rate of the width-"
         f"{WIDTHS[-1]} grid: {transferred - big:+.4f} nats.", ""]))

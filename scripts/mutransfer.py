@@ -11,13 +11,10 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import subprocess
-import sys
-import time
 from pathlib import Path
 
 import yaml
+from scaling_lab import lmlab  # scripts/: the same way of running lmlab
 
 ROOT = Path(__file__).resolve().parents[1]
 PAGE = ROOT / "docs" / "mup-results.md"
@@ -25,18 +22,6 @@ WIDTHS = (32, 64, 128, 256)
 RATES = (0.00025, 0.0005, 0.001, 0.002, 0.004, 0.008, 0.016, 0.032)
 METRIC = "perplexity/loss"
 TRIALS = 16
-
-
-def lmlab(workdir: Path, *args: str) -> float:
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT),
-           "LMLAB_CACHE": os.environ.get("LMLAB_CACHE", str(workdir / "cache"))}
-    start = time.perf_counter()
-    done = subprocess.run([sys.executable, "-m", "lmlab", *args], cwd=workdir, env=env, capture_output=True,
-                          text=True)
-    if done.returncode != 0:
-        raise SystemExit(f"lmlab {' '.join(args)} failed ({done.returncode}):\n{done.stdout[-3000:]}"
-                         f"\n{done.stderr[-3000:]}")
-    return time.perf_counter() - start
 
 
 def losses(workdir: Path, name: str) -> dict[tuple[int, float], float]:

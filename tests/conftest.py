@@ -62,3 +62,24 @@ def train_run(out: Path, *args: str) -> Path:
     except SystemExit as e:
         assert not e.code
     return run
+
+
+def stressed_model(cfg: dict, vocab_size: int) -> torch.nn.Module:
+    """The model of ``cfg`` (a model config) with its norms, SSM parameters and biases moved far from their
+    initial values, so that an agreement of two implementations is not an accident of initial values."""
+    from hydra.utils import instantiate
+    from omegaconf import OmegaConf
+
+    from lmlab.attention import CAUSAL
+
+    torch.manual_seed(0)
+    model = instantiate(OmegaConf.create(cfg), vocab_size=vocab_size, attention=CAUSAL).eval()
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith(("norm.weight", "norm1.weight", "norm2.weight", ".D")):
+                p.copy_(1 + 0.3 * torch.randn_like(p))
+            elif name.endswith(("dt_proj.bias", "dt_bias", "A_log")):
+                p.copy_(0.5 * torch.randn_like(p))
+            elif name.endswith("bias"):
+                p.copy_(0.3 * torch.randn_like(p))
+    return model

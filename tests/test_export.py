@@ -23,7 +23,7 @@ from lmlab.data.tokenizers import BPE, DNA, SAMPLES, Byte, Protein
 from lmlab.errors import UserError
 from lmlab.export import EXPORTABLE, RECORD, export_run, hf_tokenizer
 from lmlab.vocab import BOS_ID, EOS_ID, N_SPECIAL, PAD_ID
-from tests.conftest import FAST, TINY
+from tests.conftest import FAST, TINY, stressed_model
 
 TEXT = ["data=text", "data.block_size=32", "eval=[perplexity]", "model.d_model=32"]
 # (lmlab overrides, transformers class): every exportable configuration, each on another tokenizer
@@ -245,16 +245,7 @@ def test_every_weight_of_the_mapping_reaches_the_logits(architecture):
     the logits far beyond that: no weight is dropped, and the agreement is not an accident of initial values."""
     from lmlab.export import hf_model, logit_difference, probe_ids
 
-    torch.manual_seed(0)
-    model = instantiate(OmegaConf.create(STRESSED[architecture]), vocab_size=40, attention=CAUSAL).eval()
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if name.endswith(("norm.weight", "norm1.weight", "norm2.weight", ".D")):
-                p.copy_(1 + 0.3 * torch.randn_like(p))
-            elif name.endswith(("dt_proj.bias", "dt_bias", "A_log")):
-                p.copy_(0.5 * torch.randn_like(p))
-            elif name.endswith("bias"):
-                p.copy_(0.3 * torch.randn_like(p))
+    model = stressed_model(STRESSED[architecture], 40)
     hf = hf_model(model)
     assert type(hf).__name__ == architecture
     ids, mask = probe_ids(40, 12)

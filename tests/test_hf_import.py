@@ -16,7 +16,7 @@ from lmlab.attention import CAUSAL, Attention
 from lmlab.errors import UserError
 from lmlab.models.spec import hf_adapter
 from lmlab.vocab import BOS_ID
-from tests.conftest import FAST
+from tests.conftest import FAST, stressed_model
 
 VOCAB = 40
 TRANSFORMER = {"_target_": "lmlab.models.transformer.Transformer", "d_model": 16, "n_layers": 2, "n_heads": 2}
@@ -29,20 +29,6 @@ CONFIGS = {  # tiny shapes; weights moved away from their initial values (norms,
     "Mamba2ForCausalLM": {**MAMBA, "_target_": "lmlab.models.mamba2.Mamba2", "chunk_size": 4,
                           "tie_embeddings": False, "norm_eps": 1e-5},
 }
-
-
-def _stressed(cfg: dict) -> torch.nn.Module:
-    torch.manual_seed(0)
-    model = instantiate(OmegaConf.create(cfg), vocab_size=VOCAB, attention=CAUSAL).eval()
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if name.endswith(("norm.weight", "norm1.weight", "norm2.weight", ".D")):
-                p.copy_(1 + 0.3 * torch.randn_like(p))
-            elif name.endswith(("dt_proj.bias", "dt_bias", "A_log")):
-                p.copy_(0.5 * torch.randn_like(p))
-            elif name.endswith("bias"):
-                p.copy_(0.3 * torch.randn_like(p))
-    return model
 
 
 def _logits(model: torch.nn.Module, ids: torch.Tensor) -> torch.Tensor:
@@ -58,7 +44,7 @@ def test_export_then_import_gives_the_same_logits(architecture, tmp_path):
 
     from lmlab.export import hf_model
 
-    model = _stressed(CONFIGS[architecture])
+    model = stressed_model(CONFIGS[architecture], VOCAB)
     hf = hf_model(model, 16)
     assert type(hf).__name__ == architecture
     hf.save_pretrained(tmp_path)

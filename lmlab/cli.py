@@ -155,7 +155,8 @@ report.csv or report.json, and PNG plots) into the first directory:
                       baseline={{selection:random}}     the baseline arm (one or more swept settings)
                       metric=[val/loss,probe/acc]     the metrics (default: every metric that differs)
                       x=optim.lr                      a numeric swept setting: each metric plotted against it
-  analysis=paper    the same-loss experiment directory (conf/experiment/same_loss/): the claim-by-claim report
+  analysis=paper    the directory of a paper's experiment: the report of the study that its runs declare (the
+                    experiment's study: _target_, a class of lmlab/studies/), e.g. a claim-by-claim report
                       tolerance=0.05                  the largest gap to the optimum (nats) that is the same loss
                       compare=<dir>                   another rerun: whether each decided verdict agrees
   analysis=scaling  sweeps of model sizes x budgets (experiment=ladder): Chinchilla fits and, with compare,
@@ -163,7 +164,7 @@ report.csv or report.json, and PNG plots) into the first directory:
                       metric=[val/loss]               the loss fitted (default: perplexity/loss, else val/loss)
                       compare=objective=clm,mlm       the two recipes, one swept setting and its two values
   analysis=lineage  one run's directory: its chain of init_from parents
-analysis=null (the default) chooses from the directories: one run's, lineage; same-loss experiments, paper.
+analysis=null (the default) chooses from the directories: one run's, lineage; runs that declare a study, paper.
 The flags --baseline k=v, --metric a b, --x k, --paper, --scaling, --tolerance t and --compare v stand for these
 overrides.
 Quote a value with a comma for the shell: baseline='{{selection:random,seed:0}}'.
@@ -801,10 +802,8 @@ def _lineage(cfg: DictConfig, paths: list[Path]) -> None:
 
 
 def _paper(cfg: DictConfig, paths: list[Path]) -> None:
-    """The same-loss experiments: the claim-by-claim report of the rerun (``lmlab.report.paper``)."""
-    import json
-
-    from lmlab.report.paper import REPORT_JSON, write_report
+    """The study (a paper's analysis, ``lmlab.studies``) that the runs' experiment declares: its report."""
+    from lmlab import studies
 
     if len(paths) > 1:
         raise UserError("the paper report reads one directory: pass the one experiment directory, or "
@@ -816,12 +815,12 @@ def _paper(cfg: DictConfig, paths: list[Path]) -> None:
     if cfg.compare is not None and not Path(str(cfg.compare)).is_dir():
         raise UserError(f"{cfg.compare} is not a directory: compare takes the directory of another rerun of the "
                         "paper.")
-    report = write_report(paths[0], cfg.tolerance, compare=cfg.compare)
+    node = studies.declared(paths[0])
+    if node is None:
+        raise UserError(f"the runs under {paths[0]} declare no study (their experiment has study: null): pass the "
+                        "directory of a paper's experiment (e.g. experiment=same_loss/size), or analysis=sweep.")
+    report = studies.build(node, paths[0], tolerance=cfg.tolerance)(paths[0], compare=cfg.compare)
     print(f"[lmlab] report: {report}")
-    stability = json.loads((report.parent / REPORT_JSON).read_text()).get("stability")
-    if stability:
-        print(f"[lmlab] stability against {stability['compare']}: {stability['agree']} of "
-              f"{stability['decided']} decided rows agree")
 
 
 def _as_text(value) -> str:
@@ -869,25 +868,24 @@ ANALYSES = {"sweep": Analysis(_sweep_report, ("baseline", "metric", "x")),
 REPORT_SETTINGS = ("baseline", "metric", "x", "tolerance", "compare")
 
 
-def _same_loss(paths: list[Path]) -> bool:
-    """Whether the jobs under ``paths`` are same-loss experiments (``name: same_loss/...`` in their config)."""
-    for path in paths:
-        first = next(iter(sorted(path.rglob(".hydra/config.yaml"))), None)
-        if first is not None and str(OmegaConf.load(first).get("name", "")).startswith("same_loss"):
-            return True
-    return False
+def _declares_study(paths: list[Path]) -> bool:
+    """Whether the first job under ``paths`` declares a study (``study:`` in its config, ``lmlab.studies``)."""
+    from lmlab import studies
+
+    return any(studies.declared(path, first_only=True) is not None for path in paths)
 
 
 def _analysis_of(cfg: DictConfig, given: list[str], paths: list[Path]) -> str:
     """The analysis that ``analysis: null`` means: one run's directory, its lineage; the paper's settings, or
-    same-loss experiments without the sweep report's settings, the paper report; otherwise the sweep report."""
+    runs that declare a study without the sweep report's settings, the paper report (their study); otherwise the
+    sweep report."""
     from lmlab import run_dir
 
     if len(paths) == 1 and (paths[0] / run_dir.CONFIG).exists():
         return "lineage"
     if any(k in given for k in ANALYSES["paper"].settings):
         return "paper"
-    if not any(k in given for k in ANALYSES["sweep"].settings) and _same_loss(paths):
+    if not any(k in given for k in ANALYSES["sweep"].settings) and _declares_study(paths):
         return "paper"
     return "sweep"
 

@@ -105,10 +105,10 @@ MODULES: dict[str, Module] = {
     "export": Module("lmlab/export.py", ("tests/test_export.py",),
                      ("x__norm_kind", "x__transformer", "x__rope_inv_freq", "x__mamba", "x__mamba2"),
                      what="the weight mapping onto transformers' classes", default=False),
-    "paper": Module("lmlab/report/paper.py", ("tests/test_paper_report.py", "tests/test_mutation_kills.py"),
-                    ("x_exclusion", "x__parent_exclusion", "x_run_exclusion", "x_make_row", "x__direction",
-                     "x_decide", "x_base_verdict", "x__verdict_cell"),
-                    what="the report's verdicts"),
+    "paper": Module("lmlab/studies/same_loss/statistics.py",
+                    ("tests/test_paper_report.py", "tests/test_mutation_kills.py"),
+                    ("x_make_row", "x__direction", "x_decide", "x_base_verdict"),
+                    what="the same-loss study's verdicts"),
 }
 
 # Mutants that cannot change what a caller gets, with the reason (mutmut numbers the mutants of a function in
@@ -182,12 +182,13 @@ EQUIVALENT: dict[str, str] = {
     **{f"lmlab.data.grammar.xǁGrammarǁviterbi_spans__mutmut_{i}": _MARKS for i in (32, 45, 138, 139, 143, 144)},
     "lmlab.data.grammar.xǁGrammarǁ_close_unary__mutmut_21": _MARKS,
     **{f"lmlab.data.grammar.xǁGrammarǁviterbi_spans__mutmut_{i}": _SPAN_ONE for i in (133, 134, 140, 141)},
-    **{f"lmlab.report.paper.x__parent_exclusion__mutmut_{i}": ("the else branch is the parent's status itself: "
-       "\"done\" where the first test would have said so") for i in (16, 17)},
-    "lmlab.report.paper.x_make_row__mutmut_117": ("a constant column of 2 is an intercept too: the arm coefficient "
-                                                  "and its interval are the same"),
-    "lmlab.report.paper.x_decide__mutmut_23": ("a claimed row the Holm loop leaves without a verdict has a NaN p, for "
-                                               "which _direction is INCONCLUSIVE too"),
+    **{f"lmlab.studies.same_loss.runs.x__parent_exclusion__mutmut_{i}": (
+        "the else branch is the parent's status itself: \"done\" where the first test would have said so")
+       for i in (16, 17)},
+    "lmlab.studies.same_loss.statistics.x_make_row__mutmut_117": (
+        "a constant column of 2 is an intercept too: the arm coefficient and its interval are the same"),
+    "lmlab.studies.same_loss.statistics.x_decide__mutmut_23": (
+        "a claimed row the Holm loop leaves without a verdict has a NaN p, for which _direction is INCONCLUSIVE too"),
     "lmlab.data.grammar.x__merge__mutmut_24": _NEG,
     **{f"lmlab.data.grammar.x__merge__mutmut_{i}": "a list of Python floats is float64" for i in (26, 28)},
     **{f"lmlab.data.grammar.xǁGrammarǁsample__mutmut_{i}": _INT_DTYPE for i in (8, 11)},

@@ -3,7 +3,7 @@ Bias Matters for Language Models" (ICML 2023, arXiv 2210.14199) on lmlab, claim 
 
 It runs the three experiments of ``conf/experiment/same_loss/`` as sweeps through the real CLI
 (``python -m lmlab.cli train -m experiment=same_loss/<x> ...``, one subprocess per sweep, ``--workers`` at a
-time), then ``lmlab.report.paper.write_report`` on the output directory:
+time), then ``lmlab.studies.same_loss.write_report`` on the output directory:
 
 * size: every size trained to a plateau (cosine decay to 1% of the learning rate; the gap to the optimum
   evaluated every few hundred steps, so the report can check the plateau);
@@ -416,7 +416,8 @@ def main(argv: list[str] | None = None) -> int:
 
     sys.path.insert(0, str(ROOT))
     from lmlab.io import write_json
-    from lmlab.report.paper import SETTINGS_FILE, write_report
+    from lmlab.studies.same_loss import write_report
+    from lmlab.studies.same_loss.runs import SETTINGS_FILE
 
     started = time.time()
     settings = {"profile": profile, "note": p["note"], "seeds": seeds, **{k: p[k] for k in SETTINGS},

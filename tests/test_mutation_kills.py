@@ -153,17 +153,17 @@ def test_mean_interval_of_none_one_and_two_keeps_its_confidence_and_nans():
     assert two.half == pytest.approx(sps.t.ppf(0.95, 1) * math.sqrt(2) / math.sqrt(2), rel=1e-9)
 
 
-# ----- lmlab/report/paper.py: the verdicts -----
+# ----- lmlab/studies/same_loss/: the verdicts -----
 
 
 def _row(**kw):
-    from lmlab.report.paper import Row
+    from lmlab.studies.same_loss.statistics import Row
 
     return Row("claim", "data", "task", "what", "acc:x", "paper", kw.pop("sign", 1), kw.pop("extension", True), **kw)
 
 
 def test_a_verdict_needs_p_below_alpha_and_a_nonzero_mean():
-    from lmlab.report.paper import ALPHA, decide
+    from lmlab.studies.same_loss.statistics import ALPHA, decide
 
     assert ALPHA == 0.05
     cases = [(dict(mean=0.1, p=0.05), "extension: inconclusive"),  # p = alpha is not below it
@@ -178,7 +178,8 @@ def test_a_verdict_needs_p_below_alpha_and_a_nonzero_mean():
 
 
 def test_the_verdict_cell_gives_the_mde_of_an_inconclusive_row_only():
-    from lmlab.report.paper import INCONCLUSIVE, REPRODUCED, _verdict_cell
+    from lmlab.studies.same_loss.render import _verdict_cell
+    from lmlab.studies.same_loss.statistics import INCONCLUSIVE, REPRODUCED
 
     assert _verdict_cell(_row(verdict=INCONCLUSIVE, mde=0.01234, unit=" nats", n=5)) == \
         "**inconclusive** (MDE 0.012 nats)"
@@ -427,7 +428,7 @@ def test_evaluations_along_run_once_a_step_on_rank_zero_and_their_history_surviv
 
 
 def test_which_runs_count_at_the_edges_of_the_tolerance_and_the_plateau():
-    from lmlab.report.paper import GAP, Settings, exclusion
+    from lmlab.studies.same_loss.runs import GAP, Settings, exclusion
 
     s = Settings(tolerance=0.5, plateau=0.25)
     assert exclusion("failed", {GAP: 0.1}, [], s) == "status failed"
@@ -452,7 +453,7 @@ def test_which_runs_count_at_the_edges_of_the_tolerance_and_the_plateau():
 
 
 def _paper_run(tmp_path, claim="continue", status="done", history=2, parent=None):
-    from lmlab.report.paper import GAP, Run
+    from lmlab.studies.same_loss.runs import GAP, Run
 
     return Run(tmp_path / "run", status, claim, "pcfg", 0, metrics={GAP: 0.1},
                history=[{"step": i, GAP: 0.1 + 0.2 * (i % 2)} for i in range(history)], parent=parent)
@@ -469,7 +470,7 @@ def _parent(tmp_path, name, results, done=False):
 
 
 def test_a_phase_2_run_counts_with_two_evaluations_and_a_parent_that_counts(tmp_path):
-    from lmlab.report.paper import GAP, Settings, run_exclusion
+    from lmlab.studies.same_loss.runs import GAP, Settings, run_exclusion
 
     s = Settings(tolerance=0.5, plateau=0.01)
     good = {"status": "done", "metrics": {GAP: 0.1}, "history": [{"step": 1, GAP: 0.1}, {"step": 2, GAP: 0.1}]}
@@ -638,7 +639,8 @@ def test_pcfg_rows_without_words_and_with_a_word_outside_the_grammar(tiny_pcfg):
 
 
 def test_a_row_from_hand_made_pairs_against_scipy():
-    from lmlab.report.paper import CONFOUNDED, INCONCLUSIVE, MISSING, Pair, Settings, make_row
+    from lmlab.studies.same_loss.runs import Settings
+    from lmlab.studies.same_loss.statistics import CONFOUNDED, INCONCLUSIVE, MISSING, Pair, make_row
 
     def pair(seed, a, b, ga=0.1, gb=0.1):
         return Pair(seed, [a], [ga], [b], [gb], [(a, 1, ga), (b, 0, gb)])
@@ -726,7 +728,14 @@ def test_sampling_a_grammar_whose_derivations_never_end_is_refused(tmp_path):
 
 
 def test_holm_runs_over_the_claimed_rows_with_matched_loss_only():
-    from lmlab.report.paper import CONFOUNDED, INCONCLUSIVE, NOT_REPRODUCED, REPRODUCED, base_verdict, decide
+    from lmlab.studies.same_loss.statistics import (
+        CONFOUNDED,
+        INCONCLUSIVE,
+        NOT_REPRODUCED,
+        REPRODUCED,
+        base_verdict,
+        decide,
+    )
 
     rows = decide([_row(mean=0.1, p=0.02, extension=False), _row(mean=-0.1, p=0.024, extension=False),
                    _row(mean=0.1, p=0.03, extension=False, verdict=CONFOUNDED),  # not in the family
@@ -917,7 +926,8 @@ def test_sampling_stops_a_frontier_past_its_limit(tmp_path, monkeypatch):
 
 
 def test_the_verdict_cell_counts_pairs_only_for_an_inconclusive_row_of_fewer_than_two():
-    from lmlab.report.paper import INCONCLUSIVE, MISSING, _verdict_cell
+    from lmlab.studies.same_loss.render import _verdict_cell
+    from lmlab.studies.same_loss.statistics import INCONCLUSIVE, MISSING
 
     assert _verdict_cell(_row(verdict=MISSING, n=0)) == "**n/a**"
     assert _verdict_cell(_row(verdict=INCONCLUSIVE, n=2)) == "**inconclusive**"

@@ -1,7 +1,8 @@
-"""``lmlab.report.paper`` on hand-made run directories (results.json + .hydra files): matched loss as an equivalence
-test, the gap-adjusted estimate, Holm over the claimed rows, which runs count (tolerance, plateau, the parent of a
-phase-2 run), the continue effect over the first and last k evaluations, the size pairing, missing metrics, the
-report.json rows, and the stability of the verdicts across two reruns (also through ``lmlab report --compare``)."""
+"""``lmlab.studies.same_loss`` on hand-made run directories (results.json + .hydra files): matched loss as an
+equivalence test, the gap-adjusted estimate, Holm over the claimed rows, which runs count (tolerance, plateau, the
+parent of a phase-2 run), the continue effect over the first and last k evaluations, the size pairing, missing
+metrics, the report.json rows, the stability of the verdicts across two reruns (also through ``lmlab report
+--compare``), and the study that ``lmlab report`` builds from what the runs declare."""
 
 from __future__ import annotations
 
@@ -11,25 +12,20 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from omegaconf import OmegaConf
 
-from lmlab.report.paper import (
-    BLOCKS,
+from lmlab.stats import holm, ols
+from lmlab.studies.same_loss.claims import analyse
+from lmlab.studies.same_loss.render import write_report
+from lmlab.studies.same_loss.runs import BLOCKS, GAP, TRACE, Settings, acc_key, lookup_key, proj_key
+from lmlab.studies.same_loss.statistics import (
     CONFOUNDED,
-    GAP,
     INCONCLUSIVE,
     MISSING,
     NOT_REPRODUCED,
     REPRODUCED,
-    TRACE,
-    Settings,
-    acc_key,
-    analyse,
     compare_rows,
-    lookup_key,
-    proj_key,
-    write_report,
 )
-from lmlab.stats import holm, ols
 
 PCFG = {"_target_": "lmlab.data.pcfg.PCFGSource", "grammar": "/g/rules.txt"}
 HMM = {"_target_": "lmlab.data.hmm.HMMSource", "label_position": 10}
@@ -267,3 +263,54 @@ def test_trace_precision_counts_every_evaluation_of_the_counted_runs(tmp_path):
     assert fisher["median"] == pytest.approx(0.05) and fisher["above_5pct"] == 1
     report = write_report(tmp_path, tolerance=0.1, margin=0.02).read_text()
     assert "Fisher Tr median 5.0%, max 8.0%, 1 of 3 above 5%" in report
+
+
+def _declare(sweep: Path, study) -> None:
+    """Record ``study`` in every job's .hydra/config.yaml, as `lmlab train` does for an experiment that names it."""
+    for config in sweep.rglob(".hydra/config.yaml"):
+        name = config.read_text().splitlines()[0]
+        config.write_text(f"{name}\nstudy: {json.dumps(study)}\n")
+
+
+def test_report_builds_the_study_the_runs_declare(tmp_path, lmlab):
+    """`lmlab report <dir>` builds the study the recorded configs name (no name is matched: the experiment is
+    renamed here), and refuses a target outside lmlab.studies, studies that disagree, and runs that declare none."""
+    from lmlab import studies
+
+    _algorithm(tmp_path, adv_gap_shift=0.001)
+    for config in tmp_path.rglob(".hydra/config.yaml"):
+        config.write_text("name: renamed/algorithm\n")  # not an experiment of conf/: the key alone names the study
+    assert studies.declared(tmp_path) is None
+    code, out = lmlab("report", str(tmp_path), "analysis=paper")
+    assert code == 2 and "declare no study" in out and not (tmp_path / "report.md").exists()
+    _declare(tmp_path, {"_target_": "lmlab.studies.same_loss.SameLoss", "tolerance": 0.1})
+    assert studies.declared(tmp_path) == {"_target_": "lmlab.studies.same_loss.SameLoss", "tolerance": 0.1}
+    code, out = lmlab("report", str(tmp_path))  # analysis=null: the runs declare a study
+    assert code == 0, out
+    assert "Tolerance on the gap to the optimum: **0.1 nats**" in (tmp_path / "report.md").read_text()
+    code, out = lmlab("report", str(tmp_path), "tolerance=0.07")  # the user's setting goes to the study
+    assert code == 0 and "**0.07 nats**" in (tmp_path / "report.md").read_text()
+    (tmp_path / "report.md").unlink()
+    _declare(tmp_path, {"_target_": "os.system", "command": "touch owned"})
+    code, out = lmlab("report", str(tmp_path), "analysis=paper")
+    assert code == 2 and "not one of lmlab's studies" in out
+    assert not (tmp_path / "report.md").exists() and not Path("owned").exists()
+    first = sorted(tmp_path.rglob(".hydra/config.yaml"))[0]
+    _declare(tmp_path, {"_target_": "lmlab.studies.same_loss.SameLoss"})
+    first.write_text("name: renamed/algorithm\nstudy: null\n")
+    code, out = lmlab("report", str(tmp_path), "analysis=paper")
+    assert code == 2 and "declare different studies" in out and not (tmp_path / "report.md").exists()
+
+
+def test_runs_recorded_before_the_study_key_read_their_experiments_config(tmp_path):
+    """A config without ``study`` (recorded before experiments declared one) reads the key of lmlab's experiment
+    config of the same name; a name outside conf/experiment/ declares nothing."""
+    from lmlab import studies
+    from lmlab.run_dir import CONF
+
+    for claim in ("size", "algorithm", "continue"):
+        want = OmegaConf.load(CONF / "experiment" / "same_loss" / f"{claim}.yaml").study
+        assert studies._recorded_study({"name": f"same_loss/{claim}"}, tmp_path) == OmegaConf.to_container(want)
+    assert studies._recorded_study({"name": "../train"}, tmp_path) is None
+    assert studies._recorded_study({"name": "same_loss/nosuch"}, tmp_path) is None
+    assert studies._recorded_study({"name": "same_loss/size", "study": None}, tmp_path) is None

@@ -11,7 +11,7 @@ import re
 import sys
 from pathlib import Path
 
-from lmlab.report.paper import CONFOUNDED, INCONCLUSIVE, MISSING, NOT_REPRODUCED, REPRODUCED
+from lmlab.studies.same_loss.statistics import CONFOUNDED, INCONCLUSIVE, MISSING, NOT_REPRODUCED, REPRODUCED
 
 ROOT = Path(__file__).resolve().parents[1]
 

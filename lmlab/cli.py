@@ -830,14 +830,14 @@ def _as_text(value) -> str:
 
 def _sweep_report(cfg: DictConfig, paths: list[Path]) -> None:
     """Sweep directories: the statistics of every arm over seeds, against a baseline arm (``lmlab.report.sweep``)."""
-    from lmlab.report import sweep
+    from lmlab.report import sweep, sweep_render
 
     for p in paths:
         if not sweep.is_sweep_dir(p):
             raise UserError(f"{p} is not a sweep directory (no multirun.yaml, summary.csv or job folders): pass the "
                             "directory that `lmlab train -m` printed as its sweep.")
     baseline = {str(k): _as_text(v) for k, v in cfg.baseline.items()} if cfg.baseline else None
-    report = sweep.write_report(paths, baseline, list(cfg.metric or []) or None, cfg.x)
+    report = sweep_render.write_report(paths, baseline, list(cfg.metric or []) or None, cfg.x)
     out = report.sweeps[0]
     unfinished = sum(j.status != "done" for j in report.jobs)
     print(f"[lmlab] report: {out / 'report.md'} and {out / 'report.csv'} ({len(report.jobs)} jobs, {len(report.arms)} "

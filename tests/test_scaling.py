@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from lmlab.errors import UserError
-from lmlab.report import scaling
+from lmlab.report import parametric, scaling
 
 E, A, B, ALPHA, BETA = 1.69, 406.4, 410.7, 0.34, 0.28
 TRUE_A = BETA / (ALPHA + BETA)
@@ -27,7 +27,7 @@ def noisy(rng, N, D, noise=0.01, data_factor=1.0):
     return law(N, D, data_factor) * np.exp(noise * rng.standard_normal(len(N)))
 
 
-def errors(p: scaling.Parametric) -> tuple[float, float, float, float]:
+def errors(p: parametric.Parametric) -> tuple[float, float, float, float]:
     return abs(p.alpha / ALPHA - 1), abs(p.beta / BETA - 1), abs(p.E / E - 1), abs(p.a - TRUE_A)
 
 
@@ -80,7 +80,7 @@ def brute_optimal_loss(C: float, data_factor: float = 1.0) -> float:
 
 
 def test_compute_optimal_allocation_matches_brute_force():
-    p = scaling.Parametric(E, A, B, ALPHA, BETA)
+    p = parametric.Parametric(E, A, B, ALPHA, BETA)
     for C in (1e18, 1e21, 1e24):
         assert float(p.optimal_loss(C)) == pytest.approx(brute_optimal_loss(C), rel=1e-7)
         n, d = p.optimal(C)
@@ -98,7 +98,7 @@ def test_envelope_finds_the_optimal_allocation_exponent_on_noise_free_points():
 
 
 def test_isoflop_parabolas_find_the_optimal_allocation_exponent_on_noise_free_points():
-    p = scaling.Parametric(E, A, B, ALPHA, BETA)
+    p = parametric.Parametric(E, A, B, ALPHA, BETA)
     N, D = [], []
     for C in np.logspace(18, 24, 7):
         n_opt, _ = p.optimal(C)
@@ -116,14 +116,14 @@ def test_isoflop_parabolas_find_the_optimal_allocation_exponent_on_noise_free_po
 def test_compute_multiplier_of_a_recipe_that_uses_data_twice_as_well_is_one_half():
     # L_B(N, D) = L_A(N, 2D): at compute C recipe B reaches what A reaches at 2C, so m = C_B / C_A = 1/2
     N, D = ladder()
-    m = scaling.compute_multiplier((N, D, law(N, D)), (N, D, law(N, D, 2.0)), 1e21, resamples=5)
+    m = parametric.compute_multiplier((N, D, law(N, D)), (N, D, law(N, D, 2.0)), 1e21, resamples=5)
     assert m.interval.value == pytest.approx(0.5, rel=1e-2)
     # with 1% noise: the 95% interval covers 1/2 and excludes 1 (B needs less compute) on most draws
     covered = resolved = 0
     repeats = 10
     for seed in range(repeats):
         rng = np.random.default_rng(seed)
-        m = scaling.compute_multiplier((N, D, noisy(rng, N, D)), (N, D, noisy(rng, N, D, data_factor=2.0)), 1e21,
+        m = parametric.compute_multiplier((N, D, noisy(rng, N, D)), (N, D, noisy(rng, N, D, data_factor=2.0)), 1e21,
                                        resamples=40, seed=seed)
         covered += m.interval.covers(0.5)
         resolved += m.interval.high < 1.0

@@ -132,7 +132,7 @@ PROFILES: dict[str, dict] = {
         "note": "micro: tiny data and a few steps, to test the pipeline (its verdicts mean nothing)",
     },
 }
-SETTINGS = ("tolerance", "margin", "plateau", "k")  # what the report reads from reproduce.json
+SETTINGS = ("tolerance", "margin", "plateau", "plateau_steps", "k")  # what the report reads from reproduce.json
 # --grammar generated: a grammar of the released one's shape (4 levels of 10 nonterminals, about 19 binary rules
 # each, 9 start symbols, 200 words, sentences of 2..16 words), for a machine without the rule file
 GENERATED = ["data.grammar=null", "data.levels=4", "data.nonterminals_per_level=10", "data.vocab_size=200",
@@ -420,7 +420,7 @@ def main(argv: list[str] | None = None) -> int:
     from lmlab.studies.same_loss.runs import SETTINGS_FILE
 
     started = time.time()
-    settings = {"profile": profile, "note": p["note"], "seeds": seeds, **{k: p[k] for k in SETTINGS},
+    settings = {"profile": profile, "note": p["note"], "seeds": seeds, **{k: p.get(k) for k in SETTINGS},
                 "commands": ["lmlab train -m " + " ".join(_quote(o) for o in s.overrides) for s in plan]}
     write_json(out / SETTINGS_FILE, settings)
     in_process = args.in_process if args.in_process is not None else p.get("in_process", False)

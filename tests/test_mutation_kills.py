@@ -428,7 +428,7 @@ def test_evaluations_along_run_once_a_step_on_rank_zero_and_their_history_surviv
 
 
 def test_which_runs_count_at_the_edges_of_the_tolerance_and_the_plateau():
-    from lmlab.studies.same_loss.runs import GAP, Settings, exclusion
+    from lmlab.studies.same_loss.runs import GAP, Settings, exclusion, read_schedule
 
     s = Settings(tolerance=0.5, plateau=0.25)
     assert exclusion("failed", {GAP: 0.1}, [], s) == "status failed"
@@ -441,8 +441,9 @@ def test_which_runs_count_at_the_edges_of_the_tolerance_and_the_plateau():
     def hist(*gaps):
         return [{"step": i} if g is None else {"step": i, GAP: g} for i, g in enumerate(gaps)]
 
-    assert exclusion("done", {GAP: 0.25}, hist(0.5, 0.25), s) == ""  # changed by exactly the plateau
-    assert exclusion("done", {GAP: 0.25}, hist(0.25, 0.5), s) == ""
+    flat = read_schedule({"schedule": {"_target_": "lmlab.schedule.constant"}, "max_steps": 10})
+    assert exclusion("done", {GAP: 0.25}, hist(0.5, 0.25), s, schedule=flat) == ""  # changed by exactly the plateau
+    assert exclusion("done", {GAP: 0.25}, hist(0.25, 0.5), s, schedule=flat) == ""
     moved = "not converged: gap changed by 0.375 between its last two evaluations (plateau 0.25)"
     assert exclusion("done", {GAP: 0.125}, hist(0.5, 0.125), s) == moved
     assert exclusion("done", {GAP: 0.5}, hist(0.125, 0.5), s) == moved  # by its size, either way
@@ -473,7 +474,8 @@ def test_a_phase_2_run_counts_with_two_evaluations_and_a_parent_that_counts(tmp_
     from lmlab.studies.same_loss.runs import GAP, Settings, run_exclusion
 
     s = Settings(tolerance=0.5, plateau=0.01)
-    good = {"status": "done", "metrics": {GAP: 0.1}, "history": [{"step": 1, GAP: 0.1}, {"step": 2, GAP: 0.1}]}
+    good = {"status": "done", "metrics": {GAP: 0.1}, "history": [{"step": 1, GAP: 0.1}, {"step": 2, GAP: 0.1}],
+            "config": {"schedule": {"_target_": "lmlab.schedule.constant"}, "max_steps": 10}}
     done = _parent(tmp_path, "done", good)  # status done in results.json, no DONE marker
     marked = _parent(tmp_path, "marked", {**good, "status": "interrupted"}, done=True)  # DONE marker wins
     stopped = _parent(tmp_path, "stopped", {**good, "status": "interrupted"})
@@ -643,7 +645,7 @@ def test_a_row_from_hand_made_pairs_against_scipy():
     from lmlab.studies.same_loss.statistics import CONFOUNDED, INCONCLUSIVE, MISSING, Pair, make_row
 
     def pair(seed, a, b, ga=0.1, gb=0.1):
-        return Pair(seed, [a], [ga], [b], [gb], [(a, 1, ga), (b, 0, gb)])
+        return Pair(seed, [a], [ga], [b], [gb])
 
     s = Settings(margin=0.02)
     a, b = [0.9, 0.8, 0.85, 0.95], [0.8, 0.78, 0.7, 0.9]
@@ -662,18 +664,14 @@ def test_a_row_from_hand_made_pairs_against_scipy():
     assert row.gap_diff == pytest.approx(gd.mean()) and row.gap_ci == pytest.approx(
         sps.t.ppf(0.975, 3) * gd.std(ddof=1) / 2)
     assert row.matched and row.verdict == "" and math.isnan(row.adjusted)
-    # gap differences past the margin: loss-confounded, with the arm coefficient of y ~ 1 + arm + gap
+    # gap differences past the margin: loss-confounded, with the intercept of the per-seed differences on the
+    # per-seed gap differences
     wide = [pair(k, a[k], b[k], 0.1 + 0.01 * k, 0.1 - 0.01 * k) for k in range(4)]
     row = make_row("size", "pcfg x", "pcfg", "task_b", "task B", "what", "acc:x", +1, wide, s)
-    ys = np.array([v for k in range(4) for v in (a[k], b[k])])
-    x = np.array([[1.0, arm, g] for k in range(4) for arm, g in ((1, 0.1 + 0.01 * k), (0, 0.1 - 0.01 * k))])
-    coef, *_ = np.linalg.lstsq(x, ys, rcond=None)
-    assert not row.matched and row.verdict == CONFOUNDED and row.adjusted == pytest.approx(coef[1])
-    assert row.adjusted_ci > 0 and row.paper.startswith("+6.9 pts at equal loss") and row.unit == ""
-    for pr in wide:  # an observation without a value or a gap is left out of the fit
-        pr.obs += [(math.nan, 1, 0.1), (0.5, 0, math.nan)]
-    again = make_row("size", "pcfg x", "pcfg", "task_b", "task B", "what", "acc:x", +1, wide, s)
-    assert again.adjusted == pytest.approx(coef[1]) and again.adjusted_ci == pytest.approx(row.adjusted_ci)
+    fit = sps.linregress([0.02 * k for k in range(4)], np.array(a) - np.array(b))
+    assert not row.matched and row.verdict == CONFOUNDED and row.adjusted == pytest.approx(fit.intercept)
+    assert row.adjusted_ci == pytest.approx(sps.t.ppf(0.975, 2) * fit.intercept_stderr)
+    assert row.paper.startswith("+6.9 pts at equal loss") and row.unit == ""
     trace = make_row("size", "pcfg x", "pcfg", "task_b", "- (pre-training loss)", "what", "trace:x", -1, pairs, s)
     assert trace.paper == "-7.2 (Tr(H) 19.8 -> 12.6)" and not trace.extension  # trace rows: no task in the key
     two = make_row("size", "pcfg x", "pcfg", "task_b", "task B", "what", "acc:x", +1, pairs[:2], s)

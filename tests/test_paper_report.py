@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 from omegaconf import OmegaConf
 
-from lmlab.stats import holm, ols
+from lmlab.stats import holm
 from lmlab.studies.same_loss.claims import analyse
 from lmlab.studies.same_loss.render import write_report
 from lmlab.studies.same_loss.runs import BLOCKS, GAP, TRACE, Settings, acc_key, lookup_key, proj_key
@@ -33,15 +33,19 @@ ADV = {"_target_": "lmlab.objectives.adversarial.AdversarialMLM", "lam": 0.5}
 MLM = {"_target_": "lmlab.objectives.adversarial.AdversarialMLM", "lam": 0.0}
 
 
+CONSTANT = {"_target_": "lmlab.schedule.constant", "_partial_": True, "warmup": 0.0}
+
+
 def write_job(sweep: Path, job: str, claim: str, seed: int, metrics: dict, history=(), data=PCFG, d_model=64,
-              objective=MLM, parent: Path | None = None, done: bool = True) -> Path:
+              objective=MLM, parent: Path | None = None, done: bool = True, schedule=CONSTANT,
+              max_steps: int = 1000) -> Path:
     run = sweep / job
     (run / ".hydra").mkdir(parents=True)
     (run / ".hydra" / "overrides.yaml").write_text(f"- seed={seed}\n- model.d_model={d_model}\n")
     (run / ".hydra" / "config.yaml").write_text(f"name: same_loss/{claim}\n")
     cfg = {"name": f"same_loss/{claim}", "seed": seed, "data": data, "model": {"d_model": d_model},
            "objective": objective, "optim": {"_target_": "torch.optim.AdamW"},
-           "init_from": {"run": str(parent) if parent else None}}
+           "init_from": {"run": str(parent) if parent else None}, "schedule": schedule, "max_steps": max_steps}
     (run / "results.json").write_text(json.dumps({"config": cfg, "metrics": metrics, "history": list(history),
                                                    "status": "done" if done else "interrupted"}))
     if done:
@@ -97,17 +101,24 @@ def test_matched_loss_is_an_equivalence_test(tmp_path):
     assert family and [r.p_holm for r in family] == pytest.approx(holm([r.p for r in family]))
 
 
-def test_gap_adjusted_estimate_is_the_arm_coefficient(tmp_path):
+def test_gap_adjusted_estimate_is_the_within_pair_intercept(tmp_path):
+    """Loss-confounded: the per-seed accuracy differences regressed on the per-seed gap differences; the intercept
+    (the difference at equal gap) and its 95% interval equal scipy's linregress."""
+    from scipy import stats as sps
+
     _algorithm(tmp_path, adv_gap_shift=0.05)
     _, rows = _rows(tmp_path)
-    r = rows[("algorithm", "pcfg", "- (pre-training loss)", "trace_adv:adamw-adversarial")]
-    X, y = [], []
+    r = rows[("algorithm", "pcfg", "task A", "acc_adv:adamw-adversarial")]
+    runs = {}
     for p in sorted(tmp_path.glob("algorithm/*")):
         res = json.loads((p / "results.json").read_text())
-        X.append([1.0, 0.0 if res["config"]["objective"]["lam"] > 0 else 1.0, res["metrics"][GAP]])
-        y.append(res["metrics"][TRACE])
-    est, half = ols(X, y).interval(1)
-    assert r.adjusted == pytest.approx(est) and r.adjusted_ci == pytest.approx(half)
+        runs[(res["config"]["seed"], res["config"]["objective"]["lam"] > 0)] = res["metrics"]
+    seeds = sorted({s for s, _ in runs})
+    dy = [100 * (runs[(s, False)][acc_key("task_a")] - runs[(s, True)][acc_key("task_a")]) for s in seeds]
+    dg = [runs[(s, False)][GAP] - runs[(s, True)][GAP] for s in seeds]
+    fit = sps.linregress(dg, dy)
+    assert r.verdict == CONFOUNDED and r.adjusted == pytest.approx(fit.intercept, rel=1e-9)
+    assert r.adjusted_ci == pytest.approx(sps.t.ppf(0.975, len(seeds) - 2) * fit.intercept_stderr, rel=1e-9)
 
 
 def test_opposite_sign_and_inconclusive_and_missing(tmp_path):
@@ -314,3 +325,98 @@ def test_runs_recorded_before_the_study_key_read_their_experiments_config(tmp_pa
     assert studies._recorded_study({"name": "../train"}, tmp_path) is None
     assert studies._recorded_study({"name": "same_loss/nosuch"}, tmp_path) is None
     assert studies._recorded_study({"name": "same_loss/size", "study": None}, tmp_path) is None
+
+
+def test_continue_matched_at_every_evaluation_after_the_burn_in(tmp_path):
+    """A phase-2 gap that jumps by 0.05 after step 0 and then recovers is loss-confounded (its first and last k
+    evaluations alone would look matched); the same jump inside the warmup (the burn-in) is not held against it."""
+    def build(root: Path, warmup: float):
+        for s in range(3):
+            parent = write_job(root / "parents", f"p{s}", "size", s, {GAP: 0.02},
+                               history=[{"step": 100, GAP: 0.02}, {"step": 200, GAP: 0.02}])
+            hist = [{"step": 100 * i, GAP: 0.02 + (0.0 if i == 0 else 0.05 if i == 1 else 0.0001 * s),
+                     acc_key("task_c"): 0.5 + 0.01 * i
+                     + 0.001 * s, TRACE: 10.0 - 0.5 * i} for i in range(8)]
+            write_job(root / "continue", f"c{s}", "continue", s, {GAP: hist[-1][GAP]}, history=hist, parent=parent,
+                      schedule={**CONSTANT, "warmup": warmup}, max_steps=800)
+
+    build(tmp_path / "jump", warmup=0.0)
+    _, rows = _rows(tmp_path / "jump", k=3)
+    acc = rows[("continue", "pcfg", "task C", "acc:last-first")]
+    assert acc.n == 3 and not acc.matched and acc.verdict == CONFOUNDED
+    assert acc.gap_diff == pytest.approx(0.05)  # the largest deviation from the parent's gap
+    build(tmp_path / "warm", warmup=0.25)  # 200 warmup steps: the jump at step 100 is in the burn-in
+    _, rows = _rows(tmp_path / "warm", k=3)
+    acc = rows[("continue", "pcfg", "task C", "acc:last-first")]
+    assert acc.matched and acc.gap_diff == pytest.approx(0.0002) and acc.verdict == REPRODUCED
+    assert "burn-in (steps [200])" in acc.note
+
+
+def _schedule(name: str, total: int = 1000, **kw):
+    from lmlab.studies.same_loss.runs import read_schedule
+
+    return read_schedule({"schedule": {"_target_": f"lmlab.schedule.{name}", "_partial_": True, **kw},
+                          "max_steps": total})
+
+
+def test_a_plateau_needs_a_learning_rate_of_at_least_a_tenth_of_its_peak():
+    from lmlab import schedule as lr
+    from lmlab.studies.same_loss.runs import LR_FLOOR, Schedule, plateau_exclusion
+
+    s = Settings(plateau=0.01)
+    flat = [{"step": 900, GAP: 0.02}, {"step": 1000, GAP: 0.02}]
+    assert LR_FLOOR == 0.1
+    assert plateau_exclusion(flat, s, _schedule("constant")) == ""
+    # cosine to min_ratio x peak: the window [900, 1000) ends at min_ratio + a little; 0.1 is at the floor
+    assert min(lr.cosine(t, 1000, 0.05, 0.1) for t in range(900, 1000)) >= 0.1
+    assert plateau_exclusion(flat, s, _schedule("cosine", min_ratio=0.1)) == ""
+    why = plateau_exclusion(flat, s, _schedule("cosine", min_ratio=0.099))
+    assert why.startswith("not on a plateau: the learning rate fell to 9.9") and "below 10%" in why
+    assert plateau_exclusion(flat, s, _schedule("cosine", min_ratio=0.01)).startswith("not on a plateau")
+    assert plateau_exclusion(flat, s, _schedule("wsd", decay=0.05, min_ratio=0.1)) == ""  # decays to 10%
+    assert plateau_exclusion(flat, s, _schedule("wsd", decay=0.2)).startswith("not on a plateau")
+    assert plateau_exclusion(flat, s, None).startswith("no learning-rate schedule recorded")
+    assert plateau_exclusion(flat[1:], s, None) == ""  # one evaluation: nothing to compare
+    assert _schedule("constant", nosuch=1) is None and _schedule("os.system") is None
+    # a constant rate below the peak after a decay (a step decay to 5%) is a plateau
+    def step_decay(step, total):
+        return 1.0 if step < total // 2 else 0.05
+    assert plateau_exclusion(flat, s, Schedule(step_decay, 1000, {})) == ""
+    assert plateau_exclusion([{"step": 400, GAP: 0.02}, {"step": 600, GAP: 0.02}], s,
+                             Schedule(step_decay, 1000, {})).startswith("not on a plateau")  # mid-decay
+
+
+def test_the_plateau_window_in_steps():
+    from lmlab.studies.same_loss.runs import plateau_exclusion
+
+    s = Settings(plateau=0.003, plateau_steps=1000)
+    const = _schedule("constant", total=5000)
+    hist = [{"step": 250 * i, GAP: 0.05} for i in range(12)]  # steps 0 .. 2750
+    hist += [{"step": 3000, GAP: 0.023}, {"step": 3500, GAP: 0.021}, {"step": 4000, GAP: 0.02}]
+    assert plateau_exclusion(hist, s, const) == ""  # 3000 .. 4000: moved by exactly 0.003
+    hist[-3][GAP] = 0.0231
+    assert plateau_exclusion(hist, s, const) == \
+        "not converged: gap changed by 0.0031 over its last 1000 steps (plateau 0.003)"
+    assert plateau_exclusion(hist[-2:], s, const) == \
+        "not converged: its evaluations start at step 3500, not 1000 steps before its last (step 4000)"
+    # the window starts at the last evaluation at or before step 3000 (here 2750, gap 0.05)
+    del hist[-3]
+    assert plateau_exclusion(hist, s, const).startswith("not converged: gap changed by 0.03 ")
+
+
+def test_the_smallest_detectable_effect_of_a_claimed_row_is_at_holms_threshold(tmp_path):
+    """m claimed rows with matched loss: each one's MDE is (t(1 - alpha / (2 m), n - 1) + t(0.8, n - 1)) sd /
+    sqrt(n) (scipy); an extension's stays at alpha."""
+    from scipy import stats as sps
+
+    _algorithm(tmp_path, adv_gap_shift=0.001)
+    a, rows = _rows(tmp_path)
+    family = [r for r in a.rows if math.isfinite(r.p_holm)]
+    m = len(family)
+    assert m >= 3 and all(r.family == m for r in family)
+    for r in family:
+        want = (sps.t.ppf(1 - 0.05 / (2 * m), r.n - 1) + sps.t.ppf(0.8, r.n - 1)) * r.sd / math.sqrt(r.n)
+        assert r.mde == pytest.approx(want, rel=1e-9)
+    ext = rows[("algorithm", "pcfg", "- (pre-training loss)", "blocks_adv:adamw-adversarial")]
+    assert ext.family == 0 and ext.mde == pytest.approx(
+        (sps.t.ppf(0.975, ext.n - 1) + sps.t.ppf(0.8, ext.n - 1)) * ext.sd / math.sqrt(ext.n), rel=1e-9)

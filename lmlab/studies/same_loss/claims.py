@@ -39,7 +39,7 @@ from lmlab.studies.same_loss.text import _fmt, _pm
 
 def _run_pair(seed: int, a: Run, b: Run, key: str, scale: float = 1.0) -> Pair:
     ya, yb, ga, gb = a.get(key), b.get(key), a.get(GAP), b.get(GAP)
-    return Pair(seed, [ya], [ga], [yb], [gb], [(ya, 1, ga), (yb, 0, gb)])
+    return Pair(seed, [ya], [ga], [yb], [gb])
 
 
 def _window_pair(run: Run, key: str, k: int) -> Pair:
@@ -50,8 +50,7 @@ def _window_pair(run: Run, key: str, k: int) -> Pair:
     def vals(hs, m):
         return [_num(h.get(m)) for h in hs]
 
-    obs = [(_num(h.get(key)), arm, _num(h.get(GAP))) for arm, hs in ((1, last), (0, first)) for h in hs]
-    return Pair(run.seed, vals(last, key), vals(last, GAP), vals(first, key), vals(first, GAP), obs)
+    return Pair(run.seed, vals(last, key), vals(last, GAP), vals(first, key), vals(first, GAP))
 
 
 def _slope(run: Run, key: str, scale: float) -> float:
@@ -70,12 +69,40 @@ def _tname(task: str, group: list[Run]) -> str:
     return task_label(task, next((r.label_position for r in group if r.label_position is not None), None))
 
 
+def burn_in(run: Run) -> int:
+    """The steps of a phase-2 run before its loss is held to its parent's: its schedule's warmup (0 when it
+    records no schedule)."""
+    return run.schedule.warmup_steps if run.schedule is not None else 0
+
+
+def parent_deviation(run: Run) -> float:
+    """The largest deviation (signed) of a phase-2 run's gap from its parent's (its evaluation at step 0: the
+    parent's weights) over every evaluation after its burn-in; NaN without a step-0 gap or a later one."""
+    start = [_num(h.get(GAP)) for h in run.history if h["step"] == 0]
+    after = [_num(h.get(GAP)) for h in run.history if h["step"] > 0 and h["step"] >= burn_in(run)]
+    devs = [g - start[0] for g in after if math.isfinite(g)] if start and math.isfinite(start[0]) else []
+    return max(devs, key=abs) if devs else math.nan
+
+
+def continue_matched(runs: list[Run], margin: float) -> tuple[bool, float]:
+    """Claim (a)'s matched loss: whether every evaluation of every run after its burn-in sits within +-``margin``
+    of its parent's gap, and the largest deviation over the runs (signed; NaN where a run has none)."""
+    devs = [parent_deviation(r) for r in runs]
+    if not devs or not all(math.isfinite(d) for d in devs):
+        return False, math.nan
+    worst = max(devs, key=abs)
+    return abs(worst) <= margin, worst
+
+
 def claim_continue(runs: list[Run], counted: set[Path], settings: Settings) -> tuple[list[Row], list[str]]:
     rows, lines = [], []
     for data, group in _by_data(runs).items():
         kind = group[0].kind
         ok = {r.seed: r for r in sorted(group, key=lambda r: (r.seed, str(r.run_dir))) if r.run_dir in counted}
-        note = f"{len(ok)} of {len(group)} runs counted; k = {settings.k}"
+        matched = continue_matched(list(ok.values()), settings.margin)
+        note = (f"{len(ok)} of {len(group)} runs counted; k = {settings.k}; matched loss: every evaluation after the "
+                f"burn-in (steps {sorted({burn_in(r) for r in ok.values()})}) within ±{settings.margin:g} of the "
+                f"parent's gap (largest deviation {_fmt(matched[1])})")
         specs = [(acc_key(t), f"probe acc (last {settings.k} - first {settings.k})", "acc", +1, " pts", 100.0, t)
                  for t in TASKS[("continue", kind)]]
         specs += [(TRACE, f"Fisher Tr(H) (last {settings.k} - first {settings.k})", "trace", -1, "", 1.0, ""),
@@ -83,7 +110,7 @@ def claim_continue(runs: list[Run], counted: set[Path], settings: Settings) -> t
         for key, what, rkey, sign, unit, scale, task in specs:
             row = make_row("continue", data, kind, task, _tname(task, group) if task else "- (pre-training loss)", what,
                            f"{rkey}:last-first", sign, [_window_pair(r, key, settings.k) for r in ok.values()],
-                           settings, unit, scale, extension=rkey == "blocks", note=note)
+                           settings, unit, scale, extension=rkey == "blocks", note=note, matched=matched)
             slopes = [s for s in (_slope(r, key, scale) for r in ok.values()) if math.isfinite(s)]
             if slopes:
                 iv = mean_interval(slopes)
@@ -91,10 +118,11 @@ def claim_continue(runs: list[Run], counted: set[Path], settings: Settings) -> t
             rows.append(row)
         tasks = TASKS[("continue", kind)]
         lines += [f"### {data}", "", "| seed | parent | steps (first k; last k) | gap first -> last | "
+                  "largest gap - parent after the burn-in | "
                   + " | ".join(f"{_tname(t, group)} acc (%) first -> last" for t in tasks)
                   + " | Fisher Tr first -> last | blocks Tr first -> last | Hutchinson Tr first -> last | "
                   f"{_tname(tasks[0], group)} acc slope (pts / 1k steps) |",
-                  "|---" * (8 + len(tasks)) + "|"]
+                  "|---" * (9 + len(tasks)) + "|"]
         for r in ok.values():
             k = min(settings.k, len(r.history) // 2)
             first, last = r.history[:k], r.history[-k:]
@@ -104,7 +132,8 @@ def claim_continue(runs: list[Run], counted: set[Path], settings: Settings) -> t
                         f"{_fmt(scale * _mean([_num(h.get(key)) for h in last]))}")
 
             lines.append(f"| {r.seed} | `{r.parent.name if r.parent else '?'}` | {[h['step'] for h in first]}; "
-                         f"{[h['step'] for h in last]} | {ends(GAP)} | "
+                         f"{[h['step'] for h in last]} | {ends(GAP)} | {_fmt(parent_deviation(r))} "
+                         f"(after step {burn_in(r)}) | "
                          + " | ".join(ends(acc_key(t), 100.0) for t in tasks)
                          + f" | {ends(TRACE)} | {ends(BLOCKS)} | {ends(HUTCH)} | "
                          f"{_fmt(_slope(r, acc_key(tasks[0]), 100.0))} |")
@@ -206,8 +235,7 @@ def claim_algorithm(runs: list[Run], counted: set[Path], settings: Settings) -> 
             rows.append(make_row("algorithm", data, kind, t, _tname(t, group), "probe acc, AdamW - adversarial",
                                  "acc_adv:adamw-adversarial", +1, [_run_pair(s, base[s], adv[s], acc) for s in seeds],
                                  settings, " pts", 100.0, extension=kind == "hmm", note=note))
-            lookup_pairs = [Pair(s, [r.get(acc)], [r.get(GAP)], [_lookup(r, adv.get(s), look)], [0.0],
-                                 [(r.get(acc), 1, r.get(GAP)), (_lookup(r, adv.get(s), look), 0, 0.0)])
+            lookup_pairs = [Pair(s, [r.get(acc)], [r.get(GAP)], [_lookup(r, adv.get(s), look)], [0.0])
                             for s, r in sorted(base.items())]
             rows.append(make_row("algorithm", data, kind, t, _tname(t, group), "probe acc, AdamW - lookup table",
                                  "acc_lookup:adamw-lookup", +1, lookup_pairs, settings, " pts", 100.0,

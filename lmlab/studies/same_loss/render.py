@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import math
 from collections import defaultdict
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -16,6 +17,7 @@ from lmlab.studies.same_loss.claims import analyse
 from lmlab.studies.same_loss.paper import CLAIMS, RULE, TASKS, TITLES
 from lmlab.studies.same_loss.runs import (
     GAP,
+    LR_FLOOR,
     REPORT_JSON,
     TRACE,
     Run,
@@ -70,8 +72,8 @@ def _other_rows(other: Path, settings: Settings) -> list[dict[str, Any]]:
         except ValueError:
             pass
     theirs = read_settings(other)
-    return [r.to_json() for r in analyse(other, Settings(settings.tolerance, settings.margin, settings.plateau,
-                                                          settings.k, theirs.profile, theirs.note)).rows]
+    return [r.to_json() for r in analyse(other, replace(settings, profile=theirs.profile, note=theirs.note,
+                                                         wall_s=None)).rows]
 
 
 # ----- plots -----
@@ -226,7 +228,9 @@ def write_report(path: str | Path, tolerance: float | None = None, compare: str 
           f"Profile: **{settings.profile}**" + (f", {settings.note}" if settings.note else "")
           + (f"; wall time {settings.wall_s:.0f} s" if isinstance(settings.wall_s, (int, float)) else "") + ". "
           f"Tolerance on the gap to the optimum: **{settings.tolerance:g} nats**; equivalence margin on paired gap "
-          f"differences: **{settings.margin:g} nats**; plateau: {settings.plateau:g} nats; k = {settings.k}.", "",
+          f"differences: **{settings.margin:g} nats**; plateau: {settings.plateau:g} nats over "
+          + (f"{settings.plateau_steps} steps" if settings.plateau_steps is not None else "the last two evaluations")
+          + f" at a learning rate >= {100 * LR_FLOOR:g}% of its peak; k = {settings.k}.", "",
           f"Runs read: {len(runs)} under `{path}` ({', '.join(f'{v} {s}' for s, v in sorted(counts.items()))}); "
           f"{len(a.counted)} counted, {len(a.excluded)} excluded. The verdicts hold at a gap of "
           f"**{_fmt(gap_median)} nats** (median of the counted runs; max {_fmt(gap_max)}).", ""]
@@ -239,7 +243,8 @@ def write_report(path: str | Path, tolerance: float | None = None, compare: str 
     md += ["## Verdicts", ""]
     md += verdict_table(a.rows)
     family = [r for r in a.rows if math.isfinite(r.p_holm)]
-    md += ["", f"Holm family: {len(family)} claimed row(s) with matched loss. All rows: "
+    md += ["", f"Holm family: m = {len(family)} claimed row(s) with matched loss (their MDE at alpha 0.05 / "
+           f"{max(1, len(family))}). All rows: "
            + ", ".join(f"{v}: {sum(base_verdict(r.verdict) == v for r in a.rows)}"
                        for v in (REPRODUCED, NOT_REPRODUCED, INCONCLUSIVE, CONFOUNDED, MISSING)) + ".", ""]
     md += ["## The rule", "", RULE, ""]
@@ -284,7 +289,8 @@ def write_report(path: str | Path, tolerance: float | None = None, compare: str 
     report = path / "report.md"
     write_json(path / REPORT_JSON, {
         "paper": "Liu, Xie, Li & Ma, ICML 2023, arXiv 2210.14199", "profile": settings.profile,
-        "tolerance": settings.tolerance, "margin": settings.margin, "plateau": settings.plateau, "k": settings.k,
+        "tolerance": settings.tolerance, "margin": settings.margin, "plateau": settings.plateau,
+        "plateau_steps": settings.plateau_steps, "lr_floor": LR_FLOOR, "k": settings.k,
         "gap_median": None if not math.isfinite(gap_median) else gap_median,
         "gap_max": None if not math.isfinite(gap_max) else gap_max,
         "trace_precision": precision, "rows": [r.to_json() for r in a.rows],

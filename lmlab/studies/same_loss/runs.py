@@ -5,12 +5,15 @@ them: ``cfg.name`` ends in ``continue``, ``size`` or ``algorithm``), and which r
 
 from __future__ import annotations
 
+import inspect
 import json
 import math
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from lmlab import schedule as schedules
 from lmlab.report.summary import gather
 from lmlab.run_dir import CONFIG, RESULTS, read_config, read_results
 from lmlab.run_dir import status as run_status
@@ -21,6 +24,7 @@ DEFAULT_TOLERANCE = 0.05  # nats: the largest gap to the optimum that counts as 
 DEFAULT_MARGIN = 0.02  # nats: the equivalence margin on paired gap differences
 DEFAULT_PLATEAU = 0.01  # nats: the largest change of gap between a run's last two evaluations
 DEFAULT_K = 3  # continue: evaluations averaged at each end of the phase-2 run
+LR_FLOOR = 0.1  # a plateau counts only at a learning rate of at least this fraction of the schedule's peak
 SETTINGS_FILE = "reproduce.json"  # written by scripts/reproduce_paper.py: profile, tolerance, margin, timings
 REPORT_JSON = "report.json"
 
@@ -54,6 +58,7 @@ class Settings:
     profile: str = "?"
     note: str = ""
     wall_s: float | None = None
+    plateau_steps: int | None = None  # the plateau's window in steps (None: the last two evaluations)
 
 
 def read_settings(path: str | Path, tolerance: float | None = None, margin: float | None = None,
@@ -66,17 +71,58 @@ def read_settings(path: str | Path, tolerance: float | None = None, margin: floa
     def pick(given, key, default):
         return given if given is not None else raw.get(key, default) if raw.get(key) is not None else default
 
+    steps = raw.get("plateau_steps")
     return Settings(float(pick(tolerance, "tolerance", DEFAULT_TOLERANCE)),
                     float(pick(margin, "margin", DEFAULT_MARGIN)),
                     float(pick(plateau, "plateau", DEFAULT_PLATEAU)), max(1, int(pick(k, "k", DEFAULT_K))),
                     str(raw.get("profile", f"? (no {SETTINGS_FILE})")), str(raw.get("note", "") or ""),
-                    raw.get("wall_s"))
+                    raw.get("wall_s"), int(steps) if steps is not None else None)
 
 
 # ----- reading the runs -----
 
 def _num(v: Any) -> float:
     return float(v) if isinstance(v, (int, float)) and not isinstance(v, bool) else math.nan
+
+
+SCHEDULES = ("constant", "cosine", "linear", "wsd")  # the functions of lmlab.schedule a run may record
+
+
+@dataclass(frozen=True)
+class Schedule:
+    """A run's recorded learning-rate schedule: ``lr(step)``, the multiplier of the base rate that
+    ``lmlab.schedule`` gives at ``step`` of a run of ``total`` steps."""
+    fn: Callable[..., float]
+    total: int
+    kwargs: dict[str, Any]
+
+    def lr(self, step: int) -> float:
+        return float(self.fn(step, self.total, **self.kwargs))
+
+    @property
+    def warmup_steps(self) -> int:
+        """The steps of its linear warmup (``wsd``: ``warmup_steps`` where given, else the fraction)."""
+        if self.kwargs.get("warmup_steps") is not None:
+            return int(self.kwargs["warmup_steps"])
+        warmup = self.kwargs.get("warmup", inspect.signature(self.fn).parameters["warmup"].default)
+        return int(float(warmup) * self.total)
+
+
+def read_schedule(cfg: dict) -> Schedule | None:
+    """The schedule a run's config records (``schedule`` and ``max_steps``), or None when it names none of
+    ``lmlab.schedule``'s functions or a setting they do not take. Nothing is built: the function is looked up."""
+    node, total = cfg.get("schedule"), cfg.get("max_steps")
+    if not isinstance(node, dict) or isinstance(total, bool) or not isinstance(total, int) or total <= 0:
+        return None
+    module, _, name = str(node.get("_target_", "")).rpartition(".")
+    if module != "lmlab.schedule" or name not in SCHEDULES:
+        return None
+    fn = getattr(schedules, name)
+    params = inspect.signature(fn).parameters
+    kwargs = {k: v for k, v in node.items() if not k.startswith("_")}
+    if any(k not in params or k in ("step", "total") for k in kwargs):
+        return None
+    return Schedule(fn, total, kwargs)
 
 
 @dataclass
@@ -94,6 +140,7 @@ class Run:
     reason: str = ""
     parent: Path | None = None  # cfg.init_from.run: the run whose weights this one started from
     label_position: int | None = None  # HMM: the word whose hidden state task_z predicts
+    schedule: Schedule | None = None  # its recorded learning-rate schedule (None: not recorded)
 
     @property
     def kind(self) -> str:
@@ -148,7 +195,7 @@ def _run_from(run_dir: Path, status: str, cfg: dict, metrics: dict, history: lis
                arm=_arm(cfg), metrics=metrics,
                history=sorted((h for h in history if isinstance(h, dict) and "step" in h), key=lambda h: h["step"]),
                reason=reason, parent=Path(parent) if parent else None,
-               label_position=int(pos) if isinstance(pos, (int, float)) else None)
+               label_position=int(pos) if isinstance(pos, (int, float)) else None, schedule=read_schedule(cfg))
 
 
 def load_runs(path: str | Path) -> list[Run]:
@@ -182,14 +229,48 @@ def load_runs(path: str | Path) -> list[Run]:
 
 # ----- which runs count -----
 
-def _gaps(history: list[dict[str, Any]]) -> list[float]:
-    return [g for g in (_num(h.get(GAP)) for h in history) if math.isfinite(g)]
+def _gap_points(history: list[dict[str, Any]]) -> list[tuple[int, float]]:
+    return [(int(h["step"]), g) for h in history if "step" in h and math.isfinite(g := _num(h.get(GAP)))]
+
+
+def plateau_exclusion(history: list[dict[str, Any]], settings: Settings, schedule: Schedule | None) -> str:
+    """Why a run is not on a plateau ("" when it is, or when its history holds fewer than two gap evaluations).
+    The window: the last ``settings.plateau_steps`` steps (the history must reach back that far), or without
+    them the last two evaluations. On a plateau: the gap moved (max - min over the window's evaluations) by at
+    most ``settings.plateau``, and the learning rate (``schedule``) stayed at least ``LR_FLOOR`` of its peak over
+    the window, or held one constant rate below its peak there (a constant stage after a decay): a schedule that
+    has decayed to its floor stops the loss, so a flat gap there says nothing about convergence."""
+    points = _gap_points(history)
+    if len(points) < 2:
+        return ""
+    end = points[-1][0]
+    if settings.plateau_steps is None:
+        window, span = points[-2:], "between its last two evaluations"
+    else:
+        start = end - settings.plateau_steps
+        before = [p for p in points if p[0] <= start]
+        if not before:
+            return (f"not converged: its evaluations start at step {points[0][0]}, not {settings.plateau_steps} steps "
+                    f"before its last (step {end})")
+        window, span = [p for p in points if p[0] >= before[-1][0]], f"over its last {settings.plateau_steps} steps"
+    moved = max(g for _, g in window) - min(g for _, g in window)
+    if moved > settings.plateau:
+        return f"not converged: gap changed by {_fmt(moved)} {span} (plateau {settings.plateau:g})"
+    if schedule is None:
+        return "no learning-rate schedule recorded: a plateau cannot be told from the schedule's end"
+    steps = range(window[0][0], max(window[0][0] + 1, min(end, schedule.total)))
+    lrs = [schedule.lr(s) for s in steps]
+    peak = max(schedule.lr(s) for s in range(schedule.total))
+    if min(lrs) >= LR_FLOOR * peak or (max(lrs) - min(lrs) <= 1e-12 * peak and max(lrs) < peak):
+        return ""
+    return (f"not on a plateau: the learning rate fell to {100 * min(lrs) / peak:.3g}% of its peak {span} (below "
+            f"{100 * LR_FLOOR:g}%: the schedule's end, not convergence)")
 
 
 def exclusion(status: str, metrics: dict[str, Any], history: list[dict[str, Any]], settings: Settings,
-              plateau: bool = True) -> str:
+              plateau: bool = True, schedule: Schedule | None = None) -> str:
     """Why a run does not count ("" when it does): not finished, gap above the tolerance, or (with ``plateau``)
-    not converged (the gap changed by more than the plateau between its last two evaluations)."""
+    not on a plateau (``plateau_exclusion``, with the run's recorded ``schedule``)."""
     if status != "done":
         return f"status {status}"
     gap = _num(metrics.get(GAP))
@@ -197,11 +278,7 @@ def exclusion(status: str, metrics: dict[str, Any], history: list[dict[str, Any]
         return f"no {GAP}"
     if gap > settings.tolerance:
         return f"gap {_fmt(gap)} > tolerance {settings.tolerance:g}"
-    gaps = _gaps(history)
-    if plateau and len(gaps) >= 2 and abs(gaps[-1] - gaps[-2]) > settings.plateau:
-        return (f"not converged: gap changed by {_fmt(abs(gaps[-1] - gaps[-2]))} between its last two evaluations "
-                f"(plateau {settings.plateau:g})")
-    return ""
+    return plateau_exclusion(history, settings, schedule) if plateau else ""
 
 
 def _parent_exclusion(run: Run, settings: Settings) -> str:
@@ -212,16 +289,18 @@ def _parent_exclusion(run: Run, settings: Settings) -> str:
     except (OSError, ValueError) as e:
         return f"parent {run.parent} not readable ({type(e).__name__})"
     status = "done" if run_status(run.parent) == "done" or results.get("status") == "done" else run_status(run.parent)
-    why = exclusion(status, results.get("metrics") or {}, results.get("history") or [], settings)
+    why = exclusion(status, results.get("metrics") or {}, results.get("history") or [], settings,
+                    schedule=read_schedule(results.get("config") or {}))
     return f"parent does not count: {why}" if why else ""
 
 
 def run_exclusion(run: Run, settings: Settings) -> str:
     """Why ``run`` does not enter its claim ("" when it does). A phase-2 run needs a counted parent (converged:
     the plateau rule) and two evaluations in its history; it is not held to the plateau rule itself (at a
-    constant learning rate its gap fluctuates by design: its matched loss is the equivalence test on its first
-    and last evaluations)."""
-    why = exclusion(run.status, run.metrics, run.history, settings, plateau=run.claim != "continue")
+    constant learning rate its gap fluctuates by design: its matched loss is that every evaluation after its
+    burn-in stays within the margin of its parent's gap, checked by the claim)."""
+    why = exclusion(run.status, run.metrics, run.history, settings, plateau=run.claim != "continue",
+                    schedule=run.schedule)
     if why or run.claim != "continue":
         return why
     if len(run.history) < 2:

@@ -32,7 +32,6 @@ class Pair:
     a_gap: list[float]
     b_out: list[float]
     b_gap: list[float]
-    obs: list[tuple[float, int, float]] = field(default_factory=list)  # (outcome, 1 for arm A, gap)
 
 
 @dataclass
@@ -60,6 +59,7 @@ class Row:
     adjusted_ci: float = math.nan
     slope: float = math.nan
     slope_ci: float = math.nan
+    family: int = 0  # m: the size of the Holm family the row belongs to (0: outside it)
     seeds: list[int] = field(default_factory=list)
     verdict: str = ""
     note: str = ""
@@ -78,20 +78,20 @@ def _mean(values: list[float]) -> float:
 
 def make_row(claim: str, data: str, kind: str, task: str, task_name: str, what: str, key: str, sign: int,
              pairs: list[Pair], settings: Settings, unit: str = "", scale: float = 1.0, extension: bool = False,
-             note: str = "") -> Row:
+             note: str = "", matched: tuple[bool, float] | None = None) -> Row:
     """One comparison: the paired differences A - B (times ``scale``), their interval, t-test and MDE, and the
-    equivalence test of the paired gap differences; the verdict is left to ``decide`` (all rows together)."""
+    equivalence test of the paired gap differences, or, given ``matched`` (whether the loss is matched, the
+    largest gap deviation), that check instead; the verdict is left to ``decide`` (all rows together)."""
     paper = PAPER.get((claim, kind, key.split(":")[0], task if key.startswith("acc") else ""))
     row = Row(claim, data, task_name, what, key, paper or "not claimed (extension)", sign,
               extension or paper is None, unit, note=note)
-    effects, gap_diffs, obs, seeds = [], [], [], []
+    effects, gap_diffs, seeds = [], [], []
     for pr in pairs:
         a, b = _mean(pr.a_out), _mean(pr.b_out)
         ga, gb = _mean(pr.a_gap), _mean(pr.b_gap)
         if all(math.isfinite(v) for v in (a, b, ga, gb)):
             effects.append(scale * (a - b))
             gap_diffs.append(ga - gb)
-            obs += [(scale * y, arm, g) for y, arm, g in pr.obs if math.isfinite(y) and math.isfinite(g)]
             seeds.append(pr.seed)
     row.n, row.seeds = len(effects), seeds
     if not effects:
@@ -106,17 +106,26 @@ def make_row(claim: str, data: str, kind: str, task: str, task_name: str, what: 
         row.gap_diff = gap_diffs[0]
         return row
     row.p = paired_t_test(effects)[1]
-    row.mde = min_detectable_effect(iv.sd, len(effects))
-    eq = equivalence(gap_diffs, settings.margin)
-    row.gap_diff, row.gap_ci, row.matched = eq.interval.mean, eq.interval.half, eq.inside
+    row.mde = min_detectable_effect(iv.sd, len(effects), ALPHA)
+    if matched is None:
+        eq = equivalence(gap_diffs, settings.margin)
+        row.gap_diff, row.gap_ci, row.matched = eq.interval.mean, eq.interval.half, eq.inside
+    else:
+        row.matched, row.gap_diff = matched
     if not row.matched:
         row.verdict = CONFOUNDED
-        try:
-            fit = ols([[1.0, arm, g] for _, arm, g in obs], [y for y, _, _ in obs])
-            row.adjusted, row.adjusted_ci = fit.interval(1)
-        except ValueError:
-            pass
+        row.adjusted, row.adjusted_ci = within_pair_adjustment(effects, gap_diffs)
     return row
+
+
+def within_pair_adjustment(effects: list[float], gap_diffs: list[float]) -> tuple[float, float]:
+    """The gap-adjusted effect: the intercept of the least-squares line of the per-seed outcome differences on
+    the per-seed gap differences (the effect at a gap difference of 0), with its 95% interval; NaN where the
+    line is not identified (fewer than 2 pairs, or every pair with the same gap difference)."""
+    try:
+        return ols([[1.0, g] for g in gap_diffs], effects).interval(0)
+    except ValueError:
+        return math.nan, math.nan
 
 
 def _direction(mean: float, p: float, sign: int) -> str:
@@ -126,11 +135,15 @@ def _direction(mean: float, p: float, sign: int) -> str:
 
 
 def decide(rows: list[Row]) -> list[Row]:
-    """The verdicts (``RULE``): Holm over the claimed rows with matched loss, unadjusted p for the extensions."""
+    """The verdicts (``RULE``): Holm over the claimed rows with matched loss, unadjusted p for the extensions.
+    A row of the family states its smallest detectable effect at Holm's strictest threshold alpha / m (m: the
+    family's size), the level its p must pass when it is the smallest."""
     family = [r for r in rows if not r.extension and not r.verdict and math.isfinite(r.p)]
     for r, adj in zip(family, holm([r.p for r in family])):
         r.p_holm = adj
         r.verdict = _direction(r.mean, adj, r.sign)
+        r.family = len(family)
+        r.mde = min_detectable_effect(r.sd, r.n, ALPHA / len(family))
     for r in rows:
         if not r.verdict:
             r.verdict = _direction(r.mean, r.p, r.sign) if r.extension else INCONCLUSIVE

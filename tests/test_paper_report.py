@@ -420,3 +420,38 @@ def test_the_smallest_detectable_effect_of_a_claimed_row_is_at_holms_threshold(t
     ext = rows[("algorithm", "pcfg", "- (pre-training loss)", "blocks_adv:adamw-adversarial")]
     assert ext.family == 0 and ext.mde == pytest.approx(
         (sps.t.ppf(0.975, ext.n - 1) + sps.t.ppf(0.8, ext.n - 1)) * ext.sd / math.sqrt(ext.n), rel=1e-9)
+
+
+def test_a_trace_row_needs_both_arms_to_count_the_same_parameters(tmp_path):
+    """eval=flatness records the counted parameters' names and shapes (``parameterisation_id``); a trace row
+    whose arms differ there is n/a, outside the Holm family. Claim (b)'s primary trace is blocks-only."""
+    import hashlib
+
+    import torch
+
+    from lmlab.evaluation.flatness import parameterisation_id
+
+    params = {"blocks.0.w": torch.zeros(2, 3), "head.weight": torch.zeros(4)}
+    want = float(int(hashlib.sha1(b"blocks.0.w:(2, 3);head.weight:(4,)").hexdigest()[:12], 16))
+    assert parameterisation_id(params) == want == parameterisation_id(dict(reversed(params.items())))
+    assert parameterisation_id({**params, "head.weight": torch.zeros(5)}) != want  # a shape differs
+    assert parameterisation_id({"blocks.1.w": torch.zeros(2, 3), "head.weight": torch.zeros(4)}) != want
+
+    _size(tmp_path, {64: [0, 1, 2], 128: [0, 1, 2]})
+    _, rows = _rows(tmp_path)
+    blocks = rows[("size", "pcfg", "- (pre-training loss)", "blocks:large-small")]
+    trace = rows[("size", "pcfg", "- (pre-training loss)", "trace:large-small")]
+    assert not blocks.extension and blocks.paper.startswith("-7.2") and trace.extension
+    assert "not recorded for 3 of 3 pairs" in blocks.note
+    for run in (tmp_path / "size").iterdir():  # record: the blocks agree, the all-parameter traces do not
+        res = json.loads((run / "results.json").read_text())
+        d = res["config"]["model"]["d_model"]
+        res["metrics"].update({"flatness/blocks_params_id": 7.0, "flatness/params_id": float(d),
+                               BLOCKS: 10.0 - d / 100 + 0.01 * res["config"]["seed"]})
+        (run / "results.json").write_text(json.dumps(res))
+    a, rows = _rows(tmp_path)
+    blocks = rows[("size", "pcfg", "- (pre-training loss)", "blocks:large-small")]
+    trace = rows[("size", "pcfg", "- (pre-training loss)", "trace:large-small")]
+    assert blocks.verdict == REPRODUCED and "not recorded" not in blocks.note and math.isfinite(blocks.p_holm)
+    assert trace.verdict == "extension: " + MISSING and "count different parameters" in trace.note
+    assert math.isnan(trace.p_holm)

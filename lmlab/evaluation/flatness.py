@@ -65,11 +65,13 @@ or example estimates) and, with ``blocks``, ``flatness/{e}/blocks_trace`` and ``
 (the same statistics of the block samples) for every estimator ``e``; the primary's values again as
 ``flatness/trace``, ``flatness/trace_se``, ``flatness/samples`` (and ``flatness/blocks_trace``,
 ``flatness/blocks_trace_se``); ``flatness/params`` (number of counted parameters) and, with ``blocks``,
-``flatness/blocks_params``.
+``flatness/blocks_params``; ``flatness/params_id`` (and ``flatness/blocks_params_id``): ``parameterisation_id``
+of the counted parameters' names and shapes, so that two traces can be checked to count the same parameters.
 """
 
 from __future__ import annotations
 
+import hashlib
 import math
 import re
 from collections.abc import Callable, Sequence
@@ -177,6 +179,13 @@ def embedding_parameters(model: nn.Module) -> set[int]:
         if head.bias is not None:
             out.add(id(head.bias))
     return out
+
+
+def parameterisation_id(params: dict[str, torch.Tensor]) -> float:
+    """The sorted (name, shape) pairs of ``params`` as a number (the first 48 bits of their SHA-1, exact in a
+    float): equal for two traces exactly when, but for a collision, they count the same parameters."""
+    text = ";".join(f"{n}:{tuple(p.shape)}" for n, p in sorted(params.items()))
+    return float(int(hashlib.sha1(text.encode()).hexdigest()[:12], 16))
 
 
 def select_parameters(model: nn.Module, which: str) -> dict[str, torch.Tensor]:
@@ -308,8 +317,11 @@ class Flatness(Evaluator):
             out.update({f"{self.name}/{prefix}{k}": v for k, v in results[e].items()
                         if pattern is not None or "blocks" not in k})
         out[f"{self.name}/params"] = float(sum(p.numel() for p in params.values()))
+        out[f"{self.name}/params_id"] = parameterisation_id(params)
         if pattern is not None:
             out[f"{self.name}/blocks_params"] = float(sum(p.numel() for p in params.values() if in_block[id(p)]))
+            out[f"{self.name}/blocks_params_id"] = parameterisation_id(
+                {n: p for n, p in params.items() if in_block[id(p)]})
         return out
 
     def _hutchinson(self, model, prepared, params, in_block: dict[int, bool]) -> dict[str, float]:

@@ -33,7 +33,7 @@ from lmlab.studies.same_loss.runs import (
     run_exclusion,
     task_label,
 )
-from lmlab.studies.same_loss.statistics import Pair, Row, _mean, decide, make_row
+from lmlab.studies.same_loss.statistics import MISSING, Pair, Row, _mean, decide, make_row
 from lmlab.studies.same_loss.text import _fmt, _pm
 
 
@@ -141,6 +141,25 @@ def claim_continue(runs: list[Run], counted: set[Path], settings: Settings) -> t
     return rows, lines
 
 
+PARAMS_ID = {TRACE: "flatness/params_id", BLOCKS: "flatness/blocks_params_id"}  # recorded by eval=flatness
+
+
+def same_parameters(row: Row, arms: list[tuple[Run, Run]], key: str) -> Row:
+    """A trace row compares like with like only when both arms of every pair counted the same parameters (names
+    and shapes: ``PARAMS_ID``); where they did not, the row is n/a (outside the Holm family) and says so; where
+    an arm did not record them, the note says that the check could not be made."""
+    ids = [(a.get(PARAMS_ID[key]), b.get(PARAMS_ID[key])) for a, b in arms]
+    known = [(x, y) for x, y in ids if math.isfinite(x) and math.isfinite(y)]
+    if any(x != y for x, y in known):
+        row.verdict = MISSING
+        row.note = "; ".join(filter(None, [row.note, "the arms' traces count different parameters (names or "
+                                           "shapes): not comparable"]))
+    elif len(known) < len(ids):
+        row.note = "; ".join(filter(None, [row.note, f"the parameters counted are not recorded for "
+                                           f"{len(ids) - len(known)} of {len(ids)} pairs"]))
+    return row
+
+
 def _trace_cell(runs: list[Run], key: str, se_key: str) -> str:
     iv = mean_interval([v for v in (r.get(key) for r in runs) if math.isfinite(v)])
     se = _mean([r.get(se_key) for r in runs])
@@ -198,10 +217,14 @@ def claim_size(runs: list[Run], counted: set[Path], settings: Settings) -> tuple
                 rows.append(make_row("size", data, kind, t, _tname(t, group), f"probe acc on a fixed 512-dim random "
                                      f"projection, {vs}", "proj:large-small", +1, pairs_for.get(proj_key(t), []),
                                      settings, " pts", 100.0, extension=True, note=note))
-        rows.append(make_row("size", data, kind, "", "- (pre-training loss)", f"Fisher Tr(H) embedded, {vs}",
-                             "trace:large-small", -1, pairs_for.get(TRACE, []), settings, note=note))
-        rows.append(make_row("size", data, kind, "", "- (pre-training loss)", f"blocks Tr(H) embedded, {vs}",
-                             "blocks:large-small", -1, pairs_for.get(BLOCKS, []), settings, extension=True, note=note))
+        arms = [(ok[large][s], ok[small][s]) for s in seeds] if pairs_for else []
+        rows.append(same_parameters(make_row("size", data, kind, "", "- (pre-training loss)",
+                                             f"blocks Tr(H) embedded, {vs}", "blocks:large-small", -1,
+                                             pairs_for.get(BLOCKS, []), settings, note=note), arms, BLOCKS))
+        rows.append(same_parameters(make_row("size", data, kind, "", "- (pre-training loss)",
+                                             f"Fisher Tr(H) embedded, {vs}", "trace:large-small", -1,
+                                             pairs_for.get(TRACE, []), settings, extension=True, note=note),
+                                    arms, TRACE))
     return rows, lines
 
 
@@ -241,12 +264,15 @@ def claim_algorithm(runs: list[Run], counted: set[Path], settings: Settings) -> 
                                  "acc_lookup:adamw-lookup", +1, lookup_pairs, settings, " pts", 100.0,
                                  extension=kind == "hmm",
                                  note=f"AdamW seeds {sorted(base)}; the lookup table's gap is 0"))
-        rows.append(make_row("algorithm", data, kind, "", "- (pre-training loss)", "Fisher Tr(H), AdamW - adversarial",
-                             "trace_adv:adamw-adversarial", -1, [_run_pair(s, base[s], adv[s], TRACE) for s in seeds],
-                             settings, extension=kind == "hmm", note=note))
-        rows.append(make_row("algorithm", data, kind, "", "- (pre-training loss)", "blocks Tr(H), AdamW - adversarial",
-                             "blocks_adv:adamw-adversarial", -1, [_run_pair(s, base[s], adv[s], BLOCKS) for s in seeds],
-                             settings, extension=True, note=note))
+        arms = [(base[s], adv[s]) for s in seeds]
+        rows.append(same_parameters(make_row(
+            "algorithm", data, kind, "", "- (pre-training loss)", "Fisher Tr(H), AdamW - adversarial",
+            "trace_adv:adamw-adversarial", -1, [_run_pair(s, base[s], adv[s], TRACE) for s in seeds], settings,
+            extension=kind == "hmm", note=note), arms, TRACE))
+        rows.append(same_parameters(make_row(
+            "algorithm", data, kind, "", "- (pre-training loss)", "blocks Tr(H), AdamW - adversarial",
+            "blocks_adv:adamw-adversarial", -1, [_run_pair(s, base[s], adv[s], BLOCKS) for s in seeds], settings,
+            extension=True, note=note), arms, BLOCKS))
     return rows, lines
 
 

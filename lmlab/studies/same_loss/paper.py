@@ -20,8 +20,8 @@ PAPER = {
     ("continue", "hmm", "trace", ""): "falls (no number)",
     ("size", "pcfg", "acc", "task_b"): "+6.9 pts at equal loss (task B probe 40.4% -> 50.5%)",
     ("size", "hmm", "acc", "task_z"): "+4.5 pts (hidden-state task)",
-    ("size", "pcfg", "trace", ""): "-7.2 (Tr(H) 19.8 -> 12.6)",
-    ("size", "hmm", "trace", ""): "falls (no number)",
+    ("size", "pcfg", "blocks", ""): "-7.2 (Tr(H) 19.8 -> 12.6)",
+    ("size", "hmm", "blocks", ""): "falls (no number)",
     ("algorithm", "pcfg", "acc_adv", "task_a"): "+6.8 pts (Table 1, task A: 89.9% vs 83.1%)",
     ("algorithm", "pcfg", "acc_adv", "task_b"): "+6.9 pts (Table 1, task B: 49.2% vs 42.3%)",
     ("algorithm", "pcfg", "acc_lookup", "task_a"): "+18.7 pts (Table 1, task A: 89.9% vs 71.2%)",
@@ -53,8 +53,11 @@ RULE = (
     "MDE is at a = 0.05. **Reproduced**: adjusted p < 0.05 with the paper's sign. **Not reproduced**: adjusted p "
     "< 0.05 with the opposite sign. **Inconclusive**: otherwise (or fewer than 2 pairs): the MDE says which "
     "effects the seeds could have seen; a null result is not a refutation. **n/a**: a metric is missing. Rows "
-    "the paper does not claim (the HMM in claim (c), the blocks-only trace, the probe on a fixed random "
-    "projection) are **extensions**, outside the family, with the same wording on their unadjusted p."
+    "the paper does not claim (the HMM in claim (c), the all-parameter trace of claim (b), whose head and "
+    "embedding terms widening does not preserve, the blocks-only trace of claims (a) and (c), the probe on a "
+    "fixed random projection) are **extensions**, outside the family, with the same wording on their unadjusted "
+    "p. Claim (b)'s primary trace is the blocks-only one. A trace row whose two arms counted different "
+    "parameters (names or shapes, as the flatness evaluation records them) is **n/a**: not comparable."
 )
 
 

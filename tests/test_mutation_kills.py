@@ -672,7 +672,7 @@ def test_a_row_from_hand_made_pairs_against_scipy():
     assert not row.matched and row.verdict == CONFOUNDED and row.adjusted == pytest.approx(fit.intercept)
     assert row.adjusted_ci == pytest.approx(sps.t.ppf(0.975, 2) * fit.intercept_stderr)
     assert row.paper.startswith("+6.9 pts at equal loss") and row.unit == ""
-    trace = make_row("size", "pcfg x", "pcfg", "task_b", "- (pre-training loss)", "what", "trace:x", -1, pairs, s)
+    trace = make_row("size", "pcfg x", "pcfg", "task_b", "- (pre-training loss)", "what", "blocks:x", -1, pairs, s)
     assert trace.paper == "-7.2 (Tr(H) 19.8 -> 12.6)" and not trace.extension  # trace rows: no task in the key
     two = make_row("size", "pcfg x", "pcfg", "task_b", "task B", "what", "acc:x", +1, pairs[:2], s)
     assert two.n == 2 and two.note == "" and two.p == pytest.approx(sps.ttest_1samp(d[:2], 0).pvalue)

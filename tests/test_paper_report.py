@@ -122,9 +122,11 @@ def test_gap_adjusted_estimate_is_the_within_pair_intercept(tmp_path):
 
 
 def test_opposite_sign_and_inconclusive_and_missing(tmp_path):
-    _algorithm(tmp_path, adv_gap_shift=0.0005, acc_gain=-0.08, task_b_gain=0.0)
-    _, rows = _rows(tmp_path)
-    assert rows[("algorithm", "pcfg", "task A", "acc_adv:adamw-adversarial")].verdict == NOT_REPRODUCED
+    _algorithm(tmp_path / "opposite", adv_gap_shift=0.0005, task_b_gain=-0.05)
+    _, rows = _rows(tmp_path / "opposite")
+    assert rows[("algorithm", "pcfg", "task B", "acc_adv:adamw-adversarial")].verdict == NOT_REPRODUCED
+    _algorithm(tmp_path / "null", adv_gap_shift=0.0005, task_b_gain=0.0)
+    _, rows = _rows(tmp_path / "null")
     b = rows[("algorithm", "pcfg", "task B", "acc_adv:adamw-adversarial")]
     assert b.verdict == INCONCLUSIVE and math.isfinite(b.mde)
     # no Hutchinson / size / continue runs: rows are n/a or inconclusive, never a crash
@@ -223,7 +225,7 @@ def test_hmm_task_is_named_by_its_position(tmp_path):
 def test_report_json_and_stability(tmp_path, lmlab):
     one, two = tmp_path / "one", tmp_path / "two"
     _algorithm(one, adv_gap_shift=0.001)
-    _algorithm(two, adv_gap_shift=0.001, seeds=range(10, 14), acc_gain=-0.08)  # task A flips
+    _algorithm(two, adv_gap_shift=0.001, seeds=range(10, 14), task_b_gain=-0.05)  # task B flips
     (one / "reproduce.json").write_text(json.dumps({"profile": "cpu", "tolerance": 0.1, "margin": 0.02}))
     report = write_report(one, compare=two)
     data = json.loads((one / "report.json").read_text())
@@ -232,7 +234,7 @@ def test_report_json_and_stability(tmp_path, lmlab):
     assert data["rows"] and all(fields <= set(r) for r in data["rows"])
     assert data["profile"] == "cpu" and data["margin"] == 0.02
     st = data["stability"]
-    assert st["decided"] >= 2 and st["agree"] == st["decided"] - 1  # only task A's AdamW - adversarial flipped
+    assert st["decided"] >= 2 and st["agree"] == st["decided"] - 1  # only task B's AdamW - adversarial flipped
     text = report.read_text()
     assert f"**{st['agree']} of {st['decided']} decided rows agree**" in text and "**unstable**" in text
     assert "Profile: **cpu**" in text and "The verdicts hold at a gap of" in text
@@ -455,3 +457,23 @@ def test_a_trace_row_needs_both_arms_to_count_the_same_parameters(tmp_path):
     assert blocks.verdict == REPRODUCED and "not recorded" not in blocks.note and math.isfinite(blocks.p_holm)
     assert trace.verdict == "extension: " + MISSING and "count different parameters" in trace.note
     assert math.isnan(trace.p_holm)
+
+
+def test_an_adversary_that_costs_less_than_5_points_of_task_a_is_ineffective(tmp_path):
+    """Claim (c): AdamW - adversarial is decided only where the adversary costs >= 5 points of task A at matched
+    loss; otherwise its rows (task A, task B, the traces) say "adversary ineffective", outside the family."""
+    from lmlab.studies.same_loss.statistics import INEFFECTIVE
+
+    _algorithm(tmp_path / "weak", adv_gap_shift=0.001, acc_gain=0.045)  # costs ~4.5 points
+    a, rows = _rows(tmp_path / "weak")
+    adv = [r for r in a.rows if r.key.endswith(":adamw-adversarial")]
+    assert len(adv) == 4 and {r.verdict for r in adv} == {INEFFECTIVE, "extension: " + INEFFECTIVE}
+    assert all("adversary ineffective: it costs 4." in r.note and math.isnan(r.p_holm) for r in adv)
+    assert rows[("algorithm", "pcfg", "task A", "acc_lookup:adamw-lookup")].verdict == CONFOUNDED  # untouched
+    _algorithm(tmp_path / "strong", adv_gap_shift=0.001, acc_gain=0.055)  # ~5.5 points: decided
+    _, rows = _rows(tmp_path / "strong")
+    assert rows[("algorithm", "pcfg", "task A", "acc_adv:adamw-adversarial")].verdict == REPRODUCED
+    _algorithm(tmp_path / "far", adv_gap_shift=0.05)  # 8 points, but not at matched loss
+    _, rows = _rows(tmp_path / "far")
+    r = rows[("algorithm", "pcfg", "task A", "acc_adv:adamw-adversarial")]
+    assert r.verdict == CONFOUNDED and "(matched: no)" in r.note

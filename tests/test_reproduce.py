@@ -11,7 +11,14 @@ import re
 import sys
 from pathlib import Path
 
-from lmlab.studies.same_loss.statistics import CONFOUNDED, INCONCLUSIVE, MISSING, NOT_REPRODUCED, REPRODUCED
+from lmlab.studies.same_loss.statistics import (
+    CONFOUNDED,
+    INCONCLUSIVE,
+    INEFFECTIVE,
+    MISSING,
+    NOT_REPRODUCED,
+    REPRODUCED,
+)
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -61,7 +68,7 @@ def test_micro_reproduction_writes_every_section(tmp_path, cache_dir, lmlab):
             assert any(line.startswith(f"| {claim} | {data}") and what in line for line in verdict_lines), (data, what)
     # per data set: continue 3 rows, size 3 (+1 with the projection probe), algorithm 6 (PCFG, tasks A and B) or 4
     assert len(verdict_lines) == 22 + sum("random projection" in line for line in verdict_lines)
-    names = (REPRODUCED, NOT_REPRODUCED, INCONCLUSIVE, CONFOUNDED, MISSING)
+    names = (REPRODUCED, NOT_REPRODUCED, INCONCLUSIVE, CONFOUNDED, INEFFECTIVE, MISSING)
     assert all(any(f"**{v}**" in line or f"**extension: {v}**" in line for v in names) for line in verdict_lines)
     assert not any(line.startswith("| continue") and "Fisher Tr(H)" in line and f"**{MISSING}**" in line
                    for line in verdict_lines)  # traces were measured along training

@@ -33,7 +33,16 @@ from lmlab.studies.same_loss.runs import (
     run_exclusion,
     task_label,
 )
-from lmlab.studies.same_loss.statistics import MISSING, Pair, Row, _mean, decide, make_row
+from lmlab.studies.same_loss.statistics import (
+    ADVERSARY_COST,
+    INEFFECTIVE,
+    MISSING,
+    Pair,
+    Row,
+    _mean,
+    decide,
+    make_row,
+)
 from lmlab.studies.same_loss.text import _fmt, _pm
 
 
@@ -273,7 +282,25 @@ def claim_algorithm(runs: list[Run], counted: set[Path], settings: Settings) -> 
             "algorithm", data, kind, "", "- (pre-training loss)", "blocks Tr(H), AdamW - adversarial",
             "blocks_adv:adamw-adversarial", -1, [_run_pair(s, base[s], adv[s], BLOCKS) for s in seeds], settings,
             extension=True, note=note), arms, BLOCKS))
+        adversary_rows(rows, data, _tname(tasks[0], group))
     return rows, lines
+
+
+def adversary_rows(rows: list[Row], data: str, first_task: str) -> None:
+    """Claim (c) tests AdamW against the adversary only where the adversary works: unless the adversarial arm
+    costs at least ``ADVERSARY_COST`` points of the first task's probe accuracy (AdamW - adversarial, matched
+    loss), every AdamW - adversarial row of ``data`` that would be decided says "adversary ineffective"."""
+    mine = [r for r in rows if r.data == data and r.key.endswith(":adamw-adversarial")]
+    cost = next((r for r in mine if r.key.startswith("acc_adv") and r.task == first_task), None)
+    if cost is not None and cost.matched and cost.n >= 2 and cost.mean >= ADVERSARY_COST:
+        return
+    why = (f"adversary ineffective: it costs {_fmt(cost.mean) if cost is not None else 'n/a'} pts of {first_task} "
+           f"(matched: {'yes' if cost is not None and cost.matched else 'no'}), below {ADVERSARY_COST:g}")
+    for r in mine:
+        if not r.verdict:
+            r.verdict = INEFFECTIVE
+        if why not in r.note:
+            r.note = "; ".join(filter(None, [r.note, why]))
 
 
 def _lookup(run: Run, other: Run | None, key: str) -> float:

@@ -30,6 +30,7 @@ from lmlab.studies.same_loss.runs import (
 from lmlab.studies.same_loss.statistics import (
     CONFOUNDED,
     INCONCLUSIVE,
+    INEFFECTIVE,
     MISSING,
     NOT_REPRODUCED,
     REPRODUCED,
@@ -246,7 +247,7 @@ def write_report(path: str | Path, tolerance: float | None = None, compare: str 
     md += ["", f"Holm family: m = {len(family)} claimed row(s) with matched loss (their MDE at alpha 0.05 / "
            f"{max(1, len(family))}). All rows: "
            + ", ".join(f"{v}: {sum(base_verdict(r.verdict) == v for r in a.rows)}"
-                       for v in (REPRODUCED, NOT_REPRODUCED, INCONCLUSIVE, CONFOUNDED, MISSING)) + ".", ""]
+                       for v in (REPRODUCED, NOT_REPRODUCED, INCONCLUSIVE, CONFOUNDED, INEFFECTIVE, MISSING)) + ".", ""]
     md += ["## The rule", "", RULE, ""]
     stability = None
     if compare is not None:

@@ -18,6 +18,8 @@ from lmlab.studies.same_loss.runs import Settings
 ALPHA = 0.05
 REPRODUCED, NOT_REPRODUCED, INCONCLUSIVE = "reproduced", "not reproduced", "inconclusive"
 CONFOUNDED, MISSING, EXTENSION = "loss-confounded", "n/a", "extension: "
+INEFFECTIVE = "adversary ineffective"  # claim (c): the adversary did not cost ADVERSARY_COST points at matched loss
+ADVERSARY_COST = 5.0  # points of the first task's probe accuracy
 DECIDED = (REPRODUCED, NOT_REPRODUCED)
 
 

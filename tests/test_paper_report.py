@@ -477,3 +477,45 @@ def test_an_adversary_that_costs_less_than_5_points_of_task_a_is_ineffective(tmp
     _, rows = _rows(tmp_path / "far")
     r = rows[("algorithm", "pcfg", "task A", "acc_adv:adamw-adversarial")]
     assert r.verdict == CONFOUNDED and "(matched: no)" in r.note
+
+
+def _render_results():
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("render_results", ROOT / "scripts" / "render_results.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_docs_results_equal_their_rendering_from_the_committed_reports():
+    """Every paper-reproduction table of docs/results.md is rendered from a committed report.json (or says its
+    rerun is pending): the file equals `python scripts/render_results.py`'s rendering of it."""
+    render = _render_results()
+    text = (ROOT / "docs" / "results.md").read_text()
+    blocks = [m for m in (render.BEGIN.match(line) for line in text.split("\n")) if m]
+    assert len(blocks) >= 2 and render.render(text) == text, "run `python scripts/render_results.py`"
+
+
+def test_a_committed_report_renders_the_reports_own_verdict_table(tmp_path):
+    """The rendering of a report.json holds the verdict table of the report.md written with it, line for line,
+    and a hand edit inside a rendered block is undone."""
+    render = _render_results()
+    _algorithm(tmp_path / "run", adv_gap_shift=0.001)
+    (tmp_path / "run" / "reproduce.json").write_text(json.dumps({"profile": "cpu", "tolerance": 0.1,
+                                                                 "wall_s": 600.0}))
+    md = write_report(tmp_path / "run").read_text().split("\n")
+    table = md[md.index("## Verdicts") + 2:]
+    table = table[:table.index("")]
+    (tmp_path / "docs" / "r").mkdir(parents=True)
+    (tmp_path / "docs" / "r" / "report.json").write_bytes((tmp_path / "run" / "report.json").read_bytes())
+    doc = ("x\n<!-- rendered by scripts/render_results.py from docs/r/report.json: make it -->\n| hand | typed |\n"
+           "<!-- end of rendered section -->\ny")
+    out = render.render(doc, root=tmp_path).split("\n")
+    assert out[0] == "x" and out[-1] == "y" and "| hand | typed |" not in out
+    assert out[out.index(table[0]):out.index(table[0]) + len(table)] == table
+    assert any(line.startswith("From `docs/r/report.json` (`make it`, 10 min of wall time): profile **cpu**")
+               for line in out)

@@ -290,6 +290,7 @@ def write_report(path: str | Path, tolerance: float | None = None, compare: str 
     report = path / "report.md"
     write_json(path / REPORT_JSON, {
         "paper": "Liu, Xie, Li & Ma, ICML 2023, arXiv 2210.14199", "profile": settings.profile,
+        "wall_s": settings.wall_s if isinstance(settings.wall_s, (int, float)) else None,
         "tolerance": settings.tolerance, "margin": settings.margin, "plateau": settings.plateau,
         "plateau_steps": settings.plateau_steps, "lr_floor": LR_FLOOR, "k": settings.k,
         "gap_median": None if not math.isfinite(gap_median) else gap_median,
@@ -299,3 +300,32 @@ def write_report(path: str | Path, tolerance: float | None = None, compare: str 
         "stability": stability})
     write_text(report, "\n".join(md))
     return report
+
+
+# ----- docs/results.md: the tables of committed reports -----
+
+def row_from_json(d: dict[str, Any]) -> Row:
+    """A row of ``report.json`` back as a ``Row`` (null numbers are NaN)."""
+    fields = Row.__dataclass_fields__
+    return Row(**{k: (math.nan if v is None and fields[k].type in ("float", float) else v)
+                  for k, v in d.items() if k in fields})
+
+
+def results_section(report: dict[str, Any] | None, source: str, command: str) -> list[str]:
+    """The lines that docs/results.md shows for the committed ``report.json`` at ``source`` (None: not committed
+    yet): its settings, the gap its verdicts hold at, the verdict table and the Holm family, exactly as the
+    report rendered them; without a report, how to make one."""
+    if report is None:
+        return [f"No committed report: the rerun under the current rules is pending. Run `{command}`, copy its "
+                f"`report.json` to `{source}` and run `python scripts/render_results.py`."]
+    rows = [row_from_json(r) for r in report.get("rows", [])]
+    family = [r for r in rows if math.isfinite(r.p_holm)]
+    gap_median, gap_max = (math.nan if report.get(k) is None else report[k] for k in ("gap_median", "gap_max"))
+    wall = report.get("wall_s")
+    return [f"From `{source}` (`{command}`"
+            + (f", {wall / 60:.0f} min of wall time" if isinstance(wall, (int, float)) else "")
+            + f"): profile **{report.get('profile')}**, tolerance {report.get('tolerance')} "
+            f"nats, margin {report.get('margin')} nats, plateau {report.get('plateau')} nats; the verdicts hold at a "
+            f"gap of {_fmt(gap_median)} nats (median of the counted runs; max {_fmt(gap_max)}); "
+            f"{len(report.get('excluded', []))} runs excluded.", "", *verdict_table(rows), "",
+            f"Holm family: m = {len(family)} claimed row(s) with matched loss."]

@@ -107,7 +107,7 @@ MODULES: dict[str, Module] = {
                      what="the weight mapping onto transformers' classes", default=False),
     "paper": Module("lmlab/studies/same_loss/statistics.py",
                     ("tests/test_paper_report.py", "tests/test_mutation_kills.py"),
-                    ("x_make_row", "x__direction", "x_decide", "x_base_verdict"),
+                    ("x_make_row", "x_within_pair_adjustment", "x__direction", "x_decide", "x_base_verdict"),
                     what="the same-loss study's verdicts"),
 }
 
@@ -185,8 +185,6 @@ EQUIVALENT: dict[str, str] = {
     **{f"lmlab.studies.same_loss.runs.x__parent_exclusion__mutmut_{i}": (
         "the else branch is the parent's status itself: \"done\" where the first test would have said so")
        for i in (16, 17)},
-    "lmlab.studies.same_loss.statistics.x_make_row__mutmut_117": (
-        "a constant column of 2 is an intercept too: the arm coefficient and its interval are the same"),
     "lmlab.studies.same_loss.statistics.x_decide__mutmut_23": (
         "a claimed row the Holm loop leaves without a verdict has a NaN p, for which _direction is INCONCLUSIVE too"),
     "lmlab.data.grammar.x__merge__mutmut_24": _NEG,

@@ -56,6 +56,12 @@ EXPERIMENTS = ("size", "algorithm", "continue")  # continue needs the size sweep
 # 2 probes x 128 batches = 256 samples
 PCFG_FLATNESS = ["eval.flatness.examples=16384", "eval.flatness.batches=128", "eval.flatness.probes=2"]
 TINY = ["data.train_size=400", "data.validation_size=60", "data.test_size=160", "data.downstream_size=200"]
+# long profile: training steps of the parents (batch 256) that reach a gap <= 0.02 nats (measured: see
+# MEASURED_STEPS_PER_S), and the continued training's SGD rate per data set, chosen so that the gap stays within
+# the parents' margin (0.02 nats) over the continued steps
+LONG_STEPS = {"hmm": 8000, "pcfg": 10000}
+CONTINUE_LR = {"hmm": 0.2, "pcfg": 0.2}
+HEADROOM = "pcfg_wide"  # the generated PCFG whose tasks B and C a prefix table does not solve (conf/data)
 PROFILES: dict[str, dict] = {
     "cpu": {
         "datasets": {"hmm": ["data=hmm"], "pcfg": ["data=pcfg"]},
@@ -80,6 +86,7 @@ PROFILES: dict[str, dict] = {
         # largest change of the gap between a run's last two evaluations (250 steps apart): the CPU schedule
         # ends with the PCFG's gap still falling by about 0.01 per 250 steps (measured, seed 0)
         "plateau": 0.015,
+        "plateau_steps": 250,
         "k": 3,             # continue: checkpoints averaged at the start and at the end
         "note": "small HMM (10 states, 30 words, length 12) and small generated PCFG, CPU",
     },
@@ -104,9 +111,42 @@ PROFILES: dict[str, dict] = {
         "tolerance": 0.05,
         "margin": 0.01,
         "plateau": 0.005,
+        "plateau_steps": 2000,
         "k": 3,
         "target_gap": 0.02,
         "note": "the paper's PCFG (rule file from --grammar), one GPU",
+    },
+    "long": {
+        # the same-loss regime on a CPU: parents trained until the gap is <= 0.02 nats, from a pool that never
+        # repeats (max_steps x batch 256 sentences), the learning rate never below 10% of its peak (cosine to
+        # min_ratio 0.1) and the gap evaluated every 500 steps, so the plateau rule (the gap moved < 0.003 over
+        # the last 1,000 steps) is met by training, not by the schedule's floor
+        "datasets": {"hmm": ["data=hmm", f"data.train_size={LONG_STEPS['hmm'] * 256}"],
+                     "pcfg": [f"data={HEADROOM}", f"data.train_size={LONG_STEPS['pcfg'] * 256}",
+                              "data.train_labels=20000"]},
+        "common": ["schedule.min_ratio=0.1", "eval_every=500"],
+        "per_experiment": {"size": ["model.d_model=64,128", "eval.flatness.embed_width=128"],
+                           "algorithm": ["objective.lam=0.03"],
+                           "continue": ["eval_every=100"]},
+        "per_data": {**{(e, d): [f"max_steps={LONG_STEPS[d]}"] for e in ("size", "algorithm") for d in LONG_STEPS},
+                     ("size", "hmm"): [f"max_steps={LONG_STEPS['hmm']}", "eval.flatness.batches=48"],
+                     ("continue", "hmm"): ["data.label_position=10", f"optim.lr={CONTINUE_LR['hmm']}"],
+                     ("continue", "pcfg"): [*PCFG_FLATNESS, f"optim.lr={CONTINUE_LR['pcfg']}"],
+                     **{(e, "pcfg"): [f"max_steps={LONG_STEPS['pcfg']}", *PCFG_FLATNESS]
+                        for e in ("size", "algorithm")}},
+        "skip": [("algorithm", "hmm")],
+        "seeds": "0-4",
+        "parent_size": 64,
+        "workers": 2,
+        "threads": 1,
+        "split_seeds": True,  # each sweep's seeds split over the workers: one claim on one data set uses both cores
+        "tolerance": 0.03,  # the parents' median is meant to sit at <= 0.02; a seed 0.01 above it still counts
+        "margin": 0.02,
+        "plateau": 0.003,
+        "plateau_steps": 1000,
+        "k": 3,
+        "target_gap": 0.02,
+        "note": "the same-loss regime on a CPU: small HMM and generated PCFG with headroom, parents at <= 0.02 nats",
     },
     "micro": {
         "datasets": {"hmm": ["data=hmm"], "pcfg": ["data=pcfg"]},
@@ -128,15 +168,31 @@ PROFILES: dict[str, dict] = {
         "tolerance": 100.0,  # every micro run counts as converged, so that every comparison is exercised
         "margin": 100.0,
         "plateau": 100.0,
+        "plateau_steps": 6,
         "k": 1,
         "note": "micro: tiny data and a few steps, to test the pipeline (its verdicts mean nothing)",
     },
 }
-SETTINGS = ("tolerance", "margin", "plateau", "k")  # what the report reads from reproduce.json
+SETTINGS = ("tolerance", "margin", "plateau", "plateau_steps", "k")  # what the report reads from reproduce.json
 # --grammar generated: a grammar of the released one's shape (4 levels of 10 nonterminals, about 19 binary rules
 # each, 9 start symbols, 200 words, sentences of 2..16 words), for a machine without the rule file
 GENERATED = ["data.grammar=null", "data.levels=4", "data.nonterminals_per_level=10", "data.vocab_size=200",
              "data.rules_per_nonterminal=19", "data.start_symbols=9", "data.words_per_preterminal=20"]
+
+
+# Expected wall time (--dry-run). Training steps per second of one single-threaded job (batch 256) while a second
+# one runs beside it, measured on the 2-core CPU machine the cpu and long profiles are sized for (``fit_s`` of
+# results.json, evaluations along training subtracted): the source of every CPU estimate
+MEASURED_STEPS_PER_S = {("hmm", 32): 6.0, ("hmm", 64): 4.1, ("hmm", 128): 1.6,
+                        ("pcfg", 32): 7.5, ("pcfg", 64): 5.8, ("pcfg", 128): 2.2}
+# seconds of one evaluation of a job on that machine: the evaluations along training (``eval_along``, the gap
+# only for size/algorithm; all of them for continue) and the final ones (probe, flatness), per (experiment, data)
+MEASURED_EVAL_S = {"along": {"size": 2.0, "algorithm": 2.0, "continue": 60.0},
+                   "final": {"size": 120.0, "algorithm": 120.0, "continue": 60.0}}
+# the GPU profile has never run on a GPU: an assumed rate (not a measurement) for the 4-layer, d_model 128-512
+# models at batch 512 on one GPU with several sweeps sharing it
+ASSUMED_GPU_STEPS_PER_S = 10.0
+GPU_STEPS_TO_TARGET = "unknown"
 
 
 def parse_seeds(text: str) -> list[int]:
@@ -156,27 +212,49 @@ class Sweep:
     data: str
     overrides: list[str]
     needs: str | None = None  # the label of the sweep whose runs are this one's parents
+    part: str = ""  # the seeds of this sweep where a profile splits a sweep's seeds over its workers
 
     @property
     def label(self) -> str:
-        return f"{self.experiment}-{self.data}"
+        return f"{self.experiment}-{self.data}{self.part}"
 
 
 def parents_dir(out: Path, data: str) -> Path:
     return out / "parents" / data
 
 
+def seed_parts(seeds: list[int], parts: int) -> list[list[int]]:
+    """``seeds`` in ``parts`` contiguous groups of nearly equal size (the first groups one larger), none empty."""
+    parts = max(1, min(parts, len(seeds)))
+    size, extra = divmod(len(seeds), parts)
+    out, i = [], 0
+    for k in range(parts):
+        n = size + (k < extra)
+        out.append(seeds[i : i + n])
+        i += n
+    return out
+
+
 def sweeps(profile: str, out: Path, grammar: str | None, only: list[str] | None = None,
-           extra_overrides: list[str] | None = None, seeds: list[int] | None = None) -> list[Sweep]:
-    """The sweeps of a profile, each as the overrides of one ``lmlab train -m`` command."""
+           extra_overrides: list[str] | None = None, seeds: list[int] | None = None,
+           datasets: list[str] | None = None) -> list[Sweep]:
+    """The sweeps of a profile, each as the overrides of one ``lmlab train -m`` command. ``only``: these
+    experiments (``continue`` without ``size`` still trains its parents: the size sweep at the parents' width
+    only); ``datasets``: these data sets of the profile."""
     p = PROFILES[profile]
     seeds = seeds if seeds is not None else parse_seeds(p["seeds"])
+    unknown = sorted(set(datasets or []) - set(p["datasets"]))
+    if unknown:
+        raise ValueError(f"--data {','.join(unknown)}: the {profile} profile has the data sets "
+                         f"{', '.join(p['datasets'])}; choose among those.")
+    parents_only = bool(only) and "continue" in only and "size" not in only
+    parts = seed_parts(seeds, p["workers"]) if p.get("split_seeds") else [seeds]
     result = []
     for experiment in EXPERIMENTS:
-        if only and experiment not in only:
+        if only and experiment not in only and not (experiment == "size" and parents_only):
             continue
         for data, data_overrides in p["datasets"].items():
-            if (experiment, data) in p.get("skip", []):
+            if (experiment, data) in p.get("skip", []) or (datasets and data not in datasets):
                 continue
             if grammar == "generated":
                 data_overrides = [d for d in data_overrides if not d.startswith("data.grammar=")] + GENERATED
@@ -186,14 +264,21 @@ def sweeps(profile: str, out: Path, grammar: str | None, only: list[str] | None 
             keys = {o.split("=", 1)[0] for o in extra}
             common = [o for o in p["common"] if o.split("=", 1)[0] not in keys]
             overrides = [f"experiment=same_loss/{experiment}", f"out_dir={out / 'runs'}", *data_overrides, *common,
-                         *extra, "seed=" + ",".join(map(str, seeds))]
+                         *extra]
             needs = None
-            if experiment == "continue":  # the parents' width, whatever the other sweeps use
+            if experiment == "continue" or (experiment == "size" and parents_only):
+                # the parents' width, whatever the other sweeps use; on the size sweep a one-value sweep axis,
+                # so that its runs keep the names (and are skipped by) the whole size sweep's
+                width = p["parent_size"] if experiment == "continue" else f"choice({p['parent_size']})"
                 overrides = [o for o in overrides if not o.startswith("model.d_model=")]
-                overrides.append(f"model.d_model={p['parent_size']}")
+                overrides.append(f"model.d_model={width}")
+            if experiment == "continue":
                 overrides.append(f"init_from.run='{parents_dir(out, data)}/seed_${{seed}}'")
                 needs = f"size-{data}"
-            result.append(Sweep(experiment, data, overrides, needs))
+            for group in parts:
+                part = f"-seeds{group[0]}-{group[-1]}" if len(parts) > 1 else ""
+                result.append(Sweep(experiment, data, [*overrides, "seed=" + ",".join(map(str, group))],
+                                    needs and needs + part, part))
     return result
 
 
@@ -245,6 +330,8 @@ def _jobs_of(sweep: Sweep) -> list[list[str]]:
     axes: dict[str, list[str]] = {k: str(v).split(",") for k, v in params.items()}
     for o in sweep.overrides:
         key, _, value = o.partition("=")
+        if value.startswith("choice(") and value.endswith(")"):
+            value = value[len("choice("):-1].replace(" ", "")
         axes[key] = value.split(",") if ("," in value and not value.startswith(("[", "'", '"'))) else [value]
     keys = list(axes)
     return [[f"{k}={v}" for k, v in zip(keys, combo)] for combo in itertools.product(*(axes[k] for k in keys))]
@@ -259,13 +346,13 @@ def dry_run(plan: list[Sweep], profile: str) -> int:
 
     from lmlab.cli import preflight
 
-    p, n = PROFILES[profile], 0
+    p, n, durations = PROFILES[profile], 0, {}
     for sweep in plan:
         jobs = _jobs_of(sweep)
         # the parent is not there yet; a profile for another machine (gpu) is not checked against this one's
         preflight("train", [o for o in jobs[0] if not o.startswith("init_from.run=")], here=profile != "gpu")
         GlobalHydra.instance().clear()
-        shapes, composed = set(), None
+        shapes, composed, seconds = set(), None, 0.0
         with initialize_config_module(config_module="lmlab.conf", version_base="1.3"):
             for job in jobs:  # every value of every axis composes
                 cfg = compose(config_name="train", overrides=job)
@@ -275,8 +362,10 @@ def dry_run(plan: list[Sweep], profile: str) -> int:
                     assert ecfg.get("_target_"), f"eval.{name} has no _target_ in {job}"
                 d, head = int(cfg.model.d_model), cfg.model.get("head_dim")
                 shapes.add((d, int(head) if head else d // int(cfg.model.n_heads)))
+                seconds += job_seconds(sweep, cfg, profile)
                 composed = cfg
         n += len(jobs)
+        durations[sweep.label] = seconds
         steps, batch = int(composed.max_steps), int(composed.batch_size)
         train = int(composed.data.get("train_size") or 0)
         widths = ", ".join(f"d_model {d}: {d // h} heads of {h}" for d, h in sorted(shapes))
@@ -284,11 +373,61 @@ def dry_run(plan: list[Sweep], profile: str) -> int:
               f"x batch {batch} = {steps * batch:,} sentences ({steps * batch / max(train, 1):.1f} epochs), "
               f"{composed.optim._target_.rsplit('.', 1)[-1]} lr {composed.optim.lr}, "
               f"schedule {composed.schedule._target_.rsplit('.', 1)[-1]}; {widths}")
+        print(f"  expected {_duration(seconds)} ({len(jobs)} jobs one after the other)")
         print("  lmlab train -m " + " ".join(_quote(o) for o in sweep.overrides))
     target = f"; schedule meant to reach a gap of {p['target_gap']} nats" if p.get("target_gap") else ""
     print(f"[reproduce] dry run: {n} jobs in {len(plan)} sweeps compose; equivalence margin ±{p['margin']} nats, "
           f"gap tolerance {p['tolerance']} nats{target}")
+    wall = schedule_seconds(plan, durations, p["workers"])
+    print(f"[reproduce] expected wall time: {_duration(wall)} with {p['workers']} sweep(s) at a time; "
+          + (f"an assumed {ASSUMED_GPU_STEPS_PER_S:g} training steps/s per sweep on one GPU (never measured: the "
+             "profile has not run on a GPU), evaluations not counted" if profile == "gpu" else
+             "training steps/s measured on a 2-core CPU machine, one thread per sweep (MEASURED_STEPS_PER_S), "
+             "evaluations included (MEASURED_EVAL_S)"))
+    if profile == "gpu":
+        print(f"[reproduce] steps to a gap <= {p['target_gap']} nats on the paper's grammar: "
+              f"{GPU_STEPS_TO_TARGET}")
     return n
+
+
+def job_seconds(sweep: Sweep, cfg, profile: str) -> float:
+    """The expected seconds of one job: its training steps at the measured (cpu, long) or assumed (gpu) rate,
+    plus its evaluations along training and at the end (cpu, long)."""
+    steps = int(cfg.max_steps)
+    if profile == "gpu":
+        return steps / ASSUMED_GPU_STEPS_PER_S
+    d = int(cfg.model.d_model)
+    rate = MEASURED_STEPS_PER_S.get((sweep.data, d))
+    if rate is None:  # a width not measured: the cost of a step grows about with the parameter count, ~d^2
+        near = min((k for k in MEASURED_STEPS_PER_S if k[0] == sweep.data), key=lambda k: abs(k[1] - d))
+        rate = MEASURED_STEPS_PER_S[near] * (near[1] / d) ** 2
+    every = int(cfg.get("eval_every") or 0)
+    along = (steps // every + 1) if every else 0
+    return (steps / rate + along * MEASURED_EVAL_S["along"][sweep.experiment]
+            + MEASURED_EVAL_S["final"][sweep.experiment])
+
+
+def schedule_seconds(plan: list[Sweep], durations: dict[str, float], workers: int) -> float:
+    """The wall time of ``run_sweeps``'s schedule: ``workers`` sweeps at a time, in plan order, each once the
+    sweep it needs is done, with the given durations."""
+    pending, running, clock = list(plan), {}, 0.0  # running: label -> finishing time
+    done: set[str] = set()
+    while pending or running:
+        while len(running) < workers and any(s.needs is None or s.needs in done for s in pending):
+            sweep = next(s for s in pending if s.needs is None or s.needs in done)
+            pending.remove(sweep)
+            running[sweep.label] = clock + durations[sweep.label]
+        if not running:
+            raise ValueError("a sweep waits for one that is not in the plan")
+        label = min(running, key=running.get)
+        clock = running.pop(label)
+        done.add(label)
+    return clock
+
+
+def _duration(seconds: float) -> str:
+    minutes = round(seconds / 60)
+    return f"{minutes // 60} h {minutes % 60:02d} min" if minutes >= 60 else f"{max(minutes, 1)} min"
 
 
 def _quote(o: str) -> str:
@@ -379,7 +518,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--workers", type=int, default=None, help="sweeps run at the same time")
     parser.add_argument("--in-process", action="store_true", default=None,
                         help="run the sweeps one by one in this process (default for micro)")
-    parser.add_argument("--only", nargs="*", choices=EXPERIMENTS, help="run only these experiments")
+    parser.add_argument("--only", nargs="*", choices=EXPERIMENTS,
+                        help="run only these experiments (continue alone also trains its parents: the size sweep's "
+                             "runs of the parents' width)")
+    parser.add_argument("--data", nargs="*", default=None, metavar="DATA",
+                        help="run only these data sets of the profile (hmm, pcfg)")
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                         help="an extra override for every sweep (repeatable), e.g. --set max_steps=1000")
     parser.add_argument("--seeds", default=None,
@@ -405,7 +548,11 @@ def main(argv: list[str] | None = None) -> int:
                 return 2
             args.grammar = str(Path(args.grammar).resolve())
     out = (args.out or ROOT / "runs" / f"reproduce-paper-{profile}").resolve()
-    plan = sweeps(profile, out, args.grammar, args.only, args.overrides, seeds)
+    try:
+        plan = sweeps(profile, out, args.grammar, args.only, args.overrides, seeds, args.data)
+    except ValueError as e:
+        print(f"reproduce-paper: error: {e}", file=sys.stderr)
+        return 2
     if args.dry_run:
         try:
             dry_run(plan, profile)

@@ -64,7 +64,7 @@ CONTINUE_LR = {"hmm": 0.2, "pcfg": 0.2}
 HEADROOM = "pcfg_wide"  # the generated PCFG whose tasks B and C a prefix table does not solve (conf/data)
 PROFILES: dict[str, dict] = {
     "cpu": {
-        "datasets": {"hmm": ["data=hmm"], "pcfg": ["data=pcfg"]},
+        "datasets": {"hmm": ["data=hmm"], "pcfg": [f"data={HEADROOM}"]},
         "common": [],
         # two sizes (d_model 128 costs five times d_model 64 on a CPU); the algorithm sweep runs the adversarial
         # arm only: its AdamW arm is the size sweep's d_model-64 run of the same seed (objective=mlm, the same data,
@@ -88,7 +88,7 @@ PROFILES: dict[str, dict] = {
         "plateau": 0.015,
         "plateau_steps": 250,
         "k": 3,             # continue: checkpoints averaged at the start and at the end
-        "note": "small HMM (10 states, 30 words, length 12) and small generated PCFG, CPU",
+        "note": "small HMM (10 states, 30 words, length 12) and a small generated PCFG with headroom, CPU",
     },
     "gpu": {
         "datasets": {"pcfg": ["data=pcfg", "data.grammar={grammar}", "data.train_size=1000000",
@@ -99,8 +99,10 @@ PROFILES: dict[str, dict] = {
                    "model.d_model=256", "max_steps=20000", "val_every=2000", "checkpoint_every=2000",
                    "eval.perplexity.max_rows=2000", *PCFG_FLATNESS],
         "per_experiment": {
-            "size": ["model.d_model=128,256,512", "eval.flatness.embed_width=512", "eval_every=2000"],
-            "algorithm": ["objective.lam=0.03"],
+            # the gap every 500 steps: the plateau rule of the long profile (< 0.003 over the last 1,000 steps)
+            "size": ["model.d_model=128,256,512", "eval.flatness.embed_width=512", "eval_every=500",
+                     "schedule.min_ratio=0.1"],
+            "algorithm": ["objective.lam=0.03", "schedule.min_ratio=0.1"],
             "continue": ["max_steps=5000", "eval_every=250"],
         },
         "per_data": {},
@@ -110,8 +112,8 @@ PROFILES: dict[str, dict] = {
         "threads": None,
         "tolerance": 0.05,
         "margin": 0.01,
-        "plateau": 0.005,
-        "plateau_steps": 2000,
+        "plateau": 0.003,
+        "plateau_steps": 1000,
         "k": 3,
         "target_gap": 0.02,
         "note": "the paper's PCFG (rule file from --grammar), one GPU",
@@ -124,9 +126,9 @@ PROFILES: dict[str, dict] = {
         "datasets": {"hmm": ["data=hmm", f"data.train_size={LONG_STEPS['hmm'] * 256}"],
                      "pcfg": [f"data={HEADROOM}", f"data.train_size={LONG_STEPS['pcfg'] * 256}",
                               "data.train_labels=20000"]},
-        "common": ["schedule.min_ratio=0.1", "eval_every=500"],
-        "per_experiment": {"size": ["model.d_model=64,128", "eval.flatness.embed_width=128"],
-                           "algorithm": ["objective.lam=0.03"],
+        "common": ["eval_every=500"],
+        "per_experiment": {"size": ["model.d_model=64,128", "eval.flatness.embed_width=128", "schedule.min_ratio=0.1"],
+                           "algorithm": ["objective.lam=0.03", "schedule.min_ratio=0.1"],
                            "continue": ["eval_every=100"]},
         "per_data": {**{(e, d): [f"max_steps={LONG_STEPS[d]}"] for e in ("size", "algorithm") for d in LONG_STEPS},
                      ("size", "hmm"): [f"max_steps={LONG_STEPS['hmm']}", "eval.flatness.batches=48"],

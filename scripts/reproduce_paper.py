@@ -19,9 +19,9 @@ continue: PCFG task C and the HMM's hidden state z_10), and every task keeps onl
 words. Rerunning the same command skips finished jobs and resumes interrupted ones.
 
 Profiles:
-  cpu    (default) a small HMM and a small generated PCFG with headroom (data=pcfg_wide: tasks B and C not
-         solved by a table of sentence prefixes), seeds 0-9 (``--seeds``), two single-threaded sweeps at a time
-         on a 2-core machine; equivalence margin 0.02 nats.
+  cpu    (default) a small HMM and a small generated PCFG (``--pcfg pcfg_wide``: a grammar whose tasks B and C
+         a table of sentence prefixes does not solve), seeds 0-9 (``--seeds``), two single-threaded sweeps at a
+         time on a 2-core machine; equivalence margin 0.02 nats.
   gpu    the paper's PCFG (``--grammar``, its rule file ``rule_deep_mlm.txt``: ``pcfg/rule_deep_mlm.txt`` in
          the code released with the paper, GitHub Liuhong99/implicitbiasmlmcode), a million training
          sentences, head size 32 at every width, a schedule meant to reach a gap of 0.02 nats; several
@@ -84,10 +84,14 @@ LONG_STEPS = {"hmm": 8000, "pcfg": 10000}
 CONTINUE_LR = {"hmm": 0.1, "pcfg": 0.1}
 # the gap on 2,000 validation sentences (not 500): the plateau rule reads changes of 0.003 nats
 LONG_GAP = ["data.validation_size=2000"]
-HEADROOM = "pcfg_wide"  # the generated PCFG whose tasks B and C a prefix table does not solve (conf/data)
+# --pcfg: the generated PCFG of the cpu and long profiles. pcfg (default) is the regime these steps reach; pcfg_wide
+# (conf/data/pcfg_wide.yaml) is the grammar whose tasks B and C a table of sentence prefixes does not solve, but a
+# d_model-64 model is still far from its optimum after the long profile's steps (measured as LONG_STEPS: gap 0.176
+# after 10,000 steps; 0.380 after 1,500), so its runs would not enter the comparisons.
+PCFG_CHOICES = ("pcfg", "pcfg_wide")
 PROFILES: dict[str, dict] = {
     "cpu": {
-        "datasets": {"hmm": ["data=hmm"], "pcfg": [f"data={HEADROOM}"]},
+        "datasets": {"hmm": ["data=hmm"], "pcfg": ["data={pcfg}"]},
         "common": [],
         # two sizes (d_model 128 costs five times d_model 64 on a CPU); the algorithm sweep runs the adversarial
         # arm only: its AdamW arm is the size sweep's d_model-64 run of the same seed (objective=mlm, the same data,
@@ -111,7 +115,7 @@ PROFILES: dict[str, dict] = {
         "plateau": 0.015,
         "plateau_steps": 250,
         "k": 3,             # continue: checkpoints averaged at the start and at the end
-        "note": "small HMM (10 states, 30 words, length 12) and a small generated PCFG with headroom, CPU",
+        "note": "small HMM (10 states, 30 words, length 12) and small generated PCFG, CPU",
     },
     "gpu": {
         "datasets": {"pcfg": ["data=pcfg", "data.grammar={grammar}", "data.train_size=1000000",
@@ -147,7 +151,7 @@ PROFILES: dict[str, dict] = {
         # min_ratio 0.1) and the gap evaluated every 500 steps, so the plateau rule (the gap moved < 0.003 over
         # the last 1,000 steps) is met by training, not by the schedule's floor
         "datasets": {"hmm": ["data=hmm", f"data.train_size={LONG_STEPS['hmm'] * 256}", *LONG_GAP],
-                     "pcfg": [f"data={HEADROOM}", f"data.train_size={LONG_STEPS['pcfg'] * 256}",
+                     "pcfg": ["data={pcfg}", f"data.train_size={LONG_STEPS['pcfg'] * 256}",
                               "data.train_labels=20000", *LONG_GAP]},
         "common": ["eval_every=500", "eval.perplexity.max_rows=2000"],
         "per_experiment": {"size": ["model.d_model=64,128", "eval.flatness.embed_width=128", "schedule.min_ratio=0.1"],
@@ -171,7 +175,7 @@ PROFILES: dict[str, dict] = {
         "plateau_steps": 1000,
         "k": 3,
         "target_gap": 0.02,
-        "note": "the same-loss regime on a CPU: small HMM and generated PCFG with headroom, parents at <= 0.02 nats",
+        "note": "the same-loss regime on a CPU: small HMM and generated PCFG, parents meant to reach <= 0.02 nats",
     },
     "micro": {
         "datasets": {"hmm": ["data=hmm"], "pcfg": ["data=pcfg"]},
@@ -205,15 +209,24 @@ GENERATED = ["data.grammar=null", "data.levels=4", "data.nonterminals_per_level=
              "data.rules_per_nonterminal=19", "data.start_symbols=9", "data.words_per_preterminal=20"]
 
 
-# Expected wall time (--dry-run). Training steps per second of one single-threaded job (batch 256) while a second
-# one runs beside it, measured on the 2-core CPU machine the cpu and long profiles are sized for (``fit_s`` of
-# results.json, evaluations along training subtracted): the source of every CPU estimate
-MEASURED_STEPS_PER_S = {("hmm", 32): 6.0, ("hmm", 64): 4.1, ("hmm", 128): 1.6,
-                        ("pcfg", 32): 7.5, ("pcfg", 64): 5.8, ("pcfg", 128): 2.2}
-# seconds of one evaluation of a job on that machine: the evaluations along training (``eval_along``, the gap
-# only for size/algorithm; all of them for continue) and the final ones (probe, flatness), per (experiment, data)
-MEASURED_EVAL_S = {"along": {"size": 2.0, "algorithm": 2.0, "continue": 60.0},
-                   "final": {"size": 120.0, "algorithm": 120.0, "continue": 60.0}}
+# Expected wall time (--dry-run). Training steps per CPU-second of one single-threaded job (batch 256, no
+# evaluation): its process CPU time over 40 s of training, on the 2-core CPU machine the cpu and long profiles are
+# sized for, i.e. the rate of a job with a core to itself (the progress bar counts steps by 50: d_model 128's
+# rates are good to about a third). "pcfg": measured on data=pcfg_wide (400 words; data=pcfg has 30).
+#   python -m lmlab.cli train experiment=same_loss/size data=<data> model.d_model=<d> seed=0 max_steps=5000
+#       data.train_size=20000 eval_every=null logger=none      # CPU time from /proc/<pid>/stat, 40 s
+MEASURED_STEPS_PER_S = {("hmm", 32): 27.2, ("hmm", 64): 11.4, ("hmm", 128): 4.7,
+                        ("pcfg", 32): 30.1, ("pcfg", 64): 15.6, ("pcfg", 128): 4.6}
+# CPU seconds of a job's evaluations on that machine, per (experiment, data): (one evaluation along training, the
+# final ones). Continue: every evaluation (gap, probe, Fisher and Hutchinson), from a 100-step continue job of the
+# pilot parents above evaluated 3 times, less the same job with cheap evaluations (/usr/bin/time, user + sys):
+#   pcfg (eval.flatness.examples=16384 batches=128 probes=2): 121.6 - 17.0 s; hmm: 78.5 - 19.2 s.
+# Size and algorithm: the gap along (not measured alone: a few seconds) and the final evaluations as the d_model-64
+# parents' eval_s (wall time on the shared machine: pcfg 250 s, hmm 157 s) times their share of a core while they
+# trained (wall steps/s over CPU steps/s: pcfg 5.7 / 18 = 0.32, hmm 4.3 / 11.4 = 0.38): pcfg 80 s, hmm 60 s.
+MEASURED_EVAL_S = {("size", "hmm"): (2.0, 60.0), ("size", "pcfg"): (2.0, 80.0), ("algorithm", "pcfg"): (2.0, 80.0),
+                   ("algorithm", "hmm"): (2.0, 60.0), ("continue", "hmm"): (19.8, 19.8),
+                   ("continue", "pcfg"): (34.9, 34.9)}
 # the GPU profile has never run on a GPU: an assumed rate (not a measurement) for the 4-layer, d_model 128-512
 # models at batch 512 on one GPU with several sweeps sharing it (eager PyTorch under Lightning: ~0.1 s per step)
 ASSUMED_GPU_STEPS_PER_S = 10.0
@@ -268,10 +281,10 @@ def seed_parts(seeds: list[int], parts: int) -> list[list[int]]:
 
 def sweeps(profile: str, out: Path, grammar: str | None, only: list[str] | None = None,
            extra_overrides: list[str] | None = None, seeds: list[int] | None = None,
-           datasets: list[str] | None = None) -> list[Sweep]:
+           datasets: list[str] | None = None, pcfg: str = "pcfg") -> list[Sweep]:
     """The sweeps of a profile, each as the overrides of one ``lmlab train -m`` command. ``only``: these
     experiments (``continue`` without ``size`` still trains its parents: the size sweep at the parents' width
-    only); ``datasets``: these data sets of the profile."""
+    only); ``datasets``: these data sets of the profile; ``pcfg``: the generated PCFG's config (cpu, long)."""
     p = PROFILES[profile]
     seeds = seeds if seeds is not None else parse_seeds(p["seeds"])
     unknown = sorted(set(datasets or []) - set(p["datasets"]))
@@ -289,7 +302,7 @@ def sweeps(profile: str, out: Path, grammar: str | None, only: list[str] | None 
                 continue
             if grammar == "generated":
                 data_overrides = [d for d in data_overrides if not d.startswith("data.grammar=")] + GENERATED
-            data_overrides = [d.format(grammar=grammar) for d in data_overrides]
+            data_overrides = [d.format(grammar=grammar, pcfg=pcfg) for d in data_overrides]
             extra = [*p["per_experiment"].get(experiment, []), *p["per_data"].get((experiment, data), []),
                      *(extra_overrides or [])]
             keys = {o.split("=", 1)[0] for o in extra}
@@ -433,9 +446,8 @@ def job_seconds(sweep: Sweep, cfg, profile: str) -> float:
         near = min((k for k in MEASURED_STEPS_PER_S if k[0] == sweep.data), key=lambda k: abs(k[1] - d))
         rate = MEASURED_STEPS_PER_S[near] * (near[1] / d) ** 2
     every = int(cfg.get("eval_every") or 0)
-    along = (steps // every + 1) if every else 0
-    return (steps / rate + along * MEASURED_EVAL_S["along"][sweep.experiment]
-            + MEASURED_EVAL_S["final"][sweep.experiment])
+    along, final = MEASURED_EVAL_S[(sweep.experiment, sweep.data)]
+    return steps / rate + ((steps // every + 1) if every else 0) * along + final
 
 
 def schedule_seconds(plan: list[Sweep], durations: dict[str, float], workers: int) -> float:
@@ -554,6 +566,9 @@ def main(argv: list[str] | None = None) -> int:
                              "runs of the parents' width)")
     parser.add_argument("--data", nargs="*", default=None, metavar="DATA",
                         help="run only these data sets of the profile (hmm, pcfg)")
+    parser.add_argument("--pcfg", choices=PCFG_CHOICES, default="pcfg",
+                        help="the generated PCFG of the cpu and long profiles: pcfg, or pcfg_wide (tasks B and C "
+                             "with headroom over a prefix table; far from its optimum in these profiles' steps)")
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                         help="an extra override for every sweep (repeatable), e.g. --set max_steps=1000")
     parser.add_argument("--seeds", default=None,
@@ -580,7 +595,7 @@ def main(argv: list[str] | None = None) -> int:
             args.grammar = str(Path(args.grammar).resolve())
     out = (args.out or ROOT / "runs" / f"reproduce-paper-{profile}").resolve()
     try:
-        plan = sweeps(profile, out, args.grammar, args.only, args.overrides, seeds, args.data)
+        plan = sweeps(profile, out, args.grammar, args.only, args.overrides, seeds, args.data, args.pcfg)
     except ValueError as e:
         print(f"reproduce-paper: error: {e}", file=sys.stderr)
         return 2

@@ -104,7 +104,9 @@ def test_long_profile_parents_reach_the_regime(tmp_path):
             assert float(cfg["schedule.min_ratio"]) >= 0.1 and int(cfg["eval_every"]) <= p["plateau_steps"] // 2
     widths = {o for s in plan if s.experiment == "size" for o in s.overrides if o.startswith("model.d_model=")}
     assert widths == {"model.d_model=64,128"}
-    assert {o for s in plan for o in s.overrides if o.startswith("data=")} == {"data=hmm", f"data={driver.HEADROOM}"}
+    assert {o for s in plan for o in s.overrides if o.startswith("data=")} == {"data=hmm", "data=pcfg"}
+    wide = driver.sweeps("long", tmp_path, None, datasets=["pcfg"], pcfg="pcfg_wide")
+    assert {o for s in wide for o in s.overrides if o.startswith("data=")} == {"data=pcfg_wide"}
 
 
 def test_only_continue_trains_its_parents_only(tmp_path):
@@ -160,7 +162,7 @@ def test_long_dry_run_states_steps_and_time(tmp_path, capsys):
     assert "dry run: 10 jobs in 4 sweeps compose" in out and "expected wall time:" in out
     # the parts run side by side, each continue part after its parents: the longer chain is 3 parents + 3 continues
     rate, ev = driver.MEASURED_STEPS_PER_S[("hmm", 64)], driver.MEASURED_EVAL_S
-    parent = steps / rate + (steps // 500 + 1) * ev["along"]["size"] + ev["final"]["size"]
-    cont = 500 / rate + (500 // 100 + 1) * ev["along"]["continue"] + ev["final"]["continue"]
+    parent = steps / rate + (steps // 500 + 1) * ev[("size", "hmm")][0] + ev[("size", "hmm")][1]
+    cont = 500 / rate + (500 // 100 + 1) * ev[("continue", "hmm")][0] + ev[("continue", "hmm")][1]
     assert f"expected wall time: {driver._duration(3 * parent + 3 * cont)} with 2 sweep(s)" in out
     assert "measured on a 2-core CPU machine" in out

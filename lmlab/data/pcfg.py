@@ -17,7 +17,9 @@ Variant implemented here:
   ``task_b`` / ``task_c`` = argmax over all nonterminals (``S`` included, in the grammar's order) of
   ``inside(A, 0, 4)`` / ``inside(A, 0, 2)``. Every task is ``-1`` for sentences of 4 words or fewer (the
   paper's tasks use sentences of length > 4, task A included). A label is also ``-1`` if every candidate has inside
-  probability zero. Ties go to the first nonterminal.
+  probability zero. Ties go to the first nonterminal. Task B's label is a function of the sentence's first 4
+  words and task C's of its first 2 (``task_prefix_words``), so a table from those words to a label solves
+  them wherever it has seen the prefix (``eval=probe`` reports that table's accuracy, ``table_acc``).
 * Exact optima: ``sequence_nll`` by the inside algorithm; ``single_mask_conditionals`` by
   inside-outside: the sentence probability Z is linear in each per-position emission vector
   e_t[A] = P(A -> x_t), so the outside score of the preterminal slot (A, t, t+1) is dZ/de_t[A], and
@@ -50,6 +52,8 @@ from lmlab.vocab import BOS_ID, EOS_ID, N_SPECIAL, word_ids
 
 _CHUNK_ELEMENTS = 1e7  # rough budget of chart elements per inside batch
 TASKS = ("task_a", "task_b", "task_c")
+# the words a task's label is a function of: the first 4 (task B) or 2 (task C) words of the sentence
+TASK_PREFIX_WORDS = {"task_b": 4, "task_c": 2}
 FEATURES = Features({"input_ids": Sequence(Value("int64")), **{t: Value("int64") for t in TASKS}})
 
 
@@ -131,6 +135,11 @@ class PCFGSource(Source):
     @property
     def vocab_size(self) -> int:
         return N_SPECIAL + self.grammar.n_words
+
+    @property
+    def task_prefix_words(self) -> dict[str, int]:
+        """Task -> the number of leading words its label is a function of (tasks B and C)."""
+        return dict(TASK_PREFIX_WORDS)
 
     def cache_key(self) -> str:
         key = super().cache_key()

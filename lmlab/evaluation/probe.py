@@ -30,6 +30,13 @@ zero-padded to the same ``length`` as the backbone's features. Same standardisat
 epochs. Adds ``probe/lookup_acc``, ``probe/lookup_acc_std`` and ``probe/lookup_acc_ci95``. These do not
 depend on the model, so they are computed once per evaluator and reused (e.g. by ``eval_every``).
 
+Prefix-table ceiling (sources whose labels are a function of a row's first words, ``source.task_prefix_words``:
+the PCFG's tasks B and C): ``probe/table_acc`` (``probe/<task>/table_acc``) is the test accuracy of a lookup
+table from those words to the majority label of the training rows that start with them (ties: the smallest
+label), the training rows' majority label for a prefix never seen (``prefix_table_accuracy``). It measures how
+much of a task a model can solve by memorising prefixes of the probe's training rows: a task whose table
+scores near 100% leaves no room for a better representation to show.
+
 Calibration (``ece=true``): ``probe/ece`` is the expected calibration error (Guo et al.
 2017, arXiv 1706.04599; 15 equal-width bins, ``lmlab.stats.expected_calibration_error``) of each head's test
 predictions (confidence: the softmax probability of the predicted class), averaged over seeds, and
@@ -138,6 +145,24 @@ def lookup_features(source, rows: list[list[int]], pooling: str, length: int) ->
     raise UserError(f"unknown pooling {pooling!r}: choose mean or concat.")
 
 
+def prefix_table_accuracy(train_rows: list[list[int]], train_y: np.ndarray, test_rows: list[list[int]],
+                          test_y: np.ndarray, words: int) -> float:
+    """The test accuracy of the lookup table from a row's first ``words`` words (``row[1 : 1 + words]``, after
+    BOS) to the majority training label of that prefix (ties: the smallest label); a prefix absent from the
+    training rows gets the training rows' majority label (same tie rule)."""
+    train_y, test_y = np.asarray(train_y, dtype=np.int64), np.asarray(test_y, dtype=np.int64)
+    if not len(test_y):
+        raise ValueError("no test rows to score the prefix table on")
+    counts: dict[tuple, np.ndarray] = {}
+    n_classes = int(max(train_y.max(initial=0), test_y.max(initial=0))) + 1
+    for row, y in zip(train_rows, train_y):
+        counts.setdefault(tuple(row[1 : 1 + words]), np.zeros(n_classes, dtype=np.int64))[y] += 1
+    table = {key: int(c.argmax()) for key, c in counts.items()}
+    default = int(np.bincount(train_y, minlength=n_classes).argmax()) if len(train_y) else 0
+    pred = np.array([table.get(tuple(row[1 : 1 + words]), default) for row in test_rows], dtype=np.int64)
+    return float((pred == test_y).mean())
+
+
 class Probe(DownstreamEvaluator):
     name = "probe"
 
@@ -194,7 +219,7 @@ class Probe(DownstreamEvaluator):
             if i == 0:
                 out.update(metrics)
             out.update({f"{self.name}/{task}/{k.split('/', 1)[1]}": v for k, v in metrics.items()
-                        if k.split("/", 1)[1] in ("acc", "acc_ci95", "lookup_acc", "proj_acc")
+                        if k.split("/", 1)[1] in ("acc", "acc_ci95", "lookup_acc", "proj_acc", "table_acc")
                         or k.split("/", 1)[1].startswith("layer")})
         return out
 
@@ -233,6 +258,9 @@ class Probe(DownstreamEvaluator):
         if self.project is not None:
             accs, _ = self._accuracies(x_train, train_y, x_test, test_y, n_classes, device, project=self.project)
             out[f"{self.name}/proj_acc"] = float(np.mean(accs))
+        words = (getattr(datamodule.source, "task_prefix_words", None) or {}).get(task)
+        if words:
+            out[f"{self.name}/table_acc"] = prefix_table_accuracy(train_rows, train_y, test_rows, test_y, words)
         if self.lookup:
             key = (id(datamodule.source), task, len(train_rows), len(test_rows), length)
             if key not in self._lookup_cache:

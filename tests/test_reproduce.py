@@ -74,6 +74,9 @@ def test_micro_reproduction_writes_every_section(tmp_path, cache_dir, lmlab):
                    for line in verdict_lines)  # traces were measured along training
     runs_read = re.search(r"Runs read: (\d+) under", text)
     assert runs_read and f"{runs_read.group(1)} done" in text
+    # every micro run counts (tolerance, margin and plateau of 100 nats; a learning rate never below 10% of its
+    # peak), so that every comparison above was computed rather than skipped
+    assert f"{runs_read.group(1)} counted, 0 excluded" in text
     rows = json.loads((out / "report.json").read_text())["rows"]
     assert len(rows) == len(verdict_lines)
     for png in ("flatness_vs_accuracy.png", "training_curves.png", "accuracy_vs_size.png"):

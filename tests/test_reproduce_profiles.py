@@ -9,6 +9,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from omegaconf import OmegaConf
 
 from lmlab.data.pcfg import PCFGSource
 from lmlab.data.tasks import labelled_rows
@@ -97,8 +98,10 @@ def test_long_profile_parents_reach_the_regime(tmp_path):
         if sweep.experiment == "continue":
             assert any(o.startswith("optim.lr=") for o in sweep.overrides)
             continue
+        experiment = OmegaConf.load(Path(driver.ROOT) / "lmlab/conf/experiment/same_loss" / f"{sweep.experiment}.yaml")
         for job in driver._jobs_of(sweep):
             cfg = dict(o.split("=", 1) for o in job)
+            cfg.setdefault("schedule.min_ratio", experiment.schedule.min_ratio)  # the YAML unless overridden
             steps = int(cfg["max_steps"])
             assert int(cfg["data.train_size"]) >= steps * 256, sweep.label
             assert float(cfg["schedule.min_ratio"]) >= 0.1 and int(cfg["eval_every"]) <= p["plateau_steps"] // 2

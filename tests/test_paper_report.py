@@ -519,3 +519,24 @@ def test_a_committed_report_renders_the_reports_own_verdict_table(tmp_path):
     assert out[out.index(table[0]):out.index(table[0]) + len(table)] == table
     assert any(line.startswith("From `docs/r/report.json` (`make it`, 10 min of wall time): profile **cpu**")
                for line in out)
+
+
+def test_task_ceilings_are_the_medians_of_the_finished_runs():
+    """The report's task ceilings: per claim, data set and task, the median over the finished runs (an even count
+    averages the middle two), None where no run measured it; a failed run is left out."""
+    from lmlab.studies.same_loss.render import task_ceilings
+    from lmlab.studies.same_loss.runs import Run
+
+    def run(seed, status="done", **metrics):
+        return Run(Path(f"/r/{seed}"), status, "size", "pcfg", seed, metrics=metrics)
+
+    runs = [run(0, **{"probe/task_b/acc": 0.5, "probe/task_b/table_acc": 0.4}),
+            run(1, **{"probe/task_b/acc": 0.7, "probe/task_b/table_acc": 0.4}),
+            run(2, **{"probe/task_b/acc": 0.6, "probe/task_b/table_acc": 0.5}),
+            run(3, **{"probe/task_b/acc": 0.9}),
+            run(4, status="failed", **{"probe/task_b/acc": 0.0, "probe/task_b/table_acc": 0.0})]
+    (row,) = task_ceilings(runs)
+    assert (row["claim"], row["data"], row["task"], row["runs"]) == ("size", "pcfg", "task_b", 4)
+    assert row["probe"] == pytest.approx((0.6 + 0.7) / 2)
+    assert row["table"] == pytest.approx(0.4)
+    assert row["lookup"] is None

@@ -19,11 +19,13 @@ from lmlab.studies.same_loss.runs import (
     GAP,
     LR_FLOOR,
     REPORT_JSON,
+    TABLE_CEILING,
     TRACE,
     Run,
     Settings,
     _num,
     acc_key,
+    lookup_key,
     read_settings,
     task_label,
 )
@@ -206,6 +208,31 @@ def plot_size(runs: list[Run], counted: set[Path], out: Path) -> Path:
 # ----- the report -----
 
 
+def _median(values: list[float]) -> float | None:
+    finite = sorted(v for v in values if math.isfinite(v))
+    return None if not finite else (finite[(len(finite) - 1) // 2] + finite[len(finite) // 2]) / 2
+
+
+def _pct(v: float | None) -> str:
+    return "n/a" if v is None else f"{100 * v:.1f}%"
+
+
+def task_ceilings(runs: list[Run]) -> list[dict[str, Any]]:
+    """Per claim, data set and task of the claim (``TASKS``): the median over the finished runs of the probe's
+    accuracy, the prefix table's (``probe/<task>/table_acc``) and the exact-conditionals probe's (``lookup_acc``);
+    None where no run measured it."""
+    out = []
+    for claim in CLAIMS:
+        done = [r for r in runs if r.claim == claim and r.status == "done"]
+        for data in sorted({r.data for r in done}):
+            group = [r for r in done if r.data == data]
+            for task in TASKS.get((claim, group[0].kind), ()):
+                out.append({"claim": claim, "data": data, "task": task, "runs": len(group),
+                            **{name: _median([r.get(key(task)) for r in group]) for name, key in
+                               (("probe", acc_key), ("table", TABLE_CEILING.format), ("lookup", lookup_key))}})
+    return out
+
+
 def write_report(path: str | Path, tolerance: float | None = None, compare: str | Path | None = None,
                  margin: float | None = None, plateau: float | None = None, k: int | None = None) -> Path:
     """Read every same-loss job under ``path``; write ``path/report.md``, ``path/report.json`` and the PNG plots;
@@ -248,6 +275,15 @@ def write_report(path: str | Path, tolerance: float | None = None, compare: str 
            f"{max(1, len(family))}). All rows: "
            + ", ".join(f"{v}: {sum(base_verdict(r.verdict) == v for r in a.rows)}"
                        for v in (REPRODUCED, NOT_REPRODUCED, INCONCLUSIVE, CONFOUNDED, INEFFECTIVE, MISSING)) + ".", ""]
+    ceilings = task_ceilings(runs)
+    md += ["## Task ceilings", "",
+           "How much room each task leaves: the probe's accuracy on the models' features, a lookup table from the "
+           "task's prefix words to the majority label of the probe's training rows (what memorising prefixes "
+           "reaches), and the probe on the exact conditionals (measured where the experiment runs it). Medians "
+           "over every finished run of the claim.", "",
+           "| claim | data | task | runs | probe | prefix table | exact conditionals |", "|---" * 7 + "|"]
+    md += [f"| {c['claim']} | {c['data']} | {c['task']} | {c['runs']} | {_pct(c['probe'])} | {_pct(c['table'])} | "
+           f"{_pct(c['lookup'])} |" for c in ceilings] + [""]
     md += ["## The rule", "", RULE, ""]
     stability = None
     if compare is not None:
@@ -295,7 +331,7 @@ def write_report(path: str | Path, tolerance: float | None = None, compare: str 
         "plateau_steps": settings.plateau_steps, "lr_floor": LR_FLOOR, "k": settings.k,
         "gap_median": None if not math.isfinite(gap_median) else gap_median,
         "gap_max": None if not math.isfinite(gap_max) else gap_max,
-        "trace_precision": precision, "rows": [r.to_json() for r in a.rows],
+        "trace_precision": precision, "ceilings": ceilings, "rows": [r.to_json() for r in a.rows],
         "excluded": [{"run": str(r.run_dir), "claim": r.claim, "reason": why} for r, why in a.excluded],
         "stability": stability})
     write_text(report, "\n".join(md))

@@ -35,6 +35,9 @@ HUTCH, HUTCH_SE = "flatness/hutchinson/trace", "flatness/hutchinson/trace_se"  #
 TRACES = ((TRACE, TRACE_SE, "Fisher Tr"), (BLOCKS, BLOCKS_SE, "blocks Tr"), (HUTCH, HUTCH_SE, "Hutchinson Tr"))
 
 
+TABLE_CEILING = "probe/{}/table_acc"  # the prefix table's accuracy on a task (lmlab.evaluation.probe)
+
+
 def acc_key(task: str) -> str:
     return f"probe/{task}/acc"
 

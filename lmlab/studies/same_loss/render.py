@@ -275,16 +275,8 @@ def write_report(path: str | Path, tolerance: float | None = None, compare: str 
            f"{max(1, len(family))}). All rows: "
            + ", ".join(f"{v}: {sum(base_verdict(r.verdict) == v for r in a.rows)}"
                        for v in (REPRODUCED, NOT_REPRODUCED, INCONCLUSIVE, CONFOUNDED, INEFFECTIVE, MISSING)) + ".", ""]
-    ceilings = task_ceilings(runs)
-    md += ["## Task ceilings", "",
-           "How much room each task leaves: the probe's accuracy on the models' features, a lookup table from the "
-           "task's prefix words to the majority label of the probe's training rows (what memorising prefixes "
-           "reaches), and the probe on the exact conditionals (measured where the experiment runs it). Medians "
-           "over every finished run of the claim.", "",
-           "| claim | data | task | runs | probe | prefix table | exact conditionals |", "|---" * 7 + "|"]
-    md += [f"| {c['claim']} | {c['data']} | {c['task']} | {c['runs']} | {_pct(c['probe'])} | {_pct(c['table'])} | "
-           f"{_pct(c['lookup'])} |" for c in ceilings] + [""]
     md += ["## The rule", "", RULE, ""]
+    ceilings = task_ceilings(runs)
     stability = None
     if compare is not None:
         other = Path(compare)
@@ -313,6 +305,14 @@ def write_report(path: str | Path, tolerance: float | None = None, compare: str 
         md += a.details[c]
         notes = sorted({f"- {r.data}: {r.note}" for r in rows if r.note})
         md += notes + ([""] if notes else [])
+    md += ["## Task ceilings", "",
+           "How much room each task leaves: the probe's accuracy on the models' features, a lookup table from the "
+           "task's prefix words to the majority label of the probe's training rows (what memorising prefixes "
+           "reaches), and the probe on the exact conditionals (measured where the experiment runs it). Medians "
+           "over every finished run of the claim.", "",
+           "| claim | data | task | runs | probe | prefix table | exact conditionals |", "|---" * 7 + "|"]
+    md += [f"| {c['claim']} | {c['data']} | {c['task']} | {c['runs']} | {_pct(c['probe'])} | {_pct(c['table'])} | "
+           f"{_pct(c['lookup'])} |" for c in ceilings] + [""]
     md += ["## Excluded runs", ""]
     md += ([f"- `{r.run_dir}` ({r.claim}, {r.data}, seed {r.seed}): {why}"
             + (f" ({r.reason})" if r.reason else "") for r, why in a.excluded] or ["None."]) + [""]

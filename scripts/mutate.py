@@ -109,6 +109,17 @@ MODULES: dict[str, Module] = {
                     ("tests/test_paper_report.py", "tests/test_mutation_kills.py"),
                     ("x_make_row", "x_within_pair_adjustment", "x__direction", "x_decide", "x_base_verdict"),
                     what="the same-loss study's verdicts"),
+    "paper-runs": Module("lmlab/studies/same_loss/runs.py",
+                         ("tests/test_paper_report.py", "tests/test_mutation_kills.py"),
+                         ("x_plateau_exclusion", "x_exclusion", "x__parent_exclusion", "x_run_exclusion",
+                          "xǁScheduleǁ*", "x_read_schedule"),
+                         what="which runs count: tolerance, the plateau rule and its learning-rate floor, parents"),
+    "paper-claims": Module("lmlab/studies/same_loss/claims.py",
+                           ("tests/test_paper_report.py", "tests/test_mutation_kills.py"),
+                           ("x_burn_in", "x_parent_deviation", "x_continue_matched", "x_same_parameters",
+                            "x_adversary_rows"),
+                           what="claim (a)'s matched loss at every evaluation, one parameterisation per trace row, "
+                                "an ineffective adversary"),
 }
 
 # Mutants that cannot change what a caller gets, with the reason (mutmut numbers the mutants of a function in

@@ -1,6 +1,6 @@
 """Mutation testing of the modules whose numbers researchers publish, with mutmut (3.x).
 
-Each module is mutated in a copy of the tree (``--workdir``/NAME: lmlab, tests, conf, hydra_plugins, scripts
+Each module is mutated in a copy of the tree (``--workdir``/NAME: lmlab, tests, conf, hydra_plugins, scripts, docs
 and pyproject.toml, with a ``[tool.mutmut]`` section written for that module only), and each mutant is checked by
 ONLY the tests listed for the module here (mutmut narrows them further to the tests that call the mutated
 function). ``functions`` restricts a module to the functions that compute published numbers (mutmut's mangled
@@ -31,7 +31,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-COPIED = ["lmlab", "tests", "conf", "hydra_plugins", "scripts", "pyproject.toml"]
+COPIED = ["lmlab", "tests", "conf", "hydra_plugins", "scripts", "docs", "pyproject.toml"]  # docs: tests compare with it
 
 
 @dataclass(frozen=True)
@@ -196,8 +196,10 @@ EQUIVALENT: dict[str, str] = {
     **{f"lmlab.studies.same_loss.runs.x__parent_exclusion__mutmut_{i}": (
         "the else branch is the parent's status itself: \"done\" where the first test would have said so")
        for i in (16, 17)},
-    "lmlab.studies.same_loss.statistics.x_decide__mutmut_23": (
+    "lmlab.studies.same_loss.statistics.x_decide__mutmut_32": (
         "a claimed row the Holm loop leaves without a verdict has a NaN p, for which _direction is INCONCLUSIVE too"),
+    "lmlab.studies.same_loss.statistics.x_make_row__mutmut_99": (
+        "ALPHA is min_detectable_effect's default level (0.05)"),
     "lmlab.data.grammar.x__merge__mutmut_24": _NEG,
     **{f"lmlab.data.grammar.x__merge__mutmut_{i}": "a list of Python floats is float64" for i in (26, 28)},
     **{f"lmlab.data.grammar.xǁGrammarǁsample__mutmut_{i}": _INT_DTYPE for i in (8, 11)},
@@ -225,7 +227,7 @@ def _config(mod: Module) -> str:
         "\n[tool.mutmut]\n"
         'source_paths = ["lmlab"]\n'
         f"only_mutate = {arr([mod.path])}\n"
-        f'also_copy = {arr(["conf", "hydra_plugins", "scripts"])}\n'
+        f'also_copy = {arr(["conf", "hydra_plugins", "scripts", "docs"])}\n'
         f"pytest_add_cli_args_test_selection = {arr(mod.tests)}\n"
         'pytest_add_cli_args = ["-p", "no:cacheprovider", "-x", "-q"]\n'
         'process_isolation = "forkserver"\n'

@@ -9,6 +9,9 @@ the file is mutated. The kill rate per module is printed at the end:
 
     killed / (killed + survived + no tests)       (a timeout counts as killed, as mutmut does)
 
+beside the wall time and the CPU time (user + system seconds of mutmut and every test process it ran, from
+``getrusage(RUSAGE_CHILDREN)``), which measures the budget on a machine shared with other jobs too.
+
 ``EQUIVALENT`` lists mutants that no test can kill because they do not change behaviour (with the reason); they
 are reported apart and left out of the rate of non-equivalent mutants. docs/testing.md has the figures.
 
@@ -23,6 +26,7 @@ import argparse
 import fnmatch
 import json
 import os
+import resource
 import shutil
 import subprocess
 import sys
@@ -51,6 +55,12 @@ class Module:
 
 
 HMM = "xǁHMMSourceǁ"
+# the export weight mapping: each model's HFAdapter (to_hf / from_hf), checked against transformers' own classes
+EXPORT_TESTS = ("tests/test_mutation_kills.py",
+                "tests/test_export.py::test_every_weight_of_the_mapping_reaches_the_logits",
+                "tests/test_export.py::test_models_without_a_transformers_counterpart_are_refused_in_one_sentence",
+                "tests/test_hf_import.py::test_export_then_import_gives_the_same_logits",
+                "tests/test_hf_import.py::test_a_checkpoint_the_model_does_not_compute_is_refused_in_one_sentence")
 PCFG = "xǁPCFGSourceǁ"
 MODULES: dict[str, Module] = {
     "stats": Module("lmlab/stats.py",
@@ -102,9 +112,14 @@ MODULES: dict[str, Module] = {
                      "x_jaccard", "x_band_keys", "x_bucket_pairs", "x__find", "x__confirm", "x_duplicates",
                      "xǁDedupǁselect"),
                     what="MinHash-LSH near-duplicate removal"),
-    "export": Module("lmlab/export.py", ("tests/test_export.py",),
-                     ("x__norm_kind", "x__transformer", "x__rope_inv_freq", "x__mamba", "x__mamba2"),
-                     what="the weight mapping onto transformers' classes", default=False),
+    **{name: Module(path, EXPORT_TESTS, functions, what=f"the weight mapping onto transformers' classes ({what})")
+       for name, path, functions, what in (
+           ("export", "lmlab/models/transformer.py", ("x_rope_theta", "x__to_hf", "x__from_hf"),
+            "GPT-2, Llama, Arcee"),
+           ("export-mamba", "lmlab/models/mamba.py", ("x_mixer_state_to_hf", "x_mixer_state_from_hf",
+                                                     "x_check_mixer_config", "x__mamba_to_hf", "x__mamba_from_hf"),
+            "Mamba, and the mixer weights of Mamba-2"),
+           ("export-mamba2", "lmlab/models/mamba2.py", ("x__to_hf", "x__from_hf"), "Mamba-2"))},
     "paper": Module("lmlab/report/paper.py", ("tests/test_paper_report.py", "tests/test_mutation_kills.py"),
                     ("x_exclusion", "x__parent_exclusion", "x_run_exclusion", "x_make_row", "x__direction",
                      "x_decide", "x_base_verdict", "x__verdict_cell"),
@@ -255,6 +270,12 @@ def diff(work: Path, mutant: str, env: dict) -> str:
                       if line[:1] in "-+" and not line.startswith(("---", "+++")))
 
 
+def _children_cpu() -> float:
+    """User + system CPU seconds of the finished child processes (mutmut and every test process it waited for)."""
+    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return usage.ru_utime + usage.ru_stime
+
+
 def _mutmut() -> str:
     return shutil.which("mutmut") or str(Path(sys.executable).with_name("mutmut"))
 
@@ -264,7 +285,7 @@ def run(name: str, mod: Module, workdir: Path, max_children: int, again: bool = 
     work = workdir / name
     env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}  # the copy under test, not this tree
     env.update(OMP_NUM_THREADS="1", LMLAB_CACHE=str(work / "cache"), MPLBACKEND="Agg")
-    t0 = time.time()
+    t0, cpu0 = time.time(), _children_cpu()
     if again:
         prepare(name, mod, workdir)
         with open(work / "mutmut.log", "w") as log:
@@ -272,7 +293,7 @@ def run(name: str, mod: Module, workdir: Path, max_children: int, again: bool = 
                                   cwd=work, env=env, stdout=log, stderr=subprocess.STDOUT)
     elif not (work / "mutants").is_dir():
         raise SystemExit(f"{work} holds no mutation run: run without --results-only first")
-    wall = time.time() - t0
+    wall, cpu = time.time() - t0, _children_cpu() - cpu0
     if again and proc.returncode != 0:
         tail = (work / "mutmut.log").read_text()[-3000:]
         raise SystemExit(f"mutmut failed on {mod.path} (exit {proc.returncode}); the end of {work}/mutmut.log:\n"
@@ -292,7 +313,8 @@ def run(name: str, mod: Module, workdir: Path, max_children: int, again: bool = 
     gaps = [k for k in alive if k not in EQUIVALENT]
     return {"module": mod.path, "mutants": len(codes), "killed": len(killed),
             "no_tests": sorted(k for k, v in codes.items() if v in NO_TESTS),
-            "equivalent": equivalent, "surviving": gaps, "wall_s": round(wall), "unchecked": len(unchecked),
+            "equivalent": equivalent, "surviving": gaps, "wall_s": round(wall), "cpu_s": round(cpu),
+            "unchecked": len(unchecked),
             "diffs": {k: diff(work, k, env) for k in alive},
             "rate": len(killed) / len(codes) if codes else float("nan"),
             "rate_non_equivalent": len(killed) / (len(codes) - len(equivalent)) if codes else float("nan"),
@@ -327,7 +349,7 @@ def main(argv: list[str] | None = None) -> int:
         out.append(r)
         print(f"{r['module']}: {r['killed']}/{r['mutants']} killed ({100 * r['rate']:.1f}%), "
               f"{len(r['equivalent'])} equivalent, {100 * r['rate_non_equivalent']:.1f}% of the non-equivalent; "
-              f"{r['wall_s'] if not args.results_only else '(earlier)'} s", flush=True)
+              + ("(timed earlier)" if args.results_only else f"{r['wall_s']} s wall, {r['cpu_s']} s CPU"), flush=True)
         if r["unchecked"]:
             print(f"    {r['unchecked']} mutants not checked yet (the run was stopped): left out of the rates")
         for k in r["surviving"]:
@@ -336,10 +358,15 @@ def main(argv: list[str] | None = None) -> int:
             print(f"    equivalent: {k}: {r['diffs'][k]} ({EQUIVALENT[k]})")
         if args.json:
             args.json.write_text(json.dumps(out, indent=1))
-    print("\nkill rate per module (killed / non-equivalent mutants):")
+    timed = not args.results_only
+    print("\nkill rate per module (killed / non-equivalent mutants)" + (", wall and CPU seconds:" if timed else ":"))
     for r in out:
         print(f"  {r['module']:32s} {r['killed']:4d}/{r['mutants'] - len(r['equivalent']):<4d} "
-              f"{100 * r['rate_non_equivalent']:5.1f}%")
+              f"{100 * r['rate_non_equivalent']:5.1f}%" + (f" {r['wall_s']:6d} s {r['cpu_s']:6d} s" if timed else ""))
+    if timed:
+        print(f"  {'total':32s} {'':15s} {sum(r['wall_s'] for r in out):6d} s {sum(r['cpu_s'] for r in out):6d} s "
+              f"(CPU: user + system of mutmut and its test processes; on 2 free cores with --max-children 2 the wall "
+              "is about half the CPU)")
     return 0
 
 

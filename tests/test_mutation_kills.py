@@ -15,6 +15,7 @@ import pytest
 import torch
 from scipy import stats as sps
 
+from lmlab.errors import UserError
 from lmlab.stats import (
     equivalence,
     expected_calibration_error,
@@ -800,6 +801,218 @@ def test_lsh_bucket_pairs_keep_pool_order_within_interleaved_buckets():
     assert sorted(map(tuple, pairs.tolist())) == sorted(want)
     small = bucket_pairs(rows[:12], keys[:12])  # buckets of 4: every pair, the smaller row first
     assert (small[:, 0] < small[:, 1]).all() and len(small) == 3 * 6
+
+
+# ----- the export weight mapping (the models' HFAdapter): every setting, both ways, and each refusal in full -----
+
+# (model config, the transformers config's settings, the lmlab constructor arguments from_hf gives back): sizes
+# unlike each other and unlike transformers' defaults, so that a setting dropped or swapped shows
+_T = {"_target_": "lmlab.models.transformer.Transformer", "d_model": 12, "n_layers": 3, "d_ff": 20, "norm_eps": 3e-6}
+_SPECIALS = {"bos_token_id": 1, "eos_token_id": 2, "pad_token_id": 0}
+_LLAMA = {"vocab_size": 40, "hidden_size": 12, "intermediate_size": 20, "num_hidden_layers": 3,
+          "num_attention_heads": 3, "num_key_value_heads": 3, "head_dim": 4, "max_position_embeddings": 16,
+          "rms_norm_eps": 3e-6, "attention_bias": False, "attention_dropout": 0.0, "mlp_bias": False, **_SPECIALS}
+_MIXER = {"vocab_size": 40, "hidden_size": 12, "state_size": 5, "num_hidden_layers": 3, "layer_norm_epsilon": 3e-6,
+          "conv_kernel": 3, "use_bias": False, "use_conv_bias": True, "hidden_act": "silu", "residual_in_fp32": True,
+          "tie_word_embeddings": False, **_SPECIALS}
+_BACK = {"d_model": 12, "n_layers": 3, "head_dim": None, "d_ff": 20, "max_len": 16, "norm_eps": 3e-6}
+EXPORTED = {
+    "GPT2LMHeadModel": (
+        {**_T, "n_heads": 2, "norm": "layernorm", "positions": "learned", "max_len": 24, "tie_embeddings": False},
+        {"vocab_size": 40, "n_positions": 16, "n_embd": 12, "n_layer": 3, "n_head": 2, "n_inner": 20,
+         "activation_function": "gelu", "layer_norm_epsilon": 3e-6, "resid_pdrop": 0.0, "embd_pdrop": 0.0,
+         "attn_pdrop": 0.0, "scale_attn_weights": True, "scale_attn_by_inverse_layer_idx": False,
+         "reorder_and_upcast_attn": False, "tie_word_embeddings": False, **_SPECIALS},
+        {**_BACK, "n_heads": 2, "norm": "layernorm", "positions": "learned", "mlp": "gelu", "rope_base": 10000.0,
+         "tie_embeddings": False}),
+    "ArceeForCausalLM": (
+        {**_T, "n_heads": 3, "rope_base": 500.0},
+        {**_LLAMA, "hidden_act": "gelu", "tie_word_embeddings": True},
+        {**_BACK, "n_heads": 3, "norm": "rmsnorm", "positions": "rotary", "mlp": "gelu", "rope_base": 500.0,
+         "tie_embeddings": True}),
+    "LlamaForCausalLM": (
+        {**_T, "n_heads": 3, "rope_base": 500.0, "mlp": "swiglu", "tie_embeddings": False},
+        {**_LLAMA, "hidden_act": "silu", "tie_word_embeddings": False},
+        {**_BACK, "n_heads": 3, "norm": "rmsnorm", "positions": "rotary", "mlp": "swiglu", "rope_base": 500.0,
+         "tie_embeddings": False}),
+    "MambaForCausalLM": (
+        {"_target_": "lmlab.models.mamba.Mamba", "d_model": 12, "n_layers": 3, "d_state": 5, "expand": 3,
+         "d_conv": 3, "dt_rank": 2, "norm_eps": 3e-6, "tie_embeddings": False},
+        {**_MIXER, "expand": 3, "intermediate_size": 36, "time_step_rank": 2, "use_mambapy": False},
+        {"d_model": 12, "n_layers": 3, "d_state": 5, "expand": 3, "d_conv": 3, "dt_rank": 2, "norm": "rmsnorm",
+         "norm_eps": 3e-6, "tie_embeddings": False}),
+    "Mamba2ForCausalLM": (
+        {"_target_": "lmlab.models.mamba2.Mamba2", "d_model": 12, "n_layers": 3, "d_state": 5, "headdim": 6,
+         "expand": 2, "d_conv": 3, "chunk_size": 4, "norm_eps": 3e-6, "tie_embeddings": False},
+        {**_MIXER, "expand": 2, "num_heads": 4, "head_dim": 6, "n_groups": 1, "chunk_size": 4,
+         "time_step_limit": (0.0, math.inf)},
+        {"d_model": 12, "n_layers": 3, "d_state": 5, "headdim": 6, "expand": 2, "ngroups": 1, "d_conv": 3,
+         "chunk_size": 4, "norm": "rmsnorm", "norm_eps": 3e-6, "tie_embeddings": False}),
+}
+
+
+def _exported(architecture):
+    from lmlab.models.spec import hf_adapter
+    from tests.conftest import stressed_model
+
+    model = stressed_model(EXPORTED[architecture][0], 40)
+    return model, hf_adapter(type(model))
+
+
+@pytest.mark.parametrize("architecture", list(EXPORTED))
+def test_export_writes_each_setting_and_import_gives_back_the_model_and_its_weights(architecture):
+    from lmlab.models.transformer import rope_theta
+
+    model, adapter = _exported(architecture)
+    config, weights = adapter.to_hf(model, 16)
+    assert list(config.architectures) == [architecture]
+    for key, want in EXPORTED[architecture][1].items():
+        got = getattr(config, key)
+        assert (tuple(got) if isinstance(want, tuple) else got) == want, key
+    if "rms_norm_eps" in EXPORTED[architecture][1]:
+        assert rope_theta(config) == 500.0
+    kwargs, state = adapter.from_hf(config, {k: v.detach().clone() for k, v in weights.items()})
+    assert kwargs == EXPORTED[architecture][2]
+    ours = model.state_dict()
+    if architecture == "GPT2LMHeadModel":  # the positions the checkpoint advertises, of the 24 the model has
+        assert weights["transformer.wpe.weight"].shape == (16, 12)
+        ours["pos_embed.weight"] = ours["pos_embed.weight"][:16]
+        biases = [k for k in weights if k.endswith("bias") and ".ln_" not in k and "ln_f" not in k]
+        assert len(biases) == 12 and all(not weights[k].any() for k in biases)
+    assert set(state) == set(ours)
+    for key, value in ours.items():
+        assert torch.equal(state[key], value), key
+
+
+def _config(architecture, **changes):
+    import copy
+
+    model, adapter = _exported(architecture)
+    config, weights = adapter.to_hf(model, 16)
+    config = copy.deepcopy(config)
+    for key, value in changes.items():
+        setattr(config, key, value)
+    return adapter, config, dict(weights)
+
+
+def test_import_refuses_each_setting_the_transformer_does_not_compute_in_one_sentence():
+    def refused(architecture, state=None, **changes):
+        adapter, config, weights = _config(architecture, **changes)
+        with pytest.raises(UserError) as err:
+            adapter.from_hf(config, weights if state is None else {**weights, **state})
+        return str(err.value)
+
+    def computes(architecture, what):
+        return (f"the {architecture} checkpoint has {what}, which lmlab's Transformer does not compute: import a "
+                "checkpoint without it (lmlab export writes such checkpoints).")
+
+    gpt2, llama, arcee = "GPT2LMHeadModel", "LlamaForCausalLM", "ArceeForCausalLM"
+    assert refused(gpt2, activation_function="gelu_new") == computes(
+        gpt2, "activation_function=gelu_new (lmlab's GELU is the exact 'gelu')")
+    scale = computes(gpt2, "an attention scale other than 1/sqrt(head_dim)")
+    assert refused(gpt2, scale_attn_by_inverse_layer_idx=True) == scale
+    assert refused(gpt2, scale_attn_weights=False) == scale
+    bias = "transformer.h.2.mlp.c_fc.bias"
+    assert refused(gpt2, {bias: torch.full((20,), 0.5)}) == computes(
+        gpt2, f"non-zero linear biases ({bias}) where lmlab's layers have none")
+    assert refused(llama, hidden_act="gelu") == computes(llama, "hidden_act=gelu (lmlab's SwiGLU uses silu)")
+    assert refused(arcee, hidden_act="relu2") == computes(arcee, "hidden_act=relu2 (lmlab's MLP uses gelu)")
+    assert refused(arcee, num_key_value_heads=1) == computes(arcee, "num_key_value_heads=1 (grouped-query attention)")
+    head = computes(arcee, "head_dim=6 other than hidden_size / num_attention_heads")
+    assert refused(arcee, head_dim=6) == head
+    assert refused(arcee, num_attention_heads=5, num_key_value_heads=5, head_dim=None) == computes(
+        arcee, "head_dim=None other than hidden_size / num_attention_heads")  # 12 / 5 heads
+    for key in ("attention_bias", "mlp_bias"):
+        assert refused(llama, **{key: True}) == computes(llama, "biases in its attention or MLP layers")
+    rope = computes(arcee, "a scaled or non-default rotary embedding")
+    assert refused(arcee, rope_parameters={"rope_type": "linear", "factor": 2.0, "rope_theta": 500.0}) == rope
+    assert refused(arcee, rope_parameters={"rope_type": "default", "rope_theta": 1.0}) == rope
+    other = ("lmlab's Transformer imports GPT2LMHeadModel, LlamaForCausalLM and ArceeForCausalLM checkpoints, not "
+             "{}: choose the model that imports it.")
+    assert refused(arcee, architectures=["MistralForCausalLM"]) == other.format("MistralForCausalLM")
+    assert refused(arcee, architectures=None) == other.format("?")
+
+
+def test_import_of_a_gpt2_without_n_inner_a_checkpoint_with_layer_norm_biases_and_a_config_without_rope():
+    from types import SimpleNamespace
+
+    from lmlab.models.transformer import rope_theta
+
+    adapter, config, weights = _config("GPT2LMHeadModel", n_inner=None)  # GPT-2's MLP is then 4 * n_embd wide
+    weights["transformer.ln_f.bias"] = torch.full((12,), 0.25)  # norms' biases are lmlab's too
+    weights["transformer.h.0.ln_1.bias"] = torch.full((12,), -0.5)
+    kwargs, state = adapter.from_hf(config, weights)
+    assert kwargs["d_ff"] == 48 and (state["norm.bias"] == 0.25).all() and (state["blocks.0.norm1.bias"] == -0.5).all()
+    # rope_theta reads transformers 5's rope_parameters and the rope_theta/rope_scaling of earlier versions
+    cases = [({"rope_parameters": {"rope_type": "default", "rope_theta": 300}}, 300.0),
+             ({"rope_parameters": {"rope_theta": 300.0}}, 300.0),
+             ({"rope_parameters": {"rope_type": "yarn", "rope_theta": 300.0}}, None),
+             ({"rope_theta": 700}, 700.0), ({"rope_theta": 700.0, "rope_scaling": None}, 700.0),
+             ({"rope_theta": 700.0, "rope_scaling": {"rope_type": "linear", "factor": 2.0}}, None),
+             ({"rope_parameters": None, "rope_theta": 700.0}, 700.0), ({}, None)]
+    for attributes, want in cases:
+        got = rope_theta(SimpleNamespace(**attributes))
+        assert got == want and type(got) is type(want), attributes
+
+
+def test_export_refuses_a_transformer_mup_away_from_its_base_shape_and_unequal_layer_norm_eps():
+    from hydra.utils import instantiate
+
+    from lmlab.models.spec import Unmappable, hf_adapter
+
+    mup = instantiate({**EXPORTED["ArceeForCausalLM"][0], "parametrization": "mup", "base_width": 6},
+                      vocab_size=40, attention="causal")
+    with pytest.raises(Unmappable) as err:
+        hf_adapter(type(mup)).to_hf(mup, 16)
+    assert err.value.reason == ("the run's model has parametrization=mup away from its base shape (attention scale, "
+                                "logit or branch multipliers)")
+    model, adapter = _exported("GPT2LMHeadModel")
+    model.blocks[2].norm2.eps = 1e-3
+    with pytest.raises(Unmappable) as err:
+        adapter.to_hf(model, 16)
+    assert err.value.reason == "the run's layer norms have different eps"
+
+
+def test_the_mamba_adapters_refuse_what_their_mixers_do_not_compute_in_one_sentence():
+    def refused(architecture, **changes):
+        adapter, config, weights = _config(architecture, **changes)
+        with pytest.raises(UserError) as err:
+            adapter.from_hf(config, weights)
+        return str(err.value)
+
+    for architecture, name in (("MambaForCausalLM", "Mamba"), ("Mamba2ForCausalLM", "Mamba2")):
+        for key, value, want in (("use_bias", True, False), ("use_conv_bias", False, True),
+                                 ("hidden_act", "gelu", "silu")):
+            assert refused(architecture, **{key: value}) == (
+                f"the {name}Config checkpoint has {key}={value}, which lmlab's {name} does not compute: import one "
+                f"with {key}={want}.")
+    assert refused("MambaForCausalLM", intermediate_size=40) == (
+        "the MambaConfig checkpoint has intermediate_size=40, not expand * hidden_size as lmlab's Mamba: import one "
+        "where they agree.")
+    assert refused("Mamba2ForCausalLM", n_groups=2) == (
+        "the Mamba2Config checkpoint has n_groups=2, which lmlab's Mamba2 does not compute: import one with "
+        "n_groups=1.")
+    assert refused("Mamba2ForCausalLM", time_step_limit=(0.0, 5.0)) == (
+        "the Mamba2Config checkpoint has time_step_limit=(0.0, 5.0), which lmlab's Mamba2 does not compute: import "
+        "one with time_step_limit=(0.0, inf).")
+    assert refused("Mamba2ForCausalLM", num_heads=5) == (
+        "the Mamba2Config checkpoint has num_heads * head_dim = 30, not expand * hidden_size as lmlab's Mamba2: "
+        "import one where they agree.")
+
+
+def test_export_refuses_a_mixer_block_with_an_mlp_and_a_mamba2_gated_norm_of_another_eps():
+    from lmlab.models.spec import Unmappable
+
+    model, adapter = _exported("MambaForCausalLM")
+    model.blocks[2].mlp = torch.nn.Identity()
+    with pytest.raises(Unmappable) as err:
+        adapter.to_hf(model, 16)
+    assert err.value.reason == "the run's Mamba has an MLP in its blocks"
+    model, adapter = _exported("Mamba2ForCausalLM")
+    model.blocks[2].mixer.norm.eps = 1e-3
+    with pytest.raises(Unmappable) as err:
+        adapter.to_hf(model, 16)
+    assert err.value.reason == "the run's mamba2 has a gated norm eps other than its RMSNorm eps"
 
 
 def test_pcfg_one_word_sentences_and_impossible_ones_are_exact_and_quiet(tmp_path):

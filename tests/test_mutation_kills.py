@@ -237,7 +237,8 @@ def _hmm_joint(src, x):
 
 def test_hmm_sentences_it_cannot_emit_are_quiet_and_exact():
     """P(x) = 0: NLL inf, posteriors 0, and the single-mask conditionals where x_-t is impossible 0, all
-    without numpy warnings; the other sentences and positions equal the enumeration over hidden paths."""
+    without numpy warnings; the other sentences and positions, an impossible word's own position included, equal
+    the enumeration over hidden paths."""
     import itertools
     import warnings
 
@@ -260,9 +261,7 @@ def test_hmm_sentences_it_cannot_emit_are_quiet_and_exact():
         for k in (1, 2, 3):
             want = [joint[paths[:, k - 1] == z].sum() / px[x] if px[x] else 0.0 for z in range(2)]
             np.testing.assert_allclose(posts[k - 1][i], want, rtol=1e-12, atol=1e-15)
-        if 2 in x[:-1]:
-            continue  # an impossible word before the last: see the conditionals of possible prefixes below
-        for t in range(3):
+        for t in range(3):  # at an impossible word's own position too: p(x_t | x_-t) reads the words after it
             p = np.array([px[x[:t] + (w,) + x[t + 1:]] for w in range(3)])
             want = p / p.sum() if p.sum() else p
             np.testing.assert_allclose(conds[i][t, N_SPECIAL:], want, rtol=1e-12, atol=1e-15)
@@ -789,6 +788,74 @@ def test_the_dedup_selector_passes_on_each_of_its_settings():
     only_near = Dedup(exact=False, threshold=0.9).select(pool, None, None)  # the copies: Jaccard 1
     assert only_near.report == {"pool_rows": 63, "kept_rows": 60, "removed_exact": 0, "removed_near": 3}
     assert only_near.scores.dtype == np.float64 and only_near.scores.tolist() == [1.0] * 60 + [0.0] * 3
+
+
+def _dedup_reference(rows, threshold, ngram=3):
+    """The masks of dedup.py's docstring from sets of word tuples, every pair compared: exact copies of an earlier
+    row (specials included), then each remaining row with words that is not the first of its cluster of pairs of
+    Jaccard >= threshold (a row of fewer than ``ngram`` words is one shingle)."""
+    from lmlab.vocab import N_SPECIAL
+
+    exact = [row in rows[:i] for i, row in enumerate(rows)]
+    sets = []
+    for row in rows:
+        words = [w for w in row if w >= N_SPECIAL]
+        n = min(ngram, len(words))
+        sets.append({tuple(words[i:i + n]) for i in range(len(words) - n + 1)} if words else set())
+    root = list(range(len(rows)))
+
+    def find(i):
+        while root[i] != i:
+            i = root[i]
+        return i
+
+    alive = [i for i in range(len(rows)) if not exact[i] and sets[i]]
+    for k, i in enumerate(alive):
+        for j in alive[k + 1:]:
+            if len(sets[i] & sets[j]) / len(sets[i] | sets[j]) >= threshold:
+                a, b = find(i), find(j)
+                root[max(a, b)] = min(a, b)
+    return exact, [find(i) != i for i in range(len(rows))]
+
+
+def _small_dedup_pool():
+    """61 rows in shuffled order: random rows of 40 words (38 3-shingles); copies with a substitution at the edge, in
+    the middle, two and four apart (Jaccard 37/39, 35/41, 32/44 and 26/50 to their source); copies of copies (a
+    chain); exact copies; short rows (fewer words than ngram, two again with other specials); rows without words;
+    and 34 rows with one shingle set that differ only in their specials (one LSH bucket larger than SMALL_BUCKET in
+    every band)."""
+    from lmlab.vocab import BOS_ID, EOS_ID
+
+    rng = np.random.default_rng(5)
+    rows = [[BOS_ID, *rng.integers(10, 3000, 40).tolist(), EOS_ID] for _ in range(12)]
+
+    def edit(row, positions):
+        row = list(row)
+        for p in positions:
+            row[p] = int(rng.integers(3000, 4000))
+        return row
+
+    rows += [edit(rows[0], [1]), edit(rows[1], [20]), edit(rows[2], [20])]
+    rows.append(edit(rows[13], [33]))  # a chain 1 <- 13 <- 15 <- 16
+    rows.append(edit(rows[15], [8]))
+    rows += [edit(rows[3], [10, 30]), edit(rows[4], [5, 15, 25, 35])]
+    rows += [list(rows[i]) for i in (5, 13, 13)]
+    rows += [[BOS_ID, 7, 8, EOS_ID], [7, 8], [BOS_ID, 7, 8], [BOS_ID, EOS_ID], [BOS_ID, EOS_ID, EOS_ID]]
+    rows += [[BOS_ID, 70, 71, 72, 73, *[EOS_ID] * (k + 1)] for k in range(34)]
+    return [rows[i] for i in rng.permutation(len(rows))]
+
+
+@pytest.mark.parametrize("threshold", [0.5, 0.7, 0.8, 1.0])
+def test_dedup_equals_a_pure_python_all_pairs_reference_in_chunks(monkeypatch, threshold):
+    from lmlab.selection import base, dedup
+
+    rows = _small_dedup_pool()
+    want_exact, want_near = _dedup_reference(rows, threshold)
+    assert sum(want_exact) == 3 and sum(want_near) == {0.5: 42, 0.7: 41, 0.8: 40, 1.0: 35}[threshold]
+    monkeypatch.setattr(base, "CHUNK_ROWS", 9)  # 9 chunks, and pairs confirmed 5 at a time
+    monkeypatch.setattr(dedup, "PAIR_BATCH", 5)
+    exact, near = dedup.duplicates(_dedup_pool(rows), threshold=threshold)
+    assert exact.tolist() == want_exact and near.tolist() == want_near
 
 
 def test_lsh_bucket_pairs_keep_pool_order_within_interleaved_buckets():

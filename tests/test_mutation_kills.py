@@ -537,9 +537,11 @@ def test_dedup_hashes_follow_the_documented_formulas():
 
     assert _splitmix64_ref(0) == 0xE220A8397B1DCDAF  # SplitMix64's first output from seed 0, as published
     xs = [0, 1, 12345, (1 << 63) + 7, _M64]
-    assert _splitmix64(np.array(xs, dtype=np.uint64)).tolist() == [_splitmix64_ref(x) for x in xs]
+    state = np.array(xs, dtype=np.uint64)
+    assert _splitmix64(state).tolist() == [_splitmix64_ref(x) for x in xs]
+    assert state.tolist() == xs  # its argument is left as it was
     assert int(MERSENNE) == (1 << 61) - 1 and int(MAX_HASH) == (1 << 32) - 1
-    rows = [[BOS_ID, 5, 6, 7, 6, 5, 6, 7, EOS_ID], [9, 8], [BOS_ID, EOS_ID], [5, 6, 7]]
+    rows = [[BOS_ID, 5, 6, 7, 6, 5, 6, 7, EOS_ID], [9, 8], [BOS_ID, EOS_ID], [5, 6, 7], [BOS_ID, 4, 3, 4, EOS_ID]]
     shingles = [shingle_hashes(r, 3) for r in rows]
     for row, got in zip(rows, shingles):
         words = [w for w in row if w >= 4]
@@ -856,6 +858,75 @@ def test_dedup_equals_a_pure_python_all_pairs_reference_in_chunks(monkeypatch, t
     monkeypatch.setattr(dedup, "PAIR_BATCH", 5)
     exact, near = dedup.duplicates(_dedup_pool(rows), threshold=threshold)
     assert exact.tolist() == want_exact and near.tolist() == want_near
+    # 6 permutations: LSH misses pairs (and here joins clusters whose rows end two links from their first row),
+    # yet every pair it confirms is exact, so no row is removed that the all-pairs answer keeps
+    _, few = dedup.duplicates(_dedup_pool(rows), threshold=threshold, num_perm=6, seed=2, recall_weight=0.9)
+    assert 0 < few.sum() and set(np.flatnonzero(few)) <= set(np.flatnonzero(want_near))
+
+
+def test_jaccard_of_empty_sets_and_minhash_of_one_row_with_shingles():
+    from lmlab.selection.dedup import MAX_HASH, jaccard, minhash_signatures, permutations
+
+    one, empty = np.array([5], dtype=np.uint64), np.zeros(0, dtype=np.uint64)
+    assert jaccard(empty, empty) == 1.0  # two rows without words: the same (empty) shingle set
+    assert jaccard(one, empty) == 0.0 and jaccard(empty, one) == 0.0 and jaccard(one, one) == 1.0
+    assert jaccard(np.array([1, 2], dtype=np.uint64), empty) == 0.0
+    sig = minhash_signatures([empty, one, empty], 3, seed=2)  # exactly one row with shingles
+    a, b = permutations(3, seed=2)
+    want = [((int(ai) * 5 + int(bi)) & _M64) % ((1 << 61) - 1) & 0xFFFFFFFF for ai, bi in zip(a.tolist(), b.tolist())]
+    assert sig.dtype == np.uint64 and sig[1].tolist() == want and (sig[[0, 2]] == MAX_HASH).all()
+
+
+def test_the_hash_coefficients_are_numpys_draws_for_the_seed_as_datasketch_draws_them():
+    """a_i from [1, p) and then b_i from [0, p), p = 2^61 - 1, drawn by numpy's default_rng(seed): a published
+    removal set is reproduced from its seed."""
+    from lmlab.selection.dedup import permutations
+
+    p = (1 << 61) - 1
+    for seed in (0, 1, 7):
+        rng = np.random.default_rng(seed)
+        a, b = permutations(5, seed)
+        assert a.tolist() == rng.integers(1, p, size=5, dtype=np.uint64).tolist()
+        assert b.tolist() == rng.integers(0, p, size=5, dtype=np.uint64).tolist()
+
+
+def test_the_dedup_functions_default_to_the_selectors_settings():
+    import dataclasses
+    import inspect
+
+    from lmlab.selection.dedup import Dedup, duplicates, minhash_signatures, permutations
+
+    settings = {f.name: f.default for f in dataclasses.fields(Dedup.Settings)}
+    defaults = {k: v.default for k, v in inspect.signature(duplicates).parameters.items() if k != "pool"}
+    assert defaults == settings == {"threshold": 0.8, "num_perm": 128, "ngram": 3, "seed": 1, "recall_weight": 0.99,
+                                    "exact": True, "near": True}
+    for f in (permutations, minhash_signatures):
+        assert inspect.signature(f).parameters["seed"].default == settings["seed"]
+
+
+def test_lsh_params_minimise_the_weighted_areas_computed_by_quadrature():
+    """(b, r) against the S-curve's areas integrated by scipy's adaptive quadrature over every b * r <= num_perm:
+    one band, one row a band, every permutation used, datasketch's symmetric default (0.5), a near-certain recall
+    weight (where "every pair a candidate" would be cheapest, had r = 0 been allowed) and cases where a coarser
+    grid would pick another (b, r)."""
+    from scipy import integrate
+
+    from lmlab.selection.dedup import lsh_params
+
+    def reference(threshold, num_perm, weight):
+        errors = {}
+        for b in range(1, num_perm + 1):
+            for r in range(1, num_perm // b + 1):
+                fp = integrate.quad(lambda s, b, r: 1 - (1 - s**r) ** b, 0, threshold, args=(b, r))[0]
+                fn = integrate.quad(lambda s, b, r: (1 - s**r) ** b, threshold, 1, args=(b, r))[0]
+                errors[b, r] = (1 - weight) * fp + weight * fn
+        return min(errors, key=errors.get)
+
+    assert lsh_params(0.8, 16) == reference(0.8, 16, 0.5) == (2, 8)
+    cases = {(0.5, 24, 0.9): (10, 2), (0.1, 8, 0.5): (8, 1), (0.95, 12, 0.5): (1, 12), (0.3, 6, 0.9999): (6, 1),
+             (0.6, 20, 0.2): (3, 6), (0.83, 22, 0.106): (1, 19), (0.15, 16, 0.643): (12, 1)}
+    for (threshold, num_perm, weight), want in cases.items():
+        assert lsh_params(threshold, num_perm, weight) == reference(threshold, num_perm, weight) == want
 
 
 def test_lsh_bucket_pairs_keep_pool_order_within_interleaved_buckets():

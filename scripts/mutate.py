@@ -45,6 +45,7 @@ class Module:
     functions: tuple[str, ...] = ()        # mangled-name globs of the functions mutated (empty: all)
     what: str = ""
     default: bool = True                   # False: run only when named (its survivors are not reviewed)
+    preload: tuple[str, ...] = ()          # modules imported once before the mutants are checked (pytest -p)
 
     @property
     def dotted(self) -> str:
@@ -61,6 +62,9 @@ EXPORT_TESTS = ("tests/test_mutation_kills.py",
                 "tests/test_export.py::test_models_without_a_transformers_counterpart_are_refused_in_one_sentence",
                 "tests/test_hf_import.py::test_export_then_import_gives_the_same_logits",
                 "tests/test_hf_import.py::test_a_checkpoint_the_model_does_not_compute_is_refused_in_one_sentence")
+# transformers imports its model classes on first use, seconds of CPU that each mutant's test process would pay
+# again (and that a mutant of a function with fast tests would spend past its time limit): import them once
+EXPORT_PRELOAD = tuple(f"transformers.models.{m}.modeling_{m}" for m in ("arcee", "llama", "gpt2", "mamba", "mamba2"))
 PCFG = "xǁPCFGSourceǁ"
 MODULES: dict[str, Module] = {
     "stats": Module("lmlab/stats.py",
@@ -112,7 +116,8 @@ MODULES: dict[str, Module] = {
                      "x_jaccard", "x_band_keys", "x_bucket_pairs", "x__find", "x__confirm", "x_duplicates",
                      "xǁDedupǁselect"),
                     what="MinHash-LSH near-duplicate removal"),
-    **{name: Module(path, EXPORT_TESTS, functions, what=f"the weight mapping onto transformers' classes ({what})")
+    **{name: Module(path, EXPORT_TESTS, functions, what=f"the weight mapping onto transformers' classes ({what})",
+                    preload=EXPORT_PRELOAD)
        for name, path, functions, what in (
            ("export", "lmlab/models/transformer.py", ("x_rope_theta", "x__to_hf", "x__from_hf"),
             "GPT-2, Llama, Arcee"),
@@ -250,6 +255,17 @@ EQUIVALENT: dict[str, str] = {
     "lmlab.data.grammar.x_parse_grammar__mutmut_77": "parse_grammar sets start_children itself right after",
     "lmlab.data.grammar.x_parse_grammar__mutmut_53": ("no sum near 1 lies exactly SUM_TOLERANCE from 1 in float64 "
                                                       "(differences there are multiples of 2^-53, 1e-3 is not)"),
+    **{f"lmlab.models.transformer.x__from_hf__mutmut_{i}": ("a transformers config of these classes always has "
+       "the attribute (PretrainedConfig sets architectures and tie_word_embeddings; LlamaConfig and ArceeConfig set "
+       "head_dim, attention_bias and mlp_bias): getattr's default is never read")
+       for i in (7, 16, 19, 22, 220, 231, 237, 240, 243, 246, 249, 252)},
+    **{f"lmlab.models.transformer.x__from_hf__mutmut_{i}": ("transformer.ln_f.bias contains '.ln_', which the test "
+       "before it excludes already") for i in (56, 57)},
+    **{f"lmlab.models.transformer.x__to_hf__mutmut_{i}": ("transformers' GPT2Config has the same default "
+       "(scale_attn_weights=True, scale_attn_by_inverse_layer_idx=False, reorder_and_upcast_attn=False): the "
+       "argument only states the choice") for i in (46, 47, 48)},
+    "lmlab.models.transformer.x__from_hf__mutmut_224": ("head_dim d / H equals d // H where H divides d, and "
+                                                        "`or d % H` refuses the rest"),
     "lmlab.data.pcfg.xǁPCFGSourceǁ_outside__mutmut_16": ("the outside scores are only read normalised per position "
                                                         "(single_mask_conditionals): a constant factor cancels"),
 }
@@ -262,13 +278,14 @@ NO_TESTS = {5, 33}
 def _config(mod: Module) -> str:
     def arr(xs):
         return "[" + ", ".join(json.dumps(x) for x in xs) + "]"
+    preload = [arg for m in mod.preload for arg in ("-p", m)]
     return (
         "\n[tool.mutmut]\n"
         'source_paths = ["lmlab"]\n'
         f"only_mutate = {arr([mod.path])}\n"
         f'also_copy = {arr(["conf", "hydra_plugins", "scripts"])}\n'
         f"pytest_add_cli_args_test_selection = {arr(mod.tests)}\n"
-        'pytest_add_cli_args = ["-p", "no:cacheprovider", "-x", "-q"]\n'
+        f"pytest_add_cli_args = {arr(['-p', 'no:cacheprovider', '-x', '-q', *preload])}\n"
         'process_isolation = "forkserver"\n'
         "use_git_change_detection = false\n"
         "timeout_multiplier = 5.0\n"  # a mutant whose tests take 5x their clean CPU time loops: counted killed

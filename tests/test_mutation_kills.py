@@ -1009,6 +1009,10 @@ def test_export_writes_each_setting_and_import_gives_back_the_model_and_its_weig
         assert (tuple(got) if isinstance(want, tuple) else got) == want, key
     if "rms_norm_eps" in EXPORTED[architecture][1]:
         assert rope_theta(config) == 500.0
+    known = type(config)().to_dict()  # config.json holds only settings transformers knows
+    assert [k for k in config.to_dict() if k not in known] == []
+    if config.tie_word_embeddings:  # a tied checkpoint's file holds the embedding once, without lm_head.weight
+        weights = {k: v for k, v in weights.items() if k != "lm_head.weight"}
     kwargs, state = adapter.from_hf(config, {k: v.detach().clone() for k, v in weights.items()})
     assert kwargs == EXPORTED[architecture][2]
     ours = model.state_dict()
@@ -1065,6 +1069,8 @@ def test_import_refuses_each_setting_the_transformer_does_not_compute_in_one_sen
     rope = computes(arcee, "a scaled or non-default rotary embedding")
     assert refused(arcee, rope_parameters={"rope_type": "linear", "factor": 2.0, "rope_theta": 500.0}) == rope
     assert refused(arcee, rope_parameters={"rope_type": "default", "rope_theta": 1.0}) == rope
+    adapter, config, weights = _config(arcee, rope_parameters={"rope_type": "default", "rope_theta": 1.5})
+    assert adapter.from_hf(config, weights)[0]["rope_base"] == 1.5  # any base above 1 is lmlab's too
     other = ("lmlab's Transformer imports GPT2LMHeadModel, LlamaForCausalLM and ArceeForCausalLM checkpoints, not "
              "{}: choose the model that imports it.")
     assert refused(arcee, architectures=["MistralForCausalLM"]) == other.format("MistralForCausalLM")

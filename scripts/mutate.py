@@ -264,6 +264,13 @@ EQUIVALENT: dict[str, str] = {
     **{f"lmlab.models.transformer.x__to_hf__mutmut_{i}": ("transformers' GPT2Config has the same default "
        "(scale_attn_weights=True, scale_attn_by_inverse_layer_idx=False, reorder_and_upcast_attn=False): the "
        "argument only states the choice") for i in (46, 47, 48)},
+    **{f"lmlab.models.transformer.x__to_hf__mutmut_{i}": ("transformers' LlamaConfig and ArceeConfig have the same "
+       "default (num_key_value_heads and head_dim from the heads, no biases, attention_dropout 0, Llama's "
+       "hidden_act silu): the argument only states the choice") for i in (164, 177, 178, 182, 183, 184, 208)},
+    "lmlab.models.transformer.x__to_hf__mutmut_225": "chunk's default dim is 0",
+    **{f"lmlab.models.mamba.x_mixer_state_from_hf__mutmut_{i}": ("PretrainedConfig always sets tie_word_embeddings: "
+       "getattr's default is never read") for i in (5, 8, 11)},
+    "lmlab.models.transformer.x__to_hf__mutmut_271": "a tied model's head.weight is its embed.weight (add_head)",
     "lmlab.models.transformer.x__from_hf__mutmut_224": ("head_dim d / H equals d // H where H divides d, and "
                                                         "`or d % H` refuses the rest"),
     "lmlab.data.pcfg.xǁPCFGSourceǁ_outside__mutmut_16": ("the outside scores are only read normalised per position "

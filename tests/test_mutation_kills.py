@@ -975,10 +975,11 @@ EXPORTED = {
          "tie_embeddings": False}),
     "MambaForCausalLM": (
         {"_target_": "lmlab.models.mamba.Mamba", "d_model": 12, "n_layers": 3, "d_state": 5, "expand": 3,
-         "d_conv": 3, "dt_rank": 2, "norm_eps": 3e-6, "tie_embeddings": False},
-        {**_MIXER, "expand": 3, "intermediate_size": 36, "time_step_rank": 2, "use_mambapy": False},
+         "d_conv": 3, "dt_rank": 2, "norm_eps": 3e-6, "tie_embeddings": True},
+        {**_MIXER, "expand": 3, "intermediate_size": 36, "time_step_rank": 2, "use_mambapy": False,
+         "tie_word_embeddings": True},
         {"d_model": 12, "n_layers": 3, "d_state": 5, "expand": 3, "d_conv": 3, "dt_rank": 2, "norm": "rmsnorm",
-         "norm_eps": 3e-6, "tie_embeddings": False}),
+         "norm_eps": 3e-6, "tie_embeddings": True}),
     "Mamba2ForCausalLM": (
         {"_target_": "lmlab.models.mamba2.Mamba2", "d_model": 12, "n_layers": 3, "d_state": 5, "headdim": 6,
          "expand": 2, "d_conv": 3, "chunk_size": 4, "norm_eps": 3e-6, "tie_embeddings": False},

@@ -268,8 +268,17 @@ EQUIVALENT: dict[str, str] = {
        "default (num_key_value_heads and head_dim from the heads, no biases, attention_dropout 0, Llama's "
        "hidden_act silu): the argument only states the choice") for i in (164, 177, 178, 182, 183, 184, 208)},
     "lmlab.models.transformer.x__to_hf__mutmut_225": "chunk's default dim is 0",
-    **{f"lmlab.models.mamba.x_mixer_state_from_hf__mutmut_{i}": ("PretrainedConfig always sets tie_word_embeddings: "
-       "getattr's default is never read") for i in (5, 8, 11)},
+    **{f"lmlab.models.mamba.{f}__mutmut_{i}": ("PretrainedConfig always sets tie_word_embeddings, and MambaConfig "
+       "and Mamba2Config the settings check_mixer_config reads: getattr's default is never read")
+       for f, i in (("x_mixer_state_from_hf", 5), ("x_mixer_state_from_hf", 8), ("x_mixer_state_from_hf", 11),
+                    ("x__mamba_from_hf", 53), ("x__mamba_from_hf", 56), ("x__mamba_from_hf", 59),
+                    ("x_check_mixer_config", 3), ("x_check_mixer_config", 6))},
+    **{f"lmlab.models.mamba2.x__from_hf__mutmut_{i}": ("Mamba2Config always sets time_step_limit and "
+       "tie_word_embeddings: getattr's default is never read") for i in (21, 24, 27, 30, 88, 91, 94)},
+    "lmlab.models.mamba2.x__from_hf__mutmut_35": 'float("INF") is float("inf")',
+    **{f"lmlab.models.mamba.x__mamba_to_hf__mutmut_{i}": ("transformers' MambaConfig has the same default (no "
+       "linear bias, a convolution bias, silu, the residual in float32, no mambapy): the argument only states the "
+       "choice") for i in (31, 32, 33, 34, 37)},
     "lmlab.models.transformer.x__to_hf__mutmut_271": "a tied model's head.weight is its embed.weight (add_head)",
     "lmlab.models.transformer.x__from_hf__mutmut_224": ("head_dim d / H equals d // H where H divides d, and "
                                                         "`or d % H` refuses the rest"),

@@ -1143,6 +1143,9 @@ def test_the_mamba_adapters_refuse_what_their_mixers_do_not_compute_in_one_sente
     assert refused("Mamba2ForCausalLM", num_heads=5) == (
         "the Mamba2Config checkpoint has num_heads * head_dim = 30, not expand * hidden_size as lmlab's Mamba2: "
         "import one where they agree.")
+    adapter, config, weights = _config("Mamba2ForCausalLM", tie_word_embeddings=True)  # a tied Mamba-2 too
+    kwargs, state = adapter.from_hf(config, weights)
+    assert kwargs["tie_embeddings"] is True and state["head.weight"] is state["embed.weight"]
 
 
 def test_export_refuses_a_mixer_block_with_an_mlp_and_a_mamba2_gated_norm_of_another_eps():

@@ -276,6 +276,11 @@ EQUIVALENT: dict[str, str] = {
     **{f"lmlab.models.mamba2.x__from_hf__mutmut_{i}": ("Mamba2Config always sets time_step_limit and "
        "tie_word_embeddings: getattr's default is never read") for i in (21, 24, 27, 30, 88, 91, 94)},
     "lmlab.models.mamba2.x__from_hf__mutmut_35": 'float("INF") is float("inf")',
+    "lmlab.models.mamba2.x__to_hf__mutmut_65": 'float("INF") is float("inf")',
+    **{f"lmlab.models.mamba2.x__to_hf__mutmut_{i}": ("transformers' Mamba2Config has the same default (no linear "
+       "bias, a convolution bias, silu, the residual in float32, time_step_limit (0, inf)): the argument only "
+       "states the choice") for i in (46, 47, 48, 49, 50)},
+    "lmlab.models.mamba.x_mixer_state_to_hf__mutmut_15": "a tied model's head.weight is its embed.weight (add_head)",
     **{f"lmlab.models.mamba.x__mamba_to_hf__mutmut_{i}": ("transformers' MambaConfig has the same default (no "
        "linear bias, a convolution bias, silu, the residual in float32, no mambapy): the argument only states the "
        "choice") for i in (31, 32, 33, 34, 37)},

@@ -982,10 +982,10 @@ EXPORTED = {
          "norm_eps": 3e-6, "tie_embeddings": True}),
     "Mamba2ForCausalLM": (
         {"_target_": "lmlab.models.mamba2.Mamba2", "d_model": 12, "n_layers": 3, "d_state": 5, "headdim": 6,
-         "expand": 2, "d_conv": 3, "chunk_size": 4, "norm_eps": 3e-6, "tie_embeddings": False},
-        {**_MIXER, "expand": 2, "num_heads": 4, "head_dim": 6, "n_groups": 1, "chunk_size": 4,
+         "expand": 3, "d_conv": 3, "chunk_size": 4, "norm_eps": 3e-6, "tie_embeddings": False},
+        {**_MIXER, "expand": 3, "num_heads": 6, "head_dim": 6, "n_groups": 1, "chunk_size": 4,
          "time_step_limit": (0.0, math.inf)},
-        {"d_model": 12, "n_layers": 3, "d_state": 5, "headdim": 6, "expand": 2, "ngroups": 1, "d_conv": 3,
+        {"d_model": 12, "n_layers": 3, "d_state": 5, "headdim": 6, "expand": 3, "ngroups": 1, "d_conv": 3,
          "chunk_size": 4, "norm": "rmsnorm", "norm_eps": 3e-6, "tie_embeddings": False}),
 }
 
@@ -1143,9 +1143,14 @@ def test_the_mamba_adapters_refuse_what_their_mixers_do_not_compute_in_one_sente
     assert refused("Mamba2ForCausalLM", num_heads=5) == (
         "the Mamba2Config checkpoint has num_heads * head_dim = 30, not expand * hidden_size as lmlab's Mamba2: "
         "import one where they agree.")
-    adapter, config, weights = _config("Mamba2ForCausalLM", tie_word_embeddings=True)  # a tied Mamba-2 too
-    kwargs, state = adapter.from_hf(config, weights)
-    assert kwargs["tie_embeddings"] is True and state["head.weight"] is state["embed.weight"]
+    from lmlab.models.spec import hf_adapter
+    from tests.conftest import stressed_model
+
+    tied = stressed_model({**EXPORTED["Mamba2ForCausalLM"][0], "tie_embeddings": True}, 40)  # a tied Mamba-2 too
+    config, weights = hf_adapter(type(tied)).to_hf(tied, 16)
+    kwargs, state = hf_adapter(type(tied)).from_hf(config, weights)
+    assert config.tie_word_embeddings is True and kwargs["tie_embeddings"] is True
+    assert state["head.weight"] is state["embed.weight"]
 
 
 def test_export_refuses_a_mixer_block_with_an_mlp_and_a_mamba2_gated_norm_of_another_eps():

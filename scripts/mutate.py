@@ -202,6 +202,9 @@ EQUIVALENT: dict[str, str] = {
        "memory: every grouping gives the same signatures (checked at chunk 1, 3 and 65536)")
        for i in (28, 32, 33, 34, 35, 38)},
     "lmlab.selection.dedup.x_permutations__mutmut_20": "integers(p) is integers(0, p)",
+    "lmlab.selection.dedup.x__splitmix64__mutmut_5": "astype copies by default (copy=True)",
+    **{f"lmlab.selection.dedup.x_minhash_signatures__mutmut_{i}": ("np.full takes the dtype of its fill value, "
+       "MAX_HASH, a uint64") for i in (10, 13)},
     **{f"lmlab.selection.dedup.x_duplicates__mutmut_{i}": ("float64 keeps 53 of each 64-bit half of the 16-byte "
        "digest: two different rows still differ but with probability about n^2 2^-107") for i in (18, 20)},
     **{f"lmlab.selection.dedup.x_duplicates__mutmut_{i}": ("float64 band keys keep 53 of their 64 bits: rounding "

@@ -890,18 +890,39 @@ def test_the_hash_coefficients_are_numpys_draws_for_the_seed_as_datasketch_draws
         assert b.tolist() == rng.integers(0, p, size=5, dtype=np.uint64).tolist()
 
 
-def test_the_dedup_functions_default_to_the_selectors_settings():
+def test_the_dedup_functions_default_to_the_selectors_settings(monkeypatch):
+    """duplicates() without settings hashes and bands with the selector's defaults (what it passes down is
+    recorded), and the seed of permutations and minhash_signatures defaults to the selector's too."""
     import dataclasses
-    import inspect
 
-    from lmlab.selection.dedup import Dedup, duplicates, minhash_signatures, permutations
+    from lmlab.selection import dedup
 
-    settings = {f.name: f.default for f in dataclasses.fields(Dedup.Settings)}
-    defaults = {k: v.default for k, v in inspect.signature(duplicates).parameters.items() if k != "pool"}
-    assert defaults == settings == {"threshold": 0.8, "num_perm": 128, "ngram": 3, "seed": 1, "recall_weight": 0.99,
-                                    "exact": True, "near": True}
-    for f in (permutations, minhash_signatures):
-        assert inspect.signature(f).parameters["seed"].default == settings["seed"]
+    settings = {f.name: f.default for f in dataclasses.fields(dedup.Dedup.Settings)}
+    assert settings == {"threshold": 0.8, "num_perm": 128, "ngram": 3, "seed": 1, "recall_weight": 0.99,
+                        "exact": True, "near": True}
+    seen = {}
+
+    def spy(name):
+        real = getattr(dedup, name)
+
+        def record(*args, **kwargs):
+            seen.setdefault(name, (args, kwargs))
+            return real(*args, **kwargs)
+        return record
+
+    for name in ("lsh_params", "shingle_hashes", "minhash_signatures"):
+        monkeypatch.setattr(dedup, name, spy(name))
+    rows = _small_dedup_pool()
+    exact, near = dedup.duplicates(_dedup_pool(rows))
+    assert seen["lsh_params"] == ((0.8, 128, 0.99), {}) and seen["shingle_hashes"][0][1] == 3
+    assert seen["minhash_signatures"][0][1:] == (128, 1)
+    assert (exact.tolist(), near.tolist()) == _dedup_reference(rows, 0.8)  # both kinds, at threshold 0.8
+    monkeypatch.undo()
+    shingles = [dedup.shingle_hashes(row, 3) for row in rows[:5]]
+    assert (dedup.minhash_signatures(shingles, 4) == dedup.minhash_signatures(shingles, 4, seed=1)).all()
+    assert not (dedup.minhash_signatures(shingles, 4) == dedup.minhash_signatures(shingles, 4, seed=2)).all()
+    assert dedup.permutations(4)[0].tolist() == dedup.permutations(4, 1)[0].tolist() != \
+        dedup.permutations(4, 2)[0].tolist()
 
 
 def test_lsh_params_minimise_the_weighted_areas_computed_by_quadrature():

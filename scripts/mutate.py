@@ -176,10 +176,9 @@ EQUIVALENT: dict[str, str] = {
     **{f"lmlab.data.hmm.xǁHMMSourceǁ_words__mutmut_{i}": _WORD_DTYPE for i in (5, 7)},
     **{f"lmlab.data.hmm.xǁHMMSourceǁsingle_mask_conditionals__mutmut_{i}": _ZERO_BY_ZERO for i in (19, 21)},
     **{f"lmlab.data.hmm.xǁHMMSourceǁ_forward_backward__mutmut_{i}": _ZERO_BY_ZERO for i in (12, 14)},
-    "lmlab.data.hmm.xǁHMMSourceǁ_forward_backward__mutmut_75": ("where the prefix is impossible beta is read only up to "
-                                                              "a positive factor (the conditionals are normalised per "
-                                                              "position, the posterior is 0): the batch's sum serves "
-                                                              "as well as the row's"),
+    "lmlab.data.hmm.xǁHMMSourceǁ_forward_backward__mutmut_75": (
+        "where the prefix is impossible beta is read only up to a positive factor (the conditionals are normalised "
+        "per position, the posterior is 0): the batch's sum serves as well as the row's"),
     "lmlab.training.callbacks.xǁDivergenceGuardǁon_train_batch_end__mutmut_16":
         "step 0 is a multiple of every, so it is read either way: only steps >= 1 tell `or 0` from `or 1`",
     **{k: 'float("NAN") is float("nan")' for k in (

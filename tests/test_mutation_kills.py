@@ -890,7 +890,7 @@ def test_the_hash_coefficients_are_numpys_draws_for_the_seed_as_datasketch_draws
         assert b.tolist() == rng.integers(0, p, size=5, dtype=np.uint64).tolist()
 
 
-def test_the_dedup_functions_default_to_the_selectors_settings(monkeypatch):
+def test_the_dedup_functions_without_settings_use_the_selectors_defaults(monkeypatch):
     """duplicates() without settings hashes and bands with the selector's defaults (what it passes down is
     recorded), and the seed of permutations and minhash_signatures defaults to the selector's too."""
     import dataclasses

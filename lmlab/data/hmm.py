@@ -144,9 +144,10 @@ class HMMSource(Source):
         Returns ``prior`` (N, T, H) = P(z_t | x_<t), ``alpha`` (N, T, H) = P(z_t | x_<=t),
         ``beta`` (N, T, H) = P(x_>t | z_t) / P(x_>t | x_<=t), and ``scale`` (N, T) = P(x_t | x_<t),
         so that log P(x) = sum_t log scale_t and P(z_t | x) = alpha_t * beta_t. Impossible prefixes
-        give scale 0 and all-zero ``prior`` and ``alpha`` rows after them; where x_<=t+1 is impossible, ``beta``
-        is P(x_>t | z_t) normalised to sum 1 over z (zero where x_>t is impossible from every state), so the
-        single-mask conditionals at an impossible word's own position, which read x_>t, stay exact.
+        give scale 0 and all-zero ``prior`` and ``alpha`` rows after them. In a sentence of probability 0,
+        ``beta`` is P(x_>t | z_t) up to a positive factor per row and position (where x_<=t+1 is impossible it is
+        normalised by its own sum over z, zero where x_>t is impossible from every state), so the single-mask
+        conditionals at an impossible word's own position, which read x_>t, stay exact.
         """
         n, length = words.shape
         h = self.hidden_states

@@ -67,7 +67,7 @@ lint: install
 # Mutation testing (mutmut) of the modules whose numbers are published, each with only its own tests; prints the
 # kill rate per module (docs/testing.md). MODULES="stats dedup" runs some of them (scripts/mutate.py --list).
 mutate: install
-	nice $(PY) scripts/mutate.py $(MODULES)
+	nice $(PY) scripts/mutate.py --max-children 2 $(MODULES)
 
 clean:
 	rm -rf runs outputs multirun build/mutate

@@ -15,6 +15,7 @@ import pytest
 import torch
 from scipy import stats as sps
 
+from lmlab.errors import UserError
 from lmlab.stats import (
     equivalence,
     expected_calibration_error,
@@ -237,7 +238,8 @@ def _hmm_joint(src, x):
 
 def test_hmm_sentences_it_cannot_emit_are_quiet_and_exact():
     """P(x) = 0: NLL inf, posteriors 0, and the single-mask conditionals where x_-t is impossible 0, all
-    without numpy warnings; the other sentences and positions equal the enumeration over hidden paths."""
+    without numpy warnings; the other sentences and positions, an impossible word's own position included, equal
+    the enumeration over hidden paths."""
     import itertools
     import warnings
 
@@ -260,9 +262,7 @@ def test_hmm_sentences_it_cannot_emit_are_quiet_and_exact():
         for k in (1, 2, 3):
             want = [joint[paths[:, k - 1] == z].sum() / px[x] if px[x] else 0.0 for z in range(2)]
             np.testing.assert_allclose(posts[k - 1][i], want, rtol=1e-12, atol=1e-15)
-        if 2 in x[:-1]:
-            continue  # an impossible word before the last: see the conditionals of possible prefixes below
-        for t in range(3):
+        for t in range(3):  # at an impossible word's own position too: p(x_t | x_-t) reads the words after it
             p = np.array([px[x[:t] + (w,) + x[t + 1:]] for w in range(3)])
             want = p / p.sum() if p.sum() else p
             np.testing.assert_allclose(conds[i][t, N_SPECIAL:], want, rtol=1e-12, atol=1e-15)
@@ -540,9 +540,11 @@ def test_dedup_hashes_follow_the_documented_formulas():
 
     assert _splitmix64_ref(0) == 0xE220A8397B1DCDAF  # SplitMix64's first output from seed 0, as published
     xs = [0, 1, 12345, (1 << 63) + 7, _M64]
-    assert _splitmix64(np.array(xs, dtype=np.uint64)).tolist() == [_splitmix64_ref(x) for x in xs]
+    state = np.array(xs, dtype=np.uint64)
+    assert _splitmix64(state).tolist() == [_splitmix64_ref(x) for x in xs]
+    assert state.tolist() == xs  # its argument is left as it was
     assert int(MERSENNE) == (1 << 61) - 1 and int(MAX_HASH) == (1 << 32) - 1
-    rows = [[BOS_ID, 5, 6, 7, 6, 5, 6, 7, EOS_ID], [9, 8], [BOS_ID, EOS_ID], [5, 6, 7]]
+    rows = [[BOS_ID, 5, 6, 7, 6, 5, 6, 7, EOS_ID], [9, 8], [BOS_ID, EOS_ID], [5, 6, 7], [BOS_ID, 4, 3, 4, EOS_ID]]
     shingles = [shingle_hashes(r, 3) for r in rows]
     for row, got in zip(rows, shingles):
         words = [w for w in row if w >= 4]
@@ -797,6 +799,164 @@ def test_the_dedup_selector_passes_on_each_of_its_settings():
     assert only_near.scores.dtype == np.float64 and only_near.scores.tolist() == [1.0] * 60 + [0.0] * 3
 
 
+def _dedup_reference(rows, threshold, ngram=3):
+    """The masks of dedup.py's docstring from sets of word tuples, every pair compared: exact copies of an earlier
+    row (specials included), then each remaining row with words that is not the first of its cluster of pairs of
+    Jaccard >= threshold (a row of fewer than ``ngram`` words is one shingle)."""
+    from lmlab.vocab import N_SPECIAL
+
+    exact = [row in rows[:i] for i, row in enumerate(rows)]
+    sets = []
+    for row in rows:
+        words = [w for w in row if w >= N_SPECIAL]
+        n = min(ngram, len(words))
+        sets.append({tuple(words[i:i + n]) for i in range(len(words) - n + 1)} if words else set())
+    root = list(range(len(rows)))
+
+    def find(i):
+        while root[i] != i:
+            i = root[i]
+        return i
+
+    alive = [i for i in range(len(rows)) if not exact[i] and sets[i]]
+    for k, i in enumerate(alive):
+        for j in alive[k + 1:]:
+            if len(sets[i] & sets[j]) / len(sets[i] | sets[j]) >= threshold:
+                a, b = find(i), find(j)
+                root[max(a, b)] = min(a, b)
+    return exact, [find(i) != i for i in range(len(rows))]
+
+
+def _small_dedup_pool():
+    """61 rows in shuffled order: random rows of 40 words (38 3-shingles); copies with a substitution at the edge, in
+    the middle, two and four apart (Jaccard 37/39, 35/41, 32/44 and 26/50 to their source); copies of copies (a
+    chain); exact copies; short rows (fewer words than ngram, two again with other specials); rows without words;
+    and 34 rows with one shingle set that differ only in their specials (one LSH bucket larger than SMALL_BUCKET in
+    every band)."""
+    from lmlab.vocab import BOS_ID, EOS_ID
+
+    rng = np.random.default_rng(5)
+    rows = [[BOS_ID, *rng.integers(10, 3000, 40).tolist(), EOS_ID] for _ in range(12)]
+
+    def edit(row, positions):
+        row = list(row)
+        for p in positions:
+            row[p] = int(rng.integers(3000, 4000))
+        return row
+
+    rows += [edit(rows[0], [1]), edit(rows[1], [20]), edit(rows[2], [20])]
+    rows.append(edit(rows[13], [33]))  # a chain 1 <- 13 <- 15 <- 16
+    rows.append(edit(rows[15], [8]))
+    rows += [edit(rows[3], [10, 30]), edit(rows[4], [5, 15, 25, 35])]
+    rows += [list(rows[i]) for i in (5, 13, 13)]
+    rows += [[BOS_ID, 7, 8, EOS_ID], [7, 8], [BOS_ID, 7, 8], [BOS_ID, EOS_ID], [BOS_ID, EOS_ID, EOS_ID]]
+    rows += [[BOS_ID, 70, 71, 72, 73, *[EOS_ID] * (k + 1)] for k in range(34)]
+    return [rows[i] for i in rng.permutation(len(rows))]
+
+
+@pytest.mark.parametrize("threshold", [0.5, 0.7, 0.8, 1.0])
+def test_dedup_equals_a_pure_python_all_pairs_reference_in_chunks(monkeypatch, threshold):
+    from lmlab.selection import base, dedup
+
+    rows = _small_dedup_pool()
+    want_exact, want_near = _dedup_reference(rows, threshold)
+    assert sum(want_exact) == 3 and sum(want_near) == {0.5: 42, 0.7: 41, 0.8: 40, 1.0: 35}[threshold]
+    monkeypatch.setattr(base, "CHUNK_ROWS", 9)  # 9 chunks, and pairs confirmed 5 at a time
+    monkeypatch.setattr(dedup, "PAIR_BATCH", 5)
+    exact, near = dedup.duplicates(_dedup_pool(rows), threshold=threshold)
+    assert exact.tolist() == want_exact and near.tolist() == want_near
+    # 6 permutations: LSH misses pairs (and here joins clusters whose rows end two links from their first row),
+    # yet every pair it confirms is exact, so no row is removed that the all-pairs answer keeps
+    _, few = dedup.duplicates(_dedup_pool(rows), threshold=threshold, num_perm=6, seed=2, recall_weight=0.9)
+    assert 0 < few.sum() and set(np.flatnonzero(few)) <= set(np.flatnonzero(want_near))
+
+
+def test_jaccard_of_empty_sets_and_minhash_of_one_row_with_shingles():
+    from lmlab.selection.dedup import MAX_HASH, jaccard, minhash_signatures, permutations
+
+    one, empty = np.array([5], dtype=np.uint64), np.zeros(0, dtype=np.uint64)
+    assert jaccard(empty, empty) == 1.0  # two rows without words: the same (empty) shingle set
+    assert jaccard(one, empty) == 0.0 and jaccard(empty, one) == 0.0 and jaccard(one, one) == 1.0
+    assert jaccard(np.array([1, 2], dtype=np.uint64), empty) == 0.0
+    sig = minhash_signatures([empty, one, empty], 3, seed=2)  # exactly one row with shingles
+    a, b = permutations(3, seed=2)
+    want = [((int(ai) * 5 + int(bi)) & _M64) % ((1 << 61) - 1) & 0xFFFFFFFF for ai, bi in zip(a.tolist(), b.tolist())]
+    assert sig.dtype == np.uint64 and sig[1].tolist() == want and (sig[[0, 2]] == MAX_HASH).all()
+
+
+def test_the_hash_coefficients_are_numpys_draws_for_the_seed_as_datasketch_draws_them():
+    """a_i from [1, p) and then b_i from [0, p), p = 2^61 - 1, drawn by numpy's default_rng(seed): a published
+    removal set is reproduced from its seed."""
+    from lmlab.selection.dedup import permutations
+
+    p = (1 << 61) - 1
+    for seed in (0, 1, 7):
+        rng = np.random.default_rng(seed)
+        a, b = permutations(5, seed)
+        assert a.tolist() == rng.integers(1, p, size=5, dtype=np.uint64).tolist()
+        assert b.tolist() == rng.integers(0, p, size=5, dtype=np.uint64).tolist()
+
+
+def test_the_dedup_functions_without_settings_use_the_selectors_defaults(monkeypatch):
+    """duplicates() without settings hashes and bands with the selector's defaults (what it passes down is
+    recorded), and the seed of permutations and minhash_signatures defaults to the selector's too."""
+    import dataclasses
+
+    from lmlab.selection import dedup
+
+    settings = {f.name: f.default for f in dataclasses.fields(dedup.Dedup.Settings)}
+    assert settings == {"threshold": 0.8, "num_perm": 128, "ngram": 3, "seed": 1, "recall_weight": 0.99,
+                        "exact": True, "near": True}
+    seen = {}
+
+    def spy(name):
+        real = getattr(dedup, name)
+
+        def record(*args, **kwargs):
+            seen.setdefault(name, (args, kwargs))
+            return real(*args, **kwargs)
+        return record
+
+    for name in ("lsh_params", "shingle_hashes", "minhash_signatures"):
+        monkeypatch.setattr(dedup, name, spy(name))
+    rows = _small_dedup_pool()
+    exact, near = dedup.duplicates(_dedup_pool(rows))
+    assert seen["lsh_params"] == ((0.8, 128, 0.99), {}) and seen["shingle_hashes"][0][1] == 3
+    assert seen["minhash_signatures"][0][1:] == (128, 1)
+    assert (exact.tolist(), near.tolist()) == _dedup_reference(rows, 0.8)  # both kinds, at threshold 0.8
+    monkeypatch.undo()
+    shingles = [dedup.shingle_hashes(row, 3) for row in rows[:5]]
+    assert (dedup.minhash_signatures(shingles, 4) == dedup.minhash_signatures(shingles, 4, seed=1)).all()
+    assert not (dedup.minhash_signatures(shingles, 4) == dedup.minhash_signatures(shingles, 4, seed=2)).all()
+    assert dedup.permutations(4)[0].tolist() == dedup.permutations(4, 1)[0].tolist() != \
+        dedup.permutations(4, 2)[0].tolist()
+
+
+def test_lsh_params_minimise_the_weighted_areas_computed_by_quadrature():
+    """(b, r) against the S-curve's areas integrated by scipy's adaptive quadrature over every b * r <= num_perm:
+    one band, one row a band, every permutation used, datasketch's symmetric default (0.5), a near-certain recall
+    weight (where "every pair a candidate" would be cheapest, had r = 0 been allowed) and cases where a coarser
+    grid would pick another (b, r)."""
+    from scipy import integrate
+
+    from lmlab.selection.dedup import lsh_params
+
+    def reference(threshold, num_perm, weight):
+        errors = {}
+        for b in range(1, num_perm + 1):
+            for r in range(1, num_perm // b + 1):
+                fp = integrate.quad(lambda s, b, r: 1 - (1 - s**r) ** b, 0, threshold, args=(b, r))[0]
+                fn = integrate.quad(lambda s, b, r: (1 - s**r) ** b, threshold, 1, args=(b, r))[0]
+                errors[b, r] = (1 - weight) * fp + weight * fn
+        return min(errors, key=errors.get)
+
+    assert lsh_params(0.8, 16) == reference(0.8, 16, 0.5) == (2, 8)
+    cases = {(0.5, 24, 0.9): (10, 2), (0.1, 8, 0.5): (8, 1), (0.95, 12, 0.5): (1, 12), (0.3, 6, 0.9999): (6, 1),
+             (0.6, 20, 0.2): (3, 6), (0.83, 22, 0.106): (1, 19), (0.15, 16, 0.643): (12, 1)}
+    for (threshold, num_perm, weight), want in cases.items():
+        assert lsh_params(threshold, num_perm, weight) == reference(threshold, num_perm, weight) == want
+
+
 def test_lsh_bucket_pairs_keep_pool_order_within_interleaved_buckets():
     from lmlab.selection.dedup import SMALL_BUCKET, bucket_pairs
 
@@ -807,6 +967,233 @@ def test_lsh_bucket_pairs_keep_pool_order_within_interleaved_buckets():
     assert sorted(map(tuple, pairs.tolist())) == sorted(want)
     small = bucket_pairs(rows[:12], keys[:12])  # buckets of 4: every pair, the smaller row first
     assert (small[:, 0] < small[:, 1]).all() and len(small) == 3 * 6
+
+
+# ----- the export weight mapping (the models' HFAdapter): every setting, both ways, and each refusal in full -----
+
+# (model config, the transformers config's settings, the lmlab constructor arguments from_hf gives back): sizes
+# unlike each other and unlike transformers' defaults, so that a setting dropped or swapped shows
+_T = {"_target_": "lmlab.models.transformer.Transformer", "d_model": 12, "n_layers": 3, "d_ff": 20, "norm_eps": 3e-6}
+_SPECIALS = {"bos_token_id": 1, "eos_token_id": 2, "pad_token_id": 0}
+_LLAMA = {"vocab_size": 40, "hidden_size": 12, "intermediate_size": 20, "num_hidden_layers": 3,
+          "num_attention_heads": 3, "num_key_value_heads": 3, "head_dim": 4, "max_position_embeddings": 16,
+          "rms_norm_eps": 3e-6, "attention_bias": False, "attention_dropout": 0.0, "mlp_bias": False, **_SPECIALS}
+_MIXER = {"vocab_size": 40, "hidden_size": 12, "state_size": 5, "num_hidden_layers": 3, "layer_norm_epsilon": 3e-6,
+          "conv_kernel": 3, "use_bias": False, "use_conv_bias": True, "hidden_act": "silu", "residual_in_fp32": True,
+          "tie_word_embeddings": False, **_SPECIALS}
+_BACK = {"d_model": 12, "n_layers": 3, "head_dim": None, "d_ff": 20, "max_len": 16, "norm_eps": 3e-6}
+EXPORTED = {
+    "GPT2LMHeadModel": (
+        {**_T, "n_heads": 2, "norm": "layernorm", "positions": "learned", "max_len": 24, "tie_embeddings": False},
+        {"vocab_size": 40, "n_positions": 16, "n_embd": 12, "n_layer": 3, "n_head": 2, "n_inner": 20,
+         "activation_function": "gelu", "layer_norm_epsilon": 3e-6, "resid_pdrop": 0.0, "embd_pdrop": 0.0,
+         "attn_pdrop": 0.0, "scale_attn_weights": True, "scale_attn_by_inverse_layer_idx": False,
+         "reorder_and_upcast_attn": False, "tie_word_embeddings": False, **_SPECIALS},
+        {**_BACK, "n_heads": 2, "norm": "layernorm", "positions": "learned", "mlp": "gelu", "rope_base": 10000.0,
+         "tie_embeddings": False}),
+    "ArceeForCausalLM": (
+        {**_T, "n_heads": 3, "rope_base": 500.0},
+        {**_LLAMA, "hidden_act": "gelu", "tie_word_embeddings": True},
+        {**_BACK, "n_heads": 3, "norm": "rmsnorm", "positions": "rotary", "mlp": "gelu", "rope_base": 500.0,
+         "tie_embeddings": True}),
+    "LlamaForCausalLM": (
+        {**_T, "n_heads": 3, "rope_base": 500.0, "mlp": "swiglu", "tie_embeddings": False},
+        {**_LLAMA, "hidden_act": "silu", "tie_word_embeddings": False},
+        {**_BACK, "n_heads": 3, "norm": "rmsnorm", "positions": "rotary", "mlp": "swiglu", "rope_base": 500.0,
+         "tie_embeddings": False}),
+    "MambaForCausalLM": (
+        {"_target_": "lmlab.models.mamba.Mamba", "d_model": 12, "n_layers": 3, "d_state": 5, "expand": 3,
+         "d_conv": 3, "dt_rank": 2, "norm_eps": 3e-6, "tie_embeddings": True},
+        {**_MIXER, "expand": 3, "intermediate_size": 36, "time_step_rank": 2, "use_mambapy": False,
+         "tie_word_embeddings": True},
+        {"d_model": 12, "n_layers": 3, "d_state": 5, "expand": 3, "d_conv": 3, "dt_rank": 2, "norm": "rmsnorm",
+         "norm_eps": 3e-6, "tie_embeddings": True}),
+    "Mamba2ForCausalLM": (
+        {"_target_": "lmlab.models.mamba2.Mamba2", "d_model": 12, "n_layers": 3, "d_state": 5, "headdim": 6,
+         "expand": 3, "d_conv": 3, "chunk_size": 4, "norm_eps": 3e-6, "tie_embeddings": False},
+        {**_MIXER, "expand": 3, "num_heads": 6, "head_dim": 6, "n_groups": 1, "chunk_size": 4,
+         "time_step_limit": (0.0, math.inf)},
+        {"d_model": 12, "n_layers": 3, "d_state": 5, "headdim": 6, "expand": 3, "ngroups": 1, "d_conv": 3,
+         "chunk_size": 4, "norm": "rmsnorm", "norm_eps": 3e-6, "tie_embeddings": False}),
+}
+
+
+def _exported(architecture):
+    from lmlab.models.spec import hf_adapter
+    from tests.conftest import stressed_model
+
+    model = stressed_model(EXPORTED[architecture][0], 40)
+    return model, hf_adapter(type(model))
+
+
+@pytest.mark.parametrize("architecture", list(EXPORTED))
+def test_export_writes_each_setting_and_import_gives_back_the_model_and_its_weights(architecture):
+    from lmlab.models.transformer import rope_theta
+
+    model, adapter = _exported(architecture)
+    config, weights = adapter.to_hf(model, 16)
+    assert list(config.architectures) == [architecture]
+    for key, want in EXPORTED[architecture][1].items():
+        got = getattr(config, key)
+        assert (tuple(got) if isinstance(want, tuple) else got) == want, key
+    if "rms_norm_eps" in EXPORTED[architecture][1]:
+        assert rope_theta(config) == 500.0
+    known = type(config)().to_dict()  # config.json holds only settings transformers knows
+    assert [k for k in config.to_dict() if k not in known] == []
+    if config.tie_word_embeddings:  # a tied checkpoint's file holds the embedding once, without lm_head.weight
+        weights = {k: v for k, v in weights.items() if k != "lm_head.weight"}
+    kwargs, state = adapter.from_hf(config, {k: v.detach().clone() for k, v in weights.items()})
+    assert kwargs == EXPORTED[architecture][2]
+    ours = model.state_dict()
+    if architecture == "GPT2LMHeadModel":  # the positions the checkpoint advertises, of the 24 the model has
+        assert weights["transformer.wpe.weight"].shape == (16, 12)
+        ours["pos_embed.weight"] = ours["pos_embed.weight"][:16]
+        biases = [k for k in weights if k.endswith("bias") and ".ln_" not in k and "ln_f" not in k]
+        assert len(biases) == 12 and all(not weights[k].any() for k in biases)
+    assert set(state) == set(ours)
+    for key, value in ours.items():
+        assert torch.equal(state[key], value), key
+
+
+def _config(architecture, **changes):
+    import copy
+
+    model, adapter = _exported(architecture)
+    config, weights = adapter.to_hf(model, 16)
+    config = copy.deepcopy(config)
+    for key, value in changes.items():
+        setattr(config, key, value)
+    return adapter, config, dict(weights)
+
+
+def test_import_refuses_each_setting_the_transformer_does_not_compute_in_one_sentence():
+    def refused(architecture, state=None, **changes):
+        adapter, config, weights = _config(architecture, **changes)
+        with pytest.raises(UserError) as err:
+            adapter.from_hf(config, weights if state is None else {**weights, **state})
+        return str(err.value)
+
+    def computes(architecture, what):
+        return (f"the {architecture} checkpoint has {what}, which lmlab's Transformer does not compute: import a "
+                "checkpoint without it (lmlab export writes such checkpoints).")
+
+    gpt2, llama, arcee = "GPT2LMHeadModel", "LlamaForCausalLM", "ArceeForCausalLM"
+    assert refused(gpt2, activation_function="gelu_new") == computes(
+        gpt2, "activation_function=gelu_new (lmlab's GELU is the exact 'gelu')")
+    scale = computes(gpt2, "an attention scale other than 1/sqrt(head_dim)")
+    assert refused(gpt2, scale_attn_by_inverse_layer_idx=True) == scale
+    assert refused(gpt2, scale_attn_weights=False) == scale
+    bias = "transformer.h.2.mlp.c_fc.bias"
+    assert refused(gpt2, {bias: torch.full((20,), 0.5)}) == computes(
+        gpt2, f"non-zero linear biases ({bias}) where lmlab's layers have none")
+    assert refused(llama, hidden_act="gelu") == computes(llama, "hidden_act=gelu (lmlab's SwiGLU uses silu)")
+    assert refused(arcee, hidden_act="relu2") == computes(arcee, "hidden_act=relu2 (lmlab's MLP uses gelu)")
+    assert refused(arcee, num_key_value_heads=1) == computes(arcee, "num_key_value_heads=1 (grouped-query attention)")
+    head = computes(arcee, "head_dim=6 other than hidden_size / num_attention_heads")
+    assert refused(arcee, head_dim=6) == head
+    assert refused(arcee, num_attention_heads=5, num_key_value_heads=5, head_dim=None) == computes(
+        arcee, "head_dim=None other than hidden_size / num_attention_heads")  # 12 / 5 heads
+    for key in ("attention_bias", "mlp_bias"):
+        assert refused(llama, **{key: True}) == computes(llama, "biases in its attention or MLP layers")
+    rope = computes(arcee, "a scaled or non-default rotary embedding")
+    assert refused(arcee, rope_parameters={"rope_type": "linear", "factor": 2.0, "rope_theta": 500.0}) == rope
+    assert refused(arcee, rope_parameters={"rope_type": "default", "rope_theta": 1.0}) == rope
+    adapter, config, weights = _config(arcee, rope_parameters={"rope_type": "default", "rope_theta": 1.5})
+    assert adapter.from_hf(config, weights)[0]["rope_base"] == 1.5  # any base above 1 is lmlab's too
+    other = ("lmlab's Transformer imports GPT2LMHeadModel, LlamaForCausalLM and ArceeForCausalLM checkpoints, not "
+             "{}: choose the model that imports it.")
+    assert refused(arcee, architectures=["MistralForCausalLM"]) == other.format("MistralForCausalLM")
+    assert refused(arcee, architectures=None) == other.format("?")
+
+
+def test_import_of_a_gpt2_without_n_inner_a_checkpoint_with_layer_norm_biases_and_a_config_without_rope():
+    from types import SimpleNamespace
+
+    from lmlab.models.transformer import rope_theta
+
+    adapter, config, weights = _config("GPT2LMHeadModel", n_inner=None)  # GPT-2's MLP is then 4 * n_embd wide
+    weights["transformer.ln_f.bias"] = torch.full((12,), 0.25)  # norms' biases are lmlab's too
+    weights["transformer.h.0.ln_1.bias"] = torch.full((12,), -0.5)
+    kwargs, state = adapter.from_hf(config, weights)
+    assert kwargs["d_ff"] == 48 and (state["norm.bias"] == 0.25).all() and (state["blocks.0.norm1.bias"] == -0.5).all()
+    # rope_theta reads transformers 5's rope_parameters and the rope_theta/rope_scaling of earlier versions
+    cases = [({"rope_parameters": {"rope_type": "default", "rope_theta": 300}}, 300.0),
+             ({"rope_parameters": {"rope_theta": 300.0}}, 300.0),
+             ({"rope_parameters": {"rope_type": "yarn", "rope_theta": 300.0}}, None),
+             ({"rope_theta": 700}, 700.0), ({"rope_theta": 700.0, "rope_scaling": None}, 700.0),
+             ({"rope_theta": 700.0, "rope_scaling": {"rope_type": "linear", "factor": 2.0}}, None),
+             ({"rope_parameters": None, "rope_theta": 700.0}, 700.0), ({}, None)]
+    for attributes, want in cases:
+        got = rope_theta(SimpleNamespace(**attributes))
+        assert got == want and type(got) is type(want), attributes
+
+
+def test_export_refuses_a_transformer_mup_away_from_its_base_shape_and_unequal_layer_norm_eps():
+    from hydra.utils import instantiate
+
+    from lmlab.models.spec import Unmappable, hf_adapter
+
+    mup = instantiate({**EXPORTED["ArceeForCausalLM"][0], "parametrization": "mup", "base_width": 6},
+                      vocab_size=40, attention="causal")
+    with pytest.raises(Unmappable) as err:
+        hf_adapter(type(mup)).to_hf(mup, 16)
+    assert err.value.reason == ("the run's model has parametrization=mup away from its base shape (attention scale, "
+                                "logit or branch multipliers)")
+    model, adapter = _exported("GPT2LMHeadModel")
+    model.blocks[2].norm2.eps = 1e-3
+    with pytest.raises(Unmappable) as err:
+        adapter.to_hf(model, 16)
+    assert err.value.reason == "the run's layer norms have different eps"
+
+
+def test_the_mamba_adapters_refuse_what_their_mixers_do_not_compute_in_one_sentence():
+    def refused(architecture, **changes):
+        adapter, config, weights = _config(architecture, **changes)
+        with pytest.raises(UserError) as err:
+            adapter.from_hf(config, weights)
+        return str(err.value)
+
+    for architecture, name in (("MambaForCausalLM", "Mamba"), ("Mamba2ForCausalLM", "Mamba2")):
+        for key, value, want in (("use_bias", True, False), ("use_conv_bias", False, True),
+                                 ("hidden_act", "gelu", "silu")):
+            assert refused(architecture, **{key: value}) == (
+                f"the {name}Config checkpoint has {key}={value}, which lmlab's {name} does not compute: import one "
+                f"with {key}={want}.")
+    assert refused("MambaForCausalLM", intermediate_size=40) == (
+        "the MambaConfig checkpoint has intermediate_size=40, not expand * hidden_size as lmlab's Mamba: import one "
+        "where they agree.")
+    assert refused("Mamba2ForCausalLM", n_groups=2) == (
+        "the Mamba2Config checkpoint has n_groups=2, which lmlab's Mamba2 does not compute: import one with "
+        "n_groups=1.")
+    assert refused("Mamba2ForCausalLM", time_step_limit=(0.0, 5.0)) == (
+        "the Mamba2Config checkpoint has time_step_limit=(0.0, 5.0), which lmlab's Mamba2 does not compute: import "
+        "one with time_step_limit=(0.0, inf).")
+    assert refused("Mamba2ForCausalLM", num_heads=5) == (
+        "the Mamba2Config checkpoint has num_heads * head_dim = 30, not expand * hidden_size as lmlab's Mamba2: "
+        "import one where they agree.")
+    from lmlab.models.spec import hf_adapter
+    from tests.conftest import stressed_model
+
+    tied = stressed_model({**EXPORTED["Mamba2ForCausalLM"][0], "tie_embeddings": True}, 40)  # a tied Mamba-2 too
+    config, weights = hf_adapter(type(tied)).to_hf(tied, 16)
+    kwargs, state = hf_adapter(type(tied)).from_hf(config, weights)
+    assert config.tie_word_embeddings is True and kwargs["tie_embeddings"] is True
+    assert state["head.weight"] is state["embed.weight"]
+
+
+def test_export_refuses_a_mixer_block_with_an_mlp_and_a_mamba2_gated_norm_of_another_eps():
+    from lmlab.models.spec import Unmappable
+
+    model, adapter = _exported("MambaForCausalLM")
+    model.blocks[2].mlp = torch.nn.Identity()
+    with pytest.raises(Unmappable) as err:
+        adapter.to_hf(model, 16)
+    assert err.value.reason == "the run's Mamba has an MLP in its blocks"
+    model, adapter = _exported("Mamba2ForCausalLM")
+    model.blocks[2].mixer.norm.eps = 1e-3
+    with pytest.raises(Unmappable) as err:
+        adapter.to_hf(model, 16)
+    assert err.value.reason == "the run's mamba2 has a gated norm eps other than its RMSNorm eps"
 
 
 def test_pcfg_one_word_sentences_and_impossible_ones_are_exact_and_quiet(tmp_path):

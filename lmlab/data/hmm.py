@@ -144,7 +144,10 @@ class HMMSource(Source):
         Returns ``prior`` (N, T, H) = P(z_t | x_<t), ``alpha`` (N, T, H) = P(z_t | x_<=t),
         ``beta`` (N, T, H) = P(x_>t | z_t) / P(x_>t | x_<=t), and ``scale`` (N, T) = P(x_t | x_<t),
         so that log P(x) = sum_t log scale_t and P(z_t | x) = alpha_t * beta_t. Impossible prefixes
-        give scale 0 and all-zero rows after them.
+        give scale 0 and all-zero ``prior`` and ``alpha`` rows after them. In a sentence of probability 0,
+        ``beta`` is P(x_>t | z_t) up to a positive factor per row and position (where x_<=t+1 is impossible it is
+        normalised by its own sum over z, zero where x_>t is impossible from every state), so the single-mask
+        conditionals at an impossible word's own position, which read x_>t, stay exact.
         """
         n, length = words.shape
         h = self.hidden_states
@@ -160,9 +163,9 @@ class HMMSource(Source):
                 scale[:, t] = joint.sum(axis=1)
                 alpha[:, t] = np.where(scale[:, t, None] > 0, joint / scale[:, t, None], 0.0)
             for t in range(length - 2, -1, -1):
-                nxt = emit[:, t + 1] * beta[:, t + 1]
-                beta[:, t] = np.where(scale[:, t + 1, None] > 0,
-                                      (nxt @ self.transition.T) / scale[:, t + 1, None], 0.0)
+                back = (emit[:, t + 1] * beta[:, t + 1]) @ self.transition.T
+                norm = np.where(scale[:, t + 1] > 0, scale[:, t + 1], back.sum(axis=1))
+                beta[:, t] = np.where(norm[:, None] > 0, back / norm[:, None], 0.0)
         return prior, alpha, beta, scale
 
     def _by_length(self, rows: list[list[int]]) -> dict[int, tuple[np.ndarray, np.ndarray]]:

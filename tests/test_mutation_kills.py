@@ -1317,3 +1317,95 @@ def test_the_verdict_cell_counts_pairs_only_for_an_inconclusive_row_of_fewer_tha
     assert _verdict_cell(_row(verdict=MISSING, n=0)) == "**n/a**"
     assert _verdict_cell(_row(verdict=INCONCLUSIVE, n=2)) == "**inconclusive**"
     assert _verdict_cell(_row(verdict="extension: inconclusive", n=1)) == "**extension: inconclusive** (1 pair)"
+
+
+# ----- lmlab/studies/same_loss/: the same-loss study's rules -----
+
+def _flat_history(*steps):
+    from lmlab.studies.same_loss.runs import GAP
+
+    return [{"step": s, GAP: 0.1} for s in steps]
+
+
+def test_the_plateau_window_is_the_last_two_evaluations_without_plateau_steps():
+    from lmlab.studies.same_loss.runs import GAP, Settings, plateau_exclusion, read_schedule
+
+    flat = read_schedule({"schedule": {"_target_": "lmlab.schedule.constant"}, "max_steps": 10})
+    history = [{"step": 0, GAP: 0.9}, {"step": 1, GAP: 0.1}, {"step": 2, GAP: 0.1}]
+    assert plateau_exclusion(history, Settings(plateau=0.01), flat) == ""  # the 0.9 is three evaluations back
+
+
+def test_the_learning_rate_floor_over_the_window_of_a_cosine_decay_to_zero():
+    from lmlab.studies.same_loss.runs import Settings, plateau_exclusion, read_schedule
+
+    # cosine, no warmup, min_ratio 0, 10 steps: lr(s) = (1 + cos(pi s / 10)) / 2, peak lr(0) = 1;
+    # lr(7) = 0.2061 >= 0.1, lr(8) = 0.0955 < 0.1. The window's steps run from its first evaluation up to (not
+    # including) its last: evaluations at 7 and 8 read lr(7) only.
+    cos = read_schedule({"schedule": {"_target_": "lmlab.schedule.cosine", "warmup": 0.0, "min_ratio": 0.0},
+                         "max_steps": 10})
+    s = Settings(plateau=0.01)
+    assert plateau_exclusion(_flat_history(7, 8), s, cos) == ""
+    assert plateau_exclusion(_flat_history(6, 9), s, cos) == (
+        f"not on a plateau: the learning rate fell to {100 * (1 + math.cos(0.8 * math.pi)) / 2:.3g}% of its peak "
+        "between its last two evaluations (below 10%: the schedule's end, not convergence)")
+    # evaluations at and past the schedule's end: the window reads lr(total) = min_ratio of a cosine with
+    # min_ratio 0.1, exactly 10% of its peak: counts
+    floor = read_schedule({"schedule": {"_target_": "lmlab.schedule.cosine", "warmup": 0.0}, "max_steps": 10})
+    assert floor.lr(10) == 0.1
+    assert plateau_exclusion(_flat_history(10, 20), s, floor) == ""
+
+
+def test_a_learning_rate_of_exactly_the_floor_in_a_rising_window_counts():
+    from lmlab.studies.same_loss.runs import Settings, plateau_exclusion, read_schedule
+
+    # constant with warmup 0.5 over 20 steps: lr(s) = (s + 1) / 10 for s < 10, peak 1; the window 0..1 reads
+    # 0.1 and 0.2: its minimum is exactly LR_FLOOR of the peak, and it is not one constant rate
+    warm = read_schedule({"schedule": {"_target_": "lmlab.schedule.constant", "warmup": 0.5}, "max_steps": 20})
+    assert [warm.lr(0), warm.lr(1)] == [0.1, 0.2]
+    assert plateau_exclusion(_flat_history(0, 2), Settings(plateau=0.01), warm) == ""
+
+
+def test_the_plateau_rule_reads_the_schedule_relative_to_its_own_peak():
+    from lmlab.studies.same_loss.runs import Schedule, Settings, plateau_exclusion
+
+    s = Settings(plateau=0.01)
+
+    def rates(*values):  # a schedule given in absolute rates, step by step
+        return Schedule(lambda step, total: values[min(step, len(values) - 1)], len(values), {})
+
+    # peak 0.004: 0.0005 is 12.5% of it (counts), 0.0003 is 7.5% (does not)
+    assert plateau_exclusion(_flat_history(1, 2), s, rates(0.004, 0.0005, 0.0005)) == ""
+    assert plateau_exclusion(_flat_history(1, 3), s, rates(0.004, 0.0006, 0.0003, 0.0003)) == (
+        "not on a plateau: the learning rate fell to 7.5% of its peak between its last two evaluations (below "
+        "10%: the schedule's end, not convergence)")
+    # one constant rate below the peak counts at any level: held to within 1e-12 of the peak (4e-15 here)
+    assert plateau_exclusion(_flat_history(1, 3), s, rates(0.004, 0.0001, 0.0001, 0.0001)) == ""
+    assert plateau_exclusion(_flat_history(1, 3), s, rates(0.004, 0.0001, 0.0001 + 3e-15, 0.0001)) == ""
+    assert plateau_exclusion(_flat_history(1, 3), s, rates(0.004, 0.0001, 0.0001 + 1e-14, 0.0001)) == (
+        "not on a plateau: the learning rate fell to 2.5% of its peak between its last two evaluations (below "
+        "10%: the schedule's end, not convergence)")
+    # the tolerance's edge: rates 0 and 1e-12 under a peak of 1 differ by exactly 1e-12 of it
+    assert plateau_exclusion(_flat_history(1, 3), s, rates(1.0, 0.0, 1e-12, 0.0)) == ""
+
+
+def test_a_recorded_schedule_is_read_only_from_lmlab_schedule_and_a_positive_integer_max_steps():
+    from lmlab import schedule
+    from lmlab.studies.same_loss.runs import read_schedule
+
+    def node(target="lmlab.schedule.cosine", **kw):
+        return {"_target_": target, "_partial_": True, **kw}
+
+    one = read_schedule({"schedule": node(), "max_steps": 1})
+    assert (one.fn, one.total, one.kwargs) == (schedule.cosine, 1, {})
+    assert one.lr(0) == 1.0  # int(0.05 * 1) = 0 warmup steps: the peak at step 0
+    for total in (0, -3, True, 10.0, "10", None):
+        assert read_schedule({"schedule": node(), "max_steps": total}) is None
+    for bad in ("lmlab.schedule.cosine", None, ["lmlab.schedule.cosine"]):
+        assert read_schedule({"schedule": bad, "max_steps": 10}) is None
+    for target in ("torch.optim.lr_scheduler.cosine", "cosine", "lmlab.schedule.decay_shape", "lmlab.schedule.wsd2"):
+        assert read_schedule({"schedule": node(target), "max_steps": 10}) is None
+    assert read_schedule({"schedule": {"warmup": 0.1}, "max_steps": 10}) is None
+    for kw in ({"step": 3}, {"total": 20}, {"decay": 0.2}):  # cosine takes no decay
+        assert read_schedule({"schedule": node(**kw), "max_steps": 10}) is None
+    wsd = read_schedule({"schedule": node("lmlab.schedule.wsd", decay=0.5, min_ratio=0.0), "max_steps": 10})
+    assert (wsd.fn, wsd.kwargs, wsd.lr(9)) == (schedule.wsd, {"decay": 0.5, "min_ratio": 0.0}, 1 - math.sqrt(0.8))

@@ -259,6 +259,11 @@ EQUIVALENT: dict[str, str] = {
     **{f"lmlab.studies.same_loss.runs.x__parent_exclusion__mutmut_{i}": (
         "the else branch is the parent's status itself: \"done\" where the first test would have said so")
        for i in (16, 17)},
+    **{f"lmlab.studies.same_loss.runs.x_read_schedule__mutmut_{i}": (
+        "a missing _target_ read as None, XXXX or '' has no dot: module '' is not lmlab.schedule either way")
+       for i in (20, 22, 25)},
+    "lmlab.studies.same_loss.runs.x_plateau_exclusion__mutmut_76": (
+        "a window within 1e-12 of a peak >= 0 already passes the floor; under a negative peak neither test holds"),
     "lmlab.studies.same_loss.statistics.x_decide__mutmut_32": (
         "a claimed row the Holm loop leaves without a verdict has a NaN p, for which _direction is INCONCLUSIVE too"),
     "lmlab.studies.same_loss.statistics.x_make_row__mutmut_99": (

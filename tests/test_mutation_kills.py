@@ -1409,3 +1409,90 @@ def test_a_recorded_schedule_is_read_only_from_lmlab_schedule_and_a_positive_int
         assert read_schedule({"schedule": node(**kw), "max_steps": 10}) is None
     wsd = read_schedule({"schedule": node("lmlab.schedule.wsd", decay=0.5, min_ratio=0.0), "max_steps": 10})
     assert (wsd.fn, wsd.kwargs, wsd.lr(9)) == (schedule.wsd, {"decay": 0.5, "min_ratio": 0.0}, 1 - math.sqrt(0.8))
+
+
+def _phase2(gaps, schedule=None):
+    """A phase-2 run whose history holds ``gaps`` by step (None: an evaluation without a gap)."""
+    from pathlib import Path
+
+    from lmlab.studies.same_loss.runs import GAP, Run
+
+    return Run(Path("run"), "done", "continue", "pcfg", 0, schedule=schedule,
+               history=[{"step": s} if g is None else {"step": s, GAP: g} for s, g in gaps])
+
+
+def test_the_burn_in_and_the_deviation_from_the_parent_by_hand():
+    from lmlab.studies.same_loss.claims import burn_in, parent_deviation
+    from lmlab.studies.same_loss.runs import read_schedule
+
+    warm = read_schedule({"schedule": {"_target_": "lmlab.schedule.constant", "warmup": 0.1}, "max_steps": 100})
+    assert burn_in(_phase2([])) == 0  # no schedule recorded: no burn-in
+    assert burn_in(_phase2([], warm)) == 10  # int(0.1 * 100) warmup steps
+    # the largest deviation by size, signed: -0.25 outweighs +0.125
+    assert parent_deviation(_phase2([(0, 0.5), (1, 0.625), (2, 0.25)])) == -0.25
+    assert parent_deviation(_phase2([(0, 0.5), (1, 0.75)])) == 0.25  # step 1 follows the parent's step 0
+    assert parent_deviation(_phase2([(0, 0.5), (5, 0.0), (10, 0.625), (20, 0.5)], warm)) == 0.125  # from step 10 on
+    for gaps in ([(0, 0.5)], [(1, 0.5), (2, 0.75)], [(0, None), (1, 0.5)], [(0, math.nan), (1, 0.5)],
+                 [(0, 0.5), (1, math.nan)]):  # no step-0 gap, or none after it
+        assert math.isnan(parent_deviation(_phase2(gaps)))
+
+
+def test_continue_matched_holds_every_run_within_the_margin_of_its_parent():
+    from lmlab.studies.same_loss.claims import continue_matched
+
+    up, down = _phase2([(0, 0.5), (1, 0.75)]), _phase2([(0, 0.5), (1, 0.125)])
+    assert continue_matched([up], 0.25) == (True, 0.25)  # at the margin: matched
+    assert continue_matched([up], 0.125) == (False, 0.25)
+    assert continue_matched([up, down], 0.5) == (True, -0.375)  # the worst by size, signed
+    for runs in ([], [up, _phase2([(0, 0.5)])]):  # no run, or one without a deviation: not matched
+        matched, worst = continue_matched(runs, 1.0)
+        assert matched is False and math.isnan(worst)
+
+
+def test_same_parameters_notes_what_it_could_not_compare():
+    from pathlib import Path
+
+    from lmlab.studies.same_loss.claims import PARAMS_ID, same_parameters
+    from lmlab.studies.same_loss.runs import TRACE, Run
+    from lmlab.studies.same_loss.statistics import MISSING
+
+    def arm(pid):
+        return Run(Path("r"), "done", "size", "pcfg", 0, metrics={} if pid is None else {PARAMS_ID[TRACE]: pid})
+
+    row = same_parameters(_row(note="prior"), [(arm(7.0), arm(7.0)), (arm(7.0), arm(None))], TRACE)
+    assert (row.verdict, row.note) == ("", "prior; the parameters counted are not recorded for 1 of 2 pairs")
+    row = same_parameters(_row(), [(arm(7.0), arm(math.nan))], TRACE)  # one side unknown: not a mismatch
+    assert (row.verdict, row.note) == ("", "the parameters counted are not recorded for 1 of 1 pairs")
+    row = same_parameters(_row(note="prior"), [(arm(7.0), arm(8.0)), (arm(7.0), arm(None))], TRACE)
+    assert (row.verdict, row.note) == (MISSING, "prior; the arms' traces count different parameters (names or "
+                                                "shapes): not comparable")
+
+
+def test_the_adversary_rows_of_one_data_set_by_its_cost_on_the_first_task():
+    from lmlab.studies.same_loss.claims import adversary_rows
+    from lmlab.studies.same_loss.statistics import INEFFECTIVE, Row
+
+    def row(key, data="pcfg", task="task_a", **kw):
+        return Row("algorithm", data, task, "what", key, "paper", 1, False, **kw)
+
+    def decide(cost_row):
+        rows = [row("trace:adamw-adversarial", mean=0.0, matched=True, n=2),  # first of the first task's rows
+                row("acc:adamw-adversarial", task="task_b", note="prior"),
+                row("acc_adv:adamw-adversarial", task="task_b", mean=50.0, matched=True, n=9),  # another task
+                row("acc_adv:adamw-adversarial", data="hmm", mean=0.0),  # another data set
+                row("acc_adv:adamw-sgd", mean=0.0)]  # another comparison
+        rows += [cost_row] if cost_row is not None else []
+        adversary_rows(rows, "pcfg", "task_a")
+        return [(r.verdict, r.note) for r in rows]
+
+    untouched = [("", ""), ("", "prior"), ("", ""), ("", ""), ("", "")]
+    for cost in (row("acc_adv:adamw-adversarial", mean=5.0, matched=True, n=2),  # the cost and n at their floors
+                 row("acc_adv:adamw-adversarial", mean=9.0, matched=True, n=3)):
+        assert decide(cost)[:5] == untouched
+    why = "adversary ineffective: it costs {} pts of task_a (matched: {}), below 5"
+    for cost, text in ((row("acc_adv:adamw-adversarial", mean=4.5, matched=True, n=3), why.format("4.5", "yes")),
+                       (row("acc_adv:adamw-adversarial", mean=9.0, matched=False, n=3), why.format("9", "no")),
+                       (row("acc_adv:adamw-adversarial", mean=9.0, matched=True, n=1), why.format("9", "yes")),
+                       (None, why.format("n/a", "no"))):
+        marked = [(INEFFECTIVE, text), (INEFFECTIVE, f"prior; {text}"), (INEFFECTIVE, text), ("", ""), ("", "")]
+        assert decide(cost) == marked + ([(INEFFECTIVE, text)] if cost is not None else [])

@@ -1373,8 +1373,8 @@ def test_the_plateau_rule_reads_the_schedule_relative_to_its_own_peak():
     def rates(*values):  # a schedule given in absolute rates, step by step
         return Schedule(lambda step, total: values[min(step, len(values) - 1)], len(values), {})
 
-    # peak 0.004: 0.0005 is 12.5% of it (counts), 0.0003 is 7.5% (does not)
-    assert plateau_exclusion(_flat_history(1, 2), s, rates(0.004, 0.0005, 0.0005)) == ""
+    # peak 0.004: a window falling from 0.0006 to 0.0005 (12.5% of it) counts, one to 0.0003 (7.5%) does not
+    assert plateau_exclusion(_flat_history(1, 3), s, rates(0.004, 0.0006, 0.0005, 0.0005)) == ""
     assert plateau_exclusion(_flat_history(1, 3), s, rates(0.004, 0.0006, 0.0003, 0.0003)) == (
         "not on a plateau: the learning rate fell to 7.5% of its peak between its last two evaluations (below "
         "10%: the schedule's end, not convergence)")

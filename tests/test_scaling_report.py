@@ -95,3 +95,13 @@ def test_tokens_per_row_of_each_kind_of_data():
     assert scaling.row_tokens(OmegaConf.create({"levels": 3})) == 10
     with pytest.raises(scaling.UserError, match="row length"):
         scaling.row_tokens(OmegaConf.create({"_target_": "x"}))
+
+
+def test_a_directory_without_runs_is_refused_with_its_fix(tmp_path):
+    """A directory that holds no job (a parent of the sweeps, a typo) is not "unfinished": the sentence names the
+    directory and the fix."""
+    from lmlab.errors import UserError
+
+    (tmp_path / "same_loss").mkdir()
+    with pytest.raises(UserError, match=r"no run under .*same_loss: pass the sweep directories"):
+        scaling.load_points([tmp_path / "same_loss"])

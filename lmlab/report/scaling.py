@@ -108,7 +108,11 @@ def load_points(sweeps, compare: tuple[str, list[str]] | None = None, metric: st
     from lmlab.run_dir import read_config
 
     points = []
-    jobs = [j for j in load_jobs([Path(s) for s in sweeps]) if j.status == "done"]
+    found = load_jobs([Path(s) for s in sweeps])
+    if not found:
+        raise UserError(f"no run under {', '.join(map(str, sweeps))}: pass the sweep directories that `lmlab train -m` "
+                        "printed.")
+    jobs = [j for j in found if j.status == "done"]
     for job in jobs:
         recipe = ""
         if compare is not None:

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import importlib.util
 import os
+import sys
 from pathlib import Path
 
 import pytest
@@ -17,6 +19,15 @@ torch.set_num_threads(1)
 # whatever lmlab is installed: the repository root goes first on their PYTHONPATH. In this process pytest
 # already imports the tree (tests/ is a package under the root).
 ROOT = Path(__file__).resolve().parents[1]
+
+
+def reproduce_driver():
+    """``scripts/reproduce_paper.py`` imported as a module (the scripts folder is not a package)."""
+    spec = importlib.util.spec_from_file_location("reproduce_paper", ROOT / "scripts" / "reproduce_paper.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses look their module up there
+    spec.loader.exec_module(module)
+    return module
 os.environ["PYTHONPATH"] = os.pathsep.join(
     [str(ROOT), *(p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p and Path(p).resolve() != ROOT)])
 

@@ -4,11 +4,9 @@ tests/test_stats.py."""
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import os
 import re
-import sys
 from pathlib import Path
 
 from lmlab.studies.same_loss.statistics import (
@@ -19,17 +17,7 @@ from lmlab.studies.same_loss.statistics import (
     NOT_REPRODUCED,
     REPRODUCED,
 )
-
-ROOT = Path(__file__).resolve().parents[1]
-
-
-def _driver():
-    spec = importlib.util.spec_from_file_location("reproduce_paper", ROOT / "scripts" / "reproduce_paper.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # dataclasses look their module up there
-    spec.loader.exec_module(module)
-    return module
-
+from tests.conftest import reproduce_driver
 
 # ----- the profiles -----
 
@@ -38,7 +26,7 @@ def test_gpu_profile_composes(tmp_path, capsys):
     if not grammar.is_file():
         grammar = tmp_path / "rules.txt"
         grammar.write_text("S S1 1.0\nS1 A B 1.0\nA a 1.0\nB b 1.0\n")
-    driver = _driver()
+    driver = reproduce_driver()
     assert driver.main(["--profile", "gpu", "--grammar", str(grammar), "--out", str(tmp_path), "--dry-run"]) == 0
     out = capsys.readouterr().out
     # 10 seeds: size 3 widths, the adversarial arm (AdamW is the size sweep's run), continue from the width-256 runs
@@ -53,7 +41,7 @@ def test_gpu_profile_composes(tmp_path, capsys):
 
 def test_micro_reproduction_writes_every_section(tmp_path, cache_dir, lmlab):
     out = tmp_path / "micro"
-    assert _driver().main(["--micro", "--out", str(out)]) == 0
+    assert reproduce_driver().main(["--micro", "--out", str(out)]) == 0
     report = out / "report.md"
     text = report.read_text()
     for section in ("## Verdicts", "## The rule", "## Claim (a)", "## Claim (b)", "## Claim (c)", "## Plots",

@@ -3,8 +3,6 @@ seeds split over the workers, the expected wall time of ``--dry-run``; and the p
 
 from __future__ import annotations
 
-import importlib.util
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -15,16 +13,9 @@ from lmlab.data.pcfg import PCFGSource
 from lmlab.data.tasks import labelled_rows
 from lmlab.evaluation.probe import prefix_table_accuracy
 from lmlab.run_dir import run_name
+from tests.conftest import reproduce_driver
 
 ROOT = Path(__file__).resolve().parents[1]
-
-
-def _driver():
-    spec = importlib.util.spec_from_file_location("reproduce_paper", ROOT / "scripts" / "reproduce_paper.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # dataclasses look their module up there
-    spec.loader.exec_module(module)
-    return module
 
 
 # ----- the prefix-table ceiling -----
@@ -89,7 +80,7 @@ def test_probe_reports_the_table_ceiling(cache_dir):
 def test_long_profile_parents_reach_the_regime(tmp_path):
     """Every parent sweep of the long profile: a pool that does not repeat, a learning rate never below 10% of
     its peak, the gap evaluated every 500 steps (twice per plateau window), and the plateau settings."""
-    driver = _driver()
+    driver = reproduce_driver()
     p = driver.PROFILES["long"]
     assert (p["plateau"], p["plateau_steps"], p["margin"], p["target_gap"]) == (0.003, 1000, 0.02, 0.02)
     assert driver.parse_seeds(p["seeds"]) == [0, 1, 2, 3, 4]
@@ -113,7 +104,7 @@ def test_long_profile_parents_reach_the_regime(tmp_path):
 
 
 def test_only_continue_trains_its_parents_only(tmp_path):
-    driver = _driver()
+    driver = reproduce_driver()
     plan = driver.sweeps("long", tmp_path, None, only=["continue"], datasets=["pcfg"])
     # the seeds split over the two workers: each continue part waits for the size part of the same seeds
     assert [s.label for s in plan] == ["size-pcfg-seeds0-2", "size-pcfg-seeds3-4",
@@ -138,7 +129,7 @@ def test_only_continue_trains_its_parents_only(tmp_path):
 
 
 def test_seed_parts():
-    driver = _driver()
+    driver = reproduce_driver()
     assert driver.seed_parts([0, 1, 2, 3, 4], 2) == [[0, 1, 2], [3, 4]]
     assert driver.seed_parts([7], 2) == [[7]]
     assert driver.seed_parts(list(range(6)), 3) == [[0, 1], [2, 3], [4, 5]]
@@ -147,7 +138,7 @@ def test_seed_parts():
 def test_schedule_seconds_known_answer():
     """Two workers; a (10 s) and b (4 s) start at 0; c (5 s) needs b: starts at 4, ends at 9; d (3 s) needs a:
     starts at 10, ends at 13. One worker: 10 + 4 + 5 + 3 = 22."""
-    driver = _driver()
+    driver = reproduce_driver()
     plan = [driver.Sweep("size", "a", []), driver.Sweep("size", "b", []),
             driver.Sweep("continue", "b", [], needs="size-b"), driver.Sweep("continue", "a", [], needs="size-a")]
     durations = {"size-a": 10.0, "size-b": 4.0, "continue-b": 5.0, "continue-a": 3.0}
@@ -156,7 +147,7 @@ def test_schedule_seconds_known_answer():
 
 
 def test_long_dry_run_states_steps_and_time(tmp_path, capsys):
-    driver = _driver()
+    driver = reproduce_driver()
     assert driver.main(["--profile", "long", "--only", "continue", "--data", "hmm", "--out", str(tmp_path),
                         "--dry-run"]) == 0
     out = capsys.readouterr().out

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import math
+import statistics
 from collections import defaultdict
 from dataclasses import replace
 from pathlib import Path
@@ -209,8 +210,8 @@ def plot_size(runs: list[Run], counted: set[Path], out: Path) -> Path:
 
 
 def _median(values: list[float]) -> float | None:
-    finite = sorted(v for v in values if math.isfinite(v))
-    return None if not finite else (finite[(len(finite) - 1) // 2] + finite[len(finite) // 2]) / 2
+    finite = [v for v in values if math.isfinite(v)]
+    return statistics.median(finite) if finite else None
 
 
 def _pct(v: float | None) -> str:

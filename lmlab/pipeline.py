@@ -283,6 +283,7 @@ def _train(cfg: DictConfig, run_dir: Path, command: str) -> dict[str, Any]:
     }
     eval_started = time.time()
     metrics.update(run_evaluations(evaluators, module, dm, run_dir))
+    metrics.update({f"objective/{k}": float(v) for k, v in objective.held_out(model).items()})
     if any(isinstance(c, EMA) for c in callbacks):  # the EMA's weights, as written beside model.pt
         averaged = ema_weights(run_dir)
         if averaged is None:  # fit ended without a step the EMA saw (a checkpoint at max_steps without its state)

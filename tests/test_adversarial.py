@@ -76,6 +76,46 @@ def test_adversarial_objective_is_a_module_with_the_head():
     assert objective.head.out_features == 4 and objective.attention == BIDIRECTIONAL
 
 
+@pytest.mark.parametrize("pooling", ["mean", "concat"])
+def test_held_out_scores_the_head_on_every_test_row_one_at_a_time(pooling):
+    """The adversary's own head on the test split: accuracy and mean loss equal a row-by-row loop over the
+    labelled test rows (each padded to the head's length), in batches that do not divide the rows."""
+    source, splits = _hmm()
+    objective = AdversarialMLM(d_model=8, pooling=pooling)
+    objective.bind(source, splits)
+    torch.manual_seed(1)
+    model = Transformer(source.vocab_size, BIDIRECTIONAL, d_model=8, n_layers=1, n_heads=2)
+    with torch.no_grad():
+        objective.head.weight.normal_()
+    model.train()
+    got = objective.held_out(model, batch_size=7)
+    assert model.training  # left as it was found
+    rows, labels = labelled_rows(splits["test"], "task_z")
+    length = max(len(r) for r in labelled_rows(splits["train"], "task_z")[0])
+    model.eval()
+    hits, nll = [], []
+    with torch.no_grad():
+        for row, y in zip(rows, labels):
+            ids = torch.full((1, length), 0, dtype=torch.long)
+            ids[0, : len(row)] = torch.as_tensor(row)
+            logits = objective.head(features(model, ids, BIDIRECTIONAL, pooling, length))[0]
+            hits.append(int(logits.argmax()) == int(y))
+            nll.append(float(-torch.log_softmax(logits, -1)[int(y)]))
+    assert len(rows) == 40
+    assert got["head_acc"] == pytest.approx(float(np.mean(hits)), abs=1e-12)
+    assert got["head_loss"] == pytest.approx(float(np.mean(nll)), rel=1e-5)
+    assert 0 < got["head_acc"] < 1  # a real mix of right and wrong rows, so the count is tested
+
+
+def test_held_out_is_empty_without_labelled_test_rows():
+    source, splits = _hmm()
+    objective = AdversarialMLM(d_model=8)
+    objective.bind(source, {k: v for k, v in splits.items() if k != "test"})
+    model = Transformer(source.vocab_size, BIDIRECTIONAL, d_model=8, n_layers=1, n_heads=2)
+    assert objective.held_out(model) == {}
+    assert MLM(vocab_size=source.vocab_size).held_out(model) == {}
+
+
 def test_adversarial_mlm_trains_through_the_cli(lmlab):
     code, out = lmlab("train", "objective=adversarial_mlm", "objective.lam=0.5", *FAST, *TINY,
                       "eval=[perplexity]")
@@ -84,6 +124,9 @@ def test_adversarial_mlm_trains_through_the_cli(lmlab):
 
     results = json.loads(next(lmlab.runs.rglob("results.json")).read_text())
     assert "perplexity/gap" in results["metrics"]
+    # the adversary's head, scored on the test split after training
+    assert 0.0 <= results["metrics"]["objective/head_acc"] <= 1.0
+    assert results["metrics"]["objective/head_loss"] > 0
 
 
 # ----- the lookup table -----

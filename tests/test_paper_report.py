@@ -14,10 +14,10 @@ import numpy as np
 import pytest
 from omegaconf import OmegaConf
 
-from lmlab.stats import holm
+from lmlab.stats import holm, mean_interval
 from lmlab.studies.same_loss.claims import analyse
 from lmlab.studies.same_loss.render import write_report
-from lmlab.studies.same_loss.runs import BLOCKS, GAP, TRACE, Settings, acc_key, lookup_key, proj_key
+from lmlab.studies.same_loss.runs import BLOCKS, GAP, HEAD_ACC, TRACE, Settings, acc_key, lookup_key, proj_key
 from lmlab.studies.same_loss.statistics import (
     CONFOUNDED,
     INCONCLUSIVE,
@@ -63,7 +63,8 @@ def _algorithm(root: Path, adv_gap_shift: float, seeds=range(4), acc_gain=0.08, 
                 lookup_key("task_a"): 0.70, lookup_key("task_b"): 0.40, TRACE: 5.0 + 0.1 * s, BLOCKS: 3.0}
         write_job(sweep, f"adamw-{s}", "algorithm", s, base)
         adv = {GAP: base[GAP] + adv_gap_shift + 0.0002 * s, acc_key("task_a"): 0.80 - acc_gain + e[2],
-               acc_key("task_b"): 0.45 - task_b_gain + e[1] / 2, TRACE: 10.0 + 0.2 * s, BLOCKS: 6.0}
+               acc_key("task_b"): 0.45 - task_b_gain + e[1] / 2, TRACE: 10.0 + 0.2 * s, BLOCKS: 6.0,
+               HEAD_ACC: 0.30 + 0.02 * s}
         write_job(sweep, f"adv-{s}", "algorithm", s, adv, objective=ADV)
     return sweep
 
@@ -99,6 +100,23 @@ def test_matched_loss_is_an_equivalence_test(tmp_path):
     # Holm over exactly the claimed rows with matched loss
     family = [r for r in a.rows if not r.extension and r.matched]
     assert family and [r.p_holm for r in family] == pytest.approx(holm([r.p for r in family]))
+
+
+def test_the_adversarys_own_head_stands_beside_the_probes(tmp_path):
+    """Claim (c)'s table gives the adversary's head accuracy on the test split (objective/head_acc) in the
+    adversarial row, as mean +- 95% interval over the counted runs, and '-' for AdamW, which has no head."""
+    _algorithm(tmp_path, adv_gap_shift=0.001)
+    a, _ = _rows(tmp_path)
+    table = [line for line in a.details["algorithm"] if line.startswith("|")]
+    header = [c.strip() for c in table[0].strip("|").split("|")]
+    col = header.index("adversary's head on task A (%)")
+    assert header[col - 1] == "task B acc (%)"
+    cells = {row.split("|")[1].strip(): [c.strip() for c in row.strip("|").split("|")] for row in table[2:]}
+    assert all(len(c) == len(header) for c in cells.values())
+    heads = [0.30 + 0.02 * s for s in range(4)]
+    want = mean_interval(heads)
+    assert cells["adversarial"][col] == f"{100 * want.mean:.3g} ± {100 * want.half:.2g}"  # 33 ± 4.1
+    assert cells["AdamW (MLM)"][col] == "-" and cells["lookup table (exact conditionals)"][col] == "-"
 
 
 def test_gap_adjusted_estimate_is_the_within_pair_intercept(tmp_path):

@@ -30,6 +30,10 @@ objective; this is our variant of its implementation (its public code does not i
   the matched level. The head's own update is unchanged.
 * ``evaluate`` is MLM's single-mask evaluation (inherited), so the gap to the optimum is measured on the
   plain MLM loss. Logged metrics: ``mlm_loss``, ``head_loss``, ``head_acc`` (on the head batch).
+* ``held_out``: after training, the head's accuracy and loss on the ``test`` split's labelled rows (the
+  first ``HELD_OUT_ROWS``, those no longer than the longest training row, which the head's input fits): how
+  well the adversary itself reads the task from the features it shaped, recorded as ``objective/head_acc``
+  and ``objective/head_loss`` beside the probes.
 """
 
 from __future__ import annotations
@@ -48,6 +52,8 @@ from lmlab.objectives.base import Objective, Prepared
 from lmlab.objectives.mlm import MLM
 from lmlab.readout import features, pad_rows
 from lmlab.settings import Fraction, NonNegativeFloat, Optional, Positive
+
+HELD_OUT_ROWS = 10_000  # the test rows ``held_out`` scores the head on (the probe's ``max_test`` default)
 
 
 class AdversarialMLM(MLM, nn.Module):
@@ -79,6 +85,7 @@ class AdversarialMLM(MLM, nn.Module):
         self.length = 0
         self._ids: torch.Tensor | None = None
         self._labels: torch.Tensor | None = None
+        self._test: tuple[torch.Tensor, torch.Tensor] | None = None  # the test split's labelled rows
         self._seed = 0  # the seed of the last prepared batch (``prepare`` then ``loss``, as the module calls them)
 
     def bind(self, source, splits) -> None:
@@ -91,6 +98,12 @@ class AdversarialMLM(MLM, nn.Module):
         n_classes = max(n_classes, int(labels.max()) + 1)
         self.task, self.length = task, max(len(r) for r in rows)
         self._ids, self._labels = pad_rows(rows, self.length), torch.as_tensor(labels)
+        self._test = None
+        if "test" in splits:  # the rows the head's input fits (the longest training row's length)
+            test_rows, test_labels = labelled_rows(splits["test"], task, HELD_OUT_ROWS)
+            fits = [i for i, r in enumerate(test_rows) if len(r) <= self.length]
+            if fits:
+                self._test = (pad_rows([test_rows[i] for i in fits], self.length), torch.as_tensor(test_labels[fits]))
         dim = self.d_model * (self.length if self.pooling == "concat" else 1)
         if self.head is None or self.head.in_features != dim or self.head.out_features != n_classes:
             g = torch.Generator().manual_seed(0)
@@ -120,6 +133,24 @@ class AdversarialMLM(MLM, nn.Module):
         own = F.cross_entropy(logits, y)
         acc = (logits.argmax(-1) == y).float().mean()
         return enc, own, acc
+
+    @torch.no_grad()
+    def held_out(self, model, batch_size: int = 512) -> dict[str, float]:
+        """The head's accuracy and mean cross-entropy on the test split's labelled rows (none without them)."""
+        if self._test is None or self.head is None:
+            return {}
+        ids, labels = self._test
+        was_training = model.training
+        model.eval()
+        correct, nll = 0, 0.0
+        for start in range(0, len(ids), batch_size):
+            y = labels[start:start + batch_size].to(self.head.weight.device)
+            f = features(model, ids[start:start + batch_size], BIDIRECTIONAL, self.pooling, self.length).float()
+            logits = self.head(f)
+            correct += int((logits.argmax(-1) == y).sum())
+            nll += float(F.cross_entropy(logits, y, reduction="sum"))
+        model.train(was_training)
+        return {"head_acc": correct / len(ids), "head_loss": nll / len(ids)}
 
     def loss(self, model, prepared: Prepared) -> tuple[torch.Tensor, dict[str, float]]:
         mlm, _ = Objective.loss(self, model, prepared)

@@ -58,6 +58,11 @@ class Objective(ABC):
         logits = model.logits(hidden[prepared.loss_mask])
         return F.cross_entropy(logits.float(), prepared.targets[prepared.loss_mask]), {}
 
+    def held_out(self, model) -> dict[str, float]:
+        """Metrics of the objective's own trained parts on held-out rows, measured once after training and
+        recorded as ``objective/<name>`` in the results (an adversary's head, say); none by default."""
+        return {}
+
     @abstractmethod
     def evaluate(self, model, rows: list[list[int]], source, batch_size: int) -> dict[str, float]:
         """``{"loss": .., "optimum": .., "gap": ..}`` per token on ``rows`` (optimum and gap only where

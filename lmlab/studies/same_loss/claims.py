@@ -20,6 +20,7 @@ from lmlab.studies.same_loss.paper import CLAIMS, TASKS
 from lmlab.studies.same_loss.runs import (
     BLOCKS,
     GAP,
+    HEAD_ACC,
     HUTCH,
     TRACE,
     TRACES,
@@ -248,17 +249,18 @@ def claim_algorithm(runs: list[Run], counted: set[Path], settings: Settings) -> 
         adv = {r.seed: r for r in sorted(adv_all, key=lambda r: str(r.run_dir)) if r.run_dir in counted}
         lines += [f"### {data}", "", "| algorithm | counted runs | gap to optimum | "
                   + " | ".join(f"{_tname(t, group)} acc (%)" for t in tasks)
-                  + " | Fisher Tr | blocks Tr | Hutchinson Tr |",
-                  "|---" * (6 + len(tasks)) + "|"]
+                  + f" | adversary's head on {_tname(tasks[0], group)} (%) | Fisher Tr | blocks Tr | Hutchinson Tr |",
+                  "|---" * (7 + len(tasks)) + "|"]
         for name, arm, sel in (("AdamW (MLM)", adamw_all, list(base.values())),
                                ("adversarial", adv_all, list(adv.values()))):
             gap = mean_interval([r.get(GAP) for r in sel])
             lines.append(f"| {name} | {len(sel)} of {len(arm)} | {_pm(gap.mean, gap.half)} | "
                          + " | ".join(_acc_cell(sel, acc_key(t)) for t in tasks) + " | "
+                         + (_acc_cell(sel, HEAD_ACC) if name == "adversarial" else "-") + " | "
                          + " | ".join(_trace_cell(sel, k, se) for k, se, _ in TRACES) + " |")
         lines.append("| lookup table (exact conditionals) | - | 0 (by construction) | "
                      + " | ".join(_acc_cell([r for r in group if math.isfinite(r.get(lookup_key(t)))], lookup_key(t))
-                                  for t in tasks) + " | - | - | - |")
+                                  for t in tasks) + " | - | - | - | - |")
         seeds = sorted(set(base) & set(adv))
         note = f"seeds paired: {seeds}"
         lines += ["", f"AdamW - adversarial: {note}; AdamW - lookup table: seeds {sorted(base)}.", ""]

@@ -32,6 +32,7 @@ GAP = "perplexity/gap"
 TRACE, TRACE_SE = "flatness/trace", "flatness/trace_se"  # the primary estimator (Fisher)
 BLOCKS, BLOCKS_SE = "flatness/blocks_trace", "flatness/blocks_trace_se"  # blocks only
 HUTCH, HUTCH_SE = "flatness/hutchinson/trace", "flatness/hutchinson/trace_se"  # the cross-check
+HEAD_ACC = "objective/head_acc"  # the adversary's own head on the test split (claim (c); AdversarialMLM.held_out)
 TRACES = ((TRACE, TRACE_SE, "Fisher Tr"), (BLOCKS, BLOCKS_SE, "blocks Tr"), (HUTCH, HUTCH_SE, "Hutchinson Tr"))
 
 

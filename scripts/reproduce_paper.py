@@ -20,9 +20,9 @@ continue: PCFG task C and the HMM's hidden state z_10), and every task keeps onl
 words. Rerunning the same command skips finished jobs and resumes interrupted ones.
 
 Profiles:
-  cpu    (default) a small HMM and a small generated PCFG (``--pcfg pcfg_wide``: a grammar whose tasks B and C
-         a table of sentence prefixes does not solve), seeds 0-9 (``--seeds``), two single-threaded sweeps at a
-         time on a 2-core machine; equivalence margin 0.02 nats.
+  cpu    (default) a small HMM and a small generated PCFG whose tasks B and C a table of sentence prefixes does
+         not solve (data=pcfg_headroom; ``--pcfg pcfg`` for the 30-word grammar), seeds 0-9 (``--seeds``), two
+         single-threaded sweeps at a time on a 2-core machine; equivalence margin 0.02 nats.
   gpu    the paper's PCFG (``--grammar``, its rule file ``rule_deep_mlm.txt``: ``pcfg/rule_deep_mlm.txt`` in
          the code released with the paper, GitHub Liuhong99/implicitbiasmlmcode), a million training
          sentences, head size 32 at every width, a schedule meant to reach a gap of 0.02 nats; several
@@ -85,11 +85,13 @@ LONG_STEPS = {"hmm": 8000, "pcfg": 10000}
 CONTINUE_LR = {"hmm": 0.1, "pcfg": 0.1}
 # the gap on 2,000 validation sentences (not 500): the plateau rule reads changes of 0.003 nats
 LONG_GAP = ["data.validation_size=2000"]
-# --pcfg: the generated PCFG of the cpu and long profiles. pcfg (default) is the regime these steps reach; pcfg_wide
-# (conf/data/pcfg_wide.yaml) is the grammar whose tasks B and C a table of sentence prefixes does not solve, but a
-# d_model-64 model is still far from its optimum after the long profile's steps (measured as LONG_STEPS: gap 0.176
-# after 10,000 steps; 0.380 after 1,500), so its runs would not enter the comparisons.
-PCFG_CHOICES = ("pcfg", "pcfg_wide")
+# --pcfg: the generated PCFG of the cpu and long profiles (each profile's "pcfg" is its default). pcfg_headroom
+# (conf/data/pcfg_headroom.yaml, the cpu profile's) is the grammar whose tasks B and C a table of sentence prefixes
+# does not solve; pcfg (the long profile's) has 30 words and tasks a table solves. Measured (d_model 64, seed 0,
+# the size experiment's 1,500 steps, python -m lmlab.cli train experiment=same_loss/size data=<data> seed=0):
+# gap 0.051 on pcfg_headroom. A 400-word grammar (pcfg_headroom's shape with data.vocab_size=400
+# data.words_per_preterminal=100 data.alpha=1) stayed at 0.380 after 1,500 steps and 0.176 after 10,000.
+PCFG_CHOICES = ("pcfg", "pcfg_headroom")
 PROFILES: dict[str, dict] = {
     "cpu": {
         "datasets": {"hmm": ["data=hmm"], "pcfg": ["data={pcfg}"]},
@@ -105,6 +107,7 @@ PROFILES: dict[str, dict] = {
         "per_data": {("continue", "hmm"): ["data.label_position=10"], ("size", "hmm"): ["eval.flatness.batches=48"],
                      **{(e, "pcfg"): PCFG_FLATNESS for e in EXPERIMENTS}},
         "skip": [("algorithm", "hmm")],  # the paper claims (c) on the PCFG only: its HMM rows would be extensions
+        "pcfg": "pcfg_headroom",
         "seeds": "0-9",
         "parent_size": 64,
         "workers": 2,
@@ -164,6 +167,7 @@ PROFILES: dict[str, dict] = {
                      **{(e, "pcfg"): [f"max_steps={LONG_STEPS['pcfg']}", *PCFG_FLATNESS]
                         for e in ("size", "algorithm")}},
         "skip": [("algorithm", "hmm")],
+        "pcfg": "pcfg",
         "seeds": "0-4",
         "parent_size": 64,
         "workers": 2,
@@ -212,7 +216,7 @@ GENERATED = ["data.grammar=null", "data.levels=4", "data.nonterminals_per_level=
 # Expected wall time (--dry-run). Training steps per CPU-second of one single-threaded job (batch 256, no
 # evaluation): its process CPU time over 40 s of training, on the 2-core CPU machine the cpu and long profiles are
 # sized for, i.e. the rate of a job with a core to itself (the progress bar counts steps by 50: d_model 128's
-# rates are good to about a third). "pcfg": measured on data=pcfg_wide (400 words; data=pcfg has 30).
+# rates are good to about a third). "pcfg": measured on the 400-word grammar above (data=pcfg has 30 words).
 #   python -m lmlab.cli train experiment=same_loss/size data=<data> model.d_model=<d> seed=0 max_steps=5000
 #       data.train_size=20000 eval_every=null logger=none      # CPU time from /proc/<pid>/stat, 40 s
 MEASURED_STEPS_PER_S = {("hmm", 32): 27.2, ("hmm", 64): 11.4, ("hmm", 128): 4.7,
@@ -281,11 +285,13 @@ def seed_parts(seeds: list[int], parts: int) -> list[list[int]]:
 
 def sweeps(profile: str, out: Path, grammar: str | None, only: list[str] | None = None,
            extra_overrides: list[str] | None = None, seeds: list[int] | None = None,
-           datasets: list[str] | None = None, pcfg: str = "pcfg") -> list[Sweep]:
+           datasets: list[str] | None = None, pcfg: str | None = None) -> list[Sweep]:
     """The sweeps of a profile, each as the overrides of one ``lmlab train -m`` command. ``only``: these
     experiments (``continue`` without ``size`` still trains its parents: the size sweep at the parents' width
-    only); ``datasets``: these data sets of the profile; ``pcfg``: the generated PCFG's config (cpu, long)."""
+    only); ``datasets``: these data sets of the profile; ``pcfg``: the generated PCFG's config (cpu, long; None:
+    the profile's own)."""
     p = PROFILES[profile]
+    pcfg = pcfg or p.get("pcfg", "pcfg")
     seeds = seeds if seeds is not None else parse_seeds(p["seeds"])
     unknown = sorted(set(datasets or []) - set(p["datasets"]))
     if unknown:
@@ -566,9 +572,9 @@ def main(argv: list[str] | None = None) -> int:
                              "runs of the parents' width)")
     parser.add_argument("--data", nargs="*", default=None, metavar="DATA",
                         help="run only these data sets of the profile (hmm, pcfg)")
-    parser.add_argument("--pcfg", choices=PCFG_CHOICES, default="pcfg",
-                        help="the generated PCFG of the cpu and long profiles: pcfg, or pcfg_wide (tasks B and C "
-                             "with headroom over a prefix table; far from its optimum in these profiles' steps)")
+    parser.add_argument("--pcfg", choices=PCFG_CHOICES, default=None,
+                        help="the generated PCFG of the cpu and long profiles: pcfg_headroom (the cpu profile's: "
+                             "tasks B and C with headroom over a prefix table) or pcfg (the long profile's)")
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                         help="an extra override for every sweep (repeatable), e.g. --set max_steps=1000")
     parser.add_argument("--seeds", default=None,
@@ -613,6 +619,8 @@ def main(argv: list[str] | None = None) -> int:
     from lmlab.studies.same_loss.runs import SETTINGS_FILE
 
     started = time.time()
+    # runs left by an earlier invocation are skipped or resumed: this invocation's wall time is then not the rerun's
+    resumed = any(f.name in ("results.json", "last.ckpt") for f in (out / "runs").rglob("*"))
     settings = {"profile": profile, "note": p["note"], "seeds": seeds, **{k: p.get(k) for k in SETTINGS},
                 "commands": ["lmlab train -m " + " ".join(_quote(o) for o in s.overrides) for s in plan]}
     write_json(out / SETTINGS_FILE, settings)
@@ -621,7 +629,7 @@ def main(argv: list[str] | None = None) -> int:
         timings = run_in_process(plan, p["threads"], p["parent_size"])
     else:
         timings = run_sweeps(plan, args.workers or p["workers"], p["threads"], out / "logs", p["parent_size"])
-    settings.update(wall_s=time.time() - started, sweeps=timings)
+    settings.update(wall_s=time.time() - started, resumed=resumed, sweeps=timings)
     write_json(out / SETTINGS_FILE, settings)
     report = write_report(out)
     print(f"[reproduce] report: {report} ({time.time() - started:.0f} s in all)")

@@ -535,8 +535,20 @@ def test_a_committed_report_renders_the_reports_own_verdict_table(tmp_path):
     out = render.render(doc, root=tmp_path).split("\n")
     assert out[0] == "x" and out[-1] == "y" and "| hand | typed |" not in out
     assert out[out.index(table[0]):out.index(table[0]) + len(table)] == table
+    ceilings = md[md.index("## Task ceilings") + 4:]  # the report's own ceilings table, rendered below the verdicts
+    ceilings = ceilings[:ceilings.index("")]
+    assert len(ceilings) >= 3 and out[out.index(ceilings[0]):out.index(ceilings[0]) + len(ceilings)] == ceilings
     assert any(line.startswith("From `docs/r/report.json` (`make it`, 10 min of wall time): profile **cpu**")
                for line in out)
+    # a rerun finished by a second invocation says that its wall time is that invocation's alone
+    (tmp_path / "run" / "reproduce.json").write_text(json.dumps({"profile": "cpu", "tolerance": 0.1,
+                                                                 "wall_s": 600.0, "resumed": True}))
+    md = write_report(tmp_path / "run").read_text()
+    assert "wall time 600 s in the invocation that finished the rerun (it resumed an earlier one" in md
+    (tmp_path / "docs" / "r" / "report.json").write_bytes((tmp_path / "run" / "report.json").read_bytes())
+    out = render.render(doc, root=tmp_path)
+    assert ("(`make it`, 10 min of wall time in the invocation that finished the rerun (it resumed an earlier one, "
+            "whose time is not counted)): profile **cpu**") in out
 
 
 def test_task_ceilings_are_the_medians_of_the_finished_runs():

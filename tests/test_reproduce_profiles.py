@@ -75,6 +75,46 @@ def test_probe_reports_the_table_ceiling(cache_dir):
     assert out["probe/table_acc"] == out["probe/task_b/table_acc"]
 
 
+def test_the_cpu_grammar_leaves_tasks_b_and_c_headroom_over_a_prefix_table():
+    """data=pcfg_headroom (the cpu profile's PCFG) at the size experiment's split sizes and the probe's 10,000
+    training and test rows: the prefix table's accuracy on tasks B and C lies between 40% and 70%, while data=pcfg's
+    table solves task C."""
+    conf = ROOT / "lmlab" / "conf"
+    size = OmegaConf.load(conf / "experiment" / "same_loss" / "size.yaml")
+    probe = size.eval.probe
+
+    def tables(*names):
+        cfg = OmegaConf.merge(*(OmegaConf.load(conf / "data" / f"{n}.yaml") for n in names))
+        cfg = {k: v for k, v in OmegaConf.to_container(cfg).items() if k not in ("_target_", "defaults")}
+        source = PCFGSource(**{**cfg, "train_size": 10, "validation_size": 10,
+                               "test_size": size.data.test_size, "downstream_size": size.data.downstream_size})
+        splits = source.build()
+        out = {}
+        for task, words in source.task_prefix_words.items():
+            train, train_y = labelled_rows(splits["downstream"], task, probe.max_train)
+            test, test_y = labelled_rows(splits["test"], task, probe.max_test)
+            assert len(train) == probe.max_train and len(test) == probe.max_test
+            out[task] = prefix_table_accuracy(train, train_y, test, test_y, words)
+        return out
+
+    headroom = tables("pcfg", "pcfg_headroom")
+    assert all(0.40 <= acc <= 0.70 for acc in headroom.values()), headroom
+    assert tables("pcfg")["task_c"] > 0.95
+
+
+def test_each_profile_has_its_own_pcfg(tmp_path):
+    """The cpu profile probes the grammar with headroom, the long profile the 30-word one (its parents reach
+    0.02 nats), and --pcfg chooses either for both."""
+    driver = reproduce_driver()
+
+    def data(profile, **kw):
+        return {o for s in driver.sweeps(profile, tmp_path, None, datasets=["pcfg"], **kw) for o in s.overrides
+                if o.startswith("data=")}
+
+    assert data("cpu") == {"data=pcfg_headroom"} and data("long") == {"data=pcfg"}
+    assert data("cpu", pcfg="pcfg") == {"data=pcfg"} and data("long", pcfg="pcfg_headroom") == {"data=pcfg_headroom"}
+
+
 # ----- the profiles -----
 
 def test_long_profile_parents_reach_the_regime(tmp_path):
@@ -99,8 +139,8 @@ def test_long_profile_parents_reach_the_regime(tmp_path):
     widths = {o for s in plan if s.experiment == "size" for o in s.overrides if o.startswith("model.d_model=")}
     assert widths == {"model.d_model=64,128"}
     assert {o for s in plan for o in s.overrides if o.startswith("data=")} == {"data=hmm", "data=pcfg"}
-    wide = driver.sweeps("long", tmp_path, None, datasets=["pcfg"], pcfg="pcfg_wide")
-    assert {o for s in wide for o in s.overrides if o.startswith("data=")} == {"data=pcfg_wide"}
+    wide = driver.sweeps("long", tmp_path, None, datasets=["pcfg"], pcfg="pcfg_headroom")
+    assert {o for s in wide for o in s.overrides if o.startswith("data=")} == {"data=pcfg_headroom"}
 
 
 def test_only_continue_trains_its_parents_only(tmp_path):

@@ -255,7 +255,8 @@ def write_report(path: str | Path, tolerance: float | None = None, compare: str 
           "are read from its text, at 235M parameters on its own PCFG; ours come from much smaller models and "
           "data, so compare directions and confidence, not magnitudes.", "",
           f"Profile: **{settings.profile}**" + (f", {settings.note}" if settings.note else "")
-          + (f"; wall time {settings.wall_s:.0f} s" if isinstance(settings.wall_s, (int, float)) else "") + ". "
+          + (f"; wall time {settings.wall_s:.0f} s" if isinstance(settings.wall_s, (int, float)) else "")
+          + (RESUMED if settings.resumed else "") + ". "
           f"Tolerance on the gap to the optimum: **{settings.tolerance:g} nats**; equivalence margin on paired gap "
           f"differences: **{settings.margin:g} nats**; plateau: {settings.plateau:g} nats over "
           + (f"{settings.plateau_steps} steps" if settings.plateau_steps is not None else "the last two evaluations")
@@ -311,9 +312,7 @@ def write_report(path: str | Path, tolerance: float | None = None, compare: str 
            "task's prefix words to the majority label of the probe's training rows (what memorising prefixes "
            "reaches), and the probe on the exact conditionals (measured where the experiment runs it). Medians "
            "over every finished run of the claim.", "",
-           "| claim | data | task | runs | probe | prefix table | exact conditionals |", "|---" * 7 + "|"]
-    md += [f"| {c['claim']} | {c['data']} | {c['task']} | {c['runs']} | {_pct(c['probe'])} | {_pct(c['table'])} | "
-           f"{_pct(c['lookup'])} |" for c in ceilings] + [""]
+           *ceilings_table(ceilings), ""]
     md += ["## Excluded runs", ""]
     md += ([f"- `{r.run_dir}` ({r.claim}, {r.data}, seed {r.seed}): {why}"
             + (f" ({r.reason})" if r.reason else "") for r, why in a.excluded] or ["None."]) + [""]
@@ -327,7 +326,7 @@ def write_report(path: str | Path, tolerance: float | None = None, compare: str 
     report = path / "report.md"
     write_json(path / REPORT_JSON, {
         "paper": "Liu, Xie, Li & Ma, ICML 2023, arXiv 2210.14199", "profile": settings.profile,
-        "wall_s": settings.wall_s if isinstance(settings.wall_s, (int, float)) else None,
+        "wall_s": settings.wall_s if isinstance(settings.wall_s, (int, float)) else None, "resumed": settings.resumed,
         "tolerance": settings.tolerance, "margin": settings.margin, "plateau": settings.plateau,
         "plateau_steps": settings.plateau_steps, "lr_floor": LR_FLOOR, "k": settings.k,
         "gap_median": None if not math.isfinite(gap_median) else gap_median,
@@ -348,10 +347,20 @@ def row_from_json(d: dict[str, Any]) -> Row:
                   for k, v in d.items() if k in fields})
 
 
+def ceilings_table(ceilings: list[dict[str, Any]]) -> list[str]:
+    """The task ceilings (``task_ceilings``) as a markdown table."""
+    return ["| claim | data | task | runs | probe | prefix table | exact conditionals |", "|---" * 7 + "|",
+            *(f"| {c['claim']} | {c['data']} | {c['task']} | {c['runs']} | {_pct(c['probe'])} | {_pct(c['table'])} "
+              f"| {_pct(c['lookup'])} |" for c in ceilings)]
+
+
+RESUMED = " in the invocation that finished the rerun (it resumed an earlier one, whose time is not counted)"
+
+
 def results_section(report: dict[str, Any] | None, source: str, command: str) -> list[str]:
     """The lines that docs/results.md shows for the committed ``report.json`` at ``source`` (None: not committed
     yet): its settings, the gap its verdicts hold at, the verdict table and the Holm family, exactly as the
-    report rendered them; without a report, how to make one."""
+    report rendered them, and its task ceilings; without a report, how to make one."""
     if report is None:
         return [f"No committed report: the rerun under the current rules is pending. Run `{command}`, copy its "
                 f"`report.json` to `{source}` and run `python scripts/render_results.py`."]
@@ -361,8 +370,12 @@ def results_section(report: dict[str, Any] | None, source: str, command: str) ->
     wall = report.get("wall_s")
     return [f"From `{source}` (`{command}`"
             + (f", {wall / 60:.0f} min of wall time" if isinstance(wall, (int, float)) else "")
+            + (RESUMED if report.get("resumed") is True else "")
             + f"): profile **{report.get('profile')}**, tolerance {report.get('tolerance')} "
             f"nats, margin {report.get('margin')} nats, plateau {report.get('plateau')} nats; the verdicts hold at a "
             f"gap of {_fmt(gap_median)} nats (median of the counted runs; max {_fmt(gap_max)}); "
             f"{len(report.get('excluded', []))} runs excluded.", "", *verdict_table(rows), "",
-            f"Holm family: m = {len(family)} claimed row(s) with matched loss."]
+            f"Holm family: m = {len(family)} claimed row(s) with matched loss.",
+            *(["", "Task ceilings (medians over the finished runs: the probe, a table from each task's prefix words, "
+               "the probe on the exact conditionals):", "", *ceilings_table(report["ceilings"])]
+              if report.get("ceilings") else [])]

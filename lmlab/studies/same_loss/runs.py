@@ -63,6 +63,7 @@ class Settings:
     note: str = ""
     wall_s: float | None = None
     plateau_steps: int | None = None  # the plateau's window in steps (None: the last two evaluations)
+    resumed: bool = False  # the invocation that wrote wall_s found runs of an earlier one (their time is not in it)
 
 
 def read_settings(path: str | Path, tolerance: float | None = None, margin: float | None = None,
@@ -80,7 +81,7 @@ def read_settings(path: str | Path, tolerance: float | None = None, margin: floa
                     float(pick(margin, "margin", DEFAULT_MARGIN)),
                     float(pick(plateau, "plateau", DEFAULT_PLATEAU)), max(1, int(pick(k, "k", DEFAULT_K))),
                     str(raw.get("profile", f"? (no {SETTINGS_FILE})")), str(raw.get("note", "") or ""),
-                    raw.get("wall_s"), int(steps) if steps is not None else None)
+                    raw.get("wall_s"), int(steps) if steps is not None else None, raw.get("resumed") is True)
 
 
 # ----- reading the runs -----

@@ -75,8 +75,9 @@ TINY = ["data.train_size=400", "data.validation_size=60", "data.test_size=160", 
 # these steps (a power law through its curve puts 0.02 near 37,000 steps). Other recipes at 2,000 steps (the
 # same command with max_steps=2000 data.train_size=512000 data.validation_size=2000, eval=[perplexity]; gap at
 # step 2,000, fit seconds on the shared 2-core machine): d_model 64 lr 0.004 0.0833 (180 s); lr 0.01 0.0713
-# (227 s); model.n_layers=4 0.0623 (411 s); d_model 128 0.0662 (450 s). None is on course for 0.02 within an
-# hour of CPU per parent: the HMM's parents need a longer run than these profiles give (see docs/results.md).
+# (227 s); model.n_layers=4 0.0623 (411 s); both 0.0601 (298 s); d_model 128 0.0662 (450 s). None is on course
+# for 0.02 within an hour of CPU per parent: the HMM's parents need a longer run than these profiles give (see
+# docs/results.md).
 LONG_STEPS = {"hmm": 8000, "pcfg": 10000}
 # the continued training's SGD rate per data set: the largest of 0.02, 0.05, 0.1, 0.2 whose gap stays within
 # 0.002 nats of the parent's at every evaluation (the margin is 0.02), measured from the parents above:

@@ -19,6 +19,8 @@ torch.set_num_threads(1)
 # whatever lmlab is installed: the repository root goes first on their PYTHONPATH. In this process pytest
 # already imports the tree (tests/ is a package under the root).
 ROOT = Path(__file__).resolve().parents[1]
+os.environ["PYTHONPATH"] = os.pathsep.join(
+    [str(ROOT), *(p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p and Path(p).resolve() != ROOT)])
 
 
 def reproduce_driver():
@@ -28,8 +30,7 @@ def reproduce_driver():
     sys.modules[spec.name] = module  # dataclasses look their module up there
     spec.loader.exec_module(module)
     return module
-os.environ["PYTHONPATH"] = os.pathsep.join(
-    [str(ROOT), *(p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p and Path(p).resolve() != ROOT)])
+
 
 # Tiny data so that a smoke run of any recipe takes a few seconds.
 TINY = ["data.train_size=400", "data.validation_size=40", "data.test_size=80", "data.downstream_size=120"]
